@@ -1,0 +1,18 @@
+//! The MVCC state machine of quorate: etcd's data model (one global revision, per-key
+//! create/mod revision and version, leases, history until compaction) as pure logic.
+//!
+//! This crate owns every rule about what a command does to the replicated state. It takes
+//! revisions, terms and log positions as arguments and returns outcomes; it never reads a
+//! clock, never logs, never does IO, and never depends on a runtime. Everything here is
+//! deterministic: every member applying the same commands in the same order reaches the same
+//! state, which is what `hash` checks.
+
+mod error;
+mod lease;
+mod store;
+mod types;
+
+pub use error::KvError;
+pub use lease::{Lease, LeaseCheckpoint, LEASE_MAX_TTL_S};
+pub use store::{Applied, Store, StoreSnapshot};
+pub use types::*;

@@ -1,0 +1,605 @@
+//! The MVCC store: every key's history since the last compaction, the lease table, and the
+//! rules of etcd's Put, DeleteRange, Txn, Compact and lease commands.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::lease::{Lease, LEASE_MAX_TTL_S};
+use crate::types::*;
+use crate::KvError;
+
+/// One version of a key: the value written at `(rev, sub)`, or a tombstone (`kv: None`).
+#[derive(Clone, Debug)]
+struct Rec {
+    rev: i64,
+    sub: u32,
+    kv: Option<Arc<KeyValue>>,
+}
+
+/// What applying one command did: the revision after it, its result, and the events that
+/// watchers must see (all of one revision, in order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub revision: i64,
+    pub result: Result<CommandResponse, KvError>,
+    pub events: Vec<Event>,
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct Store {
+    keys: BTreeMap<Key, Vec<Rec>>,
+    revision: i64,
+    compact_revision: i64,
+    leases: BTreeMap<i64, Lease>,
+}
+
+/// Write state of the command being applied: all its changes share `revision + 1`.
+struct WriteCtx {
+    sub: u32,
+    events: Vec<Event>,
+}
+
+impl WriteCtx {
+    fn new() -> Self {
+        WriteCtx { sub: 0, events: Vec::new() }
+    }
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The revision of the last change. etcd starts at 1 for an empty store.
+    pub fn revision(&self) -> i64 {
+        self.revision.max(1)
+    }
+
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_revision
+    }
+
+    pub fn lease(&self, id: i64) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Apply one command. Errors leave the store unchanged.
+    pub fn apply(&mut self, cmd: &Command, pos: LogPosition) -> Applied {
+        let mut w = WriteCtx::new();
+        let result = match cmd {
+            Command::Put(p) => self.check_put(p).map(|()| CommandResponse::Put(self.put(p, &mut w))),
+            Command::DeleteRange(d) => {
+                check_key(&d.key).map(|()| CommandResponse::DeleteRange(self.delete_range(d, &mut w)))
+            }
+            Command::Txn(t) => self.check_txn(t).map(|()| CommandResponse::Txn(self.txn(t, &mut w))),
+            Command::Compact { revision, .. } => self.compact(*revision).map(|()| CommandResponse::Compact),
+            Command::LeaseGrant { id, ttl_s } => self.lease_grant(*id, *ttl_s, pos),
+            Command::LeaseRevoke { id } => match self.leases.contains_key(id) {
+                true => {
+                    self.revoke(*id, &mut w);
+                    Ok(CommandResponse::LeaseRevoke)
+                }
+                false => Err(KvError::LeaseNotFound { id: *id }),
+            },
+            Command::LeaseExpire { ids, term } => {
+                if *term != pos.term {
+                    Ok(CommandResponse::LeaseExpire { expired: Vec::new(), stale_term: true })
+                } else {
+                    let mut expired = Vec::new();
+                    for id in ids {
+                        if self.leases.contains_key(id) {
+                            self.revoke(*id, &mut w);
+                            expired.push(*id);
+                        }
+                    }
+                    Ok(CommandResponse::LeaseExpire { expired, stale_term: false })
+                }
+            }
+            Command::LeaseCheckpoint(cps) => {
+                for cp in cps {
+                    if let Some(l) = self.leases.get_mut(&cp.id) {
+                        l.remaining_ms = Some(cp.remaining_ms.max(0));
+                    }
+                }
+                Ok(CommandResponse::LeaseCheckpoint)
+            }
+        };
+        if !w.events.is_empty() {
+            self.revision = self.revision() + 1;
+        }
+        debug_assert!(w.events.iter().all(|e| e.revision() == self.revision));
+        Applied { revision: self.revision(), result, events: w.events }
+    }
+
+    // ---- reads ----
+
+    /// Range at `req.revision` (0 = current), with etcd's filters, sort, limit and count.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, KvError> {
+        let rev = self.read_revision(req.revision)?;
+        Ok(self.range_at(req, rev))
+    }
+
+    fn read_revision(&self, requested: i64) -> Result<i64, KvError> {
+        let current = self.revision();
+        if requested <= 0 {
+            return Ok(current);
+        }
+        if requested > current {
+            return Err(KvError::FutureRevision { requested, current });
+        }
+        if requested < self.compact_revision {
+            return Err(KvError::Compacted { requested, compacted: self.compact_revision });
+        }
+        Ok(requested)
+    }
+
+    fn range_at(&self, req: &RangeRequest, rev: i64) -> RangeResponse {
+        let mut kvs: Vec<KeyValue> = Vec::new();
+        let mut count = 0i64;
+        let filtered = req.min_mod_revision != 0
+            || req.max_mod_revision != 0
+            || req.min_create_revision != 0
+            || req.max_create_revision != 0;
+        let sorted = req.sort_order != SortOrder::None || req.sort_target != SortTarget::Key;
+        // Without a sort or filter, the scan can stop one past the limit (for `more`);
+        // the count still needs every key.
+        let fetch_max = if req.limit > 0 && !filtered && !sorted { (req.limit + 1) as usize } else { usize::MAX };
+        for kv in self.live_at(&req.key, &req.range_end, rev) {
+            count += 1;
+            if req.count_only || kvs.len() >= fetch_max {
+                continue;
+            }
+            kvs.push(kv.clone());
+        }
+        kvs.retain(|kv| {
+            (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
+                && (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
+                && (req.max_create_revision == 0 || kv.create_revision <= req.max_create_revision)
+                && (req.min_create_revision == 0 || kv.create_revision >= req.min_create_revision)
+        });
+        let order = match (req.sort_order, req.sort_target) {
+            (SortOrder::None, SortTarget::Key) => SortOrder::None,
+            (SortOrder::None, _) => SortOrder::Ascend,
+            (o, _) => o,
+        };
+        if order != SortOrder::None {
+            kvs.sort_by(|a, b| {
+                let ord = match req.sort_target {
+                    SortTarget::Key => a.key.cmp(&b.key),
+                    SortTarget::Version => a.version.cmp(&b.version),
+                    SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                    SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                    SortTarget::Value => a.value.cmp(&b.value),
+                };
+                if order == SortOrder::Descend {
+                    ord.reverse()
+                } else {
+                    ord
+                }
+            });
+        }
+        let mut more = false;
+        if req.limit > 0 && kvs.len() > req.limit as usize {
+            kvs.truncate(req.limit as usize);
+            more = true;
+        }
+        if req.keys_only {
+            for kv in &mut kvs {
+                kv.value.clear();
+            }
+        }
+        RangeResponse { kvs, more, count }
+    }
+
+    /// Live values in the range as of `rev`, in key order.
+    fn live_at<'a>(&'a self, key: &'a [u8], range_end: &'a [u8], rev: i64) -> impl Iterator<Item = &'a KeyValue> + 'a {
+        self.history_in(key, range_end).filter_map(move |(_, recs)| version_at(recs, rev))
+    }
+
+    fn history_in<'a>(
+        &'a self,
+        key: &'a [u8],
+        range_end: &'a [u8],
+    ) -> Box<dyn Iterator<Item = (&'a Key, &'a Vec<Rec>)> + 'a> {
+        use std::ops::Bound::*;
+        match KeyRange::new(key, range_end) {
+            KeyRange::Single(k) => Box::new(self.keys.get_key_value(k).into_iter()),
+            KeyRange::FromKey(k) => Box::new(self.keys.range::<[u8], _>((Included(k), Unbounded))),
+            KeyRange::Between(s, e) if s < e => Box::new(self.keys.range::<[u8], _>((Included(s), Excluded(e)))),
+            KeyRange::Between(..) => Box::new(std::iter::empty()),
+        }
+    }
+
+    /// Every event in `[key, range_end)` with revision `>= start_rev`, ordered by revision and
+    /// by position inside its revision: what a watch replays before going live.
+    pub fn events_since(&self, key: &[u8], range_end: &[u8], start_rev: i64) -> Result<Vec<Event>, KvError> {
+        if start_rev < self.compact_revision {
+            return Err(KvError::Compacted { requested: start_rev, compacted: self.compact_revision });
+        }
+        let mut out: Vec<(i64, u32, Event)> = Vec::new();
+        for (k, recs) in self.history_in(key, range_end) {
+            let first = recs.partition_point(|r| r.rev < start_rev);
+            for i in first..recs.len() {
+                let prev = if i > 0 { recs[i - 1].kv.as_deref().cloned() } else { None };
+                let r = &recs[i];
+                let ev = match &r.kv {
+                    Some(kv) => Event { kind: EventKind::Put, kv: (**kv).clone(), prev_kv: prev },
+                    None => Event { kind: EventKind::Delete, kv: tombstone(k, r.rev), prev_kv: prev },
+                };
+                out.push((r.rev, r.sub, ev));
+            }
+        }
+        out.sort_by_key(|(rev, sub, _)| (*rev, *sub));
+        Ok(out.into_iter().map(|(_, _, e)| e).collect())
+    }
+
+    /// A hash of every version of every key in `(compact_revision, rev]` plus the compacted
+    /// base, identical on every member at the same revision (etcd's HashKV in spirit).
+    pub fn hash_kv(&self, rev: i64) -> Result<u32, KvError> {
+        let rev = self.read_revision(rev)?;
+        let mut h = Fnv32::new();
+        for (k, recs) in &self.keys {
+            for r in recs.iter().filter(|r| r.rev <= rev) {
+                h.write(k);
+                h.write(&r.rev.to_be_bytes());
+                h.write(&r.sub.to_be_bytes());
+                match &r.kv {
+                    Some(kv) => {
+                        h.write(&[1]);
+                        h.write(&kv.value);
+                        h.write(&kv.create_revision.to_be_bytes());
+                        h.write(&kv.version.to_be_bytes());
+                        h.write(&kv.lease.to_be_bytes());
+                    }
+                    None => h.write(&[0]),
+                }
+            }
+        }
+        Ok(h.finish())
+    }
+
+    // ---- validation (runs before any mutation, so an error changes nothing) ----
+
+    fn check_put(&self, p: &PutRequest) -> Result<(), KvError> {
+        check_key(&p.key)?;
+        if p.ignore_value && !p.value.is_empty() {
+            return Err(KvError::ValueProvided);
+        }
+        if p.ignore_lease && p.lease != 0 {
+            return Err(KvError::LeaseProvided);
+        }
+        if (p.ignore_value || p.ignore_lease) && self.current(&p.key).is_none() {
+            return Err(KvError::KeyNotFound);
+        }
+        if p.lease != 0 && !self.leases.contains_key(&p.lease) {
+            return Err(KvError::LeaseNotFound { id: p.lease });
+        }
+        Ok(())
+    }
+
+    fn check_txn(&self, t: &TxnRequest) -> Result<(), KvError> {
+        check_txn_shape(t)?;
+        // Puts are checked against the state at the start of the Txn, as etcd does; a Txn's
+        // writes never touch the same key twice, so no earlier op can change the answer.
+        let ops = if self.compares_hold(&t.compare) { &t.success } else { &t.failure };
+        for op in ops {
+            match op {
+                RequestOp::Put(p) => self.check_put(p)?,
+                RequestOp::DeleteRange(d) => check_key(&d.key)?,
+                RequestOp::Range(r) => {
+                    check_key(&r.key)?;
+                    self.read_revision(r.revision)?;
+                }
+                RequestOp::Txn(inner) => self.check_txn(inner)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn compares_hold(&self, cmps: &[Compare]) -> bool {
+        cmps.iter().all(|c| self.compare_holds(c))
+    }
+
+    fn compare_holds(&self, c: &Compare) -> bool {
+        let rev = self.revision();
+        let kvs: Vec<&KeyValue> = self.live_at(&c.key, &c.range_end, rev).collect();
+        if kvs.is_empty() {
+            if matches!(c.target, CompareTarget::Value(_)) {
+                return false;
+            }
+            return compare_kv(c, &KeyValue::default());
+        }
+        kvs.iter().all(|kv| compare_kv(c, kv))
+    }
+
+    // ---- writes ----
+
+    fn current(&self, key: &[u8]) -> Option<&KeyValue> {
+        self.keys.get(key).and_then(|recs| recs.last()).and_then(|r| r.kv.as_deref())
+    }
+
+    fn put(&mut self, p: &PutRequest, w: &mut WriteCtx) -> PutResponse {
+        let rev = self.revision() + 1;
+        let prev = self.current(&p.key).cloned();
+        let value =
+            if p.ignore_value { prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default() } else { p.value.clone() };
+        let lease = if p.ignore_lease { prev.as_ref().map(|kv| kv.lease).unwrap_or(0) } else { p.lease };
+        let (create_revision, version) = match &prev {
+            Some(kv) => (kv.create_revision, kv.version + 1),
+            None => (rev, 1),
+        };
+        let kv = KeyValue { key: p.key.clone(), create_revision, mod_revision: rev, version, value, lease };
+        if let Some(old) = prev.as_ref().map(|kv| kv.lease).filter(|l| *l != 0 && *l != lease) {
+            if let Some(l) = self.leases.get_mut(&old) {
+                l.keys.remove(&p.key);
+            }
+        }
+        if lease != 0 {
+            if let Some(l) = self.leases.get_mut(&lease) {
+                l.keys.insert(p.key.clone());
+            }
+        }
+        self.keys.entry(p.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: Some(Arc::new(kv.clone())) });
+        w.sub += 1;
+        w.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev.clone() });
+        PutResponse { prev_kv: if p.prev_kv { prev } else { None } }
+    }
+
+    fn delete_range(&mut self, d: &DeleteRangeRequest, w: &mut WriteCtx) -> DeleteRangeResponse {
+        let rev = self.revision() + 1;
+        let victims: Vec<KeyValue> = self.live_at(&d.key, &d.range_end, rev).cloned().collect();
+        for kv in &victims {
+            self.delete_key(kv, rev, w);
+        }
+        DeleteRangeResponse { deleted: victims.len() as i64, prev_kvs: if d.prev_kv { victims } else { Vec::new() } }
+    }
+
+    fn delete_key(&mut self, kv: &KeyValue, rev: i64, w: &mut WriteCtx) {
+        if kv.lease != 0 {
+            if let Some(l) = self.leases.get_mut(&kv.lease) {
+                l.keys.remove(&kv.key);
+            }
+        }
+        self.keys.entry(kv.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: None });
+        w.sub += 1;
+        w.events.push(Event { kind: EventKind::Delete, kv: tombstone(&kv.key, rev), prev_kv: Some(kv.clone()) });
+    }
+
+    fn txn(&mut self, t: &TxnRequest, w: &mut WriteCtx) -> TxnResponse {
+        let succeeded = self.compares_hold(&t.compare);
+        let ops = if succeeded { &t.success } else { &t.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            let resp = match op {
+                RequestOp::Range(r) => {
+                    // Reads inside a Txn see the Txn's own earlier writes.
+                    let rev = if w.events.is_empty() { self.revision() } else { self.revision() + 1 };
+                    let at = if r.revision > 0 { r.revision } else { rev };
+                    ResponseOp::Range(self.range_at(r, at))
+                }
+                RequestOp::Put(p) => ResponseOp::Put(self.put(p, w)),
+                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete_range(d, w)),
+                RequestOp::Txn(inner) => ResponseOp::Txn(self.txn(inner, w)),
+            };
+            responses.push(resp);
+        }
+        TxnResponse { succeeded, responses }
+    }
+
+    fn compact(&mut self, rev: i64) -> Result<(), KvError> {
+        if rev <= self.compact_revision {
+            return Err(KvError::Compacted { requested: rev, compacted: self.compact_revision });
+        }
+        if rev > self.revision() {
+            return Err(KvError::FutureRevision { requested: rev, current: self.revision() });
+        }
+        self.compact_revision = rev;
+        self.keys.retain(|_, recs| {
+            // Keep the newest version at or before `rev` (it is what a read at `rev` sees)
+            // unless it is a tombstone, and everything after it.
+            let keep_from = recs.partition_point(|r| r.rev <= rev).saturating_sub(1);
+            recs.drain(..keep_from);
+            if recs.first().is_some_and(|r| r.rev <= rev && r.kv.is_none()) {
+                recs.remove(0);
+            }
+            !recs.is_empty()
+        });
+        Ok(())
+    }
+
+    fn lease_grant(&mut self, id: i64, ttl_s: i64, pos: LogPosition) -> Result<CommandResponse, KvError> {
+        if ttl_s > LEASE_MAX_TTL_S {
+            return Err(KvError::LeaseTtlTooLarge { ttl_s });
+        }
+        let id = if id == 0 { self.choose_lease_id(pos) } else { id };
+        if self.leases.contains_key(&id) {
+            return Err(KvError::LeaseExists { id });
+        }
+        self.leases.insert(id, Lease { id, ttl_s, remaining_ms: None, keys: BTreeSet::new() });
+        Ok(CommandResponse::LeaseGrant { id, ttl_s })
+    }
+
+    /// A positive id derived from the entry's log position, so every member picks the same.
+    fn choose_lease_id(&self, pos: LogPosition) -> i64 {
+        let mut seed = pos.index ^ pos.term.rotate_left(32);
+        loop {
+            seed = splitmix64(seed);
+            let id = (seed >> 1) as i64;
+            if id != 0 && !self.leases.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn revoke(&mut self, id: i64, w: &mut WriteCtx) {
+        let Some(lease) = self.leases.remove(&id) else { return };
+        let rev = self.revision() + 1;
+        for key in &lease.keys {
+            if let Some(kv) = self.current(key).cloned() {
+                debug_assert_eq!(kv.lease, id);
+                self.delete_key(&kv, rev, w);
+            }
+        }
+    }
+
+    // ---- snapshots ----
+
+    pub fn to_snapshot(&self) -> StoreSnapshot {
+        StoreSnapshot {
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            keys: self
+                .keys
+                .iter()
+                .map(|(k, recs)| (k.clone(), recs.iter().map(|r| (r.rev, r.sub, r.kv.as_deref().cloned())).collect()))
+                .collect(),
+            leases: self.leases.values().cloned().collect(),
+        }
+    }
+
+    pub fn from_snapshot(s: StoreSnapshot) -> Self {
+        Store {
+            revision: s.revision,
+            compact_revision: s.compact_revision,
+            keys: s
+                .keys
+                .into_iter()
+                .map(|(k, recs)| {
+                    (k, recs.into_iter().map(|(rev, sub, kv)| Rec { rev, sub, kv: kv.map(Arc::new) }).collect())
+                })
+                .collect(),
+            leases: s.leases.into_iter().map(|l| (l.id, l)).collect(),
+        }
+    }
+}
+
+/// The serialisable form of a `Store`, used by Raft snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreSnapshot {
+    pub revision: i64,
+    pub compact_revision: i64,
+    #[allow(clippy::type_complexity)]
+    pub keys: Vec<(Key, Vec<(i64, u32, Option<KeyValue>)>)>,
+    pub leases: Vec<Lease>,
+}
+
+fn version_at(recs: &[Rec], rev: i64) -> Option<&KeyValue> {
+    let n = recs.partition_point(|r| r.rev <= rev);
+    if n == 0 {
+        return None;
+    }
+    recs[n - 1].kv.as_deref()
+}
+
+fn tombstone(key: &[u8], rev: i64) -> KeyValue {
+    KeyValue { key: key.to_vec(), mod_revision: rev, ..Default::default() }
+}
+
+fn check_key(key: &[u8]) -> Result<(), KvError> {
+    if key.is_empty() {
+        Err(KvError::EmptyKey)
+    } else {
+        Ok(())
+    }
+}
+
+/// Txn checks that need no state: op count and etcd's rule that no two writes in one Txn
+/// (across every branch, nested Txns included) touch the same key.
+pub(crate) fn check_txn_shape(t: &TxnRequest) -> Result<(), KvError> {
+    let ops = t.success.len().max(t.failure.len());
+    if ops > TXN_OPS_MAX {
+        return Err(KvError::TooManyOps { ops, max: TXN_OPS_MAX });
+    }
+    for branch in [&t.success, &t.failure] {
+        let mut writes: Vec<KeyRange<'_>> = Vec::new();
+        collect_writes(branch, &mut writes)?;
+        for i in 0..writes.len() {
+            for j in i + 1..writes.len() {
+                if writes[i].overlaps(&writes[j]) {
+                    return Err(KvError::DuplicateKey);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn collect_writes<'a>(ops: &'a [RequestOp], out: &mut Vec<KeyRange<'a>>) -> Result<(), KvError> {
+    for op in ops {
+        match op {
+            RequestOp::Put(p) => out.push(KeyRange::Single(&p.key)),
+            RequestOp::DeleteRange(d) => out.push(KeyRange::new(&d.key, &d.range_end)),
+            RequestOp::Txn(inner) => {
+                check_txn_shape(inner)?;
+                // A nested Txn runs one of its branches; both must be free of conflicts with
+                // the outer writes.
+                let mut s = Vec::new();
+                collect_writes(&inner.success, &mut s)?;
+                let mut f = Vec::new();
+                collect_writes(&inner.failure, &mut f)?;
+                for r in s.into_iter().chain(f) {
+                    if out.iter().any(|o| o.overlaps(&r)) {
+                        return Err(KvError::DuplicateKey);
+                    }
+                    out.push(r);
+                }
+            }
+            RequestOp::Range(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let ord: Ordering = match &c.target {
+        CompareTarget::Value(v) => kv.value.as_slice().cmp(v.as_slice()),
+        CompareTarget::Create(r) => kv.create_revision.cmp(r),
+        CompareTarget::Mod(r) => kv.mod_revision.cmp(r),
+        CompareTarget::Version(v) => kv.version.cmp(v),
+        CompareTarget::Lease(l) => kv.lease.cmp(l),
+    };
+    match c.result {
+        CompareResult::Equal => ord == Ordering::Equal,
+        CompareResult::NotEqual => ord != Ordering::Equal,
+        CompareResult::Greater => ord == Ordering::Greater,
+        CompareResult::Less => ord == Ordering::Less,
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+struct Fnv32(u32);
+
+impl Fnv32 {
+    fn new() -> Self {
+        Fnv32(0x811c_9dc5)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u32;
+            self.0 = self.0.wrapping_mul(0x0100_0193);
+        }
+    }
+    fn finish(&self) -> u32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,350 @@
+use super::*;
+use crate::LeaseCheckpoint;
+
+const POS: LogPosition = LogPosition { index: 1, term: 1 };
+
+fn put(s: &mut Store, k: &str, v: &str) -> Applied {
+    s.apply(&Command::Put(PutRequest { key: k.into(), value: v.into(), ..Default::default() }), POS)
+}
+
+fn get(s: &Store, k: &str) -> Option<KeyValue> {
+    s.range(&RangeRequest { key: k.into(), ..Default::default() }).unwrap().kvs.into_iter().next()
+}
+
+fn keys(r: &RangeResponse) -> Vec<String> {
+    r.kvs.iter().map(|kv| String::from_utf8(kv.key.clone()).unwrap()).collect()
+}
+
+#[test]
+fn put_tracks_create_mod_revision_and_version() {
+    let mut s = Store::new();
+    assert_eq!(s.revision(), 1);
+    assert_eq!(put(&mut s, "a", "1").revision, 2);
+    assert_eq!(put(&mut s, "a", "2").revision, 3);
+    let kv = get(&s, "a").unwrap();
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+    assert_eq!(kv.value, b"2");
+}
+
+#[test]
+fn delete_then_put_starts_a_new_generation() {
+    let mut s = Store::new();
+    put(&mut s, "a", "1");
+    let d = s
+        .apply(&Command::DeleteRange(DeleteRangeRequest { key: "a".into(), prev_kv: true, ..Default::default() }), POS);
+    match d.result.unwrap() {
+        CommandResponse::DeleteRange(r) => {
+            assert_eq!(r.deleted, 1);
+            assert_eq!(r.prev_kvs[0].value, b"1");
+        }
+        other => panic!("{other:?}"),
+    }
+    put(&mut s, "a", "2");
+    let kv = get(&s, "a").unwrap();
+    assert_eq!((kv.create_revision, kv.version), (4, 1));
+}
+
+#[test]
+fn deleting_nothing_does_not_bump_the_revision() {
+    let mut s = Store::new();
+    put(&mut s, "a", "1");
+    let d = s.apply(&Command::DeleteRange(DeleteRangeRequest { key: "zz".into(), ..Default::default() }), POS);
+    assert_eq!(d.revision, 2);
+    assert!(d.events.is_empty());
+}
+
+#[test]
+fn range_prefix_from_key_limit_and_sort() {
+    let mut s = Store::new();
+    for (k, v) in [("a/1", "z"), ("a/2", "y"), ("a/3", "x"), ("b", "w")] {
+        put(&mut s, k, v);
+    }
+    let prefix = RangeRequest { key: "a/".into(), range_end: prefix_end(b"a/"), ..Default::default() };
+    let r = s.range(&prefix).unwrap();
+    assert_eq!(keys(&r), ["a/1", "a/2", "a/3"]);
+    assert_eq!((r.count, r.more), (3, false));
+
+    let r = s.range(&RangeRequest { limit: 2, ..prefix.clone() }).unwrap();
+    assert_eq!(keys(&r), ["a/1", "a/2"]);
+    assert_eq!((r.count, r.more), (3, true));
+
+    let r = s.range(&RangeRequest { key: "a/2".into(), range_end: vec![0], ..Default::default() }).unwrap();
+    assert_eq!(keys(&r), ["a/2", "a/3", "b"]);
+
+    let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+    let r = s.range(&RangeRequest { sort_target: SortTarget::Value, ..all.clone() }).unwrap();
+    assert_eq!(keys(&r), ["b", "a/3", "a/2", "a/1"], "value ascending by default");
+    let r = s.range(&RangeRequest { sort_order: SortOrder::Descend, limit: 1, ..all.clone() }).unwrap();
+    assert_eq!(keys(&r), ["b"]);
+    assert!(r.more);
+
+    let r = s.range(&RangeRequest { count_only: true, ..all.clone() }).unwrap();
+    assert!(r.kvs.is_empty());
+    assert_eq!(r.count, 4);
+    let r = s.range(&RangeRequest { keys_only: true, ..all.clone() }).unwrap();
+    assert!(r.kvs.iter().all(|kv| kv.value.is_empty()));
+    let r = s.range(&RangeRequest { min_mod_revision: 4, max_mod_revision: 4, ..all }).unwrap();
+    assert_eq!(keys(&r), ["a/3"]);
+}
+
+#[test]
+fn reads_at_old_future_and_compacted_revisions() {
+    let mut s = Store::new();
+    put(&mut s, "a", "1"); // rev 2
+    put(&mut s, "a", "2"); // rev 3
+    put(&mut s, "a", "3"); // rev 4
+    let at = |s: &Store, rev| s.range(&RangeRequest { key: "a".into(), revision: rev, ..Default::default() });
+    assert_eq!(at(&s, 2).unwrap().kvs[0].value, b"1");
+    assert_eq!(at(&s, 5), Err(KvError::FutureRevision { requested: 5, current: 4 }));
+    s.apply(&Command::Compact { revision: 3, physical: false }, POS);
+    assert_eq!(at(&s, 2), Err(KvError::Compacted { requested: 2, compacted: 3 }));
+    assert_eq!(at(&s, 3).unwrap().kvs[0].value, b"2");
+    let again = s.apply(&Command::Compact { revision: 3, physical: false }, POS);
+    assert_eq!(again.result, Err(KvError::Compacted { requested: 3, compacted: 3 }));
+    let future = s.apply(&Command::Compact { revision: 9, physical: false }, POS);
+    assert_eq!(future.result, Err(KvError::FutureRevision { requested: 9, current: 4 }));
+}
+
+#[test]
+fn compaction_drops_deleted_keys_entirely() {
+    let mut s = Store::new();
+    put(&mut s, "a", "1");
+    s.apply(&Command::DeleteRange(DeleteRangeRequest { key: "a".into(), ..Default::default() }), POS);
+    put(&mut s, "b", "1");
+    s.apply(&Command::Compact { revision: 4, physical: true }, POS);
+    assert_eq!(s.key_count(), 1);
+    assert!(get(&s, "a").is_none());
+}
+
+fn txn_cas(key: &str, create_rev: i64, value: &str) -> Command {
+    Command::Txn(TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal,
+            target: CompareTarget::Create(create_rev),
+            key: key.into(),
+            range_end: vec![],
+        }],
+        success: vec![RequestOp::Put(PutRequest { key: key.into(), value: value.into(), ..Default::default() })],
+        failure: vec![RequestOp::Range(RangeRequest { key: key.into(), ..Default::default() })],
+    })
+}
+
+#[test]
+fn txn_create_if_absent_has_exactly_one_winner() {
+    let mut s = Store::new();
+    let first = s.apply(&txn_cas("leader", 0, "me"), POS);
+    let second = s.apply(&txn_cas("leader", 0, "you"), POS);
+    let succeeded = |a: &Applied| match a.result.as_ref().unwrap() {
+        CommandResponse::Txn(t) => t.succeeded,
+        other => panic!("{other:?}"),
+    };
+    assert!(succeeded(&first));
+    assert!(!succeeded(&second));
+    assert_eq!(second.revision, first.revision, "a failed read-only branch does not bump the revision");
+    assert_eq!(get(&s, "leader").unwrap().value, b"me");
+}
+
+#[test]
+fn txn_compare_table() {
+    let mut s = Store::new();
+    put(&mut s, "k", "m"); // rev 2, version 1
+    let cases: Vec<(CompareTarget, CompareResult, bool)> = vec![
+        (CompareTarget::Value("m".into()), CompareResult::Equal, true),
+        (CompareTarget::Value("a".into()), CompareResult::Greater, true),
+        (CompareTarget::Value("z".into()), CompareResult::Less, true),
+        (CompareTarget::Value("m".into()), CompareResult::NotEqual, false),
+        (CompareTarget::Version(1), CompareResult::Equal, true),
+        (CompareTarget::Mod(2), CompareResult::Equal, true),
+        (CompareTarget::Create(3), CompareResult::Less, true),
+        (CompareTarget::Lease(0), CompareResult::Equal, true),
+    ];
+    for (target, result, want) in cases {
+        let c = Compare { result, target: target.clone(), key: "k".into(), range_end: vec![] };
+        assert_eq!(s.compare_holds(&c), want, "{target:?} {result:?}");
+    }
+    let missing = Compare {
+        result: CompareResult::NotEqual,
+        target: CompareTarget::Value("x".into()),
+        key: "none".into(),
+        range_end: vec![],
+    };
+    assert!(!s.compare_holds(&missing), "value compares on a missing key always fail");
+    put(&mut s, "k2", "n");
+    let range = Compare {
+        result: CompareResult::Greater,
+        target: CompareTarget::Mod(1),
+        key: "k".into(),
+        range_end: "l".into(),
+    };
+    assert!(s.compare_holds(&range), "range compare holds for every key");
+}
+
+#[test]
+fn txn_reads_see_its_own_writes_and_share_one_revision() {
+    let mut s = Store::new();
+    let t = Command::Txn(TxnRequest {
+        compare: vec![],
+        success: vec![
+            RequestOp::Put(PutRequest { key: "a".into(), value: "1".into(), ..Default::default() }),
+            RequestOp::Put(PutRequest { key: "b".into(), value: "2".into(), ..Default::default() }),
+            RequestOp::Range(RangeRequest { key: "a".into(), range_end: "c".into(), ..Default::default() }),
+        ],
+        failure: vec![],
+    });
+    let a = s.apply(&t, POS);
+    assert_eq!(a.revision, 2);
+    assert_eq!(a.events.len(), 2);
+    match a.result.unwrap() {
+        CommandResponse::Txn(t) => match &t.responses[2] {
+            ResponseOp::Range(r) => assert_eq!(r.count, 2),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn txn_rejections_change_nothing() {
+    let mut s = Store::new();
+    put(&mut s, "a", "1");
+    let before = s.hash_kv(0).unwrap();
+    let dup = Command::Txn(TxnRequest {
+        success: vec![
+            RequestOp::Put(PutRequest { key: "a".into(), ..Default::default() }),
+            RequestOp::DeleteRange(DeleteRangeRequest { key: "a".into(), range_end: "b".into(), prev_kv: false }),
+        ],
+        ..Default::default()
+    });
+    assert_eq!(s.apply(&dup, POS).result, Err(KvError::DuplicateKey));
+    let many = Command::Txn(TxnRequest {
+        success: (0..129)
+            .map(|i| RequestOp::Put(PutRequest { key: format!("k{i}").into(), ..Default::default() }))
+            .collect(),
+        ..Default::default()
+    });
+    assert_eq!(s.apply(&many, POS).result, Err(KvError::TooManyOps { ops: 129, max: 128 }));
+    let bad_lease = Command::Txn(TxnRequest {
+        success: vec![
+            RequestOp::Put(PutRequest { key: "x".into(), ..Default::default() }),
+            RequestOp::Put(PutRequest { key: "y".into(), lease: 77, ..Default::default() }),
+        ],
+        ..Default::default()
+    });
+    assert_eq!(s.apply(&bad_lease, POS).result, Err(KvError::LeaseNotFound { id: 77 }));
+    assert_eq!(s.hash_kv(0).unwrap(), before);
+    assert_eq!(s.revision(), 2);
+}
+
+#[test]
+fn put_errors() {
+    let mut s = Store::new();
+    let p = |key: &str, lease, ignore_value| {
+        Command::Put(PutRequest { key: key.into(), lease, ignore_value, ..Default::default() })
+    };
+    assert_eq!(s.apply(&p("", 0, false), POS).result, Err(KvError::EmptyKey));
+    assert_eq!(s.apply(&p("a", 5, false), POS).result, Err(KvError::LeaseNotFound { id: 5 }));
+    assert_eq!(s.apply(&p("a", 0, true), POS).result, Err(KvError::KeyNotFound));
+    assert_eq!(s.revision(), 1);
+}
+
+#[test]
+fn lease_grant_attach_revoke_deletes_keys_at_one_revision() {
+    let mut s = Store::new();
+    let g = s.apply(&Command::LeaseGrant { id: 0, ttl_s: 10 }, LogPosition { index: 7, term: 2 });
+    let CommandResponse::LeaseGrant { id, ttl_s } = g.result.unwrap() else { panic!() };
+    assert!(id > 0);
+    assert_eq!(ttl_s, 10);
+    let again = s.apply(&Command::LeaseGrant { id, ttl_s: 10 }, POS);
+    assert_eq!(again.result, Err(KvError::LeaseExists { id }));
+    for k in ["a", "b"] {
+        s.apply(&Command::Put(PutRequest { key: k.into(), lease: id, ..Default::default() }), POS);
+    }
+    put(&mut s, "c", "no lease");
+    // Re-putting "b" without a lease detaches it.
+    put(&mut s, "b", "free");
+    assert_eq!(s.lease(id).unwrap().keys.len(), 1);
+    let r = s.apply(&Command::LeaseRevoke { id }, POS);
+    assert_eq!(r.events.len(), 1);
+    assert!(get(&s, "a").is_none());
+    assert!(get(&s, "b").is_some());
+    assert_eq!(s.apply(&Command::LeaseRevoke { id }, POS).result, Err(KvError::LeaseNotFound { id }));
+}
+
+#[test]
+fn lease_expiry_from_a_stale_term_is_a_no_op() {
+    let mut s = Store::new();
+    s.apply(&Command::LeaseGrant { id: 42, ttl_s: 5 }, POS);
+    s.apply(&Command::Put(PutRequest { key: "svc".into(), lease: 42, ..Default::default() }), POS);
+    let stale = s.apply(&Command::LeaseExpire { ids: vec![42], term: 3 }, LogPosition { index: 9, term: 4 });
+    assert_eq!(stale.result, Ok(CommandResponse::LeaseExpire { expired: vec![], stale_term: true }));
+    assert!(get(&s, "svc").is_some());
+    assert!(s.lease(42).is_some());
+    let fresh = s.apply(&Command::LeaseExpire { ids: vec![42, 43], term: 4 }, LogPosition { index: 10, term: 4 });
+    assert_eq!(fresh.result, Ok(CommandResponse::LeaseExpire { expired: vec![42], stale_term: false }));
+    assert!(get(&s, "svc").is_none());
+}
+
+#[test]
+fn lease_checkpoint_records_remaining_ttl() {
+    let mut s = Store::new();
+    s.apply(&Command::LeaseGrant { id: 1, ttl_s: 10 }, POS);
+    assert_eq!(s.lease(1).unwrap().remaining_at_checkpoint_ms(), 10_000);
+    s.apply(
+        &Command::LeaseCheckpoint(vec![
+            LeaseCheckpoint { id: 1, remaining_ms: 4_000 },
+            LeaseCheckpoint { id: 2, remaining_ms: 1 },
+        ]),
+        POS,
+    );
+    assert_eq!(s.lease(1).unwrap().remaining_at_checkpoint_ms(), 4_000);
+    assert!(s.lease(2).is_none());
+}
+
+#[test]
+fn events_since_replays_history_in_order_with_prev_kv() {
+    let mut s = Store::new();
+    put(&mut s, "a", "1"); // 2
+    put(&mut s, "b", "1"); // 3
+    put(&mut s, "a", "2"); // 4
+    s.apply(&Command::DeleteRange(DeleteRangeRequest { key: "a".into(), range_end: "c".into(), prev_kv: false }), POS); // 5
+    let evs = s.events_since(b"a", b"c", 3).unwrap();
+    let shape: Vec<(i64, EventKind, &[u8])> = evs.iter().map(|e| (e.revision(), e.kind, e.kv.key.as_slice())).collect();
+    assert_eq!(
+        shape,
+        vec![
+            (3, EventKind::Put, &b"b"[..]),
+            (4, EventKind::Put, b"a"),
+            (5, EventKind::Delete, b"a"),
+            (5, EventKind::Delete, b"b")
+        ]
+    );
+    assert_eq!(evs[1].prev_kv.as_ref().unwrap().value, b"1");
+    s.apply(&Command::Compact { revision: 4, physical: false }, POS);
+    assert_eq!(s.events_since(b"a", b"c", 3), Err(KvError::Compacted { requested: 3, compacted: 4 }));
+}
+
+#[test]
+fn snapshot_round_trip_preserves_everything() {
+    let mut s = Store::new();
+    s.apply(&Command::LeaseGrant { id: 9, ttl_s: 30 }, POS);
+    s.apply(&Command::Put(PutRequest { key: "x".into(), value: "1".into(), lease: 9, ..Default::default() }), POS);
+    put(&mut s, "y", "2");
+    put(&mut s, "y", "3");
+    s.apply(&Command::Compact { revision: 3, physical: false }, POS);
+    let t = Store::from_snapshot(s.to_snapshot());
+    assert_eq!(t.revision(), s.revision());
+    assert_eq!(t.compact_revision(), 3);
+    assert_eq!(t.hash_kv(0), s.hash_kv(0));
+    assert_eq!(t.lease(9), s.lease(9));
+}
+
+#[test]
+fn key_ranges_overlap() {
+    let a = KeyRange::new(b"a", b"");
+    assert!(a.overlaps(&KeyRange::new(b"a", b"b")));
+    assert!(!a.overlaps(&KeyRange::new(b"b", b"c")));
+    assert!(KeyRange::new(b"a", &[0]).overlaps(&KeyRange::new(b"z", b"")));
+    assert!(!KeyRange::new(b"a", b"b").overlaps(&KeyRange::new(b"b", b"")));
+    assert_eq!(prefix_end(b"a/"), b"a0");
+    assert_eq!(prefix_end(&[0xff]), vec![0]);
+}
