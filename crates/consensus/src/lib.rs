@@ -1,1 +1,430 @@
+//! Consensus for quorate: the only crate that imports openraft.
+//!
+//! It owns the Raft member (type config, durable log and state machine on redb, peer
+//! transport), forwarding of leader-only requests from followers, linearizable reads by
+//! ReadIndex (never by leader lease), and the leader's lease clock. It must never serve a
+//! linearizable read without a ReadIndex round, and never let anything but the current,
+//! quorum-connected leader decide a side effect.
 
+mod error;
+mod lease_clock;
+mod log_store;
+mod network;
+mod state_machine;
+mod types;
+
+pub mod pb {
+    tonic::include_proto!("quorate.peer");
+}
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::rt::WatchReceiver as _;
+use openraft::{ReadPolicy, ServerState, SnapshotPolicy};
+use quorate_kv::{Command, Store};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+pub use error::ConsensusError;
+pub use lease_clock::{LEASE_CHECKPOINT_INTERVAL, LEASE_TICK};
+pub use network::{PeerService, PEER_MESSAGE_BYTES_MAX};
+pub use state_machine::{Applied, PublishedMember, WATCH_EVENTS_QUEUED_MAX};
+pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
+
+use lease_clock::LeaseClock;
+use log_store::LogStore;
+use network::{decode, encode, NetworkFactory};
+use state_machine::{Shared, StateMachine};
+use types::Raft;
+
+/// Everything a member needs to start.
+#[derive(Clone, Debug)]
+pub struct MemberConfig {
+    pub id: NodeId,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub peer_url: String,
+    pub client_urls: Vec<String>,
+    /// The bootstrap membership (`--initial-cluster`), used only when `new_cluster`.
+    pub initial_members: BTreeMap<NodeId, MemberNode>,
+    pub new_cluster: bool,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_ms: u64,
+    /// Entries between snapshots; the log before a snapshot is purged.
+    pub snapshot_entries: u64,
+}
+
+/// A member's view of consensus, as `Status` and `ctl status` report it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub id: NodeId,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub state: &'static str,
+    pub last_log_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub is_learner: bool,
+}
+
+/// One member of the cluster as `MemberList` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+enum ForwardReq {
+    Write(Request),
+    ReadIndex,
+    KeepAlive(i64),
+    TimeToLive(i64),
+}
+
+#[derive(Serialize, Deserialize)]
+enum ForwardResp {
+    Written(Response),
+    ReadIndex(u64),
+    Lease(Option<i64>),
+    Err(ConsensusError),
+}
+
+struct Inner {
+    cfg: MemberConfig,
+    raft: Raft,
+    shared: Arc<Shared>,
+    log: LogStore,
+    clock: Arc<LeaseClock>,
+    peers: Mutex<HashMap<String, pb::peer_client::PeerClient<tonic::transport::Channel>>>,
+}
+
+/// A running member. Cheap to clone.
+#[derive(Clone)]
+pub struct Member {
+    inner: Arc<Inner>,
+}
+
+impl Member {
+    /// Open the data directory, start Raft, and bootstrap the cluster if this is a new one.
+    /// Returns the member and the peer service the caller must serve on its peer listener.
+    pub async fn start(cfg: MemberConfig) -> Result<(Member, PeerService), String> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
+        let log = LogStore::open(&cfg.data_dir.join("raft.redb")).map_err(|e| format!("open raft log: {e}"))?;
+        let sm = StateMachine::open(&cfg.data_dir.join("state.redb")).map_err(|e| format!("open state: {e}"))?;
+        let shared = sm.shared.clone();
+        let raft_cfg = openraft::Config {
+            cluster_name: "quorate".into(),
+            heartbeat_interval: cfg.heartbeat_interval_ms,
+            election_timeout_min: cfg.election_timeout_ms,
+            election_timeout_max: cfg.election_timeout_ms * 2,
+            enable_pre_vote: Some(true),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_entries),
+            max_in_snapshot_log_to_keep: cfg.snapshot_entries / 5,
+            replication_lag_threshold: cfg.snapshot_entries * 2,
+            install_snapshot_timeout: cfg.election_timeout_ms.max(1000) * 10,
+            ..Default::default()
+        };
+        let raft_cfg = Arc::new(raft_cfg.validate().map_err(|e| format!("raft config: {e}"))?);
+        let raft = Raft::new(cfg.id, raft_cfg, NetworkFactory::default(), log.clone(), sm)
+            .await
+            .map_err(|e| format!("start raft: {e}"))?;
+        if cfg.new_cluster && !raft.is_initialized().await.map_err(|e| e.to_string())? {
+            info!(members = cfg.initial_members.len(), "bootstrapping a new cluster");
+            if let Err(e) = raft.initialize(cfg.initial_members.clone()).await {
+                // Another member may have initialized us first; that is fine.
+                warn!(error = %e, "initialize");
+            }
+        }
+        let clock = LeaseClock::new(Duration::from_millis(cfg.election_timeout_ms));
+        let member = Member {
+            inner: Arc::new(Inner {
+                cfg,
+                raft: raft.clone(),
+                shared: shared.clone(),
+                log,
+                clock: clock.clone(),
+                peers: Mutex::new(HashMap::new()),
+            }),
+        };
+        tokio::spawn(clock.run(raft.clone(), shared));
+        tokio::spawn(member.clone().publish_self());
+        let service = PeerService { raft, forward: Arc::new(member.clone()) };
+        Ok((member, service))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.cfg.id
+    }
+
+    pub fn config(&self) -> &MemberConfig {
+        &self.inner.cfg
+    }
+
+    /// Announce our client URLs through the log until it sticks (etcd's publish).
+    async fn publish_self(self) {
+        let cfg = &self.inner.cfg;
+        let req = Request::PublishMember { id: cfg.id, name: cfg.name.clone(), client_urls: cfg.client_urls.clone() };
+        loop {
+            let current = self.inner.shared.members.read().unwrap().get(&cfg.id).cloned();
+            if current.is_some_and(|m| m.client_urls == cfg.client_urls && m.name == cfg.name) {
+                return;
+            }
+            match self.propose(req.clone()).await {
+                Ok(_) => {
+                    info!(name = %cfg.name, "published member attributes");
+                    return;
+                }
+                Err(ConsensusError::Stopped(_)) => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Failpoint for drills: stall every log fsync by `ms` milliseconds.
+    pub fn set_fsync_delay_ms(&self, ms: u64) {
+        self.inner.log.set_fsync_delay_ms(ms);
+    }
+
+    // ---- writes ----
+
+    /// Replicate a command and return what applying it produced. Forwarded to the leader when
+    /// this member does not lead.
+    pub async fn write(&self, cmd: Command) -> Result<Response, ConsensusError> {
+        self.propose(Request::Kv(cmd)).await
+    }
+
+    async fn propose(&self, req: Request) -> Result<Response, ConsensusError> {
+        match self.inner.raft.client_write(req.clone()).await {
+            Ok(r) => Ok(r.data),
+            Err(e) => {
+                if let Some(f) = e.forward_to_leader() {
+                    let leader = f.leader_node.clone();
+                    return match leader {
+                        Some(node) => match self.forward(&node, ForwardReq::Write(req)).await? {
+                            ForwardResp::Written(r) => Ok(r),
+                            ForwardResp::Err(e) => Err(e),
+                            _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
+                        },
+                        None => Err(ConsensusError::NoLeader),
+                    };
+                }
+                Err(raft_err(e))
+            }
+        }
+    }
+
+    async fn forward(&self, leader: &MemberNode, req: ForwardReq) -> Result<ForwardResp, ConsensusError> {
+        let client = {
+            let mut peers = self.inner.peers.lock().unwrap();
+            match peers.get(&leader.peer_url) {
+                Some(c) => c.clone(),
+                None => {
+                    let ch = network::channel_to(&leader.peer_url).map_err(ConsensusError::Unavailable)?;
+                    let c = pb::peer_client::PeerClient::new(ch)
+                        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+                    peers.insert(leader.peer_url.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        let mut client = client;
+        let mut request = tonic::Request::new(pb::Frame { data: encode(&req) });
+        request.set_timeout(network::FORWARD_TIMEOUT);
+        let reply = client.forward(request).await.map_err(|s| match s.code() {
+            tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
+            _ => ConsensusError::Unavailable(s.message().to_string()),
+        })?;
+        decode(&reply.into_inner().data).map_err(ConsensusError::Unavailable)
+    }
+
+    fn leader_node(&self) -> Option<MemberNode> {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).cloned()
+    }
+
+    // ---- reads ----
+
+    /// Make the next local read linearizable: a ReadIndex round at the leader, then wait until
+    /// this member has applied up to that index.
+    pub async fn linearize(&self) -> Result<(), ConsensusError> {
+        let raft = &self.inner.raft;
+        match raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if e.forward_to_leader().is_none() {
+                    return Err(raft_err(e));
+                }
+                let leader = self.leader_node().ok_or(ConsensusError::NoLeader)?;
+                let index = match self.forward(&leader, ForwardReq::ReadIndex).await? {
+                    ForwardResp::ReadIndex(i) => i,
+                    ForwardResp::Err(e) => return Err(e),
+                    _ => return Err(ConsensusError::Unavailable("unexpected forward reply".into())),
+                };
+                raft.wait(Some(network::FORWARD_TIMEOUT))
+                    .applied_index_at_least(Some(index), "read index")
+                    .await
+                    .map_err(|_| ConsensusError::Timeout)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Read the local state. Call `linearize` first unless a serializable read was asked for.
+    pub fn read<R>(&self, f: impl FnOnce(&Store) -> R) -> R {
+        f(&self.inner.shared.store.read().unwrap())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Applied> {
+        self.inner.shared.events.subscribe()
+    }
+
+    // ---- leases ----
+
+    /// Renew a lease; `None` when it does not exist. Forwarded to the leader, never logged.
+    pub async fn lease_keepalive(&self, id: i64) -> Result<Option<i64>, ConsensusError> {
+        self.lease_call(ForwardReq::KeepAlive(id)).await
+    }
+
+    /// Remaining seconds of a lease as the leader sees it; `None` when it does not exist.
+    pub async fn lease_remaining_s(&self, id: i64) -> Result<Option<i64>, ConsensusError> {
+        self.lease_call(ForwardReq::TimeToLive(id)).await
+    }
+
+    async fn lease_call(&self, req: ForwardReq) -> Result<Option<i64>, ConsensusError> {
+        if self.inner.raft.metrics().borrow_watched().state == ServerState::Leader {
+            return self.serve_lease(&req);
+        }
+        let leader = self.leader_node().ok_or(ConsensusError::NoLeader)?;
+        match self.forward(&leader, req).await? {
+            ForwardResp::Lease(v) => Ok(v),
+            ForwardResp::Err(e) => Err(e),
+            _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
+        }
+    }
+
+    fn serve_lease(&self, req: &ForwardReq) -> Result<Option<i64>, ConsensusError> {
+        let (raft, shared, clock) = (&self.inner.raft, &self.inner.shared, &self.inner.clock);
+        match req {
+            ForwardReq::KeepAlive(id) => clock.keepalive(raft, shared, *id),
+            ForwardReq::TimeToLive(id) => clock.remaining_s(raft, shared, *id),
+            _ => unreachable!("serve_lease only takes lease requests"),
+        }
+    }
+
+    async fn serve_forward(&self, req: ForwardReq) -> ForwardResp {
+        let raft = &self.inner.raft;
+        match req {
+            ForwardReq::Write(r) => match raft.client_write(r).await {
+                Ok(resp) => ForwardResp::Written(resp.data),
+                Err(e) if e.forward_to_leader().is_some() => ForwardResp::Err(ConsensusError::NotLeader),
+                Err(e) => ForwardResp::Err(raft_err(e)),
+            },
+            ForwardReq::ReadIndex => match raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                Ok(read) => ForwardResp::ReadIndex(read.index()),
+                Err(e) if e.forward_to_leader().is_some() => ForwardResp::Err(ConsensusError::NotLeader),
+                Err(e) => ForwardResp::Err(raft_err(e)),
+            },
+            lease @ (ForwardReq::KeepAlive(_) | ForwardReq::TimeToLive(_)) => match self.serve_lease(&lease) {
+                Ok(v) => ForwardResp::Lease(v),
+                Err(e) => ForwardResp::Err(e),
+            },
+        }
+    }
+
+    // ---- status ----
+
+    pub fn status(&self) -> RaftStatus {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let is_learner = !m.membership_config.membership().voter_ids().any(|v| v == self.inner.cfg.id);
+        RaftStatus {
+            id: self.inner.cfg.id,
+            term: m.current_term,
+            leader: m.current_leader,
+            state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            },
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: m.cluster_committed.as_ref().or(m.local_committed.as_ref()).map(|l| l.index).unwrap_or(0),
+            applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
+            is_learner,
+        }
+    }
+
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let published = self.inner.shared.members.read().unwrap();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| {
+                let p = published.get(id);
+                MemberInfo {
+                    id: *id,
+                    name: p.map(|p| p.name.clone()).unwrap_or_else(|| node.name.clone()),
+                    peer_urls: vec![node.peer_url.clone()],
+                    client_urls: p.map(|p| p.client_urls.clone()).unwrap_or_default(),
+                    is_learner: !voters.contains(id),
+                }
+            })
+            .collect()
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+impl network::ForwardHandler for Member {
+    fn handle(&self, req: Vec<u8>) -> futures::future::BoxFuture<'static, Vec<u8>> {
+        let me = self.clone();
+        Box::pin(async move {
+            let resp = match decode::<ForwardReq>(&req) {
+                Ok(req) => me.serve_forward(req).await,
+                Err(e) => ForwardResp::Err(ConsensusError::Unavailable(e)),
+            };
+            encode(&resp)
+        })
+    }
+}
+
+fn raft_err<E: std::fmt::Display>(e: openraft::errors::RaftError<TypeConfig, E>) -> ConsensusError {
+    use openraft::errors::RaftError;
+    match e {
+        RaftError::APIError(e) => {
+            let msg = e.to_string();
+            if msg.contains("quorum") || msg.contains("Quorum") {
+                ConsensusError::NoLeader
+            } else {
+                ConsensusError::Unavailable(msg)
+            }
+        }
+        RaftError::Fatal(f) => ConsensusError::Stopped(f.to_string()),
+    }
+}
+
+/// A member id derived from its name and peer URL, as stable as etcd's.
+pub fn member_id(name: &str, peer_url: &str) -> NodeId {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes().chain([0]).chain(peer_url.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}

@@ -1,0 +1,24 @@
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Why a request could not be served by consensus. Mapped to protocol errors at each API edge.
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum ConsensusError {
+    /// No leader is known, or the leader cannot reach a majority.
+    #[error("no leader")]
+    NoLeader,
+    /// This member is not the leader and the request may not be forwarded further.
+    #[error("not leader")]
+    NotLeader,
+    #[error("request timed out")]
+    Timeout,
+    /// The member is shutting down or its Raft core has stopped.
+    #[error("member stopped: {0}")]
+    Stopped(String),
+    /// The leader could not be reached or answered with a transport error.
+    #[error("leader unreachable: {0}")]
+    Unavailable(String),
+    /// A membership change was refused.
+    #[error("{0}")]
+    Membership(String),
+}

@@ -1,0 +1,261 @@
+//! The durable Raft log, vote and commit index, in a redb file.
+//!
+//! Every change goes through one writer thread in order. The writer drains whatever is queued,
+//! writes it in one redb transaction and commits with immediate durability (fsync) before it
+//! acknowledges any of it, so concurrent proposals share one fsync (group commit). Raft's own
+//! task never waits on the disk for appends, and timers never share a thread with fsync
+//! (etcd #13527: a disk stall that blocked the ticker produced two leaders).
+//!
+//! Entries are also kept in memory between the last purge and the tip, so reads never touch the
+//! disk; snapshots bound how many there are.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_VOTE: &str = "vote";
+const META_COMMITTED: &str = "committed";
+const META_PURGED: &str = "last_purged";
+
+/// Most queued operations the writer folds into one transaction.
+const WRITE_BATCH_OPS_MAX: usize = 4096;
+
+#[derive(Default)]
+struct Mem {
+    entries: BTreeMap<u64, Entry>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    last_purged: Option<LogId>,
+}
+
+enum Op {
+    Append(Vec<(u64, Vec<u8>)>, IOFlushed<TypeConfig>),
+    TruncateFrom(u64),
+    Purge { upto: u64, log_id: Vec<u8> },
+    Meta { key: &'static str, value: Vec<u8>, done: Option<tokio::sync::oneshot::Sender<io::Result<()>>> },
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    mem: Arc<Mutex<Mem>>,
+    tx: mpsc::Sender<Op>,
+    /// Artificial delay before each fsync: the drill's slow-disk failpoint. Zero in production.
+    fsync_delay: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    bincode::serialize(v).map_err(io_err)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> io::Result<T> {
+    bincode::deserialize(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+}
+
+impl LogStore {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let db = Database::create(path).map_err(io_err)?;
+        let mut mem = Mem::default();
+        {
+            let w = db.begin_write().map_err(io_err)?;
+            w.open_table(LOG).map_err(io_err)?;
+            w.open_table(META).map_err(io_err)?;
+            w.commit().map_err(io_err)?;
+        }
+        {
+            let r = db.begin_read().map_err(io_err)?;
+            let meta = r.open_table(META).map_err(io_err)?;
+            if let Some(v) = meta.get(META_VOTE).map_err(io_err)? {
+                mem.vote = Some(decode(v.value())?);
+            }
+            if let Some(v) = meta.get(META_COMMITTED).map_err(io_err)? {
+                mem.committed = decode(v.value())?;
+            }
+            if let Some(v) = meta.get(META_PURGED).map_err(io_err)? {
+                mem.last_purged = Some(decode(v.value())?);
+            }
+            let log = r.open_table(LOG).map_err(io_err)?;
+            for item in log.iter().map_err(io_err)? {
+                let (k, v) = item.map_err(io_err)?;
+                let entry: Entry = decode(v.value())?;
+                assert_eq!(k.value(), entry.index(), "log key and entry index disagree: storage is corrupt");
+                mem.entries.insert(k.value(), entry);
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        let fsync_delay = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = fsync_delay.clone();
+        std::thread::Builder::new().name("quorate-log-writer".into()).spawn(move || writer(db, rx, delay))?;
+        Ok(LogStore { mem: Arc::new(Mutex::new(mem)), tx, fsync_delay })
+    }
+
+    /// Failpoint for fault drills: stall every fsync by `ms` milliseconds.
+    pub fn set_fsync_delay_ms(&self, ms: u64) {
+        self.fsync_delay.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn send(&self, op: Op) -> io::Result<()> {
+        self.tx.send(op).map_err(|_| io_err("log writer thread has stopped"))
+    }
+
+    async fn put_meta(&self, key: &'static str, value: Vec<u8>) -> io::Result<()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(Op::Meta { key, value, done: Some(done) })?;
+        wait.await.map_err(|_| io_err("log writer thread has stopped"))?
+    }
+}
+
+fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atomic::AtomicU64>) {
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while ops.len() < WRITE_BATCH_OPS_MAX {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&db, &ops, &fsync_delay);
+        for op in ops {
+            let r = result.as_ref().map(|_| ()).map_err(|e| io_err(e));
+            match op {
+                Op::Append(_, cb) => cb.io_completed(r),
+                Op::Meta { done: Some(done), .. } => {
+                    let _ = done.send(r);
+                }
+                _ => {}
+            }
+        }
+        if let Err(e) = result {
+            // A write that cannot be made durable must stop the member: continuing would
+            // acknowledge what is not on disk.
+            panic!("fatal: raft log write failed: {e}");
+        }
+    }
+}
+
+fn write_batch(db: &Database, ops: &[Op], fsync_delay: &std::sync::atomic::AtomicU64) -> Result<(), String> {
+    let mut w = db.begin_write().map_err(|e| e.to_string())?;
+    w.set_two_phase_commit(true);
+    {
+        let mut log = w.open_table(LOG).map_err(|e| e.to_string())?;
+        let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
+        for op in ops {
+            match op {
+                Op::Append(entries, _) => {
+                    for (i, bytes) in entries {
+                        log.insert(*i, bytes.as_slice()).map_err(|e| e.to_string())?;
+                    }
+                }
+                Op::TruncateFrom(from) => {
+                    log.retain_in(*from.., |_, _| false).map_err(|e| e.to_string())?;
+                }
+                Op::Purge { upto, log_id } => {
+                    meta.insert(META_PURGED, log_id.as_slice()).map_err(|e| e.to_string())?;
+                    log.retain_in(..=*upto, |_, _| false).map_err(|e| e.to_string())?;
+                }
+                Op::Meta { key, value, .. } => {
+                    meta.insert(*key, value.as_slice()).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+    let delay_ms = fsync_delay.load(std::sync::atomic::Ordering::Relaxed);
+    if delay_ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    }
+    w.commit().map_err(|e| e.to_string())
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let mem = self.mem.lock().unwrap();
+        Ok(mem.entries.range(range).map(|(_, e)| e.clone()).collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.mem.lock().unwrap().vote.clone())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let mem = self.mem.lock().unwrap();
+        let last = mem.entries.values().next_back().map(|e| e.log_id()).or_else(|| mem.last_purged.clone());
+        Ok(LogState { last_purged_log_id: mem.last_purged.clone(), last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.put_meta(META_VOTE, encode(vote)?).await?;
+        self.mem.lock().unwrap().vote = Some(vote.clone());
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Not awaited for durability: after a crash, a lower committed index only means some
+        // entries are re-applied from the log, which is always safe.
+        let value = encode(&committed)?;
+        self.mem.lock().unwrap().committed = committed;
+        self.send(Op::Meta { key: META_COMMITTED, value, done: None })
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.mem.lock().unwrap().committed.clone())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut encoded = Vec::new();
+        {
+            let mut mem = self.mem.lock().unwrap();
+            for e in entries {
+                encoded.push((e.index(), encode(&e)?));
+                mem.entries.insert(e.index(), e);
+            }
+        }
+        self.send(Op::Append(encoded, callback))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
+        self.mem.lock().unwrap().entries.split_off(&from);
+        self.send(Op::TruncateFrom(from))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let upto = log_id.index();
+        let encoded = encode(&log_id)?;
+        {
+            let mut mem = self.mem.lock().unwrap();
+            mem.entries = mem.entries.split_off(&(upto + 1));
+            mem.last_purged = Some(log_id);
+        }
+        self.send(Op::Purge { upto, log_id: encoded })
+    }
+}

@@ -1,0 +1,218 @@
+//! Peer transport: openraft's RPCs over gRPC (tonic, HTTP/2), one lazily connected channel per
+//! peer. Payloads are bincode; both ends always run the same build.
+
+use std::future::Future;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::OptionalSend;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb::peer_client::PeerClient;
+use crate::pb::Frame;
+use crate::types::{MemberNode, NodeId, SnapshotMeta, TypeConfig, Vote};
+
+/// Largest peer message, in bytes: a whole snapshot travels in one frame.
+pub const PEER_MESSAGE_BYTES_MAX: usize = 1 << 30;
+
+/// How long one forwarded client request may take at the leader.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("peer messages always serialize")
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    bincode::deserialize(b).map_err(|e| format!("undecodable peer frame: {e}"))
+}
+
+/// Builds a channel to a peer's URL. Connection happens on first use and is retried by tonic.
+pub fn channel_to(peer_url: &str) -> Result<Channel, String> {
+    let ep = Endpoint::from_shared(peer_url.to_string()).map_err(|e| format!("bad peer url {peer_url}: {e}"))?;
+    Ok(ep
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+#[derive(Clone, Default)]
+pub struct NetworkFactory {}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> Self::Network {
+        PeerNetwork { target, url: node.peer_url.clone(), client: channel_to(&node.peer_url).ok().map(new_client) }
+    }
+}
+
+fn new_client(ch: Channel) -> PeerClient<Channel> {
+    PeerClient::new(ch)
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+}
+
+pub struct PeerNetwork {
+    target: NodeId,
+    url: String,
+    client: Option<PeerClient<Channel>>,
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    PreVote,
+    Snapshot,
+    TransferLeader,
+}
+
+impl PeerNetwork {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let Some(client) = self.client.as_mut() else {
+            return Err(RPCError::Unreachable(Unreachable::from_string(format!("bad peer url {}", self.url))));
+        };
+        let mut request = tonic::Request::new(Frame { data: encode(req) });
+        request.set_timeout(timeout);
+        let reply = match rpc {
+            Rpc::Append => client.append(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::PreVote => client.pre_vote(request).await,
+            Rpc::Snapshot => client.snapshot(request).await,
+            Rpc::TransferLeader => client.transfer_leader(request).await,
+        };
+        let frame = reply.map_err(|s| match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                RPCError::Unreachable(Unreachable::from_string(format!("member {:x}: {}", self.target, s.message())))
+            }
+            _ => RPCError::Network(NetworkError::from_string(format!("member {:x}: {}", self.target, s.message()))),
+        })?;
+        let res: Result<Resp, String> =
+            decode(&frame.into_inner().data).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        res.map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerNetwork {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Rpc::Append, &rpc, option.soft_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Rpc::Vote, &rpc, option.soft_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Rpc::PreVote, &rpc, option.soft_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, Self::SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let req = (vote, snapshot.meta, snapshot.snapshot.into_inner());
+        // A snapshot can be large: allow it far longer than a heartbeat.
+        let timeout = option.hard_ttl().max(Duration::from_secs(60));
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            res = self.call(Rpc::Snapshot, &req, timeout) => Ok(res?),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Rpc::TransferLeader, &req, option.soft_ttl()).await
+    }
+}
+
+/// Receives a forwarded client request at the member that believes it leads.
+pub trait ForwardHandler: Send + Sync + 'static {
+    fn handle(&self, req: Vec<u8>) -> futures::future::BoxFuture<'static, Vec<u8>>;
+}
+
+/// The gRPC service every member runs on its peer URL.
+pub struct PeerService {
+    pub raft: crate::types::Raft,
+    pub forward: Arc<dyn ForwardHandler>,
+}
+
+type Reply = Result<tonic::Response<Frame>, tonic::Status>;
+
+fn reply<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Reply {
+    Ok(tonic::Response::new(Frame { data: encode(&r.map_err(|e| e.to_string())) }))
+}
+
+fn bad_frame(e: String) -> tonic::Status {
+    tonic::Status::invalid_argument(e)
+}
+
+#[tonic::async_trait]
+impl crate::pb::peer_server::Peer for PeerService {
+    async fn append(&self, req: tonic::Request<Frame>) -> Reply {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
+        reply(self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: tonic::Request<Frame>) -> Reply {
+        let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
+        reply(self.raft.vote(rpc).await)
+    }
+
+    async fn pre_vote(&self, req: tonic::Request<Frame>) -> Reply {
+        let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
+        reply(self.raft.pre_vote(rpc).await)
+    }
+
+    async fn snapshot(&self, req: tonic::Request<Frame>) -> Reply {
+        let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) = decode(&req.into_inner().data).map_err(bad_frame)?;
+        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> { meta, snapshot: Cursor::new(data) };
+        reply(self.raft.install_full_snapshot(vote, snapshot).await)
+    }
+
+    async fn transfer_leader(&self, req: tonic::Request<Frame>) -> Reply {
+        let rpc: TransferLeaderRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
+        reply(self.raft.handle_transfer_leader(rpc).await)
+    }
+
+    async fn forward(&self, req: tonic::Request<Frame>) -> Reply {
+        let data = self.forward.handle(req.into_inner().data).await;
+        Ok(tonic::Response::new(Frame { data }))
+    }
+}

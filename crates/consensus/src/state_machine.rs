@@ -1,0 +1,276 @@
+//! The replicated state machine: the pure `quorate_kv::Store` behind a lock, applied from the
+//! Raft log, snapshotted into a redb file, and observed by watchers and the lease clock.
+//!
+//! The state itself lives in memory; what makes it durable is the Raft log plus the last
+//! snapshot. On start openraft restores the snapshot and re-applies the committed log after it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Cursor};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use quorate_kv::{Command, CommandResponse, Event, LogPosition, Store, StoreSnapshot};
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::types::{LogId, Request, Response, SnapshotMeta, StoredMembership, TypeConfig};
+
+const SNAP: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+/// Capacity of the broadcast that carries applied events to watchers. A watcher that falls
+/// further behind than this is resynchronised from MVCC history instead of buffering more.
+pub const WATCH_EVENTS_QUEUED_MAX: usize = 4096;
+
+/// What a member announced about itself through the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedMember {
+    pub name: String,
+    pub client_urls: Vec<String>,
+}
+
+/// Changes applied at one revision, delivered to watchers.
+#[derive(Clone, Debug)]
+pub enum Applied {
+    Events {
+        revision: i64,
+        events: Arc<Vec<Event>>,
+    },
+    /// The state was replaced by a snapshot: watchers must catch up from history.
+    Reset {
+        revision: i64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct SmSnapshot {
+    store: StoreSnapshot,
+    members: BTreeMap<u64, PublishedMember>,
+}
+
+/// When this member last applied a grant or checkpoint of a lease, and the remaining TTL it
+/// carried: what a newly elected leader projects expiry from (never from a wall clock).
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseMark {
+    pub applied_at: Instant,
+    pub remaining_ms: i64,
+}
+
+pub struct Shared {
+    pub store: RwLock<Store>,
+    pub members: RwLock<BTreeMap<u64, PublishedMember>>,
+    applied: RwLock<(Option<LogId>, StoredMembership)>,
+    pub lease_marks: Mutex<HashMap<i64, LeaseMark>>,
+    pub events: broadcast::Sender<Applied>,
+}
+
+impl Shared {
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.applied.read().unwrap().0.clone()
+    }
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    pub shared: Arc<Shared>,
+    db: Arc<Database>,
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl StateMachine {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let db = Database::create(path).map_err(io_err)?;
+        let w = db.begin_write().map_err(io_err)?;
+        w.open_table(SNAP).map_err(io_err)?;
+        w.commit().map_err(io_err)?;
+        let (events, _) = broadcast::channel(WATCH_EVENTS_QUEUED_MAX);
+        let shared = Shared {
+            store: RwLock::new(Store::new()),
+            members: RwLock::new(BTreeMap::new()),
+            applied: RwLock::new((None, StoredMembership::default())),
+            lease_marks: Mutex::new(HashMap::new()),
+            events,
+        };
+        Ok(StateMachine { shared: Arc::new(shared), db: Arc::new(db) })
+    }
+
+    fn load_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
+        let r = self.db.begin_read().map_err(io_err)?;
+        let t = r.open_table(SNAP).map_err(io_err)?;
+        let (Some(meta), Some(data)) = (t.get("meta").map_err(io_err)?, t.get("data").map_err(io_err)?) else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta = bincode::deserialize(meta.value()).map_err(io_err)?;
+        Ok(Some((meta, data.value().to_vec())))
+    }
+
+    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+        let meta = bincode::serialize(meta).map_err(io_err)?;
+        let mut w = self.db.begin_write().map_err(io_err)?;
+        w.set_two_phase_commit(true);
+        {
+            let mut t = w.open_table(SNAP).map_err(io_err)?;
+            t.insert("data", data).map_err(io_err)?;
+            t.insert("meta", meta.as_slice()).map_err(io_err)?;
+        }
+        w.commit().map_err(io_err)
+    }
+
+    fn apply_one(
+        &self,
+        store: &mut Store,
+        log_id: &LogId,
+        payload: &EntryPayload<Request, u64, crate::MemberNode>,
+    ) -> Response {
+        let pos = LogPosition { index: log_id.index, term: log_id.leader_id.term };
+        match payload {
+            EntryPayload::Blank => Response::empty(store.revision()),
+            EntryPayload::Membership(m) => {
+                self.shared.applied.write().unwrap().1 = StoredMembership::new(Some(log_id.clone()), m.clone());
+                Response::empty(store.revision())
+            }
+            EntryPayload::Normal(Request::PublishMember { id, name, client_urls }) => {
+                let m = PublishedMember { name: name.clone(), client_urls: client_urls.clone() };
+                self.shared.members.write().unwrap().insert(*id, m);
+                Response::empty(store.revision())
+            }
+            EntryPayload::Normal(Request::Kv(cmd)) => {
+                let applied = store.apply(cmd, pos);
+                self.track_leases(store, cmd, &applied.result);
+                if !applied.events.is_empty() {
+                    // No receiver is fine: nobody is watching.
+                    let _ = self
+                        .shared
+                        .events
+                        .send(Applied::Events { revision: applied.revision, events: Arc::new(applied.events) });
+                }
+                Response { revision: applied.revision, result: applied.result }
+            }
+        }
+    }
+
+    fn track_leases(&self, store: &Store, cmd: &Command, result: &Result<CommandResponse, quorate_kv::KvError>) {
+        let now = Instant::now();
+        let mut marks = self.shared.lease_marks.lock().unwrap();
+        match (cmd, result) {
+            (_, Ok(CommandResponse::LeaseGrant { id, ttl_s })) => {
+                marks.insert(*id, LeaseMark { applied_at: now, remaining_ms: ttl_s * 1000 });
+            }
+            (Command::LeaseCheckpoint(cps), _) => {
+                for cp in cps {
+                    if store.lease(cp.id).is_some() {
+                        marks.insert(cp.id, LeaseMark { applied_at: now, remaining_ms: cp.remaining_ms });
+                    }
+                }
+            }
+            (Command::LeaseRevoke { id }, Ok(_)) => {
+                marks.remove(id);
+            }
+            (_, Ok(CommandResponse::LeaseExpire { expired, .. })) => {
+                for id in expired {
+                    marks.remove(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Rebuild the lease marks from the store, counting every remaining TTL from now.
+    fn reset_lease_marks(&self, store: &Store) {
+        let now = Instant::now();
+        let mut marks = self.shared.lease_marks.lock().unwrap();
+        marks.clear();
+        for l in store.leases() {
+            marks.insert(l.id, LeaseMark { applied_at: now, remaining_ms: l.remaining_at_checkpoint_ms() });
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<openraft::alias::SnapshotOf<TypeConfig, Self::SnapshotData>, io::Error> {
+        let (data, meta) = {
+            // Hold the store lock so the image and the applied position agree.
+            let store = self.shared.store.read().unwrap();
+            let snap = SmSnapshot { store: store.to_snapshot(), members: self.shared.members.read().unwrap().clone() };
+            let (last, membership) = self.shared.applied.read().unwrap().clone();
+            let data = bincode::serialize(&snap).map_err(io_err)?;
+            (data, SnapshotMeta { last_log_id: last, last_membership: membership })
+        };
+        let sm = self.clone();
+        let (meta2, data2) = (meta.clone(), data.clone());
+        tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data2)).await.map_err(io_err)??;
+        Ok(openraft::alias::SnapshotOf::<TypeConfig, Self::SnapshotData> { meta, snapshot: Cursor::new(data) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok(self.shared.applied.read().unwrap().clone())
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let resp = {
+                let mut store = self.shared.store.write().unwrap();
+                let resp = self.apply_one(&mut store, &entry.log_id, &entry.payload);
+                self.shared.applied.write().unwrap().0 = Some(entry.log_id.clone());
+                resp
+            };
+            if let Some(r) = responder {
+                r.send(resp);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Self::SnapshotData) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        let snap: SmSnapshot =
+            bincode::deserialize(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let sm = self.clone();
+        let (meta2, data2) = (meta.clone(), data);
+        tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data2)).await.map_err(io_err)??;
+        let revision = {
+            let mut store = self.shared.store.write().unwrap();
+            *store = Store::from_snapshot(snap.store);
+            *self.shared.members.write().unwrap() = snap.members;
+            *self.shared.applied.write().unwrap() = (meta.last_log_id.clone(), meta.last_membership.clone());
+            self.reset_lease_marks(&store);
+            store.revision()
+        };
+        let _ = self.shared.events.send(Applied::Reset { revision });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, Self::SnapshotData>>, io::Error> {
+        let sm = self.clone();
+        let loaded = tokio::task::spawn_blocking(move || sm.load_snapshot()).await.map_err(io_err)??;
+        Ok(loaded.map(|(meta, data)| openraft::alias::SnapshotOf::<TypeConfig, Self::SnapshotData> {
+            meta,
+            snapshot: Cursor::new(data),
+        }))
+    }
+}
