@@ -1,1 +1,99 @@
+//! The etcd v3 gRPC API over quorate's replicated state: KV, Watch, Lease, Cluster and
+//! Maintenance, answering real etcd clients (etcdctl, Go clientv3, Python and Rust clients).
+//!
+//! This crate translates and checks requests; every rule about what a command does lives in
+//! `quorate-kv`, and every decision about ordering and leadership in `quorate-consensus`.
 
+mod convert;
+mod kv_service;
+mod lease_service;
+mod maintenance_service;
+mod status;
+mod watch_service;
+
+pub mod pb {
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
+    }
+}
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pb::etcdserverpb as etcd;
+use quorate_consensus::Member;
+
+pub use status::{consensus_status, kv_status};
+
+/// Largest request etcd accepts (`--max-request-bytes` default), in bytes.
+pub const REQUEST_BYTES_MAX: usize = 1536 * 1024;
+/// gRPC's own limit sits above it so oversized requests get etcd's error, not gRPC's.
+pub const GRPC_MESSAGE_BYTES_MAX: usize = REQUEST_BYTES_MAX + 512 * 1024;
+
+/// The etcd API version this server speaks, as `Status` reports it.
+pub const ETCD_API_VERSION: &str = "3.4.0";
+
+/// What every service needs: the member, and facts for response headers.
+pub struct Ctx {
+    pub member: Member,
+    pub cluster_id: u64,
+    pub data_dir: PathBuf,
+    /// Smallest lease TTL granted, in seconds (etcd: 1.5 election timeouts, rounded up).
+    pub min_lease_ttl_s: i64,
+}
+
+impl Ctx {
+    /// A response header at the member's current revision.
+    pub fn header(&self) -> etcd::ResponseHeader {
+        let rev = self.member.read(|s| s.revision());
+        self.header_at(rev)
+    }
+
+    pub fn header_at(&self, revision: i64) -> etcd::ResponseHeader {
+        etcd::ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member.id(),
+            revision,
+            raft_term: self.member.status().term,
+        }
+    }
+}
+
+/// All etcd services, ready to be added to a tonic server.
+pub struct EtcdServices {
+    pub kv: etcd::kv_server::KvServer<kv_service::KvService>,
+    pub watch: etcd::watch_server::WatchServer<watch_service::WatchService>,
+    pub lease: etcd::lease_server::LeaseServer<lease_service::LeaseService>,
+    pub cluster: etcd::cluster_server::ClusterServer<maintenance_service::ClusterService>,
+    pub maintenance: etcd::maintenance_server::MaintenanceServer<maintenance_service::MaintenanceService>,
+}
+
+impl EtcdServices {
+    pub fn new(ctx: Ctx) -> Self {
+        let ctx = Arc::new(ctx);
+        EtcdServices {
+            kv: etcd::kv_server::KvServer::new(kv_service::KvService { ctx: ctx.clone() })
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(usize::MAX),
+            watch: etcd::watch_server::WatchServer::new(watch_service::WatchService { ctx: ctx.clone() })
+                .max_encoding_message_size(usize::MAX),
+            lease: etcd::lease_server::LeaseServer::new(lease_service::LeaseService { ctx: ctx.clone() }),
+            cluster: etcd::cluster_server::ClusterServer::new(maintenance_service::ClusterService { ctx: ctx.clone() }),
+            maintenance: etcd::maintenance_server::MaintenanceServer::new(maintenance_service::MaintenanceService {
+                ctx,
+            }),
+        }
+    }
+}

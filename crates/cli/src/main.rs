@@ -1,1 +1,144 @@
-fn main() {}
+//! `quorate`: a clustered service registry and coordination store that cannot split its brain.
+//! This binary parses flags, calls a library, and prints.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use quorate_server::{parse_initial_cluster, ClusterState, Listeners, ServerConfig};
+
+#[derive(Parser)]
+#[command(name = "quorate", version, about = "A service registry and coordination store that cannot split its brain.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a member. With no flags: a single-member cluster with its data in ./default.quorate.
+    Server(ServerArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Human-readable name of this member.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Data directory [default: ./<name>.quorate].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// URLs to listen on for etcd gRPC clients, comma-separated.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    listen_client_urls: String,
+    /// Client URLs to advertise to the rest of the cluster [default: --listen-client-urls].
+    #[arg(long)]
+    advertise_client_urls: Option<String>,
+    /// URL to listen on for other members.
+    #[arg(long, default_value = "http://127.0.0.1:2380")]
+    listen_peer_urls: String,
+    /// Peer URL to advertise to the rest of the cluster [default: --listen-peer-urls].
+    #[arg(long)]
+    initial_advertise_peer_urls: Option<String>,
+    /// Address for HTTP: /health, /ready, /version, /metrics (and the registry APIs).
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    listen_http: String,
+    /// Initial cluster: name=peer-url,... [default: <name>=<advertised peer URL>].
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// `new` to bootstrap a cluster, `existing` to join one.
+    #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
+    initial_cluster_state: String,
+    /// Distinguishes clusters that share an --initial-cluster.
+    #[arg(long, default_value = "quorate-cluster")]
+    initial_cluster_token: String,
+    /// Leader heartbeat interval, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Election timeout, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout: u64,
+    /// Raise the NOSPACE alarm when the data files exceed this many bytes (0 = 2 GiB).
+    #[arg(long, default_value_t = 0)]
+    quota_backend_bytes: u64,
+    /// Applied entries between snapshots (the log before a snapshot is compacted).
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_count: u64,
+}
+
+fn first_url(list: &str) -> String {
+    list.split(',').next().unwrap_or_default().trim().to_string()
+}
+
+impl ServerArgs {
+    fn into_config(self) -> anyhow::Result<ServerConfig> {
+        let listen_client_addrs = self
+            .listen_client_urls
+            .split(',')
+            .map(|u| quorate_server::url_to_addr(u.trim()).context("--listen-client-urls"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let advertise_client_urls: Vec<String> = self
+            .advertise_client_urls
+            .unwrap_or_else(|| self.listen_client_urls.clone())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect();
+        let listen_peer_addr =
+            quorate_server::url_to_addr(&first_url(&self.listen_peer_urls)).context("--listen-peer-urls")?;
+        let advertise_peer_url =
+            first_url(&self.initial_advertise_peer_urls.unwrap_or_else(|| self.listen_peer_urls.clone()));
+        let initial = self.initial_cluster.unwrap_or_else(|| format!("{}={}", self.name, advertise_peer_url));
+        let listen_http_addr = quorate_server::url_to_addr(&self.listen_http).context("--listen-http")?;
+        Ok(ServerConfig {
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.quorate", self.name))),
+            name: self.name,
+            listen_client_addrs,
+            advertise_client_urls,
+            listen_peer_addr,
+            advertise_peer_url,
+            listen_http_addr,
+            initial_cluster: parse_initial_cluster(&initial)?,
+            initial_cluster_state: if self.initial_cluster_state == "new" {
+                ClusterState::New
+            } else {
+                ClusterState::Existing
+            },
+            initial_cluster_token: self.initial_cluster_token,
+            heartbeat_interval_ms: self.heartbeat_interval,
+            election_timeout_ms: self.election_timeout,
+            quota_backend_bytes: if self.quota_backend_bytes == 0 { 2 << 30 } else { self.quota_backend_bytes },
+            snapshot_count: self.snapshot_count,
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUORATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Server(args) => {
+                let cfg = args.into_config()?;
+                let listeners = Listeners::bind(&cfg).await?;
+                quorate_server::run(cfg, listeners, shutdown_signal()).await
+            }
+        }
+    })
+}

@@ -94,11 +94,11 @@ impl LeaseClock {
     }
 
     fn quorum_fresh(&self, m: &openraft::RaftMetrics<crate::TypeConfig>) -> bool {
-        match &m.last_quorum_acked {
-            Some(acked) => acked.elapsed() <= self.grace,
-            // A single-member cluster is its own quorum.
-            None => m.membership_config.membership().voter_ids().count() == 1,
+        // A single-member cluster is its own quorum.
+        if m.membership_config.membership().voter_ids().count() == 1 {
+            return true;
         }
+        m.last_quorum_acked.as_ref().is_some_and(|acked| acked.elapsed() <= self.grace)
     }
 
     /// Run until the Raft core stops.

@@ -1,1 +1,93 @@
+//! A quorate member: configuration, listeners, the HTTP endpoints (`/health`, `/ready`,
+//! `/version`, `/metrics`) and shutdown. It wires the libraries together and owns no rules.
 
+mod config;
+mod http;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use quorate_api_grpc::{Ctx, EtcdServices};
+use quorate_consensus::{Member, PEER_MESSAGE_BYTES_MAX};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use config::{parse_initial_cluster, url_to_addr, ClusterState, ServerConfig};
+
+/// Sockets the caller has bound, so tests can bind port 0.
+pub struct Listeners {
+    pub client: Vec<TcpListener>,
+    pub peer: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Self> {
+        let mut client = Vec::new();
+        for addr in &cfg.listen_client_addrs {
+            client.push(TcpListener::bind(addr).await.with_context(|| format!("bind client address {addr}"))?);
+        }
+        let peer = TcpListener::bind(cfg.listen_peer_addr)
+            .await
+            .with_context(|| format!("bind peer address {}", cfg.listen_peer_addr))?;
+        let http = TcpListener::bind(cfg.listen_http_addr)
+            .await
+            .with_context(|| format!("bind http address {}", cfg.listen_http_addr))?;
+        Ok(Listeners { client, peer, http })
+    }
+}
+
+/// Run a member until `shutdown` resolves.
+pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let member_cfg = cfg.member_config()?;
+    info!(
+        name = %cfg.name,
+        member = %format!("{:x}", member_cfg.id),
+        data_dir = %cfg.data_dir.display(),
+        peer = %cfg.advertise_peer_url,
+        clients = %cfg.advertise_client_urls.join(","),
+        "starting member"
+    );
+    let (member, peer_service) = Member::start(member_cfg).await.map_err(anyhow::Error::msg)?;
+
+    let peer_router = tonic::transport::Server::builder().add_service(
+        quorate_consensus::pb::peer_server::PeerServer::new(peer_service)
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+    );
+    let peer_task = tokio::spawn(peer_router.serve_with_incoming(TcpListenerStream::new(listeners.peer)));
+
+    let ctx = Ctx {
+        member: member.clone(),
+        cluster_id: cfg.cluster_id(),
+        data_dir: cfg.data_dir.clone(),
+        min_lease_ttl_s: ((cfg.election_timeout_ms * 3 / 2) as i64 + 999) / 1000,
+    };
+    let services = EtcdServices::new(ctx);
+    let mut client_tasks = Vec::new();
+    for l in listeners.client {
+        let router = tonic::transport::Server::builder()
+            .add_service(services.kv.clone())
+            .add_service(services.watch.clone())
+            .add_service(services.lease.clone())
+            .add_service(services.cluster.clone())
+            .add_service(services.maintenance.clone());
+        client_tasks.push(tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(l))));
+    }
+
+    let http_state = Arc::new(http::HttpState::new(member.clone(), cfg.cluster_id()));
+    let http_task = tokio::spawn(http::serve(listeners.http, http_state));
+    info!("member ready to serve clients");
+
+    shutdown.await;
+    info!("shutting down");
+    http_task.abort();
+    for t in client_tasks {
+        t.abort();
+    }
+    member.shutdown().await;
+    peer_task.abort();
+    Ok(())
+}

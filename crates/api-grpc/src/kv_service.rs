@@ -1,0 +1,82 @@
+//! etcd's KV service: Range, Put, DeleteRange, Txn, Compact.
+
+use std::sync::Arc;
+
+use prost::Message;
+use quorate_kv::{Command, CommandResponse};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::pb::etcdserverpb as pb;
+use crate::status::{consensus_status, kv_status, ERR_REQUEST_TOO_LARGE};
+use crate::Ctx;
+
+pub struct KvService {
+    pub ctx: Arc<Ctx>,
+}
+
+impl KvService {
+    /// Replicate a command; returns its result and the revision after it.
+    async fn write(&self, cmd: Command, size: usize) -> Result<(CommandResponse, pb::ResponseHeader), Status> {
+        if size > crate::REQUEST_BYTES_MAX {
+            return Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE));
+        }
+        let resp = self.ctx.member.write(cmd).await.map_err(consensus_status)?;
+        let result = resp.result.map_err(kv_status)?;
+        Ok((result, self.ctx.header_at(resp.revision)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::kv_server::Kv for KvService {
+    async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let req = req.into_inner();
+        if req.key.is_empty() {
+            return Err(kv_status(quorate_kv::KvError::EmptyKey));
+        }
+        if !req.serializable {
+            self.ctx.member.linearize().await.map_err(consensus_status)?;
+        }
+        let range = convert::range_in(req);
+        let (result, rev) = self.ctx.member.read(|s| (s.range(&range), s.revision()));
+        let result = result.map_err(kv_status)?;
+        Ok(Response::new(convert::range_out(result, self.ctx.header_at(rev))))
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let req = req.into_inner();
+        let size = req.encoded_len();
+        match self.write(Command::Put(convert::put_in(req)), size).await? {
+            (CommandResponse::Put(p), h) => Ok(Response::new(convert::put_out(p, h))),
+            other => Err(Status::internal(format!("unexpected put result {other:?}"))),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let req = req.into_inner();
+        let size = req.encoded_len();
+        match self.write(Command::DeleteRange(convert::delete_in(req)), size).await? {
+            (CommandResponse::DeleteRange(d), h) => Ok(Response::new(convert::delete_out(d, h))),
+            other => Err(Status::internal(format!("unexpected delete result {other:?}"))),
+        }
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let req = req.into_inner();
+        let size = req.encoded_len();
+        match self.write(Command::Txn(convert::txn_in(req)), size).await? {
+            (CommandResponse::Txn(t), h) => Ok(Response::new(convert::txn_out(t, &h))),
+            other => Err(Status::internal(format!("unexpected txn result {other:?}"))),
+        }
+    }
+
+    async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
+        let req = req.into_inner();
+        let cmd = Command::Compact { revision: req.revision, physical: req.physical };
+        let (_, h) = self.write(cmd, 0).await?;
+        Ok(Response::new(pb::CompactionResponse { header: Some(h) }))
+    }
+}

@@ -1,0 +1,106 @@
+//! etcd's Lease service. Grants and revokes go through Raft; keepalives go to the leader's
+//! lease clock and are never logged one by one.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use quorate_kv::{Command, CommandResponse};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pb::etcdserverpb as pb;
+use crate::status::{consensus_status, kv_status};
+use crate::Ctx;
+
+pub struct LeaseService {
+    pub ctx: Arc<Ctx>,
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::lease_server::Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        req: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let req = req.into_inner();
+        let ttl_s = req.ttl.max(self.ctx.min_lease_ttl_s);
+        let resp = self.ctx.member.write(Command::LeaseGrant { id: req.id, ttl_s }).await.map_err(consensus_status)?;
+        match resp.result.map_err(kv_status)? {
+            CommandResponse::LeaseGrant { id, ttl_s } => Ok(Response::new(pb::LeaseGrantResponse {
+                header: Some(self.ctx.header_at(resp.revision)),
+                id,
+                ttl: ttl_s,
+                error: String::new(),
+            })),
+            other => Err(Status::internal(format!("unexpected grant result {other:?}"))),
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        req: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let id = req.into_inner().id;
+        let resp = self.ctx.member.write(Command::LeaseRevoke { id }).await.map_err(consensus_status)?;
+        resp.result.map_err(kv_status)?;
+        Ok(Response::new(pb::LeaseRevokeResponse { header: Some(self.ctx.header_at(resp.revision)) }))
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let ctx = self.ctx.clone();
+        let input = req.into_inner();
+        let out = input.then(move |r| {
+            let ctx = ctx.clone();
+            async move {
+                let id = r?.id;
+                // Unknown leases answer TTL 0, as etcd does; the client treats that as expired.
+                let ttl = ctx.member.lease_keepalive(id).await.map_err(consensus_status)?.unwrap_or(0);
+                Ok(pb::LeaseKeepAliveResponse { header: Some(ctx.header()), id, ttl })
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let req = req.into_inner();
+        let remaining = self.ctx.member.lease_remaining_s(req.id).await.map_err(consensus_status)?;
+        let lease = self.ctx.member.read(|s| s.lease(req.id).cloned());
+        let header = Some(self.ctx.header());
+        let (Some(ttl), Some(lease)) = (remaining, lease) else {
+            // etcd answers a missing lease with TTL -1 rather than an error.
+            return Ok(Response::new(pb::LeaseTimeToLiveResponse {
+                header,
+                id: req.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: vec![],
+            }));
+        };
+        Ok(Response::new(pb::LeaseTimeToLiveResponse {
+            header,
+            id: req.id,
+            ttl,
+            granted_ttl: lease.ttl_s,
+            keys: if req.keys { lease.keys.into_iter().collect() } else { vec![] },
+        }))
+    }
+
+    async fn lease_leases(
+        &self,
+        _req: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        self.ctx.member.linearize().await.map_err(consensus_status)?;
+        let leases = self.ctx.member.read(|s| s.leases().map(|l| pb::LeaseStatus { id: l.id }).collect());
+        Ok(Response::new(pb::LeaseLeasesResponse { header: Some(self.ctx.header()), leases }))
+    }
+}

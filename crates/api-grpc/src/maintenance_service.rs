@@ -1,0 +1,150 @@
+//! etcd's Cluster and Maintenance services: what `member list`, `endpoint status`,
+//! `endpoint hashkv` and `check perf` need.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::pb::etcdserverpb as pb;
+use crate::status::{consensus_status, kv_status};
+use crate::{Ctx, ETCD_API_VERSION};
+
+pub struct ClusterService {
+    pub ctx: Arc<Ctx>,
+}
+
+pub struct MaintenanceService {
+    pub ctx: Arc<Ctx>,
+}
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("quorate does not implement {what} yet"))
+}
+
+impl ClusterService {
+    fn member_list(&self) -> Vec<pb::Member> {
+        self.ctx
+            .member
+            .members()
+            .into_iter()
+            .map(|m| pb::Member {
+                id: m.id,
+                name: m.name,
+                peer_ur_ls: m.peer_urls,
+                client_ur_ls: m.client_urls,
+                is_learner: m.is_learner,
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn member_add(&self, _: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+        Err(unimplemented("MemberAdd"))
+    }
+    async fn member_remove(
+        &self,
+        _: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        Err(unimplemented("MemberRemove"))
+    }
+    async fn member_update(
+        &self,
+        _: Request<pb::MemberUpdateRequest>,
+    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        Err(unimplemented("MemberUpdate"))
+    }
+    async fn member_list(
+        &self,
+        req: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        if req.into_inner().linearizable {
+            self.ctx.member.linearize().await.map_err(consensus_status)?;
+        }
+        Ok(Response::new(pb::MemberListResponse { header: Some(self.ctx.header()), members: self.member_list() }))
+    }
+    async fn member_promote(
+        &self,
+        _: Request<pb::MemberPromoteRequest>,
+    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        Err(unimplemented("MemberPromote"))
+    }
+}
+
+/// Bytes the member's data files take on disk.
+fn db_size(ctx: &Ctx) -> i64 {
+    ["raft.redb", "state.redb"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(ctx.data_dir.join(f)).ok())
+        .map(|m| m.len() as i64)
+        .sum()
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for MaintenanceService {
+    async fn alarm(&self, _: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        Ok(Response::new(pb::AlarmResponse { header: Some(self.ctx.header()), alarms: vec![] }))
+    }
+
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let st = self.ctx.member.status();
+        let size = db_size(&self.ctx);
+        Ok(Response::new(pb::StatusResponse {
+            header: Some(self.ctx.header()),
+            version: ETCD_API_VERSION.into(),
+            db_size: size,
+            leader: st.leader.unwrap_or(0),
+            raft_index: st.commit_index,
+            raft_term: st.term,
+            raft_applied_index: st.applied_index,
+            errors: vec![],
+            db_size_in_use: size,
+            is_learner: st.is_learner,
+            storage_version: String::new(),
+            db_size_quota: 0,
+            downgrade_info: None,
+        }))
+    }
+
+    /// redb reuses freed pages itself; there is nothing to defragment. Answering success keeps
+    /// `etcdctl defrag` and `check perf` working.
+    async fn defragment(&self, _: Request<pb::DefragmentRequest>) -> Result<Response<pb::DefragmentResponse>, Status> {
+        Ok(Response::new(pb::DefragmentResponse { header: Some(self.ctx.header()) }))
+    }
+
+    async fn hash(&self, _: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        let hash = self.ctx.member.read(|s| s.hash_kv(0)).map_err(kv_status)?;
+        Ok(Response::new(pb::HashResponse { header: Some(self.ctx.header()), hash }))
+    }
+
+    async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        let rev = req.into_inner().revision;
+        let (hash, compact, current) = self.ctx.member.read(|s| (s.hash_kv(rev), s.compact_revision(), s.revision()));
+        let hash = hash.map_err(kv_status)?;
+        Ok(Response::new(pb::HashKvResponse {
+            header: Some(self.ctx.header_at(current)),
+            hash,
+            compact_revision: compact,
+            hash_revision: if rev > 0 { rev } else { current },
+        }))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, _: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(unimplemented("Snapshot"))
+    }
+
+    async fn move_leader(&self, _: Request<pb::MoveLeaderRequest>) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        Err(unimplemented("MoveLeader"))
+    }
+
+    async fn downgrade(&self, _: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {
+        Err(unimplemented("Downgrade"))
+    }
+}

@@ -1,0 +1,37 @@
+//! The one place where quorate's errors become gRPC statuses, with etcd's codes and exact
+//! messages (clients match on the message text).
+
+use quorate_consensus::ConsensusError;
+use quorate_kv::KvError;
+use tonic::{Code, Status};
+
+pub const ERR_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
+
+pub fn kv_status(e: KvError) -> Status {
+    let (code, msg) = match e {
+        KvError::Compacted { .. } => (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
+        KvError::FutureRevision { .. } => {
+            (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision")
+        }
+        KvError::LeaseNotFound { .. } => (Code::NotFound, "etcdserver: requested lease not found"),
+        KvError::LeaseExists { .. } => (Code::FailedPrecondition, "etcdserver: lease already exists"),
+        KvError::LeaseTtlTooLarge { .. } => (Code::OutOfRange, "etcdserver: too large lease TTL"),
+        KvError::EmptyKey => (Code::InvalidArgument, "etcdserver: key is not provided"),
+        KvError::DuplicateKey => (Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
+        KvError::TooManyOps { .. } => (Code::InvalidArgument, "etcdserver: too many operations in txn request"),
+        KvError::KeyNotFound => (Code::InvalidArgument, "etcdserver: key not found"),
+        KvError::ValueProvided => (Code::InvalidArgument, "etcdserver: value is provided"),
+        KvError::LeaseProvided => (Code::InvalidArgument, "etcdserver: lease is provided"),
+    };
+    Status::new(code, msg)
+}
+
+pub fn consensus_status(e: ConsensusError) -> Status {
+    match e {
+        ConsensusError::NoLeader | ConsensusError::NotLeader => Status::unavailable("etcdserver: no leader"),
+        ConsensusError::Timeout => Status::unavailable("etcdserver: request timed out"),
+        ConsensusError::Stopped(_) => Status::unavailable("etcdserver: server stopped"),
+        ConsensusError::Unavailable(_) => Status::unavailable("etcdserver: leader changed"),
+        ConsensusError::Membership(m) => Status::failed_precondition(format!("etcdserver: {m}")),
+    }
+}

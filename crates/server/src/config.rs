@@ -1,0 +1,111 @@
+//! Member configuration in etcd's terms, and its validation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use quorate_consensus::{member_id, MemberConfig, MemberNode};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterState {
+    New,
+    Existing,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen_client_addrs: Vec<SocketAddr>,
+    pub advertise_client_urls: Vec<String>,
+    pub listen_peer_addr: SocketAddr,
+    pub advertise_peer_url: String,
+    pub listen_http_addr: SocketAddr,
+    /// `name -> peer URL` for every initial member.
+    pub initial_cluster: Vec<(String, String)>,
+    pub initial_cluster_state: ClusterState,
+    pub initial_cluster_token: String,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_ms: u64,
+    pub quota_backend_bytes: u64,
+    pub snapshot_count: u64,
+}
+
+/// Parse `name=url,name=url`.
+pub fn parse_initial_cluster(s: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, url)) = part.split_once('=') else {
+            bail!("--initial-cluster entry {part:?} is not name=url");
+        };
+        url_to_addr(url).with_context(|| format!("--initial-cluster entry {part:?}"))?;
+        out.push((name.to_string(), url.to_string()));
+    }
+    if out.is_empty() {
+        bail!("--initial-cluster is empty");
+    }
+    Ok(out)
+}
+
+/// `http://host:port` (or bare `host:port`) to a socket address to bind.
+pub fn url_to_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let hostport = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).unwrap_or(url);
+    let hostport = hostport.trim_end_matches('/');
+    let hostport = hostport.replace("localhost", "127.0.0.1");
+    hostport.parse().with_context(|| format!("{url:?} is not a URL with an IP address and port"))
+}
+
+impl ServerConfig {
+    pub fn member_id(&self) -> u64 {
+        member_id(&self.name, &self.advertise_peer_url)
+    }
+
+    /// Derived from the initial membership and token, so every initial member agrees.
+    pub fn cluster_id(&self) -> u64 {
+        let mut members: Vec<String> = self.initial_cluster.iter().map(|(n, u)| format!("{n}={u}")).collect();
+        members.sort();
+        let text = format!("{}|{}", members.join(","), self.initial_cluster_token);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+
+    pub fn member_config(&self) -> anyhow::Result<MemberConfig> {
+        if self.heartbeat_interval_ms == 0 || self.election_timeout_ms < 5 * self.heartbeat_interval_ms {
+            bail!(
+                "--election-timeout ({} ms) must be at least 5 times --heartbeat-interval ({} ms)",
+                self.election_timeout_ms,
+                self.heartbeat_interval_ms
+            );
+        }
+        let mut initial = BTreeMap::new();
+        for (name, url) in &self.initial_cluster {
+            initial.insert(member_id(name, url), MemberNode { name: name.clone(), peer_url: url.clone() });
+        }
+        let me = self.member_id();
+        match initial.get(&me) {
+            Some(_) => {}
+            None => bail!(
+                "--initial-cluster has no entry {}={} for this member (check --name and --initial-advertise-peer-urls)",
+                self.name,
+                self.advertise_peer_url
+            ),
+        }
+        Ok(MemberConfig {
+            id: me,
+            name: self.name.clone(),
+            data_dir: self.data_dir.clone(),
+            peer_url: self.advertise_peer_url.clone(),
+            client_urls: self.advertise_client_urls.clone(),
+            initial_members: initial,
+            new_cluster: self.initial_cluster_state == ClusterState::New,
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            election_timeout_ms: self.election_timeout_ms,
+            snapshot_entries: self.snapshot_count,
+        })
+    }
+}

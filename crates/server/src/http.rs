@@ -1,0 +1,121 @@
+//! The member's plain HTTP endpoints: health, readiness, version and Prometheus metrics.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use quorate_consensus::Member;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+pub struct HttpState {
+    member: Member,
+    cluster_id: u64,
+    registry: Registry,
+    term: Gauge,
+    commit_index: Gauge,
+    applied_index: Gauge,
+    is_leader: Gauge,
+    has_leader: Gauge,
+    revision: Gauge,
+    keys: Gauge,
+}
+
+impl HttpState {
+    pub fn new(member: Member, cluster_id: u64) -> Self {
+        let mut registry = Registry::with_prefix("quorate");
+        let term = Gauge::default();
+        let commit_index = Gauge::default();
+        let applied_index = Gauge::default();
+        let is_leader = Gauge::default();
+        let has_leader = Gauge::default();
+        let revision = Gauge::default();
+        let keys = Gauge::default();
+        registry.register("raft_term", "Current Raft term", term.clone());
+        registry.register("raft_commit_index", "Highest log index known committed", commit_index.clone());
+        registry.register(
+            "raft_applied_index",
+            "Highest log index applied to the state machine",
+            applied_index.clone(),
+        );
+        registry.register("raft_is_leader", "1 if this member is the leader", is_leader.clone());
+        registry.register("raft_has_leader", "1 if this member knows a leader", has_leader.clone());
+        registry.register("mvcc_revision", "Current MVCC revision", revision.clone());
+        registry.register("mvcc_keys", "Keys with history in the MVCC store", keys.clone());
+        HttpState {
+            member,
+            cluster_id,
+            registry,
+            term,
+            commit_index,
+            applied_index,
+            is_leader,
+            has_leader,
+            revision,
+            keys,
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    axum::serve(listener, app).await
+}
+
+async fn health(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
+    // Healthy means a leader is known and a linearizable read goes through, as etcd's /health.
+    let result = tokio::time::timeout(std::time::Duration::from_secs(5), s.member.linearize()).await;
+    match result {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({"health": "true", "reason": ""}))),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": e.to_string()}))),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": "timed out"}))),
+    }
+}
+
+async fn ready(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
+    let st = s.member.status();
+    let ready = st.leader.is_some() && st.applied_index > 0;
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        code,
+        Json(
+            json!({"ready": ready, "leader": st.leader.map(|l| format!("{l:x}")), "cluster_id": format!("{:x}", s.cluster_id)}),
+        ),
+    )
+}
+
+async fn version() -> impl IntoResponse {
+    Json(json!({
+        "quorate": env!("CARGO_PKG_VERSION"),
+        "etcdserver": quorate_api_grpc::ETCD_API_VERSION,
+        "etcdcluster": quorate_api_grpc::ETCD_API_VERSION,
+    }))
+}
+
+async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
+    let st = s.member.status();
+    s.term.set(st.term as i64);
+    s.commit_index.set(st.commit_index as i64);
+    s.applied_index.set(st.applied_index as i64);
+    s.is_leader.set((st.leader == Some(st.id)) as i64);
+    s.has_leader.set(st.leader.is_some() as i64);
+    let (rev, keys) = s.member.read(|store| (store.revision(), store.key_count()));
+    s.revision.set(rev);
+    s.keys.set(keys as i64);
+    let mut body = String::new();
+    match encode(&mut body, &s.registry) {
+        Ok(()) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], e.to_string()),
+    }
+}
