@@ -1,1 +1,341 @@
+//! Black-box test harness: real `quorate server` processes (and real `etcd` for comparison),
+//! driven by real clients. Nothing here mocks a member.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// The `quorate` binary built next to the test executable (`cargo build -p quorate` first).
+pub fn quorate_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("QUORATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/quorate
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    profile_dir.join("quorate")
+}
+
+/// A free loopback port. The port is released before use, so a start can still race with
+/// another process; `Cluster::start` retries on that.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Quorate,
+    Etcd,
+}
+
+pub struct Node {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub http_port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+    pub fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct Cluster {
+    pub flavor: Flavor,
+    pub nodes: Vec<Node>,
+    pub initial_cluster: String,
+    pub extra_args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Start `n` members on loopback and wait until a write succeeds.
+    pub fn start(flavor: Flavor, n: usize) -> anyhow::Result<Cluster> {
+        Self::start_with(flavor, n, &[])
+    }
+
+    pub fn start_with(flavor: Flavor, n: usize, extra_args: &[&str]) -> anyhow::Result<Cluster> {
+        let mut last_err = None;
+        for _attempt in 0..3 {
+            match Self::try_start(flavor, n, extra_args) {
+                Ok(c) => return Ok(c),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap())
+    }
+
+    fn try_start(flavor: Flavor, n: usize, extra_args: &[&str]) -> anyhow::Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let name = format!("m{i}");
+            nodes.push(Node {
+                data_dir: dir.path().join(format!("{name}.data")),
+                log_path: dir.path().join(format!("{name}.log")),
+                name,
+                client_port: free_port(),
+                peer_port: free_port(),
+                http_port: free_port(),
+                child: None,
+            });
+        }
+        let initial_cluster =
+            nodes.iter().map(|n| format!("{}={}", n.name, n.peer_url())).collect::<Vec<_>>().join(",");
+        let mut c = Cluster {
+            flavor,
+            nodes,
+            initial_cluster,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            _dir: dir,
+        };
+        for i in 0..n {
+            c.spawn(i)?;
+        }
+        c.wait_ready(Duration::from_secs(20))?;
+        Ok(c)
+    }
+
+    /// (Re)start member `i` with its existing data directory.
+    pub fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
+        let mut cmd = match self.flavor {
+            Flavor::Quorate => {
+                let mut c = Command::new(quorate_bin());
+                c.arg("server").args(["--listen-http", &format!("127.0.0.1:{}", node.http_port)]);
+                c
+            }
+            Flavor::Etcd => Command::new("etcd"),
+        };
+        cmd.args(["--name", &node.name])
+            .args(["--data-dir", node.data_dir.to_str().unwrap()])
+            .args(["--listen-client-urls", &node.client_url()])
+            .args(["--advertise-client-urls", &node.client_url()])
+            .args(["--listen-peer-urls", &node.peer_url()])
+            .args(["--initial-advertise-peer-urls", &node.peer_url()])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if self.flavor == Flavor::Etcd {
+            cmd.args(["--initial-cluster-token", &format!("t-{}", self.nodes[0].peer_port)]);
+            cmd.env("ETCD_UNSUPPORTED_ARCH", "");
+        }
+        let child = cmd.spawn().with_context(|| format!("spawn {:?}", self.flavor))?;
+        self.nodes[i].child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL member `i` (no chance to flush anything).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM member `i` and wait for it to exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            unsafe_signal(c.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, i: usize, sig: &str) {
+        if let Some(pid) = self.nodes[i].pid() {
+            unsafe_signal(pid, sig);
+        }
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.nodes.iter().filter(|n| n.is_running()).map(|n| n.endpoint()).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn all_endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.endpoint()).collect()
+    }
+
+    /// Wait until a put through every running member succeeds.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            loop {
+                let out = etcdctl(&n.endpoint(), &["--command-timeout=1s", "endpoint", "health"]);
+                if out.ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(&n.log_path).unwrap_or_default();
+                    bail!("member {} not healthy in time: {}\n--- log ---\n{}", n.name, out.stderr, tail(&log, 40));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        // Every member lists every running member's client URL (published through the log).
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            loop {
+                let out = etcdctl(&n.endpoint(), &["--command-timeout=1s", "member", "list"]);
+                let listed = self.nodes.iter().filter(|m| m.is_running()).all(|m| out.stdout.contains(&m.client_url()));
+                if out.ok && listed {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("member {} does not list every client URL in time: {}", n.name, out.stdout);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Index of the member that currently leads, from `endpoint status`.
+    pub fn leader(&self) -> Option<usize> {
+        for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.is_running()) {
+            let out = etcdctl(&n.endpoint(), &["--command-timeout=1s", "endpoint", "status", "-w", "json"]);
+            if !out.ok {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+            let st = &v[0]["Status"];
+            if st["leader"].as_u64().is_some() && st["leader"] == st["header"]["member_id"] {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    pub fn wait_leader(&self, timeout: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if Instant::now() > deadline {
+                bail!("no leader within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            // Resume first: a stopped process cannot handle SIGKILL promptly otherwise.
+            self.signal(i, "CONT");
+            self.kill(i);
+        }
+    }
+}
+
+fn unsafe_signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run the real `etcdctl` (v3 API) against `endpoints`.
+pub fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
+    etcdctl_stdin(endpoints, args, None)
+}
+
+pub fn etcdctl_stdin(endpoints: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={endpoints}")).args(args);
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("etcdctl is installed (apt-get install etcd-client)");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Replace values that legitimately differ between two clusters (ids, timings) so outputs
+/// can be compared line by line.
+pub fn normalize(s: &str) -> String {
+    let mut out = String::new();
+    for line in s.lines() {
+        let mut l = line.to_string();
+        // 16-hex-digit ids (lease, member) and decimal ids in JSON.
+        l = regex_replace_hex16(&l);
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+fn regex_replace_hex16(line: &str) -> String {
+    let bytes: Vec<char> = line.chars().collect();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let mut j = i;
+        while j < bytes.len() && bytes[j].is_ascii_hexdigit() {
+            j += 1;
+        }
+        let word_start = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+        let word_end = j == bytes.len() || !bytes[j].is_ascii_alphanumeric();
+        if j - i >= 12 && j - i <= 16 && word_start && word_end && bytes[i..j].iter().any(|c| c.is_ascii_digit()) {
+            out.push_str("<id>");
+            i = j;
+        } else if j > i {
+            out.extend(&bytes[i..j]);
+            i = j;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}

@@ -4,6 +4,7 @@
 //! This crate translates and checks requests; every rule about what a command does lives in
 //! `quorate-kv`, and every decision about ordering and leadership in `quorate-consensus`.
 
+mod authority;
 mod convert;
 mod kv_service;
 mod lease_service;
@@ -35,7 +36,20 @@ use std::sync::Arc;
 use pb::etcdserverpb as etcd;
 use quorate_consensus::Member;
 
+pub use authority::AuthorityFix;
 pub use status::{consensus_status, kv_status};
+
+/// Accepted client connections, each wrapped so etcd Go clients' `:authority` is tolerated.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<AuthorityFix<tokio::net::TcpStream>>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(AuthorityFix::new(conn))
+    })
+}
 
 /// Largest request etcd accepts (`--max-request-bytes` default), in bytes.
 pub const REQUEST_BYTES_MAX: usize = 1536 * 1024;

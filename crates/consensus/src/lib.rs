@@ -188,6 +188,19 @@ impl Member {
         }
     }
 
+    /// Wait until this member's client URLs are in the replicated member list, as etcd does
+    /// before it serves clients.
+    pub async fn wait_published(&self) {
+        let cfg = &self.inner.cfg;
+        loop {
+            let current = self.inner.shared.members.read().unwrap().get(&cfg.id).cloned();
+            if current.is_some_and(|m| m.client_urls == cfg.client_urls) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Failpoint for drills: stall every log fsync by `ms` milliseconds.
     pub fn set_fsync_delay_ms(&self, ms: u64) {
         self.inner.log.set_fsync_delay_ms(ms);

@@ -41,6 +41,7 @@ impl Listeners {
 
 /// Run a member until `shutdown` resolves.
 pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
     let member_cfg = cfg.member_config()?;
     info!(
         name = %cfg.name,
@@ -59,6 +60,16 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     );
     let peer_task = tokio::spawn(peer_router.serve_with_incoming(TcpListenerStream::new(listeners.peer)));
 
+    info!("waiting for the cluster to record this member's client URLs");
+    tokio::select! {
+        _ = member.wait_published() => {}
+        _ = &mut shutdown => {
+            member.shutdown().await;
+            peer_task.abort();
+            return Ok(());
+        }
+    }
+
     let ctx = Ctx {
         member: member.clone(),
         cluster_id: cfg.cluster_id(),
@@ -74,7 +85,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .add_service(services.lease.clone())
             .add_service(services.cluster.clone())
             .add_service(services.maintenance.clone());
-        client_tasks.push(tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(l))));
+        client_tasks.push(tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))));
     }
 
     let http_state = Arc::new(http::HttpState::new(member.clone(), cfg.cluster_id()));
