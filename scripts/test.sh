@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one gate: installs what the tests need, then checks formatting, lints and runs every
+# test (unit tests and black-box tests against real quorate and etcd processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# etcdctl and etcd 3.4 (real clients and a real etcd to compare against), protoc (the Rust
+# etcd-client crate compiles its protos with it), iproute2/nftables for fault tests.
+need=()
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+if [ ${#need[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The black-box tests run the quorate binary built here.
+cargo build -p quorate
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --profile ci
+else
+  cargo test --workspace
+fi
