@@ -139,12 +139,12 @@ pub fn txn_out(t: kv::TxnResponse, header: &pb::ResponseHeader) -> pb::TxnRespon
         .into_iter()
         .map(|r| pb::ResponseOp {
             response: Some(match r {
-                kv::ResponseOp::Range(r) => R::ResponseRange(range_out(r, header.clone())),
-                kv::ResponseOp::Put(p) => R::ResponsePut(put_out(p, header.clone())),
-                kv::ResponseOp::DeleteRange(d) => R::ResponseDeleteRange(delete_out(d, header.clone())),
+                kv::ResponseOp::Range(r) => R::ResponseRange(range_out(r, *header)),
+                kv::ResponseOp::Put(p) => R::ResponsePut(put_out(p, *header)),
+                kv::ResponseOp::DeleteRange(d) => R::ResponseDeleteRange(delete_out(d, *header)),
                 kv::ResponseOp::Txn(t) => R::ResponseTxn(txn_out(t, header)),
             }),
         })
         .collect();
-    pb::TxnResponse { header: Some(header.clone()), succeeded: t.succeeded, responses }
+    pb::TxnResponse { header: Some(*header), succeeded: t.succeeded, responses }
 }

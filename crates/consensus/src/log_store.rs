@@ -131,7 +131,7 @@ fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atom
         }
         let result = write_batch(&db, &ops, &fsync_delay);
         for op in ops {
-            let r = result.as_ref().map(|_| ()).map_err(|e| io_err(e));
+            let r = result.as_ref().map(|_| ()).map_err(io_err);
             match op {
                 Op::Append(_, cb) => cb.io_completed(r),
                 Op::Meta { done: Some(done), .. } => {
@@ -191,7 +191,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.mem.lock().unwrap().vote.clone())
+        Ok(self.mem.lock().unwrap().vote)
     }
 }
 
@@ -200,8 +200,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let mem = self.mem.lock().unwrap();
-        let last = mem.entries.values().next_back().map(|e| e.log_id()).or_else(|| mem.last_purged.clone());
-        Ok(LogState { last_purged_log_id: mem.last_purged.clone(), last_log_id: last })
+        let last = mem.entries.values().next_back().map(|e| e.log_id()).or_else(|| mem.last_purged);
+        Ok(LogState { last_purged_log_id: mem.last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -210,7 +210,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         self.put_meta(META_VOTE, encode(vote)?).await?;
-        self.mem.lock().unwrap().vote = Some(vote.clone());
+        self.mem.lock().unwrap().vote = Some(*vote);
         Ok(())
     }
 
@@ -223,7 +223,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.mem.lock().unwrap().committed.clone())
+        Ok(self.mem.lock().unwrap().committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>

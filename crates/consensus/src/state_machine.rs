@@ -70,7 +70,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn last_applied(&self) -> Option<LogId> {
-        self.applied.read().unwrap().0.clone()
+        self.applied.read().unwrap().0
     }
 }
 
@@ -133,7 +133,7 @@ impl StateMachine {
         match payload {
             EntryPayload::Blank => Response::empty(store.revision()),
             EntryPayload::Membership(m) => {
-                self.shared.applied.write().unwrap().1 = StoredMembership::new(Some(log_id.clone()), m.clone());
+                self.shared.applied.write().unwrap().1 = StoredMembership::new(Some(*log_id), m.clone());
                 Response::empty(store.revision())
             }
             EntryPayload::Normal(Request::PublishMember { id, name, client_urls }) => {
@@ -230,7 +230,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let resp = {
                 let mut store = self.shared.store.write().unwrap();
                 let resp = self.apply_one(&mut store, &entry.log_id, &entry.payload);
-                self.shared.applied.write().unwrap().0 = Some(entry.log_id.clone());
+                self.shared.applied.write().unwrap().0 = Some(entry.log_id);
                 resp
             };
             if let Some(r) = responder {
@@ -255,7 +255,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut store = self.shared.store.write().unwrap();
             *store = Store::from_snapshot(snap.store);
             *self.shared.members.write().unwrap() = snap.members;
-            *self.shared.applied.write().unwrap() = (meta.last_log_id.clone(), meta.last_membership.clone());
+            *self.shared.applied.write().unwrap() = (meta.last_log_id, meta.last_membership.clone());
             self.reset_lease_marks(&store);
             store.revision()
         };
