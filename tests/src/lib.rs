@@ -339,3 +339,111 @@ fn regex_replace_hex16(line: &str) -> String {
     }
     out
 }
+
+/// A running write load: `writers` tasks putting unique keys, remembering what was acknowledged.
+pub mod load {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use etcd_client::Client;
+
+    #[derive(Default)]
+    pub struct Record {
+        /// key -> value, for every acknowledged put.
+        pub acked: BTreeMap<String, String>,
+        /// Completion times of acknowledged puts.
+        pub ack_times: Vec<Instant>,
+        pub failures: usize,
+    }
+
+    pub struct Load {
+        stop: Arc<AtomicBool>,
+        pub record: Arc<Mutex<Record>>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Load {
+        pub fn start(client: &Client, writers: usize, prefix: &str) -> Load {
+            let stop = Arc::new(AtomicBool::new(false));
+            let record = Arc::new(Mutex::new(Record::default()));
+            let mut tasks = Vec::new();
+            for w in 0..writers {
+                let (stop, record, mut c, prefix) = (stop.clone(), record.clone(), client.clone(), prefix.to_string());
+                tasks.push(tokio::spawn(async move {
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("{prefix}/{w}/{seq:08}");
+                        let value = format!("v-{w}-{seq}");
+                        match tokio::time::timeout(Duration::from_secs(2), c.put(key.clone(), value.clone(), None))
+                            .await
+                        {
+                            Ok(Ok(_)) => {
+                                let mut r = record.lock().unwrap();
+                                r.acked.insert(key, value);
+                                r.ack_times.push(Instant::now());
+                                seq += 1;
+                            }
+                            _ => {
+                                record.lock().unwrap().failures += 1;
+                                // The outcome is unknown; move on to a fresh key.
+                                seq += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                }));
+            }
+            Load { stop, record, tasks }
+        }
+
+        pub async fn stop(self) -> Record {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.tasks {
+                let _ = t.await;
+            }
+            Arc::try_unwrap(self.record).ok().expect("tasks done").into_inner().unwrap()
+        }
+
+        pub fn acked(&self) -> usize {
+            self.record.lock().unwrap().acked.len()
+        }
+
+        /// First acknowledgement completed after `t`.
+        pub fn first_ack_after(&self, t: Instant) -> Option<Instant> {
+            self.record.lock().unwrap().ack_times.iter().copied().filter(|a| *a > t).min()
+        }
+    }
+}
+
+/// Every member's whole keyspace at one revision, read locally (serializable) once each has
+/// applied that far. Panics with the member name if one never gets there.
+pub async fn ranges_at_one_revision(cluster: &Cluster) -> Vec<(String, Vec<(Vec<u8>, Vec<u8>, i64)>)> {
+    use etcd_client::{Client, GetOptions};
+    let mut leader_client = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    let rev =
+        leader_client.get("", Some(GetOptions::new().with_prefix().with_keys_only().with_limit(1))).await.unwrap();
+    let rev = rev.header().unwrap().revision();
+    let mut out = Vec::new();
+    for n in cluster.nodes.iter().filter(|n| n.is_running()) {
+        let mut c = Client::connect([n.endpoint()], None).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = c.get("", Some(GetOptions::new().with_prefix().with_serializable().with_revision(rev))).await;
+            match r {
+                Ok(r) => {
+                    let kvs =
+                        r.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision())).collect();
+                    out.push((n.name.clone(), kvs));
+                    break;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "member {} never reached revision {rev}: {e}", n.name);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    out
+}

@@ -124,7 +124,10 @@ impl Member {
             cluster_name: "quorate".into(),
             heartbeat_interval: cfg.heartbeat_interval_ms,
             election_timeout_min: cfg.election_timeout_ms,
-            election_timeout_max: cfg.election_timeout_ms * 2,
+            // openraft keeps a follower loyal to its leader for `election_timeout_max` after the
+            // last heartbeat (leader stickiness), and a refused candidate waits a whole new
+            // timeout. A narrow randomisation band keeps failover near two election timeouts.
+            election_timeout_max: cfg.election_timeout_ms * 5 / 4,
             enable_pre_vote: Some(true),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_entries),
             max_in_snapshot_log_to_keep: cfg.snapshot_entries / 5,

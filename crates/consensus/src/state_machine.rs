@@ -259,6 +259,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.reset_lease_marks(&store);
             store.revision()
         };
+        tracing::info!(revision, last_log_index = meta.last_log_id.map(|l| l.index).unwrap_or(0), "installed snapshot");
         let _ = self.shared.events.send(Applied::Reset { revision });
         Ok(())
     }
