@@ -129,6 +129,9 @@ impl Member {
             // timeout. A narrow randomisation band keeps failover near two election timeouts.
             election_timeout_max: cfg.election_timeout_ms * 5 / 4,
             enable_pre_vote: Some(true),
+            // The state machine is rebuilt from snapshot + log on start, and the commit index
+            // is persisted lazily: a restarted leader must win a fresh election, never resume.
+            enable_leader_restore: Some(false),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_entries),
             max_in_snapshot_log_to_keep: cfg.snapshot_entries / 5,
             replication_lag_threshold: cfg.snapshot_entries * 2,
@@ -224,7 +227,7 @@ impl Member {
                 if let Some(f) = e.forward_to_leader() {
                     let leader = f.leader_node.clone();
                     return match leader {
-                        Some(node) => match self.forward(&node, ForwardReq::Write(req)).await? {
+                        Some(node) => match self.forward(&node, &ForwardReq::Write(req), network::FORWARD_TIMEOUT).await? {
                             ForwardResp::Written(r) => Ok(r),
                             ForwardResp::Err(e) => Err(e),
                             _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
@@ -237,8 +240,8 @@ impl Member {
         }
     }
 
-    async fn forward(&self, leader: &MemberNode, req: ForwardReq) -> Result<ForwardResp, ConsensusError> {
-        let client = {
+    async fn forward(&self, leader: &MemberNode, req: &ForwardReq, timeout: Duration) -> Result<ForwardResp, ConsensusError> {
+        let mut client = {
             let mut peers = self.inner.peers.lock().unwrap();
             match peers.get(&leader.peer_url) {
                 Some(c) => c.clone(),
@@ -252,14 +255,34 @@ impl Member {
                 }
             }
         };
-        let mut client = client;
-        let mut request = tonic::Request::new(pb::Frame { data: encode(&req) });
-        request.set_timeout(network::FORWARD_TIMEOUT);
+        let mut request = tonic::Request::new(pb::Frame { data: encode(req) });
+        request.set_timeout(timeout);
         let reply = client.forward(request).await.map_err(|s| match s.code() {
             tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
             _ => ConsensusError::Unavailable(s.message().to_string()),
         })?;
         decode(&reply.into_inner().data).map_err(ConsensusError::Unavailable)
+    }
+
+    /// Forward an idempotent request to whoever leads now, retrying across leader changes
+    /// with a per-attempt timeout of one election timeout, so a paused or dead leader costs one
+    /// attempt rather than the whole request.
+    async fn forward_idempotent(&self, req: ForwardReq) -> Result<ForwardResp, ConsensusError> {
+        let attempt_timeout = Duration::from_millis(self.inner.cfg.election_timeout_ms.max(100));
+        let deadline = tokio::time::Instant::now() + network::FORWARD_TIMEOUT;
+        let mut last = ConsensusError::NoLeader;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(leader) = self.leader_node() {
+                match self.forward(&leader, &req, attempt_timeout).await {
+                    Ok(ForwardResp::Err(e @ (ConsensusError::NotLeader | ConsensusError::NoLeader))) => last = e,
+                    Ok(resp) => return Ok(resp),
+                    Err(e @ (ConsensusError::Timeout | ConsensusError::Unavailable(_))) => last = e,
+                    Err(e) => return Err(e),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(last)
     }
 
     fn leader_node(&self) -> Option<MemberNode> {
@@ -280,8 +303,7 @@ impl Member {
                 if e.forward_to_leader().is_none() {
                     return Err(raft_err(e));
                 }
-                let leader = self.leader_node().ok_or(ConsensusError::NoLeader)?;
-                let index = match self.forward(&leader, ForwardReq::ReadIndex).await? {
+                let index = match self.forward_idempotent(ForwardReq::ReadIndex).await? {
                     ForwardResp::ReadIndex(i) => i,
                     ForwardResp::Err(e) => return Err(e),
                     _ => return Err(ConsensusError::Unavailable("unexpected forward reply".into())),
@@ -320,8 +342,7 @@ impl Member {
         if self.inner.raft.metrics().borrow_watched().state == ServerState::Leader {
             return self.serve_lease(&req);
         }
-        let leader = self.leader_node().ok_or(ConsensusError::NoLeader)?;
-        match self.forward(&leader, req).await? {
+        match self.forward_idempotent(req).await? {
             ForwardResp::Lease(v) => Ok(v),
             ForwardResp::Err(e) => Err(e),
             _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),

@@ -1,0 +1,149 @@
+//! Leases across leader changes: kept-alive leases survive, abandoned ones expire on time,
+//! and a leader that was paused past their TTL does not revoke what the new leader kept alive.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use quorate_tests::{Cluster, Flavor};
+
+/// Kill the current leader, wait for a new one, restart the old member. Returns the new leader.
+fn change_leader(cluster: &mut Cluster) -> usize {
+    let old = cluster.wait_leader(Duration::from_secs(10)).expect("leader");
+    eprintln!("kill -9 leader {}", cluster.nodes[old].name);
+    cluster.kill(old);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        if let Some(l) = cluster.leader() {
+            if l != old {
+                break l;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new leader");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    cluster.spawn(old).expect("restart");
+    eprintln!("new leader {}", cluster.nodes[new].name);
+    new
+}
+
+async fn exists(c: &mut Client, key: &str) -> bool {
+    !c.get(key, None).await.expect("get").kvs().is_empty()
+}
+
+/// Every DELETE event for `key` since `rev`, read by a watch replay.
+async fn deletes_since(c: &mut Client, key: &str, rev: i64) -> usize {
+    let mut stream = c.watch(key, Some(WatchOptions::new().with_start_revision(rev))).await.unwrap();
+    let mut deletes = 0;
+    // History replay arrives right after creation; give it a moment, then stop.
+    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), stream.message()).await.map(|r| r.unwrap()) {
+        deletes += resp.events().iter().filter(|e| e.event_type() == EventType::Delete).count();
+    }
+    deletes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kept_alive_lease_survives_three_leader_changes() {
+    let mut cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    let lease = c.lease_grant(10, None).await.unwrap().id();
+    let put = c.put("kept", "alive", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    let start_rev = put.header().unwrap().revision();
+
+    eprintln!("keep the lease alive every 2 s through every member in turn");
+    let endpoints = cluster.all_endpoints();
+    let keeper = tokio::spawn(async move {
+        let mut i = 0usize;
+        loop {
+            let ep = endpoints[i % endpoints.len()].clone();
+            i += 1;
+            if let Ok(mut k) = Client::connect([ep], None).await {
+                if let Ok((mut keeper, mut stream)) = k.lease_keep_alive(lease).await {
+                    if keeper.keep_alive().await.is_ok() {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+
+    for _ in 0..3 {
+        change_leader(&mut cluster);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    cluster.wait_ready(Duration::from_secs(20)).unwrap();
+    let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    assert!(exists(&mut c, "kept").await, "kept-alive lease's key vanished");
+    let ttl = c.lease_time_to_live(lease, None).await.unwrap();
+    assert!(ttl.ttl() > 0, "lease gone: ttl {}", ttl.ttl());
+    assert_eq!(deletes_since(&mut c, "kept", start_rev).await, 0, "the key was deleted at some revision");
+    keeper.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn abandoned_lease_expires_within_ttl_plus_election_timeout_across_leader_changes() {
+    let mut cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    let lease = c.lease_grant(10, None).await.unwrap().id();
+    c.put("abandoned", "x", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    let granted = Instant::now();
+
+    // Two leader changes, both over well before the TTL runs out (each takes ~2.5 s); a new
+    // leader grants every lease one election timeout of grace, so a change that completes
+    // after TTL - 1 s legitimately delays expiry by that grace.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    change_leader(&mut cluster);
+    change_leader(&mut cluster);
+    eprintln!("leader changes done {:?} after the grant", granted.elapsed());
+    assert!(granted.elapsed() < Duration::from_secs(9), "leader changes took too long to test the bound");
+
+    let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    loop {
+        match c.get("abandoned", Some(GetOptions::new())).await {
+            Ok(r) if r.kvs().is_empty() => break,
+            _ => {}
+        }
+        assert!(granted.elapsed() < Duration::from_millis(11_000), "abandoned lease still alive after TTL + election timeout");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = granted.elapsed();
+    eprintln!("abandoned lease expired {took:?} after the grant");
+    assert!(took >= Duration::from_secs(9), "lease expired early: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_does_not_revoke_leases_the_new_leader_kept_alive() {
+    let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(5)).unwrap();
+    let followers: Vec<String> =
+        (0..3).filter(|i| *i != leader).map(|i| cluster.nodes[i].endpoint()).collect();
+    // Clients talk only to the followers: the paused leader must not hold their streams.
+    let mut c = Client::connect(followers.clone(), None).await.unwrap();
+    let lease = c.lease_grant(3, None).await.unwrap().id();
+    let put = c.put("svc/instance", "up", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    let start_rev = put.header().unwrap().revision();
+    let (mut keeper, mut stream) = c.lease_keep_alive(lease).await.unwrap();
+    let keep = tokio::spawn(async move {
+        loop {
+            if keeper.keep_alive().await.is_err() {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), stream.message()).await;
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+    });
+
+    eprintln!("SIGSTOP leader {} for 8 s, well past the 3 s TTL", cluster.nodes[leader].name);
+    cluster.signal(leader, "STOP");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    eprintln!("SIGCONT the old leader");
+    cluster.signal(leader, "CONT");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let mut reader = Client::connect(followers, None).await.unwrap();
+    assert!(exists(&mut reader, "svc/instance").await, "lease kept alive by the new leader was revoked");
+    assert_eq!(deletes_since(&mut reader, "svc/instance", start_rev).await, 0, "the key was deleted at some revision");
+    let new_leader = cluster.wait_leader(Duration::from_secs(5)).unwrap();
+    assert_ne!(new_leader, leader, "the paused member should have been replaced");
+    keep.abort();
+}
