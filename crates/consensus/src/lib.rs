@@ -259,6 +259,9 @@ impl Member {
         request.set_timeout(timeout);
         let reply = client.forward(request).await.map_err(|s| match s.code() {
             tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
+            // The leader this member knows of cannot be reached: as far as clients here can
+            // tell, there is no leader.
+            tonic::Code::Unavailable => ConsensusError::NoLeader,
             _ => ConsensusError::Unavailable(s.message().to_string()),
         })?;
         decode(&reply.into_inner().data).map_err(ConsensusError::Unavailable)
@@ -276,7 +279,7 @@ impl Member {
                 match self.forward(&leader, &req, attempt_timeout).await {
                     Ok(ForwardResp::Err(e @ (ConsensusError::NotLeader | ConsensusError::NoLeader))) => last = e,
                     Ok(resp) => return Ok(resp),
-                    Err(e @ (ConsensusError::Timeout | ConsensusError::Unavailable(_))) => last = e,
+                    Err(e @ (ConsensusError::Timeout | ConsensusError::NoLeader | ConsensusError::Unavailable(_))) => last = e,
                     Err(e) => return Err(e),
                 }
             }

@@ -1,0 +1,119 @@
+//! Bad input gets etcd's gRPC code and exact message, and changes nothing that is stored.
+
+use etcd_client::{Client, Compare, CompareOp, Error, GetOptions, PutOptions, Txn, TxnOp};
+use quorate_tests::{Cluster, Flavor};
+use tonic::Code;
+
+fn status(e: Error) -> (Code, String) {
+    match e {
+        Error::GRpcStatus(s) => (s.code(), s.message().to_string()),
+        other => panic!("expected a gRPC status, got {other:?}"),
+    }
+}
+
+async fn fingerprint(c: &mut Client) -> (i64, u32) {
+    let st = c.status().await.unwrap();
+    let h = c.maintenance_client().hash_kv(0).await.unwrap();
+    (st.header().unwrap().revision(), h.hash())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_etcds_error_and_changes_nothing() {
+    let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    for i in 0..5 {
+        c.put(format!("k{i}"), "v", None).await.unwrap();
+    }
+    c.compact(3, None).await.unwrap();
+    let lease = c.lease_grant(60, None).await.unwrap().id();
+    let before = fingerprint(&mut c).await;
+
+    let cases: Vec<(&str, Result<(), Error>, Code, &str)> = vec![
+        ("empty key", c.put("", "v", None).await.map(drop), Code::InvalidArgument, "etcdserver: key is not provided"),
+        (
+            "future revision",
+            c.get("k1", Some(GetOptions::new().with_revision(10_000))).await.map(drop),
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision",
+        ),
+        (
+            "compacted revision",
+            c.get("k1", Some(GetOptions::new().with_revision(2))).await.map(drop),
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted",
+        ),
+        (
+            "compact again at an old revision",
+            c.compact(2, None).await.map(drop),
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted",
+        ),
+        (
+            "unknown lease on put",
+            c.put("x", "v", Some(PutOptions::new().with_lease(0x7777))).await.map(drop),
+            Code::NotFound,
+            "etcdserver: requested lease not found",
+        ),
+        ("revoke unknown lease", c.lease_revoke(0x7777).await.map(drop), Code::NotFound, "etcdserver: requested lease not found"),
+        (
+            "grant an existing lease id",
+            c.lease_grant(60, Some(etcd_client::LeaseGrantOptions::new().with_id(lease))).await.map(drop),
+            Code::FailedPrecondition,
+            "etcdserver: lease already exists",
+        ),
+        (
+            "request over 1.5 MiB",
+            c.put("big", vec![b'x'; 1536 * 1024 + 1], None).await.map(drop),
+            Code::InvalidArgument,
+            "etcdserver: request is too large",
+        ),
+        (
+            "129 operations in one txn",
+            c.txn(Txn::new().and_then((0..129).map(|i| TxnOp::put(format!("t{i}"), "v", None)).collect::<Vec<_>>()))
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request",
+        ),
+        (
+            "duplicate key in txn",
+            c.txn(Txn::new().and_then([TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)])).await.map(drop),
+            Code::InvalidArgument,
+            "etcdserver: duplicate key given in txn request",
+        ),
+        (
+            "unknown lease inside a txn",
+            c.txn(
+                Txn::new()
+                    .when([Compare::version("k1", CompareOp::Greater, 0)])
+                    .and_then([TxnOp::put("y", "v", None), TxnOp::put("z", "v", Some(PutOptions::new().with_lease(0x7777)))]),
+            )
+            .await
+            .map(drop),
+            Code::NotFound,
+            "etcdserver: requested lease not found",
+        ),
+    ];
+    for (what, result, code, message) in cases {
+        let (got_code, got_message) = status(result.expect_err(what));
+        assert_eq!((got_code, got_message.as_str()), (code, message), "{what}");
+    }
+    assert_eq!(fingerprint(&mut c).await, before, "a rejected request changed the store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_without_a_quorum_say_no_leader() {
+    let mut cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let leader = cluster.wait_leader(std::time::Duration::from_secs(5)).unwrap();
+    let survivor = (leader + 1) % 3;
+    for i in 0..3 {
+        if i != survivor {
+            cluster.kill(i);
+        }
+    }
+    // Let the survivor notice its leader is gone.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut c = Client::connect([cluster.nodes[survivor].endpoint()], None).await.unwrap();
+    let (code, message) = status(c.put("k", "v", None).await.expect_err("no quorum"));
+    assert_eq!((code, message.as_str()), (Code::Unavailable, "etcdserver: no leader"));
+}
