@@ -233,3 +233,19 @@ fn lock_and_elect_through_etcdctl() {
     let _ = campaigner.kill();
     let _ = campaigner.wait();
 }
+
+#[test]
+fn check_perf_small_load_passes() {
+    let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let out = etcdctl(&c.endpoints(), &["check", "perf", "--load=s"]);
+    let report: String = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("PASS") || l.starts_with("FAIL"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    eprintln!("{report}");
+    assert!(out.ok, "check perf failed:\n{report}\n{}", out.stderr);
+    assert!(report.lines().last() == Some("PASS"), "{report}");
+    assert!(!report.contains("FAIL"), "{report}");
+}

@@ -54,7 +54,12 @@ async fn every_bad_request_gets_etcds_error_and_changes_nothing() {
             Code::NotFound,
             "etcdserver: requested lease not found",
         ),
-        ("revoke unknown lease", c.lease_revoke(0x7777).await.map(drop), Code::NotFound, "etcdserver: requested lease not found"),
+        (
+            "revoke unknown lease",
+            c.lease_revoke(0x7777).await.map(drop),
+            Code::NotFound,
+            "etcdserver: requested lease not found",
+        ),
         (
             "grant an existing lease id",
             c.lease_grant(60, Some(etcd_client::LeaseGrantOptions::new().with_id(lease))).await.map(drop),
@@ -83,11 +88,10 @@ async fn every_bad_request_gets_etcds_error_and_changes_nothing() {
         ),
         (
             "unknown lease inside a txn",
-            c.txn(
-                Txn::new()
-                    .when([Compare::version("k1", CompareOp::Greater, 0)])
-                    .and_then([TxnOp::put("y", "v", None), TxnOp::put("z", "v", Some(PutOptions::new().with_lease(0x7777)))]),
-            )
+            c.txn(Txn::new().when([Compare::version("k1", CompareOp::Greater, 0)]).and_then([
+                TxnOp::put("y", "v", None),
+                TxnOp::put("z", "v", Some(PutOptions::new().with_lease(0x7777))),
+            ]))
             .await
             .map(drop),
             Code::NotFound,

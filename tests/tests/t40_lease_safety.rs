@@ -35,7 +35,9 @@ async fn deletes_since(c: &mut Client, key: &str, rev: i64) -> usize {
     let mut stream = c.watch(key, Some(WatchOptions::new().with_start_revision(rev))).await.unwrap();
     let mut deletes = 0;
     // History replay arrives right after creation; give it a moment, then stop.
-    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), stream.message()).await.map(|r| r.unwrap()) {
+    while let Ok(Some(resp)) =
+        tokio::time::timeout(Duration::from_millis(500), stream.message()).await.map(|r| r.unwrap())
+    {
         deletes += resp.events().iter().filter(|e| e.event_type() == EventType::Delete).count();
     }
     deletes
@@ -103,7 +105,10 @@ async fn abandoned_lease_expires_within_ttl_plus_election_timeout_across_leader_
             Ok(r) if r.kvs().is_empty() => break,
             _ => {}
         }
-        assert!(granted.elapsed() < Duration::from_millis(11_000), "abandoned lease still alive after TTL + election timeout");
+        assert!(
+            granted.elapsed() < Duration::from_millis(11_000),
+            "abandoned lease still alive after TTL + election timeout"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = granted.elapsed();
@@ -115,8 +120,7 @@ async fn abandoned_lease_expires_within_ttl_plus_election_timeout_across_leader_
 async fn a_paused_leader_does_not_revoke_leases_the_new_leader_kept_alive() {
     let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
     let leader = cluster.wait_leader(Duration::from_secs(5)).unwrap();
-    let followers: Vec<String> =
-        (0..3).filter(|i| *i != leader).map(|i| cluster.nodes[i].endpoint()).collect();
+    let followers: Vec<String> = (0..3).filter(|i| *i != leader).map(|i| cluster.nodes[i].endpoint()).collect();
     // Clients talk only to the followers: the paused leader must not hold their streams.
     let mut c = Client::connect(followers.clone(), None).await.unwrap();
     let lease = c.lease_grant(3, None).await.unwrap().id();

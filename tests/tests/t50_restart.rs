@@ -37,7 +37,10 @@ async fn a_full_restart_keeps_data_revisions_and_leases() {
     assert_eq!(after.kvs().len(), 199);
     assert_eq!(after.header().unwrap().revision(), rev_before, "revision moved across the restart");
     for (a, b) in before.kvs().iter().zip(after.kvs()) {
-        assert_eq!((a.key(), a.value(), a.mod_revision(), a.create_revision(), a.version()), (b.key(), b.value(), b.mod_revision(), b.create_revision(), b.version()));
+        assert_eq!(
+            (a.key(), a.value(), a.mod_revision(), a.create_revision(), a.version()),
+            (b.key(), b.value(), b.mod_revision(), b.create_revision(), b.version())
+        );
     }
     assert_eq!(c.maintenance_client().hash_kv(0).await.unwrap().hash(), hash_before);
     let ttl = c.lease_time_to_live(lease, None).await.unwrap();

@@ -227,11 +227,13 @@ impl Member {
                 if let Some(f) = e.forward_to_leader() {
                     let leader = f.leader_node.clone();
                     return match leader {
-                        Some(node) => match self.forward(&node, &ForwardReq::Write(req), network::FORWARD_TIMEOUT).await? {
-                            ForwardResp::Written(r) => Ok(r),
-                            ForwardResp::Err(e) => Err(e),
-                            _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
-                        },
+                        Some(node) => {
+                            match self.forward(&node, &ForwardReq::Write(req), network::FORWARD_TIMEOUT).await? {
+                                ForwardResp::Written(r) => Ok(r),
+                                ForwardResp::Err(e) => Err(e),
+                                _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
+                            }
+                        }
                         None => Err(ConsensusError::NoLeader),
                     };
                 }
@@ -240,7 +242,12 @@ impl Member {
         }
     }
 
-    async fn forward(&self, leader: &MemberNode, req: &ForwardReq, timeout: Duration) -> Result<ForwardResp, ConsensusError> {
+    async fn forward(
+        &self,
+        leader: &MemberNode,
+        req: &ForwardReq,
+        timeout: Duration,
+    ) -> Result<ForwardResp, ConsensusError> {
         let mut client = {
             let mut peers = self.inner.peers.lock().unwrap();
             match peers.get(&leader.peer_url) {
@@ -279,7 +286,9 @@ impl Member {
                 match self.forward(&leader, &req, attempt_timeout).await {
                     Ok(ForwardResp::Err(e @ (ConsensusError::NotLeader | ConsensusError::NoLeader))) => last = e,
                     Ok(resp) => return Ok(resp),
-                    Err(e @ (ConsensusError::Timeout | ConsensusError::NoLeader | ConsensusError::Unavailable(_))) => last = e,
+                    Err(e @ (ConsensusError::Timeout | ConsensusError::NoLeader | ConsensusError::Unavailable(_))) => {
+                        last = e
+                    }
                     Err(e) => return Err(e),
                 }
             }
