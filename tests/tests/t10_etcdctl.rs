@@ -109,8 +109,12 @@ fn lease_and_watch(c: &Cluster) -> Vec<String> {
     let ttl = etcdctl(&ep, &["lease", "timetolive", "--keys", &id]);
     // Remaining seconds can tick between runs; keep the granted TTL and keys.
     let ttl_line = ttl.stdout.split(", remaining").next().unwrap_or_default().to_string();
-    let keys_part = ttl.stdout.split("attached keys").nth(1).unwrap_or_default().to_string();
-    out.push(normalize(&format!("{ttl_line} keys{keys_part}")));
+    // etcd lists attached keys in map order; compare them as a set.
+    let keys_part = ttl.stdout.split("attached keys").nth(1).unwrap_or_default();
+    let mut keys: Vec<&str> =
+        keys_part.trim().trim_start_matches('[').trim_end_matches(']').split_whitespace().collect();
+    keys.sort();
+    out.push(normalize(&format!("{ttl_line} keys{keys:?}")));
     out.push(visible(&etcdctl(&ep, &["lease", "list"])));
     out.push(visible(&etcdctl(&ep, &["lease", "keep-alive", "--once", &id])));
     out.push(visible(&etcdctl(&ep, &["lease", "revoke", &id])));

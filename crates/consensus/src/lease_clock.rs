@@ -10,6 +10,9 @@
 //! - If this member's own loop was stalled (a pause, a stopped process), every lease gets the
 //!   same grace again: our pause is not the clients' fault.
 //! - Keepalives are not logged one by one; renewed leases are checkpointed in batches.
+//! - Followers copy the leader's projected deadlines every second, outside the log, so a member
+//!   that restarted (and replayed old grants "now") does not carry stale, too-late deadlines
+//!   into its own leadership.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -28,6 +31,8 @@ use crate::types::{Raft, Request};
 pub const LEASE_TICK: Duration = Duration::from_millis(100);
 /// How often renewed leases are checkpointed through Raft.
 pub const LEASE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
+/// How often a follower copies the leader's lease deadlines.
+pub const LEASE_SYNC_INTERVAL: Duration = Duration::from_millis(1000);
 /// Most leases named in one expiry or checkpoint entry.
 pub const LEASE_BATCH_MAX: usize = 1000;
 
@@ -80,6 +85,19 @@ impl LeaseClock {
         let st = self.state.lock().unwrap();
         let left = self.deadline(&st, id, mark).saturating_duration_since(Instant::now());
         Ok(Some(left.as_secs_f64().ceil() as i64))
+    }
+
+    /// Remaining milliseconds of every lease, as this leader projects them: what followers
+    /// copy so that their own projections stay current (see `Member::sync_lease_table`).
+    pub fn table(&self, raft: &Raft, shared: &Shared) -> Result<Vec<(i64, i64)>, crate::ConsensusError> {
+        self.check_leading(raft)?;
+        let now = Instant::now();
+        let marks = shared.lease_marks.lock().unwrap();
+        let st = self.state.lock().unwrap();
+        Ok(marks
+            .iter()
+            .map(|(id, mark)| (*id, self.deadline(&st, *id, mark).saturating_duration_since(now).as_millis() as i64))
+            .collect())
     }
 
     fn check_leading(&self, raft: &Raft) -> Result<(), crate::ConsensusError> {

@@ -87,6 +87,7 @@ enum ForwardReq {
     ReadIndex,
     KeepAlive(i64),
     TimeToLive(i64),
+    LeaseTable,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -94,6 +95,7 @@ enum ForwardResp {
     Written(Response),
     ReadIndex(u64),
     Lease(Option<i64>),
+    LeaseTable(Vec<(i64, i64)>),
     Err(ConsensusError),
 }
 
@@ -162,6 +164,7 @@ impl Member {
         };
         tokio::spawn(clock.run(raft.clone(), shared));
         tokio::spawn(member.clone().publish_self());
+        tokio::spawn(member.clone().sync_lease_table());
         let service = PeerService { raft, forward: Arc::new(member.clone()) };
         Ok((member, service))
     }
@@ -204,6 +207,38 @@ impl Member {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// On followers: copy the leader's lease deadlines once a second, so that if this member
+    /// is elected it expires leases when the previous leader would have, not later.
+    async fn sync_lease_table(self) {
+        let mut tick = tokio::time::interval(lease_clock::LEASE_SYNC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let m = self.inner.raft.metrics().borrow_watched().clone();
+            if m.running_state.is_err() {
+                return;
+            }
+            if m.state == ServerState::Leader || m.current_leader.is_none() {
+                continue;
+            }
+            let Some(leader) = self.leader_node() else { continue };
+            // Counted from when we asked: errs towards expiring a little early, and the new
+            // leader's grace covers that.
+            let asked_at = tokio::time::Instant::now();
+            let timeout = Duration::from_millis(self.inner.cfg.election_timeout_ms.max(100));
+            let Ok(ForwardResp::LeaseTable(table)) = self.forward(&leader, &ForwardReq::LeaseTable, timeout).await
+            else {
+                continue;
+            };
+            let mut marks = self.inner.shared.lease_marks.lock().unwrap();
+            for (id, remaining_ms) in table {
+                if let Some(mark) = marks.get_mut(&id) {
+                    *mark = state_machine::LeaseMark { applied_at: asked_at, remaining_ms };
+                }
+            }
         }
     }
 
@@ -366,7 +401,9 @@ impl Member {
         match req {
             ForwardReq::KeepAlive(id) => clock.keepalive(raft, shared, *id),
             ForwardReq::TimeToLive(id) => clock.remaining_s(raft, shared, *id),
-            _ => unreachable!("serve_lease only takes lease requests"),
+            ForwardReq::Write(_) | ForwardReq::ReadIndex | ForwardReq::LeaseTable => {
+                unreachable!("serve_lease only takes keepalive and time-to-live")
+            }
         }
     }
 
@@ -382,6 +419,10 @@ impl Member {
                 Ok(read) => ForwardResp::ReadIndex(read.index()),
                 Err(e) if e.forward_to_leader().is_some() => ForwardResp::Err(ConsensusError::NotLeader),
                 Err(e) => ForwardResp::Err(raft_err(e)),
+            },
+            ForwardReq::LeaseTable => match self.inner.clock.table(raft, &self.inner.shared) {
+                Ok(t) => ForwardResp::LeaseTable(t),
+                Err(e) => ForwardResp::Err(e),
             },
             lease @ (ForwardReq::KeepAlive(_) | ForwardReq::TimeToLive(_)) => match self.serve_lease(&lease) {
                 Ok(v) => ForwardResp::Lease(v),
