@@ -121,3 +121,35 @@ async fn writes_without_a_quorum_say_no_leader() {
     let (code, message) = status(c.put("k", "v", None).await.expect_err("no quorum"));
     assert_eq!((code, message.as_str()), (Code::Unavailable, "etcdserver: no leader"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeding_the_quota_raises_nospace_and_refuses_writes_until_disarmed() {
+    let cluster = Cluster::start_with(Flavor::Quorate, 1, &["--quota-backend-bytes", "200000"]).expect("cluster");
+    let ep = cluster.endpoints();
+    let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    let mut refused = None;
+    for i in 0..400 {
+        match c.put(format!("big/{i}"), vec![b'x'; 1024], None).await {
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            Err(e) => {
+                refused = Some(status(e));
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        refused,
+        Some((Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded".to_string())),
+        "writes past the quota must be refused"
+    );
+    let alarms = quorate_tests::etcdctl(&ep, &["alarm", "list"]);
+    assert!(alarms.stdout.contains("alarm:NOSPACE"), "{}", alarms.stdout);
+    // Deletes and compaction still work; after them, disarming lets writes through again.
+    c.delete("big/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.expect("delete under NOSPACE");
+    let rev = c.get("x", None).await.unwrap().header().unwrap().revision();
+    c.compact(rev, None).await.expect("compact under NOSPACE");
+    let disarm = quorate_tests::etcdctl(&ep, &["alarm", "disarm"]);
+    assert!(disarm.ok, "{}", disarm.stderr);
+    assert!(quorate_tests::etcdctl(&ep, &["alarm", "list"]).stdout.trim().is_empty());
+    c.put("after", "ok", None).await.expect("writes accepted after disarm");
+}

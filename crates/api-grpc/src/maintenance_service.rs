@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use quorate_kv::{AlarmType, Command};
 use tonic::{Request, Response, Status};
 
 use crate::pb::etcdserverpb as pb;
@@ -83,17 +84,67 @@ fn db_size(ctx: &Ctx) -> i64 {
         .sum()
 }
 
+fn alarm_out(a: AlarmType) -> pb::AlarmType {
+    match a {
+        AlarmType::NoSpace => pb::AlarmType::Nospace,
+        AlarmType::Corrupt => pb::AlarmType::Corrupt,
+    }
+}
+
+fn alarm_name(a: AlarmType) -> &'static str {
+    match a {
+        AlarmType::NoSpace => "NOSPACE",
+        AlarmType::Corrupt => "CORRUPT",
+    }
+}
+
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for MaintenanceService {
-    async fn alarm(&self, _: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
-        Ok(Response::new(pb::AlarmResponse { header: Some(self.ctx.header()), alarms: vec![] }))
+    async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        let req = req.into_inner();
+        let action =
+            pb::alarm_request::AlarmAction::try_from(req.action).unwrap_or(pb::alarm_request::AlarmAction::Get);
+        let alarm = match pb::AlarmType::try_from(req.alarm).unwrap_or(pb::AlarmType::None) {
+            pb::AlarmType::Nospace => Some(AlarmType::NoSpace),
+            pb::AlarmType::Corrupt => Some(AlarmType::Corrupt),
+            pb::AlarmType::None => None,
+        };
+        let (alarms, header) = match (action, alarm) {
+            (pb::alarm_request::AlarmAction::Get, _) => {
+                self.ctx.member.linearize().await.map_err(consensus_status)?;
+                (self.ctx.member.read(|s| s.alarms()), self.ctx.header())
+            }
+            (_, None) => return Err(Status::invalid_argument("etcdserver: alarm type is not provided")),
+            (action, Some(alarm)) => {
+                let activate = action == pb::alarm_request::AlarmAction::Activate;
+                let resp = self
+                    .ctx
+                    .member
+                    .write(Command::Alarm { activate, member: req.member_id, alarm })
+                    .await
+                    .map_err(consensus_status)?;
+                if !activate {
+                    tracing::warn!(member = %format!("{:x}", req.member_id), ?alarm, "alarm disarmed");
+                }
+                // etcd answers with the alarm that was acted on.
+                (vec![(req.member_id, alarm)], self.ctx.header_at(resp.revision))
+            }
+        };
+        let alarms = alarms
+            .into_iter()
+            .filter(|(m, _)| action != pb::alarm_request::AlarmAction::Get || req.member_id == 0 || *m == req.member_id)
+            .map(|(member_id, a)| pb::AlarmMember { member_id, alarm: alarm_out(a) as i32 })
+            .collect();
+        Ok(Response::new(pb::AlarmResponse { header: Some(header), alarms }))
     }
 
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let st = self.ctx.member.status();
         let size = db_size(&self.ctx);
+        let (in_use, alarms) = self.ctx.member.read(|s| (s.bytes_in_use() as i64, s.alarms()));
+        let errors = alarms.iter().map(|(m, a)| format!("memberID:{} alarm:{}", m, alarm_name(*a))).collect();
         Ok(Response::new(pb::StatusResponse {
             header: Some(self.ctx.header()),
             version: ETCD_API_VERSION.into(),
@@ -102,8 +153,8 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             raft_index: st.commit_index,
             raft_term: st.term,
             raft_applied_index: st.applied_index,
-            errors: vec![],
-            db_size_in_use: size,
+            errors,
+            db_size_in_use: in_use,
             is_learner: st.is_learner,
             storage_version: String::new(),
             db_size_quota: 0,

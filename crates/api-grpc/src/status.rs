@@ -16,6 +16,7 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::LeaseNotFound { .. } => (Code::NotFound, "etcdserver: requested lease not found"),
         KvError::LeaseExists { .. } => (Code::FailedPrecondition, "etcdserver: lease already exists"),
         KvError::LeaseTtlTooLarge { .. } => (Code::OutOfRange, "etcdserver: too large lease TTL"),
+        KvError::NoSpace => (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
         KvError::EmptyKey => (Code::InvalidArgument, "etcdserver: key is not provided"),
         KvError::DuplicateKey => (Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
         KvError::TooManyOps { .. } => (Code::InvalidArgument, "etcdserver: too many operations in txn request"),

@@ -18,6 +18,40 @@ struct Cli {
 enum Command {
     /// Run a member. With no flags: a single-member cluster with its data in ./default.quorate.
     Server(ServerArgs),
+    /// Load over the etcd v3 API against any endpoints (quorate or etcd): throughput and
+    /// latency percentiles per operation and client count.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// etcd API endpoints, comma-separated.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    endpoints: String,
+    /// Operations: put, get (linearizable), get-s (serializable), txn, lease-put.
+    #[arg(long, default_value = "put,get,get-s,txn,lease-put")]
+    ops: String,
+    /// Concurrent clients, comma-separated; each op runs once per count.
+    #[arg(long, default_value = "1,64")]
+    clients: String,
+    /// Seconds per (op, clients) run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Size of the key space.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    value_bytes: usize,
+    /// gRPC connections shared by the clients.
+    #[arg(long, default_value_t = 8)]
+    conns: usize,
+    /// Write every key once before measuring, so reads find values.
+    #[arg(long)]
+    preload: bool,
+    /// Print JSON rows instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -134,6 +168,31 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
+            Command::Bench(args) => {
+                let cfg = quorate_bench::BenchConfig {
+                    endpoints: args.endpoints.split(',').map(|s| s.trim().to_string()).collect(),
+                    ops: args.ops.split(',').map(|s| s.trim().parse()).collect::<anyhow::Result<_>>()?,
+                    clients: args
+                        .clients
+                        .split(',')
+                        .map(|s| s.trim().parse().context("--clients"))
+                        .collect::<anyhow::Result<_>>()?,
+                    duration: std::time::Duration::from_secs(args.seconds),
+                    keys: args.keys,
+                    value_bytes: args.value_bytes,
+                    conns: args.conns,
+                };
+                if args.preload {
+                    quorate_bench::preload(&cfg).await?;
+                }
+                let rows = quorate_bench::run(&cfg).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", quorate_bench::table(&rows));
+                }
+                Ok(())
+            }
             Command::Server(args) => {
                 let cfg = args.into_config()?;
                 let listeners = Listeners::bind(&cfg).await?;

@@ -50,6 +50,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::LeaseRevoke { .. } => "lease-revoke",
         Command::LeaseExpire { .. } => "lease-expire",
         Command::LeaseCheckpoint(_) => "lease-checkpoint",
+        Command::Alarm { .. } => "alarm",
     }
 }
 

@@ -13,6 +13,8 @@ pub enum KvError {
     LeaseExists { id: i64 },
     #[error("too large lease TTL")]
     LeaseTtlTooLarge { ttl_s: i64 },
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
     #[error("key is not provided")]
     EmptyKey,
     #[error("duplicate key given in txn request")]

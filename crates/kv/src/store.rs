@@ -33,7 +33,13 @@ pub struct Store {
     revision: i64,
     compact_revision: i64,
     leases: BTreeMap<i64, Lease>,
+    alarms: BTreeSet<(u64, AlarmType)>,
+    /// Approximate bytes held by every version of every key (what the quota measures).
+    bytes: u64,
 }
+
+/// Bytes counted for one stored version beyond its key and value.
+const VERSION_OVERHEAD_BYTES: u64 = 64;
 
 /// Write state of the command being applied: all its changes share `revision + 1`.
 struct WriteCtx {
@@ -73,10 +79,33 @@ impl Store {
         self.keys.len()
     }
 
+    /// Approximate bytes of the keyspace and its history: etcd's "db size in use".
+    pub fn bytes_in_use(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn alarms(&self) -> Vec<(u64, AlarmType)> {
+        self.alarms.iter().copied().collect()
+    }
+
+    fn no_space(&self) -> bool {
+        self.alarms.iter().any(|(_, a)| *a == AlarmType::NoSpace)
+    }
+
     /// Apply one command. Errors leave the store unchanged.
     pub fn apply(&mut self, cmd: &Command, pos: LogPosition) -> Applied {
         let mut w = WriteCtx::new();
         let result = match cmd {
+            Command::Put(_) | Command::LeaseGrant { .. } if self.no_space() => Err(KvError::NoSpace),
+            Command::Txn(t) if self.no_space() && txn_has_put(t) => Err(KvError::NoSpace),
+            Command::Alarm { activate, member, alarm } => {
+                if *activate {
+                    self.alarms.insert((*member, *alarm));
+                } else {
+                    self.alarms.remove(&(*member, *alarm));
+                }
+                Ok(CommandResponse::Alarm { alarms: self.alarms() })
+            }
             Command::Put(p) => self.check_put(p).map(|()| CommandResponse::Put(self.put(p, &mut w))),
             Command::DeleteRange(d) => {
                 check_key(&d.key).map(|()| CommandResponse::DeleteRange(self.delete_range(d, &mut w)))
@@ -349,6 +378,7 @@ impl Store {
                 l.keys.insert(p.key.clone());
             }
         }
+        self.bytes += (p.key.len() + kv.value.len()) as u64 + VERSION_OVERHEAD_BYTES;
         self.keys.entry(p.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: Some(Arc::new(kv.clone())) });
         w.sub += 1;
         w.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev.clone() });
@@ -370,6 +400,7 @@ impl Store {
                 l.keys.remove(&kv.key);
             }
         }
+        self.bytes += kv.key.len() as u64 + VERSION_OVERHEAD_BYTES;
         self.keys.entry(kv.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: None });
         w.sub += 1;
         w.events.push(Event { kind: EventKind::Delete, kv: tombstone(&kv.key, rev), prev_kv: Some(kv.clone()) });
@@ -414,6 +445,7 @@ impl Store {
             }
             !recs.is_empty()
         });
+        self.bytes = count_bytes(&self.keys);
         Ok(())
     }
 
@@ -464,11 +496,12 @@ impl Store {
                 .map(|(k, recs)| (k.clone(), recs.iter().map(|r| (r.rev, r.sub, r.kv.as_deref().cloned())).collect()))
                 .collect(),
             leases: self.leases.values().cloned().collect(),
+            alarms: self.alarms(),
         }
     }
 
     pub fn from_snapshot(s: StoreSnapshot) -> Self {
-        Store {
+        let mut store = Store {
             revision: s.revision,
             compact_revision: s.compact_revision,
             keys: s
@@ -479,8 +512,30 @@ impl Store {
                 })
                 .collect(),
             leases: s.leases.into_iter().map(|l| (l.id, l)).collect(),
-        }
+            alarms: s.alarms.into_iter().collect(),
+            bytes: 0,
+        };
+        store.bytes = count_bytes(&store.keys);
+        store
     }
+}
+
+fn count_bytes(keys: &BTreeMap<Key, Vec<Rec>>) -> u64 {
+    keys.iter()
+        .map(|(k, recs)| {
+            recs.iter()
+                .map(|r| (k.len() + r.kv.as_ref().map_or(0, |kv| kv.value.len())) as u64 + VERSION_OVERHEAD_BYTES)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn txn_has_put(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match op {
+        RequestOp::Put(_) => true,
+        RequestOp::Txn(inner) => txn_has_put(inner),
+        _ => false,
+    })
 }
 
 /// The serialisable form of a `Store`, used by Raft snapshots.
@@ -491,6 +546,7 @@ pub struct StoreSnapshot {
     #[allow(clippy::type_complexity)]
     pub keys: Vec<(Key, Vec<(i64, u32, Option<KeyValue>)>)>,
     pub leases: Vec<Lease>,
+    pub alarms: Vec<(u64, AlarmType)>,
 }
 
 fn version_at(recs: &[Rec], rev: i64) -> Option<&KeyValue> {

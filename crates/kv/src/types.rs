@@ -190,6 +190,19 @@ pub enum Command {
     /// Remaining TTLs of leases renewed since their last checkpoint, so that a new leader
     /// neither resets nor shortens them.
     LeaseCheckpoint(Vec<crate::LeaseCheckpoint>),
+    /// Raise or clear an alarm for a member (etcd's Maintenance.Alarm).
+    Alarm {
+        activate: bool,
+        member: u64,
+        alarm: AlarmType,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AlarmType {
+    /// The keyspace outgrew `--quota-backend-bytes`: writes that add data are refused.
+    NoSpace,
+    Corrupt,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +222,10 @@ pub enum CommandResponse {
         stale_term: bool,
     },
     LeaseCheckpoint,
+    /// Alarms active after the command.
+    Alarm {
+        alarms: Vec<(u64, AlarmType)>,
+    },
 }
 
 /// Where an entry sits in the Raft log: the only non-data input to `apply`.

@@ -88,6 +88,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         client_tasks.push(tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))));
     }
 
+    tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
+
     let http_state = Arc::new(http::HttpState::new(member.clone(), cfg.cluster_id()));
     let http_task = tokio::spawn(http::serve(listeners.http, http_state));
     info!("member ready to serve clients");
@@ -101,4 +103,26 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     member.shutdown().await;
     peer_task.abort();
     Ok(())
+}
+
+/// How often the keyspace size is compared with `--quota-backend-bytes`.
+const QUOTA_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Raise this member's NOSPACE alarm (through Raft) once the keyspace outgrows the quota, as
+/// etcd does; writes that add data are then refused cluster-wide until it is disarmed.
+async fn watch_quota(member: quorate_consensus::Member, quota_bytes: u64) {
+    use quorate_kv::{AlarmType, Command};
+    let me = member.id();
+    let mut tick = tokio::time::interval(QUOTA_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        let (in_use, raised) = member.read(|s| (s.bytes_in_use(), s.alarms().contains(&(me, AlarmType::NoSpace))));
+        if in_use > quota_bytes && !raised {
+            tracing::warn!(in_use_bytes = in_use, quota_bytes, "database space exceeded: raising NOSPACE alarm");
+            if let Err(e) = member.write(Command::Alarm { activate: true, member: me, alarm: AlarmType::NoSpace }).await
+            {
+                tracing::warn!(error = %e, "could not raise NOSPACE alarm");
+            }
+        }
+    }
 }

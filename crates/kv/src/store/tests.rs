@@ -348,3 +348,36 @@ fn key_ranges_overlap() {
     assert_eq!(prefix_end(b"a/"), b"a0");
     assert_eq!(prefix_end(&[0xff]), vec![0]);
 }
+
+#[test]
+fn nospace_alarm_refuses_only_writes_that_add_data() {
+    let mut s = Store::new();
+    put(&mut s, "a", "1");
+    let raise = s.apply(&Command::Alarm { activate: true, member: 7, alarm: AlarmType::NoSpace }, POS);
+    assert_eq!(raise.result, Ok(CommandResponse::Alarm { alarms: vec![(7, AlarmType::NoSpace)] }));
+    assert_eq!(put(&mut s, "b", "2").result, Err(KvError::NoSpace));
+    assert_eq!(s.apply(&Command::LeaseGrant { id: 1, ttl_s: 5 }, POS).result, Err(KvError::NoSpace));
+    let txn_put = Command::Txn(TxnRequest {
+        success: vec![RequestOp::Put(PutRequest { key: "c".into(), ..Default::default() })],
+        ..Default::default()
+    });
+    assert_eq!(s.apply(&txn_put, POS).result, Err(KvError::NoSpace));
+    let del = s.apply(&Command::DeleteRange(DeleteRangeRequest { key: "a".into(), ..Default::default() }), POS);
+    assert!(del.result.is_ok(), "deletes still work");
+    assert!(s.apply(&Command::Compact { revision: 3, physical: true }, POS).result.is_ok(), "compaction still works");
+    s.apply(&Command::Alarm { activate: false, member: 7, alarm: AlarmType::NoSpace }, POS);
+    assert!(put(&mut s, "b", "2").result.is_ok(), "disarmed");
+}
+
+#[test]
+fn bytes_in_use_grows_with_history_and_shrinks_with_compaction() {
+    let mut s = Store::new();
+    for i in 0..10 {
+        put(&mut s, "k", &format!("{i:0100}"));
+    }
+    let full = s.bytes_in_use();
+    assert!(full >= 10 * 100);
+    s.apply(&Command::Compact { revision: s.revision(), physical: true }, POS);
+    assert!(s.bytes_in_use() < full / 5, "{} vs {}", s.bytes_in_use(), full);
+    assert_eq!(Store::from_snapshot(s.to_snapshot()).bytes_in_use(), s.bytes_in_use());
+}

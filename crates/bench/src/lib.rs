@@ -1,0 +1,219 @@
+//! `quorate bench`: closed-loop load over the etcd v3 gRPC API. It speaks only the public
+//! protocol, so the same run measures quorate and etcd alike.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use quorate_api_grpc::pb::etcdserverpb as pb;
+use rand::Rng;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Op {
+    /// Put of a random key in the key space.
+    Put,
+    /// Linearizable single-key Range.
+    Get,
+    /// Serializable single-key Range.
+    GetSerializable,
+    /// Txn: compare mod revision, then put.
+    Txn,
+    /// LeaseGrant followed by a Put attached to it (one op = both).
+    LeasePut,
+}
+
+impl std::str::FromStr for Op {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Op> {
+        Ok(match s {
+            "put" => Op::Put,
+            "get" => Op::Get,
+            "get-s" | "get-serializable" => Op::GetSerializable,
+            "txn" => Op::Txn,
+            "lease-put" => Op::LeasePut,
+            other => bail!("unknown op {other:?} (put, get, get-s, txn, lease-put)"),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub endpoints: Vec<String>,
+    pub ops: Vec<Op>,
+    pub clients: Vec<usize>,
+    pub duration: Duration,
+    pub keys: u64,
+    pub value_bytes: usize,
+    /// gRPC connections shared by the clients (at most one per client).
+    pub conns: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub op: Op,
+    pub clients: usize,
+    pub ops: u64,
+    pub errors: u64,
+    pub ops_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+async fn connect(endpoints: &[String], n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut chans = Vec::new();
+    for i in 0..n {
+        let ep = &endpoints[i % endpoints.len()];
+        let url = if ep.contains("://") { ep.clone() } else { format!("http://{ep}") };
+        let ch = Endpoint::from_shared(url.clone())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connect {url}"))?;
+        chans.push(ch);
+    }
+    Ok(chans)
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("bench/{i:010}").into_bytes()
+}
+
+async fn one(op: Op, ch: &Channel, keys: u64, value: &[u8]) -> Result<(), tonic::Status> {
+    let k = key(rand::rng().random_range(0..keys));
+    let mut kv = pb::kv_client::KvClient::new(ch.clone());
+    match op {
+        Op::Put => {
+            kv.put(pb::PutRequest { key: k, value: value.to_vec(), ..Default::default() }).await?;
+        }
+        Op::Get | Op::GetSerializable => {
+            kv.range(pb::RangeRequest { key: k, serializable: op == Op::GetSerializable, ..Default::default() })
+                .await?;
+        }
+        Op::Txn => {
+            let cmp = pb::Compare {
+                result: pb::compare::CompareResult::Greater as i32,
+                target: pb::compare::CompareTarget::Mod as i32,
+                key: k.clone(),
+                range_end: vec![],
+                target_union: Some(pb::compare::TargetUnion::ModRevision(-1)),
+            };
+            let put = pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: k,
+                    value: value.to_vec(),
+                    ..Default::default()
+                })),
+            };
+            kv.txn(pb::TxnRequest { compare: vec![cmp], success: vec![put.clone()], failure: vec![put] }).await?;
+        }
+        Op::LeasePut => {
+            let mut lease = pb::lease_client::LeaseClient::new(ch.clone());
+            let id = lease.lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id;
+            kv.put(pb::PutRequest { key: k, value: value.to_vec(), lease: id, ..Default::default() }).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Fill the key space so reads find values.
+pub async fn preload(cfg: &BenchConfig) -> anyhow::Result<()> {
+    let chans = connect(&cfg.endpoints, cfg.conns.max(1)).await?;
+    let value = vec![b'v'; cfg.value_bytes];
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..32 {
+        let (ch, value, next, keys) = (chans[c % chans.len()].clone(), value.clone(), next.clone(), cfg.keys);
+        tasks.push(tokio::spawn(async move {
+            let mut kv = pb::kv_client::KvClient::new(ch);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return Ok::<(), tonic::Status>(());
+                }
+                kv.put(pb::PutRequest { key: key(i), value: value.clone(), ..Default::default() }).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize) -> anyhow::Result<Row> {
+    let chans = connect(&cfg.endpoints, cfg.conns.min(clients).max(1)).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let value = Arc::new(vec![b'v'; cfg.value_bytes]);
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for c in 0..clients {
+        let (ch, stop, value, keys) = (chans[c % chans.len()].clone(), stop.clone(), value.clone(), cfg.keys);
+        tasks.push(tokio::spawn(async move {
+            let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 14);
+            let mut errors = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match one(op, &ch, keys, &value).await {
+                    Ok(()) => lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat_us, errors)
+        }));
+    }
+    tokio::time::sleep(cfg.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return 0.0;
+        }
+        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
+        all[i] as f64 / 1000.0
+    };
+    Ok(Row {
+        op,
+        clients,
+        ops: all.len() as u64,
+        errors,
+        ops_per_s: all.len() as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: all.last().map(|v| *v as f64 / 1000.0).unwrap_or(0.0),
+    })
+}
+
+pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for op in &cfg.ops {
+        for c in &cfg.clients {
+            rows.push(run_one(cfg, *op, *c).await?);
+        }
+    }
+    Ok(rows)
+}
+
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| op | clients | ops/s | p50 ms | p99 ms | max ms | errors |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {:?} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |\n",
+            r.op, r.clients, r.ops_per_s, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+        ));
+    }
+    s
+}
