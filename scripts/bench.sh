@@ -44,7 +44,7 @@ for flavor in quorate etcd; do
   start_cluster $flavor
   sleep 2
   echo "rss_idle_kb=$(rss_kb "${PIDS[@]}")" | tee "$OUT/$flavor.rss"
-  "$BIN" bench --endpoints $EPS --seconds "$SECS" --preload --json >"$OUT/$flavor.json"
+  "$BIN" bench --endpoints $EPS --seconds "$SECS" --preload --json ${BENCH_ARGS:-} >"$OUT/$flavor.json"
   "$BIN" bench --endpoints $EPS --ops put --clients 64 --keys 100000 --seconds 1 --preload --json >/dev/null
   echo "rss_after_100k_puts_kb=$(rss_kb "${PIDS[@]}")" | tee -a "$OUT/$flavor.rss"
   cleanup

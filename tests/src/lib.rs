@@ -86,6 +86,9 @@ impl Cluster {
 
     fn try_start(flavor: Flavor, n: usize, extra_args: &[&str]) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
+        if std::env::var_os("QUORATE_KEEP_LOGS").is_some() {
+            eprintln!("cluster files in {}", dir.path().display());
+        }
         let mut nodes = Vec::new();
         for i in 1..=n {
             let name = format!("m{i}");
@@ -254,6 +257,15 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::env::var_os("QUORATE_KEEP_LOGS").is_some() {
+            let keep = tempfile::tempdir().map(|d| d.keep()).ok();
+            if let Some(keep) = keep {
+                for n in &self.nodes {
+                    let _ = std::fs::copy(&n.log_path, keep.join(format!("{}.log", n.name)));
+                }
+                eprintln!("member logs kept in {}", keep.display());
+            }
+        }
         for i in 0..self.nodes.len() {
             // Resume first: a stopped process cannot handle SIGKILL promptly otherwise.
             self.signal(i, "CONT");

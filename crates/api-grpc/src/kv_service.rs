@@ -67,7 +67,15 @@ impl pb::kv_server::Kv for KvService {
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let req = req.into_inner();
         let size = req.encoded_len();
-        match self.write(Command::Txn(convert::txn_in(req)), size).await? {
+        let txn = convert::txn_in(req);
+        // A Txn that writes nothing is a linearizable read, as in etcd: no log entry.
+        if !quorate_kv::txn_writes(&txn) {
+            self.ctx.member.linearize().await.map_err(consensus_status)?;
+            let (result, rev) = self.ctx.member.read(|s| (s.read_only_txn(&txn), s.revision()));
+            let result = result.expect("checked read-only").map_err(kv_status)?;
+            return Ok(Response::new(convert::txn_out(result, &self.ctx.header_at(rev))));
+        }
+        match self.write(Command::Txn(txn), size).await? {
             (CommandResponse::Txn(t), h) => Ok(Response::new(convert::txn_out(t, &h))),
             other => Err(Status::internal(format!("unexpected txn result {other:?}"))),
         }

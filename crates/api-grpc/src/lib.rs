@@ -80,7 +80,7 @@ impl Ctx {
             cluster_id: self.cluster_id,
             member_id: self.member.id(),
             revision,
-            raft_term: self.member.status().term,
+            raft_term: self.member.term(),
         }
     }
 }

@@ -58,6 +58,16 @@ impl LeaseClock {
         Arc::new(LeaseClock { state: Mutex::new(ClockState::default()), grace })
     }
 
+    /// Start leading in `term` if we have not yet: fresh leader state, grace from now. Called
+    /// from the tick and from every request, so a keepalive that arrives between openraft
+    /// electing us and our next tick is recorded in the new term's state, not wiped by it.
+    fn promote(&self, st: &mut ClockState, term: u64, now: Instant) {
+        if st.term != term {
+            info!(term, grace_ms = self.grace.as_millis() as u64, "lease clock promoted");
+            *st = ClockState { term, promoted_at: Some(now), ..Default::default() };
+        }
+    }
+
     fn deadline(&self, st: &ClockState, id: i64, mark: &LeaseMark) -> Instant {
         let projected = mark.applied_at + Duration::from_millis(mark.remaining_ms.max(0) as u64);
         let grace = st.promoted_at.map(|p| p + self.grace).unwrap_or(projected);
@@ -67,11 +77,12 @@ impl LeaseClock {
 
     /// Renew a lease at the leader. `None` when the lease does not exist.
     pub fn keepalive(&self, raft: &Raft, shared: &Shared, id: i64) -> Result<Option<i64>, crate::ConsensusError> {
-        self.check_leading(raft)?;
+        let term = self.check_leading(raft)?;
         let Some(ttl_s) = shared.store.read().unwrap().lease(id).map(|l| l.ttl_s) else {
             return Ok(None);
         };
         let mut st = self.state.lock().unwrap();
+        self.promote(&mut st, term, Instant::now());
         st.keepalive_deadline.insert(id, Instant::now() + Duration::from_secs(ttl_s as u64));
         st.renewed.insert(id);
         Ok(Some(ttl_s))
@@ -79,10 +90,11 @@ impl LeaseClock {
 
     /// Remaining whole seconds of a lease as the leader sees it; `None` when it does not exist.
     pub fn remaining_s(&self, raft: &Raft, shared: &Shared, id: i64) -> Result<Option<i64>, crate::ConsensusError> {
-        self.check_leading(raft)?;
+        let term = self.check_leading(raft)?;
         let marks = shared.lease_marks.lock().unwrap();
         let Some(mark) = marks.get(&id) else { return Ok(None) };
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
+        self.promote(&mut st, term, Instant::now());
         let left = self.deadline(&st, id, mark).saturating_duration_since(Instant::now());
         Ok(Some(left.as_secs_f64().ceil() as i64))
     }
@@ -90,25 +102,28 @@ impl LeaseClock {
     /// Remaining milliseconds of every lease, as this leader projects them: what followers
     /// copy so that their own projections stay current (see `Member::sync_lease_table`).
     pub fn table(&self, raft: &Raft, shared: &Shared) -> Result<Vec<(i64, i64)>, crate::ConsensusError> {
-        self.check_leading(raft)?;
+        let term = self.check_leading(raft)?;
         let now = Instant::now();
         let marks = shared.lease_marks.lock().unwrap();
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
+        self.promote(&mut st, term, now);
         Ok(marks
             .iter()
             .map(|(id, mark)| (*id, self.deadline(&st, *id, mark).saturating_duration_since(now).as_millis() as i64))
             .collect())
     }
 
-    fn check_leading(&self, raft: &Raft) -> Result<(), crate::ConsensusError> {
-        let m = raft.metrics().borrow_watched().clone();
+    /// The term this member leads in, if it leads with a fresh quorum.
+    fn check_leading(&self, raft: &Raft) -> Result<u64, crate::ConsensusError> {
+        let metrics = raft.metrics();
+        let m = metrics.borrow_watched();
         if m.state != ServerState::Leader {
             return Err(crate::ConsensusError::NotLeader);
         }
         if !self.quorum_fresh(&m) {
             return Err(crate::ConsensusError::NoLeader);
         }
-        Ok(())
+        Ok(m.current_term)
     }
 
     fn quorum_fresh(&self, m: &openraft::RaftMetrics<crate::TypeConfig>) -> bool {
@@ -146,10 +161,7 @@ impl LeaseClock {
                     }
                     continue;
                 }
-                if st.term != m.current_term {
-                    info!(term = m.current_term, grace_ms = self.grace.as_millis() as u64, "lease clock promoted");
-                    *st = ClockState { term: m.current_term, promoted_at: Some(now), ..Default::default() };
-                }
+                self.promote(&mut st, m.current_term, now);
                 if gap > stall {
                     warn!(gap_ms = gap.as_millis() as u64, "lease clock was stalled; every lease gets grace again");
                     st.promoted_at = Some(now);

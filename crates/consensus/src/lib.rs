@@ -333,7 +333,8 @@ impl Member {
     }
 
     fn leader_node(&self) -> Option<MemberNode> {
-        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow_watched();
         let leader = m.current_leader?;
         m.membership_config.membership().get_node(&leader).cloned()
     }
@@ -433,8 +434,14 @@ impl Member {
 
     // ---- status ----
 
+    /// The current Raft term, cheaply (every response header carries it).
+    pub fn term(&self) -> u64 {
+        self.inner.raft.metrics().borrow_watched().current_term
+    }
+
     pub fn status(&self) -> RaftStatus {
-        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow_watched();
         let is_learner = !m.membership_config.membership().voter_ids().any(|v| v == self.inner.cfg.id);
         RaftStatus {
             id: self.inner.cfg.id,

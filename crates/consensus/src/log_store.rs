@@ -29,6 +29,10 @@ const META_VOTE: &str = "vote";
 const META_COMMITTED: &str = "committed";
 const META_PURGED: &str = "last_purged";
 
+/// redb's page cache for the log. Entries are also held in memory, so reads rarely need it;
+/// redb's default (1 GiB) would dominate a member's footprint.
+const LOG_CACHE_BYTES: usize = 16 << 20;
+
 /// Most queued operations the writer folds into one transaction.
 const WRITE_BATCH_OPS_MAX: usize = 4096;
 
@@ -69,7 +73,7 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> io::Result<T> {
 
 impl LogStore {
     pub fn open(path: &Path) -> io::Result<Self> {
-        let db = Database::create(path).map_err(io_err)?;
+        let db = Database::builder().set_cache_size(LOG_CACHE_BYTES).create(path).map_err(io_err)?;
         let mut mem = Mem::default();
         {
             let w = db.begin_write().map_err(io_err)?;

@@ -22,6 +22,9 @@ use crate::types::{LogId, Request, Response, SnapshotMeta, StoredMembership, Typ
 
 const SNAP: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
+/// redb's page cache for the snapshot file, which is written and read whole and rarely.
+const SNAPSHOT_CACHE_BYTES: usize = 8 << 20;
+
 /// Capacity of the broadcast that carries applied events to watchers. A watcher that falls
 /// further behind than this is resynchronised from MVCC history instead of buffering more.
 pub const WATCH_EVENTS_QUEUED_MAX: usize = 4096;
@@ -86,7 +89,7 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 
 impl StateMachine {
     pub fn open(path: &Path) -> io::Result<Self> {
-        let db = Database::create(path).map_err(io_err)?;
+        let db = Database::builder().set_cache_size(SNAPSHOT_CACHE_BYTES).create(path).map_err(io_err)?;
         let w = db.begin_write().map_err(io_err)?;
         w.open_table(SNAP).map_err(io_err)?;
         w.commit().map_err(io_err)?;

@@ -14,5 +14,5 @@ mod types;
 
 pub use error::KvError;
 pub use lease::{Lease, LeaseCheckpoint, LEASE_MAX_TTL_S};
-pub use store::{Applied, Store, StoreSnapshot};
+pub use store::{txn_writes, Applied, Store, StoreSnapshot};
 pub use types::*;

@@ -297,6 +297,32 @@ impl Store {
         Ok(h.finish())
     }
 
+    /// Evaluate a Txn that writes nothing, without the log: compares and ranges at the current
+    /// revision. `None` if the Txn has a write in either branch (it must be replicated).
+    pub fn read_only_txn(&self, t: &TxnRequest) -> Option<Result<TxnResponse, KvError>> {
+        if txn_writes(t) {
+            return None;
+        }
+        Some(self.check_txn(t).map(|()| self.eval_read_txn(t)))
+    }
+
+    fn eval_read_txn(&self, t: &TxnRequest) -> TxnResponse {
+        let succeeded = self.compares_hold(&t.compare);
+        let ops = if succeeded { &t.success } else { &t.failure };
+        let responses = ops
+            .iter()
+            .map(|op| match op {
+                RequestOp::Range(r) => {
+                    let at = if r.revision > 0 { r.revision } else { self.revision() };
+                    ResponseOp::Range(self.range_at(r, at))
+                }
+                RequestOp::Txn(inner) => ResponseOp::Txn(self.eval_read_txn(inner)),
+                RequestOp::Put(_) | RequestOp::DeleteRange(_) => unreachable!("read-only txn has no writes"),
+            })
+            .collect();
+        TxnResponse { succeeded, responses }
+    }
+
     // ---- validation (runs before any mutation, so an error changes nothing) ----
 
     fn check_put(&self, p: &PutRequest) -> Result<(), KvError> {
@@ -528,6 +554,15 @@ fn count_bytes(keys: &BTreeMap<Key, Vec<Rec>>) -> u64 {
                 .sum::<u64>()
         })
         .sum()
+}
+
+/// Whether a Txn writes in any branch, nested Txns included.
+pub fn txn_writes(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match op {
+        RequestOp::Put(_) | RequestOp::DeleteRange(_) => true,
+        RequestOp::Txn(inner) => txn_writes(inner),
+        RequestOp::Range(_) => false,
+    })
 }
 
 fn txn_has_put(t: &TxnRequest) -> bool {

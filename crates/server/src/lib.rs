@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
+use futures::StreamExt;
 use quorate_api_grpc::{Ctx, EtcdServices};
 use quorate_consensus::{Member, PEER_MESSAGE_BYTES_MAX};
 use tokio::net::TcpListener;
@@ -58,7 +59,13 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
     );
-    let peer_task = tokio::spawn(peer_router.serve_with_incoming(TcpListenerStream::new(listeners.peer)));
+    // Raft messages are small and latency-bound: no Nagle on peer connections.
+    let peer_incoming = TcpListenerStream::new(listeners.peer).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(conn)
+    });
+    let peer_task = tokio::spawn(peer_router.serve_with_incoming(peer_incoming));
 
     info!("waiting for the cluster to record this member's client URLs");
     tokio::select! {

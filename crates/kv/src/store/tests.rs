@@ -381,3 +381,31 @@ fn bytes_in_use_grows_with_history_and_shrinks_with_compaction() {
     assert!(s.bytes_in_use() < full / 5, "{} vs {}", s.bytes_in_use(), full);
     assert_eq!(Store::from_snapshot(s.to_snapshot()).bytes_in_use(), s.bytes_in_use());
 }
+
+#[test]
+fn read_only_txn_matches_the_replicated_path() {
+    let mut s = Store::new();
+    put(&mut s, "a", "1");
+    put(&mut s, "b", "2");
+    let t = TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal,
+            target: CompareTarget::Value("1".into()),
+            key: "a".into(),
+            range_end: vec![],
+        }],
+        success: vec![RequestOp::Range(RangeRequest { key: "a".into(), range_end: "c".into(), ..Default::default() })],
+        failure: vec![],
+    };
+    let local = s.read_only_txn(&t).expect("read-only").unwrap();
+    let replicated = match s.apply(&Command::Txn(t), POS).result.unwrap() {
+        CommandResponse::Txn(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(local, replicated);
+    let writes = TxnRequest {
+        failure: vec![RequestOp::DeleteRange(DeleteRangeRequest { key: "a".into(), ..Default::default() })],
+        ..Default::default()
+    };
+    assert!(s.read_only_txn(&writes).is_none());
+}
