@@ -21,9 +21,17 @@ async fn many_watchers_on_one_stream_see_ordered_events() {
     let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
     let first = c.put("w/a", "0", None).await.unwrap().header().unwrap().revision();
 
-    let mut stream = c.watch("w/", Some(WatchOptions::new().with_prefix().with_prev_key())).await.unwrap();
+    // Start after `first` explicitly: a watch without a start revision begins at the serving
+    // member's own revision, and a follower may not have applied `first` yet.
+    let mut stream = c
+        .watch("w/", Some(WatchOptions::new().with_prefix().with_prev_key().with_start_revision(first + 1)))
+        .await
+        .unwrap();
     let prefix_id = next(&mut stream).await.watch_id();
-    stream.watch("w/a", Some(WatchOptions::new().with_filters([WatchFilterType::NoPut]))).await.unwrap();
+    stream
+        .watch("w/a", Some(WatchOptions::new().with_filters([WatchFilterType::NoPut]).with_start_revision(first + 1)))
+        .await
+        .unwrap();
     let nodelete_id = next(&mut stream).await.watch_id();
     stream.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first))).await.unwrap();
     let replay_id = next(&mut stream).await.watch_id();

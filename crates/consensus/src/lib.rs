@@ -134,6 +134,10 @@ impl Member {
             // The state machine is rebuilt from snapshot + log on start, and the commit index
             // is persisted lazily: a restarted leader must win a fresh election, never resume.
             enable_leader_restore: Some(false),
+            // Replicate entries as soon as they are handed to the log writer, so the leader's
+            // fsync and the followers' run in parallel. The leader still counts itself towards
+            // a quorum only once its own write is durable.
+            broadcast_submitted_on_append: Some(true),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_entries),
             max_in_snapshot_log_to_keep: cfg.snapshot_entries / 5,
             replication_lag_threshold: cfg.snapshot_entries * 2,
