@@ -11,6 +11,11 @@
 //! Re-encoded blocks use only "literal without indexing", so the server-side HPACK table
 //! stays empty and the client-side table is tracked by our decoder alone. Every other frame
 //! passes through byte for byte.
+//!
+//! A client sends one authority for its whole connection, so the first header block decides:
+//! if its `:authority` is valid, that block and everything after it pass through untouched and
+//! unparsed (no cost for well-behaved clients); if not, every block of the connection is
+//! rewritten.
 
 use std::io;
 use std::pin::Pin;
@@ -39,8 +44,19 @@ struct PendingHeaders {
     block: Vec<u8>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Waiting for the first header block.
+    Sniff,
+    /// The client's authority is valid: bytes flow through unparsed.
+    Passthrough,
+    /// The client's authority is not: every header block is decoded and re-encoded.
+    Rewrite,
+}
+
 pub struct AuthorityFix<S> {
     inner: S,
+    mode: Mode,
     raw: BytesMut,
     ready: BytesMut,
     preface_done: bool,
@@ -52,6 +68,7 @@ impl<S> AuthorityFix<S> {
     pub fn new(inner: S) -> Self {
         AuthorityFix {
             inner,
+            mode: Mode::Sniff,
             raw: BytesMut::with_capacity(16 * 1024),
             ready: BytesMut::new(),
             preface_done: false,
@@ -66,6 +83,11 @@ impl<S> AuthorityFix<S> {
 
     /// Move every complete frame from `raw` to `ready`, rewriting header blocks.
     fn process(&mut self) -> io::Result<()> {
+        if self.mode == Mode::Passthrough {
+            let all = self.raw.split();
+            self.ready.extend_from_slice(&all);
+            return Ok(());
+        }
         if !self.preface_done {
             if self.raw.len() < PREFACE_LEN {
                 return Ok(());
@@ -105,6 +127,10 @@ impl<S> AuthorityFix<S> {
                     let fragment = &p[..p.len() - pad];
                     let pending = PendingHeaders { stream_id, flags, priority, block: fragment.to_vec() };
                     if flags & FLAG_END_HEADERS != 0 {
+                        if self.sniff_passes(&pending)? {
+                            self.ready.extend_from_slice(&frame);
+                            return self.process();
+                        }
                         self.emit(pending)?;
                     } else {
                         self.pending = Some(pending);
@@ -128,7 +154,28 @@ impl<S> AuthorityFix<S> {
         Ok(())
     }
 
+    /// In `Sniff` mode, decide from this (first, single-frame) header block whether the
+    /// connection needs rewriting. True means: pass this frame and the rest through.
+    fn sniff_passes(&mut self, h: &PendingHeaders) -> io::Result<bool> {
+        if self.mode != Mode::Sniff {
+            return Ok(false);
+        }
+        // Decode with a scratch decoder: ours must stay empty if we end up passing through,
+        // or learn this block if we end up rewriting (emit decodes it again).
+        let headers = loona_hpack::Decoder::new().decode(&h.block).map_err(|e| bad(&format!("HPACK: {e:?}")))?;
+        let valid = headers
+            .iter()
+            .filter(|(n, _)| n == b":authority")
+            .all(|(_, v)| fix_authority(v).as_deref() == Some(v.as_slice()));
+        self.mode = if valid { Mode::Passthrough } else { Mode::Rewrite };
+        Ok(valid)
+    }
+
     fn emit(&mut self, h: PendingHeaders) -> io::Result<()> {
+        if self.mode == Mode::Sniff {
+            // A first block split over CONTINUATIONs: rewrite this connection to be safe.
+            self.mode = Mode::Rewrite;
+        }
         let headers = self.decoder.decode(&h.block).map_err(|e| bad(&format!("HPACK: {e:?}")))?;
         let mut block = Vec::with_capacity(h.block.len() + 64);
         for (name, value) in headers {
@@ -306,5 +353,24 @@ mod tests {
             headers,
             vec![(b":method".to_vec(), b"POST".to_vec()), (b":authority".to_vec(), b"127.0.0.1:2379".to_vec())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_valid_authority_passes_the_connection_through_untouched() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut enc = loona_hpack::Encoder::new();
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        for stream in [1u8, 3] {
+            let block = enc.encode(vec![(&b":method"[..], &b"POST"[..]), (b":authority", b"127.0.0.1:2379")]);
+            wire.extend_from_slice(&(block.len() as u32).to_be_bytes()[1..]);
+            wire.extend_from_slice(&[TYPE_HEADERS, FLAG_END_HEADERS, 0, 0, 0, stream]);
+            wire.extend_from_slice(&block);
+        }
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client.write_all(&wire).await.unwrap();
+        drop(client);
+        let mut out = Vec::new();
+        AuthorityFix::new(server).read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, wire);
     }
 }

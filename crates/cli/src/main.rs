@@ -3,6 +3,11 @@
 
 use std::path::PathBuf;
 
+/// glibc's malloc showed up as a fifth of a member's CPU under write load; mimalloc is faster
+/// for the many small, short-lived allocations of request handling.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use quorate_server::{parse_initial_cluster, ClusterState, Listeners, ServerConfig};
