@@ -49,10 +49,17 @@ pub enum Applied {
     },
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct SmSnapshot {
     store: StoreSnapshot,
     members: BTreeMap<u64, PublishedMember>,
+}
+
+/// Serialises like `SmSnapshot`, borrowing the live state instead of copying it.
+#[derive(Serialize)]
+struct SmSnapshotRef<'a, S: Serialize> {
+    store: S,
+    members: &'a BTreeMap<u64, PublishedMember>,
 }
 
 /// When this member last applied a grant or checkpoint of a lease, and the remaining TTL it
@@ -205,14 +212,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let (data, meta) = {
             // Hold the store lock so the image and the applied position agree.
             let store = self.shared.store.read().unwrap();
-            let snap = SmSnapshot { store: store.to_snapshot(), members: self.shared.members.read().unwrap().clone() };
+            let members = self.shared.members.read().unwrap();
+            let snap = SmSnapshotRef { store: store.snapshot_view(), members: &members };
             let (last, membership) = self.shared.applied.read().unwrap().clone();
             let data = bincode::serialize(&snap).map_err(io_err)?;
             (data, SnapshotMeta { last_log_id: last, last_membership: membership })
         };
         let sm = self.clone();
-        let (meta2, data2) = (meta.clone(), data.clone());
-        tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data2)).await.map_err(io_err)??;
+        let meta2 = meta.clone();
+        let data = tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data).map(|()| data))
+            .await
+            .map_err(io_err)??;
         Ok(openraft::alias::SnapshotOf::<TypeConfig, Self::SnapshotData> { meta, snapshot: Cursor::new(data) })
     }
 }
@@ -252,8 +262,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let snap: SmSnapshot =
             bincode::deserialize(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let sm = self.clone();
-        let (meta2, data2) = (meta.clone(), data);
-        tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data2)).await.map_err(io_err)??;
+        let meta2 = meta.clone();
+        tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data)).await.map_err(io_err)??;
         let revision = {
             let mut store = self.shared.store.write().unwrap();
             *store = Store::from_snapshot(snap.store);

@@ -526,6 +526,12 @@ impl Store {
         }
     }
 
+    /// A borrowed view that serialises exactly as `to_snapshot()` would, without copying the
+    /// keyspace first (snapshots of a large store would otherwise hold it twice).
+    pub fn snapshot_view(&self) -> impl Serialize + '_ {
+        SnapshotView(self)
+    }
+
     pub fn from_snapshot(s: StoreSnapshot) -> Self {
         let mut store = Store {
             revision: s.revision,
@@ -543,6 +549,43 @@ impl Store {
         };
         store.bytes = count_bytes(&store.keys);
         store
+    }
+}
+
+struct SnapshotView<'a>(&'a Store);
+struct KeysView<'a>(&'a BTreeMap<Key, Vec<Rec>>);
+struct RecsView<'a>(&'a [Rec]);
+struct LeasesView<'a>(&'a BTreeMap<i64, Lease>);
+
+impl Serialize for SnapshotView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        // Field order and shapes must match `StoreSnapshot`.
+        let mut st = s.serialize_struct("StoreSnapshot", 5)?;
+        st.serialize_field("revision", &self.0.revision)?;
+        st.serialize_field("compact_revision", &self.0.compact_revision)?;
+        st.serialize_field("keys", &KeysView(&self.0.keys))?;
+        st.serialize_field("leases", &LeasesView(&self.0.leases))?;
+        st.serialize_field("alarms", &self.0.alarms)?;
+        st.end()
+    }
+}
+
+impl Serialize for KeysView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(k, recs)| (k, RecsView(recs))))
+    }
+}
+
+impl Serialize for RecsView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|r| (r.rev, r.sub, r.kv.as_deref())))
+    }
+}
+
+impl Serialize for LeasesView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.values())
     }
 }
 

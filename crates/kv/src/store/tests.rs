@@ -409,3 +409,16 @@ fn read_only_txn_matches_the_replicated_path() {
     };
     assert!(s.read_only_txn(&writes).is_none());
 }
+
+#[test]
+fn snapshot_view_serialises_like_the_owned_snapshot() {
+    let mut s = Store::new();
+    s.apply(&Command::LeaseGrant { id: 9, ttl_s: 30 }, POS);
+    s.apply(&Command::Put(PutRequest { key: "x".into(), value: "1".into(), lease: 9, ..Default::default() }), POS);
+    put(&mut s, "y", "2");
+    s.apply(&Command::DeleteRange(DeleteRangeRequest { key: "y".into(), ..Default::default() }), POS);
+    s.apply(&Command::Alarm { activate: true, member: 3, alarm: AlarmType::NoSpace }, POS);
+    let owned = serde_json::to_string(&s.to_snapshot()).unwrap();
+    let view = serde_json::to_string(&s.snapshot_view()).unwrap();
+    assert_eq!(owned, view);
+}
