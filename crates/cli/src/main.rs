@@ -97,7 +97,8 @@ struct ServerArgs {
     /// Election timeout, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     election_timeout: u64,
-    /// Raise the NOSPACE alarm when the data files exceed this many bytes (0 = 2 GiB).
+    /// Raise the NOSPACE alarm when the keyspace and its uncompacted history exceed this many
+    /// bytes (0 = 2 GiB). Writes that add data are then refused until `etcdctl alarm disarm`.
     #[arg(long, default_value_t = 0)]
     quota_backend_bytes: u64,
     /// Applied entries between snapshots (the log before a snapshot is compacted).
