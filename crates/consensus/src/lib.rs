@@ -293,9 +293,7 @@ impl Member {
                 Some(c) => c.clone(),
                 None => {
                     let ch = network::channel_to(&leader.peer_url).map_err(ConsensusError::Unavailable)?;
-                    let c = pb::peer_client::PeerClient::new(ch)
-                        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-                        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+                    let c = network::new_client(ch);
                     peers.insert(leader.peer_url.clone(), c.clone());
                     c
                 }

@@ -58,7 +58,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     }
 }
 
-fn new_client(ch: Channel) -> PeerClient<Channel> {
+pub(crate) fn new_client(ch: Channel) -> PeerClient<Channel> {
     PeerClient::new(ch)
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
