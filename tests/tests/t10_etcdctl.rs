@@ -253,3 +253,46 @@ fn check_perf_small_load_passes() {
     assert!(report.lines().last() == Some("PASS"), "{report}");
     assert!(!report.contains("FAIL"), "{report}");
 }
+
+/// Member ids (hex) from `endpoint status -w json`, with the leader's first.
+fn ids_leader_first(c: &Cluster) -> Vec<String> {
+    let out = etcdctl(&c.endpoints(), &["endpoint", "status", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("status json");
+    let mut ids: Vec<(bool, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let st = &s["Status"];
+            let id = st["header"]["member_id"].as_u64().unwrap();
+            (st["leader"].as_u64() != Some(id), format!("{id:x}"))
+        })
+        .collect();
+    ids.sort();
+    ids.into_iter().map(|(_, id)| id).collect()
+}
+
+#[test]
+fn move_leader_through_etcdctl() {
+    let (q, e) = std::thread::scope(|s| {
+        let q = s.spawn(|| Cluster::start(Flavor::Quorate, 3).expect("quorate cluster"));
+        let e = s.spawn(|| Cluster::start(Flavor::Etcd, 3).expect("etcd cluster"));
+        (q.join().unwrap(), e.join().unwrap())
+    });
+    let ids = ids_leader_first(&q);
+    let (from, to) = (&ids[0], &ids[1]);
+    let out = etcdctl(&q.endpoints(), &["move-leader", to]);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), format!("Leadership transferred from {from} to {to}"));
+    assert_eq!(&ids_leader_first(&q)[0], to, "the named member leads now");
+    // Writes keep working under the new leader.
+    assert!(etcdctl(&q.endpoints(), &["put", "after-move", "1"]).ok);
+
+    // An id that is not a member: same error as etcd, and nothing changes.
+    let bad_q = etcdctl(&q.endpoints(), &["move-leader", "1234"]);
+    let bad_e = etcdctl(&e.endpoints(), &["move-leader", "1234"]);
+    assert!(!bad_q.ok);
+    let last = |o: &Output| o.stderr.lines().filter(|l| !l.starts_with("{\"level\"")).collect::<Vec<_>>().join("\n");
+    assert_eq!(last(&bad_q), last(&bad_e), "error for an unknown transferee");
+    assert_eq!(&ids_leader_first(&q)[0], to);
+}

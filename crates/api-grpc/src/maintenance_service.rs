@@ -191,8 +191,19 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         Err(unimplemented("Snapshot"))
     }
 
-    async fn move_leader(&self, _: Request<pb::MoveLeaderRequest>) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(unimplemented("MoveLeader"))
+    async fn move_leader(
+        &self,
+        req: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        let target = req.into_inner().target_id;
+        match self.ctx.member.transfer_leader(target).await {
+            Ok(()) => Ok(Response::new(pb::MoveLeaderResponse { header: Some(self.ctx.header()) })),
+            // MoveLeader must be sent to the leader itself, as with etcd.
+            Err(quorate_consensus::ConsensusError::NotLeader) => {
+                Err(Status::failed_precondition("etcdserver: not leader"))
+            }
+            Err(e) => Err(consensus_status(e)),
+        }
     }
 
     async fn downgrade(&self, _: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {

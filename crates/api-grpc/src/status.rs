@@ -30,6 +30,7 @@ pub fn kv_status(e: KvError) -> Status {
 pub fn consensus_status(e: ConsensusError) -> Status {
     match e {
         ConsensusError::NoLeader | ConsensusError::NotLeader => Status::unavailable("etcdserver: no leader"),
+        ConsensusError::BadTransferee => Status::failed_precondition("etcdserver: bad leader transferee"),
         ConsensusError::Timeout => Status::unavailable("etcdserver: request timed out"),
         ConsensusError::Stopped(_) => Status::unavailable("etcdserver: server stopped"),
         ConsensusError::Unavailable(_) => Status::unavailable("etcdserver: leader changed"),

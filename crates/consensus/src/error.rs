@@ -18,6 +18,10 @@ pub enum ConsensusError {
     /// The leader could not be reached or answered with a transport error.
     #[error("leader unreachable: {0}")]
     Unavailable(String),
+    /// A leadership transfer named a member that cannot take over (unknown, a learner, or not
+    /// caught up).
+    #[error("bad leader transferee")]
+    BadTransferee,
     /// A membership change was refused.
     #[error("{0}")]
     Membership(String),

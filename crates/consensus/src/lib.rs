@@ -41,6 +41,9 @@ use network::{decode, encode, NetworkFactory};
 use state_machine::{Shared, StateMachine};
 use types::Raft;
 
+/// How far behind the leader's log a member may be and still be handed leadership.
+pub const TRANSFER_LAG_ENTRIES_MAX: u64 = 128;
+
 /// Everything a member needs to start.
 #[derive(Clone, Debug)]
 pub struct MemberConfig {
@@ -481,6 +484,41 @@ impl Member {
                 }
             })
             .collect()
+    }
+
+    /// Hand leadership to `target`, a voter that has replicated everything this leader has.
+    /// Waits until `target` leads (or one attempt's worth of election timeouts has passed).
+    pub async fn transfer_leader(&self, target: NodeId) -> Result<(), ConsensusError> {
+        let raft = &self.inner.raft;
+        {
+            let metrics = raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.state != ServerState::Leader {
+                return Err(ConsensusError::NotLeader);
+            }
+            if target == self.inner.cfg.id {
+                return Ok(());
+            }
+            if !m.membership_config.membership().voter_ids().any(|v| v == target) {
+                return Err(ConsensusError::BadTransferee);
+            }
+            let last = m.last_log_index.unwrap_or(0);
+            let matched =
+                m.replication.as_ref().and_then(|r| r.get(&target).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+            // A transferee far behind would stall the cluster while it catches up (etcd refuses
+            // the same way); a few in-flight entries are fine.
+            if last.saturating_sub(matched) > TRANSFER_LAG_ENTRIES_MAX {
+                return Err(ConsensusError::BadTransferee);
+            }
+        }
+        info!(to = %format!("{target:x}"), "transferring leadership");
+        raft.trigger().transfer_leader(target).await.map_err(|e| ConsensusError::Stopped(e.to_string()))?;
+        let timeout = Duration::from_millis(self.inner.cfg.election_timeout_ms * 5);
+        raft.wait(Some(timeout))
+            .metrics(|m| m.current_leader == Some(target), "leader transferred")
+            .await
+            .map_err(|_| ConsensusError::Timeout)?;
+        Ok(())
     }
 
     pub async fn shutdown(&self) {
