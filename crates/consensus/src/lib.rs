@@ -122,7 +122,9 @@ impl Member {
     /// Returns the member and the peer service the caller must serve on its peer listener.
     pub async fn start(cfg: MemberConfig) -> Result<(Member, PeerService), String> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
-        let log = LogStore::open(&cfg.data_dir.join("raft.redb")).map_err(|e| format!("open raft log: {e}"))?;
+        let log = LogStore::open(&cfg.data_dir.join("raft.redb")).map_err(|e| {
+            format!("open raft log in {}: {e} (is another member using this data directory?)", cfg.data_dir.display())
+        })?;
         let sm = StateMachine::open(&cfg.data_dir.join("state.redb")).map_err(|e| format!("open state: {e}"))?;
         let shared = sm.shared.clone();
         let raft_cfg = openraft::Config {
