@@ -459,3 +459,23 @@ pub async fn ranges_at_one_revision(cluster: &Cluster) -> Vec<(String, Vec<(Vec<
     }
     out
 }
+
+/// `GET path` on a member's HTTP listener; returns the body.
+pub fn http_get(node: &Node, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    Ok(buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The value of one Prometheus sample (no labels) from `/metrics`.
+pub fn metric(node: &Node, name: &str) -> anyhow::Result<f64> {
+    let body = http_get(node, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse::<f64>()))
+        .ok_or_else(|| anyhow::anyhow!("no metric {name} in /metrics"))?
+        .map_err(Into::into)
+}

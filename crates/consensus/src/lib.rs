@@ -251,6 +251,14 @@ impl Member {
         }
     }
 
+    /// (durable log commits, log entries written) since start: entries per commit is the
+    /// group-commit factor.
+    pub fn log_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.inner.log.stats;
+        (s.durable_commits.load(Relaxed), s.entries.load(Relaxed))
+    }
+
     /// Failpoint for drills: stall every log fsync by `ms` milliseconds.
     pub fn set_fsync_delay_ms(&self, ms: u64) {
         self.inner.log.set_fsync_delay_ms(ms);

@@ -51,8 +51,18 @@ enum Op {
     Meta { key: &'static str, value: Vec<u8>, done: Option<tokio::sync::oneshot::Sender<io::Result<()>>> },
 }
 
+/// What the writer thread has done, for metrics and for checking group commit.
+#[derive(Default)]
+pub struct LogStats {
+    /// redb transactions committed with fsync.
+    pub durable_commits: std::sync::atomic::AtomicU64,
+    /// Log entries made durable.
+    pub entries: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Clone)]
 pub struct LogStore {
+    pub stats: Arc<LogStats>,
     mem: Arc<Mutex<Mem>>,
     tx: mpsc::Sender<Op>,
     /// Artificial delay before each fsync: the drill's slow-disk failpoint. Zero in production.
@@ -104,8 +114,12 @@ impl LogStore {
         let (tx, rx) = mpsc::channel();
         let fsync_delay = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let delay = fsync_delay.clone();
-        std::thread::Builder::new().name("quorate-log-writer".into()).spawn(move || writer(db, rx, delay))?;
-        Ok(LogStore { mem: Arc::new(Mutex::new(mem)), tx, fsync_delay })
+        let stats = Arc::new(LogStats::default());
+        let writer_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("quorate-log-writer".into())
+            .spawn(move || writer(db, rx, delay, writer_stats))?;
+        Ok(LogStore { stats, mem: Arc::new(Mutex::new(mem)), tx, fsync_delay })
     }
 
     /// Failpoint for fault drills: stall every fsync by `ms` milliseconds.
@@ -124,7 +138,7 @@ impl LogStore {
     }
 }
 
-fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atomic::AtomicU64>) {
+fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atomic::AtomicU64>, stats: Arc<LogStats>) {
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while ops.len() < WRITE_BATCH_OPS_MAX {
@@ -134,6 +148,14 @@ fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atom
             }
         }
         let result = write_batch(&db, &ops, &fsync_delay);
+        if result.is_ok() {
+            use std::sync::atomic::Ordering::Relaxed;
+            if ops.iter().any(|op| !matches!(op, Op::Meta { done: None, .. })) {
+                stats.durable_commits.fetch_add(1, Relaxed);
+            }
+            let entries: usize = ops.iter().map(|op| if let Op::Append(e, _) = op { e.len() } else { 0 }).sum();
+            stats.entries.fetch_add(entries as u64, Relaxed);
+        }
         for op in ops {
             let r = result.as_ref().map(|_| ()).map_err(io_err);
             match op {

@@ -8,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use quorate_consensus::Member;
@@ -25,6 +26,8 @@ pub struct HttpState {
     has_leader: Gauge,
     revision: Gauge,
     keys: Gauge,
+    log_commits: Counter,
+    log_entries: Counter,
 }
 
 impl HttpState {
@@ -37,6 +40,10 @@ impl HttpState {
         let has_leader = Gauge::default();
         let revision = Gauge::default();
         let keys = Gauge::default();
+        let log_commits = Counter::default();
+        let log_entries = Counter::default();
+        registry.register("storage_log_commits", "Durable (fsynced) commits of the Raft log", log_commits.clone());
+        registry.register("storage_log_entries", "Raft log entries made durable", log_entries.clone());
         registry.register("raft_term", "Current Raft term", term.clone());
         registry.register("raft_commit_index", "Highest log index known committed", commit_index.clone());
         registry.register(
@@ -59,6 +66,8 @@ impl HttpState {
             has_leader,
             revision,
             keys,
+            log_commits,
+            log_entries,
         }
     }
 }
@@ -113,6 +122,10 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     let (rev, keys) = s.member.read(|store| (store.revision(), store.key_count()));
     s.revision.set(rev);
     s.keys.set(keys as i64);
+    let (commits, entries) = s.member.log_stats();
+    // Counters only move forward: add what happened since the last scrape.
+    s.log_commits.inc_by(commits.saturating_sub(s.log_commits.get()));
+    s.log_entries.inc_by(entries.saturating_sub(s.log_entries.get()));
     let mut body = String::new();
     match encode(&mut body, &s.registry) {
         Ok(()) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], body),
