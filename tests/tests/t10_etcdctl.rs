@@ -142,13 +142,18 @@ fn watch_replay(c: &Cluster, from_rev: &str) -> String {
     normalize(&String::from_utf8_lossy(&child.stdout))
 }
 
-#[test]
-fn etcdctl_outputs_match_etcd() {
-    let (q, e) = std::thread::scope(|s| {
+/// A 3-member quorate cluster and a 3-member etcd cluster, started side by side.
+fn start_quorate_and_etcd() -> (Cluster, Cluster) {
+    std::thread::scope(|s| {
         let q = s.spawn(|| Cluster::start(Flavor::Quorate, 3).expect("quorate cluster"));
         let e = s.spawn(|| Cluster::start(Flavor::Etcd, 3).expect("etcd cluster"));
         (q.join().unwrap(), e.join().unwrap())
-    });
+    })
+}
+
+#[test]
+fn etcdctl_outputs_match_etcd() {
+    let (q, e) = start_quorate_and_etcd();
     let qs = run_script(&q);
     let es = run_script(&e);
     for (a, b) in qs.iter().zip(es.iter()) {
@@ -274,11 +279,7 @@ fn ids_leader_first(c: &Cluster) -> Vec<String> {
 
 #[test]
 fn move_leader_through_etcdctl() {
-    let (q, e) = std::thread::scope(|s| {
-        let q = s.spawn(|| Cluster::start(Flavor::Quorate, 3).expect("quorate cluster"));
-        let e = s.spawn(|| Cluster::start(Flavor::Etcd, 3).expect("etcd cluster"));
-        (q.join().unwrap(), e.join().unwrap())
-    });
+    let (q, e) = start_quorate_and_etcd();
     let ids = ids_leader_first(&q);
     let (from, to) = (&ids[0], &ids[1]);
     let out = etcdctl(&q.endpoints(), &["move-leader", to]);
