@@ -150,9 +150,9 @@ impl Member {
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().map_err(|e| format!("raft config: {e}"))?);
-        let raft = Raft::new(cfg.id, raft_cfg, NetworkFactory::default(), log.clone(), sm)
-            .await
-            .map_err(|e| format!("start raft: {e}"))?;
+        let network = NetworkFactory { stall_timeout: Duration::from_millis(cfg.election_timeout_ms) };
+        let raft =
+            Raft::new(cfg.id, raft_cfg, network, log.clone(), sm).await.map_err(|e| format!("start raft: {e}"))?;
         if cfg.new_cluster && !raft.is_initialized().await.map_err(|e| e.to_string())? {
             info!(members = cfg.initial_members.len(), "bootstrapping a new cluster");
             if let Err(e) = raft.initialize(cfg.initial_members.clone()).await {

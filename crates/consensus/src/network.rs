@@ -6,9 +6,11 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::StreamAppendResult;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
     VoteRequest, VoteResponse,
@@ -47,14 +49,24 @@ pub fn channel_to(peer_url: &str) -> Result<Channel, String> {
         .connect_lazy())
 }
 
-#[derive(Clone, Default)]
-pub struct NetworkFactory {}
+#[derive(Clone)]
+pub struct NetworkFactory {
+    /// How long outstanding pipelined appends may go unanswered before the follower is
+    /// reported unreachable: one election timeout, not openraft's per-RPC heartbeat TTL, which a
+    /// loaded follower's fsync can exceed without anything being wrong.
+    pub stall_timeout: Duration,
+}
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> Self::Network {
-        PeerNetwork { target, url: node.peer_url.clone(), client: channel_to(&node.peer_url).ok().map(new_client) }
+        PeerNetwork {
+            target,
+            url: node.peer_url.clone(),
+            client: channel_to(&node.peer_url).ok().map(new_client),
+            stall_timeout: self.stall_timeout,
+        }
     }
 }
 
@@ -68,6 +80,7 @@ pub struct PeerNetwork {
     target: NodeId,
     url: String,
     client: Option<PeerClient<Channel>>,
+    stall_timeout: Duration,
 }
 
 #[derive(Clone, Copy)]
@@ -119,6 +132,69 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call(Rpc::Append, &rpc, option.soft_ttl()).await
+    }
+
+    /// Pipelined AppendEntries over one bidirectional gRPC stream: the leader keeps sending
+    /// while earlier batches are still being made durable at the follower. A follower that
+    /// stops answering while requests are outstanding is reported unreachable after
+    /// `stall_timeout`; an idle stream is left open.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        use futures::StreamExt;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        Box::pin(async move {
+            let target = self.target;
+            let unreachable = move |what: String| {
+                RPCError::Unreachable(Unreachable::from_string(format!("member {target:x}: {what}")))
+            };
+            let Some(client) = self.client.as_mut() else {
+                return Err(unreachable(format!("bad peer url {}", self.url)));
+            };
+            let outstanding = Arc::new(AtomicUsize::new(0));
+            let sent = outstanding.clone();
+            let frames = input.map(move |req| {
+                sent.fetch_add(1, SeqCst);
+                Frame { data: encode(&req) }
+            });
+            let ttl = option.soft_ttl().max(self.stall_timeout);
+            let inbound = match tokio::time::timeout(ttl, client.append_stream(tonic::Request::new(frames))).await {
+                Ok(Ok(resp)) => resp.into_inner(),
+                Ok(Err(status)) => return Err(unreachable(status.message().to_string())),
+                Err(_) => return Err(unreachable("stream setup timed out".into())),
+            };
+            let stream = futures::stream::unfold(Some((inbound, outstanding)), move |state| async move {
+                let (mut inbound, outstanding) = state?;
+                loop {
+                    let waited = tokio::time::timeout(ttl, inbound.message()).await;
+                    let frame = match waited {
+                        Err(_) if outstanding.load(SeqCst) == 0 => continue,
+                        Err(_) => return Some((Err(unreachable("append stream stalled".into())), None)),
+                        Ok(Err(status)) => return Some((Err(unreachable(status.message().to_string())), None)),
+                        Ok(Ok(None)) => return None,
+                        Ok(Ok(Some(frame))) => frame,
+                    };
+                    outstanding.fetch_sub(1, SeqCst);
+                    let item: Result<StreamAppendResult<TypeConfig>, String> = match decode(&frame.data) {
+                        Ok(r) => r,
+                        Err(e) => return Some((Err(RPCError::Network(NetworkError::from_string(e))), None)),
+                    };
+                    return match item {
+                        Ok(r) => Some((Ok(r), Some((inbound, outstanding)))),
+                        Err(e) => Some((Err(unreachable(e)), None)),
+                    };
+                }
+            });
+            Ok(Box::pin(stream) as BoxStream<'s, _>)
+        })
     }
 
     async fn vote(
@@ -188,6 +264,25 @@ impl crate::pb::peer_server::Peer for PeerService {
     async fn append(&self, req: tonic::Request<Frame>) -> Reply {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
         reply(self.raft.append_entries(rpc).await)
+    }
+
+    type AppendStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame, tonic::Status>> + Send>>;
+
+    async fn append_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<Frame>>,
+    ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
+        use futures::StreamExt;
+        // The stream ends at the first frame that cannot be read: skipping one would misalign
+        // requests and results.
+        let requests = req
+            .into_inner()
+            .map(|f| f.ok().and_then(|f| decode::<AppendEntriesRequest<TypeConfig>>(&f.data).ok()))
+            .take_while(|r| futures::future::ready(r.is_some()))
+            .map(|r| r.expect("take_while keeps only Some"));
+        let results =
+            self.raft.stream_append(requests).map(|r| Ok(Frame { data: encode(&r.map_err(|e| e.to_string())) }));
+        Ok(tonic::Response::new(Box::pin(results)))
     }
 
     async fn vote(&self, req: tonic::Request<Frame>) -> Reply {
