@@ -111,8 +111,9 @@ fn lease_and_watch(c: &Cluster) -> Vec<String> {
     let ttl_line = ttl.stdout.split(", remaining").next().unwrap_or_default().to_string();
     // etcd lists attached keys in map order; compare them as a set.
     let keys_part = ttl.stdout.split("attached keys").nth(1).unwrap_or_default();
+    // etcdctl prints them as `([a b])`.
     let mut keys: Vec<&str> =
-        keys_part.trim().trim_start_matches('[').trim_end_matches(']').split_whitespace().collect();
+        keys_part.split_whitespace().map(|k| k.trim_matches(|c| matches!(c, '(' | ')' | '[' | ']'))).collect();
     keys.sort();
     out.push(normalize(&format!("{ttl_line} keys{keys:?}")));
     out.push(visible(&etcdctl(&ep, &["lease", "list"])));
