@@ -22,8 +22,9 @@ impl KvService {
             return Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE));
         }
         let resp = self.ctx.member.write(cmd).await.map_err(consensus_status)?;
-        let result = resp.result.map_err(kv_status)?;
-        Ok((result, self.ctx.header_at(resp.revision)))
+        let header = self.ctx.header_at(resp.revision);
+        let result = resp.kv_result().map_err(kv_status)?;
+        Ok((result, header))
     }
 }
 

@@ -27,9 +27,10 @@ impl pb::lease_server::Lease for LeaseService {
         let req = req.into_inner();
         let ttl_s = req.ttl.max(self.ctx.min_lease_ttl_s);
         let resp = self.ctx.member.write(Command::LeaseGrant { id: req.id, ttl_s }).await.map_err(consensus_status)?;
-        match resp.result.map_err(kv_status)? {
+        let revision = resp.revision;
+        match resp.kv_result().map_err(kv_status)? {
             CommandResponse::LeaseGrant { id, ttl_s } => Ok(Response::new(pb::LeaseGrantResponse {
-                header: Some(self.ctx.header_at(resp.revision)),
+                header: Some(self.ctx.header_at(revision)),
                 id,
                 ttl: ttl_s,
                 error: String::new(),
@@ -44,8 +45,9 @@ impl pb::lease_server::Lease for LeaseService {
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         let id = req.into_inner().id;
         let resp = self.ctx.member.write(Command::LeaseRevoke { id }).await.map_err(consensus_status)?;
-        resp.result.map_err(kv_status)?;
-        Ok(Response::new(pb::LeaseRevokeResponse { header: Some(self.ctx.header_at(resp.revision)) }))
+        let revision = resp.revision;
+        resp.kv_result().map_err(kv_status)?;
+        Ok(Response::new(pb::LeaseRevokeResponse { header: Some(self.ctx.header_at(revision)) }))
     }
 
     type LeaseKeepAliveStream = KeepAliveStream;
@@ -74,6 +76,9 @@ impl pb::lease_server::Lease for LeaseService {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let req = req.into_inner();
         let remaining = self.ctx.member.lease_remaining_s(req.id).await.map_err(consensus_status)?;
+        // Granted TTL and keys come from the local store: bring it up to the leader's first, or
+        // a lagging follower could call a just-granted lease expired.
+        self.ctx.member.linearize().await.map_err(consensus_status)?;
         let lease = self.ctx.member.read(|s| s.lease(req.id).cloned());
         let header = Some(self.ctx.header());
         let (Some(ttl), Some(lease)) = (remaining, lease) else {

@@ -191,8 +191,7 @@ impl Member {
         let cfg = &self.inner.cfg;
         let req = Request::PublishMember { id: cfg.id, name: cfg.name.clone(), client_urls: cfg.client_urls.clone() };
         loop {
-            let current = self.inner.shared.members.read().unwrap().get(&cfg.id).cloned();
-            if current.is_some_and(|m| m.client_urls == cfg.client_urls && m.name == cfg.name) {
+            if self.is_published() {
                 return;
             }
             match self.propose(req.clone()).await {
@@ -209,14 +208,16 @@ impl Member {
     /// Wait until this member's client URLs are in the replicated member list, as etcd does
     /// before it serves clients.
     pub async fn wait_published(&self) {
-        let cfg = &self.inner.cfg;
-        loop {
-            let current = self.inner.shared.members.read().unwrap().get(&cfg.id).cloned();
-            if current.is_some_and(|m| m.client_urls == cfg.client_urls) {
-                return;
-            }
+        while !self.is_published() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Whether the replicated member list holds this member's current name and client URLs.
+    fn is_published(&self) -> bool {
+        let cfg = &self.inner.cfg;
+        let members = self.inner.shared.members.read().unwrap();
+        members.get(&cfg.id).is_some_and(|m| m.client_urls == cfg.client_urls && m.name == cfg.name)
     }
 
     /// On followers: copy the leader's lease deadlines once a second, so that if this member
@@ -273,25 +274,25 @@ impl Member {
     }
 
     async fn propose(&self, req: Request) -> Result<Response, ConsensusError> {
-        match self.inner.raft.client_write(req.clone()).await {
-            Ok(r) => Ok(r.data),
-            Err(e) => {
-                if let Some(f) = e.forward_to_leader() {
-                    let leader = f.leader_node.clone();
-                    return match leader {
-                        Some(node) => {
-                            match self.forward(&node, &ForwardReq::Write(req), network::FORWARD_TIMEOUT).await? {
-                                ForwardResp::Written(r) => Ok(r),
-                                ForwardResp::Err(e) => Err(e),
-                                _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
-                            }
-                        }
-                        None => Err(ConsensusError::NoLeader),
-                    };
-                }
-                Err(raft_err(e))
-            }
+        // Decide where the request goes before handing it over, so it is never copied.
+        if self.is_leader() {
+            return match self.inner.raft.client_write(req).await {
+                Ok(r) => Ok(r.data),
+                // Leadership moved between the check and the append; nothing was appended.
+                Err(e) if e.forward_to_leader().is_some() => Err(ConsensusError::Unavailable("leader changed".into())),
+                Err(e) => Err(raft_err(e)),
+            };
         }
+        let leader = self.leader_node().ok_or(ConsensusError::NoLeader)?;
+        match self.forward(&leader, &ForwardReq::Write(req), network::FORWARD_TIMEOUT).await? {
+            ForwardResp::Written(r) => Ok(r),
+            ForwardResp::Err(e) => Err(e),
+            _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow_watched().state == ServerState::Leader
     }
 
     async fn forward(
@@ -402,7 +403,7 @@ impl Member {
     }
 
     async fn lease_call(&self, req: ForwardReq) -> Result<Option<i64>, ConsensusError> {
-        if self.inner.raft.metrics().borrow_watched().state == ServerState::Leader {
+        if self.is_leader() {
             return self.serve_lease(&req);
         }
         match self.forward_idempotent(req).await? {
@@ -568,10 +569,19 @@ fn raft_err<E: std::fmt::Display>(e: openraft::errors::RaftError<TypeConfig, E>)
 
 /// A member id derived from its name and peer URL, as stable as etcd's.
 pub fn member_id(name: &str, peer_url: &str) -> NodeId {
+    stable_id(&[name, peer_url]).max(1)
+}
+
+/// FNV-1a over the parts, separated by NUL: ids that every member derives alike from the
+/// same configuration (member ids, cluster ids).
+pub fn stable_id(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes().chain([0]).chain(peer_url.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    for (i, part) in parts.iter().enumerate() {
+        let sep: &[u8] = if i == 0 { &[] } else { &[0] };
+        for b in sep.iter().chain(part.as_bytes()) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
     }
-    h.max(1)
+    h
 }

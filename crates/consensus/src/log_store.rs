@@ -167,9 +167,10 @@ fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atom
             }
         }
         if let Err(e) = result {
-            // A write that cannot be made durable must stop the member: continuing would
-            // acknowledge what is not on disk.
-            panic!("fatal: raft log write failed: {e}");
+            // A write that cannot be made durable must stop the member, not just this thread:
+            // continuing would serve a state whose log is not on disk.
+            tracing::error!(error = %e, "raft log write failed; stopping the member");
+            std::process::abort();
         }
     }
 }

@@ -161,7 +161,7 @@ impl StateMachine {
                         .events
                         .send(Applied::Events { revision: applied.revision, events: Arc::new(applied.events) });
                 }
-                Response { revision: applied.revision, result: applied.result }
+                Response { revision: applied.revision, result: Some(applied.result) }
             }
         }
     }

@@ -59,12 +59,19 @@ fn command_name(c: &Command) -> &'static str {
 pub struct Response {
     /// The MVCC revision after this entry.
     pub revision: i64,
-    pub result: Result<CommandResponse, KvError>,
+    /// What the KV command produced; `None` for entries that carry no KV command.
+    pub result: Option<Result<CommandResponse, KvError>>,
 }
 
 impl Response {
     pub(crate) fn empty(revision: i64) -> Self {
-        Response { revision, result: Ok(CommandResponse::LeaseCheckpoint) }
+        Response { revision, result: None }
+    }
+
+    /// The KV command's result. Only called for responses to `Request::Kv`, which always
+    /// have one: anything else is a bug.
+    pub fn kv_result(self) -> Result<CommandResponse, KvError> {
+        self.result.expect("a KV command's entry yields a KV result")
     }
 }
 

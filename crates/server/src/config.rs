@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use quorate_consensus::{member_id, MemberConfig, MemberNode};
+use quorate_consensus::{member_id, stable_id, MemberConfig, MemberNode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClusterState {
@@ -65,13 +65,7 @@ impl ServerConfig {
     pub fn cluster_id(&self) -> u64 {
         let mut members: Vec<String> = self.initial_cluster.iter().map(|(n, u)| format!("{n}={u}")).collect();
         members.sort();
-        let text = format!("{}|{}", members.join(","), self.initial_cluster_token);
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in text.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h
+        stable_id(&[&format!("{}|{}", members.join(","), self.initial_cluster_token)])
     }
 
     pub fn member_config(&self) -> anyhow::Result<MemberConfig> {
