@@ -22,8 +22,8 @@ pub fn event_out(e: &kv::Event, with_prev: bool) -> mvccpb::Event {
             kv::EventKind::Put => mvccpb::event::EventType::Put as i32,
             kv::EventKind::Delete => mvccpb::event::EventType::Delete as i32,
         },
-        kv: Some(kv_out(e.kv.clone())),
-        prev_kv: if with_prev { e.prev_kv.clone().map(kv_out) } else { None },
+        kv: Some(kv_out((*e.kv).clone())),
+        prev_kv: if with_prev { e.prev_kv.as_deref().cloned().map(kv_out) } else { None },
     }
 }
 

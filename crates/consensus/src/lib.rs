@@ -30,9 +30,8 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 pub use error::ConsensusError;
-pub use lease_clock::{LEASE_CHECKPOINT_INTERVAL, LEASE_TICK};
 pub use network::{PeerService, PEER_MESSAGE_BYTES_MAX};
-pub use state_machine::{Applied, PublishedMember, WATCH_EVENTS_QUEUED_MAX};
+pub use state_machine::{Applied, PublishedMember};
 pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
 
 use lease_clock::LeaseClock;
@@ -180,10 +179,6 @@ impl Member {
 
     pub fn id(&self) -> NodeId {
         self.inner.cfg.id
-    }
-
-    pub fn config(&self) -> &MemberConfig {
-        &self.inner.cfg
     }
 
     /// Announce our client URLs through the log until it sticks (etcd's publish).

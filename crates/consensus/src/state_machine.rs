@@ -78,12 +78,6 @@ pub struct Shared {
     pub events: broadcast::Sender<Applied>,
 }
 
-impl Shared {
-    pub fn last_applied(&self) -> Option<LogId> {
-        self.applied.read().unwrap().0
-    }
-}
-
 #[derive(Clone)]
 pub struct StateMachine {
     pub shared: Arc<Shared>,

@@ -259,11 +259,11 @@ impl Store {
         for (k, recs) in self.history_in(key, range_end) {
             let first = recs.partition_point(|r| r.rev < start_rev);
             for i in first..recs.len() {
-                let prev = if i > 0 { recs[i - 1].kv.as_deref().cloned() } else { None };
+                let prev = if i > 0 { recs[i - 1].kv.clone() } else { None };
                 let r = &recs[i];
                 let ev = match &r.kv {
-                    Some(kv) => Event { kind: EventKind::Put, kv: (**kv).clone(), prev_kv: prev },
-                    None => Event { kind: EventKind::Delete, kv: tombstone(k, r.rev), prev_kv: prev },
+                    Some(kv) => Event { kind: EventKind::Put, kv: kv.clone(), prev_kv: prev },
+                    None => Event { kind: EventKind::Delete, kv: Arc::new(tombstone(k, r.rev)), prev_kv: prev },
                 };
                 out.push((r.rev, r.sub, ev));
             }
@@ -383,9 +383,13 @@ impl Store {
         self.keys.get(key).and_then(|recs| recs.last()).and_then(|r| r.kv.as_deref())
     }
 
+    fn current_shared(&self, key: &[u8]) -> Option<Arc<KeyValue>> {
+        self.keys.get(key).and_then(|recs| recs.last()).and_then(|r| r.kv.clone())
+    }
+
     fn put(&mut self, p: &PutRequest, w: &mut WriteCtx) -> PutResponse {
         let rev = self.revision() + 1;
-        let prev = self.current(&p.key).cloned();
+        let prev = self.current_shared(&p.key);
         let value =
             if p.ignore_value { prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default() } else { p.value.clone() };
         let lease = if p.ignore_lease { prev.as_ref().map(|kv| kv.lease).unwrap_or(0) } else { p.lease };
@@ -393,7 +397,7 @@ impl Store {
             Some(kv) => (kv.create_revision, kv.version + 1),
             None => (rev, 1),
         };
-        let kv = KeyValue { key: p.key.clone(), create_revision, mod_revision: rev, version, value, lease };
+        let kv = Arc::new(KeyValue { key: p.key.clone(), create_revision, mod_revision: rev, version, value, lease });
         if let Some(old) = prev.as_ref().map(|kv| kv.lease).filter(|l| *l != 0 && *l != lease) {
             if let Some(l) = self.leases.get_mut(&old) {
                 l.keys.remove(&p.key);
@@ -405,22 +409,27 @@ impl Store {
             }
         }
         self.bytes += (p.key.len() + kv.value.len()) as u64 + VERSION_OVERHEAD_BYTES;
-        self.keys.entry(p.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: Some(Arc::new(kv.clone())) });
+        self.keys.entry(p.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: Some(kv.clone()) });
         w.sub += 1;
         w.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev.clone() });
-        PutResponse { prev_kv: if p.prev_kv { prev } else { None } }
+        PutResponse { prev_kv: prev.filter(|_| p.prev_kv).map(|kv| (*kv).clone()) }
     }
 
     fn delete_range(&mut self, d: &DeleteRangeRequest, w: &mut WriteCtx) -> DeleteRangeResponse {
         let rev = self.revision() + 1;
-        let victims: Vec<KeyValue> = self.live_at(&d.key, &d.range_end, rev).cloned().collect();
-        for kv in &victims {
+        let victims: Vec<Arc<KeyValue>> = self
+            .history_in(&d.key, &d.range_end)
+            .filter_map(|(_, recs)| recs.last().and_then(|r| r.kv.clone()))
+            .collect();
+        let deleted = victims.len() as i64;
+        let prev_kvs = if d.prev_kv { victims.iter().map(|kv| (**kv).clone()).collect() } else { Vec::new() };
+        for kv in victims {
             self.delete_key(kv, rev, w);
         }
-        DeleteRangeResponse { deleted: victims.len() as i64, prev_kvs: if d.prev_kv { victims } else { Vec::new() } }
+        DeleteRangeResponse { deleted, prev_kvs }
     }
 
-    fn delete_key(&mut self, kv: &KeyValue, rev: i64, w: &mut WriteCtx) {
+    fn delete_key(&mut self, kv: Arc<KeyValue>, rev: i64, w: &mut WriteCtx) {
         if kv.lease != 0 {
             if let Some(l) = self.leases.get_mut(&kv.lease) {
                 l.keys.remove(&kv.key);
@@ -429,7 +438,8 @@ impl Store {
         self.bytes += kv.key.len() as u64 + VERSION_OVERHEAD_BYTES;
         self.keys.entry(kv.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: None });
         w.sub += 1;
-        w.events.push(Event { kind: EventKind::Delete, kv: tombstone(&kv.key, rev), prev_kv: Some(kv.clone()) });
+        let tomb = Arc::new(tombstone(&kv.key, rev));
+        w.events.push(Event { kind: EventKind::Delete, kv: tomb, prev_kv: Some(kv) });
     }
 
     fn txn(&mut self, t: &TxnRequest, w: &mut WriteCtx) -> TxnResponse {
@@ -503,9 +513,9 @@ impl Store {
         let Some(lease) = self.leases.remove(&id) else { return };
         let rev = self.revision() + 1;
         for key in &lease.keys {
-            if let Some(kv) = self.current(key).cloned() {
+            if let Some(kv) = self.current_shared(key) {
                 debug_assert_eq!(kv.lease, id);
-                self.delete_key(&kv, rev, w);
+                self.delete_key(kv, rev, w);
             }
         }
     }

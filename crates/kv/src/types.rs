@@ -26,12 +26,13 @@ pub enum EventKind {
 }
 
 /// One change, as a watcher sees it. For a delete, `kv` carries only the key and the
-/// revision of the deletion (`mod_revision`), as etcd does.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// revision of the deletion (`mod_revision`), as etcd does. Values are shared with the store,
+/// not copied: an event costs no value copy until it is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     pub kind: EventKind,
-    pub kv: KeyValue,
-    pub prev_kv: Option<KeyValue>,
+    pub kv: std::sync::Arc<KeyValue>,
+    pub prev_kv: Option<std::sync::Arc<KeyValue>>,
 }
 
 impl Event {
