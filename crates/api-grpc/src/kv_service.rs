@@ -3,24 +3,44 @@
 use std::sync::Arc;
 
 use prost::Message;
-use quorate_kv::{Command, CommandResponse};
+use quorate_kv::{Command, CommandResponse, Fence};
 use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::pb::etcdserverpb as pb;
-use crate::status::{consensus_status, kv_status, ERR_REQUEST_TOO_LARGE};
+use crate::status::{consensus_status, kv_status, ERR_BAD_FENCE, ERR_REQUEST_TOO_LARGE};
 use crate::Ctx;
 
 pub struct KvService {
     pub ctx: Arc<Ctx>,
 }
 
+/// gRPC metadata that guards a write with a lock or election key (ADR 0004).
+pub const FENCE_HEADER: &str = "quorate-fence";
+
+/// The fence a request carries, if any.
+pub fn fence_of(meta: &tonic::metadata::MetadataMap) -> Result<Option<Fence>, Status> {
+    let Some(v) = meta.get(FENCE_HEADER) else { return Ok(None) };
+    let s = v.to_str().map_err(|_| Status::invalid_argument(ERR_BAD_FENCE))?;
+    Fence::parse(s).map(Some).ok_or_else(|| Status::invalid_argument(ERR_BAD_FENCE))
+}
+
 impl KvService {
-    /// Replicate a command; returns its result and the revision after it.
-    async fn write(&self, cmd: Command, size: usize) -> Result<(CommandResponse, pb::ResponseHeader), Status> {
+    /// Replicate a command, guarded by `fence` if given; returns its result and the revision
+    /// after it.
+    async fn write(
+        &self,
+        cmd: Command,
+        fence: Option<Fence>,
+        size: usize,
+    ) -> Result<(CommandResponse, pb::ResponseHeader), Status> {
         if size > crate::REQUEST_BYTES_MAX {
             return Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE));
         }
+        let cmd = match fence {
+            Some(fence) => Command::Fenced { fence, cmd: Box::new(cmd) },
+            None => cmd,
+        };
         let resp = self.ctx.member.write(cmd).await.map_err(consensus_status)?;
         let header = self.ctx.header_at(resp.revision);
         let result = resp.kv_result().map_err(kv_status)?;
@@ -45,9 +65,10 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let fence = fence_of(req.metadata())?;
         let req = req.into_inner();
         let size = req.encoded_len();
-        match self.write(Command::Put(convert::put_in(req)), size).await? {
+        match self.write(Command::Put(convert::put_in(req)), fence, size).await? {
             (CommandResponse::Put(p), h) => Ok(Response::new(convert::put_out(p, h))),
             other => Err(Status::internal(format!("unexpected put result {other:?}"))),
         }
@@ -57,26 +78,29 @@ impl pb::kv_server::Kv for KvService {
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let fence = fence_of(req.metadata())?;
         let req = req.into_inner();
         let size = req.encoded_len();
-        match self.write(Command::DeleteRange(convert::delete_in(req)), size).await? {
+        match self.write(Command::DeleteRange(convert::delete_in(req)), fence, size).await? {
             (CommandResponse::DeleteRange(d), h) => Ok(Response::new(convert::delete_out(d, h))),
             other => Err(Status::internal(format!("unexpected delete result {other:?}"))),
         }
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let fence = fence_of(req.metadata())?;
         let req = req.into_inner();
         let size = req.encoded_len();
         let txn = convert::txn_in(req);
-        // A Txn that writes nothing is a linearizable read, as in etcd: no log entry.
-        if !quorate_kv::txn_writes(&txn) {
+        // A Txn that writes nothing is a linearizable read, as in etcd: no log entry. A fenced
+        // one goes through the log, so the fence is checked where it is applied.
+        if !quorate_kv::txn_writes(&txn) && fence.is_none() {
             self.ctx.member.linearize().await.map_err(consensus_status)?;
             let (result, rev) = self.ctx.member.read(|s| (s.read_only_txn(&txn), s.revision()));
             let result = result.expect("checked read-only").map_err(kv_status)?;
             return Ok(Response::new(convert::txn_out(result, &self.ctx.header_at(rev))));
         }
-        match self.write(Command::Txn(txn), size).await? {
+        match self.write(Command::Txn(txn), fence, size).await? {
             (CommandResponse::Txn(t), h) => Ok(Response::new(convert::txn_out(t, &h))),
             other => Err(Status::internal(format!("unexpected txn result {other:?}"))),
         }
@@ -85,7 +109,7 @@ impl pb::kv_server::Kv for KvService {
     async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
         let req = req.into_inner();
         let cmd = Command::Compact { revision: req.revision, physical: req.physical };
-        let (_, h) = self.write(cmd, 0).await?;
+        let (_, h) = self.write(cmd, None, 0).await?;
         Ok(Response::new(pb::CompactionResponse { header: Some(h) }))
     }
 }

@@ -8,6 +8,7 @@ mod authority;
 mod convert;
 mod kv_service;
 mod lease_service;
+mod lock_service;
 mod maintenance_service;
 mod status;
 mod watch_service;
@@ -37,6 +38,7 @@ use pb::etcdserverpb as etcd;
 use quorate_consensus::Member;
 
 pub use authority::AuthorityFix;
+pub use kv_service::FENCE_HEADER;
 pub use status::{consensus_status, kv_status};
 
 /// Accepted client connections, each wrapped so etcd Go clients' `:authority` is tolerated.
@@ -92,6 +94,8 @@ pub struct EtcdServices {
     pub lease: etcd::lease_server::LeaseServer<lease_service::LeaseService>,
     pub cluster: etcd::cluster_server::ClusterServer<maintenance_service::ClusterService>,
     pub maintenance: etcd::maintenance_server::MaintenanceServer<maintenance_service::MaintenanceService>,
+    pub lock: pb::v3lockpb::lock_server::LockServer<lock_service::LockService>,
+    pub election: pb::v3electionpb::election_server::ElectionServer<lock_service::ElectionService>,
 }
 
 impl EtcdServices {
@@ -106,8 +110,10 @@ impl EtcdServices {
             lease: etcd::lease_server::LeaseServer::new(lease_service::LeaseService { ctx: ctx.clone() }),
             cluster: etcd::cluster_server::ClusterServer::new(maintenance_service::ClusterService { ctx: ctx.clone() }),
             maintenance: etcd::maintenance_server::MaintenanceServer::new(maintenance_service::MaintenanceService {
-                ctx,
+                ctx: ctx.clone(),
             }),
+            lock: lock_service::lock_server(ctx.clone()),
+            election: lock_service::election_server(ctx),
         }
     }
 }

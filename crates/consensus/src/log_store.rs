@@ -139,6 +139,10 @@ impl LogStore {
 }
 
 fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atomic::AtomicU64>, stats: Arc<LogStats>) {
+    // The latest commit index not yet written. It rides along with the next durable batch
+    // instead of costing a transaction of its own: after a crash, a lower commit index only
+    // means re-applying more of the log once a leader commits again.
+    let mut pending_committed: Option<Op> = None;
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while ops.len() < WRITE_BATCH_OPS_MAX {
@@ -147,12 +151,17 @@ fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atom
                 Err(_) => break,
             }
         }
+        if ops.iter().all(|op| matches!(op, Op::Meta { done: None, .. })) {
+            pending_committed = ops.pop();
+            continue;
+        }
+        if let Some(op) = pending_committed.take() {
+            ops.insert(0, op);
+        }
         let result = write_batch(&db, &ops, &fsync_delay);
         if result.is_ok() {
             use std::sync::atomic::Ordering::Relaxed;
-            if ops.iter().any(|op| !matches!(op, Op::Meta { done: None, .. })) {
-                stats.durable_commits.fetch_add(1, Relaxed);
-            }
+            stats.durable_commits.fetch_add(1, Relaxed);
             let entries: usize = ops.iter().map(|op| if let Op::Append(e, _) = op { e.len() } else { 0 }).sum();
             stats.entries.fetch_add(entries as u64, Relaxed);
         }
@@ -177,15 +186,7 @@ fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atom
 
 fn write_batch(db: &Database, ops: &[Op], fsync_delay: &std::sync::atomic::AtomicU64) -> Result<(), String> {
     let mut w = db.begin_write().map_err(|e| e.to_string())?;
-    // A batch holding only the commit index need not reach the disk by itself: redb makes it
-    // durable with the next durable commit, and a lower commit index after a crash only means
-    // re-applying more of the log. Everything else is committed with fsync, two-phase.
-    let durable = ops.iter().any(|op| !matches!(op, Op::Meta { done: None, .. }));
-    if durable {
-        w.set_two_phase_commit(true);
-    } else {
-        w.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
-    }
+    w.set_two_phase_commit(true);
     {
         let mut log = w.open_table(LOG).map_err(|e| e.to_string())?;
         let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
@@ -210,7 +211,7 @@ fn write_batch(db: &Database, ops: &[Op], fsync_delay: &std::sync::atomic::Atomi
         }
     }
     let delay_ms = fsync_delay.load(std::sync::atomic::Ordering::Relaxed);
-    if delay_ms > 0 && durable {
+    if delay_ms > 0 {
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
     }
     w.commit().map_err(|e| e.to_string())

@@ -51,6 +51,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::LeaseExpire { .. } => "lease-expire",
         Command::LeaseCheckpoint(_) => "lease-checkpoint",
         Command::Alarm { .. } => "alarm",
+        Command::Fenced { .. } => "fenced",
     }
 }
 

@@ -27,4 +27,10 @@ pub enum KvError {
     ValueProvided,
     #[error("lease is provided")]
     LeaseProvided,
+    /// A fenced write whose guard key is gone or was re-created: its holder lost the lock.
+    #[error("fenced write rejected: {key} is not held at revision {revision}")]
+    FenceRejected { key: String, revision: i64 },
+    /// Only Put, DeleteRange and Txn can be fenced.
+    #[error("only put, delete and txn can carry a fence")]
+    FenceNotAllowed,
 }

@@ -95,7 +95,17 @@ impl Store {
     /// Apply one command. Errors leave the store unchanged.
     pub fn apply(&mut self, cmd: &Command, pos: LogPosition) -> Applied {
         let mut w = WriteCtx::new();
-        let result = match cmd {
+        let result = self.exec(cmd, pos, &mut w);
+        if !w.events.is_empty() {
+            self.revision = self.revision() + 1;
+        }
+        debug_assert!(w.events.iter().all(|e| e.revision() == self.revision));
+        Applied { revision: self.revision(), result, events: w.events }
+    }
+
+    fn exec(&mut self, cmd: &Command, pos: LogPosition, w: &mut WriteCtx) -> Result<CommandResponse, KvError> {
+        match cmd {
+            Command::Fenced { fence, cmd } => self.check_fence(fence, cmd).and_then(|()| self.exec(cmd, pos, w)),
             Command::Put(_) | Command::LeaseGrant { .. } if self.no_space() => Err(KvError::NoSpace),
             Command::Txn(t) if self.no_space() && txn_has_put(t) => Err(KvError::NoSpace),
             Command::Alarm { activate, member, alarm } => {
@@ -106,16 +116,16 @@ impl Store {
                 }
                 Ok(CommandResponse::Alarm { alarms: self.alarms() })
             }
-            Command::Put(p) => self.check_put(p).map(|()| CommandResponse::Put(self.put(p, &mut w))),
+            Command::Put(p) => self.check_put(p).map(|()| CommandResponse::Put(self.put(p, w))),
             Command::DeleteRange(d) => {
-                check_key(&d.key).map(|()| CommandResponse::DeleteRange(self.delete_range(d, &mut w)))
+                check_key(&d.key).map(|()| CommandResponse::DeleteRange(self.delete_range(d, w)))
             }
-            Command::Txn(t) => self.check_txn(t).map(|()| CommandResponse::Txn(self.txn(t, &mut w))),
+            Command::Txn(t) => self.check_txn(t).map(|()| CommandResponse::Txn(self.txn(t, w))),
             Command::Compact { revision, .. } => self.compact(*revision).map(|()| CommandResponse::Compact),
             Command::LeaseGrant { id, ttl_s } => self.lease_grant(*id, *ttl_s, pos),
             Command::LeaseRevoke { id } => match self.leases.contains_key(id) {
                 true => {
-                    self.revoke(*id, &mut w);
+                    self.revoke(*id, w);
                     Ok(CommandResponse::LeaseRevoke)
                 }
                 false => Err(KvError::LeaseNotFound { id: *id }),
@@ -127,7 +137,7 @@ impl Store {
                     let mut expired = Vec::new();
                     for id in ids {
                         if self.leases.contains_key(id) {
-                            self.revoke(*id, &mut w);
+                            self.revoke(*id, w);
                             expired.push(*id);
                         }
                     }
@@ -142,12 +152,7 @@ impl Store {
                 }
                 Ok(CommandResponse::LeaseCheckpoint)
             }
-        };
-        if !w.events.is_empty() {
-            self.revision = self.revision() + 1;
         }
-        debug_assert!(w.events.iter().all(|e| e.revision() == self.revision));
-        Applied { revision: self.revision(), result, events: w.events }
     }
 
     // ---- reads ----
@@ -378,6 +383,20 @@ impl Store {
     }
 
     // ---- writes ----
+
+    /// A fence holds while its key exists with the token as its create revision.
+    fn check_fence(&self, fence: &Fence, cmd: &Command) -> Result<(), KvError> {
+        if !matches!(cmd, Command::Put(_) | Command::DeleteRange(_) | Command::Txn(_)) {
+            return Err(KvError::FenceNotAllowed);
+        }
+        match self.current(&fence.key) {
+            Some(kv) if kv.create_revision == fence.revision => Ok(()),
+            _ => Err(KvError::FenceRejected {
+                key: String::from_utf8_lossy(&fence.key).into_owned(),
+                revision: fence.revision,
+            }),
+        }
+    }
 
     fn current(&self, key: &[u8]) -> Option<&KeyValue> {
         self.keys.get(key).and_then(|recs| recs.last()).and_then(|r| r.kv.as_deref())

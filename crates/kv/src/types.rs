@@ -197,6 +197,35 @@ pub enum Command {
         member: u64,
         alarm: AlarmType,
     },
+    /// A Put, DeleteRange or Txn applied only while `fence` still holds (ADR 0004).
+    Fenced {
+        fence: Fence,
+        cmd: Box<Command>,
+    },
+}
+
+/// A guard on a write: the lock or election key `key` must exist with
+/// `create_revision == revision` (the fencing token) when the write is applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub revision: i64,
+}
+
+impl Fence {
+    /// Parse `<key>@<revision>` (the `quorate-fence` header). The key may itself contain `@`:
+    /// the token is after the last one.
+    pub fn parse(s: &str) -> Option<Fence> {
+        let (key, rev) = s.rsplit_once('@')?;
+        let revision: i64 = rev.trim().parse().ok()?;
+        (!key.is_empty() && revision > 0).then(|| Fence { key: key.as_bytes().to_vec(), revision })
+    }
+}
+
+impl std::fmt::Display for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", String::from_utf8_lossy(&self.key), self.revision)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

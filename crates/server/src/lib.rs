@@ -91,7 +91,9 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .add_service(services.watch.clone())
             .add_service(services.lease.clone())
             .add_service(services.cluster.clone())
-            .add_service(services.maintenance.clone());
+            .add_service(services.maintenance.clone())
+            .add_service(services.lock.clone())
+            .add_service(services.election.clone());
         client_tasks.push(tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))));
     }
 

@@ -422,3 +422,57 @@ fn snapshot_view_serialises_like_the_owned_snapshot() {
     let view = serde_json::to_string(&s.snapshot_view()).unwrap();
     assert_eq!(owned, view);
 }
+
+fn fenced(key: &str, revision: i64, cmd: Command) -> Command {
+    Command::Fenced { fence: Fence { key: key.into(), revision }, cmd: Box::new(cmd) }
+}
+
+fn put_cmd(k: &str, v: &str) -> Command {
+    Command::Put(PutRequest { key: k.into(), value: v.into(), ..Default::default() })
+}
+
+#[test]
+fn fenced_writes_apply_only_while_the_guard_key_is_held_at_its_token() {
+    let mut s = Store::new();
+    let lease = s.apply(&Command::LeaseGrant { id: 7, ttl_s: 10 }, POS);
+    assert!(lease.result.is_ok());
+    let granted = s.apply(&Command::Put(PutRequest { key: "lock/7".into(), lease: 7, ..Default::default() }), POS);
+    let token = granted.revision;
+    put(&mut s, "counter", "0");
+
+    // (fence, expected ok) against the live lock key.
+    let cases = [(("lock/7", token), true), (("lock/7", token - 1), false), (("lock/8", token), false)];
+    for ((key, rev), ok) in cases {
+        let before = s.revision();
+        let a = s.apply(&fenced(key, rev, put_cmd("counter", "x")), POS);
+        assert_eq!(a.result.is_ok(), ok, "fence {key}@{rev}");
+        assert_eq!(s.revision(), before + ok as i64, "a rejected write must not bump the revision");
+    }
+
+    // The lease expires: the lock key goes with it, and the holder's writes are refused.
+    s.apply(&Command::LeaseExpire { ids: vec![7], term: POS.term }, POS);
+    let before = (s.revision(), get(&s, "counter"));
+    let a = s.apply(&fenced("lock/7", token, put_cmd("counter", "stale")), POS);
+    assert_eq!(a.result, Err(KvError::FenceRejected { key: "lock/7".into(), revision: token }));
+    assert_eq!((s.revision(), get(&s, "counter")), before);
+
+    // Re-created under the same name: a new token; the old one stays dead.
+    s.apply(&Command::LeaseGrant { id: 7, ttl_s: 10 }, POS);
+    let again = s.apply(&Command::Put(PutRequest { key: "lock/7".into(), lease: 7, ..Default::default() }), POS);
+    assert!(s.apply(&fenced("lock/7", token, put_cmd("counter", "stale")), POS).result.is_err());
+    assert!(s.apply(&fenced("lock/7", again.revision, put_cmd("counter", "fresh")), POS).result.is_ok());
+
+    // Fences guard only KV writes.
+    let a = s.apply(&fenced("lock/7", again.revision, Command::LeaseRevoke { id: 7 }), POS);
+    assert_eq!(a.result, Err(KvError::FenceNotAllowed));
+    assert!(s.lease(7).is_some());
+}
+
+#[test]
+fn fence_header_parses_key_and_token() {
+    assert_eq!(Fence::parse("locks/a/1f@42"), Some(Fence { key: b"locks/a/1f".to_vec(), revision: 42 }));
+    assert_eq!(Fence::parse("a@b@7"), Some(Fence { key: b"a@b".to_vec(), revision: 7 }));
+    for bad in ["", "a", "@5", "a@", "a@0", "a@-3", "a@x"] {
+        assert_eq!(Fence::parse(bad), None, "{bad:?}");
+    }
+}
