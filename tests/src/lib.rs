@@ -38,6 +38,8 @@ pub struct Node {
     pub http_port: u16,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// For a member added at run time: the `--initial-cluster` it joins with (state `existing`).
+    pub join: Option<String>,
     child: Option<Child>,
 }
 
@@ -99,6 +101,7 @@ impl Cluster {
                 client_port: free_port(),
                 peer_port: free_port(),
                 http_port: free_port(),
+                join: None,
                 child: None,
             });
         }
@@ -136,7 +139,7 @@ impl Cluster {
             .args(["--advertise-client-urls", &node.client_url()])
             .args(["--listen-peer-urls", &node.peer_url()])
             .args(["--initial-advertise-peer-urls", &node.peer_url()])
-            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster", node.join.as_deref().unwrap_or(&self.initial_cluster)])
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -145,9 +148,51 @@ impl Cluster {
             cmd.args(["--initial-cluster-token", &format!("t-{}", self.nodes[0].peer_port)]);
             cmd.env("ETCD_UNSUPPORTED_ARCH", "");
         }
+        if node.join.is_some() {
+            cmd.args(["--initial-cluster-state", "existing"]);
+        }
         let child = cmd.spawn().with_context(|| format!("spawn {:?}", self.flavor))?;
         self.nodes[i].child = Some(child);
         Ok(())
+    }
+
+    /// A new member slot (ports, data directory) for `member add`; not started. Returns its index.
+    pub fn new_node(&mut self) -> usize {
+        let dir = self.nodes[0].data_dir.parent().expect("cluster dir").to_path_buf();
+        let name = format!("m{}", self.nodes.len() + 1);
+        self.nodes.push(Node {
+            data_dir: dir.join(format!("{name}.data")),
+            log_path: dir.join(format!("{name}.log")),
+            name,
+            client_port: free_port(),
+            peer_port: free_port(),
+            http_port: free_port(),
+            join: None,
+            child: None,
+        });
+        self.nodes.len() - 1
+    }
+
+    /// Start member `i` (from `new_node`, already added with `member add`) so it joins the
+    /// running cluster: `--initial-cluster-state existing` and an initial cluster of every
+    /// running member plus itself.
+    pub fn join(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut ic: Vec<String> =
+            self.nodes.iter().filter(|n| n.is_running()).map(|n| format!("{}={}", n.name, n.peer_url())).collect();
+        ic.push(format!("{}={}", self.nodes[i].name, self.nodes[i].peer_url()));
+        self.nodes[i].join = Some(ic.join(","));
+        self.spawn(i)
+    }
+
+    /// Whether member `i`'s process has exited by itself (it was running under this harness).
+    pub fn exited(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(_))) => {
+                self.nodes[i].child = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// SIGKILL member `i` (no chance to flush anything).
@@ -433,7 +478,8 @@ pub mod load {
 /// applied that far. Panics with the member name if one never gets there.
 pub async fn ranges_at_one_revision(cluster: &Cluster) -> Vec<(String, Vec<(Vec<u8>, Vec<u8>, i64)>)> {
     use etcd_client::{Client, GetOptions};
-    let mut leader_client = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    let running: Vec<String> = cluster.nodes.iter().filter(|n| n.is_running()).map(|n| n.endpoint()).collect();
+    let mut leader_client = Client::connect(running, None).await.unwrap();
     let rev =
         leader_client.get("", Some(GetOptions::new().with_prefix().with_keys_only().with_limit(1))).await.unwrap();
     let rev = rev.header().unwrap().revision();

@@ -37,6 +37,7 @@ impl KvService {
         if size > crate::REQUEST_BYTES_MAX {
             return Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE));
         }
+        self.ctx.refuse_learner()?;
         let cmd = match fence {
             Some(fence) => Command::Fenced { fence, cmd: Box::new(cmd) },
             None => cmd,
@@ -56,6 +57,7 @@ impl pb::kv_server::Kv for KvService {
             return Err(kv_status(quorate_kv::KvError::EmptyKey));
         }
         if !req.serializable {
+            self.ctx.refuse_learner()?;
             self.ctx.member.linearize().await.map_err(consensus_status)?;
         }
         let range = convert::range_in(req);
@@ -95,6 +97,7 @@ impl pb::kv_server::Kv for KvService {
         // A Txn that writes nothing is a linearizable read, as in etcd: no log entry. A fenced
         // one goes through the log, so the fence is checked where it is applied.
         if !quorate_kv::txn_writes(&txn) && fence.is_none() {
+            self.ctx.refuse_learner()?;
             self.ctx.member.linearize().await.map_err(consensus_status)?;
             let (result, rev) = self.ctx.member.read(|s| (s.read_only_txn(&txn), s.revision()));
             let result = result.expect("checked read-only").map_err(kv_status)?;

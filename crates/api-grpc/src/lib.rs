@@ -77,6 +77,14 @@ impl Ctx {
         self.header_at(rev)
     }
 
+    /// etcd's learners serve serializable reads only.
+    pub fn refuse_learner(&self) -> Result<(), tonic::Status> {
+        if self.member.is_learner() {
+            return Err(consensus_status(quorate_consensus::ConsensusError::Learner));
+        }
+        Ok(())
+    }
+
     pub fn header_at(&self, revision: i64) -> etcd::ResponseHeader {
         etcd::ResponseHeader {
             cluster_id: self.cluster_id,

@@ -24,7 +24,25 @@ fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("quorate does not implement {what} yet"))
 }
 
+/// How long `MemberList` waits to catch up with the leader before answering locally.
+const MEMBER_LIST_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// quorate records one peer URL per member.
+fn one_peer_url(urls: Vec<String>) -> Result<String, Status> {
+    match <[String; 1]>::try_from(urls) {
+        Ok([url]) => Ok(url),
+        Err(_) => Err(consensus_status(quorate_consensus::ConsensusError::BadPeerUrls)),
+    }
+}
+
 impl ClusterService {
+    /// The member list once this member has applied everything committed so far, so that it
+    /// reflects a change that just finished at the leader.
+    async fn settled_member_list(&self) -> Result<Vec<pb::Member>, Status> {
+        self.ctx.member.linearize().await.map_err(consensus_status)?;
+        Ok(self.member_list())
+    }
+
     fn member_list(&self) -> Vec<pb::Member> {
         self.ctx
             .member
@@ -43,20 +61,38 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
-    async fn member_add(&self, _: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
-        Err(unimplemented("MemberAdd"))
+    async fn member_add(&self, req: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+        let req = req.into_inner();
+        let url = one_peer_url(req.peer_ur_ls)?;
+        let member = &self.ctx.member;
+        let id = member.add_member(url, req.is_learner).await.map_err(consensus_status)?;
+        let members = self.settled_member_list().await?;
+        let added = members.iter().find(|m| m.id == id).cloned();
+        Ok(Response::new(pb::MemberAddResponse { header: Some(self.ctx.header()), member: added, members }))
     }
     async fn member_remove(
         &self,
-        _: Request<pb::MemberRemoveRequest>,
+        req: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        Err(unimplemented("MemberRemove"))
+        let id = req.into_inner().id;
+        self.ctx.member.remove_member(id).await.map_err(consensus_status)?;
+        let members = if id == self.ctx.member.id() {
+            // This member is out: it receives no more of the log to settle on.
+            self.member_list().into_iter().filter(|m| m.id != id).collect()
+        } else {
+            self.settled_member_list().await?
+        };
+        Ok(Response::new(pb::MemberRemoveResponse { header: Some(self.ctx.header()), members }))
     }
     async fn member_update(
         &self,
-        _: Request<pb::MemberUpdateRequest>,
+        req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(unimplemented("MemberUpdate"))
+        let req = req.into_inner();
+        let url = one_peer_url(req.peer_ur_ls)?;
+        self.ctx.member.update_member(req.id, url).await.map_err(consensus_status)?;
+        let members = self.settled_member_list().await?;
+        Ok(Response::new(pb::MemberUpdateResponse { header: Some(self.ctx.header()), members }))
     }
     async fn member_list(
         &self,
@@ -64,14 +100,22 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::MemberListResponse>, Status> {
         if req.into_inner().linearizable {
             self.ctx.member.linearize().await.map_err(consensus_status)?;
+        } else {
+            // etcd 3.4 answers from the local view; catching up with the leader first (when
+            // it answers quickly) means a `member list` right after a `member add` through
+            // another member shows the new member. Without a leader the local view is served.
+            let _ = tokio::time::timeout(MEMBER_LIST_CATCH_UP, self.ctx.member.linearize()).await;
         }
         Ok(Response::new(pb::MemberListResponse { header: Some(self.ctx.header()), members: self.member_list() }))
     }
     async fn member_promote(
         &self,
-        _: Request<pb::MemberPromoteRequest>,
+        req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        Err(unimplemented("MemberPromote"))
+        let id = req.into_inner().id;
+        self.ctx.member.promote_member(id).await.map_err(consensus_status)?;
+        let members = self.settled_member_list().await?;
+        Ok(Response::new(pb::MemberPromoteResponse { header: Some(self.ctx.header()), members }))
     }
 }
 

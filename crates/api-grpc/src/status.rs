@@ -41,5 +41,15 @@ pub fn consensus_status(e: ConsensusError) -> Status {
         ConsensusError::Stopped(_) => Status::unavailable("etcdserver: server stopped"),
         ConsensusError::Unavailable(_) => Status::unavailable("etcdserver: leader changed"),
         ConsensusError::Membership(m) => Status::failed_precondition(format!("etcdserver: {m}")),
+        ConsensusError::MemberNotFound => Status::not_found("etcdserver: member not found"),
+        ConsensusError::PeerUrlExists => Status::failed_precondition("etcdserver: Peer URLs already exists"),
+        ConsensusError::BadPeerUrls => Status::invalid_argument("etcdserver: given member URLs are invalid"),
+        ConsensusError::MemberNotLearner => {
+            Status::failed_precondition("etcdserver: can only promote a learner member")
+        }
+        ConsensusError::LearnerNotReady => {
+            Status::failed_precondition("etcdserver: can only promote a learner member which is in sync with leader")
+        }
+        ConsensusError::Learner => Status::unavailable("etcdserver: rpc not supported for learner"),
     }
 }

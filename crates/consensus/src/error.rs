@@ -25,4 +25,17 @@ pub enum ConsensusError {
     /// A membership change was refused.
     #[error("{0}")]
     Membership(String),
+    #[error("member not found")]
+    MemberNotFound,
+    #[error("peer URLs already exist")]
+    PeerUrlExists,
+    #[error("given member URLs are invalid")]
+    BadPeerUrls,
+    #[error("can only promote a learner member")]
+    MemberNotLearner,
+    #[error("can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// A learner serves only serializable reads.
+    #[error("rpc not supported for learner")]
+    Learner,
 }

@@ -9,6 +9,7 @@
 mod error;
 mod lease_clock;
 mod log_store;
+mod membership;
 mod network;
 mod state_machine;
 mod types;
@@ -30,6 +31,7 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 pub use error::ConsensusError;
+pub use membership::learner_ready;
 pub use network::{PeerService, PEER_MESSAGE_BYTES_MAX};
 pub use state_machine::{Applied, PublishedMember};
 pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
@@ -58,6 +60,8 @@ pub struct MemberConfig {
     pub election_timeout_ms: u64,
     /// Entries between snapshots; the log before a snapshot is purged.
     pub snapshot_entries: u64,
+    /// The cluster's id, as every response header carries it.
+    pub cluster_id: u64,
 }
 
 /// A member's view of consensus, as `Status` and `ctl status` report it.
@@ -90,6 +94,11 @@ enum ForwardReq {
     KeepAlive(i64),
     TimeToLive(i64),
     LeaseTable,
+    Change(membership::Change),
+    /// Which member has which peer URL (a joining member looks itself up).
+    Members,
+    /// The leader tells a member it has been removed.
+    Removed(NodeId),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -98,6 +107,9 @@ enum ForwardResp {
     ReadIndex(u64),
     Lease(Option<i64>),
     LeaseTable(Vec<(i64, i64)>),
+    Changed(Option<NodeId>),
+    /// The cluster id and every member's (id, peer URL).
+    Members(u64, Vec<(NodeId, String)>),
     Err(ConsensusError),
 }
 
@@ -108,6 +120,8 @@ struct Inner {
     log: LogStore,
     clock: Arc<LeaseClock>,
     peers: Mutex<HashMap<String, pb::peer_client::PeerClient<tonic::transport::Channel>>>,
+    /// Set once the cluster has removed this member.
+    removed: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running member. Cheap to clone.
@@ -168,17 +182,23 @@ impl Member {
                 log,
                 clock: clock.clone(),
                 peers: Mutex::new(HashMap::new()),
+                removed: tokio::sync::watch::channel(false).0,
             }),
         };
         tokio::spawn(clock.run(raft.clone(), shared));
         tokio::spawn(member.clone().publish_self());
         tokio::spawn(member.clone().sync_lease_table());
-        let service = PeerService { raft, forward: Arc::new(member.clone()) };
+        tokio::spawn(member.clone().promote_caught_up());
+        let service = PeerService { id: member.id(), raft, forward: Arc::new(member.clone()) };
         Ok((member, service))
     }
 
     pub fn id(&self) -> NodeId {
         self.inner.cfg.id
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.inner.cfg.cluster_id
     }
 
     /// Announce our client URLs through the log until it sticks (etcd's publish).
@@ -284,6 +304,14 @@ impl Member {
             ForwardResp::Err(e) => Err(e),
             _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
         }
+    }
+
+    /// Whether this member is a learner (it receives the log but does not vote).
+    pub fn is_learner(&self) -> bool {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        membership.get_node(&self.inner.cfg.id).is_some() && !membership.voter_ids().any(|v| v == self.inner.cfg.id)
     }
 
     fn is_leader(&self) -> bool {
@@ -413,7 +441,7 @@ impl Member {
         match req {
             ForwardReq::KeepAlive(id) => clock.keepalive(raft, shared, *id),
             ForwardReq::TimeToLive(id) => clock.remaining_s(raft, shared, *id),
-            ForwardReq::Write(_) | ForwardReq::ReadIndex | ForwardReq::LeaseTable => {
+            _ => {
                 unreachable!("serve_lease only takes keepalive and time-to-live")
             }
         }
@@ -440,6 +468,17 @@ impl Member {
                 Ok(v) => ForwardResp::Lease(v),
                 Err(e) => ForwardResp::Err(e),
             },
+            ForwardReq::Change(c) => match self.apply_change(c).await {
+                Ok(id) => ForwardResp::Changed(id),
+                Err(e) => ForwardResp::Err(e),
+            },
+            ForwardReq::Members => ForwardResp::Members(self.inner.cfg.cluster_id, self.peer_urls()),
+            ForwardReq::Removed(id) => {
+                if id == self.id() {
+                    self.mark_removed();
+                }
+                ForwardResp::Changed(None)
+            }
         }
     }
 
@@ -480,13 +519,14 @@ impl Member {
         membership
             .nodes()
             .map(|(id, node)| {
+                // A member added as a voter shows as one while it catches up as a learner.
                 let p = published.get(id);
                 MemberInfo {
                     id: *id,
                     name: p.map(|p| p.name.clone()).unwrap_or_else(|| node.name.clone()),
                     peer_urls: vec![node.peer_url.clone()],
                     client_urls: p.map(|p| p.client_urls.clone()).unwrap_or_default(),
-                    is_learner: !voters.contains(id),
+                    is_learner: !voters.contains(id) && !node.promote,
                 }
             })
             .collect()
@@ -547,7 +587,7 @@ impl network::ForwardHandler for Member {
     }
 }
 
-fn raft_err<E: std::fmt::Display>(e: openraft::errors::RaftError<TypeConfig, E>) -> ConsensusError {
+pub(crate) fn raft_err<E: std::fmt::Display>(e: openraft::errors::RaftError<TypeConfig, E>) -> ConsensusError {
     use openraft::errors::RaftError;
     match e {
         RaftError::APIError(e) => {

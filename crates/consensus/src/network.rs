@@ -27,6 +27,9 @@ use crate::types::{MemberNode, NodeId, SnapshotMeta, TypeConfig, Vote};
 /// Largest peer message, in bytes: a whole snapshot travels in one frame.
 pub const PEER_MESSAGE_BYTES_MAX: usize = 1 << 30;
 
+/// Pause after a failed append-stream setup before reporting it (see `stream_append`).
+const STREAM_SETUP_RETRY_DELAY: Duration = Duration::from_millis(100);
+
 /// How long one forwarded client request may take at the leader.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -102,7 +105,7 @@ impl PeerNetwork {
         let Some(client) = self.client.as_mut() else {
             return Err(RPCError::Unreachable(Unreachable::from_string(format!("bad peer url {}", self.url))));
         };
-        let mut request = tonic::Request::new(Frame { data: encode(req) });
+        let mut request = addressed(tonic::Request::new(Frame { data: encode(req) }), self.target);
         request.set_timeout(timeout);
         let reply = match rpc {
             Rpc::Append => client.append(request).await,
@@ -166,11 +169,20 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 Frame { data: encode(&req) }
             });
             let ttl = option.soft_ttl().max(self.stall_timeout);
-            let inbound = match tokio::time::timeout(ttl, client.append_stream(tonic::Request::new(frames))).await {
-                Ok(Ok(resp)) => resp.into_inner(),
-                Ok(Err(status)) => return Err(unreachable(status.message().to_string())),
-                Err(_) => return Err(unreachable("stream setup timed out".into())),
-            };
+            let inbound =
+                match tokio::time::timeout(ttl, client.append_stream(addressed(tonic::Request::new(frames), target)))
+                    .await
+                {
+                    Ok(Ok(resp)) => resp.into_inner(),
+                    Ok(Err(status)) => {
+                        // openraft retries a failed stream setup at once, without its backoff: pace
+                        // it here, or an unreachable peer (a member added but not yet started) costs
+                        // a busy loop and a flood of log lines.
+                        tokio::time::sleep(STREAM_SETUP_RETRY_DELAY).await;
+                        return Err(unreachable(status.message().to_string()));
+                    }
+                    Err(_) => return Err(unreachable("stream setup timed out".into())),
+                };
             let stream = futures::stream::unfold(Some((inbound, outstanding)), move |state| async move {
                 let (mut inbound, outstanding) = state?;
                 loop {
@@ -238,6 +250,15 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     }
 }
 
+/// gRPC metadata naming the member a Raft message is for: a member refuses messages meant for
+/// another, so a peer URL that points at the wrong process cannot make it vote or append.
+const TO_HEADER: &str = "quorate-to";
+
+fn addressed<T>(mut req: tonic::Request<T>, target: NodeId) -> tonic::Request<T> {
+    req.metadata_mut().insert(TO_HEADER, format!("{target:x}").parse().expect("hex is valid metadata"));
+    req
+}
+
 /// Receives a forwarded client request at the member that believes it leads.
 pub trait ForwardHandler: Send + Sync + 'static {
     fn handle(&self, req: Vec<u8>) -> futures::future::BoxFuture<'static, Vec<u8>>;
@@ -245,6 +266,7 @@ pub trait ForwardHandler: Send + Sync + 'static {
 
 /// The gRPC service every member runs on its peer URL.
 pub struct PeerService {
+    pub id: NodeId,
     pub raft: crate::types::Raft,
     pub forward: Arc<dyn ForwardHandler>,
 }
@@ -259,9 +281,24 @@ fn bad_frame(e: String) -> tonic::Status {
     tonic::Status::invalid_argument(e)
 }
 
+impl PeerService {
+    fn check_addressee<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        let to = req.metadata().get(TO_HEADER).and_then(|v| v.to_str().ok());
+        match to.map(|t| u64::from_str_radix(t, 16)) {
+            Some(Ok(id)) if id == self.id => Ok(()),
+            _ => Err(tonic::Status::failed_precondition(format!(
+                "this is member {:x}; the message was addressed to {}",
+                self.id,
+                to.unwrap_or("nobody")
+            ))),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl crate::pb::peer_server::Peer for PeerService {
     async fn append(&self, req: tonic::Request<Frame>) -> Reply {
+        self.check_addressee(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
         reply(self.raft.append_entries(rpc).await)
     }
@@ -273,6 +310,7 @@ impl crate::pb::peer_server::Peer for PeerService {
         req: tonic::Request<tonic::Streaming<Frame>>,
     ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
         use futures::StreamExt;
+        self.check_addressee(&req)?;
         // The stream ends at the first frame that cannot be read: skipping one would misalign
         // requests and results.
         let requests = req
@@ -286,22 +324,26 @@ impl crate::pb::peer_server::Peer for PeerService {
     }
 
     async fn vote(&self, req: tonic::Request<Frame>) -> Reply {
+        self.check_addressee(&req)?;
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
         reply(self.raft.vote(rpc).await)
     }
 
     async fn pre_vote(&self, req: tonic::Request<Frame>) -> Reply {
+        self.check_addressee(&req)?;
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
         reply(self.raft.pre_vote(rpc).await)
     }
 
     async fn snapshot(&self, req: tonic::Request<Frame>) -> Reply {
+        self.check_addressee(&req)?;
         let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) = decode(&req.into_inner().data).map_err(bad_frame)?;
         let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> { meta, snapshot: Cursor::new(data) };
         reply(self.raft.install_full_snapshot(vote, snapshot).await)
     }
 
     async fn transfer_leader(&self, req: tonic::Request<Frame>) -> Reply {
+        self.check_addressee(&req)?;
         let rpc: TransferLeaderRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
         reply(self.raft.handle_transfer_leader(rpc).await)
     }

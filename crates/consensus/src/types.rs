@@ -11,6 +11,8 @@ pub struct MemberNode {
     pub name: String,
     /// Where other members reach this one's peer (Raft) service, e.g. `http://127.0.0.1:2380`.
     pub peer_url: String,
+    /// Added as a voter: the leader promotes this learner once it has caught up (ADR 0004).
+    pub promote: bool,
 }
 
 impl fmt::Display for MemberNode {

@@ -78,7 +78,8 @@ impl ServerConfig {
         }
         let mut initial = BTreeMap::new();
         for (name, url) in &self.initial_cluster {
-            initial.insert(member_id(name, url), MemberNode { name: name.clone(), peer_url: url.clone() });
+            initial
+                .insert(member_id(name, url), MemberNode { name: name.clone(), peer_url: url.clone(), promote: false });
         }
         let me = self.member_id();
         match initial.get(&me) {
@@ -100,6 +101,7 @@ impl ServerConfig {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             election_timeout_ms: self.election_timeout_ms,
             snapshot_entries: self.snapshot_count,
+            cluster_id: self.cluster_id(),
         })
     }
 }

@@ -43,7 +43,8 @@ impl Listeners {
 /// Run a member until `shutdown` resolves.
 pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
-    let member_cfg = cfg.member_config()?;
+    let mut member_cfg = cfg.member_config()?;
+    (member_cfg.id, member_cfg.cluster_id) = resolve_ids(&cfg, member_cfg.id, member_cfg.cluster_id).await?;
     info!(
         name = %cfg.name,
         member = %format!("{:x}", member_cfg.id),
@@ -79,7 +80,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
 
     let ctx = Ctx {
         member: member.clone(),
-        cluster_id: cfg.cluster_id(),
+        cluster_id: member.cluster_id(),
         data_dir: cfg.data_dir.clone(),
         min_lease_ttl_s: ((cfg.election_timeout_ms * 3 / 2) as i64 + 999) / 1000,
     };
@@ -99,12 +100,19 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
 
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
 
-    let http_state = Arc::new(http::HttpState::new(member.clone(), cfg.cluster_id()));
+    let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id()));
     let http_task = tokio::spawn(http::serve(listeners.http, http_state));
     info!("member ready to serve clients");
 
-    shutdown.await;
-    info!("shutting down");
+    tokio::select! {
+        _ = shutdown => info!("shutting down"),
+        _ = member.removed() => {
+            tracing::error!("this member has been removed from the cluster; exiting");
+            // Let in-flight answers (such as the reply to the `member remove` that removed us)
+            // reach their clients.
+            tokio::time::sleep(REMOVED_GRACE).await;
+        }
+    }
     http_task.abort();
     for t in client_tasks {
         t.abort();
@@ -112,6 +120,45 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     member.shutdown().await;
     peer_task.abort();
     Ok(())
+}
+
+/// How long a removed member keeps answering in-flight requests before it exits.
+const REMOVED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The file in a data directory that records which member and cluster it belongs to.
+pub const IDS_FILE: &str = "member.id";
+
+/// Write the ids file of a data directory: member id and cluster id, in hex, one per line.
+pub fn write_ids(data_dir: &std::path::Path, member: u64, cluster: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let path = data_dir.join(IDS_FILE);
+    std::fs::write(&path, format!("{member:x}\n{cluster:x}\n")).with_context(|| format!("write {}", path.display()))
+}
+
+/// This member's id and its cluster's id: recorded in the data directory on the first start.
+/// A member joining an existing cluster (`--initial-cluster-state existing`, empty data
+/// directory) asks its peers which id `member add` gave its peer URL, as etcd does.
+async fn resolve_ids(cfg: &ServerConfig, member: u64, cluster: u64) -> anyhow::Result<(u64, u64)> {
+    let path = cfg.data_dir.join(IDS_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let corrupt = || anyhow::anyhow!("{} is corrupt", path.display());
+        let mut lines = text.lines().map(|l| u64::from_str_radix(l.trim(), 16));
+        let member = lines.next().and_then(Result::ok).ok_or_else(corrupt)?;
+        let cluster = lines.next().and_then(Result::ok).ok_or_else(corrupt)?;
+        return Ok((member, cluster));
+    }
+    let fresh = !cfg.data_dir.join("raft.redb").exists();
+    let ids = if cfg.initial_cluster_state == ClusterState::Existing && fresh {
+        let peers: Vec<String> = cfg.initial_cluster.iter().map(|(_, url)| url.clone()).collect();
+        info!("joining an existing cluster: asking {} for this member's id", peers.join(","));
+        Member::discover_id(&peers, &cfg.advertise_peer_url, std::time::Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot join the existing cluster: {e}"))?
+    } else {
+        (member, cluster)
+    };
+    write_ids(&cfg.data_dir, ids.0, ids.1)?;
+    Ok(ids)
 }
 
 /// How often the keyspace size is compared with `--quota-backend-bytes`.
