@@ -114,11 +114,40 @@ impl Cluster {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             _dir: dir,
         };
-        for i in 0..n {
-            c.spawn(i)?;
-        }
-        c.wait_ready(Duration::from_secs(20))?;
+        c.start_all()?;
         Ok(c)
+    }
+
+    /// A cluster's members laid out (ports, data directories) but not started, so a test can
+    /// prepare their data directories first (`snapshot restore`). Start with `start_all`.
+    pub fn unstarted(flavor: Flavor, n: usize) -> anyhow::Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let nodes: Vec<Node> = (1..=n)
+            .map(|i| {
+                let name = format!("m{i}");
+                Node {
+                    data_dir: dir.path().join(format!("{name}.data")),
+                    log_path: dir.path().join(format!("{name}.log")),
+                    name,
+                    client_port: free_port(),
+                    peer_port: free_port(),
+                    http_port: free_port(),
+                    join: None,
+                    child: None,
+                }
+            })
+            .collect();
+        let initial_cluster =
+            nodes.iter().map(|n| format!("{}={}", n.name, n.peer_url())).collect::<Vec<_>>().join(",");
+        Ok(Cluster { flavor, nodes, initial_cluster, extra_args: Vec::new(), _dir: dir })
+    }
+
+    /// Start every member and wait until the cluster serves writes.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            self.spawn(i)?;
+        }
+        self.wait_ready(Duration::from_secs(20))
     }
 
     /// (Re)start member `i` with its existing data directory.

@@ -149,15 +149,23 @@ fn membership_script(c: &mut Cluster) -> Vec<(String, String)> {
     let mut shape = shape;
     shape.sort();
     seen_shape(c, &shape);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("snap.db");
+    let mut saved = etcdctl(&c.nodes[0].endpoint(), &["snapshot", "save", file.to_str().unwrap()]);
+    saved.stdout = saved.stdout.replace(dir.path().to_str().unwrap(), "<dir>");
+    record(c, "snapshot save", saved);
     record(c, "alarm list", etcdctl(&c.endpoints(), &["alarm", "list"]));
     record(c, "alarm disarm", etcdctl(&c.endpoints(), &["alarm", "disarm"]));
     record(c, "defrag", etcdctl(&c.nodes[0].endpoint(), &["defrag"]));
 
-    // Remove the leader, through the leader.
+    // Remove the leader, asking the other members (a leader removing itself may stop before
+    // it answers; etcd does).
     let leader = c.wait_leader(Duration::from_secs(10)).expect("leader");
     let leader_name = c.nodes[leader].name.clone();
     let leader_id = id_of(c, &leader_name);
-    let out = until_ok(c, &c.nodes[leader].endpoint(), &["member", "remove", &leader_id]);
+    let others: Vec<String> =
+        c.nodes.iter().enumerate().filter(|(i, n)| *i != leader && n.is_running()).map(|(_, n)| n.endpoint()).collect();
+    let out = until_ok(c, &others.join(","), &["member", "remove", &leader_id]);
     record(c, "member remove the leader", out);
     wait_for("the removed leader to exit", || c.exited(leader));
     let rest = c.endpoints();

@@ -142,6 +142,9 @@ fn alarm_name(a: AlarmType) -> &'static str {
     }
 }
 
+/// Bytes per `SnapshotResponse` message.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -232,7 +235,23 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
     type SnapshotStream = SnapshotStream;
 
     async fn snapshot(&self, _: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(unimplemented("Snapshot"))
+        // The image is taken at one revision under the store's read lock, then streamed.
+        let (file, revision) = self.ctx.member.snapshot_file();
+        let header = self.ctx.header_at(revision);
+        let total = file.len();
+        let chunks: Vec<Result<pb::SnapshotResponse, Status>> = file
+            .chunks(SNAPSHOT_CHUNK_BYTES)
+            .scan(0usize, |sent, chunk| {
+                *sent += chunk.len();
+                Some(Ok(pb::SnapshotResponse {
+                    header: Some(header),
+                    remaining_bytes: (total - *sent) as u64,
+                    blob: chunk.to_vec(),
+                    version: crate::ETCD_API_VERSION.to_string(),
+                }))
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
     async fn move_leader(

@@ -26,6 +26,35 @@ enum Command {
     /// Load over the etcd v3 API against any endpoints (quorate or etcd): throughput and
     /// latency percentiles per operation and client count.
     Bench(BenchArgs),
+    /// Snapshot files (`etcdctl snapshot save` writes them).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Build a fresh data directory for one member of a new cluster from a snapshot file
+    /// (offline; run it once per member with the same file, --initial-cluster and token).
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot file (from `etcdctl snapshot save`).
+    file: PathBuf,
+    /// The data directory to create; it must not exist or be empty [default: ./<name>.quorate].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// This member's peer URL in the new cluster.
+    #[arg(long, default_value = "http://127.0.0.1:2380")]
+    initial_advertise_peer_urls: String,
+    /// Every member of the new cluster, name=peer-url,... [default: <name>=<peer url>]
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    #[arg(long, default_value = "quorate-cluster")]
+    initial_cluster_token: String,
 }
 
 #[derive(Args)]
@@ -205,6 +234,28 @@ fn run() -> anyhow::Result<()> {
                 } else {
                     print!("{}", quorate_bench::table(&rows));
                 }
+                Ok(())
+            }
+            Command::Snapshot(SnapshotCommand::Restore(args)) => {
+                let peer_url = first_url(&args.initial_advertise_peer_urls);
+                let initial = args.initial_cluster.unwrap_or_else(|| format!("{}={}", args.name, peer_url));
+                let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.quorate", args.name)));
+                let r = quorate_server::restore_snapshot(
+                    &args.file,
+                    &data_dir,
+                    &args.name,
+                    &peer_url,
+                    &parse_initial_cluster(&initial)?,
+                    &args.initial_cluster_token,
+                )?;
+                println!(
+                    "restored {} at revision {} into {} (member {:x} of new cluster {:x})",
+                    args.file.display(),
+                    r.revision,
+                    data_dir.display(),
+                    r.member_id,
+                    r.cluster_id
+                );
                 Ok(())
             }
             Command::Server(args) => {

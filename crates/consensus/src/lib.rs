@@ -6,6 +6,7 @@
 //! linearizable read without a ReadIndex round, and never let anything but the current,
 //! quorum-connected leader decide a side effect.
 
+pub mod backup;
 mod error;
 mod lease_clock;
 mod log_store;
@@ -407,6 +408,12 @@ impl Member {
     /// Read the local state. Call `linearize` first unless a serializable read was asked for.
     pub fn read<R>(&self, f: impl FnOnce(&Store) -> R) -> R {
         f(&self.inner.shared.store.read().unwrap())
+    }
+
+    /// A snapshot file of the current state (`backup` format), consistent at one revision.
+    pub fn snapshot_file(&self) -> (Vec<u8>, i64) {
+        let store = self.inner.shared.store.read().unwrap();
+        (backup::encode(&store), store.revision())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Applied> {

@@ -122,6 +122,21 @@ impl LogStore {
         Ok(LogStore { stats, mem: Arc::new(Mutex::new(mem)), tx, fsync_delay })
     }
 
+    /// A log for a restored data directory: empty, purged up to `upto` (the restored snapshot),
+    /// with that as its commit index.
+    pub fn write_restored(path: &Path, upto: LogId) -> io::Result<()> {
+        let db = Database::builder().set_cache_size(LOG_CACHE_BYTES).create(path).map_err(io_err)?;
+        let mut w = db.begin_write().map_err(io_err)?;
+        w.set_two_phase_commit(true);
+        {
+            w.open_table(LOG).map_err(io_err)?;
+            let mut meta = w.open_table(META).map_err(io_err)?;
+            meta.insert(META_PURGED, encode(&upto)?.as_slice()).map_err(io_err)?;
+            meta.insert(META_COMMITTED, encode(&Some(upto))?.as_slice()).map_err(io_err)?;
+        }
+        w.commit().map_err(io_err)
+    }
+
     /// Failpoint for fault drills: stall every fsync by `ms` milliseconds.
     pub fn set_fsync_delay_ms(&self, ms: u64) {
         self.fsync_delay.store(ms, std::sync::atomic::Ordering::Relaxed);

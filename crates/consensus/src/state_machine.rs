@@ -115,6 +115,14 @@ impl StateMachine {
         Ok(Some((meta, data.value().to_vec())))
     }
 
+    /// Store `store` as this state machine's snapshot at `meta` (a restored data directory).
+    pub(crate) fn save_image(&self, meta: &SnapshotMeta, store: &Store) -> io::Result<()> {
+        let members = BTreeMap::new();
+        let data =
+            bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members }).map_err(io_err)?;
+        self.save_snapshot(meta, &data)
+    }
+
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
         let meta = bincode::serialize(meta).map_err(io_err)?;
         let mut w = self.db.begin_write().map_err(io_err)?;

@@ -122,6 +122,47 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     Ok(())
 }
 
+/// What `restore_snapshot` built.
+#[derive(Debug)]
+pub struct Restored {
+    pub revision: i64,
+    pub member_id: u64,
+    pub cluster_id: u64,
+}
+
+/// `quorate snapshot restore`: build a fresh data directory for member `name` (peer URL
+/// `peer_url`) of a new cluster `initial_cluster` from a snapshot file, as `etcdutl snapshot
+/// restore` does. Every member of the new cluster is restored from the same file with the same
+/// `--initial-cluster` and token, so they agree on the membership and the new cluster id.
+pub fn restore_snapshot(
+    file: &std::path::Path,
+    data_dir: &std::path::Path,
+    name: &str,
+    peer_url: &str,
+    initial_cluster: &[(String, String)],
+    token: &str,
+) -> anyhow::Result<Restored> {
+    use quorate_consensus::{member_id, stable_id, MemberNode};
+    let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    if !initial_cluster.iter().any(|(n, u)| n == name && u == peer_url) {
+        anyhow::bail!("--initial-cluster has no entry {name}={peer_url} for this member");
+    }
+    let members: std::collections::BTreeMap<u64, MemberNode> = initial_cluster
+        .iter()
+        .map(|(n, u)| (member_id(n, u), MemberNode { name: n.clone(), peer_url: u.clone(), promote: false }))
+        .collect();
+    let mut listed: Vec<String> = initial_cluster.iter().map(|(n, u)| format!("{n}={u}")).collect();
+    listed.sort();
+    // A new cluster id, derived alike by every member restored from this file.
+    let digest: String = bytes.iter().rev().take(8).map(|b| format!("{b:02x}")).collect();
+    let cluster_id = stable_id(&[&listed.join(","), token, "restored", &digest]);
+    let revision = quorate_consensus::backup::restore(&bytes, data_dir, &members)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let member_id = member_id(name, peer_url);
+    write_ids(data_dir, member_id, cluster_id)?;
+    Ok(Restored { revision, member_id, cluster_id })
+}
+
 /// How long a removed member keeps answering in-flight requests before it exits.
 const REMOVED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
