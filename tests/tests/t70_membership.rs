@@ -100,6 +100,9 @@ fn membership_script(c: &mut Cluster) -> Vec<(String, String)> {
     record(c, "member add with a taken peer URL", etcdctl(&c.endpoints(), &["member", "add", "x", &taken]));
     record(c, "member list with an unstarted learner", etcdctl(&c.endpoints(), &["member", "list"]));
     record(c, "promote an unstarted learner", etcdctl(&c.endpoints(), &["member", "promote", &learner]));
+    let leader = c.wait_leader(Duration::from_secs(10)).expect("leader");
+    let to_learner = etcdctl(&c.nodes[leader].endpoint(), &["move-leader", &learner]);
+    record(c, "move leadership to a learner", to_learner);
 
     c.join(new).expect("start the learner");
     let learner_ep = c.nodes[new].endpoint();
