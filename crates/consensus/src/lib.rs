@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::rt::WatchReceiver as _;
+use openraft::rt::{Instant as _, WatchReceiver as _};
 use openraft::{ReadPolicy, ServerState, SnapshotPolicy};
 use quorate_kv::{Command, Store};
 use serde::{Deserialize, Serialize};
@@ -123,6 +123,8 @@ struct Inner {
     peers: Mutex<HashMap<String, pb::peer_client::PeerClient<tonic::transport::Channel>>>,
     /// Set once the cluster has removed this member.
     removed: tokio::sync::watch::Sender<bool>,
+    /// When a follower last got an answer from the leader (lease-table sync, once a second).
+    last_leader_contact: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// A running member. Cheap to clone.
@@ -184,6 +186,7 @@ impl Member {
                 clock: clock.clone(),
                 peers: Mutex::new(HashMap::new()),
                 removed: tokio::sync::watch::channel(false).0,
+                last_leader_contact: Mutex::new(None),
             }),
         };
         tokio::spawn(clock.run(raft.clone(), shared));
@@ -259,6 +262,7 @@ impl Member {
             else {
                 continue;
             };
+            *self.inner.last_leader_contact.lock().unwrap() = Some(asked_at);
             let mut marks = self.inner.shared.lease_marks.lock().unwrap();
             for (id, remaining_ms) in table {
                 if let Some(mark) = marks.get_mut(&id) {
@@ -490,6 +494,17 @@ impl Member {
     }
 
     // ---- status ----
+
+    /// How old this member's view may be, in milliseconds, for answers served without a
+    /// ReadIndex: on the leader, since a quorum last acknowledged it; on a follower, since the
+    /// leader last answered it. `None` when it has not heard from a leader at all.
+    pub fn staleness_ms(&self) -> Option<u64> {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        if m.state == ServerState::Leader {
+            return m.last_quorum_acked.as_ref().map(|t| t.elapsed().as_millis() as u64);
+        }
+        self.inner.last_leader_contact.lock().unwrap().map(|t| t.elapsed().as_millis() as u64)
+    }
 
     /// The current Raft term, cheaply (every response header carries it).
     pub fn term(&self) -> u64 {

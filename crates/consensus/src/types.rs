@@ -54,6 +54,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::LeaseCheckpoint(_) => "lease-checkpoint",
         Command::Alarm { .. } => "alarm",
         Command::Fenced { .. } => "fenced",
+        Command::TermFenced { .. } => "term-fenced",
     }
 }
 

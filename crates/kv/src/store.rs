@@ -106,6 +106,8 @@ impl Store {
     fn exec(&mut self, cmd: &Command, pos: LogPosition, w: &mut WriteCtx) -> Result<CommandResponse, KvError> {
         match cmd {
             Command::Fenced { fence, cmd } => self.check_fence(fence, cmd).and_then(|()| self.exec(cmd, pos, w)),
+            Command::TermFenced { term, .. } if *term != pos.term => Ok(CommandResponse::StaleTerm),
+            Command::TermFenced { cmd, .. } => self.exec(cmd, pos, w),
             Command::Put(_) | Command::LeaseGrant { .. } if self.no_space() => Err(KvError::NoSpace),
             Command::Txn(t) if self.no_space() && txn_has_put(t) => Err(KvError::NoSpace),
             Command::Alarm { activate, member, alarm } => {

@@ -197,6 +197,12 @@ pub enum Command {
         member: u64,
         alarm: AlarmType,
     },
+    /// A side effect decided by the leader of `term` (registry eviction, ADR 0005): applied
+    /// only by an entry of that same term, so a deposed leader's decision is a no-op.
+    TermFenced {
+        term: u64,
+        cmd: Box<Command>,
+    },
     /// A Put, DeleteRange or Txn applied only while `fence` still holds (ADR 0004).
     Fenced {
         fence: Fence,
@@ -252,6 +258,8 @@ pub enum CommandResponse {
         stale_term: bool,
     },
     LeaseCheckpoint,
+    /// A `TermFenced` command from a stale term: nothing was applied.
+    StaleTerm,
     /// Alarms active after the command.
     Alarm {
         alarms: Vec<(u64, AlarmType)>,

@@ -78,7 +78,8 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
         .route("/ready", get(ready))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .with_state(state.clone())
+        .merge(quorate_api_http::router(Arc::new(quorate_api_http::Api { member: state.member.clone() })));
     axum::serve(listener, app).await
 }
 

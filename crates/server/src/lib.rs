@@ -3,6 +3,7 @@
 
 mod config;
 mod http;
+mod reaper;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -99,6 +100,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     }
 
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
+    tokio::spawn(reaper::run(member.clone(), quorate_registry::BrakeConfig::default()));
 
     let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id()));
     let http_task = tokio::spawn(http::serve(listeners.http, http_state));

@@ -476,3 +476,20 @@ fn fence_header_parses_key_and_token() {
         assert_eq!(Fence::parse(bad), None, "{bad:?}");
     }
 }
+
+#[test]
+fn term_fenced_commands_apply_only_in_their_own_term() {
+    let mut s = Store::new();
+    put(&mut s, "registry/a", "up");
+    let evict = |term| Command::TermFenced {
+        term,
+        cmd: Box::new(Command::DeleteRange(DeleteRangeRequest { key: "registry/a".into(), ..Default::default() })),
+    };
+    let in_term_3 = LogPosition { index: 9, term: 3 };
+    let stale = s.apply(&evict(2), in_term_3);
+    assert_eq!(stale.result, Ok(CommandResponse::StaleTerm));
+    assert!(get(&s, "registry/a").is_some(), "a deposed leader's eviction changes nothing");
+    let current = s.apply(&evict(3), in_term_3);
+    assert!(matches!(current.result, Ok(CommandResponse::DeleteRange(_))));
+    assert!(get(&s, "registry/a").is_none());
+}

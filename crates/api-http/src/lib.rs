@@ -1,0 +1,57 @@
+//! The registry over HTTP on `--listen-http`: quorate's native JSON API (ADR 0005).
+//!
+//! Handlers translate and validate; what an instance is and when it may be evicted live in
+//! `quorate-registry`, ordering and leadership in `quorate-consensus`. Every answer says who
+//! served it, at which revision and term, and whether it may be stale.
+
+mod error;
+mod native;
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderValue};
+use quorate_consensus::Member;
+
+pub use error::ApiError;
+
+/// What the handlers share.
+pub struct Api {
+    pub member: Member,
+}
+
+/// The native API's routes, to be merged into the member's HTTP router.
+pub fn router(api: Arc<Api>) -> axum::Router {
+    native::router(api)
+}
+
+/// How a read was served.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Consistency {
+    /// After a ReadIndex round: linearizable.
+    Linearizable,
+    /// From this member's state as it is (`?stale`).
+    Stale,
+}
+
+impl Api {
+    /// Headers every native answer carries (PRODUCT promise 6).
+    pub(crate) fn stamp(&self, revision: i64, consistency: Consistency) -> HeaderMap {
+        let st = self.member.status();
+        let mut h = HeaderMap::new();
+        let mut put = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(name, v);
+            }
+        };
+        put("x-quorate-revision", revision.to_string());
+        put("x-quorate-term", st.term.to_string());
+        put("x-quorate-member", format!("{:x}", st.id));
+        put("x-quorate-leader", st.leader.map(|l| format!("{l:x}")).unwrap_or_default());
+        if consistency == Consistency::Stale {
+            put("x-quorate-stale", "true".into());
+            let age = self.member.staleness_ms().map(|ms| ms.to_string()).unwrap_or_else(|| "unknown".into());
+            put("x-quorate-stale-age-ms", age);
+        }
+        h
+    }
+}

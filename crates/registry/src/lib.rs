@@ -1,0 +1,12 @@
+//! The registry's rules: what an instance is, which names and values are valid, where
+//! instances live in the keyspace, and the eviction brake. Pure: no IO, no clock of its own
+//! (callers pass `now`), so every rule is table-tested. It never writes anything itself: the
+//! server turns its decisions into term-fenced commands (ADR 0005).
+
+mod brake;
+mod keys;
+mod model;
+
+pub use brake::{Brake, BrakeConfig, Transition, Verdict};
+pub use keys::{instance_key, namespace_prefix, parse_instance_key, service_prefix, REGISTRY_PREFIX};
+pub use model::{check_name, Health, Instance, Kind, RegisterRequest, RegistryError, DEFAULT_NAMESPACE};

@@ -1,0 +1,124 @@
+//! The registry reaper (ADR 0005): on the leader, ephemeral instances whose lease expired are
+//! evicted, or marked suspect while the eviction brake holds. Every write is term-fenced and
+//! compares the record's mod revision, so a deposed leader's decision, or one about a record
+//! that changed since (the instance registered again), is a no-op.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use quorate_consensus::Member;
+use quorate_kv::{
+    Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use quorate_registry::{Brake, BrakeConfig, Instance, Kind, Transition, Verdict, REGISTRY_PREFIX};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// How often the leader looks for expired instances.
+const REAP_INTERVAL: Duration = Duration::from_millis(500);
+
+struct Expired {
+    key: Vec<u8>,
+    mod_revision: i64,
+    instance: Instance,
+}
+
+fn unchanged_since(key: &[u8], mod_revision: i64) -> Compare {
+    Compare {
+        result: CompareResult::Equal,
+        target: CompareTarget::Mod(mod_revision),
+        key: key.to_vec(),
+        range_end: vec![],
+    }
+}
+
+/// Every ephemeral instance by zone: (how many, the expired ones, the longest TTL).
+fn scan(member: &Member) -> BTreeMap<String, (usize, Vec<Expired>, Duration)> {
+    let prefix = REGISTRY_PREFIX.as_bytes().to_vec();
+    let req = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
+    member.read(|s| {
+        let mut zones: BTreeMap<String, (usize, Vec<Expired>, Duration)> = BTreeMap::new();
+        let Ok(r) = s.range(&req) else { return zones };
+        for kv in r.kvs {
+            let Ok(instance) = serde_json::from_slice::<Instance>(&kv.value) else { continue };
+            if instance.kind != Kind::Ephemeral {
+                continue;
+            }
+            let zone = zones.entry(instance.zone.clone()).or_default();
+            zone.0 += 1;
+            zone.2 = zone.2.max(Duration::from_secs(instance.ttl_s));
+            if s.lease(instance.lease).is_none() {
+                zone.1.push(Expired { key: kv.key, mod_revision: kv.mod_revision, instance });
+            }
+        }
+        zones
+    })
+}
+
+pub async fn run(member: Member, cfg: BrakeConfig) {
+    let mut brake = Brake::new(cfg.clone());
+    let mut leading: Option<(u64, Instant)> = None;
+    let mut tick = tokio::time::interval(REAP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let st = member.status();
+        if st.leader != Some(st.id) {
+            leading = None;
+            continue;
+        }
+        let term = st.term;
+        let since = match leading {
+            Some((t, since)) if t == term => since,
+            _ => {
+                // A new term of leadership: the brake starts afresh, with its takeover hold.
+                brake = Brake::new(cfg.clone());
+                leading = Some((term, Instant::now()));
+                Instant::now()
+            }
+        };
+        let now = Instant::now();
+        for (zone, (total, expired, ttl)) in scan(&member) {
+            let verdict = brake.judge(&zone, expired.len(), total, now - since, ttl, now.into_std());
+            for e in expired {
+                let op = match &verdict {
+                    Verdict::Evict => {
+                        RequestOp::DeleteRange(DeleteRangeRequest { key: e.key.clone(), ..Default::default() })
+                    }
+                    Verdict::Hold { reason } => {
+                        if e.instance.suspect && e.instance.suspect_reason.as_deref() == Some(reason) {
+                            continue;
+                        }
+                        let marked =
+                            Instance { suspect: true, suspect_reason: Some(reason.clone()), ..e.instance.clone() };
+                        let value = serde_json::to_vec(&marked).expect("instances serialize");
+                        RequestOp::Put(PutRequest { key: e.key.clone(), value, ..Default::default() })
+                    }
+                };
+                let txn = TxnRequest {
+                    compare: vec![unchanged_since(&e.key, e.mod_revision)],
+                    success: vec![op],
+                    failure: vec![],
+                };
+                let cmd = Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) };
+                match member.write(cmd).await {
+                    Ok(_) if verdict == Verdict::Evict => info!(
+                        service = %format!("{}/{}", e.instance.namespace, e.instance.service),
+                        instance = %e.instance.id,
+                        zone = %zone,
+                        term,
+                        "evicted instance: its lease expired"
+                    ),
+                    Ok(_) => {}
+                    Err(err) => warn!(instance = %e.instance.id, error = %err, "registry reaper write failed"),
+                }
+            }
+        }
+        for t in brake.take_transitions() {
+            match t {
+                Transition::Engaged { zone, reason } => warn!(%zone, %reason, "eviction brake engaged"),
+                Transition::Released { zone, why } => info!(%zone, why, "eviction brake released"),
+            }
+        }
+    }
+}
