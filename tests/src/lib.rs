@@ -44,6 +44,20 @@ pub struct Node {
 }
 
 impl Node {
+    /// A handle on just a member's HTTP port, to use from another thread.
+    pub fn detached(http_port: u16) -> Node {
+        Node {
+            name: String::new(),
+            client_port: 0,
+            peer_port: 0,
+            http_port,
+            data_dir: PathBuf::new(),
+            log_path: PathBuf::new(),
+            join: None,
+            child: None,
+        }
+    }
+
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.client_port)
     }
@@ -537,13 +551,48 @@ pub async fn ranges_at_one_revision(cluster: &Cluster) -> Vec<(String, Vec<(Vec<
 
 /// `GET path` on a member's HTTP listener; returns the body.
 pub fn http_get(node: &Node, path: &str) -> anyhow::Result<String> {
+    Ok(http(node, "GET", path, None)?.body)
+}
+
+/// An HTTP answer: status, headers (names lower-cased) and body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request to a member's `--listen-http`, connection closed after the answer.
+pub fn http(node: &Node, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<HttpReply> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    Ok(buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpReply { status, headers, body: body.to_string() })
 }
 
 /// The value of one Prometheus sample (no labels) from `/metrics`.
