@@ -572,27 +572,47 @@ impl HttpReply {
     }
 }
 
+fn http_request(method: &str, path: &str, body: Option<&str>) -> String {
+    let body = body.unwrap_or("");
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// One HTTP/1.1 request to a member's `--listen-http`, connection closed after the answer.
 pub fn http(node: &Node, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<HttpReply> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
+    s.write_all(http_request(method, path, body).as_bytes())?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    Ok(parse_reply(&buf))
+}
+
+/// `http`, for many concurrent callers on a tokio runtime.
+pub async fn http_async(port: u16, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<HttpReply> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(http_request(method, path, body).as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(parse_reply(&String::from_utf8_lossy(&buf)))
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange).await?
+}
+
+fn parse_reply(buf: &str) -> HttpReply {
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((buf, ""));
     let mut lines = head.lines();
     let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    Ok(HttpReply { status, headers, body: body.to_string() })
+    HttpReply { status, headers, body: body.to_string() }
 }
 
 /// The value of one Prometheus sample (no labels) from `/metrics`.
