@@ -133,6 +133,16 @@ struct ServerArgs {
     /// Applied entries between snapshots (the log before a snapshot is compacted).
     #[arg(long, default_value_t = 10_000)]
     snapshot_count: u64,
+    /// Registry eviction brake: engage when more than this percentage of a zone's ephemeral
+    /// instances would be evicted within --brake-window-s.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]
+    brake_threshold_percent: u8,
+    /// Registry eviction brake: the sliding window evictions are counted over, in seconds.
+    #[arg(long, default_value_t = 60)]
+    brake_window_s: u64,
+    /// Registry eviction brake: the longest it holds, in seconds.
+    #[arg(long, default_value_t = 300)]
+    brake_max_hold_s: u64,
 }
 
 fn first_url(list: &str) -> String {
@@ -177,6 +187,12 @@ impl ServerArgs {
             election_timeout_ms: self.election_timeout,
             quota_backend_bytes: if self.quota_backend_bytes == 0 { 2 << 30 } else { self.quota_backend_bytes },
             snapshot_count: self.snapshot_count,
+            brake: quorate_registry::BrakeConfig {
+                threshold: f64::from(self.brake_threshold_percent) / 100.0,
+                window: std::time::Duration::from_secs(self.brake_window_s),
+                max_hold: std::time::Duration::from_secs(self.brake_max_hold_s),
+                ..Default::default()
+            },
         })
     }
 }

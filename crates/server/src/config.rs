@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub election_timeout_ms: u64,
     pub quota_backend_bytes: u64,
     pub snapshot_count: u64,
+    /// The registry's eviction brake (ADR 0005).
+    pub brake: quorate_registry::BrakeConfig,
 }
 
 /// Parse `name=url,name=url`.

@@ -28,10 +28,14 @@ pub struct HttpState {
     keys: Gauge,
     log_commits: Counter,
     log_entries: Counter,
+    reaper: Arc<crate::reaper::ReaperStats>,
+    evicted: Counter,
+    marked_suspect: Counter,
+    brake_engaged_zones: Gauge,
 }
 
 impl HttpState {
-    pub fn new(member: Member, cluster_id: u64) -> Self {
+    pub fn new(member: Member, cluster_id: u64, reaper: Arc<crate::reaper::ReaperStats>) -> Self {
         let mut registry = Registry::with_prefix("quorate");
         let term = Gauge::default();
         let commit_index = Gauge::default();
@@ -55,6 +59,22 @@ impl HttpState {
         registry.register("raft_has_leader", "1 if this member knows a leader", has_leader.clone());
         registry.register("mvcc_revision", "Current MVCC revision", revision.clone());
         registry.register("mvcc_keys", "Keys with history in the MVCC store", keys.clone());
+        let (evicted, marked_suspect, brake_engaged_zones) = (Counter::default(), Counter::default(), Gauge::default());
+        registry.register(
+            "registry_evictions",
+            "Instances this member evicted as leader (lease expired)",
+            evicted.clone(),
+        );
+        registry.register(
+            "registry_marked_suspect",
+            "Instances this member marked suspect as leader while the eviction brake held",
+            marked_suspect.clone(),
+        );
+        registry.register(
+            "registry_brake_engaged_zones",
+            "Zones where the eviction brake holds now (leader only)",
+            brake_engaged_zones.clone(),
+        );
         HttpState {
             member,
             cluster_id,
@@ -68,6 +88,10 @@ impl HttpState {
             keys,
             log_commits,
             log_entries,
+            reaper,
+            evicted,
+            marked_suspect,
+            brake_engaged_zones,
         }
     }
 }
@@ -127,6 +151,12 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     // Counters only move forward: add what happened since the last scrape.
     s.log_commits.inc_by(commits.saturating_sub(s.log_commits.get()));
     s.log_entries.inc_by(entries.saturating_sub(s.log_entries.get()));
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        s.evicted.inc_by(s.reaper.evicted.load(Relaxed).saturating_sub(s.evicted.get()));
+        s.marked_suspect.inc_by(s.reaper.marked_suspect.load(Relaxed).saturating_sub(s.marked_suspect.get()));
+        s.brake_engaged_zones.set(s.reaper.brake_engaged_zones.load(Relaxed) as i64);
+    }
     let mut body = String::new();
     match encode(&mut body, &s.registry) {
         Ok(()) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], body),

@@ -100,9 +100,10 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     }
 
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
-    tokio::spawn(reaper::run(member.clone(), quorate_registry::BrakeConfig::default()));
+    let reaper_stats = Arc::new(reaper::ReaperStats::default());
+    tokio::spawn(reaper::run(member.clone(), cfg.brake.clone(), reaper_stats.clone()));
 
-    let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id()));
+    let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), reaper_stats));
     let http_task = tokio::spawn(http::serve(listeners.http, http_state));
     info!("member ready to serve clients");
 

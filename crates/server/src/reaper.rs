@@ -14,6 +14,15 @@ use quorate_registry::{Brake, BrakeConfig, Instance, Kind, Transition, Verdict, 
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+/// What the reaper has done on this member, for `/metrics`.
+#[derive(Default)]
+pub struct ReaperStats {
+    pub evicted: std::sync::atomic::AtomicU64,
+    pub marked_suspect: std::sync::atomic::AtomicU64,
+    /// Zones where the brake holds now (on the leader; 0 elsewhere).
+    pub brake_engaged_zones: std::sync::atomic::AtomicU64,
+}
+
 /// How often the leader looks for expired instances.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -55,7 +64,8 @@ fn scan(member: &Member) -> BTreeMap<String, (usize, Vec<Expired>, Duration)> {
     })
 }
 
-pub async fn run(member: Member, cfg: BrakeConfig) {
+pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperStats>) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut brake = Brake::new(cfg.clone());
     let mut leading: Option<(u64, Instant)> = None;
     let mut tick = tokio::time::interval(REAP_INTERVAL);
@@ -65,6 +75,7 @@ pub async fn run(member: Member, cfg: BrakeConfig) {
         let st = member.status();
         if st.leader != Some(st.id) {
             leading = None;
+            stats.brake_engaged_zones.store(0, Relaxed);
             continue;
         }
         let term = st.term;
@@ -101,19 +112,30 @@ pub async fn run(member: Member, cfg: BrakeConfig) {
                     failure: vec![],
                 };
                 let cmd = Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) };
-                match member.write(cmd).await {
-                    Ok(_) if verdict == Verdict::Evict => info!(
+                let applied = member
+                    .write(cmd)
+                    .await
+                    .map(|r| matches!(r.result, Some(Ok(quorate_kv::CommandResponse::Txn(ref t))) if t.succeeded));
+                match applied {
+                    Ok(false) => {}
+                    Ok(true) if verdict != Verdict::Evict => {
+                        stats.marked_suspect.fetch_add(1, Relaxed);
+                    }
+                    Ok(true) => {
+                        stats.evicted.fetch_add(1, Relaxed);
+                        info!(
                         service = %format!("{}/{}", e.instance.namespace, e.instance.service),
                         instance = %e.instance.id,
                         zone = %zone,
                         term,
                         "evicted instance: its lease expired"
-                    ),
-                    Ok(_) => {}
+                        )
+                    }
                     Err(err) => warn!(instance = %e.instance.id, error = %err, "registry reaper write failed"),
                 }
             }
         }
+        stats.brake_engaged_zones.store(brake.engaged().len() as u64, Relaxed);
         for t in brake.take_transitions() {
             match t {
                 Transition::Engaged { zone, reason } => warn!(%zone, %reason, "eviction brake engaged"),

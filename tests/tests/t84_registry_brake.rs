@@ -1,0 +1,128 @@
+//! The eviction brake (issue 4): 60% of one zone's instances go silent at once. They become
+//! `suspect` (still listed, flagged), discovery says `degraded` and why, nothing of theirs is
+//! evicted while the brake holds, and the other zone is unaffected. Instances that come back
+//! are healthy again; the brake lets go after its maximum hold and evicts the rest.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quorate_tests::{http, http_async, metric, Cluster, Flavor};
+
+const SVC: &str = "/api/v1/ns/default/services/api/instances";
+const PER_ZONE: usize = 20;
+const MAX_HOLD_S: u64 = 10;
+
+fn body(zone: &str, i: usize) -> String {
+    format!(r#"{{"address":"10.0.{i}.1","port":80,"zone":"{zone}","ttl_s":3,"heartbeat_interval_s":1}}"#)
+}
+
+/// id -> (zone, suspect) as discovery lists them, plus the degraded flag and reason.
+fn view(c: &Cluster, query: &str) -> (BTreeMap<String, (String, bool)>, bool, Option<String>) {
+    let v = http(&c.nodes[1], "GET", &format!("{SVC}{query}"), None).unwrap().json();
+    let list = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_string(),
+                (i["zone"].as_str().unwrap().to_string(), i["suspect"].as_bool().unwrap()),
+            )
+        })
+        .collect();
+    (list, v["degraded"].as_bool().unwrap(), v["degraded_reason"].as_str().map(String::from))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_going_quiet_is_held_not_evicted() {
+    let c = Cluster::start_with(Flavor::Quorate, 3, &["--brake-max-hold-s", &MAX_HOLD_S.to_string()]).expect("cluster");
+    let port = c.nodes[0].http_port;
+    let quiet: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ids: Vec<(String, String)> =
+        ["a", "b"].iter().flat_map(|z| (0..PER_ZONE).map(move |i| (z.to_string(), format!("{z}{i}")))).collect();
+    for (i, (zone, id)) in ids.iter().enumerate() {
+        let r = http(&c.nodes[0], "PUT", &format!("{SVC}/{id}"), Some(&body(zone, i))).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let mut beats = Vec::new();
+    for (i, (zone, id)) in ids.iter().cloned().enumerate() {
+        let (quiet, stop) = (quiet.clone(), stop.clone());
+        beats.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if !quiet.lock().unwrap().contains(&id) {
+                    let r = http_async(port, "PUT", &format!("{SVC}/{id}/heartbeat"), None).await.unwrap();
+                    if r.status == 404 {
+                        // What a client does when its lease is gone: register again.
+                        let r = http_async(port, "PUT", &format!("{SVC}/{id}"), Some(&body(&zone, i))).await.unwrap();
+                        assert_eq!(r.status, 200, "{}", r.body);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+        }));
+    }
+    // Past the new leader's takeover hold (one TTL).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(view(&c, "").0.len(), 2 * PER_ZONE);
+
+    eprintln!("12 of zone a's 20 instances (60%) and 2 of zone b's go silent at once");
+    let silent_a: Vec<String> = (0..12).map(|i| format!("a{i}")).collect();
+    let silent_b: Vec<String> = (0..2).map(|i| format!("b{i}")).collect();
+    quiet.lock().unwrap().extend(silent_a.iter().chain(&silent_b).cloned());
+    let silenced_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let (list, degraded, reason) = view(&c, "");
+    eprintln!("degraded={degraded} reason={reason:?}");
+    assert!(silent_b.iter().all(|id| !list.contains_key(id)), "zone b's two silent instances are evicted");
+    assert!(
+        silent_a.iter().all(|id| list.get(id).is_some_and(|(_, suspect)| *suspect)),
+        "zone a's are suspect: {list:?}"
+    );
+    assert!(list.iter().filter(|(id, _)| !silent_a.contains(id)).all(|(_, (_, s))| !s), "only they are suspect");
+    assert!(degraded, "discovery says the service is degraded");
+    assert!(reason.as_deref().is_some_and(|r| r.contains("zone a")), "and why: {reason:?}");
+    let healthy = view(&c, "?healthy=true").0;
+    assert!(silent_a.iter().all(|id| !healthy.contains_key(id)), "suspects are not offered as healthy");
+    let leader = c.wait_leader(Duration::from_secs(5)).unwrap();
+    assert_eq!(metric(&c.nodes[leader], "quorate_registry_brake_engaged_zones").unwrap(), 1.0);
+    assert!(c.log(leader).contains("eviction brake engaged"));
+
+    eprintln!("half of them come back (register again); the rest stay held until the maximum hold");
+    quiet.lock().unwrap().retain(|id| !silent_a[..6].contains(id));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (list, _, _) = view(&c, "");
+    assert!(
+        silent_a[..6].iter().all(|id| list.get(id).is_some_and(|(_, s)| !*s)),
+        "returned instances are healthy: {list:?}"
+    );
+    assert!(
+        silent_a[6..].iter().all(|id| list.get(id).is_some_and(|(_, s)| *s)),
+        "the others are still held: {list:?}"
+    );
+
+    let deadline = silenced_at + Duration::from_secs(3 + MAX_HOLD_S + 5);
+    loop {
+        let (list, degraded, _) = view(&c, "");
+        if silent_a[6..].iter().all(|id| !list.contains_key(id)) {
+            assert!(!degraded, "no suspect left, no longer degraded");
+            assert_eq!(list.len(), 2 * PER_ZONE - 2 - 6);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the brake held past its maximum: {list:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let held = silenced_at.elapsed();
+    eprintln!("the brake released and evicted the rest {held:?} after they went silent");
+    assert!(held >= Duration::from_secs(MAX_HOLD_S), "released too early");
+    assert!(c.log(leader).contains("eviction brake released"));
+    assert!(metric(&c.nodes[leader], "quorate_registry_evictions_total").unwrap() >= 8.0);
+
+    stop.store(true, Ordering::Relaxed);
+    for b in beats {
+        let _ = b.await;
+    }
+}
