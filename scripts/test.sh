@@ -17,6 +17,17 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
+# Real registry clients from PyPI (py-consul, py-eureka-client) in a virtualenv the tests use.
+PY=target/py
+if ! "$PY/bin/python" -c 'import consul, py_eureka_client' 2>/dev/null; then
+  python3 -m venv "$PY" 2>/dev/null || {
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    python3 -m venv "$PY"
+  }
+  "$PY/bin/pip" install -q py-consul==1.8.0 py-eureka-client==0.13.3
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The black-box tests run the quorate binary built here.

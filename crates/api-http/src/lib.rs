@@ -1,11 +1,16 @@
-//! The registry over HTTP on `--listen-http`: quorate's native JSON API (ADR 0005).
+//! The registry over HTTP on `--listen-http`: quorate's native JSON API and the Consul and
+//! Eureka dialects (ADR 0005).
 //!
 //! Handlers translate and validate; what an instance is and when it may be evicted live in
 //! `quorate-registry`, ordering and leadership in `quorate-consensus`. Every answer says who
 //! served it, at which revision and term, and whether it may be stale.
 
+mod consul;
 mod error;
+mod eureka;
 mod native;
+mod ops;
+mod xml;
 
 use std::sync::Arc;
 
@@ -21,7 +26,7 @@ pub struct Api {
 
 /// The native API's routes, to be merged into the member's HTTP router.
 pub fn router(api: Arc<Api>) -> axum::Router {
-    native::router(api)
+    native::router(api.clone()).merge(consul::router(api.clone())).merge(eureka::router(api))
 }
 
 /// How a read was served.

@@ -9,24 +9,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use quorate_consensus::Applied;
-use quorate_kv::{Command, CommandResponse, DeleteRangeRequest, KeyValue, PutRequest, RangeRequest};
+use quorate_kv::{Command, DeleteRangeRequest, RangeRequest};
 use quorate_registry::{instance_key, namespace_prefix, parse_instance_key, service_prefix, Instance, Kind};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::ops::{consistency, parse_wait, prefix_range, read_instance, wait_for_change, write, BLOCKING_WAIT_DEFAULT};
 use crate::{Api, ApiError, Consistency};
-
-/// Longest a blocking query may wait (Consul caps `wait` at 10 minutes too).
-const BLOCKING_WAIT_MAX: Duration = Duration::from_secs(600);
-const BLOCKING_WAIT_DEFAULT: Duration = Duration::from_secs(300);
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -50,25 +45,6 @@ fn check_names(ns: &str, svc: Option<&str>, id: Option<&str>) -> Result<(), ApiE
     Ok(())
 }
 
-async fn write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
-    let resp = api.member.write(cmd).await?;
-    let revision = resp.revision;
-    Ok((resp.kv_result()?, revision))
-}
-
-fn decode(kv: &KeyValue) -> Option<Instance> {
-    serde_json::from_slice(&kv.value).ok()
-}
-
-/// The stored record of one instance, read locally.
-fn read_instance(api: &Api, key: &str) -> Option<(Instance, i64)> {
-    api.member.read(|s| {
-        let r = s.range(&RangeRequest { key: key.as_bytes().to_vec(), ..Default::default() }).ok()?;
-        let kv = r.kvs.first()?;
-        decode(kv).map(|i| (i, kv.mod_revision))
-    })
-}
-
 async fn register(
     State(api): State<Arc<Api>>,
     Path((ns, svc, id)): Path<(String, String, String)>,
@@ -77,25 +53,8 @@ async fn register(
     let req: quorate_registry::RegisterRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("malformed registration: {e}")))?;
     // Validate everything before anything is written.
-    let mut instance = req.into_instance(&ns, &svc, &id, 0)?;
-    let key = instance_key(&ns, &svc, &id);
-    api.member.linearize().await?;
-    if instance.kind == Kind::Ephemeral {
-        // Re-registering keeps a live lease; otherwise the instance gets a fresh one.
-        let live = read_instance(&api, &key)
-            .map(|(old, _)| old.lease)
-            .filter(|l| *l != 0 && api.member.read(|s| s.lease(*l).is_some()));
-        instance.lease = match live {
-            Some(l) => l,
-            None => match write(&api, Command::LeaseGrant { id: 0, ttl_s: instance.ttl_s as i64 }).await? {
-                (CommandResponse::LeaseGrant { id, .. }, _) => id,
-                (other, _) => return Err(ApiError::new(500.try_into().unwrap(), "internal", format!("{other:?}"))),
-            },
-        };
-    }
-    let value = serde_json::to_vec(&instance).expect("instances serialize");
-    let (_, revision) =
-        write(&api, Command::Put(PutRequest { key: key.into_bytes(), value, ..Default::default() })).await?;
+    let instance = req.into_instance(&ns, &svc, &id, 0)?;
+    let (instance, revision) = crate::ops::store_instance(&api, instance).await?;
     let body = json!({
         "instance": instance,
         "heartbeat_interval_s": instance.heartbeat_interval_s,
@@ -172,19 +131,6 @@ async fn get_instance(
     Ok((api.stamp(rev, consistency), Json(instance)).into_response())
 }
 
-async fn consistency(api: &Api, stale: bool) -> Result<Consistency, ApiError> {
-    if stale {
-        return Ok(Consistency::Stale);
-    }
-    api.member.linearize().await?;
-    Ok(Consistency::Linearizable)
-}
-
-fn prefix_range(prefix: &str) -> RangeRequest {
-    let key = prefix.as_bytes().to_vec();
-    RangeRequest { range_end: quorate_kv::prefix_end(&key), key, ..Default::default() }
-}
-
 async fn list_services(State(api): State<Arc<Api>>, Path(ns): Path<String>, Query(q): Query<ReadParams>) -> ApiResult {
     check_names(&ns, None, None)?;
     let consistency = consistency(&api, q.stale.is_some()).await?;
@@ -211,45 +157,6 @@ struct ListParams {
     stale: Option<String>,
 }
 
-/// `30s`, `5m`, `1500ms` or plain seconds.
-fn parse_wait(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
-    let n: u64 = num.parse().ok()?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return None,
-    };
-    Some(d.min(BLOCKING_WAIT_MAX))
-}
-
-/// Block until something under `prefix` changes after revision `index`, or `wait` passes.
-async fn wait_for_change(api: &Api, prefix: &str, index: i64, wait: Duration) -> Result<(), ApiError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let (key, end) = (prefix.as_bytes().to_vec(), quorate_kv::prefix_end(prefix.as_bytes()));
-    let mut events = api.member.subscribe();
-    api.member.linearize().await?;
-    // History answers for changes already applied; a compacted index counts as changed.
-    let changed = api.member.read(|s| s.events_since(&key, &end, index + 1).map(|e| !e.is_empty()).unwrap_or(true));
-    if changed {
-        return Ok(());
-    }
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Err(_) => return Ok(()),
-            Ok(Ok(Applied::Events { revision, events })) => {
-                if revision > index && events.iter().any(|e| e.kv.key.starts_with(&key)) {
-                    return Ok(());
-                }
-            }
-            // Resynchronised or lagging: answer now rather than risk missing the change.
-            Ok(Ok(Applied::Reset { .. })) | Ok(Err(_)) => return Ok(()),
-        }
-    }
-}
-
 async fn list_instances(
     State(api): State<Arc<Api>>,
     Path((ns, svc)): Path<(String, String)>,
@@ -265,8 +172,8 @@ async fn list_instances(
         wait_for_change(&api, &prefix, index, wait).await?;
     }
     let consistency = consistency(&api, q.stale.is_some()).await?;
-    let (r, rev) = api.member.read(|s| (s.range(&prefix_range(&prefix)), s.revision()));
-    let all: Vec<Instance> = r?.kvs.iter().filter_map(decode).collect();
+    let (all, rev) = crate::ops::instances_under(&api, &prefix)?;
+    let all: Vec<Instance> = all.into_iter().map(|(i, _)| i).collect();
     let mut chosen: Vec<&Instance> = all
         .iter()
         .filter(|i| !q.healthy.unwrap_or(false) || i.is_healthy())
@@ -288,19 +195,4 @@ async fn list_instances(
         "instances": chosen,
     });
     Ok((api.stamp(rev, consistency), Json(body)).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wait_durations() {
-        assert_eq!(parse_wait("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_wait("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_wait("1500ms"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_wait("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_wait("2h"), None);
-        assert_eq!(parse_wait("20m"), Some(BLOCKING_WAIT_MAX));
-    }
 }

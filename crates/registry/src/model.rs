@@ -58,6 +58,9 @@ pub struct Instance {
     pub ttl_s: u64,
     /// The lease an ephemeral instance's heartbeats renew; 0 for persistent instances.
     pub lease: i64,
+    /// The id of its TTL check when registered through Consul (`service:<id>` if unnamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_id: Option<String>,
 }
 
 impl Instance {
@@ -137,6 +140,19 @@ pub fn check_name(what: &'static str, value: &str) -> Result<(), RegistryError> 
 impl RegisterRequest {
     /// Validate and fill in defaults. `lease` is the ephemeral instance's lease (0 otherwise).
     pub fn into_instance(self, ns: &str, service: &str, id: &str, lease: i64) -> Result<Instance, RegistryError> {
+        self.into_instance_with(ns, service, id, lease, true)
+    }
+
+    /// As `into_instance`; `port_required: false` also accepts port 0 (Consul services may
+    /// have no port).
+    pub fn into_instance_with(
+        self,
+        ns: &str,
+        service: &str,
+        id: &str,
+        lease: i64,
+        port_required: bool,
+    ) -> Result<Instance, RegistryError> {
         check_name("namespace", ns)?;
         check_name("service", service)?;
         check_name("instance id", id)?;
@@ -144,7 +160,10 @@ impl RegisterRequest {
         if address.is_empty() {
             return Err(RegistryError::MissingAddress);
         }
-        let port = u16::try_from(self.port).ok().filter(|p| *p > 0).ok_or(RegistryError::InvalidPort(self.port))?;
+        let port = u16::try_from(self.port)
+            .ok()
+            .filter(|p| *p > 0 || !port_required)
+            .ok_or(RegistryError::InvalidPort(self.port))?;
         let weight = match self.weight {
             None => DEFAULT_WEIGHT,
             Some(w) => u32::try_from(w).ok().filter(|w| *w <= WEIGHT_MAX).ok_or(RegistryError::InvalidWeight(w))?,
@@ -182,6 +201,7 @@ impl RegisterRequest {
             heartbeat_interval_s,
             ttl_s,
             lease: if self.kind == Kind::Ephemeral { lease } else { 0 },
+            check_id: None,
         })
     }
 }

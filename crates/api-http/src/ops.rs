@@ -1,0 +1,134 @@
+//! Registry operations over the replicated state, shared by every HTTP dialect.
+
+use std::time::Duration;
+
+use quorate_consensus::Applied;
+use quorate_kv::{Command, CommandResponse, KeyValue, PutRequest, RangeRequest};
+use quorate_registry::{Instance, Kind};
+
+use crate::{Api, ApiError, Consistency};
+
+/// Longest a blocking query may wait (Consul caps `wait` at 10 minutes too).
+pub const BLOCKING_WAIT_MAX: Duration = Duration::from_secs(600);
+pub const BLOCKING_WAIT_DEFAULT: Duration = Duration::from_secs(300);
+
+pub async fn write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
+    let resp = api.member.write(cmd).await?;
+    let revision = resp.revision;
+    Ok((resp.kv_result()?, revision))
+}
+
+pub fn decode(kv: &KeyValue) -> Option<Instance> {
+    serde_json::from_slice(&kv.value).ok()
+}
+
+/// The stored record of one instance, read locally.
+pub fn read_instance(api: &Api, key: &str) -> Option<(Instance, i64)> {
+    api.member.read(|s| {
+        let r = s.range(&RangeRequest { key: key.as_bytes().to_vec(), ..Default::default() }).ok()?;
+        let kv = r.kvs.first()?;
+        decode(kv).map(|i| (i, kv.mod_revision))
+    })
+}
+
+pub async fn consistency(api: &Api, stale: bool) -> Result<Consistency, ApiError> {
+    if stale {
+        return Ok(Consistency::Stale);
+    }
+    api.member.linearize().await?;
+    Ok(Consistency::Linearizable)
+}
+
+pub fn prefix_range(prefix: &str) -> RangeRequest {
+    let key = prefix.as_bytes().to_vec();
+    RangeRequest { range_end: quorate_kv::prefix_end(&key), key, ..Default::default() }
+}
+
+/// `30s`, `5m`, `1500ms` or plain seconds.
+pub fn parse_wait(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return None,
+    };
+    Some(d.min(BLOCKING_WAIT_MAX))
+}
+
+/// Block until something under `prefix` changes after revision `index`, or `wait` passes.
+pub async fn wait_for_change(api: &Api, prefix: &str, index: i64, wait: Duration) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let (key, end) = (prefix.as_bytes().to_vec(), quorate_kv::prefix_end(prefix.as_bytes()));
+    let mut events = api.member.subscribe();
+    api.member.linearize().await?;
+    // History answers for changes already applied; a compacted index counts as changed.
+    let changed = api.member.read(|s| s.events_since(&key, &end, index + 1).map(|e| !e.is_empty()).unwrap_or(true));
+    if changed {
+        return Ok(());
+    }
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => return Ok(()),
+            Ok(Ok(Applied::Events { revision, events })) => {
+                if revision > index && events.iter().any(|e| e.kv.key.starts_with(&key)) {
+                    return Ok(());
+                }
+            }
+            // Resynchronised or lagging: answer now rather than risk missing the change.
+            Ok(Ok(Applied::Reset { .. })) | Ok(Err(_)) => return Ok(()),
+        }
+    }
+}
+
+/// Store `instance` (validated) under its key. An ephemeral instance keeps its live lease when
+/// it registers again, or gets a fresh one. Returns the stored record and the revision.
+pub async fn store_instance(api: &Api, mut instance: Instance) -> Result<(Instance, i64), ApiError> {
+    let key = quorate_registry::instance_key(&instance.namespace, &instance.service, &instance.id);
+    api.member.linearize().await?;
+    if instance.kind == Kind::Ephemeral {
+        let live = read_instance(api, &key)
+            .map(|(old, _)| old.lease)
+            .filter(|l| *l != 0 && api.member.read(|s| s.lease(*l).is_some()));
+        instance.lease = match live {
+            Some(l) => l,
+            None => match write(api, Command::LeaseGrant { id: 0, ttl_s: instance.ttl_s as i64 }).await? {
+                (CommandResponse::LeaseGrant { id, .. }, _) => id,
+                (other, _) => {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        format!("lease grant answered {other:?}"),
+                    ))
+                }
+            },
+        };
+    }
+    let value = serde_json::to_vec(&instance).expect("instances serialize");
+    let (_, revision) =
+        write(api, Command::Put(PutRequest { key: key.into_bytes(), value, ..Default::default() })).await?;
+    Ok((instance, revision))
+}
+
+/// Every instance under a key prefix, with its mod revision, and the revision read at.
+pub fn instances_under(api: &Api, prefix: &str) -> Result<(Vec<(Instance, i64)>, i64), ApiError> {
+    let (r, rev) = api.member.read(|s| (s.range(&prefix_range(prefix)), s.revision()));
+    Ok((r?.kvs.iter().filter_map(|kv| decode(kv).map(|i| (i, kv.mod_revision))).collect(), rev))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_durations() {
+        assert_eq!(parse_wait("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_wait("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_wait("1500ms"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_wait("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_wait("2h"), None);
+        assert_eq!(parse_wait("20m"), Some(BLOCKING_WAIT_MAX));
+    }
+}
