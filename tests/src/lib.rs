@@ -183,7 +183,8 @@ impl Cluster {
             .args(["--listen-peer-urls", &node.peer_url()])
             .args(["--initial-advertise-peer-urls", &node.peer_url()])
             .args(["--initial-cluster", node.join.as_deref().unwrap_or(&self.initial_cluster)])
-            .args(&self.extra_args)
+            // `{n}` in an extra argument is this member's number (1-based).
+            .args(self.extra_args.iter().map(|a| a.replace("{n}", &(i + 1).to_string())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -112,6 +112,10 @@ struct ConsulCheck {
     checkid: Option<String>,
     ttl: Option<String>,
     status: Option<String>,
+    http: Option<String>,
+    tcp: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -174,7 +178,29 @@ async fn register(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
         kind: if ttl_s.is_some() { Kind::Ephemeral } else { Kind::Persistent },
         heartbeat_interval_s: ttl_s.map(|t| (t / 3).max(1)),
         ttl_s,
+        check: None,
     };
+    let active = checks.iter().find(|c| c.http.is_some() || c.tcp.is_some());
+    let seconds = |d: &Option<String>, default: u64| -> Result<u64, ApiError> {
+        match d {
+            Some(d) => parse_go_duration(d)
+                .map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
+                .ok_or_else(|| bad(format!("invalid duration {d:?}"))),
+            None => Ok(default),
+        }
+    };
+    let check = match active {
+        Some(c) => Some(quorate_registry::CheckSpec {
+            http: c.http.clone(),
+            tcp: c.tcp.clone(),
+            interval_s: seconds(&c.interval, 10)?,
+            timeout_s: seconds(&c.timeout, 2)?.min(seconds(&c.interval, 10)?),
+            failures_before_critical: 3,
+            successes_before_passing: 1,
+        }),
+        None => None,
+    };
+    let req = RegisterRequest { check, ..req };
     let mut instance = req.into_instance_with(NS, &svc.name, &id, 0, false)?;
     if let Some(check) = &ttl_check {
         instance.check_id = Some(check.checkid.clone().unwrap_or_else(|| format!("service:{id}")));

@@ -143,6 +143,9 @@ struct ServerArgs {
     /// Registry eviction brake: the longest it holds, in seconds.
     #[arg(long, default_value_t = 300)]
     brake_max_hold_s: u64,
+    /// Send health-check probes from this local address (multi-homed hosts).
+    #[arg(long)]
+    probe_source_ip: Option<std::net::IpAddr>,
 }
 
 fn first_url(list: &str) -> String {
@@ -193,6 +196,7 @@ impl ServerArgs {
                 max_hold: std::time::Duration::from_secs(self.brake_max_hold_s),
                 ..Default::default()
             },
+            probe_source_ip: self.probe_source_ip,
         })
     }
 }

@@ -100,6 +100,11 @@ enum ForwardReq {
     Members,
     /// The leader tells a member it has been removed.
     Removed(NodeId),
+    /// A call for the application layer on the receiving member (see `AppHandler`).
+    App {
+        method: String,
+        payload: Vec<u8>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -111,6 +116,7 @@ enum ForwardResp {
     Changed(Option<NodeId>),
     /// The cluster id and every member's (id, peer URL).
     Members(u64, Vec<(NodeId, String)>),
+    App(Result<Vec<u8>, String>),
     Err(ConsensusError),
 }
 
@@ -125,6 +131,12 @@ struct Inner {
     removed: tokio::sync::watch::Sender<bool>,
     /// When a follower last got an answer from the leader (lease-table sync, once a second).
     last_leader_contact: Mutex<Option<tokio::time::Instant>>,
+    app_handler: Mutex<Option<Arc<dyn AppHandler>>>,
+}
+
+/// Answers application calls from other members (`Member::call_member`).
+pub trait AppHandler: Send + Sync + 'static {
+    fn call(&self, method: String, payload: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
 }
 
 /// A running member. Cheap to clone.
@@ -187,6 +199,7 @@ impl Member {
                 peers: Mutex::new(HashMap::new()),
                 removed: tokio::sync::watch::channel(false).0,
                 last_leader_contact: Mutex::new(None),
+                app_handler: Mutex::new(None),
             }),
         };
         tokio::spawn(clock.run(raft.clone(), shared));
@@ -490,6 +503,41 @@ impl Member {
                 }
                 ForwardResp::Changed(None)
             }
+            ForwardReq::App { method, payload } => {
+                let handler = self.inner.app_handler.lock().unwrap().clone();
+                match handler {
+                    Some(h) => ForwardResp::App(h.call(method, payload).await),
+                    None => ForwardResp::App(Err("no application handler on this member".into())),
+                }
+            }
+        }
+    }
+
+    /// Install what answers `call_member` requests arriving at this member.
+    pub fn set_app_handler(&self, handler: Arc<dyn AppHandler>) {
+        *self.inner.app_handler.lock().unwrap() = Some(handler);
+    }
+
+    /// Call `method` on member `id` over the peer channel (for the application layer: a
+    /// health probe from another vantage point, for instance).
+    pub async fn call_member(
+        &self,
+        id: NodeId,
+        method: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ConsensusError> {
+        let node = {
+            let metrics = self.inner.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.membership_config.membership().get_node(&id).cloned()
+        };
+        let node = node.ok_or(ConsensusError::MemberNotFound)?;
+        let req = ForwardReq::App { method: method.to_string(), payload };
+        match self.forward(&node, &req, timeout).await? {
+            ForwardResp::App(Ok(bytes)) => Ok(bytes),
+            ForwardResp::App(Err(e)) => Err(ConsensusError::Unavailable(e)),
+            _ => Err(ConsensusError::Unavailable("unexpected reply".into())),
         }
     }
 

@@ -4,9 +4,11 @@
 //! server turns its decisions into term-fenced commands (ADR 0005).
 
 mod brake;
+mod checks;
 mod keys;
 mod model;
 
 pub use brake::{Brake, BrakeConfig, Transition, Verdict};
+pub use checks::{http_outcome, step, CheckSpec, CheckState, Step};
 pub use keys::{instance_key, namespace_prefix, parse_instance_key, service_prefix, REGISTRY_PREFIX};
 pub use model::{check_name, Health, Instance, Kind, RegisterRequest, RegistryError, DEFAULT_NAMESPACE};

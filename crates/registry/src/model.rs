@@ -61,6 +61,9 @@ pub struct Instance {
     /// The id of its TTL check when registered through Consul (`service:<id>` if unnamed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_id: Option<String>,
+    /// An active check the leader runs against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::CheckSpec>,
 }
 
 impl Instance {
@@ -90,6 +93,8 @@ pub struct RegisterRequest {
     pub heartbeat_interval_s: Option<u64>,
     #[serde(default)]
     pub ttl_s: Option<u64>,
+    #[serde(default)]
+    pub check: Option<crate::CheckSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -108,6 +113,8 @@ pub enum RegistryError {
     InvalidHeartbeat,
     #[error("too many {what} (at most {max})")]
     TooMany { what: &'static str, max: usize },
+    #[error("invalid check: {0}")]
+    InvalidCheck(String),
 }
 
 impl RegistryError {
@@ -120,6 +127,7 @@ impl RegistryError {
             RegistryError::MissingAddress => "missing_address",
             RegistryError::InvalidTtl { .. } | RegistryError::InvalidHeartbeat => "invalid_ttl",
             RegistryError::TooMany { .. } => "too_many",
+            RegistryError::InvalidCheck(_) => "invalid_check",
         }
     }
 }
@@ -202,6 +210,10 @@ impl RegisterRequest {
             ttl_s,
             lease: if self.kind == Kind::Ephemeral { lease } else { 0 },
             check_id: None,
+            check: match self.check {
+                Some(c) => Some(c.validated()?),
+                None => None,
+            },
         })
     }
 }

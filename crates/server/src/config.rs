@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub snapshot_count: u64,
     /// The registry's eviction brake (ADR 0005).
     pub brake: quorate_registry::BrakeConfig,
+    /// The address health-check probes are sent from (default: the system's choice).
+    pub probe_source_ip: Option<std::net::IpAddr>,
 }
 
 /// Parse `name=url,name=url`.

@@ -3,6 +3,7 @@
 
 mod config;
 mod http;
+mod prober;
 mod reaper;
 
 use std::future::Future;
@@ -100,6 +101,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     }
 
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
+    member.set_app_handler(Arc::new(prober::ProbeHandler { source: cfg.probe_source_ip }));
+    tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip));
     let reaper_stats = Arc::new(reaper::ReaperStats::default());
     tokio::spawn(reaper::run(member.clone(), cfg.brake.clone(), reaper_stats.clone()));
 

@@ -1,0 +1,228 @@
+//! Active health checks (ADR 0005): the leader probes every instance that has a check, on the
+//! check's interval. A result that would make an instance critical is first confirmed by
+//! another member's probe (`call_member("probe")`) when one answers: one vantage point's
+//! network trouble never marks a healthy instance critical. Status changes are written
+//! term-fenced and compared against the record's mod revision.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use quorate_consensus::{AppHandler, Member};
+use quorate_kv::{Command, Compare, CompareResult, CompareTarget, PutRequest, RangeRequest, RequestOp, TxnRequest};
+use quorate_registry::{http_outcome, step, CheckSpec, CheckState, Health, Instance, Step, REGISTRY_PREFIX};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// How often the leader looks for checks that are due.
+const PROBE_TICK: Duration = Duration::from_millis(200);
+/// Most probes in flight at once.
+const PROBES_IN_FLIGHT_MAX: usize = 64;
+/// The peer-call method another member answers with its own probe.
+pub const PROBE_METHOD: &str = "probe";
+
+/// Probe `spec` once, from `source` if given.
+pub async fn probe(spec: &CheckSpec, source: Option<IpAddr>) -> Health {
+    let timeout = Duration::from_secs(spec.timeout_s);
+    match tokio::time::timeout(timeout, probe_inner(spec, source)).await {
+        Ok(h) => h,
+        Err(_) => Health::Critical,
+    }
+}
+
+async fn connect(addr: &str, source: Option<IpAddr>) -> std::io::Result<tokio::net::TcpStream> {
+    let target = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to nothing")))?;
+    let socket = if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    if let Some(ip) = source {
+        socket.bind((ip, 0).into())?;
+    }
+    socket.connect(target).await
+}
+
+async fn probe_inner(spec: &CheckSpec, source: Option<IpAddr>) -> Health {
+    if let Some(addr) = &spec.tcp {
+        return match connect(addr, source).await {
+            Ok(_) => Health::Passing,
+            Err(_) => Health::Critical,
+        };
+    }
+    let Some(url) = spec.http.as_deref().and_then(|u| u.strip_prefix("http://")) else { return Health::Critical };
+    let (authority, path) = match url.find('/') {
+        Some(i) => (&url[..i], &url[i..]),
+        None => (url, "/"),
+    };
+    let addr = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
+    let Ok(mut conn) = connect(&addr, source).await else { return Health::Critical };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: quorate-health-check\r\nConnection: close\r\n\r\n"
+    );
+    if conn.write_all(request.as_bytes()).await.is_err() {
+        return Health::Critical;
+    }
+    let mut head = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        match conn.read(&mut head[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    // "HTTP/1.1 200 ..."
+    let status = std::str::from_utf8(&head[..n]).ok().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok());
+    status.map(http_outcome).unwrap_or(Health::Critical)
+}
+
+/// Answers other members' requests to probe from here.
+pub struct ProbeHandler {
+    pub source: Option<IpAddr>,
+}
+
+impl AppHandler for ProbeHandler {
+    fn call(&self, method: String, payload: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        let source = self.source;
+        Box::pin(async move {
+            if method != PROBE_METHOD {
+                return Err(format!("unknown method {method:?}"));
+            }
+            let spec: CheckSpec = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+            let h = probe(&spec, source).await;
+            Ok(serde_json::to_vec(&h).expect("health serializes"))
+        })
+    }
+}
+
+struct Tracked {
+    state: CheckState,
+    next_due: Instant,
+}
+
+/// Ask the other members (up to two) to probe; `true` if one of them sees the instance alive.
+async fn another_vantage_disagrees(member: &Member, spec: &CheckSpec) -> Option<bool> {
+    let me = member.id();
+    let others: Vec<u64> =
+        member.members().into_iter().filter(|m| m.id != me && !m.is_learner).map(|m| m.id).take(2).collect();
+    let payload = serde_json::to_vec(spec).expect("checks serialize");
+    let timeout = Duration::from_secs(spec.timeout_s + 1);
+    let mut answered = false;
+    for id in others {
+        if let Ok(bytes) = member.call_member(id, PROBE_METHOD, payload.clone(), timeout).await {
+            answered = true;
+            if serde_json::from_slice::<Health>(&bytes).is_ok_and(|h| h != Health::Critical) {
+                return Some(true);
+            }
+        }
+    }
+    answered.then_some(false)
+}
+
+pub async fn run(member: Member, source: Option<IpAddr>) {
+    let mut tracked: HashMap<Vec<u8>, Tracked> = HashMap::new();
+    let mut term = 0;
+    let limit = Arc::new(tokio::sync::Semaphore::new(PROBES_IN_FLIGHT_MAX));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Health)>(PROBES_IN_FLIGHT_MAX);
+    let mut tick = tokio::time::interval(PROBE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some((key, outcome)) = rx.recv() => {
+                judge(&member, term, &mut tracked, key, outcome).await;
+                continue;
+            }
+        }
+        let st = member.status();
+        if st.leader != Some(st.id) {
+            tracked.clear();
+            continue;
+        }
+        if st.term != term {
+            // A new leader starts counting afresh.
+            term = st.term;
+            tracked.clear();
+        }
+        let now = Instant::now();
+        let due: Vec<(Vec<u8>, CheckSpec)> = checked_instances(&member)
+            .into_iter()
+            .filter_map(|(key, instance)| {
+                let spec = instance.check?;
+                let t = tracked.entry(key.clone()).or_insert(Tracked { state: CheckState::default(), next_due: now });
+                (t.next_due <= now).then(|| {
+                    t.next_due = now + Duration::from_secs(spec.interval_s);
+                    (key, spec)
+                })
+            })
+            .collect();
+        for (key, spec) in due {
+            let (tx, limit) = (tx.clone(), limit.clone());
+            tokio::spawn(async move {
+                let Ok(_permit) = limit.acquire().await else { return };
+                let outcome = probe(&spec, source).await;
+                let _ = tx.send((key, outcome)).await;
+            });
+        }
+    }
+}
+
+fn checked_instances(member: &Member) -> Vec<(Vec<u8>, Instance)> {
+    let prefix = REGISTRY_PREFIX.as_bytes().to_vec();
+    let req = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
+    member.read(|s| {
+        s.range(&req)
+            .map(|r| {
+                r.kvs
+                    .into_iter()
+                    .filter_map(|kv| {
+                        let i: Instance = serde_json::from_slice(&kv.value).ok()?;
+                        i.check.is_some().then_some((kv.key, i))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// Apply one probe result: hysteresis, confirmation, and the term-fenced write.
+async fn judge(member: &Member, term: u64, tracked: &mut HashMap<Vec<u8>, Tracked>, key: Vec<u8>, outcome: Health) {
+    let Some(t) = tracked.get_mut(&key) else { return };
+    let current = member.read(|s| {
+        let r = s.range(&RangeRequest { key: key.clone(), ..Default::default() }).ok()?;
+        let kv = r.kvs.into_iter().next()?;
+        let i: Instance = serde_json::from_slice(&kv.value).ok()?;
+        Some((i, kv.mod_revision))
+    });
+    let Some((instance, mod_revision)) = current else { return };
+    let Some(spec) = instance.check.clone() else { return };
+    let new = match step(instance.health, &mut t.state, outcome, &spec) {
+        Step::Stay => return,
+        Step::Become(h) => h,
+        Step::Confirm => match another_vantage_disagrees(member, &spec).await {
+            Some(true) => {
+                info!(instance = %instance.id, "probe failed here but another member reaches the instance: keeping it");
+                return;
+            }
+            Some(false) | None => Health::Critical,
+        },
+    };
+    let updated = Instance { health: new, ..instance.clone() };
+    let value = serde_json::to_vec(&updated).expect("instances serialize");
+    let txn = TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal,
+            target: CompareTarget::Mod(mod_revision),
+            key: key.clone(),
+            range_end: vec![],
+        }],
+        success: vec![RequestOp::Put(PutRequest { key, value, ..Default::default() })],
+        failure: vec![],
+    };
+    match member.write(Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) }).await {
+        Ok(_) => info!(instance = %instance.id, from = ?instance.health, to = ?new, "health check changed status"),
+        Err(e) => warn!(instance = %instance.id, error = %e, "health status write failed"),
+    }
+}
