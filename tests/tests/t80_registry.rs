@@ -19,6 +19,26 @@ fn ids(reply: &HttpReply) -> Vec<String> {
     v["instances"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect()
 }
 
+/// The first `n` events of an SSE stream, as "type id".
+fn sse_ids(node: &quorate_tests::Node, path: &str, n: usize) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let line = line.expect("the stream delivers events");
+        if let Some(data) = line.strip_prefix("data: ") {
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            out.push(format!("{} {}", v["type"].as_str().unwrap(), v["id"].as_str().unwrap()));
+            if out.len() == n {
+                break;
+            }
+        }
+    }
+    out
+}
+
 fn revision(c: &Cluster) -> i64 {
     http(&c.nodes[0], "GET", "/api/v1/ns/default/services", None).unwrap().json()["revision"].as_i64().unwrap()
 }
@@ -62,6 +82,10 @@ async fn native_registry_on_three_members() {
     let ev = &resp.events()[0];
     assert_eq!(ev.kv().unwrap().key_str().unwrap(), "/quorate/registry/default/web/web-1");
     assert_eq!(ev.kv().unwrap().mod_revision(), rev);
+
+    eprintln!("the change stream (SSE) replays both registrations from a revision, on any member");
+    let sse = sse_ids(&c.nodes[2], &format!("/api/v1/ns/default/watch?service=web&from={}", start_rev + 1), 2);
+    assert_eq!(sse, ["put web-1", "put web-2"]);
 
     eprintln!("filters: zone, tag, prefer_zone; stale reads carry their age");
     assert_eq!(ids(&http(&c.nodes[1], "GET", &format!("{SVC}?zone=us"), None).unwrap()), ["web-2"]);
@@ -170,6 +194,7 @@ async fn native_registry_on_three_members() {
         ("PUT", "/api/v1/ns/default/services/web/instances/nobody/heartbeat", None, 404, "unknown_instance"),
         ("GET", "/api/v1/ns/default/services/nothing/instances/nobody", None, 404, "unknown_instance"),
         ("GET", "/api/v1/ns/default/services/web/instances?index=1&wait=2h", None, 400, "bad_wait"),
+        ("GET", "/api/v1/ns/default/watch?from=0", None, 400, "bad_revision"),
     ];
     for (method, path, body, status, code) in cases {
         let r = http(&c.nodes[2], method, path, *body).unwrap();
@@ -178,6 +203,26 @@ async fn native_registry_on_three_members() {
         assert!(r.json()["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     assert_eq!(revision(&c), before, "bad requests changed nothing");
+
+    eprintln!("a fenced registration applies only while its lock key is held at its token");
+    let lease = etcd.lease_grant(30, None).await.unwrap().id();
+    let put = etcd.put("locks/primary", "me", Some(etcd_client::PutOptions::new().with_lease(lease))).await.unwrap();
+    let token = put.header().unwrap().revision();
+    let fenced = format!(r#"{{"address":"10.0.0.9","port":80,"fence":"locks/primary@{token}"}}"#);
+    let r = register(&c, 1, "primary", &fenced);
+    assert_eq!(r.status, 200, "{}", r.body);
+    etcd.lease_revoke(lease).await.unwrap();
+    let stale = format!(r#"{{"address":"10.0.0.66","port":80,"fence":"locks/primary@{token}"}}"#);
+    let r = register(&c, 2, "primary", &stale);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "fence_rejected");
+    let kept = http(&c.nodes[0], "GET", &format!("{SVC}/primary"), None).unwrap().json();
+    assert_eq!(kept["address"], "10.0.0.9", "the stale holder's write changed nothing");
+    let r = http(&c.nodes[0], "DELETE", &format!("{SVC}/primary?fence=locks/primary@{token}"), None).unwrap();
+    assert_eq!(r.status, 409, "{}", r.body);
+    let r = register(&c, 2, "x", r#"{"address":"a","port":1,"fence":"no-token"}"#);
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (400, Some("bad_fence")));
+    assert_eq!(http(&c.nodes[0], "DELETE", &format!("{SVC}/primary"), None).unwrap().status, 200);
 
     eprintln!("deregister");
     let d = http(&c.nodes[0], "DELETE", &format!("{SVC}/web-2"), None).unwrap();

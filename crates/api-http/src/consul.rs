@@ -179,6 +179,7 @@ async fn register(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
         heartbeat_interval_s: ttl_s.map(|t| (t / 3).max(1)),
         ttl_s,
         check: None,
+        fence: None,
     };
     let active = checks.iter().find(|c| c.http.is_some() || c.tcp.is_some());
     let seconds = |d: &Option<String>, default: u64| -> Result<u64, ApiError> {

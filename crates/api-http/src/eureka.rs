@@ -184,6 +184,7 @@ async fn register(State(api): State<Arc<Api>>, Path(app): Path<String>, body: By
         heartbeat_interval_s: Some(renewal_s.unwrap_or(DEFAULT_RENEWAL_S)),
         ttl_s: Some(ttl_s.unwrap_or(DEFAULT_DURATION_S)),
         check: None,
+        fence: None,
     };
     let mut instance = req.into_instance(NS, &service_of(&app), &id, 0)?;
     instance.health = health_of(&field("status").unwrap_or_else(|| "UP".into()))?;

@@ -10,6 +10,7 @@ mod error;
 mod eureka;
 mod native;
 mod ops;
+mod watch;
 mod xml;
 
 use std::sync::Arc;

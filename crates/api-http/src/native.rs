@@ -31,6 +31,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/ns/{ns}/services/{svc}/instances", get(list_instances))
         .route("/api/v1/ns/{ns}/services/{svc}/instances/{id}", put(register).delete(deregister).get(get_instance))
         .route("/api/v1/ns/{ns}/services/{svc}/instances/{id}/heartbeat", put(heartbeat))
+        .route("/api/v1/ns/{ns}/watch", get(crate::watch::watch))
         .with_state(api)
 }
 
@@ -53,8 +54,9 @@ async fn register(
     let req: quorate_registry::RegisterRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("malformed registration: {e}")))?;
     // Validate everything before anything is written.
+    let fence = crate::ops::parse_fence(req.fence.as_deref())?;
     let instance = req.into_instance(&ns, &svc, &id, 0)?;
-    let (instance, revision) = crate::ops::store_instance(&api, instance).await?;
+    let (instance, revision) = crate::ops::store_fenced(&api, instance, fence).await?;
     let body = json!({
         "instance": instance,
         "heartbeat_interval_s": instance.heartbeat_interval_s,
@@ -64,15 +66,29 @@ async fn register(
     Ok((api.stamp(revision, Consistency::Linearizable), Json(body)).into_response())
 }
 
-async fn deregister(State(api): State<Arc<Api>>, Path((ns, svc, id)): Path<(String, String, String)>) -> ApiResult {
+#[derive(Deserialize, Default)]
+struct FenceParam {
+    fence: Option<String>,
+}
+
+async fn deregister(
+    State(api): State<Arc<Api>>,
+    Path((ns, svc, id)): Path<(String, String, String)>,
+    Query(q): Query<FenceParam>,
+) -> ApiResult {
     check_names(&ns, Some(&svc), Some(&id))?;
+    let fence = crate::ops::parse_fence(q.fence.as_deref())?;
     let key = instance_key(&ns, &svc, &id);
     api.member.linearize().await?;
     let Some((instance, _)) = read_instance(&api, &key) else {
         return Err(ApiError::not_found("unknown_instance", format!("no instance {id} in {ns}/{svc}")));
     };
-    let (_, revision) =
-        write(&api, Command::DeleteRange(DeleteRangeRequest { key: key.into_bytes(), ..Default::default() })).await?;
+    let delete = Command::DeleteRange(DeleteRangeRequest { key: key.into_bytes(), ..Default::default() });
+    let cmd = match fence {
+        Some(fence) => Command::Fenced { fence, cmd: Box::new(delete) },
+        None => delete,
+    };
+    let (_, revision) = write(&api, cmd).await?;
     if instance.lease != 0 {
         // Gone already is fine: the instance is deregistered either way.
         let _ = api.member.write(Command::LeaseRevoke { id: instance.lease }).await;

@@ -85,7 +85,16 @@ pub async fn wait_for_change(api: &Api, prefix: &str, index: i64, wait: Duration
 
 /// Store `instance` (validated) under its key. An ephemeral instance keeps its live lease when
 /// it registers again, or gets a fresh one. Returns the stored record and the revision.
-pub async fn store_instance(api: &Api, mut instance: Instance) -> Result<(Instance, i64), ApiError> {
+pub async fn store_instance(api: &Api, instance: Instance) -> Result<(Instance, i64), ApiError> {
+    store_fenced(api, instance, None).await
+}
+
+/// `store_instance`, guarded by `fence` (the write applies only while the fence holds).
+pub async fn store_fenced(
+    api: &Api,
+    mut instance: Instance,
+    fence: Option<quorate_kv::Fence>,
+) -> Result<(Instance, i64), ApiError> {
     let key = quorate_registry::instance_key(&instance.namespace, &instance.service, &instance.id);
     api.member.linearize().await?;
     if instance.kind == Kind::Ephemeral {
@@ -107,9 +116,23 @@ pub async fn store_instance(api: &Api, mut instance: Instance) -> Result<(Instan
         };
     }
     let value = serde_json::to_vec(&instance).expect("instances serialize");
-    let (_, revision) =
-        write(api, Command::Put(PutRequest { key: key.into_bytes(), value, ..Default::default() })).await?;
+    let put = Command::Put(PutRequest { key: key.into_bytes(), value, ..Default::default() });
+    let cmd = match fence {
+        Some(fence) => Command::Fenced { fence, cmd: Box::new(put) },
+        None => put,
+    };
+    let (_, revision) = write(api, cmd).await?;
     Ok((instance, revision))
+}
+
+/// A `fence` given as `<key>@<revision>`.
+pub fn parse_fence(s: Option<&str>) -> Result<Option<quorate_kv::Fence>, ApiError> {
+    match s {
+        None => Ok(None),
+        Some(s) => quorate_kv::Fence::parse(s)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request("bad_fence", format!("fence {s:?} is not <key>@<revision>"))),
+    }
 }
 
 /// Every instance under a key prefix, with its mod revision, and the revision read at.

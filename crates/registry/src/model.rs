@@ -95,6 +95,10 @@ pub struct RegisterRequest {
     pub ttl_s: Option<u64>,
     #[serde(default)]
     pub check: Option<crate::CheckSpec>,
+    /// `<key>@<revision>`: store the registration only while that lock or election key is
+    /// held at that revision (ADR 0004). Not stored.
+    #[serde(default)]
+    pub fence: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
