@@ -1,6 +1,8 @@
 //! `quorate bench`: closed-loop load over the etcd v3 gRPC API. It speaks only the public
 //! protocol, so the same run measures quorate and etcd alike.
 
+pub mod registry;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

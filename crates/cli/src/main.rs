@@ -29,6 +29,28 @@ enum Command {
     /// Snapshot files (`etcdctl snapshot save` writes them).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Load over the native registry API: registrations/s, discovery queries/s (consistent and
+    /// stale), then a heartbeat phase (measure the members' CPU from outside meanwhile).
+    BenchRegistry(BenchRegistryArgs),
+}
+
+#[derive(Args)]
+struct BenchRegistryArgs {
+    /// Members' --listen-http addresses, comma-separated.
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    endpoints: String,
+    #[arg(long, default_value_t = 10_000)]
+    instances: usize,
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Seconds per discovery phase (consistent, then stale).
+    #[arg(long, default_value_t = 10)]
+    query_seconds: u64,
+    /// Seconds of heartbeats from every instance (0: skip).
+    #[arg(long, default_value_t = 30)]
+    heartbeat_seconds: u64,
+    #[arg(long, default_value_t = 5)]
+    heartbeat_interval_s: u64,
 }
 
 #[derive(Subcommand)]
@@ -254,6 +276,19 @@ fn run() -> anyhow::Result<()> {
                 } else {
                     print!("{}", quorate_bench::table(&rows));
                 }
+                Ok(())
+            }
+            Command::BenchRegistry(args) => {
+                let cfg = quorate_bench::registry::RegistryBenchConfig {
+                    endpoints: args.endpoints.split(',').map(|s| s.trim().to_string()).collect(),
+                    instances: args.instances,
+                    concurrency: args.concurrency,
+                    query_seconds: args.query_seconds,
+                    heartbeat_seconds: args.heartbeat_seconds,
+                    heartbeat_interval_s: args.heartbeat_interval_s,
+                };
+                let report = quorate_bench::registry::run(&cfg).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(())
             }
             Command::Snapshot(SnapshotCommand::Restore(args)) => {
