@@ -41,4 +41,26 @@ assert c.catalog.services()[1].get("py-web") == ["py"], c.catalog.services()
 assert c.agent.service.deregister("py-web-1")
 assert c.agent.service.deregister("py-web-2")
 assert c.health.service("py-web")[1] == []
-print("deregistered: OK")
+print("deregistered")
+
+# KV over the same keyspace as etcd's API, with CAS, sessions and locks.
+assert c.kv.put("py/cfg/a", "1") and c.kv.put("py/cfg/b", "2")
+index, entry = c.kv.get("py/cfg/a")
+assert entry["Value"] == b"1", entry
+assert not c.kv.put("py/cfg/a", "x", cas=entry["ModifyIndex"] - 1), "a stale CAS is refused"
+assert c.kv.put("py/cfg/a", "3", cas=entry["ModifyIndex"])
+assert not c.kv.put("py/cfg/a", "y", cas=0), "cas=0 only creates"
+assert [e["Key"] for e in c.kv.get("py/cfg/", recurse=True)[1]] == ["py/cfg/a", "py/cfg/b"]
+s1 = c.session.create(name="holder-1", ttl=10)
+s2 = c.session.create(name="holder-2", ttl=10)
+assert c.kv.put("py/lock", "1", acquire=s1)
+assert not c.kv.put("py/lock", "2", acquire=s2), "a held lock is not granted to another session"
+assert c.kv.get("py/lock")[1]["Session"] == s1
+assert not c.kv.put("py/lock", "2", release=s2), "only the holder releases"
+assert c.kv.put("py/lock", "1", release=s1)
+assert c.kv.put("py/lock", "2", acquire=s2)
+assert c.session.info(s1)[1]["Name"] == "holder-1"
+assert c.session.destroy(s2)
+assert c.kv.get("py/lock")[1] is None, "a destroyed session's lock key goes with it"
+assert c.kv.delete("py/cfg/", recurse=True) and c.kv.get("py/cfg/a")[1] is None
+print("kv, cas, sessions and locks: OK")

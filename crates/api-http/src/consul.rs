@@ -294,7 +294,7 @@ impl ReadParams {
     }
 }
 
-fn consul_headers(api: &Api, revision: i64, consistency: Consistency) -> HeaderMap {
+pub(crate) fn consul_headers(api: &Api, revision: i64, consistency: Consistency) -> HeaderMap {
     let mut h = api.stamp(revision, consistency);
     let st = api.member.status();
     let contact = match consistency {

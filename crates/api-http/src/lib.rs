@@ -6,6 +6,7 @@
 //! served it, at which revision and term, and whether it may be stale.
 
 mod consul;
+mod consul_kv;
 mod error;
 mod eureka;
 mod native;
@@ -20,6 +21,9 @@ use quorate_consensus::Member;
 
 pub use error::ApiError;
 
+/// Keys Consul's KV API neither shows nor writes: quorate's own records live there.
+pub(crate) const CONSUL_HIDDEN_PREFIX: &str = "/quorate/";
+
 /// What the handlers share.
 pub struct Api {
     pub member: Member,
@@ -27,7 +31,10 @@ pub struct Api {
 
 /// The native API's routes, to be merged into the member's HTTP router.
 pub fn router(api: Arc<Api>) -> axum::Router {
-    native::router(api.clone()).merge(consul::router(api.clone())).merge(eureka::router(api))
+    native::router(api.clone())
+        .merge(consul::router(api.clone()))
+        .merge(consul_kv::router(api.clone()))
+        .merge(eureka::router(api))
 }
 
 /// How a read was served.

@@ -1,0 +1,386 @@
+//! Consul's KV and sessions over the same MVCC keyspace the etcd API serves: Consul key `a/b`
+//! is the key `a/b` (so `etcdctl get a/b` sees it), `CreateIndex`/`ModifyIndex` are its create
+//! and mod revisions. A session is a lease; `?acquire=<session>` attaches the key to the
+//! session's lease when no other session holds it, `?release` detaches it. When a session ends
+//! (destroyed, or its TTL lapses) the keys it holds are deleted with it (Consul's
+//! `Behavior: delete`); quorate does not implement `release` on invalidation.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use quorate_kv::{
+    Command, CommandResponse, Compare, CompareResult, CompareTarget, DeleteRangeRequest, KeyValue, PutRequest,
+    RangeRequest, RequestOp, ResponseOp, TxnRequest,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::ops::{consistency, parse_wait, prefix_range, wait_for_change, write, BLOCKING_WAIT_DEFAULT};
+use crate::{Api, ApiError, Consistency};
+
+/// Where session records live (attached to the session's lease, so they end with it).
+const SESSION_PREFIX: &str = "/quorate/consul/sessions/";
+/// A session without a TTL still needs a lease: one day, Consul's maximum TTL.
+const SESSION_TTL_MAX_S: u64 = 86_400;
+
+type ApiResult = Result<Response, ApiError>;
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/v1/kv/", get(kv_get_all))
+        .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/v1/session/create", put(session_create))
+        .route("/v1/session/renew/{id}", put(session_renew))
+        .route("/v1/session/destroy/{id}", put(session_destroy))
+        .route("/v1/session/info/{id}", get(session_info))
+        .route("/v1/session/list", get(session_list))
+        .with_state(api)
+}
+
+fn session_id(lease: i64) -> String {
+    let l = lease as u64;
+    format!("{:08x}-{:04x}-{:04x}-8000-000000000000", l >> 32, (l >> 16) & 0xffff, l & 0xffff)
+}
+
+fn lease_of(session: &str) -> Result<i64, ApiError> {
+    let hex: String = session.chars().filter(|c| *c != '-').take(16).collect();
+    u64::from_str_radix(&hex, 16)
+        .map(|l| l as i64)
+        .map_err(|_| ApiError::bad_request("bad_session", format!("invalid session {session:?}")))
+}
+
+fn b64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            out.push(if i <= c.len() { T[(n >> shift & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+fn entry(api: &Api, kv: &KeyValue) -> Value {
+    let session = (kv.lease != 0 && api.member.read(|s| s.lease(kv.lease).is_some())).then(|| session_id(kv.lease));
+    let mut e = json!({
+        "LockIndex": if kv.lease != 0 { 1 } else { 0 }, "Key": String::from_utf8_lossy(&kv.key), "Flags": 0,
+        "Value": if kv.value.is_empty() { Value::Null } else { Value::String(b64(&kv.value)) },
+        "CreateIndex": kv.create_revision, "ModifyIndex": kv.mod_revision,
+    });
+    if let Some(s) = session {
+        e["Session"] = json!(s);
+    }
+    e
+}
+
+#[derive(Deserialize, Default)]
+struct KvParams {
+    recurse: Option<String>,
+    keys: Option<String>,
+    separator: Option<String>,
+    raw: Option<String>,
+    index: Option<i64>,
+    wait: Option<String>,
+    stale: Option<String>,
+    cas: Option<i64>,
+    acquire: Option<String>,
+    release: Option<String>,
+}
+
+fn consul_headers(api: &Api, rev: i64, c: Consistency) -> axum::http::HeaderMap {
+    crate::consul::consul_headers(api, rev, c)
+}
+
+/// `GET /v1/kv/` (the empty key: with `recurse` or `keys`, the whole keyspace).
+async fn kv_get_all(state: State<Arc<Api>>, q: Query<KvParams>) -> ApiResult {
+    kv_get(state, Path(String::new()), q).await
+}
+
+async fn kv_get(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q): Query<KvParams>) -> ApiResult {
+    let whole_prefix = q.recurse.is_some() || q.keys.is_some();
+    if let Some(index) = q.index {
+        let wait = match &q.wait {
+            Some(w) => parse_wait(w).ok_or_else(|| ApiError::bad_request("bad_wait", format!("Invalid wait {w:?}")))?,
+            None => BLOCKING_WAIT_DEFAULT,
+        };
+        wait_for_change(&api, &key, index, wait).await?;
+    }
+    let c = consistency(&api, q.stale.is_some()).await?;
+    let req = if whole_prefix {
+        prefix_range(&key)
+    } else {
+        RangeRequest { key: key.clone().into_bytes(), ..Default::default() }
+    };
+    let (r, rev) = api.member.read(|s| (s.range(&req), s.revision()));
+    let kvs: Vec<KeyValue> =
+        r?.kvs.into_iter().filter(|kv| !kv.key.starts_with(crate::CONSUL_HIDDEN_PREFIX.as_bytes())).collect();
+    let headers = consul_headers(&api, rev, c);
+    if kvs.is_empty() {
+        return Ok((axum::http::StatusCode::NOT_FOUND, headers, "").into_response());
+    }
+    if q.keys.is_some() {
+        let mut keys: Vec<String> = Vec::new();
+        for kv in &kvs {
+            let k = String::from_utf8_lossy(&kv.key).into_owned();
+            let cut = q
+                .separator
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .and_then(|sep| k[key.len()..].find(sep).map(|i| k[..key.len() + i + sep.len()].to_string()));
+            let k = cut.unwrap_or(k);
+            if keys.last() != Some(&k) {
+                keys.push(k);
+            }
+        }
+        return Ok((headers, Json(keys)).into_response());
+    }
+    if q.raw.is_some() {
+        return Ok((headers, kvs[0].value.clone()).into_response());
+    }
+    let out: Vec<Value> = kvs.iter().map(|kv| entry(&api, kv)).collect();
+    Ok((headers, Json(out)).into_response())
+}
+
+fn cmp(key: &[u8], result: CompareResult, target: CompareTarget) -> Compare {
+    Compare { result, target, key: key.to_vec(), range_end: vec![] }
+}
+
+fn put_op(key: &[u8], value: &[u8], lease: i64, keep_lease: bool) -> RequestOp {
+    RequestOp::Put(PutRequest {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        lease,
+        ignore_lease: keep_lease,
+        ..Default::default()
+    })
+}
+
+/// Whether a txn (or a txn nested in its failure branch) succeeded.
+fn any_succeeded(resp: &CommandResponse) -> bool {
+    fn txn(t: &quorate_kv::TxnResponse) -> bool {
+        t.succeeded || t.responses.iter().any(|r| matches!(r, ResponseOp::Txn(inner) if txn(inner)))
+    }
+    matches!(resp, CommandResponse::Txn(t) if txn(t))
+}
+
+async fn kv_put(
+    State(api): State<Arc<Api>>,
+    Path(key): Path<String>,
+    Query(q): Query<KvParams>,
+    body: Bytes,
+) -> ApiResult {
+    if key.starts_with(crate::CONSUL_HIDDEN_PREFIX) {
+        return Err(ApiError::bad_request(
+            "reserved_key",
+            format!("keys under {} are quorate's", crate::CONSUL_HIDDEN_PREFIX),
+        ));
+    }
+    let k = key.as_bytes();
+    let txn = if let Some(session) = &q.acquire {
+        let lease = lease_of(session)?;
+        if api.member.read(|s| s.lease(lease).is_none()) {
+            return Err(ApiError::bad_request("bad_session", format!("invalid session {session:?}")));
+        }
+        // Held by this session already, or by none: take it.
+        TxnRequest {
+            compare: vec![cmp(k, CompareResult::Equal, CompareTarget::Lease(lease))],
+            success: vec![put_op(k, &body, lease, false)],
+            failure: vec![RequestOp::Txn(TxnRequest {
+                compare: vec![cmp(k, CompareResult::Equal, CompareTarget::Lease(0))],
+                success: vec![put_op(k, &body, lease, false)],
+                failure: vec![],
+            })],
+        }
+    } else if let Some(session) = &q.release {
+        let lease = lease_of(session)?;
+        TxnRequest {
+            compare: vec![cmp(k, CompareResult::Equal, CompareTarget::Lease(lease))],
+            success: vec![put_op(k, &body, 0, false)],
+            failure: vec![],
+        }
+    } else if let Some(cas) = q.cas {
+        cas_txn(cas, k, &body)
+    } else {
+        // A plain write keeps whatever session holds the key.
+        let exists = cmp(k, CompareResult::Greater, CompareTarget::Create(0));
+        TxnRequest {
+            compare: vec![exists],
+            success: vec![put_op(k, &body, 0, true)],
+            failure: vec![put_op(k, &body, 0, false)],
+        }
+    };
+    let conditional = q.acquire.is_some() || q.release.is_some() || q.cas.is_some();
+    let (resp, rev) = write(&api, Command::Txn(txn)).await?;
+    let applied = !conditional || any_succeeded(&resp);
+    Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(applied)).into_response())
+}
+
+/// `cas=0` creates only; `cas=N` replaces only the version with ModifyIndex N.
+fn cas_txn(cas: i64, key: &[u8], value: &[u8]) -> TxnRequest {
+    if cas == 0 {
+        TxnRequest {
+            compare: vec![cmp(key, CompareResult::Equal, CompareTarget::Create(0))],
+            success: vec![put_op(key, value, 0, false)],
+            failure: vec![],
+        }
+    } else {
+        TxnRequest {
+            compare: vec![cmp(key, CompareResult::Equal, CompareTarget::Mod(cas))],
+            success: vec![put_op(key, value, 0, true)],
+            failure: vec![],
+        }
+    }
+}
+
+async fn kv_delete(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q): Query<KvParams>) -> ApiResult {
+    if key.starts_with(crate::CONSUL_HIDDEN_PREFIX) {
+        return Err(ApiError::bad_request(
+            "reserved_key",
+            format!("keys under {} are quorate's", crate::CONSUL_HIDDEN_PREFIX),
+        ));
+    }
+    let range = if q.recurse.is_some() {
+        prefix_range(&key)
+    } else {
+        RangeRequest { key: key.clone().into_bytes(), ..Default::default() }
+    };
+    let delete = RequestOp::DeleteRange(DeleteRangeRequest {
+        key: range.key.clone(),
+        range_end: range.range_end,
+        prev_kv: false,
+    });
+    let compare = match q.cas {
+        Some(cas) => vec![cmp(key.as_bytes(), CompareResult::Equal, CompareTarget::Mod(cas))],
+        None => vec![],
+    };
+    let (resp, rev) = write(&api, Command::Txn(TxnRequest { compare, success: vec![delete], failure: vec![] })).await?;
+    Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(any_succeeded(&resp))).into_response())
+}
+
+fn lower(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()),
+        other => other,
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct SessionBody {
+    name: Option<String>,
+    ttl: Option<String>,
+    behavior: Option<String>,
+}
+
+async fn session_create(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
+    let req: SessionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        SessionBody::default()
+    } else {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("malformed_json", format!("Request decode failed: {e}")))?;
+        serde_json::from_value(lower(v))
+            .map_err(|e| ApiError::bad_request("malformed_json", format!("Request decode failed: {e}")))?
+    };
+    let ttl_s = match req.ttl.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => {
+            let d = crate::consul::parse_go_duration(t)
+                .ok_or_else(|| ApiError::bad_request("bad_ttl", format!("Invalid Session TTL {t:?}")))?;
+            let s = d.as_secs_f64().ceil() as u64;
+            if !(10..=SESSION_TTL_MAX_S).contains(&s) {
+                return Err(ApiError::bad_request(
+                    "bad_ttl",
+                    format!("Invalid Session TTL '{t}', must be between [10s=24h0m0s]"),
+                ));
+            }
+            s
+        }
+        None => SESSION_TTL_MAX_S,
+    };
+    let behavior = req.behavior.unwrap_or_else(|| "release".into());
+    if !matches!(behavior.as_str(), "release" | "delete") {
+        return Err(ApiError::bad_request("bad_behavior", format!("Invalid Behavior setting {behavior:?}")));
+    }
+    let lease = match write(&api, Command::LeaseGrant { id: 0, ttl_s: ttl_s as i64 }).await? {
+        (CommandResponse::LeaseGrant { id, .. }, _) => id,
+        (other, _) => return Err(ApiError::bad_request("internal", format!("{other:?}"))),
+    };
+    let id = session_id(lease);
+    let record = json!({"ID": id, "Name": req.name.unwrap_or_default(), "TTL": req.ttl.unwrap_or_default(),
+                        "Behavior": behavior, "LockDelay": 0, "Node": "quorate", "NodeChecks": [], "ServiceChecks": []});
+    let put = PutRequest {
+        key: format!("{SESSION_PREFIX}{id}").into_bytes(),
+        value: serde_json::to_vec(&record).expect("json"),
+        lease,
+        ..Default::default()
+    };
+    let (_, rev) = write(&api, Command::Put(put)).await?;
+    Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(json!({"ID": id}))).into_response())
+}
+
+fn session_record(api: &Api, id: &str) -> Option<(Value, i64)> {
+    api.member.read(|s| {
+        let r =
+            s.range(&RangeRequest { key: format!("{SESSION_PREFIX}{id}").into_bytes(), ..Default::default() }).ok()?;
+        let kv = r.kvs.first()?;
+        let mut v: Value = serde_json::from_slice(&kv.value).ok()?;
+        v["CreateIndex"] = json!(kv.create_revision);
+        v["ModifyIndex"] = json!(kv.mod_revision);
+        Some((v, kv.mod_revision))
+    })
+}
+
+async fn session_renew(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
+    let lease = lease_of(&id)?;
+    api.member.linearize().await?;
+    let missing = || ApiError::not_found("unknown_session", format!("Session id '{id}' not found"));
+    if api.member.lease_keepalive(lease).await?.is_none() {
+        return Err(missing());
+    }
+    let (record, rev) = session_record(&api, &id).ok_or_else(missing)?;
+    Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(vec![record])).into_response())
+}
+
+async fn session_destroy(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
+    let lease = lease_of(&id)?;
+    let resp = api.member.write(Command::LeaseRevoke { id: lease }).await?;
+    let rev = resp.revision;
+    // Destroying a session that is already gone succeeds, as in Consul.
+    Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(true)).into_response())
+}
+
+async fn session_info(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(q): Query<KvParams>) -> ApiResult {
+    lease_of(&id)?;
+    let c = consistency(&api, q.stale.is_some()).await?;
+    let rev = api.member.read(|s| s.revision());
+    let found: Vec<Value> = session_record(&api, &id).map(|(v, _)| v).into_iter().collect();
+    Ok((consul_headers(&api, rev, c), Json(found)).into_response())
+}
+
+async fn session_list(State(api): State<Arc<Api>>, Query(q): Query<KvParams>) -> ApiResult {
+    let c = consistency(&api, q.stale.is_some()).await?;
+    let (r, rev) = api.member.read(|s| (s.range(&prefix_range(SESSION_PREFIX)), s.revision()));
+    let list: Vec<Value> = r?.kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect();
+    Ok((consul_headers(&api, rev, c), Json(list)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_session_ids() {
+        assert_eq!(b64(b""), "");
+        assert_eq!(b64(b"f"), "Zg==");
+        assert_eq!(b64(b"fo"), "Zm8=");
+        assert_eq!(b64(b"foo"), "Zm9v");
+        assert_eq!(b64(b"hello world"), "aGVsbG8gd29ybGQ=");
+        for lease in [1i64, 0x7fff_ffff_ffff_ffff, 0x1234_5678_9abc_def0] {
+            assert_eq!(lease_of(&session_id(lease)).unwrap(), lease);
+        }
+        assert!(lease_of("zz").is_err());
+    }
+}
