@@ -201,6 +201,7 @@ async fn native_registry_on_three_members() {
         assert_eq!(r.status, *status, "{method} {path}: {}", r.body);
         assert_eq!(r.json()["error"]["code"], *code, "{method} {path}: {}", r.body);
         assert!(r.json()["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(r.header("x-quorate-member").is_some(), "errors also say who answered: {:?}", r.headers);
     }
     assert_eq!(revision(&c), before, "bad requests changed nothing");
 

@@ -98,4 +98,21 @@ fn http_checks_with_hysteresis_and_a_second_vantage_point() {
     let probes = target.lock().unwrap().probes.clone();
     assert!(probes.iter().any(|ip| *ip != leader_ip), "another member was asked to probe: {probes:?}");
     assert!(c.log(leader).contains("another member reaches the instance"));
+
+    eprintln!("Consul's DeregisterCriticalServiceAfter: a dead service goes once critical for that long");
+    let consul = r#"{"Name":"gone","ID":"gone-1","Port":1,"Check":{"TCP":"127.0.0.1:1","Interval":"1s","Timeout":"1s","DeregisterCriticalServiceAfter":"2s"}}"#;
+    let r = http(&c.nodes[2], "PUT", "/v1/agent/service/register", Some(consul)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let start = Instant::now();
+    loop {
+        let list = http(&c.nodes[0], "GET", "/v1/health/service/gone", None).unwrap().json();
+        if list.as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never deregistered: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = start.elapsed();
+    eprintln!("deregistered {took:?} after registration");
+    assert!(took >= Duration::from_secs(4), "3 failed probes plus 2 s critical cannot take {took:?}");
 }

@@ -116,6 +116,7 @@ struct ConsulCheck {
     tcp: Option<String>,
     interval: Option<String>,
     timeout: Option<String>,
+    deregistercriticalserviceafter: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -198,6 +199,10 @@ async fn register(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
             timeout_s: seconds(&c.timeout, 2)?.min(seconds(&c.interval, 10)?),
             failures_before_critical: 3,
             successes_before_passing: 1,
+            deregister_critical_after_s: match &c.deregistercriticalserviceafter {
+                Some(d) => Some(seconds(&Some(d.clone()), 0)?),
+                None => None,
+            },
         }),
         None => None,
     };

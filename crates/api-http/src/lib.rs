@@ -31,10 +31,24 @@ pub struct Api {
 
 /// The native API's routes, to be merged into the member's HTTP router.
 pub fn router(api: Arc<Api>) -> axum::Router {
+    let stamp = api.clone();
     native::router(api.clone())
         .merge(consul::router(api.clone()))
         .merge(consul_kv::router(api.clone()))
         .merge(eureka::router(api))
+        // Errors (and anything else not stamped by its handler) still say who answered.
+        .layer(axum::middleware::map_response(move |mut resp: axum::response::Response| {
+            let api = stamp.clone();
+            async move {
+                if !resp.headers().contains_key("x-quorate-member") {
+                    let rev = api.member.read(|s| s.revision());
+                    for (name, value) in api.stamp(rev, Consistency::Linearizable).iter() {
+                        resp.headers_mut().insert(name.clone(), value.clone());
+                    }
+                }
+                resp
+            }
+        }))
 }
 
 /// How a read was served.

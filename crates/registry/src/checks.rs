@@ -23,6 +23,10 @@ pub struct CheckSpec {
     pub failures_before_critical: u32,
     #[serde(default = "default_successes")]
     pub successes_before_passing: u32,
+    /// Deregister the instance once it has been critical this long (Consul's
+    /// `DeregisterCriticalServiceAfter`); never when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deregister_critical_after_s: Option<u64>,
 }
 
 fn default_interval_s() -> u64 {
@@ -128,6 +132,7 @@ mod tests {
             timeout_s: 1,
             failures_before_critical: f,
             successes_before_passing: s,
+            deregister_critical_after_s: None,
         }
     }
 

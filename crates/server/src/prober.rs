@@ -123,6 +123,9 @@ async fn another_vantage_disagrees(member: &Member, spec: &CheckSpec) -> Option<
 
 pub async fn run(member: Member, source: Option<IpAddr>) {
     let mut tracked: HashMap<Vec<u8>, Tracked> = HashMap::new();
+    // Since when (as this leader saw it) each critical instance with a deregister deadline
+    // has been critical. A new leader starts counting afresh: it errs on keeping instances.
+    let mut critical_since: HashMap<Vec<u8>, Instant> = HashMap::new();
     let mut term = 0;
     let limit = Arc::new(tokio::sync::Semaphore::new(PROBES_IN_FLIGHT_MAX));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Health)>(PROBES_IN_FLIGHT_MAX);
@@ -139,16 +142,21 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
         let st = member.status();
         if st.leader != Some(st.id) {
             tracked.clear();
+            critical_since.clear();
             continue;
         }
         if st.term != term {
             // A new leader starts counting afresh.
             term = st.term;
             tracked.clear();
+            critical_since.clear();
         }
         let now = Instant::now();
-        let due: Vec<(Vec<u8>, CheckSpec)> = checked_instances(&member)
+        let instances = checked_instances(&member);
+        deregister_long_critical(&member, term, &instances, &mut critical_since, now).await;
+        let due: Vec<(Vec<u8>, CheckSpec)> = instances
             .into_iter()
+            .map(|(key, instance, _)| (key, instance))
             .filter_map(|(key, instance)| {
                 let spec = instance.check?;
                 let t = tracked.entry(key.clone()).or_insert(Tracked { state: CheckState::default(), next_due: now });
@@ -169,7 +177,46 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
     }
 }
 
-fn checked_instances(member: &Member) -> Vec<(Vec<u8>, Instance)> {
+/// Deregister instances that stayed critical past their check's deadline.
+async fn deregister_long_critical(
+    member: &Member,
+    term: u64,
+    instances: &[(Vec<u8>, Instance, i64)],
+    since: &mut HashMap<Vec<u8>, Instant>,
+    now: Instant,
+) {
+    let mut seen = std::collections::HashSet::new();
+    for (key, instance, mod_revision) in instances {
+        let Some(after) = instance.check.as_ref().and_then(|c| c.deregister_critical_after_s) else { continue };
+        if instance.health != Health::Critical {
+            continue;
+        }
+        seen.insert(key.clone());
+        let t = *since.entry(key.clone()).or_insert(now);
+        if now.duration_since(t) < Duration::from_secs(after) {
+            continue;
+        }
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                result: CompareResult::Equal,
+                target: CompareTarget::Mod(*mod_revision),
+                key: key.clone(),
+                range_end: vec![],
+            }],
+            success: vec![RequestOp::DeleteRange(quorate_kv::DeleteRangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            })],
+            failure: vec![],
+        };
+        if member.write(Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) }).await.is_ok() {
+            info!(instance = %instance.id, after_s = after, "deregistered instance: critical past its deadline");
+        }
+    }
+    since.retain(|k, _| seen.contains(k));
+}
+
+fn checked_instances(member: &Member) -> Vec<(Vec<u8>, Instance, i64)> {
     let prefix = REGISTRY_PREFIX.as_bytes().to_vec();
     let req = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
     member.read(|s| {
@@ -179,7 +226,7 @@ fn checked_instances(member: &Member) -> Vec<(Vec<u8>, Instance)> {
                     .into_iter()
                     .filter_map(|kv| {
                         let i: Instance = serde_json::from_slice(&kv.value).ok()?;
-                        i.check.is_some().then_some((kv.key, i))
+                        i.check.is_some().then_some((kv.key, i, kv.mod_revision))
                     })
                     .collect()
             })

@@ -10,7 +10,7 @@ use quorate_consensus::Member;
 use quorate_kv::{
     Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use quorate_registry::{Brake, BrakeConfig, Instance, Kind, Transition, Verdict, REGISTRY_PREFIX};
+use quorate_registry::{Brake, BrakeConfig, Health, Instance, Kind, Transition, Verdict, REGISTRY_PREFIX};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -92,6 +92,9 @@ pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperS
         for (zone, (total, expired, ttl)) in scan(&member) {
             let verdict = brake.judge(&zone, expired.len(), total, now - since, ttl, now.into_std());
             for e in expired {
+                // An active check that confirmed the instance dead overrides the brake.
+                let confirmed_dead = e.instance.check.is_some() && e.instance.health == Health::Critical;
+                let verdict = if confirmed_dead { Verdict::Evict } else { verdict.clone() };
                 let op = match &verdict {
                     Verdict::Evict => {
                         RequestOp::DeleteRange(DeleteRangeRequest { key: e.key.clone(), ..Default::default() })
