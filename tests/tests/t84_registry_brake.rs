@@ -93,6 +93,11 @@ async fn a_zone_going_quiet_is_held_not_evicted() {
     assert!(list.iter().filter(|(id, _)| !silent_a.contains(id)).all(|(_, (_, s))| !s), "only they are suspect");
     assert!(degraded, "discovery says the service is degraded");
     assert!(reason.as_deref().is_some_and(|r| r.contains("zone a")), "and why: {reason:?}");
+    // The Consul and Eureka dialects say it in a header (their bodies have no such field).
+    let consul = http(&c.nodes[2], "GET", "/v1/health/service/api", None).unwrap();
+    assert!(consul.header("x-quorate-degraded").is_some_and(|r| r.contains("zone a")), "{:?}", consul.headers);
+    let eureka = http(&c.nodes[2], "GET", "/eureka/apps/API", None).unwrap();
+    assert!(eureka.header("x-quorate-degraded").is_some_and(|r| r.contains("zone a")), "{:?}", eureka.headers);
     let healthy = view(&c, "?healthy=true").0;
     assert!(silent_a.iter().all(|id| !healthy.contains_key(id)), "suspects are not offered as healthy");
     let leader = c.wait_leader(Duration::from_secs(5)).unwrap();

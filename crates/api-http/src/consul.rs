@@ -327,8 +327,11 @@ async fn blocking_read(api: &Api, prefix: &str, q: &ReadParams) -> Result<(Vec<I
     }
     let c = consistency(api, q.stale.is_some()).await?;
     let (all, rev) = instances_under(api, prefix)?;
-    let list = all.into_iter().map(|(i, _)| i).filter(|i| q.tag.as_ref().is_none_or(|t| i.tags.contains(t))).collect();
-    Ok((list, consul_headers(api, rev, c)))
+    let list: Vec<Instance> =
+        all.into_iter().map(|(i, _)| i).filter(|i| q.tag.as_ref().is_none_or(|t| i.tags.contains(t))).collect();
+    let mut headers = consul_headers(api, rev, c);
+    crate::degraded_header(&mut headers, &list);
+    Ok((list, headers))
 }
 
 fn agent_service(i: &Instance) -> Value {

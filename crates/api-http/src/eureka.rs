@@ -91,8 +91,16 @@ fn wants_json(headers: &HeaderMap) -> bool {
 }
 
 /// Answer with `value` as the document `root`: XML unless the client accepts JSON.
-fn document(api: &Api, headers: &HeaderMap, rev: i64, c: Consistency, root: &str, value: Value) -> Response {
-    let stamp = api.stamp(rev, c);
+fn document(
+    api: &Api,
+    headers: &HeaderMap,
+    (rev, c): (i64, Consistency),
+    shown: &[Instance],
+    root: &str,
+    value: Value,
+) -> Response {
+    let mut stamp = api.stamp(rev, c);
+    crate::degraded_header(&mut stamp, shown);
     if wants_json(headers) {
         (stamp, axum::Json(json!({ root: value }))).into_response()
     } else {
@@ -281,7 +289,7 @@ async fn all_apps(State(api): State<Arc<Api>>, headers: HeaderMap, Query(q): Que
     let c = consistency(&api, q.stale.is_some()).await?;
     let (all, rev) = instances_under(&api, &namespace_prefix(NS))?;
     let list: Vec<Instance> = all.into_iter().map(|(i, _)| i).collect();
-    Ok(document(&api, &headers, rev, c, "applications", applications_doc(&list)))
+    Ok(document(&api, &headers, (rev, c), &list, "applications", applications_doc(&list)))
 }
 
 async fn delta(State(api): State<Arc<Api>>, headers: HeaderMap, Query(q): Query<ReadParams>) -> ApiResult {
@@ -290,7 +298,7 @@ async fn delta(State(api): State<Arc<Api>>, headers: HeaderMap, Query(q): Query<
     let list: Vec<Instance> = all.into_iter().map(|(i, _)| i).collect();
     let mut doc = applications_doc(&list);
     doc["application"] = json!([]);
-    Ok(document(&api, &headers, rev, c, "applications", doc))
+    Ok(document(&api, &headers, (rev, c), &list, "applications", doc))
 }
 
 async fn one_app(
@@ -305,9 +313,10 @@ async fn one_app(
     if all.is_empty() {
         return Err(ApiError::not_found("unknown_application", format!("no application {app}")));
     }
-    let instances: Vec<Value> = all.iter().map(|(i, _)| instance_doc(i)).collect();
+    let shown: Vec<Instance> = all.into_iter().map(|(i, _)| i).collect();
+    let instances: Vec<Value> = shown.iter().map(instance_doc).collect();
     let doc = json!({"name": app.to_ascii_uppercase(), "instance": instances});
-    Ok(document(&api, &headers, rev, c, "application", doc))
+    Ok(document(&api, &headers, (rev, c), &shown, "application", doc))
 }
 
 async fn one_instance(
@@ -322,7 +331,8 @@ async fn one_instance(
         return Err(unknown(&app, &id));
     };
     let rev = api.member.read(|s| s.revision());
-    Ok(document(&api, &headers, rev, c, "instance", instance_doc(&instance)))
+    let doc = instance_doc(&instance);
+    Ok(document(&api, &headers, (rev, c), &[instance], "instance", doc))
 }
 
 async fn instance_by_id(
@@ -337,5 +347,6 @@ async fn instance_by_id(
     let Some((instance, _)) = all.into_iter().find(|(i, _)| i.id == id) else {
         return Err(ApiError::not_found("unknown_instance", format!("no instance {id}")));
     };
-    Ok(document(&api, &headers, rev, c, "instance", instance_doc(&instance)))
+    let doc = instance_doc(&instance);
+    Ok(document(&api, &headers, (rev, c), &[instance], "instance", doc))
 }

@@ -60,6 +60,21 @@ pub(crate) enum Consistency {
     Stale,
 }
 
+/// `X-Quorate-Degraded: <reason>` when any of `instances` is held as suspect by the eviction
+/// brake: how the Consul and Eureka dialects (whose bodies have no such field) say it.
+pub(crate) fn degraded_header<'a>(
+    headers: &mut HeaderMap,
+    instances: impl IntoIterator<Item = &'a quorate_registry::Instance>,
+) {
+    let reason = instances.into_iter().find(|i| i.suspect).map(|i| i.suspect_reason.clone().unwrap_or_default());
+    if let Some(reason) = reason {
+        let clean: String = reason.chars().filter(|c| c.is_ascii() && !c.is_ascii_control()).collect();
+        if let Ok(v) = HeaderValue::from_str(&clean) {
+            headers.insert("x-quorate-degraded", v);
+        }
+    }
+}
+
 impl Api {
     /// Headers every native answer carries (PRODUCT promise 6).
     pub(crate) fn stamp(&self, revision: i64, consistency: Consistency) -> HeaderMap {

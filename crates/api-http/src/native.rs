@@ -210,5 +210,7 @@ async fn list_instances(
         "degraded_reason": suspect.and_then(|i| i.suspect_reason.clone()),
         "instances": chosen,
     });
-    Ok((api.stamp(rev, consistency), Json(body)).into_response())
+    let mut headers = api.stamp(rev, consistency);
+    crate::degraded_header(&mut headers, &all);
+    Ok((headers, Json(body)).into_response())
 }
