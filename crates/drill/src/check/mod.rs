@@ -1,0 +1,3 @@
+//! The checkers, one file each.
+
+pub mod linearizable;
