@@ -77,7 +77,7 @@ fn linearizable(ops: &[Op], deadline: Instant) -> Option<bool> {
     let mut steps: u64 = 0;
     while let Some((done, state)) = stack.pop() {
         steps += 1;
-        if steps % 1024 == 0 && Instant::now() > deadline {
+        if steps.is_multiple_of(1024) && Instant::now() > deadline {
             return None;
         }
         let is_done = |i: usize| done[i / 64] >> (i % 64) & 1 == 1;
