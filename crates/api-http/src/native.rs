@@ -158,6 +158,10 @@ async fn list_services(State(api): State<Arc<Api>>, Path(ns): Path<String>, Quer
             *services.entry(svc).or_default() += 1;
         }
     }
+    // Namespaces exist while they hold instances (`default` always does).
+    if services.is_empty() && ns != quorate_registry::DEFAULT_NAMESPACE {
+        return Err(ApiError::not_found("unknown_namespace", format!("no namespace {ns}")));
+    }
     let list: Vec<_> = services.into_iter().map(|(name, n)| json!({"name": name, "instances": n})).collect();
     Ok((api.stamp(rev, consistency), Json(json!({"namespace": ns, "services": list, "revision": rev}))).into_response())
 }
@@ -189,6 +193,10 @@ async fn list_instances(
     }
     let consistency = consistency(&api, q.stale.is_some()).await?;
     let (all, rev) = crate::ops::instances_under(&api, &prefix)?;
+    // A service exists while it has instances. A blocking query may wait for one to appear.
+    if all.is_empty() && q.index.is_none() {
+        return Err(ApiError::not_found("unknown_service", format!("no service {svc} in namespace {ns}")));
+    }
     let all: Vec<Instance> = all.into_iter().map(|(i, _)| i).collect();
     let mut chosen: Vec<&Instance> = all
         .iter()
