@@ -38,11 +38,7 @@ impl KvService {
             return Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE));
         }
         self.ctx.refuse_learner()?;
-        let cmd = match fence {
-            Some(fence) => Command::Fenced { fence, cmd: Box::new(cmd) },
-            None => cmd,
-        };
-        let resp = self.ctx.member.write(cmd).await.map_err(consensus_status)?;
+        let resp = self.ctx.member.write(cmd.fenced(fence)).await.map_err(consensus_status)?;
         let header = self.ctx.header_at(resp.revision);
         let result = resp.kv_result().map_err(kv_status)?;
         Ok((result, header))

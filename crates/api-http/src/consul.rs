@@ -18,9 +18,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use quorate_kv::{
-    Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
-};
+use quorate_kv::{Command, DeleteRangeRequest};
 use quorate_registry::{instance_key, namespace_prefix, service_prefix, Health, Instance, Kind, RegisterRequest};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -267,17 +265,7 @@ async fn check_update(State(api): State<Arc<Api>>, Path((verb, check)): Path<(St
     if instance.health != health || instance.suspect {
         let key = instance_key(NS, &instance.service, &instance.id).into_bytes();
         let updated = Instance { health, suspect: false, suspect_reason: None, ..instance };
-        let value = serde_json::to_vec(&updated).expect("instances serialize");
-        let txn = TxnRequest {
-            compare: vec![Compare {
-                result: CompareResult::Equal,
-                target: CompareTarget::Mod(mod_revision),
-                key: key.clone(),
-                range_end: vec![],
-            }],
-            success: vec![RequestOp::Put(PutRequest { key, value, ..Default::default() })],
-            failure: vec![],
-        };
+        let txn = quorate_registry::replace_if_unchanged(&key, mod_revision, &updated);
         revision = write(&api, Command::Txn(txn)).await?.1;
     }
     Ok((consul_headers(&api, revision, Consistency::Linearizable), "").into_response())

@@ -19,9 +19,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::Router;
-use quorate_kv::{
-    Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
-};
+use quorate_kv::{Command, DeleteRangeRequest};
 use quorate_registry::{instance_key, namespace_prefix, service_prefix, Health, Instance, Kind, RegisterRequest};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -252,17 +250,7 @@ async fn update_health(api: &Api, app: &str, id: &str, health: Health) -> ApiRes
     names(app, Some(id))?;
     let Some((instance, mod_revision)) = find(api, app, id).await? else { return Err(unknown(app, id)) };
     let key = instance_key(NS, &instance.service, &instance.id).into_bytes();
-    let value = serde_json::to_vec(&Instance { health, ..instance }).expect("instances serialize");
-    let txn = TxnRequest {
-        compare: vec![Compare {
-            result: CompareResult::Equal,
-            target: CompareTarget::Mod(mod_revision),
-            key: key.clone(),
-            range_end: vec![],
-        }],
-        success: vec![RequestOp::Put(PutRequest { key, value, ..Default::default() })],
-        failure: vec![],
-    };
+    let txn = quorate_registry::replace_if_unchanged(&key, mod_revision, &Instance { health, ..instance });
     let (_, rev) = write(api, Command::Txn(txn)).await?;
     Ok((api.stamp(rev, Consistency::Linearizable), "").into_response())
 }

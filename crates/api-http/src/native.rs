@@ -84,11 +84,7 @@ async fn deregister(
         return Err(ApiError::not_found("unknown_instance", format!("no instance {id} in {ns}/{svc}")));
     };
     let delete = Command::DeleteRange(DeleteRangeRequest { key: key.into_bytes(), ..Default::default() });
-    let cmd = match fence {
-        Some(fence) => Command::Fenced { fence, cmd: Box::new(delete) },
-        None => delete,
-    };
-    let (_, revision) = write(&api, cmd).await?;
+    let (_, revision) = write(&api, delete.fenced(fence)).await?;
     if instance.lease != 0 {
         // Gone already is fine: the instance is deregistered either way.
         let _ = api.member.write(Command::LeaseRevoke { id: instance.lease }).await;

@@ -117,11 +117,7 @@ pub async fn store_fenced(
     }
     let value = serde_json::to_vec(&instance).expect("instances serialize");
     let put = Command::Put(PutRequest { key: key.into_bytes(), value, ..Default::default() });
-    let cmd = match fence {
-        Some(fence) => Command::Fenced { fence, cmd: Box::new(put) },
-        None => put,
-    };
-    let (_, revision) = write(api, cmd).await?;
+    let (_, revision) = write(api, put.fenced(fence)).await?;
     Ok((instance, revision))
 }
 

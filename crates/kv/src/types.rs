@@ -218,6 +218,16 @@ pub struct Fence {
     pub revision: i64,
 }
 
+impl Command {
+    /// This command, guarded by `fence` when there is one.
+    pub fn fenced(self, fence: Option<Fence>) -> Command {
+        match fence {
+            Some(fence) => Command::Fenced { fence, cmd: Box::new(self) },
+            None => self,
+        }
+    }
+}
+
 impl Fence {
     /// Parse `<key>@<revision>` (the `quorate-fence` header). The key may itself contain `@`:
     /// the token is after the last one.

@@ -7,8 +7,10 @@ mod brake;
 mod checks;
 mod keys;
 mod model;
+mod writes;
 
 pub use brake::{Brake, BrakeConfig, Transition, Verdict};
 pub use checks::{http_outcome, step, CheckSpec, CheckState, Step};
 pub use keys::{instance_key, namespace_prefix, parse_instance_key, service_prefix, REGISTRY_PREFIX};
 pub use model::{check_name, Health, Instance, Kind, RegisterRequest, RegistryError, DEFAULT_NAMESPACE};
+pub use writes::{delete_if_unchanged, replace_if_unchanged};

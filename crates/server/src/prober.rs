@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use quorate_consensus::{AppHandler, Member};
-use quorate_kv::{Command, Compare, CompareResult, CompareTarget, PutRequest, RangeRequest, RequestOp, TxnRequest};
+use quorate_kv::{Command, RangeRequest};
 use quorate_registry::{http_outcome, step, CheckSpec, CheckState, Health, Instance, Step, REGISTRY_PREFIX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -196,19 +196,7 @@ async fn deregister_long_critical(
         if now.duration_since(t) < Duration::from_secs(after) {
             continue;
         }
-        let txn = TxnRequest {
-            compare: vec![Compare {
-                result: CompareResult::Equal,
-                target: CompareTarget::Mod(*mod_revision),
-                key: key.clone(),
-                range_end: vec![],
-            }],
-            success: vec![RequestOp::DeleteRange(quorate_kv::DeleteRangeRequest {
-                key: key.clone(),
-                ..Default::default()
-            })],
-            failure: vec![],
-        };
+        let txn = quorate_registry::delete_if_unchanged(key, *mod_revision);
         if member.write(Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) }).await.is_ok() {
             info!(instance = %instance.id, after_s = after, "deregistered instance: critical past its deadline");
         }
@@ -257,17 +245,7 @@ async fn judge(member: &Member, term: u64, tracked: &mut HashMap<Vec<u8>, Tracke
         },
     };
     let updated = Instance { health: new, ..instance.clone() };
-    let value = serde_json::to_vec(&updated).expect("instances serialize");
-    let txn = TxnRequest {
-        compare: vec![Compare {
-            result: CompareResult::Equal,
-            target: CompareTarget::Mod(mod_revision),
-            key: key.clone(),
-            range_end: vec![],
-        }],
-        success: vec![RequestOp::Put(PutRequest { key, value, ..Default::default() })],
-        failure: vec![],
-    };
+    let txn = quorate_registry::replace_if_unchanged(&key, mod_revision, &updated);
     match member.write(Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) }).await {
         Ok(_) => info!(instance = %instance.id, from = ?instance.health, to = ?new, "health check changed status"),
         Err(e) => warn!(instance = %instance.id, error = %e, "health status write failed"),

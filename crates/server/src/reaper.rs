@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use quorate_consensus::Member;
-use quorate_kv::{
-    Command, Compare, CompareResult, CompareTarget, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
+use quorate_kv::{Command, RangeRequest};
 use quorate_registry::{Brake, BrakeConfig, Health, Instance, Kind, Transition, Verdict, REGISTRY_PREFIX};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -30,15 +28,6 @@ struct Expired {
     key: Vec<u8>,
     mod_revision: i64,
     instance: Instance,
-}
-
-fn unchanged_since(key: &[u8], mod_revision: i64) -> Compare {
-    Compare {
-        result: CompareResult::Equal,
-        target: CompareTarget::Mod(mod_revision),
-        key: key.to_vec(),
-        range_end: vec![],
-    }
 }
 
 /// Every ephemeral instance by zone: (how many, the expired ones, the longest TTL).
@@ -95,24 +84,16 @@ pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperS
                 // An active check that confirmed the instance dead overrides the brake.
                 let confirmed_dead = e.instance.check.is_some() && e.instance.health == Health::Critical;
                 let verdict = if confirmed_dead { Verdict::Evict } else { verdict.clone() };
-                let op = match &verdict {
-                    Verdict::Evict => {
-                        RequestOp::DeleteRange(DeleteRangeRequest { key: e.key.clone(), ..Default::default() })
-                    }
+                let txn = match &verdict {
+                    Verdict::Evict => quorate_registry::delete_if_unchanged(&e.key, e.mod_revision),
                     Verdict::Hold { reason } => {
                         if e.instance.suspect && e.instance.suspect_reason.as_deref() == Some(reason) {
                             continue;
                         }
                         let marked =
                             Instance { suspect: true, suspect_reason: Some(reason.clone()), ..e.instance.clone() };
-                        let value = serde_json::to_vec(&marked).expect("instances serialize");
-                        RequestOp::Put(PutRequest { key: e.key.clone(), value, ..Default::default() })
+                        quorate_registry::replace_if_unchanged(&e.key, e.mod_revision, &marked)
                     }
-                };
-                let txn = TxnRequest {
-                    compare: vec![unchanged_since(&e.key, e.mod_revision)],
-                    success: vec![op],
-                    failure: vec![],
                 };
                 let cmd = Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) };
                 let applied = member
