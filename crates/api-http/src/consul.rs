@@ -217,14 +217,22 @@ async fn register(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
 
 /// The instance with Consul service id `id` (ids are unique per agent; quorate looks across
 /// every service of the default namespace).
-fn find(api: &Api, pred: impl Fn(&Instance) -> bool) -> Result<Option<(Instance, i64)>, ApiError> {
-    let (all, _) = instances_under(api, &namespace_prefix(NS))?;
-    Ok(all.into_iter().find(|(i, _)| pred(i)))
+/// The TTL-checked instance behind check `check`. `service:<id>` (what clients use) is found
+/// from the keys; a custom check id needs every record read.
+fn find_check(api: &Api, check: &str) -> Result<Option<(Instance, i64)>, ApiError> {
+    let found = match check.strip_prefix("service:") {
+        Some(id) => crate::ops::instance_by_id(api, NS, id)?,
+        None => instances_under(api, &namespace_prefix(NS))?
+            .0
+            .into_iter()
+            .find(|(i, _)| i.check_id.as_deref() == Some(check)),
+    };
+    Ok(found.filter(|(i, _)| i.check_id.as_deref() == Some(check)))
 }
 
 async fn deregister(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
     api.member.linearize().await?;
-    let Some((instance, _)) = find(&api, |i| i.id == id)? else {
+    let Some((instance, _)) = crate::ops::instance_by_id(&api, NS, &id)? else {
         return Err(ApiError::not_found("unknown_service", format!("Unknown service ID {id:?}")));
     };
     let key = instance_key(NS, &instance.service, &instance.id);
@@ -244,12 +252,12 @@ async fn check_update(State(api): State<Arc<Api>>, Path((verb, check)): Path<(St
         "fail" => Health::Critical,
         other => return Err(ApiError::not_found("unknown_endpoint", format!("no such check verb {other:?}"))),
     };
-    let matches = |i: &Instance| i.check_id.as_deref() == Some(check.as_str());
-    let found = match find(&api, matches)? {
+    // Local first (check passes are heartbeats); a miss may only mean this member lags.
+    let found = match find_check(&api, &check)? {
         Some(f) => Some(f),
         None => {
             api.member.linearize().await?;
-            find(&api, matches)?
+            find_check(&api, &check)?
         }
     };
     let Some((instance, mod_revision)) = found else {

@@ -331,10 +331,10 @@ async fn instance_by_id(
 ) -> ApiResult {
     quorate_registry::check_name("instance id", &id)?;
     let c = consistency(&api, q.stale.is_some()).await?;
-    let (all, rev) = instances_under(&api, &namespace_prefix(NS))?;
-    let Some((instance, _)) = all.into_iter().find(|(i, _)| i.id == id) else {
+    let Some((instance, _)) = crate::ops::instance_by_id(&api, NS, &id)? else {
         return Err(ApiError::not_found("unknown_instance", format!("no instance {id}")));
     };
+    let rev = api.member.read(|s| s.revision());
     let doc = instance_doc(&instance);
     Ok(document(&api, &headers, (rev, c), &[instance], "instance", doc))
 }

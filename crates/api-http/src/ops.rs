@@ -131,6 +131,18 @@ pub fn parse_fence(s: Option<&str>) -> Result<Option<quorate_kv::Fence>, ApiErro
     }
 }
 
+/// The instance with id `id` anywhere in namespace `ns` (Consul and Eureka name instances by id
+/// alone; the first match), found from the keys so only that one record is decoded.
+pub fn instance_by_id(api: &Api, ns: &str, id: &str) -> Result<Option<(Instance, i64)>, ApiError> {
+    let req = RangeRequest { keys_only: true, ..prefix_range(&quorate_registry::namespace_prefix(ns)) };
+    let keys = api.member.read(|s| s.range(&req))?.kvs;
+    let key = keys
+        .into_iter()
+        .find(|kv| quorate_registry::parse_instance_key(&kv.key).is_some_and(|(_, _, i)| i == id))
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned());
+    Ok(key.and_then(|k| read_instance(api, &k)))
+}
+
 /// Every instance under a key prefix, with its mod revision, and the revision read at.
 pub fn instances_under(api: &Api, prefix: &str) -> Result<(Vec<(Instance, i64)>, i64), ApiError> {
     let (r, rev) = api.member.read(|s| (s.range(&prefix_range(prefix)), s.revision()));
