@@ -5,6 +5,7 @@ mod config;
 mod http;
 mod prober;
 mod reaper;
+mod registry_view;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -12,10 +12,12 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use quorate_consensus::{AppHandler, Member};
 use quorate_kv::{Command, RangeRequest};
-use quorate_registry::{http_outcome, step, CheckSpec, CheckState, Health, Instance, Step, REGISTRY_PREFIX};
+use quorate_registry::{http_outcome, step, CheckSpec, CheckState, Health, Instance, Step};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{info, warn};
+
+use crate::registry_view::RegistryView;
 
 /// How often the leader looks for checks that are due.
 const PROBE_TICK: Duration = Duration::from_millis(200);
@@ -126,6 +128,7 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
     // Since when (as this leader saw it) each critical instance with a deregister deadline
     // has been critical. A new leader starts counting afresh: it errs on keeping instances.
     let mut critical_since: HashMap<Vec<u8>, Instant> = HashMap::new();
+    let mut view = RegistryView::new();
     let mut term = 0;
     let limit = Arc::new(tokio::sync::Semaphore::new(PROBES_IN_FLIGHT_MAX));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Health)>(PROBES_IN_FLIGHT_MAX);
@@ -152,13 +155,11 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
             critical_since.clear();
         }
         let now = Instant::now();
-        let instances = checked_instances(&member);
-        deregister_long_critical(&member, term, &instances, &mut critical_since, now).await;
-        let due: Vec<(Vec<u8>, CheckSpec)> = instances
-            .into_iter()
-            .map(|(key, instance, _)| (key, instance))
-            .filter_map(|(key, instance)| {
-                let spec = instance.check?;
+        let records = view.records(&member);
+        let due: Vec<(Vec<u8>, CheckSpec)> = records
+            .iter()
+            .filter_map(|r| {
+                let (key, spec) = (r.key.clone(), r.instance.check.clone()?);
                 let t = tracked.entry(key.clone()).or_insert(Tracked { state: CheckState::default(), next_due: now });
                 (t.next_due <= now).then(|| {
                     t.next_due = now + Duration::from_secs(spec.interval_s);
@@ -166,6 +167,12 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
                 })
             })
             .collect();
+        let critical: Vec<(Vec<u8>, Instance, i64)> = records
+            .iter()
+            .filter(|r| r.instance.health == Health::Critical && r.instance.check.is_some())
+            .map(|r| (r.key.clone(), r.instance.clone(), r.mod_revision))
+            .collect();
+        deregister_long_critical(&member, term, &critical, &mut critical_since, now).await;
         for (key, spec) in due {
             let (tx, limit) = (tx.clone(), limit.clone());
             tokio::spawn(async move {
@@ -202,24 +209,6 @@ async fn deregister_long_critical(
         }
     }
     since.retain(|k, _| seen.contains(k));
-}
-
-fn checked_instances(member: &Member) -> Vec<(Vec<u8>, Instance, i64)> {
-    let prefix = REGISTRY_PREFIX.as_bytes().to_vec();
-    let req = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
-    member.read(|s| {
-        s.range(&req)
-            .map(|r| {
-                r.kvs
-                    .into_iter()
-                    .filter_map(|kv| {
-                        let i: Instance = serde_json::from_slice(&kv.value).ok()?;
-                        i.check.is_some().then_some((kv.key, i, kv.mod_revision))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    })
 }
 
 /// Apply one probe result: hysteresis, confirmation, and the term-fenced write.

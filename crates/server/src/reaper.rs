@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use quorate_consensus::Member;
-use quorate_kv::{Command, RangeRequest};
-use quorate_registry::{Brake, BrakeConfig, Health, Instance, Kind, Transition, Verdict, REGISTRY_PREFIX};
+use quorate_kv::Command;
+use quorate_registry::{Brake, BrakeConfig, Health, Instance, Kind, Transition, Verdict};
+
+use crate::registry_view::RegistryView;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -30,23 +32,19 @@ struct Expired {
     instance: Instance,
 }
 
-/// Every ephemeral instance by zone: (how many, the expired ones, the longest TTL).
-fn scan(member: &Member) -> BTreeMap<String, (usize, Vec<Expired>, Duration)> {
-    let prefix = REGISTRY_PREFIX.as_bytes().to_vec();
-    let req = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
+/// Every ephemeral instance by zone: (how many, the expired ones, the longest TTL). Lease
+/// expiry does not change the revision, so liveness is looked up on every tick.
+fn scan(member: &Member, view: &mut RegistryView) -> BTreeMap<String, (usize, Vec<Expired>, Duration)> {
+    let records = view.records(member);
     member.read(|s| {
         let mut zones: BTreeMap<String, (usize, Vec<Expired>, Duration)> = BTreeMap::new();
-        let Ok(r) = s.range(&req) else { return zones };
-        for kv in r.kvs {
-            let Ok(instance) = serde_json::from_slice::<Instance>(&kv.value) else { continue };
-            if instance.kind != Kind::Ephemeral {
-                continue;
-            }
-            let zone = zones.entry(instance.zone.clone()).or_default();
+        for r in records.iter().filter(|r| r.instance.kind == Kind::Ephemeral) {
+            let zone = zones.entry(r.instance.zone.clone()).or_default();
             zone.0 += 1;
-            zone.2 = zone.2.max(Duration::from_secs(instance.ttl_s));
-            if s.lease(instance.lease).is_none() {
-                zone.1.push(Expired { key: kv.key, mod_revision: kv.mod_revision, instance });
+            zone.2 = zone.2.max(Duration::from_secs(r.instance.ttl_s));
+            if s.lease(r.instance.lease).is_none() {
+                let e = Expired { key: r.key.clone(), mod_revision: r.mod_revision, instance: r.instance.clone() };
+                zone.1.push(e);
             }
         }
         zones
@@ -56,6 +54,7 @@ fn scan(member: &Member) -> BTreeMap<String, (usize, Vec<Expired>, Duration)> {
 pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperStats>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut brake = Brake::new(cfg.clone());
+    let mut view = RegistryView::new();
     let mut leading: Option<(u64, Instant)> = None;
     let mut tick = tokio::time::interval(REAP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,7 +77,7 @@ pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperS
             }
         };
         let now = Instant::now();
-        for (zone, (total, expired, ttl)) in scan(&member) {
+        for (zone, (total, expired, ttl)) in scan(&member, &mut view) {
             let verdict = brake.judge(&zone, expired.len(), total, now - since, ttl, now.into_std());
             for e in expired {
                 // An active check that confirmed the instance dead overrides the brake.
