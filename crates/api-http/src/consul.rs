@@ -23,7 +23,7 @@ use quorate_registry::{instance_key, namespace_prefix, service_prefix, Health, I
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::ops::{consistency, instances_under, parse_wait, wait_for_change, write, BLOCKING_WAIT_DEFAULT};
+use crate::ops::{consistency, instances_under, write};
 use crate::{Api, ApiError, Consistency};
 
 const NS: &str = quorate_registry::DEFAULT_NAMESPACE;
@@ -314,13 +314,7 @@ pub(crate) fn consul_headers(api: &Api, revision: i64, consistency: Consistency)
 
 /// Block (if asked) until `prefix` changes after `?index`, then read with the asked consistency.
 async fn blocking_read(api: &Api, prefix: &str, q: &ReadParams) -> Result<(Vec<Instance>, HeaderMap), ApiError> {
-    if let Some(index) = q.index {
-        let wait = match &q.wait {
-            Some(w) => parse_wait(w).ok_or_else(|| bad(format!("Invalid wait time {w:?}")))?,
-            None => BLOCKING_WAIT_DEFAULT,
-        };
-        wait_for_change(api, prefix, index, wait).await?;
-    }
+    crate::ops::block_if_asked(api, prefix, q.index, q.wait.as_deref()).await?;
     let c = consistency(api, q.stale.is_some()).await?;
     let (all, rev) = instances_under(api, prefix)?;
     let list: Vec<Instance> =

@@ -19,7 +19,7 @@ use quorate_kv::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::ops::{consistency, parse_wait, prefix_range, wait_for_change, write, BLOCKING_WAIT_DEFAULT};
+use crate::ops::{consistency, prefix_range, write};
 use crate::{Api, ApiError, Consistency};
 
 /// Where session records live (attached to the session's lease, so they end with it).
@@ -103,13 +103,7 @@ async fn kv_get_all(state: State<Arc<Api>>, q: Query<KvParams>) -> ApiResult {
 
 async fn kv_get(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q): Query<KvParams>) -> ApiResult {
     let whole_prefix = q.recurse.is_some() || q.keys.is_some();
-    if let Some(index) = q.index {
-        let wait = match &q.wait {
-            Some(w) => parse_wait(w).ok_or_else(|| ApiError::bad_request("bad_wait", format!("Invalid wait {w:?}")))?,
-            None => BLOCKING_WAIT_DEFAULT,
-        };
-        wait_for_change(&api, &key, index, wait).await?;
-    }
+    crate::ops::block_if_asked(&api, &key, q.index, q.wait.as_deref()).await?;
     let c = consistency(&api, q.stale.is_some()).await?;
     let req = if whole_prefix {
         prefix_range(&key)

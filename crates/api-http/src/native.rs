@@ -20,7 +20,7 @@ use quorate_registry::{instance_key, namespace_prefix, parse_instance_key, servi
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::ops::{consistency, parse_wait, prefix_range, read_instance, wait_for_change, write, BLOCKING_WAIT_DEFAULT};
+use crate::ops::{consistency, prefix_range, read_instance, write};
 use crate::{Api, ApiError, Consistency};
 
 type ApiResult = Result<Response, ApiError>;
@@ -180,13 +180,7 @@ async fn list_instances(
 ) -> ApiResult {
     check_names(&ns, Some(&svc), None)?;
     let prefix = service_prefix(&ns, &svc);
-    if let Some(index) = q.index {
-        let wait = match &q.wait {
-            Some(w) => parse_wait(w).ok_or_else(|| ApiError::bad_request("bad_wait", format!("bad wait {w:?}")))?,
-            None => BLOCKING_WAIT_DEFAULT,
-        };
-        wait_for_change(&api, &prefix, index, wait).await?;
-    }
+    crate::ops::block_if_asked(&api, &prefix, q.index, q.wait.as_deref()).await?;
     let consistency = consistency(&api, q.stale.is_some()).await?;
     let (all, rev) = crate::ops::instances_under(&api, &prefix)?;
     // A service exists while it has instances. A blocking query may wait for one to appear.

@@ -9,8 +9,8 @@ use quorate_registry::{Instance, Kind};
 use crate::{Api, ApiError, Consistency};
 
 /// Longest a blocking query may wait (Consul caps `wait` at 10 minutes too).
-pub const BLOCKING_WAIT_MAX: Duration = Duration::from_secs(600);
-pub const BLOCKING_WAIT_DEFAULT: Duration = Duration::from_secs(300);
+const BLOCKING_WAIT_MAX: Duration = Duration::from_secs(600);
+const BLOCKING_WAIT_DEFAULT: Duration = Duration::from_secs(300);
 
 pub async fn write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
     let resp = api.member.write(cmd).await?;
@@ -45,7 +45,7 @@ pub fn prefix_range(prefix: &str) -> RangeRequest {
 }
 
 /// `30s`, `5m`, `1500ms` or plain seconds.
-pub fn parse_wait(s: &str) -> Option<Duration> {
+fn parse_wait(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
     let n: u64 = num.parse().ok()?;
@@ -58,8 +58,19 @@ pub fn parse_wait(s: &str) -> Option<Duration> {
     Some(d.min(BLOCKING_WAIT_MAX))
 }
 
+/// A blocking query (`?index=N&wait=30s`, native and Consul alike): when `index` is given,
+/// return once something under `prefix` changed after it, or once `wait` (default 5 min) passed.
+pub async fn block_if_asked(api: &Api, prefix: &str, index: Option<i64>, wait: Option<&str>) -> Result<(), ApiError> {
+    let Some(index) = index else { return Ok(()) };
+    let wait = match wait {
+        Some(w) => parse_wait(w).ok_or_else(|| ApiError::bad_request("bad_wait", format!("invalid wait {w:?}")))?,
+        None => BLOCKING_WAIT_DEFAULT,
+    };
+    wait_for_change(api, prefix, index, wait).await
+}
+
 /// Block until something under `prefix` changes after revision `index`, or `wait` passes.
-pub async fn wait_for_change(api: &Api, prefix: &str, index: i64, wait: Duration) -> Result<(), ApiError> {
+async fn wait_for_change(api: &Api, prefix: &str, index: i64, wait: Duration) -> Result<(), ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     let (key, end) = (prefix.as_bytes().to_vec(), quorate_kv::prefix_end(prefix.as_bytes()));
     let mut events = api.member.subscribe();
