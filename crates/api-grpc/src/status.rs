@@ -9,11 +9,9 @@ pub const ERR_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
 pub const ERR_BAD_FENCE: &str = "quorate: malformed quorate-fence header: expected <key>@<revision>";
 
 pub fn kv_status(e: KvError) -> Status {
-    if let KvError::FenceRejected { .. } = e {
-        return Status::failed_precondition(format!("quorate: {e}"));
-    }
     let (code, msg) = match e {
-        KvError::FenceRejected { .. } => unreachable!("handled above"),
+        // The one message that names its key and token.
+        KvError::FenceRejected { .. } => return Status::failed_precondition(format!("quorate: {e}")),
         KvError::FenceNotAllowed => (Code::InvalidArgument, "quorate: only put, delete and txn can carry a fence"),
         KvError::Compacted { .. } => (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
         KvError::FutureRevision { .. } => {
