@@ -44,6 +44,20 @@ pub struct Node {
 }
 
 impl Node {
+    /// A member slot named `name` with free loopback ports and its files under `dir`.
+    fn new(dir: &Path, name: String) -> Node {
+        Node {
+            data_dir: dir.join(format!("{name}.data")),
+            log_path: dir.join(format!("{name}.log")),
+            name,
+            client_port: free_port(),
+            peer_port: free_port(),
+            http_port: free_port(),
+            join: None,
+            child: None,
+        }
+    }
+
     /// A handle on just a member's HTTP port, to use from another thread.
     pub fn detached(http_port: u16) -> Node {
         Node {
@@ -80,7 +94,7 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub initial_cluster: String,
     pub extra_args: Vec<String>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -101,33 +115,8 @@ impl Cluster {
     }
 
     fn try_start(flavor: Flavor, n: usize, extra_args: &[&str]) -> anyhow::Result<Cluster> {
-        let dir = tempfile::tempdir()?;
-        if std::env::var_os("QUORATE_KEEP_LOGS").is_some() {
-            eprintln!("cluster files in {}", dir.path().display());
-        }
-        let mut nodes = Vec::new();
-        for i in 1..=n {
-            let name = format!("m{i}");
-            nodes.push(Node {
-                data_dir: dir.path().join(format!("{name}.data")),
-                log_path: dir.path().join(format!("{name}.log")),
-                name,
-                client_port: free_port(),
-                peer_port: free_port(),
-                http_port: free_port(),
-                join: None,
-                child: None,
-            });
-        }
-        let initial_cluster =
-            nodes.iter().map(|n| format!("{}={}", n.name, n.peer_url())).collect::<Vec<_>>().join(",");
-        let mut c = Cluster {
-            flavor,
-            nodes,
-            initial_cluster,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            _dir: dir,
-        };
+        let mut c = Self::unstarted(flavor, n)?;
+        c.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
         c.start_all()?;
         Ok(c)
     }
@@ -136,24 +125,13 @@ impl Cluster {
     /// prepare their data directories first (`snapshot restore`). Start with `start_all`.
     pub fn unstarted(flavor: Flavor, n: usize) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
-        let nodes: Vec<Node> = (1..=n)
-            .map(|i| {
-                let name = format!("m{i}");
-                Node {
-                    data_dir: dir.path().join(format!("{name}.data")),
-                    log_path: dir.path().join(format!("{name}.log")),
-                    name,
-                    client_port: free_port(),
-                    peer_port: free_port(),
-                    http_port: free_port(),
-                    join: None,
-                    child: None,
-                }
-            })
-            .collect();
+        if std::env::var_os("QUORATE_KEEP_LOGS").is_some() {
+            eprintln!("cluster files in {}", dir.path().display());
+        }
+        let nodes: Vec<Node> = (1..=n).map(|i| Node::new(dir.path(), format!("m{i}"))).collect();
         let initial_cluster =
             nodes.iter().map(|n| format!("{}={}", n.name, n.peer_url())).collect::<Vec<_>>().join(",");
-        Ok(Cluster { flavor, nodes, initial_cluster, extra_args: Vec::new(), _dir: dir })
+        Ok(Cluster { flavor, nodes, initial_cluster, extra_args: Vec::new(), dir })
     }
 
     /// Start every member and wait until the cluster serves writes.
@@ -202,18 +180,8 @@ impl Cluster {
 
     /// A new member slot (ports, data directory) for `member add`; not started. Returns its index.
     pub fn new_node(&mut self) -> usize {
-        let dir = self.nodes[0].data_dir.parent().expect("cluster dir").to_path_buf();
         let name = format!("m{}", self.nodes.len() + 1);
-        self.nodes.push(Node {
-            data_dir: dir.join(format!("{name}.data")),
-            log_path: dir.join(format!("{name}.log")),
-            name,
-            client_port: free_port(),
-            peer_port: free_port(),
-            http_port: free_port(),
-            join: None,
-            child: None,
-        });
+        self.nodes.push(Node::new(self.dir.path(), name));
         self.nodes.len() - 1
     }
 
@@ -594,15 +562,26 @@ pub fn http(node: &Node, method: &str, path: &str, body: Option<&str>) -> anyhow
 
 /// `http`, for many concurrent callers on a tokio runtime.
 pub async fn http_async(port: u16, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<HttpReply> {
+    http_at(&format!("127.0.0.1:{port}"), method, path, body, Duration::from_secs(30)).await
+}
+
+/// One HTTP/1.1 request to `addr` (`host:port`), giving up after `timeout`.
+pub async fn http_at(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<HttpReply> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(http_request(method, path, body).as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         anyhow::Ok(parse_reply(&String::from_utf8_lossy(&buf)))
     };
-    tokio::time::timeout(Duration::from_secs(30), exchange).await?
+    tokio::time::timeout(timeout, exchange).await?
 }
 
 fn parse_reply(buf: &str) -> HttpReply {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quorate_tests::{quorate_bin, HttpReply};
+use quorate_tests::{http_at, quorate_bin, HttpReply};
 
 const INSTANCES: usize = 30;
 const TTL_S: u64 = 4;
@@ -117,24 +117,9 @@ impl Drop for Members {
     }
 }
 
+/// Requests to members give up after 3 s: a cut-off member must not hold a client up.
 async fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<HttpReply> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let body = body.unwrap_or("");
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        anyhow::Ok(HttpReply { status, headers: vec![], body: body.to_string() })
-    };
-    tokio::time::timeout(Duration::from_secs(3), exchange).await?
+    http_at(addr, method, path, body, Duration::from_secs(3)).await
 }
 
 const SVC: &str = "/api/v1/ns/default/services/pay/instances";
