@@ -50,7 +50,7 @@ pub fn router(api: Arc<Api>) -> Router {
 
 /// Lower-case an object's field names; `meta` (user data) keeps its keys, `check`, `checks`
 /// and `weights` are lower-cased too.
-fn lower_keys(v: Value) -> Value {
+pub(crate) fn lower_keys(v: Value) -> Value {
     match v {
         Value::Object(map) => Value::Object(
             map.into_iter()

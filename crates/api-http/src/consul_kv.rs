@@ -65,8 +65,9 @@ fn b64(bytes: &[u8]) -> String {
     out
 }
 
-fn entry(api: &Api, kv: &KeyValue) -> Value {
-    let session = (kv.lease != 0 && api.member.read(|s| s.lease(kv.lease).is_some())).then(|| session_id(kv.lease));
+fn entry(kv: &KeyValue) -> Value {
+    // A key attached to a lease exists only while the lease does: its holder's session.
+    let session = (kv.lease != 0).then(|| session_id(kv.lease));
     let mut e = json!({
         "LockIndex": if kv.lease != 0 { 1 } else { 0 }, "Key": String::from_utf8_lossy(&kv.key), "Flags": 0,
         "Value": if kv.value.is_empty() { Value::Null } else { Value::String(b64(&kv.value)) },
@@ -136,7 +137,7 @@ async fn kv_get(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q): 
     if q.raw.is_some() {
         return Ok((headers, kvs[0].value.clone()).into_response());
     }
-    let out: Vec<Value> = kvs.iter().map(|kv| entry(&api, kv)).collect();
+    let out: Vec<Value> = kvs.iter().map(entry).collect();
     Ok((headers, Json(out)).into_response())
 }
 
@@ -256,13 +257,6 @@ async fn kv_delete(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q
     Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(any_succeeded(&resp))).into_response())
 }
 
-fn lower(v: Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()),
-        other => other,
-    }
-}
-
 #[derive(Deserialize, Default)]
 struct SessionBody {
     name: Option<String>,
@@ -276,7 +270,7 @@ async fn session_create(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
     } else {
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request("malformed_json", format!("Request decode failed: {e}")))?;
-        serde_json::from_value(lower(v))
+        serde_json::from_value(crate::consul::lower_keys(v))
             .map_err(|e| ApiError::bad_request("malformed_json", format!("Request decode failed: {e}")))?
     };
     let ttl_s = match req.ttl.as_deref().filter(|t| !t.is_empty()) {
