@@ -69,7 +69,7 @@ impl LeaseClock {
     }
 
     fn deadline(&self, st: &ClockState, id: i64, mark: &LeaseMark) -> Instant {
-        let projected = mark.applied_at + Duration::from_millis(mark.remaining_ms.max(0) as u64);
+        let projected = mark.deadline();
         let grace = st.promoted_at.map(|p| p + self.grace).unwrap_or(projected);
         let kept = st.keepalive_deadline.get(&id).copied().unwrap_or(projected);
         projected.max(grace).max(kept)

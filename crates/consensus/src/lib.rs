@@ -95,6 +95,8 @@ enum ForwardReq {
     KeepAlive(i64),
     TimeToLive(i64),
     LeaseTable,
+    /// Any member's own lease marks (a new leader tightens its deadlines with them).
+    LeaseMarks,
     Change(membership::Change),
     /// Which member has which peer URL (a joining member looks itself up).
     Members,
@@ -113,6 +115,7 @@ enum ForwardResp {
     ReadIndex(u64),
     Lease(Option<i64>),
     LeaseTable(Vec<(i64, i64)>),
+    LeaseMarks(Vec<(i64, u64, i64)>),
     Changed(Option<NodeId>),
     /// The cluster id and every member's (id, peer URL).
     Members(u64, Vec<(NodeId, String)>),
@@ -205,6 +208,7 @@ impl Member {
         tokio::spawn(clock.run(raft.clone(), shared));
         tokio::spawn(member.clone().publish_self());
         tokio::spawn(member.clone().sync_lease_table());
+        tokio::spawn(member.clone().tighten_leases_on_election());
         tokio::spawn(member.clone().promote_caught_up());
         let service = PeerService { id: member.id(), raft, forward: Arc::new(member.clone()) };
         Ok((member, service))
@@ -267,8 +271,6 @@ impl Member {
                 continue;
             }
             let Some(leader) = self.leader_node() else { continue };
-            // Counted from when we asked: errs towards expiring a little early, and the new
-            // leader's grace covers that.
             let asked_at = tokio::time::Instant::now();
             let timeout = Duration::from_millis(self.inner.cfg.election_timeout_ms.max(100));
             let Ok(ForwardResp::LeaseTable(table)) = self.forward(&leader, &ForwardReq::LeaseTable, timeout).await
@@ -276,13 +278,83 @@ impl Member {
                 continue;
             };
             *self.inner.last_leader_contact.lock().unwrap() = Some(asked_at);
+            // Counted from when the answer arrived, after the leader read its clock: the copy
+            // stays an upper bound on the leader's deadline.
+            let arrived = tokio::time::Instant::now();
             let mut marks = self.inner.shared.lease_marks.lock().unwrap();
             for (id, remaining_ms) in table {
                 if let Some(mark) = marks.get_mut(&id) {
-                    *mark = state_machine::LeaseMark { applied_at: asked_at, remaining_ms };
+                    mark.applied_at = arrived;
+                    mark.remaining_ms = remaining_ms;
                 }
             }
         }
+    }
+
+    /// On a newly elected leader: tighten lease deadlines from the other members.
+    ///
+    /// A member that restarted replayed its log "now", so its marks count whole TTLs from the
+    /// restart; if it wins the next election before it has copied a leader's table, abandoned
+    /// leases would outlive TTL + election timeout by as long as it was down. Every member's
+    /// mark is an upper bound on the deadline decided at the mark's log index, so for each
+    /// lease where a peer holds the same index, the earliest of those bounds is still an upper
+    /// bound: never early, and as tight as the best-informed member.
+    async fn tighten_leases_on_election(self) {
+        let mut metrics = self.inner.raft.metrics();
+        let mut tightened_term = 0;
+        loop {
+            let m = metrics.borrow_watched().clone();
+            if m.running_state.is_err() {
+                return;
+            }
+            if m.state == ServerState::Leader && m.current_term != tightened_term {
+                tightened_term = m.current_term;
+                self.tighten_leases(&m).await;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn tighten_leases(&self, m: &openraft::RaftMetrics<TypeConfig>) {
+        // Wait (briefly) until everything committed before our election is applied here, so
+        // our marks name the newest grant or checkpoint of each lease.
+        let timeout = Duration::from_millis(self.inner.cfg.election_timeout_ms.max(100));
+        let want = m.last_log_index.unwrap_or(0);
+        let wait = self.inner.raft.wait(Some(timeout));
+        if wait.applied_index_at_least(Some(want), "lease tightening").await.is_err() {
+            return;
+        }
+        let peers: Vec<MemberNode> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.id())
+            .map(|(_, n)| n.clone())
+            .collect();
+        let asks = peers.iter().map(|p| self.forward(p, &ForwardReq::LeaseMarks, timeout));
+        let answers = futures::future::join_all(asks).await;
+        let arrived = tokio::time::Instant::now();
+        let mut marks = self.inner.shared.lease_marks.lock().unwrap();
+        let mut tightened = 0usize;
+        for answer in answers {
+            let Ok(ForwardResp::LeaseMarks(theirs)) = answer else { continue };
+            tightened += state_machine::tighten_marks(&mut marks, &theirs, arrived);
+        }
+        if tightened > 0 {
+            info!(term = m.current_term, leases = tightened, "tightened lease deadlines from peers");
+        }
+    }
+
+    /// This member's own lease marks as (id, set_at, remaining ms from now).
+    fn lease_marks(&self) -> Vec<(i64, u64, i64)> {
+        let now = tokio::time::Instant::now();
+        let marks = self.inner.shared.lease_marks.lock().unwrap();
+        marks
+            .iter()
+            .map(|(id, mark)| (*id, mark.set_at, mark.deadline().saturating_duration_since(now).as_millis() as i64))
+            .collect()
     }
 
     /// (durable log commits, log entries written) since start: entries per commit is the
@@ -488,6 +560,7 @@ impl Member {
                 Ok(t) => ForwardResp::LeaseTable(t),
                 Err(e) => ForwardResp::Err(e),
             },
+            ForwardReq::LeaseMarks => ForwardResp::LeaseMarks(self.lease_marks()),
             lease @ (ForwardReq::KeepAlive(_) | ForwardReq::TimeToLive(_)) => match self.serve_lease(&lease) {
                 Ok(v) => ForwardResp::Lease(v),
                 Err(e) => ForwardResp::Err(e),

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Cursor};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -64,10 +65,39 @@ struct SmSnapshotRef<'a, S: Serialize> {
 
 /// When this member last applied a grant or checkpoint of a lease, and the remaining TTL it
 /// carried: what a newly elected leader projects expiry from (never from a wall clock).
+///
+/// Every mark is an upper bound on the deadline decided at log index `set_at`: an entry is
+/// applied no earlier than its leader decided it. A mark set while replaying the log after a
+/// restart, or from a snapshot, is a loose bound (the entry is old, the clock reads "now");
+/// a new leader tightens such marks from peers that hold the same `set_at`.
 #[derive(Clone, Copy, Debug)]
 pub struct LeaseMark {
     pub applied_at: Instant,
     pub remaining_ms: i64,
+    pub set_at: u64,
+}
+
+impl LeaseMark {
+    pub fn deadline(&self) -> Instant {
+        self.applied_at + Duration::from_millis(self.remaining_ms.max(0) as u64)
+    }
+}
+
+/// Lower our marks to a peer's where the peer's is earlier for the same decision (`set_at`);
+/// `theirs` is (id, set_at, remaining ms) as the peer counted it, `arrived` when its answer
+/// came (after the peer read its clock, so the copy stays an upper bound). Returns how many
+/// marks moved.
+pub fn tighten_marks(marks: &mut HashMap<i64, LeaseMark>, theirs: &[(i64, u64, i64)], arrived: Instant) -> usize {
+    let mut moved = 0;
+    for &(id, set_at, remaining_ms) in theirs {
+        let Some(mark) = marks.get_mut(&id) else { continue };
+        let candidate = LeaseMark { applied_at: arrived, remaining_ms, set_at };
+        if mark.set_at == set_at && candidate.deadline() < mark.deadline() {
+            *mark = candidate;
+            moved += 1;
+        }
+    }
+    moved
 }
 
 pub struct Shared {
@@ -173,12 +203,14 @@ impl StateMachine {
         let mut marks = self.shared.lease_marks.lock().unwrap();
         match (cmd, result) {
             (_, Ok(CommandResponse::LeaseGrant { id, ttl_s })) => {
-                marks.insert(*id, LeaseMark { applied_at: now, remaining_ms: ttl_s * 1000 });
+                let set_at = store.lease(*id).map_or(0, |l| l.set_at);
+                marks.insert(*id, LeaseMark { applied_at: now, remaining_ms: ttl_s * 1000, set_at });
             }
             (Command::LeaseCheckpoint(cps), _) => {
                 for cp in cps {
-                    if store.lease(cp.id).is_some() {
-                        marks.insert(cp.id, LeaseMark { applied_at: now, remaining_ms: cp.remaining_ms });
+                    if let Some(l) = store.lease(cp.id) {
+                        let mark = LeaseMark { applied_at: now, remaining_ms: cp.remaining_ms, set_at: l.set_at };
+                        marks.insert(cp.id, mark);
                     }
                 }
             }
@@ -200,7 +232,8 @@ impl StateMachine {
         let mut marks = self.shared.lease_marks.lock().unwrap();
         marks.clear();
         for l in store.leases() {
-            marks.insert(l.id, LeaseMark { applied_at: now, remaining_ms: l.remaining_at_checkpoint_ms() });
+            let mark = LeaseMark { applied_at: now, remaining_ms: l.remaining_at_checkpoint_ms(), set_at: l.set_at };
+            marks.insert(l.id, mark);
         }
     }
 }
@@ -288,5 +321,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Cursor::new(data),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tightening_takes_the_earlier_bound_only_for_the_same_decision() {
+        let now = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        // Our marks: lease 1 replayed after a restart (10 s from now), lease 2 likewise,
+        // lease 3 already tight, lease 4 unknown to the peer.
+        let mut marks: HashMap<i64, LeaseMark> = [
+            (1, LeaseMark { applied_at: now, remaining_ms: 10_000, set_at: 7 }),
+            (2, LeaseMark { applied_at: now, remaining_ms: 10_000, set_at: 9 }),
+            (3, LeaseMark { applied_at: now, remaining_ms: 2_000, set_at: 11 }),
+            (4, LeaseMark { applied_at: now, remaining_ms: 5_000, set_at: 12 }),
+        ]
+        .into_iter()
+        .collect();
+        let theirs = [
+            (1, 7, 3_000),  // same grant, seen live: adopt
+            (2, 8, 1_000),  // an older checkpoint: we know of a later one, ignore
+            (3, 11, 4_000), // same decision but later: keep ours
+            (5, 13, 1_000), // a lease we do not have: ignore
+        ];
+        assert_eq!(tighten_marks(&mut marks, &theirs, now), 1);
+        assert_eq!(marks[&1].deadline(), now + ms(3_000));
+        assert_eq!(marks[&2].deadline(), now + ms(10_000));
+        assert_eq!(marks[&3].deadline(), now + ms(2_000));
+        assert_eq!(marks[&4].deadline(), now + ms(5_000));
+        assert!(!marks.contains_key(&5));
     }
 }

@@ -20,6 +20,10 @@ pub struct Lease {
     /// Remaining TTL at the last checkpoint, in milliseconds; `None` until first checkpointed,
     /// which means a full TTL from when the grant was applied.
     pub remaining_ms: Option<i64>,
+    /// Log index of the grant or of the last checkpoint: which decision `remaining_ms` is.
+    /// Two members holding the same `set_at` know the same deadline, however differently
+    /// they timed it (see the lease clock's tightening after an election).
+    pub set_at: u64,
     pub keys: BTreeSet<Key>,
 }
 

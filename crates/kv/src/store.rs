@@ -150,6 +150,7 @@ impl Store {
                 for cp in cps {
                     if let Some(l) = self.leases.get_mut(&cp.id) {
                         l.remaining_ms = Some(cp.remaining_ms.max(0));
+                        l.set_at = pos.index;
                     }
                 }
                 Ok(CommandResponse::LeaseCheckpoint)
@@ -514,7 +515,7 @@ impl Store {
         if self.leases.contains_key(&id) {
             return Err(KvError::LeaseExists { id });
         }
-        self.leases.insert(id, Lease { id, ttl_s, remaining_ms: None, keys: BTreeSet::new() });
+        self.leases.insert(id, Lease { id, ttl_s, remaining_ms: None, set_at: pos.index, keys: BTreeSet::new() });
         Ok(CommandResponse::LeaseGrant { id, ttl_s })
     }
 
