@@ -54,7 +54,9 @@ impl pb::kv_server::Kv for KvService {
         }
         if !req.serializable {
             self.ctx.refuse_learner()?;
-            self.ctx.member.linearize().await.map_err(consensus_status)?;
+            if !self.ctx.unsafe_local_reads {
+                self.ctx.member.linearize().await.map_err(consensus_status)?;
+            }
         }
         let range = convert::range_in(req);
         let (result, rev) = self.ctx.member.read(|s| (s.range(&range), s.revision()));

@@ -68,6 +68,8 @@ pub struct Ctx {
     pub data_dir: PathBuf,
     /// Smallest lease TTL granted, in seconds (etcd: 1.5 election timeouts, rounded up).
     pub min_lease_ttl_s: i64,
+    /// DRILL ONLY (a planted bug): serve linearizable KV reads from local state.
+    pub unsafe_local_reads: bool,
 }
 
 impl Ctx {

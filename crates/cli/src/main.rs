@@ -32,6 +32,55 @@ enum Command {
     /// Load over the native registry API: registrations/s, discovery queries/s (consistent and
     /// stale), then a heartbeat phase (measure the members' CPU from outside meanwhile).
     BenchRegistry(BenchRegistryArgs),
+    /// The split-brain drill (needs root): start a cluster with every member in its own network
+    /// namespace, drive clients, inject faults on a schedule fixed by the seed, check the
+    /// recorded history, and write a report (Markdown and JSON). Exit 0: no anomaly; 1:
+    /// anomalies; 2: the drill could not run.
+    Drill(DrillArgs),
+}
+
+#[derive(Args)]
+struct DrillArgs {
+    /// What to drill: quorate, or etcd (Debian's etcd-server on PATH) for comparison.
+    #[arg(long, default_value = "quorate", value_parser = ["quorate", "etcd"])]
+    target: String,
+    /// The CI drill: 3 members, every fault once, about 3 minutes.
+    #[arg(long)]
+    short: bool,
+    /// Members [default: 5; 3 with --short].
+    #[arg(long)]
+    members: Option<usize>,
+    #[arg(long, default_value_t = 12)]
+    clients: usize,
+    /// Fixes the fault schedule and the clients' choices [default: from the clock, printed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Length of the fault part of the run [default: 600; --short: one of each fault].
+    #[arg(long)]
+    duration_s: Option<u64>,
+    /// Faults to use, comma-separated [default: all]: partition-leader, majority-minority,
+    /// bridge, one-way-loss, pause, kill, clock-jump, slow-disk, membership, leader-transfer.
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<String>,
+    /// Seconds each fault is held before it is healed.
+    #[arg(long)]
+    hold_s: Option<u64>,
+    /// Seconds of quiet after each heal.
+    #[arg(long)]
+    quiet_s: Option<u64>,
+    /// Where the report (report.md, report.json) and the members' data and logs go.
+    #[arg(long, default_value = "drill-report")]
+    out: PathBuf,
+    /// Hosts: netns (members in network namespaces; root) or proxy (loopback behind TCP
+    /// proxies; not built yet).
+    #[arg(long, default_value = "netns", value_parser = ["netns", "proxy"])]
+    mode: String,
+    /// Time budget for the linearizability search, in seconds.
+    #[arg(long, default_value_t = 120)]
+    check_budget_s: u64,
+    /// PLANTED BUG, for proving the drill: members serve linearizable reads from local state.
+    #[arg(long)]
+    plant_stale_reads: bool,
 }
 
 #[derive(Args)]
@@ -168,6 +217,13 @@ struct ServerArgs {
     /// Send health-check probes from this local address (multi-homed hosts).
     #[arg(long)]
     probe_source_ip: Option<std::net::IpAddr>,
+    /// DRILL ONLY, UNSAFE: serve linearizable reads from local state (a planted bug the drill
+    /// must catch). Never use it for anything else.
+    #[arg(long, hide = true)]
+    drill_unsafe_local_reads: bool,
+    /// DRILL ONLY: accept failpoints over HTTP (`PUT /debug/failpoints/fsync-delay-ms`).
+    #[arg(long, hide = true)]
+    drill_failpoints: bool,
 }
 
 fn first_url(list: &str) -> String {
@@ -219,6 +275,10 @@ impl ServerArgs {
                 ..Default::default()
             },
             probe_source_ip: self.probe_source_ip,
+            drill: quorate_server::DrillFlags {
+                unsafe_local_reads: self.drill_unsafe_local_reads,
+                failpoints: self.drill_failpoints,
+            },
         })
     }
 }
@@ -278,6 +338,7 @@ fn run() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Drill(args) => drill(args).await,
             Command::BenchRegistry(args) => {
                 let cfg = quorate_bench::registry::RegistryBenchConfig {
                     endpoints: args.endpoints.split(',').map(|s| s.trim().to_string()).collect(),
@@ -320,4 +381,93 @@ fn run() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+async fn drill(args: DrillArgs) -> anyhow::Result<()> {
+    use quorate_drill::{FaultKind, Target};
+    if args.mode == "proxy" {
+        eprintln!("quorate drill: --mode proxy is not built yet; run as root with the default --mode netns");
+        std::process::exit(2);
+    }
+    let target = if args.target == "etcd" { Target::Etcd } else { Target::Quorate };
+    let faults: Vec<FaultKind> = if args.faults.is_empty() {
+        quorate_drill::faults::ALL.to_vec()
+    } else {
+        args.faults.iter().map(|f| FaultKind::parse(f)).collect::<anyhow::Result<_>>()?
+    };
+    let members = args.members.unwrap_or(if args.short { 3 } else { 5 });
+    let hold = args.hold_s.unwrap_or(if args.short { 6 } else { 8 });
+    let quiet = args.quiet_s.unwrap_or(if args.short { 4 } else { 5 });
+    let count = match args.duration_s {
+        Some(d) => (d / (hold + quiet).max(1)) as usize,
+        None if args.short => faults.len(),
+        None => (600 / (hold + quiet).max(1)) as usize,
+    }
+    .max(faults.len());
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(1)
+    });
+    let names: Vec<&str> = faults.iter().map(|f| f.name()).collect();
+    let mut replay = format!(
+        "quorate drill --target {} --members {members} --clients {} --seed {seed} --faults {} --duration-s {} --hold-s {hold} --quiet-s {quiet} --out {}",
+        args.target,
+        args.clients,
+        names.join(","),
+        count as u64 * (hold + quiet),
+        args.out.display()
+    );
+    if args.plant_stale_reads {
+        replay.push_str(" --plant-stale-reads");
+    }
+    eprintln!("drill: seed {seed}; replay with: {replay}");
+    // The checkout the binary was built in (target/<profile>/quorate), else the version.
+    let exe_dir = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
+    let git_revision = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&exe_dir)
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string());
+    let cfg = quorate_drill::DrillConfig {
+        target,
+        members,
+        clients: args.clients,
+        seed,
+        faults,
+        count,
+        hold: std::time::Duration::from_secs(hold),
+        quiet: std::time::Duration::from_secs(quiet),
+        out: args.out.clone(),
+        bin: std::env::current_exe()?,
+        unsafe_local_reads: args.plant_stale_reads,
+        check_budget: std::time::Duration::from_secs(args.check_budget_s),
+        git_revision,
+        replay,
+    };
+    let result = tokio::select! {
+        r = quorate_drill::run(cfg) => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    // Dropping the run (also on Ctrl-C) has killed the members and removed the namespaces.
+    match result {
+        None => {
+            eprintln!("drill: interrupted; members stopped and namespaces removed");
+            std::process::exit(130);
+        }
+        Some(Err(e)) => {
+            eprintln!("quorate drill: {e:#}");
+            std::process::exit(2);
+        }
+        Some(Ok(report)) => {
+            println!("{}", report.markdown());
+            eprintln!("drill: report in {}/report.md and report.json", args.out.display());
+            if !report.passed() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
 }

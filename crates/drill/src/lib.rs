@@ -1,7 +1,16 @@
-//! `quorate drill` (issue 5): real faults against a real cluster, a recorded history, and
-//! checkers that judge it. Built in steps; this one holds the history model and the
-//! linearizability checker, which are pure and tested on known-good and known-bad histories.
-//! Nothing here does IO.
+//! `quorate drill` (issue 5, ADR 0006): real faults against a real cluster, a recorded
+//! history, and checkers that judge it. Pure at the bottom (`history`, `check/*`, the report
+//! arithmetic), IO at the edges (`net`, `hosts`, `faults`, `workload`, `run`).
 
 pub mod check;
+pub mod faults;
 pub mod history;
+pub mod hosts;
+pub mod net;
+pub mod report;
+pub mod run;
+pub mod workload;
+
+pub use faults::FaultKind;
+pub use hosts::Target;
+pub use run::{run, DrillConfig};

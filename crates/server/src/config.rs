@@ -34,6 +34,17 @@ pub struct ServerConfig {
     pub brake: quorate_registry::BrakeConfig,
     /// The address health-check probes are sent from (default: the system's choice).
     pub probe_source_ip: Option<std::net::IpAddr>,
+    /// Flags only `quorate drill` sets.
+    pub drill: DrillFlags,
+}
+
+/// What only the drill turns on: a planted bug it must catch, and failpoints it injects.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DrillFlags {
+    /// Serve linearizable reads from local state, without a ReadIndex round (unsafe).
+    pub unsafe_local_reads: bool,
+    /// Accept `PUT /debug/failpoints/fsync-delay-ms` on the HTTP listener.
+    pub failpoints: bool,
 }
 
 /// Parse `name=url,name=url`.

@@ -32,10 +32,11 @@ pub struct HttpState {
     evicted: Counter,
     marked_suspect: Counter,
     brake_engaged_zones: Gauge,
+    failpoints: bool,
 }
 
 impl HttpState {
-    pub fn new(member: Member, cluster_id: u64, reaper: Arc<crate::reaper::ReaperStats>) -> Self {
+    pub fn new(member: Member, cluster_id: u64, reaper: Arc<crate::reaper::ReaperStats>, failpoints: bool) -> Self {
         let mut registry = Registry::with_prefix("quorate");
         let term = Gauge::default();
         let commit_index = Gauge::default();
@@ -92,6 +93,7 @@ impl HttpState {
             evicted,
             marked_suspect,
             brake_engaged_zones,
+            failpoints,
         }
     }
 }
@@ -102,9 +104,25 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
         .route("/ready", get(ready))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
+        .route("/debug/failpoints/fsync-delay-ms", axum::routing::put(set_fsync_delay))
         .with_state(state.clone())
         .merge(quorate_api_http::router(Arc::new(quorate_api_http::Api { member: state.member.clone() })));
     axum::serve(listener, app).await
+}
+
+/// Drill failpoint: every log fsync on this member stalls this many milliseconds (0: off).
+async fn set_fsync_delay(State(s): State<Arc<HttpState>>, body: String) -> impl IntoResponse {
+    if !s.failpoints {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "failpoints are off (start with --drill-failpoints)"})));
+    }
+    match body.trim().parse::<u64>() {
+        Ok(ms) => {
+            tracing::warn!(ms, "failpoint: log fsync delay set");
+            s.member.set_fsync_delay_ms(ms);
+            (StatusCode::OK, Json(json!({"fsync_delay_ms": ms})))
+        }
+        Err(_) => (StatusCode::BAD_REQUEST, Json(json!({"error": "body must be a number of milliseconds"}))),
+    }
 }
 
 async fn health(State(s): State<Arc<HttpState>>) -> impl IntoResponse {

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
-pub use config::{parse_initial_cluster, url_to_addr, ClusterState, ServerConfig};
+pub use config::{parse_initial_cluster, url_to_addr, ClusterState, DrillFlags, ServerConfig};
 
 /// Sockets the caller has bound, so tests can bind port 0.
 pub struct Listeners {
@@ -86,7 +86,11 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         cluster_id: member.cluster_id(),
         data_dir: cfg.data_dir.clone(),
         min_lease_ttl_s: ((cfg.election_timeout_ms * 3 / 2) as i64 + 999) / 1000,
+        unsafe_local_reads: cfg.drill.unsafe_local_reads,
     };
+    if cfg.drill.unsafe_local_reads {
+        tracing::warn!("DRILL ONLY: linearizable reads are served from local state; this member is unsafe");
+    }
     let services = EtcdServices::new(ctx);
     let mut client_tasks = Vec::new();
     for l in listeners.client {
@@ -107,7 +111,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     let reaper_stats = Arc::new(reaper::ReaperStats::default());
     tokio::spawn(reaper::run(member.clone(), cfg.brake.clone(), reaper_stats.clone()));
 
-    let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), reaper_stats));
+    let http_state =
+        Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), reaper_stats, cfg.drill.failpoints));
     let http_task = tokio::spawn(http::serve(listeners.http, http_state));
     info!("member ready to serve clients");
 

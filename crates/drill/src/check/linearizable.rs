@@ -118,22 +118,55 @@ fn self_explaining(ops: &[Op]) -> bool {
 
 /// Remove operations one at a time while the rest still fails (and still explains every read):
 /// a minimal failing history.
+/// Whether `ops` still shows the violation: it explains every read and cannot be linearized.
+/// `None` when the budget ran out.
+fn still_fails(ops: &[Op], deadline: Instant) -> Option<bool> {
+    if !self_explaining(ops) {
+        return Some(false);
+    }
+    linearizable(ops, deadline).map(|ok| !ok)
+}
+
+/// Shrink a failing history to a minimal one (delta debugging): first the shortest failing
+/// prefix by invocation time, then drop ever smaller chunks while it still fails, ending with
+/// single operations, so removing any one operation from the result makes it linearizable.
 fn shrink(mut ops: Vec<Op>, deadline: Instant) -> Vec<Op> {
-    let mut i = 0;
-    while i < ops.len() {
-        let mut without = ops.clone();
-        without.remove(i);
-        if !self_explaining(&without) {
-            i += 1;
-            continue;
-        }
-        match linearizable(&without, deadline) {
-            Some(false) => ops = without,
-            Some(true) => i += 1,
-            None => break,
+    ops.sort_by_key(|o| o.invoke);
+    // The shortest failing prefix (binary search; failing prefixes are the common case).
+    let (mut lo, mut hi) = (1, ops.len());
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match still_fails(&ops[..mid], deadline) {
+            Some(true) => hi = mid,
+            Some(false) => lo = mid + 1,
+            None => return ops,
         }
     }
-    ops
+    if still_fails(&ops[..hi], deadline) == Some(true) {
+        ops.truncate(hi);
+    }
+    let mut chunk = ops.len().div_ceil(2);
+    loop {
+        let mut i = 0;
+        let mut removed = false;
+        while i < ops.len() {
+            let end = (i + chunk).min(ops.len());
+            let mut without = ops[..i].to_vec();
+            without.extend_from_slice(&ops[end..]);
+            match still_fails(&without, deadline) {
+                Some(true) => {
+                    ops = without;
+                    removed = true;
+                }
+                Some(false) => i = end,
+                None => return ops,
+            }
+        }
+        if chunk == 1 && !removed {
+            return ops;
+        }
+        chunk = chunk.div_ceil(2);
+    }
 }
 
 #[cfg(test)]

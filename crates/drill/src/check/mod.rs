@@ -1,6 +1,10 @@
 //! The checkers, one file each. Each is a pure function of what the drill recorded.
 
+pub mod convergence;
+pub mod leaders;
+pub mod leases;
 pub mod linearizable;
 pub mod locks;
 pub mod lost_writes;
+pub mod revisions;
 pub mod watch;

@@ -1,0 +1,218 @@
+//! The members as processes, each in its own network namespace: start, kill -9, SIGSTOP and
+//! SIGCONT, restart, replace with a fresh member, and move one member's wall clock through
+//! libfaketime (`FAKETIME_DONT_FAKE_MONOTONIC=1`: only the wall clock moves).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::net::Net;
+
+/// What the drill runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Quorate,
+    Etcd,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Quorate => "quorate",
+            Target::Etcd => "etcd",
+        }
+    }
+}
+
+/// Where Debian's `faketime` package puts the library.
+const FAKETIME_LIBS: [&str; 2] =
+    ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1"];
+
+pub fn faketime_lib() -> Option<PathBuf> {
+    FAKETIME_LIBS.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+pub struct MemberProc {
+    /// Unique over the run: a replaced member gets a new name (`m2b`).
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    /// libfaketime reads the offset from this file ("+0", "+2h").
+    pub clock_file: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Hosts {
+    pub net: Net,
+    pub target: Target,
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+    pub members: Vec<MemberProc>,
+    pub heartbeat_ms: u64,
+    pub election_ms: u64,
+    /// Extra flags for every quorate member (the planted bug, failpoints).
+    pub extra: Vec<String>,
+    faketime: Option<PathBuf>,
+    renewals: usize,
+}
+
+impl Hosts {
+    pub fn new(net: Net, target: Target, bin: PathBuf, dir: &Path, n: usize, extra: Vec<String>) -> Hosts {
+        let members = (0..n).map(|slot| MemberProc::new(dir, format!("m{}", slot + 1))).collect();
+        Hosts {
+            net,
+            target,
+            bin,
+            dir: dir.to_path_buf(),
+            members,
+            heartbeat_ms: 100,
+            election_ms: 1000,
+            extra,
+            faketime: faketime_lib(),
+            renewals: 0,
+        }
+    }
+
+    pub fn has_faketime(&self) -> bool {
+        self.faketime.is_some()
+    }
+
+    pub fn client_url(&self, slot: usize) -> String {
+        format!("http://{}:2379", self.net.ip(slot))
+    }
+
+    pub fn peer_url(&self, slot: usize) -> String {
+        format!("http://{}:2380", self.net.ip(slot))
+    }
+
+    pub fn http_addr(&self, slot: usize) -> String {
+        format!("{}:8500", self.net.ip(slot))
+    }
+
+    pub fn initial_cluster(&self) -> String {
+        (0..self.members.len())
+            .map(|s| format!("{}={}", self.members[s].name, self.peer_url(s)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Start member `slot` (its process must not be running).
+    pub fn spawn(&mut self, slot: usize, initial_cluster: &str, existing: bool) -> anyhow::Result<()> {
+        let ip = self.net.ip(slot);
+        let m = &self.members[slot];
+        std::fs::write(&m.clock_file, "+0\n")?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log_path)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.net.ns_member(slot)]);
+        let state = if existing { "existing" } else { "new" };
+        let (client, peer) = (format!("http://{ip}:2379"), format!("http://{ip}:2380"));
+        match self.target {
+            Target::Quorate => {
+                cmd.arg(&self.bin).arg("server");
+                cmd.args(["--listen-http", &format!("{ip}:8500")]);
+                cmd.args(&self.extra);
+            }
+            Target::Etcd => {
+                cmd.arg("etcd");
+                cmd.args(["--initial-cluster-token", "quorate-drill"]);
+                // etcd 3.4 warns (and exits on some builds) without a known arch on arm; harmless here.
+                cmd.env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+            }
+        }
+        cmd.args(["--name", &m.name, "--data-dir", m.data_dir.to_str().context("data dir")?]);
+        cmd.args(["--listen-client-urls", &client, "--advertise-client-urls", &client]);
+        cmd.args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer]);
+        cmd.args(["--initial-cluster", initial_cluster, "--initial-cluster-state", state]);
+        cmd.args(["--heartbeat-interval", &self.heartbeat_ms.to_string()]);
+        cmd.args(["--election-timeout", &self.election_ms.to_string()]);
+        if let Some(lib) = &self.faketime {
+            cmd.env("LD_PRELOAD", lib);
+            cmd.env("FAKETIME_TIMESTAMP_FILE", &m.clock_file);
+            cmd.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+            cmd.env("FAKETIME_CACHE_DURATION", "1");
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().with_context(|| format!("start member {}", m.name))?;
+        self.members[slot].child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self, slot: usize) -> Option<u32> {
+        self.members[slot].child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&mut self, slot: usize) -> bool {
+        match self.members[slot].child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    fn signal(&self, slot: usize, sig: &str) {
+        if let Some(pid) = self.pid(slot) {
+            let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+        }
+    }
+
+    pub fn kill9(&mut self, slot: usize) {
+        if let Some(mut c) = self.members[slot].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pause(&self, slot: usize) {
+        self.signal(slot, "STOP");
+    }
+
+    pub fn resume(&self, slot: usize) {
+        self.signal(slot, "CONT");
+    }
+
+    /// Offset member `slot`'s wall clock ("+2h", "-90m", "+0").
+    pub fn set_clock(&self, slot: usize, offset: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.members[slot].clock_file, format!("{offset}\n"))?;
+        Ok(())
+    }
+
+    /// Replace member `slot` by a fresh one (new name, empty data directory) in the same
+    /// namespace; the caller has removed the old one from the cluster and adds the new one.
+    pub fn renew(&mut self, slot: usize) -> anyhow::Result<()> {
+        self.kill9(slot);
+        self.renewals += 1;
+        let name = format!("m{}r{}", slot + 1, self.renewals);
+        self.members[slot] = MemberProc::new(&self.dir, name);
+        Ok(())
+    }
+
+    pub fn log_tail(&self, slot: usize, lines: usize) -> String {
+        let log = std::fs::read_to_string(&self.members[slot].log_path).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl MemberProc {
+    fn new(dir: &Path, name: String) -> MemberProc {
+        MemberProc {
+            data_dir: dir.join(format!("{name}.data")),
+            log_path: dir.join(format!("{name}.log")),
+            clock_file: dir.join(format!("{name}.clock")),
+            name,
+            child: None,
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for slot in 0..self.members.len() {
+            // Resume first: a stopped process does not die of SIGKILL until continued.
+            self.resume(slot);
+            self.kill9(slot);
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The runner: hosts up, clients and watchers on, faults on schedule, everything healed, the
+//! final state read, every checker run, the report written.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use quorate_api_grpc::pb::etcdserverpb as pb;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::check::{self, convergence::MemberHash, leaders::Claim, linearizable::Verdict};
+use crate::faults::{self, FaultKind};
+use crate::hosts::{Hosts, Target};
+use crate::net::{is_root, Net};
+use crate::report::{self, Anomaly, FaultWindow, Report, SafetyRow};
+use crate::workload::{self, channel, ClientCfg, Recorder, COUNTER_KEY};
+
+pub struct DrillConfig {
+    pub target: Target,
+    pub members: usize,
+    pub clients: usize,
+    pub seed: u64,
+    pub faults: Vec<FaultKind>,
+    /// How many faults in all (at least one of each selected kind).
+    pub count: usize,
+    pub hold: Duration,
+    pub quiet: Duration,
+    pub out: PathBuf,
+    /// The quorate binary (members run `quorate server`).
+    pub bin: PathBuf,
+    pub unsafe_local_reads: bool,
+    pub check_budget: Duration,
+    pub git_revision: String,
+    pub replay: String,
+}
+
+pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
+    if !is_root() {
+        bail!("quorate drill needs root (network namespaces, nftables); run it as root (--mode proxy, for unprivileged runs, is not built yet)");
+    }
+    if cfg.members < 3 {
+        bail!("--members must be at least 3 (a partition needs a majority and a minority)");
+    }
+    if cfg.target == Target::Etcd && which("etcd").is_none() {
+        bail!("--target etcd needs the etcd binary on PATH (apt-get install etcd-server)");
+    }
+    let hosts_dir = cfg.out.join("hosts");
+    let _ = std::fs::remove_dir_all(&hosts_dir);
+    std::fs::create_dir_all(&hosts_dir).with_context(|| format!("create {}", hosts_dir.display()))?;
+    let net = Net::create(cfg.members).context("create the network namespaces")?;
+    let mut extra = Vec::new();
+    if cfg.target == Target::Quorate {
+        extra.push("--drill-failpoints".to_string());
+        if cfg.unsafe_local_reads {
+            extra.push("--drill-unsafe-local-reads".to_string());
+        }
+    }
+    let mut hosts = Hosts::new(net, cfg.target, cfg.bin.clone(), &hosts_dir, cfg.members, extra);
+    let ic = hosts.initial_cluster();
+    for slot in 0..cfg.members {
+        hosts.spawn(slot, &ic, false)?;
+    }
+    eprintln!("drill: {} members of {} up in their namespaces; waiting for a leader", cfg.members, cfg.target.name());
+    wait_ready(&mut hosts, Duration::from_secs(30)).await?;
+    let start_rev = put(&hosts, "drill/start", "1").await.context("first write")?;
+
+    let rec = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for id in 0..cfg.clients {
+        let c = ClientCfg {
+            id: id as u32,
+            url: hosts.client_url(id % cfg.members),
+            seed: cfg.seed,
+            locks: cfg.target == Target::Quorate && id < 4,
+        };
+        tasks.push(tokio::spawn(workload::run_client(c, rec.clone(), stop.clone())));
+    }
+    for slot in 0..cfg.members {
+        let w = workload::run_watcher(slot, hosts.client_url(slot), start_rev + 1, rec.clone(), stop.clone());
+        tasks.push(tokio::spawn(w));
+    }
+    let claims = Arc::new(std::sync::Mutex::new(Vec::<Claim>::new()));
+    let urls: Vec<String> = (0..cfg.members).map(|s| hosts.client_url(s)).collect();
+    let poller = tokio::spawn(poll_leaders(urls, rec.clone(), claims.clone(), stop.clone()));
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let plan = faults::schedule(&cfg.faults, cfg.count, &mut rng);
+    eprintln!(
+        "drill: {} clients running; faults: {}",
+        cfg.clients,
+        plan.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+    );
+    tokio::time::sleep(cfg.quiet).await;
+    let mut windows = Vec::new();
+    for kind in plan {
+        let start_ms = rec.now_ms();
+        let (active, what) = match faults::inject(kind, &mut hosts, &mut rng).await {
+            Ok(a) => a,
+            Err(e) => (faults::Active::Nothing, format!("could not inject: {e:#}")),
+        };
+        eprintln!("drill: {:>6.1}s {}: {what}", start_ms as f64 / 1000.0, kind.name());
+        tokio::time::sleep(cfg.hold).await;
+        if let Err(e) = faults::heal(active, &mut hosts).await {
+            eprintln!("drill: healing {} failed: {e:#}", kind.name());
+        }
+        let healed_ms = rec.now_ms();
+        windows.push(FaultWindow {
+            kind: kind.name(),
+            what,
+            start_ms,
+            healed_ms,
+            unavailable_ms: None,
+            recovery_ms: None,
+        });
+        tokio::time::sleep(cfg.quiet).await;
+    }
+    // Everything healed, whatever happened above.
+    hosts.net.heal()?;
+    for slot in 0..cfg.members {
+        hosts.resume(slot);
+        hosts.set_clock(slot, "+0")?;
+    }
+    tokio::time::sleep(cfg.quiet).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+    }
+    let _ = poller.await;
+    let ended_ms = rec.now_ms();
+    eprintln!("drill: workload stopped at {:.1}s; reading the final state", ended_ms as f64 / 1000.0);
+    wait_ready(&mut hosts, Duration::from_secs(60)).await.context("the cluster did not recover after the faults")?;
+    // Abandoned leases: TTL plus a new leader's grace, from the last one granted.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let claims = claims.lock().unwrap().clone();
+    let mut rep = judge(&cfg, &hosts, &rec, &claims, start_rev, &mut windows).await?;
+    rep.duration_s = rec.start.elapsed().as_secs_f64();
+    std::fs::write(cfg.out.join("report.json"), serde_json::to_vec_pretty(&rep)?)?;
+    std::fs::write(cfg.out.join("report.md"), rep.markdown())?;
+    Ok(rep)
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(bin)).find(|p| p.exists())
+}
+
+/// Every member answers Status, one of them leads, and a write goes through.
+async fn wait_ready(hosts: &mut Hosts, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut all = true;
+        for slot in 0..hosts.members.len() {
+            if !hosts.is_running(slot) {
+                bail!("member {} exited:\n{}", hosts.members[slot].name, hosts.log_tail(slot, 20));
+            }
+            all &= faults::status(hosts, slot).await.is_some_and(|s| s.leader != 0);
+        }
+        if all && put(hosts, "drill/ready", "1").await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("members not ready within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A write through any member; its revision.
+async fn put(hosts: &Hosts, key: &str, value: &str) -> anyhow::Result<i64> {
+    for slot in 0..hosts.members.len() {
+        let mut kv = pb::kv_client::KvClient::new(channel(&hosts.client_url(slot)));
+        let req = pb::PutRequest { key: key.into(), value: value.into(), ..Default::default() };
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), kv.put(req)).await {
+            return Ok(r.into_inner().header.map_or(0, |h| h.revision));
+        }
+    }
+    bail!("no member accepted a write")
+}
+
+async fn poll_leaders(
+    urls: Vec<String>,
+    rec: Arc<Recorder>,
+    claims: Arc<std::sync::Mutex<Vec<Claim>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let clients: Vec<_> = urls.iter().map(|u| pb::maintenance_client::MaintenanceClient::new(channel(u))).collect();
+    while !stop.load(Ordering::Relaxed) {
+        let polls = clients.iter().map(|c| {
+            let mut c = c.clone();
+            async move { tokio::time::timeout(Duration::from_millis(400), c.status(pb::StatusRequest {})).await }
+        });
+        for r in futures::future::join_all(polls).await {
+            if let Ok(Ok(s)) = r {
+                let s = s.into_inner();
+                let me = s.header.as_ref().map_or(0, |h| h.member_id);
+                if me != 0 && s.leader == me {
+                    claims.lock().unwrap().push(Claim { at_ms: rec.now_ms(), member: me, term: s.raft_term });
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn row(check: &'static str, result: String, ok: bool) -> SafetyRow {
+    SafetyRow { check, result, ok }
+}
+
+fn count_row(check: &'static str, n: usize) -> SafetyRow {
+    row(check, n.to_string(), n == 0)
+}
+
+async fn judge(
+    cfg: &DrillConfig,
+    hosts: &Hosts,
+    rec: &Arc<Recorder>,
+    claims: &[Claim],
+    start_rev: i64,
+    windows: &mut [FaultWindow],
+) -> anyhow::Result<Report> {
+    let url = hosts.client_url(0);
+    let mut kv = pb::kv_client::KvClient::new(channel(&url));
+    // Every client and watcher has stopped: the record is final.
+    let r = std::mem::take(&mut *rec.rec.lock().unwrap());
+    let mut anomalies = Vec::new();
+    let mut safety = Vec::new();
+
+    // Final values of every register key and every lease key, read linearizably.
+    let mut finals: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for key in &r.register_keys {
+        let got =
+            kv.range(pb::RangeRequest { key: key.clone().into_bytes(), ..Default::default() }).await?.into_inner();
+        finals.insert(key.clone(), got.kvs.first().map(|kv| String::from_utf8_lossy(&kv.value).into_owned()));
+    }
+    let mut leftover = Vec::new();
+    for (key, lease) in &r.lease_keys {
+        let got =
+            kv.range(pb::RangeRequest { key: key.clone().into_bytes(), ..Default::default() }).await?.into_inner();
+        if !got.kvs.is_empty() {
+            leftover.push((key.clone(), *lease));
+        }
+    }
+
+    eprintln!("drill: checking {} register operations on {} keys", r.register.len(), r.register_keys.len());
+    match check::linearizable::check(&r.register, cfg.check_budget) {
+        Verdict::Linearizable => safety.push(row("linearizability violations (per key)", "0".into(), true)),
+        Verdict::Violation { key, ops } => {
+            safety.push(row("linearizability violations (per key)", format!("1 (key {key})"), false));
+            anomalies.push(Anomaly {
+                check: "linearizability",
+                detail: format!("No order of these operations on {key} explains what the clients saw (a minimal failing sub-history):"),
+                history: ops,
+            });
+        }
+        Verdict::TimedOut { key } => safety.push(row(
+            "linearizability violations (per key)",
+            format!("undecided: the search ran out of its budget on {key}"),
+            false,
+        )),
+    }
+
+    let lost = check::lost_writes::check(&r.register, &finals);
+    safety.push(count_row("lost acknowledged writes", lost.len()));
+    for l in lost {
+        anomalies.push(Anomaly {
+            check: "lost acknowledged writes",
+            detail: format!("{}: final value {:?} cannot follow these acknowledged writes", l.key, l.final_value),
+            history: l.lost,
+        });
+    }
+
+    let two = check::leaders::check(claims);
+    safety.push(count_row("terms with two leaders (Status polls)", two.len()));
+    for t in two {
+        anomalies.push(Anomaly {
+            check: "leaders",
+            detail: format!("term {}: members {:x?} each said they led", t.term, t.members),
+            history: vec![],
+        });
+    }
+
+    let revs = check::revisions::check(&r.acked);
+    safety.push(count_row("revision anomalies (shared by two writes, or going back)", revs.len()));
+    for a in revs {
+        anomalies.push(Anomaly { check: "revisions", detail: format!("{a:?}"), history: vec![] });
+    }
+
+    // The reference for the watchers: every change to the register keys, from the history.
+    let reference = reference_changes(&url, start_rev + 1).await?;
+    let mut watch_anomalies = 0;
+    for (slot, start, deliveries) in &r.watches {
+        for a in check::watch::check(*start, deliveries, &reference) {
+            watch_anomalies += 1;
+            anomalies.push(Anomaly {
+                check: "watch",
+                detail: format!("watcher on member slot {slot}: {a:?}"),
+                history: vec![],
+            });
+        }
+    }
+    safety.push(count_row("watch anomalies (order, gaps, duplicates, split revisions)", watch_anomalies));
+
+    let leases = check::leases::check(&r.lease_reads, &leftover);
+    safety.push(count_row("lease anomalies (key outlived its lease)", leases.len()));
+    for a in leases {
+        anomalies.push(Anomaly { check: "leases", detail: format!("{a:?}"), history: vec![] });
+    }
+
+    if cfg.target == Target::Quorate {
+        let pairs = check::locks::check(&r.lock_accepted);
+        safety.push(count_row("lock holders whose fenced writes were both accepted", pairs.len()));
+        for (newer, stale) in pairs {
+            anomalies.push(Anomaly {
+                check: "locks",
+                detail: format!(
+                    "write with token {} accepted at revision {} after token {} wrote at {}",
+                    stale.token, stale.revision, newer.token, newer.revision
+                ),
+                history: vec![],
+            });
+        }
+        let got = kv.range(pb::RangeRequest { key: COUNTER_KEY.into(), ..Default::default() }).await?.into_inner();
+        let counter: u64 = got.kvs.first().and_then(|kv| String::from_utf8_lossy(&kv.value).parse().ok()).unwrap_or(0);
+        let accepted = r.lock_accepted.len() as u64;
+        let ok = counter >= accepted && counter <= accepted + r.lock_unknown;
+        let result = if ok {
+            format!("equal ({counter} = {accepted} accepted + {} of {} unknown)", counter - accepted, r.lock_unknown)
+        } else {
+            format!("differs: counter {counter}, accepted {accepted}, unknown {}", r.lock_unknown)
+        };
+        safety.push(row("fenced counter = accepted increments", result, ok));
+    } else {
+        safety.push(row(
+            "lock holders whose fenced writes were both accepted",
+            "not applicable: etcd has no server-side fencing".into(),
+            true,
+        ));
+        safety.push(row(
+            "fenced counter = accepted increments",
+            "not applicable: etcd has no server-side fencing".into(),
+            true,
+        ));
+    }
+
+    let end_rev = put(hosts, "drill/end", "1").await?;
+    let hashes = hashes_at(hosts, end_rev).await;
+    match check::convergence::check(&hashes) {
+        None => safety.push(row(
+            "convergence (HashKV on every member at one revision)",
+            format!("equal at revision {end_rev}"),
+            true,
+        )),
+        Some(diff) => {
+            safety.push(row("convergence (HashKV on every member at one revision)", diff.clone(), false));
+            anomalies.push(Anomaly { check: "convergence", detail: diff, history: vec![] });
+        }
+    }
+    safety.push(row(
+        "registry (live instances never evicted)",
+        "not checked: the registry workload is not part of the drill yet".into(),
+        true,
+    ));
+
+    for w in windows.iter_mut() {
+        w.unavailable_ms = Some(report::unavailable(&r.stats, w.start_ms, w.healed_ms + 10_000));
+        w.recovery_ms = report::recovery(&r.stats, w.healed_ms);
+    }
+    let first = windows.first().map_or(u64::MAX, |w| w.start_ms);
+    let last = windows.last().map_or(u64::MAX, |w| w.healed_ms);
+    let mut flags = Vec::new();
+    if cfg.unsafe_local_reads {
+        flags.push("--drill-unsafe-local-reads".to_string());
+    }
+    Ok(Report {
+        target: cfg.target.name(),
+        seed: cfg.seed,
+        git_revision: cfg.git_revision.clone(),
+        members: cfg.members,
+        clients: cfg.clients,
+        heartbeat_ms: hosts.heartbeat_ms,
+        election_ms: hosts.election_ms,
+        duration_s: 0.0,
+        mode: "network namespaces",
+        unsafe_flags: flags,
+        counts: report::counts(&r.stats, first, last),
+        unavailable_ms: report::percentiles(windows.iter().filter_map(|w| w.unavailable_ms).collect()),
+        recovery_ms: report::percentiles(windows.iter().filter_map(|w| w.recovery_ms).collect()),
+        faults: windows.to_vec(),
+        safety,
+        lock_refused_stale_writes: r.lock_refused,
+        anomalies,
+        replay: cfg.replay.clone(),
+    })
+}
+
+/// Every change to the register keys from `from` on, as one watch replays it.
+async fn reference_changes(url: &str, from: i64) -> anyhow::Result<Vec<check::watch::Change>> {
+    let mut client = pb::watch_client::WatchClient::new(channel(url));
+    let create = pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+            key: b"r".to_vec(),
+            range_end: b"s".to_vec(),
+            start_revision: from,
+            ..Default::default()
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(create).await?;
+    let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(w))) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+        out.extend(
+            w.events
+                .iter()
+                .filter_map(|e| e.kv.as_ref())
+                .map(|kv| (kv.mod_revision, String::from_utf8_lossy(&kv.key).into_owned())),
+        );
+    }
+    drop(tx);
+    Ok(out)
+}
+
+/// Every member's HashKV at `rev` (each retried until it has applied that far).
+async fn hashes_at(hosts: &Hosts, rev: i64) -> Vec<MemberHash> {
+    let mut out = Vec::new();
+    for slot in 0..hosts.members.len() {
+        let mut m = pb::maintenance_client::MaintenanceClient::new(channel(&hosts.client_url(slot)));
+        let mut hash = None;
+        for _ in 0..30 {
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_secs(2), m.hash_kv(pb::HashKvRequest { revision: rev })).await
+            {
+                hash = Some(r.into_inner().hash);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        out.push(MemberHash { member: hosts.members[slot].name.clone(), revision: rev, hash });
+    }
+    out
+}
