@@ -12,99 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use quorate_drill::net::Net;
 use quorate_tests::{http_at, quorate_bin, HttpReply};
 
 const INSTANCES: usize = 30;
 const TTL_S: u64 = 4;
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-/// The test's network: a switch namespace with a bridge, one namespace per member, and a
-/// veth from the host into the bridge so the test (the clients) reaches every member.
-struct Net {
-    tag: String,
-    subnet: u32,
-    members: usize,
-}
-
-impl Net {
-    fn ns_switch(&self) -> String {
-        format!("qsw{}", self.tag)
-    }
-    fn ns_member(&self, i: usize) -> String {
-        format!("qm{i}x{}", self.tag)
-    }
-    fn ip(&self, i: usize) -> String {
-        format!("10.77.{}.{}", self.subnet, i)
-    }
-
-    fn create(members: usize) -> Result<Net, String> {
-        let pid = std::process::id();
-        let net = Net { tag: format!("{}", pid % 100_000), subnet: 20 + pid % 200, members };
-        let sw = net.ns_switch();
-        sh(&["ip", "netns", "add", &sw])?;
-        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
-        for i in 1..=members {
-            let ns = net.ns_member(i);
-            let (a, b) = (format!("qv{i}x{}", net.tag), format!("qp{i}x{}", net.tag));
-            sh(&["ip", "netns", "add", &ns])?;
-            sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b])?;
-            sh(&["ip", "link", "set", &a, "netns", &ns])?;
-            sh(&["ip", "link", "set", &b, "netns", &sw])?;
-            sh(&["ip", "-n", &sw, "link", "set", &b, "master", "br0"])?;
-            sh(&["ip", "-n", &sw, "link", "set", &b, "up"])?;
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("{}/24", net.ip(i)), "dev", &a])?;
-            sh(&["ip", "-n", &ns, "link", "set", &a, "up"])?;
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        }
-        let (h, p) = (format!("qh{}", net.tag), format!("qph{}", net.tag));
-        sh(&["ip", "link", "add", &h, "type", "veth", "peer", "name", &p])?;
-        sh(&["ip", "link", "set", &p, "netns", &sw])?;
-        sh(&["ip", "-n", &sw, "link", "set", &p, "master", "br0"])?;
-        sh(&["ip", "-n", &sw, "link", "set", &p, "up"])?;
-        sh(&["ip", "addr", "add", &format!("{}/24", net.ip(254)), "dev", &h])?;
-        sh(&["ip", "link", "set", &h, "up"])?;
-        Ok(net)
-    }
-
-    /// Silently drop everything between member `cut` and every other member.
-    fn partition(&self, cut: usize) {
-        let sw = self.ns_switch();
-        sh(&["ip", "netns", "exec", &sw, "nft", "add", "table", "bridge", "qpart"]).unwrap();
-        let chain = "{ type filter hook forward priority 0 ; }";
-        sh(&["ip", "netns", "exec", &sw, "nft", "add", "chain", "bridge", "qpart", "cut", chain]).unwrap();
-        for other in (1..=self.members).filter(|o| *o != cut) {
-            for (a, b) in [(cut, other), (other, cut)] {
-                let rule = format!("ip saddr {} ip daddr {} drop", self.ip(a), self.ip(b));
-                let mut args = vec!["ip", "netns", "exec", &sw, "nft", "add", "rule", "bridge", "qpart", "cut"];
-                args.extend(rule.split(' '));
-                sh(&args).unwrap();
-            }
-        }
-    }
-
-    fn heal(&self) {
-        sh(&["ip", "netns", "exec", &self.ns_switch(), "nft", "delete", "table", "bridge", "qpart"]).unwrap();
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "link", "del", &format!("qh{}", self.tag)]);
-        for i in 1..=self.members {
-            let _ = sh(&["ip", "netns", "del", &self.ns_member(i)]);
-        }
-        let _ = sh(&["ip", "netns", "del", &self.ns_switch()]);
-    }
-}
 
 struct Members(Vec<Child>);
 
@@ -156,13 +68,13 @@ async fn leader_of(addrs: &[String]) -> Option<usize> {
 async fn a_partitioned_leader_evicts_nothing_and_the_brake_holds_on_the_new_one() {
     let net = Net::create(3).expect("network namespaces (this test needs root: CI runs it as root)");
     let dir = tempfile::tempdir().unwrap();
-    let ic: Vec<String> = (1..=3).map(|i| format!("m{i}=http://{}:2380", net.ip(i))).collect();
+    let ic: Vec<String> = (0..3).map(|s| format!("m{}=http://{}:2380", s + 1, net.ip(s))).collect();
     let mut children = Vec::new();
     for i in 1..=3 {
-        let ip = net.ip(i);
+        let ip = net.ip(i - 1);
         let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", &net.ns_member(i)])
+            .args(["netns", "exec", &net.ns_member(i - 1)])
             .arg(quorate_bin())
             .args(["server", "--name", &format!("m{i}"), "--initial-cluster", &ic.join(",")])
             .args(["--data-dir", dir.path().join(format!("m{i}")).to_str().unwrap()])
@@ -177,7 +89,7 @@ async fn a_partitioned_leader_evicts_nothing_and_the_brake_holds_on_the_new_one(
         children.push(child);
     }
     let _members = Members(children);
-    let addrs: Vec<String> = (1..=3).map(|i| format!("{}:8500", net.ip(i))).collect();
+    let addrs: Vec<String> = (0..3).map(|s| format!("{}:8500", net.ip(s))).collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     for a in &addrs {
         while !matches!(http(a, "GET", "/health", None).await, Ok(r) if r.status == 200) {
@@ -212,7 +124,8 @@ async fn a_partitioned_leader_evicts_nothing_and_the_brake_holds_on_the_new_one(
     tokio::time::sleep(Duration::from_secs(2 * TTL_S)).await;
 
     eprintln!("cut m{} off from the others for {} s", leader + 1, 3 * TTL_S);
-    net.partition(leader + 1);
+    let links: Vec<(usize, usize)> = (0..3).filter(|o| *o != leader).flat_map(|o| [(leader, o), (o, leader)]).collect();
+    net.cut(&links).unwrap();
     let cut_at = Instant::now();
     let mut most_suspects = 0;
     while cut_at.elapsed() < Duration::from_secs(3 * TTL_S) {
@@ -227,7 +140,7 @@ async fn a_partitioned_leader_evicts_nothing_and_the_brake_holds_on_the_new_one(
     assert_eq!(most_suspects, INSTANCES, "the new leader saw them all go quiet and the brake held them");
 
     eprintln!("heal; the instances come back through their member");
-    net.heal();
+    net.heal().unwrap();
     let healed = Instant::now();
     loop {
         if let Some((ids, suspects, degraded)) = listed(&majority[0]).await {

@@ -145,7 +145,7 @@ pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> any
             let names = |v: &[usize]| v.iter().map(|s| name(hosts, *s)).collect::<Vec<_>>().join(",");
             (
                 Active::Cut,
-                format!("minority [{}] (with the leader) | majority [{}]", names(&minority), names(&majority)),
+                format!("minority [{}] (with the leader) cut from majority [{}]", names(&minority), names(&majority)),
             )
         }
         FaultKind::Bridge => {
