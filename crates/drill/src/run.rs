@@ -84,6 +84,10 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
         let w = workload::run_watcher(slot, hosts.client_url(slot), start_rev + 1, rec.clone(), stop.clone());
         tasks.push(tokio::spawn(w));
     }
+    let registry = (cfg.target == Target::Quorate).then(|| {
+        let addrs: Vec<String> = (0..cfg.members).map(|s| hosts.http_addr(s)).collect();
+        tokio::spawn(crate::registry::run(addrs, rec.clone(), stop.clone(), cfg.seed))
+    });
     let claims = Arc::new(std::sync::Mutex::new(Vec::<Claim>::new()));
     let urls: Vec<String> = (0..cfg.members).map(|s| hosts.client_url(s)).collect();
     let poller = tokio::spawn(poll_leaders(urls, rec.clone(), claims.clone(), stop.clone()));
@@ -131,6 +135,10 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
         let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
     }
     let _ = poller.await;
+    let registry = match registry {
+        Some(t) => Some(t.await.context("registry workload")?),
+        None => None,
+    };
     let ended_ms = rec.now_ms();
     eprintln!("drill: workload stopped at {:.1}s; reading the final state", ended_ms as f64 / 1000.0);
     wait_ready(&mut hosts, Duration::from_secs(60)).await.context("the cluster did not recover after the faults")?;
@@ -138,7 +146,7 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
     tokio::time::sleep(Duration::from_secs(6)).await;
 
     let claims = claims.lock().unwrap().clone();
-    let mut rep = judge(&cfg, &hosts, &rec, &claims, start_rev, &mut windows).await?;
+    let mut rep = judge(&cfg, &hosts, &rec, &claims, registry, start_rev, &mut windows).await?;
     rep.duration_s = rec.start.elapsed().as_secs_f64();
     std::fs::write(cfg.out.join("report.json"), serde_json::to_vec_pretty(&rep)?)?;
     std::fs::write(cfg.out.join("report.md"), rep.markdown())?;
@@ -207,6 +215,8 @@ async fn poll_leaders(
     }
 }
 
+const REGISTRY_ROW: &str = "registry (live instance evicted, or stopped one kept past TTL + election timeout)";
+
 fn row(check: &'static str, result: String, ok: bool) -> SafetyRow {
     SafetyRow { check, result, ok }
 }
@@ -220,6 +230,7 @@ async fn judge(
     hosts: &Hosts,
     rec: &Arc<Recorder>,
     claims: &[Claim],
+    registry: Option<crate::registry::RegistryRecord>,
     start_rev: i64,
     windows: &mut [FaultWindow],
 ) -> anyhow::Result<Report> {
@@ -360,11 +371,30 @@ async fn judge(
             anomalies.push(Anomaly { check: "convergence", detail: diff, history: vec![] });
         }
     }
-    safety.push(row(
-        "registry (live instances never evicted)",
-        "not checked: the registry workload is not part of the drill yet".into(),
-        true,
-    ));
+    match registry {
+        Some(reg) => {
+            let faults: Vec<(u64, u64)> = windows.iter().map(|w| (w.start_ms, w.healed_ms)).collect();
+            let bounds = check::registry::Bounds {
+                ttl_ms: crate::registry::TTL_S * 1000,
+                election_ms: hosts.election_ms,
+                slack_ms: 1_500,
+            };
+            let found = check::registry::check(&reg.lives, &reg.listings, &reg.gone_on_heartbeat, &faults, &bounds);
+            let stopped = reg.lives.iter().filter(|l| l.stopped_ms.is_some()).count();
+            let result = format!(
+                "{} ({} heartbeating, {stopped} stopped, {} discovery reads; {} lease lapses held by the brake and re-registered)",
+                found.len(),
+                reg.lives.len() - stopped,
+                reg.listings.len(),
+                reg.lapsed.len()
+            );
+            safety.push(row(REGISTRY_ROW, result, found.is_empty()));
+            for a in found {
+                anomalies.push(Anomaly { check: "registry", detail: format!("{a:?}"), history: vec![] });
+            }
+        }
+        None => safety.push(row(REGISTRY_ROW, "not applicable: etcd has no registry".into(), true)),
+    }
 
     for w in windows.iter_mut() {
         w.unavailable_ms = Some(report::unavailable(&r.stats, w.start_ms, w.healed_ms + 10_000));

@@ -85,7 +85,7 @@ impl Recorder {
         self.start.elapsed().as_millis() as u64
     }
 
-    fn stat(&self, kind: &'static str, client: u32, invoke_ns: u64, outcome: Outcome) {
+    pub(crate) fn stat(&self, kind: &'static str, client: u32, invoke_ns: u64, outcome: Outcome) {
         let s = OpStat { kind, client, invoke_ms: invoke_ns / 1_000_000, complete_ms: self.now_ms(), outcome };
         self.rec.lock().unwrap().stats.push(s);
     }

@@ -6,5 +6,6 @@ pub mod leases;
 pub mod linearizable;
 pub mod locks;
 pub mod lost_writes;
+pub mod registry;
 pub mod revisions;
 pub mod watch;
