@@ -37,6 +37,20 @@ enum Command {
     /// recorded history, and write a report (Markdown and JSON). Exit 0: no anomaly; 1:
     /// anomalies; 2: the drill could not run.
     Drill(DrillArgs),
+    /// The drill's peer-link proxy (the drill starts it in each member's namespace).
+    #[command(hide = true)]
+    DrillProxy(DrillProxyArgs),
+}
+
+#[derive(Args)]
+struct DrillProxyArgs {
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    #[arg(long)]
+    to: std::net::SocketAddr,
+    /// A file holding the delay in milliseconds for traffic into the member.
+    #[arg(long)]
+    control: PathBuf,
 }
 
 #[derive(Args)]
@@ -59,7 +73,8 @@ struct DrillArgs {
     #[arg(long)]
     duration_s: Option<u64>,
     /// Faults to use, comma-separated [default: all]: partition-leader, majority-minority,
-    /// bridge, one-way-loss, pause, kill, clock-jump, slow-disk, membership, leader-transfer.
+    /// bridge, one-way-loss, delay-spike, pause, kill, clock-jump, slow-disk, membership,
+    /// leader-transfer.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
     /// Seconds each fault is held before it is healed.
@@ -339,6 +354,7 @@ fn run() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Drill(args) => drill(args).await,
+            Command::DrillProxy(a) => quorate_drill::proxy::serve(a.listen, a.to, a.control).await,
             Command::BenchRegistry(args) => {
                 let cfg = quorate_bench::registry::RegistryBenchConfig {
                     endpoints: args.endpoints.split(',').map(|s| s.trim().to_string()).collect(),

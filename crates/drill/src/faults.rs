@@ -20,6 +20,7 @@ pub enum FaultKind {
     MajorityMinority,
     Bridge,
     OneWayLoss,
+    DelaySpike,
     Pause,
     Kill,
     ClockJump,
@@ -28,11 +29,12 @@ pub enum FaultKind {
     LeaderTransfer,
 }
 
-pub const ALL: [FaultKind; 10] = [
+pub const ALL: [FaultKind; 11] = [
     FaultKind::PartitionLeader,
     FaultKind::MajorityMinority,
     FaultKind::Bridge,
     FaultKind::OneWayLoss,
+    FaultKind::DelaySpike,
     FaultKind::Pause,
     FaultKind::Kill,
     FaultKind::ClockJump,
@@ -48,6 +50,7 @@ impl FaultKind {
             FaultKind::MajorityMinority => "majority-minority",
             FaultKind::Bridge => "bridge",
             FaultKind::OneWayLoss => "one-way-loss",
+            FaultKind::DelaySpike => "delay-spike",
             FaultKind::Pause => "pause",
             FaultKind::Kill => "kill",
             FaultKind::ClockJump => "clock-jump",
@@ -81,6 +84,7 @@ pub fn schedule(kinds: &[FaultKind], count: usize, rng: &mut StdRng) -> Vec<Faul
 pub enum Active {
     Cut,
     Paused(usize),
+    Delayed(usize),
     Killed(usize),
     Clock(usize),
     SlowDisk(usize),
@@ -165,6 +169,12 @@ pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> any
             hosts.net.cut(&links)?;
             (Active::Cut, format!("everything {} (leader) sends is lost; it still hears the others", name(hosts, l)))
         }
+        FaultKind::DelaySpike => {
+            let s = if rng.random_bool(0.5) { leader_or_random(hosts, rng).await } else { rng.random_range(0..n) };
+            let ms = rng.random_range(200..1500);
+            hosts.set_delay(s, ms)?;
+            (Active::Delayed(s), format!("everything {}'s peers send it arrives {ms} ms late", name(hosts, s)))
+        }
         FaultKind::Pause => {
             let s = if rng.random_bool(0.5) { leader_or_random(hosts, rng).await } else { rng.random_range(0..n) };
             hosts.pause(s);
@@ -228,6 +238,7 @@ pub async fn heal(active: Active, hosts: &mut Hosts) -> anyhow::Result<()> {
     match active {
         Active::Cut => hosts.net.heal()?,
         Active::Paused(s) => hosts.resume(s),
+        Active::Delayed(s) => hosts.set_delay(s, 0)?,
         Active::Killed(s) => {
             let ic = hosts.initial_cluster();
             hosts.spawn(s, &ic, false)?;

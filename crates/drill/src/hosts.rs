@@ -57,6 +57,8 @@ pub struct Hosts {
     pub extra: Vec<String>,
     faketime: Option<PathBuf>,
     renewals: usize,
+    /// One peer-link proxy per slot (see `proxy.rs`), running for the whole drill.
+    proxies: Vec<Child>,
 }
 
 impl Hosts {
@@ -73,7 +75,41 @@ impl Hosts {
             extra,
             faketime: faketime_lib(),
             renewals: 0,
+            proxies: Vec::new(),
         }
+    }
+
+    /// Start the peer-link proxy of every slot in its namespace: `ip:2381` forwards to the
+    /// member's `ip:2380`, delaying what flows in by what `<slot>.delay` says.
+    pub fn start_proxies(&mut self) -> anyhow::Result<()> {
+        for slot in 0..self.members.len() {
+            let ip = self.net.ip(slot);
+            let control = self.delay_file(slot);
+            std::fs::write(&control, "0\n")?;
+            let log = std::fs::File::create(self.dir.join(format!("proxy{}.log", slot + 1)))?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &self.net.ns_member(slot)])
+                .arg(&self.bin)
+                .args(["drill-proxy", "--listen", &format!("{ip}:2381"), "--to", &format!("{ip}:2380"), "--control"])
+                .arg(&control)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("start a peer-link proxy")?;
+            self.proxies.push(child);
+        }
+        Ok(())
+    }
+
+    fn delay_file(&self, slot: usize) -> PathBuf {
+        self.dir.join(format!("slot{}.delay", slot + 1))
+    }
+
+    /// Delay everything flowing into member `slot` from its peers by `ms` (0: none).
+    pub fn set_delay(&self, slot: usize, ms: u64) -> anyhow::Result<()> {
+        std::fs::write(self.delay_file(slot), format!("{ms}\n"))?;
+        Ok(())
     }
 
     pub fn has_faketime(&self) -> bool {
@@ -84,8 +120,9 @@ impl Hosts {
         format!("http://{}:2379", self.net.ip(slot))
     }
 
+    /// The peer URL members advertise: the slot's peer-link proxy.
     pub fn peer_url(&self, slot: usize) -> String {
-        format!("http://{}:2380", self.net.ip(slot))
+        format!("http://{}:2381", self.net.ip(slot))
     }
 
     pub fn http_addr(&self, slot: usize) -> String {
@@ -108,7 +145,8 @@ impl Hosts {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.net.ns_member(slot)]);
         let state = if existing { "existing" } else { "new" };
-        let (client, peer) = (format!("http://{ip}:2379"), format!("http://{ip}:2380"));
+        let (client, peer, advertised) =
+            (format!("http://{ip}:2379"), format!("http://{ip}:2380"), format!("http://{ip}:2381"));
         match self.target {
             Target::Quorate => {
                 cmd.arg(&self.bin).arg("server");
@@ -124,7 +162,7 @@ impl Hosts {
         }
         cmd.args(["--name", &m.name, "--data-dir", m.data_dir.to_str().context("data dir")?]);
         cmd.args(["--listen-client-urls", &client, "--advertise-client-urls", &client]);
-        cmd.args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer]);
+        cmd.args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &advertised]);
         cmd.args(["--initial-cluster", initial_cluster, "--initial-cluster-state", state]);
         cmd.args(["--heartbeat-interval", &self.heartbeat_ms.to_string()]);
         cmd.args(["--election-timeout", &self.election_ms.to_string()]);
@@ -213,6 +251,10 @@ impl Drop for Hosts {
             // Resume first: a stopped process does not die of SIGKILL until continued.
             self.resume(slot);
             self.kill9(slot);
+        }
+        for p in &mut self.proxies {
+            let _ = p.kill();
+            let _ = p.wait();
         }
     }
 }

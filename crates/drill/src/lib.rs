@@ -7,6 +7,7 @@ pub mod faults;
 pub mod history;
 pub mod hosts;
 pub mod net;
+pub mod proxy;
 pub mod registry;
 pub mod report;
 pub mod run;

@@ -60,6 +60,7 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
         }
     }
     let mut hosts = Hosts::new(net, cfg.target, cfg.bin.clone(), &hosts_dir, cfg.members, extra);
+    hosts.start_proxies()?;
     let ic = hosts.initial_cluster();
     for slot in 0..cfg.members {
         hosts.spawn(slot, &ic, false)?;
@@ -128,6 +129,7 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
     for slot in 0..cfg.members {
         hosts.resume(slot);
         hosts.set_clock(slot, "+0")?;
+        hosts.set_delay(slot, 0)?;
     }
     tokio::time::sleep(cfg.quiet).await;
     stop.store(true, Ordering::Relaxed);
