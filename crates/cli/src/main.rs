@@ -32,10 +32,10 @@ enum Command {
     /// Load over the native registry API: registrations/s, discovery queries/s (consistent and
     /// stale), then a heartbeat phase (measure the members' CPU from outside meanwhile).
     BenchRegistry(BenchRegistryArgs),
-    /// The split-brain drill (needs root): start a cluster with every member in its own network
-    /// namespace, drive clients, inject faults on a schedule fixed by the seed, check the
-    /// recorded history, and write a report (Markdown and JSON). Exit 0: no anomaly; 1:
-    /// anomalies; 2: the drill could not run.
+    /// The split-brain drill: start a cluster with every member in its own network namespace
+    /// (root; or `--mode proxy` on loopback), drive clients, inject faults on a schedule fixed
+    /// by the seed, check the recorded history, and write a report (Markdown and JSON). Exit 0:
+    /// no anomaly; 1: anomalies; 2: the drill could not run.
     Drill(DrillArgs),
     /// The drill's peer-link proxy (the drill starts it in each member's namespace).
     #[command(hide = true)]
@@ -86,8 +86,8 @@ struct DrillArgs {
     /// Where the report (report.md, report.json) and the members' data and logs go.
     #[arg(long, default_value = "drill-report")]
     out: PathBuf,
-    /// Hosts: netns (members in network namespaces; root) or proxy (loopback behind TCP
-    /// proxies; not built yet).
+    /// Hosts: netns (a network namespace per member, nftables cuts; needs root) or proxy
+    /// (members on loopback, every peer link through the drill's own proxies; no root).
     #[arg(long, default_value = "netns", value_parser = ["netns", "proxy"])]
     mode: String,
     /// Time budget for the linearizability search, in seconds.
@@ -401,10 +401,6 @@ fn run() -> anyhow::Result<()> {
 
 async fn drill(args: DrillArgs) -> anyhow::Result<()> {
     use quorate_drill::{FaultKind, Target};
-    if args.mode == "proxy" {
-        eprintln!("quorate drill: --mode proxy is not built yet; run as root with the default --mode netns");
-        std::process::exit(2);
-    }
     let target = if args.target == "etcd" { Target::Etcd } else { Target::Quorate };
     let faults: Vec<FaultKind> = if args.faults.is_empty() {
         quorate_drill::faults::ALL.to_vec()
@@ -435,6 +431,9 @@ async fn drill(args: DrillArgs) -> anyhow::Result<()> {
     if args.plant_stale_reads {
         replay.push_str(" --plant-stale-reads");
     }
+    if args.mode == "proxy" {
+        replay.push_str(" --mode proxy");
+    }
     eprintln!("drill: seed {seed}; replay with: {replay}");
     // The checkout the binary was built in (target/<profile>/quorate), else the version.
     let exe_dir = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
@@ -459,6 +458,7 @@ async fn drill(args: DrillArgs) -> anyhow::Result<()> {
         out: args.out.clone(),
         bin: std::env::current_exe()?,
         unsafe_local_reads: args.plant_stale_reads,
+        proxy_mode: args.mode == "proxy",
         check_budget: std::time::Duration::from_secs(args.check_budget_s),
         git_revision,
         replay,

@@ -132,7 +132,7 @@ pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> any
         FaultKind::PartitionLeader => {
             let l = leader_or_random(hosts, rng).await;
             let links: Vec<(usize, usize)> = (0..n).filter(|o| *o != l).flat_map(|o| [(l, o), (o, l)]).collect();
-            hosts.net.cut(&links)?;
+            hosts.cut(&links)?;
             (Active::Cut, format!("{} (leader) cut off from every other member", name(hosts, l)))
         }
         FaultKind::MajorityMinority => {
@@ -145,7 +145,7 @@ pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> any
             let majority: Vec<usize> = (0..n).filter(|s| !minority.contains(s)).collect();
             let links: Vec<(usize, usize)> =
                 minority.iter().flat_map(|a| majority.iter().flat_map(move |b| [(*a, *b), (*b, *a)])).collect();
-            hosts.net.cut(&links)?;
+            hosts.cut(&links)?;
             let names = |v: &[usize]| v.iter().map(|s| name(hosts, *s)).collect::<Vec<_>>().join(",");
             (
                 Active::Cut,
@@ -160,13 +160,13 @@ pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> any
             let (left, right) = order[1..].split_at((n - 1) / 2);
             let links: Vec<(usize, usize)> =
                 left.iter().flat_map(|a| right.iter().flat_map(move |b| [(*a, *b), (*b, *a)])).collect();
-            hosts.net.cut(&links)?;
+            hosts.cut(&links)?;
             (Active::Cut, format!("{} bridges two halves that cannot see each other", name(hosts, bridge)))
         }
         FaultKind::OneWayLoss => {
             let l = leader_or_random(hosts, rng).await;
             let links: Vec<(usize, usize)> = (0..n).filter(|o| *o != l).map(|o| (l, o)).collect();
-            hosts.net.cut(&links)?;
+            hosts.cut(&links)?;
             (Active::Cut, format!("everything {} (leader) sends is lost; it still hears the others", name(hosts, l)))
         }
         FaultKind::DelaySpike => {
@@ -236,7 +236,7 @@ pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> any
 
 pub async fn heal(active: Active, hosts: &mut Hosts) -> anyhow::Result<()> {
     match active {
-        Active::Cut => hosts.net.heal()?,
+        Active::Cut => hosts.heal_links()?,
         Active::Paused(s) => hosts.resume(s),
         Active::Delayed(s) => hosts.set_delay(s, 0)?,
         Active::Killed(s) => {

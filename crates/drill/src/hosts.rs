@@ -8,7 +8,10 @@ use std::process::{Child, Command, Stdio};
 use anyhow::Context;
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use crate::net::Net;
+use crate::proxy::ProxyNet;
 
 /// What the drill runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -45,8 +48,18 @@ pub struct MemberProc {
     child: Option<Child>,
 }
 
+/// How members are connected, and where faults on links are made.
+pub enum Links {
+    /// A network namespace per member (root): cuts in nftables, delay in a proxy process per
+    /// namespace.
+    Netns(Net),
+    /// Members on loopback (no root): every peer link through the drill's own proxies, which
+    /// cut and delay. Ports from `base` on, four per slot.
+    Proxy { net: Arc<ProxyNet>, base: u16 },
+}
+
 pub struct Hosts {
-    pub net: Net,
+    pub links: Links,
     pub target: Target,
     pub bin: PathBuf,
     pub dir: PathBuf,
@@ -62,10 +75,10 @@ pub struct Hosts {
 }
 
 impl Hosts {
-    pub fn new(net: Net, target: Target, bin: PathBuf, dir: &Path, n: usize, extra: Vec<String>) -> Hosts {
+    pub fn new(links: Links, target: Target, bin: PathBuf, dir: &Path, n: usize, extra: Vec<String>) -> Hosts {
         let members = (0..n).map(|slot| MemberProc::new(dir, format!("m{}", slot + 1))).collect();
         Hosts {
-            net,
+            links,
             target,
             bin,
             dir: dir.to_path_buf(),
@@ -79,25 +92,36 @@ impl Hosts {
         }
     }
 
-    /// Start the peer-link proxy of every slot in its namespace: `ip:2381` forwards to the
-    /// member's `ip:2380`, delaying what flows in by what `<slot>.delay` says.
-    pub fn start_proxies(&mut self) -> anyhow::Result<()> {
+    /// Start the peer-link proxies. Namespace mode: a process in each member's namespace
+    /// (`ip:2381` to the member's `ip:2380`, delay read from `slot<n>.delay`); proxy mode: a
+    /// task of the drill per member.
+    pub async fn start_proxies(&mut self) -> anyhow::Result<()> {
         for slot in 0..self.members.len() {
-            let ip = self.net.ip(slot);
-            let control = self.delay_file(slot);
-            std::fs::write(&control, "0\n")?;
-            let log = std::fs::File::create(self.dir.join(format!("proxy{}.log", slot + 1)))?;
-            let child = Command::new("ip")
-                .args(["netns", "exec", &self.net.ns_member(slot)])
-                .arg(&self.bin)
-                .args(["drill-proxy", "--listen", &format!("{ip}:2381"), "--to", &format!("{ip}:2380"), "--control"])
-                .arg(&control)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("start a peer-link proxy")?;
-            self.proxies.push(child);
+            match &self.links {
+                Links::Netns(net) => {
+                    let ip = net.ip(slot);
+                    let control = self.delay_file(slot);
+                    std::fs::write(&control, "0\n")?;
+                    let log = std::fs::File::create(self.dir.join(format!("proxy{}.log", slot + 1)))?;
+                    let child = Command::new("ip")
+                        .args(["netns", "exec", &net.ns_member(slot)])
+                        .arg(&self.bin)
+                        .args(["drill-proxy", "--listen", &format!("{ip}:2381"), "--to", &format!("{ip}:2380")])
+                        .arg("--control")
+                        .arg(&control)
+                        .stdin(Stdio::null())
+                        .stdout(log.try_clone()?)
+                        .stderr(log)
+                        .spawn()
+                        .context("start a peer-link proxy")?;
+                    self.proxies.push(child);
+                }
+                Links::Proxy { net, .. } => {
+                    let (listen, to) = (self.port(slot, 2), self.port(slot, 1));
+                    let addr = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+                    net.listen(slot, addr(listen), addr(to)).await.context("start a peer-link proxy")?;
+                }
+            }
         }
         Ok(())
     }
@@ -108,8 +132,54 @@ impl Hosts {
 
     /// Delay everything flowing into member `slot` from its peers by `ms` (0: none).
     pub fn set_delay(&self, slot: usize, ms: u64) -> anyhow::Result<()> {
-        std::fs::write(self.delay_file(slot), format!("{ms}\n"))?;
+        match &self.links {
+            Links::Netns(_) => std::fs::write(self.delay_file(slot), format!("{ms}\n"))?,
+            Links::Proxy { net, .. } => net.set_delay(slot, ms),
+        }
         Ok(())
+    }
+
+    /// Silently drop everything sent on these directed links (from, to).
+    pub fn cut(&self, links: &[(usize, usize)]) -> anyhow::Result<()> {
+        match &self.links {
+            Links::Netns(net) => net.cut(links),
+            Links::Proxy { net, .. } => {
+                net.cut(links);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn heal_links(&self) -> anyhow::Result<()> {
+        match &self.links {
+            Links::Netns(net) => net.heal(),
+            Links::Proxy { net, .. } => {
+                net.heal();
+                Ok(())
+            }
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match self.links {
+            Links::Netns(_) => "network namespaces",
+            Links::Proxy { .. } => "loopback behind proxies",
+        }
+    }
+
+    /// Proxy mode's port `k` of `slot`: 0 client, 1 peer, 2 peer proxy, 3 HTTP.
+    fn port(&self, slot: usize, k: u16) -> u16 {
+        match self.links {
+            Links::Proxy { base, .. } => base + 4 * slot as u16 + k,
+            Links::Netns(_) => [2379, 2380, 2381, 8500][k as usize],
+        }
+    }
+
+    fn host(&self, slot: usize) -> String {
+        match &self.links {
+            Links::Netns(net) => net.ip(slot),
+            Links::Proxy { .. } => "127.0.0.1".to_string(),
+        }
     }
 
     pub fn has_faketime(&self) -> bool {
@@ -117,16 +187,16 @@ impl Hosts {
     }
 
     pub fn client_url(&self, slot: usize) -> String {
-        format!("http://{}:2379", self.net.ip(slot))
+        format!("http://{}:{}", self.host(slot), self.port(slot, 0))
     }
 
     /// The peer URL members advertise: the slot's peer-link proxy.
     pub fn peer_url(&self, slot: usize) -> String {
-        format!("http://{}:2381", self.net.ip(slot))
+        format!("http://{}:{}", self.host(slot), self.port(slot, 2))
     }
 
     pub fn http_addr(&self, slot: usize) -> String {
-        format!("{}:8500", self.net.ip(slot))
+        format!("{}:{}", self.host(slot), self.port(slot, 3))
     }
 
     pub fn initial_cluster(&self) -> String {
@@ -138,26 +208,40 @@ impl Hosts {
 
     /// Start member `slot` (its process must not be running).
     pub fn spawn(&mut self, slot: usize, initial_cluster: &str, existing: bool) -> anyhow::Result<()> {
-        let ip = self.net.ip(slot);
+        let host = self.host(slot);
+        let (client, peer, http) = (
+            format!("http://{host}:{}", self.port(slot, 0)),
+            format!("http://{host}:{}", self.port(slot, 1)),
+            format!("{host}:{}", self.port(slot, 3)),
+        );
+        let advertised = self.peer_url(slot);
         let m = &self.members[slot];
         std::fs::write(&m.clock_file, "+0\n")?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log_path)?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.net.ns_member(slot)]);
+        let mut cmd = match &self.links {
+            Links::Netns(net) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &net.ns_member(slot)]);
+                c.arg(match self.target {
+                    Target::Quorate => self.bin.as_os_str(),
+                    Target::Etcd => "etcd".as_ref(),
+                });
+                c
+            }
+            Links::Proxy { .. } => Command::new(match self.target {
+                Target::Quorate => self.bin.as_os_str(),
+                Target::Etcd => "etcd".as_ref(),
+            }),
+        };
         let state = if existing { "existing" } else { "new" };
-        let (client, peer, advertised) =
-            (format!("http://{ip}:2379"), format!("http://{ip}:2380"), format!("http://{ip}:2381"));
         match self.target {
             Target::Quorate => {
-                cmd.arg(&self.bin).arg("server");
-                cmd.args(["--listen-http", &format!("{ip}:8500")]);
+                cmd.arg("server");
+                cmd.args(["--listen-http", &http]);
                 cmd.args(&self.extra);
             }
             Target::Etcd => {
-                cmd.arg("etcd");
                 cmd.args(["--initial-cluster-token", "quorate-drill"]);
-                // etcd 3.4 warns (and exits on some builds) without a known arch on arm; harmless here.
-                cmd.env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
             }
         }
         cmd.args(["--name", &m.name, "--data-dir", m.data_dir.to_str().context("data dir")?]);
@@ -174,6 +258,9 @@ impl Hosts {
         }
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = cmd.spawn().with_context(|| format!("start member {}", m.name))?;
+        if let Links::Proxy { net, .. } = &self.links {
+            net.set_pid(slot, child.id());
+        }
         self.members[slot].child = Some(child);
         Ok(())
     }

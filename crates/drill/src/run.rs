@@ -14,8 +14,9 @@ use rand::SeedableRng;
 
 use crate::check::{self, convergence::MemberHash, leaders::Claim, linearizable::Verdict};
 use crate::faults::{self, FaultKind};
-use crate::hosts::{Hosts, Target};
+use crate::hosts::{Hosts, Links, Target};
 use crate::net::{is_root, Net};
+use crate::proxy::ProxyNet;
 use crate::report::{self, Anomaly, FaultWindow, Report, SafetyRow};
 use crate::workload::{self, channel, ClientCfg, Recorder, COUNTER_KEY};
 
@@ -33,14 +34,16 @@ pub struct DrillConfig {
     /// The quorate binary (members run `quorate server`).
     pub bin: PathBuf,
     pub unsafe_local_reads: bool,
+    /// Members on loopback behind the drill's proxies (no root needed).
+    pub proxy_mode: bool,
     pub check_budget: Duration,
     pub git_revision: String,
     pub replay: String,
 }
 
 pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
-    if !is_root() {
-        bail!("quorate drill needs root (network namespaces, nftables); run it as root (--mode proxy, for unprivileged runs, is not built yet)");
+    if !cfg.proxy_mode && !is_root() {
+        bail!("network namespaces need root: run it as root, or use --mode proxy (members on loopback behind the drill's own proxies)");
     }
     if cfg.members < 3 {
         bail!("--members must be at least 3 (a partition needs a majority and a minority)");
@@ -51,7 +54,13 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
     let hosts_dir = cfg.out.join("hosts");
     let _ = std::fs::remove_dir_all(&hosts_dir);
     std::fs::create_dir_all(&hosts_dir).with_context(|| format!("create {}", hosts_dir.display()))?;
-    let net = Net::create(cfg.members).context("create the network namespaces")?;
+    let links = if cfg.proxy_mode {
+        // Below the ephemeral port range, spread by pid so two drills do not collide.
+        let base = 10_000 + (std::process::id() % 200) as u16 * 100;
+        Links::Proxy { net: ProxyNet::new(cfg.members), base }
+    } else {
+        Links::Netns(Net::create(cfg.members).context("create the network namespaces")?)
+    };
     let mut extra = Vec::new();
     if cfg.target == Target::Quorate {
         extra.push("--drill-failpoints".to_string());
@@ -59,13 +68,18 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
             extra.push("--drill-unsafe-local-reads".to_string());
         }
     }
-    let mut hosts = Hosts::new(net, cfg.target, cfg.bin.clone(), &hosts_dir, cfg.members, extra);
-    hosts.start_proxies()?;
+    let mut hosts = Hosts::new(links, cfg.target, cfg.bin.clone(), &hosts_dir, cfg.members, extra);
+    hosts.start_proxies().await?;
     let ic = hosts.initial_cluster();
     for slot in 0..cfg.members {
         hosts.spawn(slot, &ic, false)?;
     }
-    eprintln!("drill: {} members of {} up in their namespaces; waiting for a leader", cfg.members, cfg.target.name());
+    eprintln!(
+        "drill: {} members of {} started ({}); waiting for a leader",
+        cfg.members,
+        cfg.target.name(),
+        hosts.mode()
+    );
     wait_ready(&mut hosts, Duration::from_secs(30)).await?;
     let start_rev = put(&hosts, "drill/start", "1").await.context("first write")?;
 
@@ -125,7 +139,7 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
         tokio::time::sleep(cfg.quiet).await;
     }
     // Everything healed, whatever happened above.
-    hosts.net.heal()?;
+    hosts.heal_links()?;
     for slot in 0..cfg.members {
         hosts.resume(slot);
         hosts.set_clock(slot, "+0")?;
@@ -209,7 +223,8 @@ async fn poll_leaders(
                 let s = s.into_inner();
                 let me = s.header.as_ref().map_or(0, |h| h.member_id);
                 if me != 0 && s.leader == me {
-                    claims.lock().unwrap().push(Claim { at_ms: rec.now_ms(), member: me, term: s.raft_term });
+                    let c = Claim { at_ms: rec.now_ms(), member: format!("{me:x}"), term: s.raft_term };
+                    claims.lock().unwrap().push(c);
                 }
             }
         }
@@ -287,12 +302,24 @@ async fn judge(
         });
     }
 
-    let two = check::leaders::check(claims);
-    safety.push(count_row("terms with two leaders (Status polls)", two.len()));
+    // Status polls name members by id, logs by name: each source is checked on its own.
+    let mut two = check::leaders::check(claims);
+    let mut logged = Vec::new();
+    for entry in std::fs::read_dir(&hosts.dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(member) = name.strip_suffix(".log").filter(|m| m.starts_with('m')) else { continue };
+        let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for term in check::leaders::terms_in_log(&log) {
+            logged.push(Claim { at_ms: 0, member: member.to_string(), term });
+        }
+    }
+    two.extend(check::leaders::check(&logged));
+    let result = format!("{} ({} Status claims, {} log claims)", two.len(), claims.len(), logged.len());
+    safety.push(row("terms with two leaders (Status polls and member logs)", result, two.is_empty()));
     for t in two {
         anomalies.push(Anomaly {
             check: "leaders",
-            detail: format!("term {}: members {:x?} each said they led", t.term, t.members),
+            detail: format!("term {}: members {:?} each said they led", t.term, t.members),
             history: vec![],
         });
     }
@@ -417,7 +444,7 @@ async fn judge(
         heartbeat_ms: hosts.heartbeat_ms,
         election_ms: hosts.election_ms,
         duration_s: 0.0,
-        mode: "network namespaces",
+        mode: hosts.mode(),
         unsafe_flags: flags,
         counts: report::counts(&r.stats, first, last),
         unavailable_ms: report::percentiles(windows.iter().filter_map(|w| w.unavailable_ms).collect()),

@@ -1,29 +1,45 @@
-//! At most one leader per term: every member's own claim to lead (its Status says it is the
-//! leader) is polled through the drill; two different members claiming the same term is a
-//! split brain.
+//! At most one leader per term: every member's own claim to lead, from its Status polled by
+//! the drill and from its log; two different members claiming the same term is a split brain.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-/// One poll answer: `member` said it leads in `term` (only claims are recorded).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// `member` said it leads in `term` (a Status answer, or a line of its log).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Claim {
     pub at_ms: u64,
-    pub member: u64,
+    pub member: String,
     pub term: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TwoLeaders {
     pub term: u64,
-    pub members: Vec<u64>,
+    pub members: Vec<String>,
+}
+
+/// The terms a member's log says it led in: quorate's "lease clock promoted term=N" and
+/// etcd's raft "became leader at term N".
+pub fn terms_in_log(log: &str) -> Vec<u64> {
+    let number = |rest: &str| rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok();
+    log.lines()
+        .filter_map(|line| {
+            if let Some((_, rest)) = line.split_once("lease clock promoted term=") {
+                number(rest)
+            } else if let Some((_, rest)) = line.split_once(" became leader at term ") {
+                number(rest)
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 pub fn check(claims: &[Claim]) -> Vec<TwoLeaders> {
-    let mut by_term: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let mut by_term: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
     for c in claims {
-        by_term.entry(c.term).or_default().insert(c.member);
+        by_term.entry(c.term).or_default().insert(c.member.clone());
     }
     by_term
         .into_iter()
@@ -38,8 +54,19 @@ mod tests {
 
     #[test]
     fn one_leader_per_term_passes_and_two_are_flagged() {
-        let c = |member, term| Claim { at_ms: 0, member, term };
-        assert!(check(&[c(1, 2), c(1, 2), c(2, 3), c(3, 4)]).is_empty());
-        assert_eq!(check(&[c(1, 2), c(2, 3), c(3, 3)]), vec![TwoLeaders { term: 3, members: vec![2, 3] }]);
+        let c = |member: &str, term| Claim { at_ms: 0, member: member.into(), term };
+        assert!(check(&[c("a", 2), c("a", 2), c("b", 3), c("c", 4)]).is_empty());
+        assert_eq!(
+            check(&[c("a", 2), c("b", 3), c("c", 3)]),
+            vec![TwoLeaders { term: 3, members: vec!["b".into(), "c".into()] }]
+        );
+    }
+
+    #[test]
+    fn leader_terms_are_read_from_quorate_and_etcd_logs() {
+        let log = "2026-11-26T23:42:30Z  INFO quorate_consensus::lease_clock: lease clock promoted term=12 grace_ms=1000\n\
+                   raft2026/11/26 23:59:01 INFO: 8e9e05c52164694d became leader at term 7\n\
+                   2026-11-26T23:42:30Z  INFO quorate_consensus::lease_clock: lease clock demoted: no longer leader term=12";
+        assert_eq!(terms_in_log(log), vec![12, 7]);
     }
 }
