@@ -125,6 +125,11 @@ fn member_id(s: &pb::StatusResponse) -> u64 {
 }
 
 /// Inject `kind`; returns what to heal and a one-line description for the timeline.
+/// Whether an injection did nothing (the fault does not apply here, or there was nothing to do).
+pub fn skipped(what: &str) -> bool {
+    what.starts_with("skipped") || what.starts_with("not applicable") || what.starts_with("could not inject")
+}
+
 pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(Active, String)> {
     let n = hosts.members.len();
     let name = |h: &Hosts, s: usize| h.members[s].name.clone();

@@ -16,7 +16,11 @@ pub struct FaultWindow {
     pub what: String,
     pub start_ms: u64,
     pub healed_ms: u64,
-    /// Longest stretch without any acknowledged write, from injection to 10 s after healing.
+    /// False when the fault does not apply to the target or could not be injected: no
+    /// liveness figures then.
+    pub applied: bool,
+    /// Longest stretch without any acknowledged write, from injection to 10 s after healing
+    /// (or to the next fault, if sooner).
     pub unavailable_ms: Option<u64>,
     /// From healing to the first acknowledged linearizable write invoked after it.
     pub recovery_ms: Option<u64>,

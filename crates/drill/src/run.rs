@@ -123,7 +123,10 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
             Err(e) => (faults::Active::Nothing, format!("could not inject: {e:#}")),
         };
         eprintln!("drill: {:>6.1}s {}: {what}", start_ms as f64 / 1000.0, kind.name());
-        tokio::time::sleep(cfg.hold).await;
+        let applied = !faults::skipped(&what);
+        if applied {
+            tokio::time::sleep(cfg.hold).await;
+        }
         if let Err(e) = faults::heal(active, &mut hosts).await {
             eprintln!("drill: healing {} failed: {e:#}", kind.name());
         }
@@ -133,6 +136,7 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
             what,
             start_ms,
             healed_ms,
+            applied,
             unavailable_ms: None,
             recovery_ms: None,
         });
@@ -425,9 +429,13 @@ async fn judge(
         None => safety.push(row(REGISTRY_ROW, "not applicable: etcd has no registry".into(), true)),
     }
 
-    for w in windows.iter_mut() {
-        w.unavailable_ms = Some(report::unavailable(&r.stats, w.start_ms, w.healed_ms + 10_000));
-        w.recovery_ms = report::recovery(&r.stats, w.healed_ms);
+    let next_starts: Vec<u64> = windows.iter().skip(1).map(|w| w.start_ms).chain([u64::MAX]).collect();
+    for (w, next) in windows.iter_mut().zip(next_starts) {
+        if w.applied {
+            let end = (w.healed_ms + 10_000).min(next);
+            w.unavailable_ms = Some(report::unavailable(&r.stats, w.start_ms, end));
+            w.recovery_ms = report::recovery(&r.stats, w.healed_ms);
+        }
     }
     let first = windows.first().map_or(u64::MAX, |w| w.start_ms);
     let last = windows.last().map_or(u64::MAX, |w| w.healed_ms);
