@@ -569,7 +569,14 @@ impl Member {
                 Ok(id) => ForwardResp::Changed(id),
                 Err(e) => ForwardResp::Err(e),
             },
-            ForwardReq::Members => ForwardResp::Members(self.inner.cfg.cluster_id, self.peer_urls()),
+            // A joining member takes its id from this answer: answer only from a log that holds
+            // every committed change. A member that lags (just restarted, cut off) could still
+            // list a removed member under the joiner's peer URL, and the joiner would take the
+            // removed member's identity (the drill caught this).
+            ForwardReq::Members => match self.linearize().await {
+                Ok(()) => ForwardResp::Members(self.inner.cfg.cluster_id, self.peer_urls()),
+                Err(e) => ForwardResp::Err(e),
+            },
             ForwardReq::Removed(id) => {
                 if id == self.id() {
                     self.mark_removed();

@@ -231,7 +231,7 @@ impl Member {
                 let Ok(ch) = network::channel_to(url) else { continue };
                 let mut client = network::new_client(ch);
                 let mut request = tonic::Request::new(pb::Frame { data: encode(&ForwardReq::Members) });
-                request.set_timeout(Duration::from_secs(2));
+                request.set_timeout(Duration::from_secs(3));
                 match client.forward(request).await.map(|r| decode::<ForwardResp>(&r.into_inner().data)) {
                     Ok(Ok(ForwardResp::Members(cluster_id, members))) => {
                         if let Some((id, _)) = members.iter().find(|(_, u)| u == my_peer_url) {
@@ -241,6 +241,7 @@ impl Member {
                             "{url} knows no member with peer URL {my_peer_url}: add it first with `etcdctl member add`"
                         );
                     }
+                    Ok(Ok(ForwardResp::Err(e))) => last = format!("{url}: cannot answer for the cluster now: {e}"),
                     Ok(Ok(_)) | Ok(Err(_)) => last = format!("{url}: unexpected reply"),
                     Err(s) => last = format!("{url}: {}", s.message()),
                 }

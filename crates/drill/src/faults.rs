@@ -300,13 +300,21 @@ async fn replace_member(hosts: &mut Hosts, slot: usize) -> anyhow::Result<String
         .context("member remove timed out")??;
     hosts.renew(slot)?;
     let peer = hosts.peer_url(slot);
-    let added = tokio::time::timeout(
-        Duration::from_secs(10),
-        cluster.member_add(pb::MemberAddRequest { peer_ur_ls: vec![peer.clone()], is_learner: false }),
-    )
-    .await
-    .context("member add timed out")??
-    .into_inner();
+    // etcd refuses membership changes while it considers the cluster unhealthy (a member
+    // reconnecting after the previous fault): an operator retries, and so does the drill.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let added = loop {
+        let add = cluster.member_add(pb::MemberAddRequest { peer_ur_ls: vec![peer.clone()], is_learner: false });
+        match tokio::time::timeout(Duration::from_secs(10), add).await {
+            Ok(Ok(r)) => break r.into_inner(),
+            Ok(Err(s)) if tokio::time::Instant::now() < deadline => {
+                eprintln!("drill: member add refused ({}); retrying", s.message());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Ok(Err(s)) => bail!("removed {old_name} but could not add its replacement: {}", s.message()),
+            Err(_) => bail!("removed {old_name} but adding its replacement timed out"),
+        }
+    };
     let new_name = hosts.members[slot].name.clone();
     // The initial cluster of a joining member: everyone listed, the new one under its name.
     let mut ic: Vec<String> = added
