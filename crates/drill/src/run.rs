@@ -321,9 +321,16 @@ async fn judge(
     let result = format!("{} ({} Status claims, {} log claims)", two.len(), claims.len(), logged.len());
     safety.push(row("terms with two leaders (Status polls and member logs)", result, two.is_empty()));
     for t in two {
+        // What the logs say of that term helps tell two Raft leaders from a Status answer
+        // whose leader and term fields were read at different moments.
+        let mut in_logs: Vec<&str> = logged.iter().filter(|c| c.term == t.term).map(|c| c.member.as_str()).collect();
+        in_logs.dedup();
         anomalies.push(Anomaly {
             check: "leaders",
-            detail: format!("term {}: members {:?} each said they led", t.term, t.members),
+            detail: format!(
+                "term {}: members {:?} each said they led; the members' logs name {:?} as elected in that term",
+                t.term, t.members, in_logs
+            ),
             history: vec![],
         });
     }
