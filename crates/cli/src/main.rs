@@ -64,6 +64,7 @@ struct DrillArgs {
     /// Members [default: 5; 3 with --short].
     #[arg(long)]
     members: Option<usize>,
+    /// Concurrent etcd-API clients, each pinned to one member.
     #[arg(long, default_value_t = 12)]
     clients: usize,
     /// Fixes the fault schedule and the clients' choices [default: from the clock, printed].
