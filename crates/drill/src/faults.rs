@@ -256,23 +256,13 @@ pub async fn heal(active: Active, hosts: &mut Hosts) -> anyhow::Result<()> {
 }
 
 async fn set_fsync_delay(hosts: &Hosts, slot: usize, ms: u64) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = hosts.http_addr(slot);
-    let body = ms.to_string();
-    let req = format!(
-        "PUT /debug/failpoints/fsync-delay-ms HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(&addr).await?;
-        s.write_all(req.as_bytes()).await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        anyhow::Ok(out)
-    };
-    let out = tokio::time::timeout(Duration::from_secs(3), io).await.context("failpoint call timed out")??;
-    if !out.starts_with("HTTP/1.1 200") {
-        bail!("failpoint refused: {}", out.lines().next().unwrap_or_default());
+    let path = "/debug/failpoints/fsync-delay-ms";
+    let (status, body) =
+        crate::http::call(&hosts.http_addr(slot), "PUT", path, &ms.to_string(), Duration::from_secs(3))
+            .await
+            .context("failpoint call")?;
+    if status != 200 {
+        bail!("failpoint refused ({status}): {body}");
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod check;
 pub mod faults;
 pub mod history;
 pub mod hosts;
+pub mod http;
 pub mod net;
 pub mod proxy;
 pub mod registry;

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -30,32 +29,6 @@ pub struct RegistryRecord {
     /// Heartbeats answered "lease expired" while the record stayed (held as suspect by the
     /// brake): the instance registered again, as Eureka and Consul clients do.
     pub lapsed: Vec<(String, u64)>,
-}
-
-/// A minimal HTTP/1.1 call: (status, body).
-pub async fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: &str,
-    timeout: Duration,
-) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(req.as_bytes()).await?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await?;
-        anyhow::Ok(String::from_utf8_lossy(&out).into_owned())
-    };
-    let out = tokio::time::timeout(timeout, io).await.context("timed out")??;
-    let status = out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
 }
 
 fn body(i: usize) -> String {
@@ -144,7 +117,7 @@ pub async fn run(addrs: Vec<String>, rec: Arc<Recorder>, stop: Arc<AtomicBool>, 
         k += 1;
         let invoke_ms = rec.now_ms();
         let addr = &addrs[k % addrs.len()];
-        let listing = match http(addr, "GET", SVC, "", Duration::from_secs(2)).await {
+        let listing = match crate::http::call(addr, "GET", SVC, "", Duration::from_secs(2)).await {
             Ok((200, b)) => serde_json::from_str::<serde_json::Value>(&b).ok().map(|v| {
                 let items = v["instances"].as_array().cloned().unwrap_or_default();
                 let id = |i: &serde_json::Value| i["id"].as_str().unwrap_or_default().to_string();
@@ -196,7 +169,7 @@ async fn call_any(
     let invoke = rec.now_ns();
     for k in 0..addrs.len() {
         let addr = &addrs[(i + k) % addrs.len()];
-        match http(addr, method, path, body, Duration::from_secs(1)).await {
+        match crate::http::call(addr, method, path, body, Duration::from_secs(1)).await {
             Ok((status, b)) if status < 500 => {
                 rec.stat(kind, u32::MAX, invoke, if status < 300 { Outcome::Ok } else { Outcome::Failed });
                 return Some((status, b));

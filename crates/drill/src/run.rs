@@ -474,26 +474,10 @@ async fn judge(
 
 /// Every change to the register keys from `from` on, as one watch replays it.
 async fn reference_changes(url: &str, from: i64) -> anyhow::Result<Vec<check::watch::Change>> {
-    let mut client = pb::watch_client::WatchClient::new(channel(url));
-    let create = pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
-            key: b"r".to_vec(),
-            range_end: b"s".to_vec(),
-            start_revision: from,
-            ..Default::default()
-        })),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(create).await?;
-    let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let (tx, mut stream) = workload::watch_registers(url, from).await?;
     let mut out = Vec::new();
     while let Ok(Ok(Some(w))) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
-        out.extend(
-            w.events
-                .iter()
-                .filter_map(|e| e.kv.as_ref())
-                .map(|kv| (kv.mod_revision, String::from_utf8_lossy(&kv.key).into_owned())),
-        );
+        out.extend(workload::changes_of(&w));
     }
     drop(tx);
     Ok(out)

@@ -414,30 +414,48 @@ impl Client {
     }
 }
 
+/// A watch on the register keys from `from`, and the sender that keeps its request stream
+/// open (dropping it ends the watch).
+pub async fn watch_registers(
+    url: &str,
+    from: i64,
+) -> anyhow::Result<(tokio::sync::mpsc::Sender<pb::WatchRequest>, tonic::Streaming<pb::WatchResponse>)> {
+    let mut client = pb::watch_client::WatchClient::new(channel(url));
+    let create = pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+            key: b"r".to_vec(),
+            range_end: b"s".to_vec(),
+            start_revision: from,
+            ..Default::default()
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(create).await?;
+    let stream = tokio::time::timeout(OP_TIMEOUT, client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| anyhow::anyhow!("watch did not start in time"))??;
+    Ok((tx, stream.into_inner()))
+}
+
+/// What one watch response delivered, as (revision, key).
+pub fn changes_of(w: &pb::WatchResponse) -> Vec<Change> {
+    w.events
+        .iter()
+        .filter_map(|e| e.kv.as_ref())
+        .map(|kv| (kv.mod_revision, String::from_utf8_lossy(&kv.key).into_owned()))
+        .collect()
+}
+
 /// Watch the register keys from `start` on member `slot` until `stop`, resuming after every
 /// broken stream from the revision after the last one seen.
 pub async fn run_watcher(slot: usize, url: String, start: i64, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
     let mut deliveries: Vec<Vec<Change>> = Vec::new();
     let mut next = start;
     while !stop.load(Ordering::Relaxed) {
-        let mut client = pb::watch_client::WatchClient::new(channel(&url));
-        let create = pb::WatchRequest {
-            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
-                key: b"r".to_vec(),
-                range_end: b"s".to_vec(),
-                start_revision: next,
-                ..Default::default()
-            })),
-        };
-        // Keep the request stream open: closing it would end the watch.
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let _ = tx.send(create).await;
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let Ok(Ok(resp)) = tokio::time::timeout(OP_TIMEOUT, client.watch(stream)).await else {
+        let Ok((tx, mut resp)) = watch_registers(&url, next).await else {
             tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
         };
-        let mut resp = resp.into_inner();
         loop {
             let msg = tokio::select! {
                 m = resp.message() => m,
@@ -449,12 +467,7 @@ pub async fn run_watcher(slot: usize, url: String, start: i64, rec: Arc<Recorder
             match msg {
                 Ok(Some(w)) if w.canceled => break,
                 Ok(Some(w)) => {
-                    let changes: Vec<Change> = w
-                        .events
-                        .iter()
-                        .filter_map(|e| e.kv.as_ref())
-                        .map(|kv| (kv.mod_revision, String::from_utf8_lossy(&kv.key).into_owned()))
-                        .collect();
+                    let changes = changes_of(&w);
                     if let Some(last) = changes.last() {
                         next = last.0 + 1;
                     }
