@@ -39,6 +39,8 @@ pub fn consensus_status(e: ConsensusError) -> Status {
         ConsensusError::Stopped(_) => Status::unavailable("etcdserver: server stopped"),
         ConsensusError::Unavailable(_) => Status::unavailable("etcdserver: leader changed"),
         ConsensusError::Membership(m) => Status::failed_precondition(format!("etcdserver: {m}")),
+        // etcd queues membership changes in its log and never says this; ours waited 5 s first.
+        ConsensusError::ChangeInProgress => Status::unavailable("etcdserver: request timed out"),
         ConsensusError::MemberNotFound => Status::not_found("etcdserver: member not found"),
         ConsensusError::PeerUrlExists => Status::failed_precondition("etcdserver: Peer URLs already exists"),
         ConsensusError::BadPeerUrls => Status::invalid_argument("etcdserver: given member URLs are invalid"),

@@ -25,6 +25,9 @@ pub enum ConsensusError {
     /// A membership change was refused.
     #[error("{0}")]
     Membership(String),
+    /// Another membership change is still in flight (changes go one at a time).
+    #[error("a membership change is in progress")]
+    ChangeInProgress,
     #[error("member not found")]
     MemberNotFound,
     #[error("peer URLs already exist")]

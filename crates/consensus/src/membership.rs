@@ -66,8 +66,26 @@ impl Member {
         self.change(Change::Promote(id)).await.map(drop)
     }
 
-    /// Run a change at the leader, forwarding it there if needed.
+    /// Run a change at the leader, forwarding it there if needed. Changes go one at a time
+    /// (joint consensus); one that arrives while another, such as a learner's promotion, is
+    /// still in flight waits for it (up to 5 s), as etcd queues them through its log.
     async fn change(&self, change: Change) -> Result<Option<NodeId>, ConsensusError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.change_once(change.clone()).await {
+                Err(ConsensusError::ChangeInProgress) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ?change, "membership change failed");
+                    return Err(e);
+                }
+                ok => return ok,
+            }
+        }
+    }
+
+    async fn change_once(&self, change: Change) -> Result<Option<NodeId>, ConsensusError> {
         if self.is_leader() {
             return self.apply_change(change).await;
         }
@@ -281,8 +299,12 @@ impl Member {
 fn change_err(
     e: openraft::errors::RaftError<crate::TypeConfig, openraft::errors::ClientWriteError<crate::TypeConfig>>,
 ) -> ConsensusError {
+    use openraft::errors::{ChangeMembershipError, ClientWriteError};
     if e.forward_to_leader().is_some() {
         return ConsensusError::NotLeader;
+    }
+    if let Some(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_))) = e.api_error() {
+        return ConsensusError::ChangeInProgress;
     }
     crate::raft_err(e)
 }
