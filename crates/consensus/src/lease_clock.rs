@@ -15,7 +15,7 @@
 //!   into its own leadership.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use openraft::rt::{Instant as _, WatchReceiver as _};
@@ -48,6 +48,7 @@ struct ClockState {
 }
 
 pub struct LeaseClock {
+    /// Taken after `Shared::lease_marks` whenever both are held: see `lock_marks_and_state`.
     state: Mutex<ClockState>,
     /// One election timeout: the grace a new leader gives, and how stale a quorum ack may be.
     grace: Duration,
@@ -88,12 +89,23 @@ impl LeaseClock {
         Ok(Some(ttl_s))
     }
 
+    /// The lease marks and the clock state, locked in the one order every holder of both uses
+    /// (after the store, if that is held too). Taking them in the other order in one place once
+    /// froze a leader: its tick and a follower's table request each held one and waited for the
+    /// other, blocking both runtime threads.
+    fn lock_marks_and_state<'a>(
+        &'a self,
+        shared: &'a Shared,
+    ) -> (MutexGuard<'a, HashMap<i64, LeaseMark>>, MutexGuard<'a, ClockState>) {
+        let marks = shared.lease_marks.lock().unwrap();
+        (marks, self.state.lock().unwrap())
+    }
+
     /// Remaining whole seconds of a lease as the leader sees it; `None` when it does not exist.
     pub fn remaining_s(&self, raft: &Raft, shared: &Shared, id: i64) -> Result<Option<i64>, crate::ConsensusError> {
         let term = self.check_leading(raft)?;
-        let marks = shared.lease_marks.lock().unwrap();
+        let (marks, mut st) = self.lock_marks_and_state(shared);
         let Some(mark) = marks.get(&id) else { return Ok(None) };
-        let mut st = self.state.lock().unwrap();
         self.promote(&mut st, term, Instant::now());
         let left = self.deadline(&st, id, mark).saturating_duration_since(Instant::now());
         Ok(Some(left.as_secs_f64().ceil() as i64))
@@ -104,8 +116,7 @@ impl LeaseClock {
     pub fn table(&self, raft: &Raft, shared: &Shared) -> Result<Vec<(i64, i64)>, crate::ConsensusError> {
         let term = self.check_leading(raft)?;
         let now = Instant::now();
-        let marks = shared.lease_marks.lock().unwrap();
-        let mut st = self.state.lock().unwrap();
+        let (marks, mut st) = self.lock_marks_and_state(shared);
         self.promote(&mut st, term, now);
         Ok(marks
             .iter()
@@ -153,7 +164,7 @@ impl LeaseClock {
             }
             let leading = m.state == ServerState::Leader;
             let (to_expire, to_checkpoint, term) = {
-                let mut st = self.state.lock().unwrap();
+                let (marks, mut st) = self.lock_marks_and_state(&shared);
                 if !leading {
                     if st.term != 0 {
                         info!(term = st.term, "lease clock demoted: no longer leader");
@@ -174,7 +185,6 @@ impl LeaseClock {
                     continue;
                 }
                 st.quorum_lost_logged = false;
-                let marks = shared.lease_marks.lock().unwrap();
                 st.keepalive_deadline.retain(|id, _| marks.contains_key(id));
                 let mut expired = Vec::new();
                 for (id, mark) in marks.iter() {
