@@ -38,18 +38,27 @@ start_cluster() { # flavor
   echo "$flavor cluster did not become healthy" >&2; exit 1
 }
 
-EPS=127.0.0.1:41379,127.0.0.1:42379,127.0.0.1:43379
-for flavor in quorate etcd; do
+ALL=127.0.0.1:41379,127.0.0.1:42379,127.0.0.1:43379
+run_flavor() {
+  local flavor=$1
   echo "== $flavor"
   start_cluster $flavor
   sleep 2
   echo "rss_idle_kb=$(rss_kb "${PIDS[@]}")" | tee "$OUT/$flavor.rss"
+  # The leader first: a 1-client run uses the first endpoint only, and whether that member
+  # leads (quorate's bootstrap and etcd's election pick different ones) would otherwise decide
+  # half the result. The 64-client runs spread their connections over all three either way.
+  local leader
+  leader=$(ETCDCTL_API=3 etcdctl --endpoints=$ALL endpoint status | awk -F', ' '$5 == "true" {print $1}')
+  EPS=$leader; for ep in ${ALL//,/ }; do [ "$ep" = "$leader" ] || EPS="$EPS,$ep"; done
+  echo "endpoints (leader first): $EPS"
   "$BIN" bench --endpoints $EPS --seconds "$SECS" --preload --json ${BENCH_ARGS:-} >"$OUT/$flavor.json"
   "$BIN" bench --endpoints $EPS --ops put --clients 64 --keys 100000 --seconds 1 --preload --json >/dev/null
   echo "rss_after_100k_puts_kb=$(rss_kb "${PIDS[@]}")" | tee -a "$OUT/$flavor.rss"
   cleanup
   PIDS=()
-done
+}
+for flavor in quorate etcd; do run_flavor $flavor; done
 
 python3 - "$OUT" <<'PY'
 import json, sys

@@ -220,6 +220,11 @@ struct ServerArgs {
     /// Applied entries between snapshots (the log before a snapshot is compacted).
     #[arg(long, default_value_t = 10_000)]
     snapshot_count: u64,
+    /// Threads that run the member's network, Raft and request tasks (0 = half the CPUs, at
+    /// least one). The log writer and blocking work have threads of their own. Fewer threads
+    /// hand a request between fewer cores; see docs/adr/0007-runtime-threads.md.
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
     /// Registry eviction brake: engage when more than this percentage of a zone's ephemeral
     /// instances would be evicted within --brake-window-s.
     #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]
@@ -240,6 +245,20 @@ struct ServerArgs {
     /// DRILL ONLY: accept failpoints over HTTP (`PUT /debug/failpoints/fsync-delay-ms`).
     #[arg(long, hide = true)]
     drill_failpoints: bool,
+}
+
+/// The server's runtime threads: `requested`, or half the CPUs this process may use (at least
+/// one) when it is 0. A request crosses the Raft core, the peer streams and the state machine as
+/// a chain of task wake-ups; each one that lands on another thread costs a futex wake and often
+/// a sleeping core's wake-up, which measured as the largest part of a small write's latency
+/// (ADR 0007). The other half of the CPUs is left to the log writer's fsyncs, the kernel's
+/// network stack and, where members share a host, to the other members.
+fn server_worker_threads(requested: usize) -> usize {
+    if requested > 0 {
+        return requested;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / 2).max(1)
 }
 
 fn first_url(list: &str) -> String {
@@ -326,7 +345,13 @@ fn run() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Server(args) = &cli.command {
+        let threads = server_worker_threads(args.worker_threads);
+        tracing::info!(worker_threads = threads, "runtime");
+        builder.worker_threads(threads);
+    }
+    let rt = builder.enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
             Command::Bench(args) => {
@@ -486,5 +511,18 @@ async fn drill(args: DrillArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_worker_threads;
+
+    #[test]
+    fn worker_threads_are_what_was_asked_or_half_the_cpus() {
+        assert_eq!(server_worker_threads(3), 3);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(server_worker_threads(0), (cpus / 2).max(1));
+        assert!(server_worker_threads(0) >= 1);
     }
 }
