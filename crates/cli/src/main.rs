@@ -217,8 +217,9 @@ struct ServerArgs {
     /// bytes (0 = 2 GiB). Writes that add data are then refused until `etcdctl alarm disarm`.
     #[arg(long, default_value_t = 0)]
     quota_backend_bytes: u64,
-    /// Applied entries between snapshots (the log before a snapshot is compacted).
-    #[arg(long, default_value_t = 10_000)]
+    /// Applied entries between snapshots (the log before a snapshot is compacted). etcd 3.4's
+    /// default: every snapshot copies and encodes the whole state on every member at once.
+    #[arg(long, default_value_t = 100_000)]
     snapshot_count: u64,
     /// Threads that run the member's network, Raft and request tasks (0 = half the CPUs, at
     /// least one). The log writer and blocking work have threads of their own. Fewer threads
