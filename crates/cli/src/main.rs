@@ -223,7 +223,7 @@ struct ServerArgs {
     snapshot_count: u64,
     /// Threads that run the member's network, Raft and request tasks (0 = half the CPUs, at
     /// least one). The log writer and blocking work have threads of their own. Fewer threads
-    /// hand a request between fewer cores; see docs/adr/0007-runtime-threads.md.
+    /// hand a request between fewer cores; see docs/adr/0007-runtime-threads-and-write-path.md.
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
     /// Registry eviction brake: engage when more than this percentage of a zone's ephemeral
