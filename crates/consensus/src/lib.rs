@@ -300,18 +300,25 @@ impl Member {
     /// lease where a peer holds the same index, the earliest of those bounds is still an upper
     /// bound: never early, and as tight as the best-informed member.
     async fn tighten_leases_on_election(self) {
-        let mut metrics = self.inner.raft.metrics();
+        // Server metrics change with the role, leader, vote and membership only; the full
+        // metrics change on every write, and watching them cost every member a wake-up and a
+        // copy of the metrics per write.
+        let mut server = self.inner.raft.server_metrics();
         let mut tightened_term = 0;
         loop {
-            let m = metrics.borrow_watched().clone();
-            if m.running_state.is_err() {
-                return;
-            }
-            if m.state == ServerState::Leader && m.current_term != tightened_term {
-                tightened_term = m.current_term;
+            let (leading, term) = {
+                let s = server.borrow_watched();
+                (s.state == ServerState::Leader, s.vote.leader_id().term)
+            };
+            if leading && term != tightened_term {
+                tightened_term = term;
+                let m = self.inner.raft.metrics().borrow_watched().clone();
+                if m.running_state.is_err() {
+                    return;
+                }
                 self.tighten_leases(&m).await;
             }
-            if metrics.changed().await.is_err() {
+            if server.changed().await.is_err() {
                 return;
             }
         }
