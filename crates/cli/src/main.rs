@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 /// glibc's malloc showed up as a fifth of a member's CPU under write load; mimalloc is faster
-/// for the many small, short-lived allocations of request handling.
+/// for the many small, short-lived allocations of request handling. Built without transparent
+/// huge pages (`no_thp`): with them an idle member held 71 MB, 43 MB without, and 100k puts left
+/// 214 MB vs 187 MB, with no throughput difference beyond run-to-run noise.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
