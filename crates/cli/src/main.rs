@@ -250,18 +250,17 @@ struct ServerArgs {
     drill_failpoints: bool,
 }
 
-/// The server's runtime threads: `requested`, or half the CPUs this process may use (at least
-/// one) when it is 0. A request crosses the Raft core, the peer streams and the state machine as
+/// The server's runtime threads: `requested`, or half of `cpus` (at least one) when it is 0. A request crosses the Raft core, the peer streams and the state machine as
 /// a chain of task wake-ups; each one that lands on another thread costs a futex wake and often
 /// a sleeping core's wake-up, which measured as the largest part of a small write's latency
 /// (ADR 0007). The other half of the CPUs is left to the log writer's fsyncs, the kernel's
 /// network stack and, where members share a host, to the other members.
-fn server_worker_threads(requested: usize) -> usize {
+fn server_worker_threads(requested: usize, cpus: usize) -> usize {
     if requested > 0 {
-        return requested;
+        requested
+    } else {
+        (cpus / 2).max(1)
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cpus / 2).max(1)
 }
 
 fn first_url(list: &str) -> String {
@@ -350,7 +349,8 @@ fn run() -> anyhow::Result<()> {
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Command::Server(args) = &cli.command {
-        let threads = server_worker_threads(args.worker_threads);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = server_worker_threads(args.worker_threads, cpus);
         tracing::info!(worker_threads = threads, "runtime");
         builder.worker_threads(threads);
     }
@@ -523,9 +523,10 @@ mod tests {
 
     #[test]
     fn worker_threads_are_what_was_asked_or_half_the_cpus() {
-        assert_eq!(server_worker_threads(3), 3);
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(server_worker_threads(0), (cpus / 2).max(1));
-        assert!(server_worker_threads(0) >= 1);
+        // (requested, cpus) -> threads
+        let table = [((0, 1), 1), ((0, 2), 1), ((0, 3), 1), ((0, 8), 4), ((3, 2), 3), ((1, 64), 1)];
+        for ((requested, cpus), want) in table {
+            assert_eq!(server_worker_threads(requested, cpus), want, "requested {requested}, {cpus} CPUs");
+        }
     }
 }
