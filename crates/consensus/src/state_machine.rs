@@ -244,23 +244,23 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(
         &mut self,
     ) -> Result<openraft::alias::SnapshotOf<TypeConfig, Self::SnapshotData>, io::Error> {
-        let (store, members, meta) = {
-            // Copy the state under the store lock, so the image and the applied position agree.
-            // Only the copy happens here (values are shared, not copied): encoding the image
-            // while holding the lock stalled every apply, and so every write, for as long as
-            // encoding took (the p99 of a put load was twice what it is without snapshots).
-            let store = self.shared.store.read().unwrap();
-            let members = self.shared.members.read().unwrap().clone();
-            let (last, membership) = self.shared.applied.read().unwrap().clone();
-            (store.clone(), members, SnapshotMeta { last_log_id: last, last_membership: membership })
-        };
         let sm = self.clone();
-        let meta2 = meta.clone();
-        let data = tokio::task::spawn_blocking(move || {
+        // All of it runs off the runtime's threads (with one worker per member, a copy of a large
+        // state there would hold up heartbeats). The state is copied under the store lock, so
+        // the image and the applied position agree; only the copy holds the lock (values are
+        // shared, not copied). Encoding under the lock stalled every apply, and so every write,
+        // for as long as encoding took (the p99 of a put load was twice what it is without).
+        let (data, meta) = tokio::task::spawn_blocking(move || {
+            let (store, members, meta) = {
+                let store = sm.shared.store.read().unwrap();
+                let members = sm.shared.members.read().unwrap().clone();
+                let (last, membership) = sm.shared.applied.read().unwrap().clone();
+                (store.clone(), members, SnapshotMeta { last_log_id: last, last_membership: membership })
+            };
             let data = bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members })
                 .map_err(io_err)?;
             drop(store);
-            sm.save_snapshot(&meta2, &data).map(|()| data)
+            sm.save_snapshot(&meta, &data).map(|()| (data, meta))
         })
         .await
         .map_err(io_err)??;
