@@ -55,6 +55,11 @@ enum Op {
     Meta { key: &'static str, value: Vec<u8>, done: Option<tokio::sync::oneshot::Sender<io::Result<()>>> },
 }
 
+/// The newest commit index not yet written (encoded), handed to the writer without waking it:
+/// it is advisory and written at most every `COMMITTED_WRITE_INTERVAL`, so a queue message per
+/// commit would wake the writer thread once per write for nothing (ADR 0007).
+type PendingCommitted = Arc<Mutex<Option<Vec<u8>>>>;
+
 /// What the writer thread has done, for metrics and for checking group commit.
 #[derive(Default)]
 pub struct LogStats {
@@ -69,6 +74,7 @@ pub struct LogStore {
     pub stats: Arc<LogStats>,
     mem: Arc<Mutex<Mem>>,
     tx: mpsc::Sender<Op>,
+    committed: PendingCommitted,
     /// Artificial delay before each fsync: the drill's slow-disk failpoint. Zero in production.
     fsync_delay: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -120,10 +126,12 @@ impl LogStore {
         let delay = fsync_delay.clone();
         let stats = Arc::new(LogStats::default());
         let writer_stats = stats.clone();
+        let committed = PendingCommitted::default();
+        let writer_committed = committed.clone();
         std::thread::Builder::new()
             .name("quorate-log-writer".into())
-            .spawn(move || writer(db, rx, delay, writer_stats))?;
-        Ok(LogStore { stats, mem: Arc::new(Mutex::new(mem)), tx, fsync_delay })
+            .spawn(move || writer(db, rx, writer_committed, delay, writer_stats))?;
+        Ok(LogStore { stats, mem: Arc::new(Mutex::new(mem)), tx, committed, fsync_delay })
     }
 
     /// A log for a restored data directory: empty, purged up to `upto` (the restored snapshot),
@@ -157,52 +165,53 @@ impl LogStore {
     }
 }
 
-fn writer(db: Database, rx: mpsc::Receiver<Op>, fsync_delay: Arc<std::sync::atomic::AtomicU64>, stats: Arc<LogStats>) {
-    // The latest commit index not yet written. It is written at most every
-    // `COMMITTED_WRITE_INTERVAL`, riding along with a durable batch or, when the log is idle, on
-    // its own: each write adds pages to the commit it rides with, and after a crash a lower
-    // commit index only means re-applying more of the log once a leader commits again.
-    let mut pending_committed: Option<Op> = None;
+fn writer(
+    db: Database,
+    rx: mpsc::Receiver<Op>,
+    committed: PendingCommitted,
+    fsync_delay: Arc<std::sync::atomic::AtomicU64>,
+    stats: Arc<LogStats>,
+) {
+    // The commit index rides along with a durable batch at most every
+    // `COMMITTED_WRITE_INTERVAL`, or is written on its own when the log is idle: each write adds
+    // pages to the commit it rides with, and after a crash a lower commit index only means
+    // re-applying more of the log once a leader commits again.
     let mut committed_written = std::time::Instant::now();
     loop {
         let mut ops = Vec::new();
-        if pending_committed.is_some() {
-            match rx.recv_timeout(COMMITTED_WRITE_INTERVAL) {
+        match rx.recv_timeout(COMMITTED_WRITE_INTERVAL) {
+            Ok(op) => ops.push(op),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        // Take the commit index before draining the queue. It is set after the appends it names
+        // were queued, so draining until the queue is empty picks all of them up: the index is
+        // never written ahead of the entries it names.
+        let mut index = committed.lock().unwrap().take();
+        let mut drained = false;
+        while ops.len() < WRITE_BATCH_OPS_MAX {
+            match rx.try_recv() {
                 Ok(op) => ops.push(op),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-        } else {
-            match rx.recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => return,
+                Err(_) => {
+                    drained = true;
+                    break;
+                }
             }
         }
+        let due = ops.is_empty() || committed_written.elapsed() >= COMMITTED_WRITE_INTERVAL;
+        match index.take() {
+            Some(value) if drained && due => {
+                ops.insert(0, Op::Meta { key: META_COMMITTED, value, done: None });
+                committed_written = std::time::Instant::now();
+            }
+            // Not yet: hand it back unless a newer one has arrived meanwhile.
+            Some(value) => {
+                committed.lock().unwrap().get_or_insert(value);
+            }
+            None => {}
+        }
         if ops.is_empty() {
-            // The log has been idle: write the held-back commit index on its own.
-            ops.extend(pending_committed.take());
-            committed_written = std::time::Instant::now();
-        } else {
-            while ops.len() < WRITE_BATCH_OPS_MAX {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
-            // Hold back the newest unawaited commit index; older ones are superseded.
-            if let Some(last) = ops.iter().rposition(|op| matches!(op, Op::Meta { done: None, .. })) {
-                pending_committed = Some(ops.remove(last));
-                ops.retain(|op| !matches!(op, Op::Meta { done: None, .. }));
-            }
-            if ops.is_empty() {
-                continue;
-            }
-            if committed_written.elapsed() >= COMMITTED_WRITE_INTERVAL {
-                if let Some(op) = pending_committed.take() {
-                    ops.insert(0, op);
-                    committed_written = std::time::Instant::now();
-                }
-            }
+            continue;
         }
         let result = write_batch(&db, &ops, &fsync_delay);
         if result.is_ok() {
@@ -301,7 +310,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // entries are re-applied from the log, which is always safe.
         let value = encode(&committed)?;
         self.mem.lock().unwrap().committed = committed;
-        self.send(Op::Meta { key: META_COMMITTED, value, done: None })
+        *self.committed.lock().unwrap() = Some(value);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -339,5 +349,69 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             mem.last_purged = Some(log_id);
         }
         self.send(Op::Purge { upto, log_id: encoded })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::vote::RaftLeaderIdExt;
+
+    fn log_id(index: u64) -> LogId {
+        openraft::LogId::new(openraft::alias::LeaderIdOf::<TypeConfig>::new_committed(1, 1), index)
+    }
+
+    /// Reopen a log once the previous handle's writer thread has let go of the file.
+    fn reopen(path: &Path) -> LogStore {
+        for _ in 0..100 {
+            if let Ok(log) = LogStore::open(path) {
+                return log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("the log file stayed locked");
+    }
+
+    #[tokio::test]
+    async fn the_commit_index_reaches_disk_with_its_entries_once_the_log_is_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        {
+            let mut log = LogStore::open(&path).unwrap();
+            let entries: Vec<Entry> = (1..=3).map(|i| Entry::new_blank(log_id(i))).collect();
+            log.append(entries, IOFlushed::noop()).await.unwrap();
+            // Not awaited by openraft: recorded without waking the writer, and written by it
+            // within one interval of the log going idle.
+            log.save_committed(Some(log_id(3))).await.unwrap();
+            std::thread::sleep(COMMITTED_WRITE_INTERVAL * 3);
+        }
+        let mut log = reopen(&path);
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3)));
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(3)), "the entries the commit index names are on disk too");
+    }
+
+    #[tokio::test]
+    async fn a_commit_index_set_right_after_its_append_is_never_written_without_the_entry() {
+        // Each round appends one entry and at once names it committed, as a follower does; the
+        // writer may pick the index up at any moment. Whatever was on disk when the handle went
+        // away, the commit index there never runs ahead of the log.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        {
+            let mut log = LogStore::open(&path).unwrap();
+            for i in 1..=300 {
+                log.append([Entry::new_blank(log_id(i))], IOFlushed::noop()).await.unwrap();
+                log.save_committed(Some(log_id(i))).await.unwrap();
+                if i % 50 == 0 {
+                    std::thread::sleep(COMMITTED_WRITE_INTERVAL + std::time::Duration::from_millis(10));
+                }
+            }
+        }
+        let mut log = reopen(&path);
+        let committed = log.read_committed().await.unwrap().expect("an idle interval wrote the commit index");
+        let last = log.get_log_state().await.unwrap().last_log_id.unwrap();
+        assert!(committed.index >= 250, "written at the last idle pause, got {committed:?}");
+        assert!(committed.index <= last.index, "commit index {committed:?} is ahead of the log's last entry {last:?}");
     }
 }
