@@ -1,74 +1,113 @@
 #!/usr/bin/env bash
-# Benchmark a 3-member quorate cluster and a 3-member etcd 3.4 cluster on this machine, in the
-# same run, with the same load generator (`quorate bench`), one cluster at a time.
+# Benchmark a 3-member quorate cluster against a 3-member etcd 3.4 cluster on this machine, in
+# the same run, with the same load generator (`quorate bench`).
+#
+# Both clusters run side by side, idle while the other is measured, and every (op, clients)
+# pair is run BENCH_ROUNDS times alternately against each (quorate first in odd rounds, etcd
+# first in even ones). The table gives the median of the rounds, so a passing disturbance on a
+# small shared machine moves one round, not the result.
+#
 # Usage: scripts/bench.sh [seconds-per-run]   (needs Debian's etcd-server for the baseline)
+# Env:   BENCH_ROUNDS (default 3), BENCH_OUT (default target/bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=${1:-10}
+SECS=${1:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
 cargo build --release -p quorate
 BIN=$PWD/target/release/quorate
 OUT=${BENCH_OUT:-$PWD/target/bench}
-rm -rf "$OUT" && mkdir -p "$OUT"
+rm -rf "$OUT" && mkdir -p "$OUT/runs"
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
 rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $((t / $#)); }
 
+# Ports: quorate on 4{1,2,3}379/380, etcd on 5{1,2,3}379/380.
+declare -A PORT=([quorate]=4 [etcd]=5) MEMBER_PIDS=() EPS=()
 start_cluster() { # flavor
-  local flavor=$1 ic="" i
-  PIDS=()
-  for i in 1 2 3; do ic="$ic,m$i=http://127.0.0.1:4${i}380"; done
+  local flavor=$1 p=${PORT[$1]} ic="" i pids=()
+  for i in 1 2 3; do ic="$ic,m$i=http://127.0.0.1:$p${i}380"; done
   ic=${ic#,}
   for i in 1 2 3; do
     local common=(--name m$i --data-dir "$OUT/$flavor-m$i" --initial-cluster "$ic"
-      --listen-client-urls http://127.0.0.1:4${i}379 --advertise-client-urls http://127.0.0.1:4${i}379
-      --listen-peer-urls http://127.0.0.1:4${i}380 --initial-advertise-peer-urls http://127.0.0.1:4${i}380)
+      --listen-client-urls http://127.0.0.1:$p${i}379 --advertise-client-urls http://127.0.0.1:$p${i}379
+      --listen-peer-urls http://127.0.0.1:$p${i}380 --initial-advertise-peer-urls http://127.0.0.1:$p${i}380)
     if [ "$flavor" = quorate ]; then
-      "$BIN" server "${common[@]}" --listen-http 127.0.0.1:4${i}500 >"$OUT/$flavor-m$i.log" 2>&1 &
+      "$BIN" server "${common[@]}" --listen-http 127.0.0.1:$p${i}500 >"$OUT/$flavor-m$i.log" 2>&1 &
     else
       etcd "${common[@]}" >"$OUT/$flavor-m$i.log" 2>&1 &
     fi
     PIDS+=($!)
+    pids+=($!)
   done
+  MEMBER_PIDS[$flavor]="${pids[*]}"
+  local all=127.0.0.1:${p}1379,127.0.0.1:${p}2379,127.0.0.1:${p}3379
   for _ in $(seq 100); do
-    ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:41379,127.0.0.1:42379,127.0.0.1:43379 endpoint health >/dev/null 2>&1 && return 0
+    ETCDCTL_API=3 etcdctl --endpoints=$all endpoint health >/dev/null 2>&1 && break
     sleep 0.2
   done
-  echo "$flavor cluster did not become healthy" >&2; exit 1
-}
-
-ALL=127.0.0.1:41379,127.0.0.1:42379,127.0.0.1:43379
-run_flavor() {
-  local flavor=$1
-  echo "== $flavor"
-  start_cluster $flavor
-  sleep 2
-  echo "rss_idle_kb=$(rss_kb "${PIDS[@]}")" | tee "$OUT/$flavor.rss"
+  ETCDCTL_API=3 etcdctl --endpoints=$all endpoint health >/dev/null 2>&1 || {
+    echo "$flavor cluster did not become healthy" >&2
+    exit 1
+  }
   # The leader first: a 1-client run uses the first endpoint only, and whether that member
   # leads (quorate's bootstrap and etcd's election pick different ones) would otherwise decide
   # half the result. The 64-client runs spread their connections over all three either way.
-  local leader
-  leader=$(ETCDCTL_API=3 etcdctl --endpoints=$ALL endpoint status | awk -F', ' '$5 == "true" {print $1}')
-  EPS=$leader; for ep in ${ALL//,/ }; do [ "$ep" = "$leader" ] || EPS="$EPS,$ep"; done
-  echo "endpoints (leader first): $EPS"
-  "$BIN" bench --endpoints $EPS --seconds "$SECS" --preload --json ${BENCH_ARGS:-} >"$OUT/$flavor.json"
-  "$BIN" bench --endpoints $EPS --ops put --clients 64 --keys 100000 --seconds 1 --preload --json >/dev/null
-  echo "rss_after_100k_puts_kb=$(rss_kb "${PIDS[@]}")" | tee -a "$OUT/$flavor.rss"
-  cleanup
-  PIDS=()
+  local leader eps
+  leader=$(ETCDCTL_API=3 etcdctl --endpoints=$all endpoint status | awk -F', ' '$5 == "true" {print $1}')
+  eps=$leader
+  for ep in ${all//,/ }; do [ "$ep" = "$leader" ] || eps="$eps,$ep"; done
+  EPS[$flavor]=$eps
+  echo "$flavor endpoints (leader first): $eps"
 }
-for flavor in quorate etcd; do run_flavor $flavor; done
 
-python3 - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-q = json.load(open(f"{out}/quorate.json")); e = json.load(open(f"{out}/etcd.json"))
-print("| op | clients | quorate ops/s | etcd ops/s | ratio | quorate p99 ms | etcd p99 ms |")
-print("|---|---:|---:|---:|---:|---:|---:|")
-for a, b in zip(q, e):
-    ratio = a["ops_per_s"] / b["ops_per_s"] if b["ops_per_s"] else float("inf")
-    print(f'| {a["op"]} | {a["clients"]} | {a["ops_per_s"]:.0f} | {b["ops_per_s"]:.0f} | {ratio:.2f}x | {a["p99_ms"]:.2f} | {b["p99_ms"]:.2f} |')
+start_cluster quorate
+start_cluster etcd
+sleep 2
+for flavor in quorate etcd; do
+  # shellcheck disable=SC2086
+  echo "rss_idle_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee "$OUT/$flavor.rss"
+  "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 32 --seconds 1 --preload >/dev/null
+done
+
+run() { # flavor op clients round
+  "$BIN" bench --endpoints "${EPS[$1]}" --ops "$2" --clients "$3" --seconds "$SECS" --json \
+    >"$OUT/runs/$1-$2-$3-$4.json"
+}
+for op in put get get-s txn lease-put; do
+  for clients in 1 64; do
+    for round in $(seq "$ROUNDS"); do
+      if [ $((round % 2)) = 1 ]; then order="quorate etcd"; else order="etcd quorate"; fi
+      for flavor in $order; do run $flavor $op $clients $round; done
+    done
+    echo "done: $op x $clients"
+  done
+done
+
+for flavor in quorate etcd; do
+  "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 64 --keys 100000 --seconds 1 --preload >/dev/null
+  # shellcheck disable=SC2086
+  echo "rss_after_100k_puts_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee -a "$OUT/$flavor.rss"
+done
+
+python3 - "$OUT" "$ROUNDS" <<'PY'
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+def rows(flavor, op, clients):
+    return [json.load(open(f"{out}/runs/{flavor}-{op}-{clients}-{r}.json"))[0] for r in range(1, rounds + 1)]
+print(f"median of {rounds} alternating rounds per row; ratio = quorate / etcd")
+print("| op | clients | quorate ops/s | etcd ops/s | ratio | ratio per round | quorate p99 ms | etcd p99 ms |")
+print("|---|---:|---:|---:|---:|---|---:|---:|")
+for op in ("put", "get", "get-s", "txn", "lease-put"):
+    for clients in (1, 64):
+        q, e = rows("quorate", op, clients), rows("etcd", op, clients)
+        qo = statistics.median(r["ops_per_s"] for r in q)
+        eo = statistics.median(r["ops_per_s"] for r in e)
+        per = " ".join(f'{a["ops_per_s"] / b["ops_per_s"]:.2f}' for a, b in zip(q, e))
+        qp = statistics.median(r["p99_ms"] for r in q)
+        ep = statistics.median(r["p99_ms"] for r in e)
+        print(f'| {q[0]["op"]} | {clients} | {qo:.0f} | {eo:.0f} | {qo / eo:.2f}x | {per} | {qp:.2f} | {ep:.2f} |')
 for f in ("quorate", "etcd"):
     print(f, open(f"{out}/{f}.rss").read().replace("\n", " "))
 PY
