@@ -352,4 +352,139 @@ impl crate::pb::peer_server::Peer for PeerService {
         let data = self.forward.handle(req.into_inner().data).await;
         Ok(tonic::Response::new(Frame { data }))
     }
+
+    type ForwardStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame, tonic::Status>> + Send>>;
+
+    async fn forward_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<Frame>>,
+    ) -> Result<tonic::Response<Self::ForwardStreamStream>, tonic::Status> {
+        let mut requests = req.into_inner();
+        let (replies, out) = tokio::sync::mpsc::unbounded_channel();
+        let handler = self.forward.clone();
+        tokio::spawn(async move {
+            // Requests are served concurrently and answered as they finish; the reply stream
+            // ends once the caller has closed its side and every request has been answered.
+            while let Ok(Some(frame)) = requests.message().await {
+                let Some((id, body)) = split_forward_frame(frame.data) else { break };
+                let (handler, replies) = (handler.clone(), replies.clone());
+                tokio::spawn(async move {
+                    let reply = handler.handle(body).await;
+                    let _ = replies.send(Ok(Frame { data: forward_frame(id, &reply) }));
+                });
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(out))))
+    }
+}
+
+/// A forwarding frame: the request id, then the body.
+fn forward_frame(id: u64, body: &[u8]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(8 + body.len());
+    data.extend_from_slice(&id.to_le_bytes());
+    data.extend_from_slice(body);
+    data
+}
+
+fn split_forward_frame(mut data: Vec<u8>) -> Option<(u64, Vec<u8>)> {
+    let id = u64::from_le_bytes(data.get(..8)?.try_into().ok()?);
+    data.drain(..8);
+    Some((id, data))
+}
+
+/// Why a request sent over a `ForwardStream` got no answer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ForwardFailure {
+    /// No answer within the caller's timeout; the stream stays open.
+    Timeout,
+    /// The stream could not be opened or has ended (peer gone, connection lost); open a new one.
+    Closed,
+}
+
+#[derive(Default)]
+struct ForwardWaiters {
+    closed: bool,
+    waiting: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Vec<u8>>>,
+}
+
+/// Requests forwarded to one peer, over one long-lived gRPC stream: each request is one frame
+/// on an open stream rather than a call of its own (which costs a HEADERS, a DATA and an
+/// END_STREAM write, handed through hyper's body task: ~0.3 ms per forwarded write here).
+/// Replies are matched to requests by id, so any number may be in flight.
+pub(crate) struct ForwardStream {
+    requests: tokio::sync::mpsc::UnboundedSender<Frame>,
+    waiters: Arc<std::sync::Mutex<ForwardWaiters>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl ForwardStream {
+    /// Opens the stream in the background; requests sent before it is up wait in its queue.
+    /// Dropping the `ForwardStream` closes the request side, which ends the stream.
+    pub(crate) fn open(ch: Channel) -> Arc<Self> {
+        let (requests, queued) = tokio::sync::mpsc::unbounded_channel();
+        let waiters = Arc::new(std::sync::Mutex::new(ForwardWaiters::default()));
+        let replies_to = waiters.clone();
+        let mut client = new_client(ch);
+        tokio::spawn(async move {
+            let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(queued);
+            if let Ok(response) = client.forward_stream(outbound).await {
+                let mut replies = response.into_inner();
+                while let Ok(Some(frame)) = replies.message().await {
+                    let Some((id, body)) = split_forward_frame(frame.data) else { break };
+                    let waiter = replies_to.lock().unwrap().waiting.remove(&id);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(body);
+                    }
+                }
+            }
+            // Whoever still waits learns the stream is gone (their reply senders drop here).
+            let mut w = replies_to.lock().unwrap();
+            w.closed = true;
+            w.waiting.clear();
+        });
+        Arc::new(ForwardStream { requests, waiters, next_id: std::sync::atomic::AtomicU64::new(0) })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.waiters.lock().unwrap().closed
+    }
+
+    pub(crate) async fn call(&self, body: &[u8], timeout: Duration) -> Result<Vec<u8>, ForwardFailure> {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            // Registered under the same lock the stream's end takes, so no waiter is left behind.
+            let mut w = self.waiters.lock().unwrap();
+            if w.closed {
+                return Err(ForwardFailure::Closed);
+            }
+            w.waiting.insert(id, tx);
+        }
+        if self.requests.send(Frame { data: forward_frame(id, body) }).is_err() {
+            self.waiters.lock().unwrap().waiting.remove(&id);
+            return Err(ForwardFailure::Closed);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(ForwardFailure::Closed),
+            Err(_) => {
+                self.waiters.lock().unwrap().waiting.remove(&id);
+                Err(ForwardFailure::Timeout)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_frames_carry_their_request_id() {
+        let frame = forward_frame(0x0102_0304_0506_0708, b"body");
+        assert_eq!(frame.len(), 12);
+        assert_eq!(split_forward_frame(frame), Some((0x0102_0304_0506_0708, b"body".to_vec())));
+        assert_eq!(split_forward_frame(forward_frame(7, b"")), Some((7, Vec::new())));
+        assert_eq!(split_forward_frame(vec![1, 2, 3]), None, "a frame shorter than an id is refused");
+    }
 }
