@@ -65,10 +65,15 @@ start_cluster() { # flavor
 start_cluster quorate
 start_cluster etcd
 sleep 2
+# RSS idle, then after 100k puts of 256-byte values (which also preload the keys the reads
+# find), before any measured run: measured later, it would grow with however many writes each
+# system managed in the runs.
 for flavor in quorate etcd; do
   # shellcheck disable=SC2086
   echo "rss_idle_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee "$OUT/$flavor.rss"
-  "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 32 --seconds 1 --preload >/dev/null
+  "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 64 --keys 100000 --seconds 1 --preload >/dev/null
+  # shellcheck disable=SC2086
+  echo "rss_after_100k_puts_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee -a "$OUT/$flavor.rss"
 done
 
 run() { # flavor op clients round
@@ -85,11 +90,6 @@ for op in put get get-s txn lease-put; do
   done
 done
 
-for flavor in quorate etcd; do
-  "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 64 --keys 100000 --seconds 1 --preload >/dev/null
-  # shellcheck disable=SC2086
-  echo "rss_after_100k_puts_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee -a "$OUT/$flavor.rss"
-done
 
 python3 - "$OUT" "$ROUNDS" <<'PY'
 import json, statistics, sys
