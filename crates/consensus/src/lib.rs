@@ -129,8 +129,7 @@ struct Inner {
     shared: Arc<Shared>,
     log: LogStore,
     clock: Arc<LeaseClock>,
-    /// One forwarding stream per peer URL, opened on first use and replaced once it ends.
-    forwards: Mutex<HashMap<String, Arc<network::ForwardStream>>>,
+    peers: Mutex<HashMap<String, pb::peer_client::PeerClient<tonic::transport::Channel>>>,
     /// Set once the cluster has removed this member.
     removed: tokio::sync::watch::Sender<bool>,
     /// When a follower last got an answer from the leader (lease-table sync, once a second).
@@ -200,7 +199,7 @@ impl Member {
                 shared: shared.clone(),
                 log,
                 clock: clock.clone(),
-                forwards: Mutex::new(HashMap::new()),
+                peers: Mutex::new(HashMap::new()),
                 removed: tokio::sync::watch::channel(false).0,
                 last_leader_contact: Mutex::new(None),
                 app_handler: Mutex::new(None),
@@ -422,25 +421,28 @@ impl Member {
         req: &ForwardReq,
         timeout: Duration,
     ) -> Result<ForwardResp, ConsensusError> {
-        let stream = {
-            let mut forwards = self.inner.forwards.lock().unwrap();
-            match forwards.get(&leader.peer_url) {
-                Some(s) if !s.is_closed() => s.clone(),
-                _ => {
+        let mut client = {
+            let mut peers = self.inner.peers.lock().unwrap();
+            match peers.get(&leader.peer_url) {
+                Some(c) => c.clone(),
+                None => {
                     let ch = network::channel_to(&leader.peer_url).map_err(ConsensusError::Unavailable)?;
-                    let s = network::ForwardStream::open(ch);
-                    forwards.insert(leader.peer_url.clone(), s.clone());
-                    s
+                    let c = network::new_client(ch);
+                    peers.insert(leader.peer_url.clone(), c.clone());
+                    c
                 }
             }
         };
-        match stream.call(&encode(req), timeout).await {
-            Ok(reply) => decode(&reply).map_err(ConsensusError::Unavailable),
-            Err(network::ForwardFailure::Timeout) => Err(ConsensusError::Timeout),
-            // The member this one forwards to cannot be reached: as far as clients here can
+        let mut request = tonic::Request::new(pb::Frame { data: encode(req) });
+        request.set_timeout(timeout);
+        let reply = client.forward(request).await.map_err(|s| match s.code() {
+            tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
+            // The leader this member knows of cannot be reached: as far as clients here can
             // tell, there is no leader.
-            Err(network::ForwardFailure::Closed) => Err(ConsensusError::NoLeader),
-        }
+            tonic::Code::Unavailable => ConsensusError::NoLeader,
+            _ => ConsensusError::Unavailable(s.message().to_string()),
+        })?;
+        decode(&reply.into_inner().data).map_err(ConsensusError::Unavailable)
     }
 
     /// Forward an idempotent request to whoever leads now, retrying across leader changes
