@@ -55,10 +55,24 @@ enum Op {
     Meta { key: &'static str, value: Vec<u8>, done: Option<tokio::sync::oneshot::Sender<io::Result<()>>> },
 }
 
-/// The newest commit index not yet written (encoded), handed to the writer without waking it:
-/// it is advisory and written at most every `COMMITTED_WRITE_INTERVAL`, so a queue message per
-/// commit would wake the writer thread once per write for nothing (ADR 0007).
-type PendingCommitted = Arc<Mutex<Option<Vec<u8>>>>;
+/// The newest commit index not yet written, as (log index, encoded value), handed to the writer
+/// without waking it: it is advisory and written at most every `COMMITTED_WRITE_INTERVAL`, so a
+/// queue message per commit would wake the writer thread once per write for nothing (ADR 0007).
+type PendingCommitted = Arc<Mutex<Option<(u64, Vec<u8>)>>>;
+
+/// The highest log index on disk once `ops` are written after a log whose highest was `last`
+/// (entries or the purge point, whichever is higher).
+fn last_index_after(mut last: u64, ops: &[Op]) -> u64 {
+    for op in ops {
+        match op {
+            Op::Append(entries, _) => last = entries.last().map_or(last, |(i, _)| *i),
+            Op::TruncateFrom(from) => last = last.min(from.saturating_sub(1)),
+            Op::Purge { upto, .. } => last = last.max(*upto),
+            Op::Meta { .. } => {}
+        }
+    }
+    last
+}
 
 /// What the writer thread has done, for metrics and for checking group commit.
 #[derive(Default)]
@@ -128,9 +142,10 @@ impl LogStore {
         let writer_stats = stats.clone();
         let committed = PendingCommitted::default();
         let writer_committed = committed.clone();
+        let last = mem.entries.keys().next_back().copied().max(mem.last_purged.map(|l| l.index())).unwrap_or(0);
         std::thread::Builder::new()
             .name("quorate-log-writer".into())
-            .spawn(move || writer(db, rx, writer_committed, delay, writer_stats))?;
+            .spawn(move || writer(db, rx, last, writer_committed, delay, writer_stats))?;
         Ok(LogStore { stats, mem: Arc::new(Mutex::new(mem)), tx, committed, fsync_delay })
     }
 
@@ -168,6 +183,7 @@ impl LogStore {
 fn writer(
     db: Database,
     rx: mpsc::Receiver<Op>,
+    mut last: u64,
     committed: PendingCommitted,
     fsync_delay: Arc<std::sync::atomic::AtomicU64>,
     stats: Arc<LogStats>,
@@ -175,7 +191,8 @@ fn writer(
     // The commit index rides along with a durable batch at most every
     // `COMMITTED_WRITE_INTERVAL`, or is written on its own when the log is idle: each write adds
     // pages to the commit it rides with, and after a crash a lower commit index only means
-    // re-applying more of the log once a leader commits again.
+    // re-applying more of the log once a leader commits again. It is never written ahead of
+    // the entries it names: `last` is the highest index on disk.
     let mut committed_written = std::time::Instant::now();
     loop {
         let mut ops = Vec::new();
@@ -184,29 +201,23 @@ fn writer(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
-        // Take the commit index before draining the queue. It is set after the appends it names
-        // were queued, so draining until the queue is empty picks all of them up: the index is
-        // never written ahead of the entries it names.
-        let mut index = committed.lock().unwrap().take();
-        let mut drained = false;
         while ops.len() < WRITE_BATCH_OPS_MAX {
             match rx.try_recv() {
                 Ok(op) => ops.push(op),
-                Err(_) => {
-                    drained = true;
-                    break;
-                }
+                Err(_) => break,
             }
         }
+        let batch_last = last_index_after(last, &ops);
         let due = ops.is_empty() || committed_written.elapsed() >= COMMITTED_WRITE_INTERVAL;
-        match index.take() {
-            Some(value) if drained && due => {
+        let pending = committed.lock().unwrap().take();
+        match pending {
+            Some((index, value)) if due && index <= batch_last => {
                 ops.insert(0, Op::Meta { key: META_COMMITTED, value, done: None });
                 committed_written = std::time::Instant::now();
             }
             // Not yet: hand it back unless a newer one has arrived meanwhile.
-            Some(value) => {
-                committed.lock().unwrap().get_or_insert(value);
+            Some(held) => {
+                committed.lock().unwrap().get_or_insert(held);
             }
             None => {}
         }
@@ -214,6 +225,7 @@ fn writer(
             continue;
         }
         let result = write_batch(&db, &ops, &fsync_delay);
+        last = batch_last;
         if result.is_ok() {
             use std::sync::atomic::Ordering::Relaxed;
             stats.durable_commits.fetch_add(1, Relaxed);
@@ -311,9 +323,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         // Not awaited for durability: after a crash, a lower committed index only means some
         // entries are re-applied from the log, which is always safe.
-        let value = encode(&committed)?;
+        let pending = (committed.map_or(0, |l| l.index()), encode(&committed)?);
         self.mem.lock().unwrap().committed = committed;
-        *self.committed.lock().unwrap() = Some(value);
+        *self.committed.lock().unwrap() = Some(pending);
         Ok(())
     }
 
@@ -392,6 +404,42 @@ mod tests {
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3)));
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id, Some(log_id(3)), "the entries the commit index names are on disk too");
+    }
+
+    #[test]
+    fn the_last_index_on_disk_follows_appends_truncations_and_purges() {
+        let append = |from: u64, to: u64| Op::Append((from..=to).map(|i| (i, Vec::new())).collect(), IOFlushed::noop());
+        let purge = |upto: u64| Op::Purge { upto, log_id: Vec::new() };
+        assert_eq!(last_index_after(0, &[]), 0);
+        assert_eq!(last_index_after(0, &[append(1, 3)]), 3);
+        assert_eq!(last_index_after(3, &[append(4, 4), Op::TruncateFrom(3)]), 2);
+        assert_eq!(last_index_after(5, &[Op::TruncateFrom(9)]), 5, "truncating past the end changes nothing");
+        assert_eq!(last_index_after(5, &[Op::TruncateFrom(3), append(3, 4)]), 4);
+        assert_eq!(last_index_after(5, &[purge(5)]), 5, "a purged log keeps its purge point");
+        assert_eq!(last_index_after(0, &[purge(7)]), 7, "a restored log starts at its snapshot");
+    }
+
+    #[tokio::test]
+    async fn a_commit_index_ahead_of_the_log_waits_for_its_entries() {
+        // Entries 1-5 written, the index names 8; with or without entries 6-8 following.
+        async fn run(then_append: bool) -> Option<LogId> {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("raft.redb");
+            {
+                let mut log = LogStore::open(&path).unwrap();
+                let entries: Vec<Entry> = (1..=5).map(|i| Entry::new_blank(log_id(i))).collect();
+                log.append(entries, IOFlushed::noop()).await.unwrap();
+                log.save_committed(Some(log_id(8))).await.unwrap();
+                std::thread::sleep(COMMITTED_WRITE_INTERVAL * 3);
+                if then_append {
+                    log.append([6, 7, 8].map(|i| Entry::new_blank(log_id(i))), IOFlushed::noop()).await.unwrap();
+                    std::thread::sleep(COMMITTED_WRITE_INTERVAL * 3);
+                }
+            }
+            reopen(&path).read_committed().await.unwrap()
+        }
+        assert_eq!(run(false).await, None, "entry 8 never reached the disk, so neither did its index");
+        assert_eq!(run(true).await, Some(log_id(8)), "written once its entries are");
     }
 
     #[tokio::test]
