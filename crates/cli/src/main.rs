@@ -250,8 +250,9 @@ struct ServerArgs {
     drill_failpoints: bool,
 }
 
-/// The server's runtime threads: `requested`, or half of `cpus` (at least one) when it is 0. A request crosses the Raft core, the peer streams and the state machine as
-/// a chain of task wake-ups; each one that lands on another thread costs a futex wake and often
+/// The server's runtime threads: `requested`, or half of `cpus` (at least one) when it is 0. A
+/// request crosses the Raft core, the peer streams and the state machine as a chain of task
+/// wake-ups; each one that lands on another thread costs a futex wake and often
 /// a sleeping core's wake-up, which measured as the largest part of a small write's latency
 /// (ADR 0007). The other half of the CPUs is left to the log writer's fsyncs, the kernel's
 /// network stack and, where members share a host, to the other members.
