@@ -72,32 +72,10 @@ pub(crate) fn lower_keys(v: Value) -> Value {
     }
 }
 
-/// Go's duration syntax, as Consul uses it: `15s`, `1m30s`, `500ms`, `2h`.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(digits);
-        let n: f64 = num.parse().ok()?;
-        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let secs = match unit {
-            "ns" => n / 1e9,
-            "us" | "µs" => n / 1e6,
-            "ms" => n / 1e3,
-            "s" => n,
-            "m" => n * 60.0,
-            "h" => n * 3600.0,
-            _ => return None,
-        };
-        total += Duration::from_secs_f64(secs);
-        rest = tail;
-    }
-    Some(total)
+/// A duration field of a Consul body (Go's syntax, see `crate::duration`), non-negative.
+pub(crate) fn body_duration(field: &str, value: &str) -> Result<Duration, ApiError> {
+    crate::duration::parse_non_negative(value)
+        .map_err(|e| ApiError::bad_request("bad_duration", format!("invalid {field} {value:?}: {e}")))
 }
 
 #[derive(Deserialize, Default)]
@@ -163,10 +141,10 @@ async fn register(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
         svc.check.clone().into_iter().chain(svc.checks.clone().unwrap_or_default()).collect();
     let ttl_check = checks.iter().find(|c| c.ttl.is_some()).cloned();
     let ttl = match ttl_check.as_ref().and_then(|c| c.ttl.as_deref()) {
-        Some(t) => Some(parse_go_duration(t).ok_or_else(|| bad(format!("invalid TTL {t:?}")))?),
+        Some(t) => Some(body_duration("TTL", t)?),
         None => None,
     };
-    let ttl_s = ttl.map(|d| d.as_secs_f64().ceil().max(1.0) as u64);
+    let ttl_s = ttl.map(|d| crate::duration::ceil_secs(d).max(1));
     let req = RegisterRequest {
         address: svc.address.clone().filter(|a| !a.is_empty()).unwrap_or_else(|| "127.0.0.1".into()),
         port: svc.port.unwrap_or(0),
@@ -183,9 +161,7 @@ async fn register(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
     let active = checks.iter().find(|c| c.http.is_some() || c.tcp.is_some());
     let seconds = |d: &Option<String>, default: u64| -> Result<u64, ApiError> {
         match d {
-            Some(d) => parse_go_duration(d)
-                .map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
-                .ok_or_else(|| bad(format!("invalid duration {d:?}"))),
+            Some(d) => body_duration("duration", d).map(|d| crate::duration::ceil_secs(d).max(1)),
             None => Ok(default),
         }
     };
@@ -451,17 +427,6 @@ async fn agent_self(State(api): State<Arc<Api>>) -> ApiResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("15s"), Some(Duration::from_secs(15)));
-        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_go_duration("10"), None);
-        assert_eq!(parse_go_duration(""), None);
-    }
 
     #[test]
     fn keys_are_lowercased_but_meta_keys_are_not() {

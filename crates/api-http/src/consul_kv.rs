@@ -6,6 +6,7 @@
 //! `Behavior: delete`); quorate does not implement `release` on invalidation.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -24,8 +25,20 @@ use crate::{Api, ApiError, Consistency};
 
 /// Where session records live (attached to the session's lease, so they end with it).
 const SESSION_PREFIX: &str = "/quorate/consul/sessions/";
-/// A session without a TTL still needs a lease: one day, Consul's maximum TTL.
-const SESSION_TTL_MAX_S: u64 = 86_400;
+/// Consul's `SessionTTLMultiplier`: a session is invalidated no earlier than twice its TTL
+/// after its last renewal. Clients (HA managers such as Patroni) rely on it and ask for half
+/// the TTL they need, so the session's lease lives `SESSION_TTL_MULTIPLIER` x the asked TTL,
+/// while every session answer still reports the TTL as asked.
+const SESSION_TTL_MULTIPLIER: u32 = 2;
+/// Consul's bounds on a session's TTL (`SessionTTLMin`, `SessionTTLMax`).
+const SESSION_TTL_MIN: Duration = Duration::from_secs(10);
+const SESSION_TTL_MAX: Duration = Duration::from_secs(86_400);
+/// Consul's default lock delay, and its largest (`MaxLockDelay`).
+const LOCK_DELAY_DEFAULT: Duration = Duration::from_secs(15);
+const LOCK_DELAY_MAX: Duration = Duration::from_secs(60);
+/// A bare number below this is a lock delay in seconds, else in nanoseconds (Consul's
+/// `lockDelayMinThreshold`: old clients sent seconds, Go's client sends nanoseconds).
+const LOCK_DELAY_SECONDS_BELOW: u64 = 1000;
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -262,6 +275,45 @@ struct SessionBody {
     name: Option<String>,
     ttl: Option<String>,
     behavior: Option<String>,
+    lockdelay: Option<Value>,
+}
+
+/// A session's TTL as Consul checks it: a Go duration within [10s, 24h].
+fn session_ttl(ttl: &str) -> Result<Duration, ApiError> {
+    let d = crate::consul::body_duration("Session TTL", ttl)?;
+    if !(SESSION_TTL_MIN..=SESSION_TTL_MAX).contains(&d) {
+        return Err(ApiError::bad_request(
+            "bad_ttl",
+            format!("Invalid Session TTL '{ttl}', must be between [10s=24h0m0s]"),
+        ));
+    }
+    Ok(d)
+}
+
+/// The lease behind a session with TTL `ttl`: `SESSION_TTL_MULTIPLIER` x the TTL, in whole
+/// seconds rounded up (never shorter than Consul's invalidation).
+fn session_lease_ttl_s(ttl: Duration) -> i64 {
+    crate::duration::ceil_secs(ttl * SESSION_TTL_MULTIPLIER) as i64
+}
+
+/// `LockDelay` as Consul reads it: a Go duration string, or a number (seconds below 1000,
+/// else nanoseconds); default 15 s, at most 60 s.
+fn lock_delay(v: Option<&Value>) -> Result<Duration, ApiError> {
+    let bad = |msg: String| ApiError::bad_request("bad_lock_delay", msg);
+    let d = match v {
+        None | Some(Value::Null) => return Ok(LOCK_DELAY_DEFAULT),
+        Some(Value::String(s)) => crate::consul::body_duration("LockDelay", s)?,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(x) if x < LOCK_DELAY_SECONDS_BELOW => Duration::from_secs(x),
+            Some(x) => Duration::from_nanos(x),
+            None => return Err(bad(format!("invalid LockDelay {n}"))),
+        },
+        Some(other) => return Err(bad(format!("invalid LockDelay {other}"))),
+    };
+    if d > LOCK_DELAY_MAX {
+        return Err(bad(format!("Invalid LockDelay {d:?}: must be at most 60s")));
+    }
+    Ok(d)
 }
 
 async fn session_create(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
@@ -273,32 +325,23 @@ async fn session_create(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
         serde_json::from_value(crate::consul::lower_keys(v))
             .map_err(|e| ApiError::bad_request("malformed_json", format!("Request decode failed: {e}")))?
     };
-    let ttl_s = match req.ttl.as_deref().filter(|t| !t.is_empty()) {
-        Some(t) => {
-            let d = crate::consul::parse_go_duration(t)
-                .ok_or_else(|| ApiError::bad_request("bad_ttl", format!("Invalid Session TTL {t:?}")))?;
-            let s = d.as_secs_f64().ceil() as u64;
-            if !(10..=SESSION_TTL_MAX_S).contains(&s) {
-                return Err(ApiError::bad_request(
-                    "bad_ttl",
-                    format!("Invalid Session TTL '{t}', must be between [10s=24h0m0s]"),
-                ));
-            }
-            s
-        }
-        None => SESSION_TTL_MAX_S,
+    // A session without a TTL is never invalidated by time: the longest lease there is.
+    let lease_ttl_s = match req.ttl.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => session_lease_ttl_s(session_ttl(t)?),
+        None => quorate_kv::LEASE_MAX_TTL_S,
     };
+    let lock_delay = lock_delay(req.lockdelay.as_ref())?;
     let behavior = req.behavior.unwrap_or_else(|| "release".into());
     if !matches!(behavior.as_str(), "release" | "delete") {
         return Err(ApiError::bad_request("bad_behavior", format!("Invalid Behavior setting {behavior:?}")));
     }
-    let lease = match write(&api, Command::LeaseGrant { id: 0, ttl_s: ttl_s as i64 }).await? {
+    let lease = match write(&api, Command::LeaseGrant { id: 0, ttl_s: lease_ttl_s }).await? {
         (CommandResponse::LeaseGrant { id, .. }, _) => id,
         (other, _) => return Err(ApiError::bad_request("internal", format!("{other:?}"))),
     };
     let id = session_id(lease);
     let record = json!({"ID": id, "Name": req.name.unwrap_or_default(), "TTL": req.ttl.unwrap_or_default(),
-                        "Behavior": behavior, "LockDelay": 0, "Node": "quorate", "NodeChecks": [], "ServiceChecks": []});
+                        "Behavior": behavior, "LockDelay": lock_delay.as_nanos() as u64, "Node": "quorate", "NodeChecks": [], "ServiceChecks": []});
     let put = PutRequest {
         key: format!("{SESSION_PREFIX}{id}").into_bytes(),
         value: serde_json::to_vec(&record).expect("json"),
@@ -358,6 +401,48 @@ async fn session_list(State(api): State<Arc<Api>>, Query(q): Query<KvParams>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_lease_lives_twice_the_asked_ttl() {
+        assert_eq!(session_lease_ttl_s(session_ttl("10s").unwrap()), 20);
+        assert_eq!(session_lease_ttl_s(session_ttl("15s").unwrap()), 30);
+        assert_eq!(session_lease_ttl_s(session_ttl("10.4s").unwrap()), 21);
+        assert_eq!(session_lease_ttl_s(session_ttl("1m30s").unwrap()), 180);
+        assert_eq!(session_lease_ttl_s(session_ttl("24h").unwrap()), 172_800);
+        assert!(session_lease_ttl_s(session_ttl("24h").unwrap()) <= quorate_kv::LEASE_MAX_TTL_S);
+    }
+
+    #[test]
+    fn session_ttls_outside_consuls_bounds_or_not_durations_are_refused() {
+        for (ttl, code) in [
+            ("9s", "bad_ttl"),
+            ("9.999s", "bad_ttl"),
+            ("24h0m1s", "bad_ttl"),
+            ("-10s", "bad_duration"),
+            ("10", "bad_duration"),
+            ("99999999999999999999h", "bad_duration"),
+            ("ten seconds", "bad_duration"),
+        ] {
+            let e = session_ttl(ttl).unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{ttl}");
+            assert_eq!(e.code, code, "{ttl}");
+        }
+        assert_eq!(session_ttl("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(session_ttl("86400s").unwrap(), Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn lock_delays_as_consul_reads_them() {
+        assert_eq!(lock_delay(None).unwrap(), Duration::from_secs(15));
+        assert_eq!(lock_delay(Some(&json!("1ms"))).unwrap(), Duration::from_millis(1));
+        assert_eq!(lock_delay(Some(&json!("0s"))).unwrap(), Duration::ZERO);
+        assert_eq!(lock_delay(Some(&json!(10))).unwrap(), Duration::from_secs(10));
+        assert_eq!(lock_delay(Some(&json!(15_000_000_000u64))).unwrap(), Duration::from_secs(15));
+        assert!(lock_delay(Some(&json!("61s"))).is_err());
+        assert!(lock_delay(Some(&json!("1d"))).is_err());
+        assert!(lock_delay(Some(&json!(-1))).is_err());
+        assert!(lock_delay(Some(&json!(true))).is_err());
+    }
 
     #[test]
     fn base64_and_session_ids() {

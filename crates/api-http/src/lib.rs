@@ -7,6 +7,8 @@
 
 mod consul;
 mod consul_kv;
+mod duration;
+mod edge;
 mod error;
 mod eureka;
 mod native;
@@ -32,10 +34,11 @@ pub struct Api {
 /// The native API's routes, to be merged into the member's HTTP router.
 pub fn router(api: Arc<Api>) -> axum::Router {
     let stamp = api.clone();
-    native::router(api.clone())
+    let routes = native::router(api.clone())
         .merge(consul::router(api.clone()))
         .merge(consul_kv::router(api.clone()))
-        .merge(eureka::router(api))
+        .merge(eureka::router(api));
+    with_edge(routes)
         // Errors (and anything else not stamped by its handler) still say who answered.
         .layer(axum::middleware::map_response(move |mut resp: axum::response::Response| {
             let api = stamp.clone();
@@ -49,6 +52,13 @@ pub fn router(api: Arc<Api>) -> axum::Router {
                 resp
             }
         }))
+}
+
+/// Wrap `routes` in what every answer passes through (`edge`): a caught panic is a 500 with a
+/// JSON body, every refusal is JSON, and a refused blocking query is not answered at once.
+pub(crate) fn with_edge(routes: axum::Router) -> axum::Router {
+    edge::install_panic_location_hook();
+    routes.layer(axum::middleware::from_fn(edge::guard))
 }
 
 /// How a read was served.

@@ -11,6 +11,8 @@ use crate::{Api, ApiError, Consistency};
 /// Longest a blocking query may wait (Consul caps `wait` at 10 minutes too).
 const BLOCKING_WAIT_MAX: Duration = Duration::from_secs(600);
 const BLOCKING_WAIT_DEFAULT: Duration = Duration::from_secs(300);
+/// Consul's `JitterFraction`: a wait gets up to 1/16 more, at random.
+const BLOCKING_WAIT_JITTER_FRACTION: u32 = 16;
 
 pub async fn write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
     let resp = api.member.write(cmd).await?;
@@ -44,18 +46,32 @@ pub fn prefix_range(prefix: &str) -> RangeRequest {
     RangeRequest { range_end: quorate_kv::prefix_end(&key), key, ..Default::default() }
 }
 
-/// `30s`, `5m`, `1500ms` or plain seconds.
-fn parse_wait(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
-    let n: u64 = num.parse().ok()?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return None,
+/// `?wait=`: any Go duration (`9.98s`, `1m30s`, `1500ms`, as Consul reads it, see
+/// `crate::duration`), or plain seconds (`7`, which quorate's native API has always taken).
+/// As in Consul, a zero or negative wait means the default, a wait over 10 minutes is
+/// capped at 10 minutes, and up to 1/16 of it is added at random so that clients woken
+/// together do not come back together.
+fn parse_wait(s: &str) -> Result<Duration, crate::duration::DurationError> {
+    let asked = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs.min(BLOCKING_WAIT_MAX.as_secs())),
+        Err(_) => {
+            let ns = crate::duration::parse_go_duration(s)?;
+            Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+        }
     };
-    Some(d.min(BLOCKING_WAIT_MAX))
+    let wait = if asked.is_zero() { BLOCKING_WAIT_DEFAULT } else { asked.min(BLOCKING_WAIT_MAX) };
+    Ok(wait + jitter(wait / BLOCKING_WAIT_JITTER_FRACTION))
+}
+
+/// A random duration below `max` (zero for zero).
+fn jitter(max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    Duration::from_nanos(random % nanos)
 }
 
 /// A blocking query (`?index=N&wait=30s`, native and Consul alike): when `index` is given,
@@ -63,7 +79,9 @@ fn parse_wait(s: &str) -> Option<Duration> {
 pub async fn block_if_asked(api: &Api, prefix: &str, index: Option<i64>, wait: Option<&str>) -> Result<(), ApiError> {
     let Some(index) = index else { return Ok(()) };
     let wait = match wait {
-        Some(w) => parse_wait(w).ok_or_else(|| ApiError::bad_request("bad_wait", format!("invalid wait {w:?}")))?,
+        Some(w) => {
+            parse_wait(w).map_err(|e| ApiError::bad_request("bad_wait", format!("Invalid wait time {w:?}: {e}")))?
+        }
         None => BLOCKING_WAIT_DEFAULT,
     };
     wait_for_change(api, prefix, index, wait).await
@@ -166,11 +184,25 @@ mod tests {
 
     #[test]
     fn wait_durations() {
-        assert_eq!(parse_wait("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_wait("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_wait("1500ms"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_wait("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_wait("2h"), None);
-        assert_eq!(parse_wait("20m"), Some(BLOCKING_WAIT_MAX));
+        // Jitter adds up to 1/16: each wait is checked against [asked, asked * 17/16].
+        let within = |s: &str, want: Duration| {
+            let got = parse_wait(s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            assert!(got >= want && got <= want + want / 16, "{s:?}: {got:?} not within 1/16 above {want:?}");
+        };
+        within("30s", Duration::from_secs(30));
+        within("5m", Duration::from_secs(300));
+        within("1500ms", Duration::from_millis(1500));
+        within("9.98s", Duration::from_millis(9980));
+        within("1m2.5s", Duration::from_millis(62_500));
+        within("250us", Duration::from_micros(250));
+        within("7", Duration::from_secs(7));
+        within("2h", BLOCKING_WAIT_MAX);
+        within("20m", BLOCKING_WAIT_MAX);
+        within("99999999999", BLOCKING_WAIT_MAX);
+        within("0", BLOCKING_WAIT_DEFAULT);
+        within("-5s", BLOCKING_WAIT_DEFAULT);
+        for bad in ["", "abc", "5x", "1d", "99999999999999999999h", "5 s"] {
+            assert!(parse_wait(bad).is_err(), "{bad:?}");
+        }
     }
 }
