@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::pb::etcdserverpb as pb;
-use crate::status::{consensus_status, kv_status, ERR_BAD_FENCE, ERR_REQUEST_TOO_LARGE};
+use crate::status::{consensus_status, kv_status, registry_read_only, ERR_BAD_FENCE, ERR_REQUEST_TOO_LARGE};
 use crate::Ctx;
 
 pub struct KvService {
@@ -36,6 +36,9 @@ impl KvService {
     ) -> Result<(CommandResponse, pb::ResponseHeader), Status> {
         if size > crate::REQUEST_BYTES_MAX {
             return Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE));
+        }
+        if let Some(refused) = quorate_registry::first_registry_write(&cmd) {
+            return Err(registry_read_only(&refused));
         }
         self.ctx.refuse_learner()?;
         let resp = self.ctx.member.write(cmd.fenced(fence)).await.map_err(consensus_status)?;

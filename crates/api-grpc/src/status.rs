@@ -6,6 +6,7 @@ use quorate_kv::KvError;
 use tonic::{Code, Status};
 
 pub const ERR_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
+pub const ERR_PERMISSION_DENIED: &str = "etcdserver: permission denied";
 pub const ERR_BAD_FENCE: &str = "quorate: malformed quorate-fence header: expected <key>@<revision>";
 
 pub fn kv_status(e: KvError) -> Status {
@@ -29,6 +30,27 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::LeaseProvided => (Code::InvalidArgument, "etcdserver: lease is provided"),
     };
     Status::new(code, msg)
+}
+
+/// A KV write into the registry's records (issue 11): etcd's permission-denied code and
+/// message, then what to use instead. Reads and watches of the registry stay open.
+pub fn registry_read_only(refused: &quorate_registry::Refused) -> Status {
+    let what = if refused.range_end.is_empty() {
+        format!("key {:?}", String::from_utf8_lossy(&refused.key))
+    } else {
+        format!(
+            "range [{:?}, {:?})",
+            String::from_utf8_lossy(&refused.key),
+            String::from_utf8_lossy(&refused.range_end)
+        )
+    };
+    Status::permission_denied(format!(
+        "{ERR_PERMISSION_DENIED}: {what} touches the registry's records under {}, which are read-only over \
+         the KV API; register, deregister and update instances through the registry's HTTP API \
+         (/api/v1/ns/<namespace>/services/<service>/instances/<id>, Consul /v1/agent/service/..., \
+         Eureka /eureka/apps/...)",
+        quorate_registry::REGISTRY_PREFIX
+    ))
 }
 
 pub fn consensus_status(e: ConsensusError) -> Status {

@@ -44,7 +44,7 @@ type ApiResult = Result<Response, ApiError>;
 
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
-        .route("/v1/kv/", get(kv_get_all))
+        .route("/v1/kv/", get(kv_get_all).delete(kv_delete_all))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/v1/session/create", put(session_create))
         .route("/v1/session/renew/{id}", put(session_renew))
@@ -176,18 +176,36 @@ fn any_succeeded(resp: &CommandResponse) -> bool {
     matches!(resp, CommandResponse::Txn(t) if txn(t))
 }
 
+/// Every Consul KV write, checked as it would be proposed (after path decoding and the key
+/// mapping): none may touch quorate's own keys, the registry's records among them (issue 11).
+async fn kv_write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
+    if let Some(refused) = quorate_registry::first_write_under(&cmd, crate::CONSUL_HIDDEN_PREFIX.as_bytes()) {
+        let key = String::from_utf8_lossy(&refused.key);
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "permission_denied",
+            format!(
+                "Permission denied: {key:?} touches keys under {}, which are quorate's own and read-only over the \
+                 KV API; register, deregister and update instances through /v1/agent/service/register, \
+                 /v1/agent/service/deregister/<id> or the registry API /api/v1/ns/<namespace>/services/...",
+                crate::CONSUL_HIDDEN_PREFIX
+            ),
+        ));
+    }
+    write(api, cmd).await
+}
+
+/// `DELETE /v1/kv/` (the empty key: with `recurse`, the whole keyspace).
+async fn kv_delete_all(state: State<Arc<Api>>, q: Query<KvParams>) -> ApiResult {
+    kv_delete(state, Path(String::new()), q).await
+}
+
 async fn kv_put(
     State(api): State<Arc<Api>>,
     Path(key): Path<String>,
     Query(q): Query<KvParams>,
     body: Bytes,
 ) -> ApiResult {
-    if key.starts_with(crate::CONSUL_HIDDEN_PREFIX) {
-        return Err(ApiError::bad_request(
-            "reserved_key",
-            format!("keys under {} are quorate's", crate::CONSUL_HIDDEN_PREFIX),
-        ));
-    }
     let k = key.as_bytes();
     let txn = if let Some(session) = &q.acquire {
         let lease = lease_of(session)?;
@@ -223,7 +241,7 @@ async fn kv_put(
         }
     };
     let conditional = q.acquire.is_some() || q.release.is_some() || q.cas.is_some();
-    let (resp, rev) = write(&api, Command::Txn(txn)).await?;
+    let (resp, rev) = kv_write(&api, Command::Txn(txn)).await?;
     let applied = !conditional || any_succeeded(&resp);
     Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(applied)).into_response())
 }
@@ -246,12 +264,6 @@ fn cas_txn(cas: i64, key: &[u8], value: &[u8]) -> TxnRequest {
 }
 
 async fn kv_delete(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q): Query<KvParams>) -> ApiResult {
-    if key.starts_with(crate::CONSUL_HIDDEN_PREFIX) {
-        return Err(ApiError::bad_request(
-            "reserved_key",
-            format!("keys under {} are quorate's", crate::CONSUL_HIDDEN_PREFIX),
-        ));
-    }
     let range = if q.recurse.is_some() {
         prefix_range(&key)
     } else {
@@ -266,7 +278,8 @@ async fn kv_delete(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q
         Some(cas) => vec![cmp(key.as_bytes(), CompareResult::Equal, CompareTarget::Mod(cas))],
         None => vec![],
     };
-    let (resp, rev) = write(&api, Command::Txn(TxnRequest { compare, success: vec![delete], failure: vec![] })).await?;
+    let (resp, rev) =
+        kv_write(&api, Command::Txn(TxnRequest { compare, success: vec![delete], failure: vec![] })).await?;
     Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(any_succeeded(&resp))).into_response())
 }
 
