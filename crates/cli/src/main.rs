@@ -99,6 +99,10 @@ struct DrillArgs {
     /// PLANTED BUG, for proving the drill: members serve linearizable reads from local state.
     #[arg(long)]
     plant_stale_reads: bool,
+    /// PLANTED BUG, for proving the drill: members do not move a lease's deadline when it is
+    /// renewed, so kept-alive leases expire at their grant's deadline.
+    #[arg(long)]
+    plant_early_lease_expiry: bool,
 }
 
 #[derive(Args)]
@@ -461,6 +465,9 @@ async fn drill(args: DrillArgs) -> anyhow::Result<()> {
     if args.plant_stale_reads {
         replay.push_str(" --plant-stale-reads");
     }
+    if args.plant_early_lease_expiry {
+        replay.push_str(" --plant-early-lease-expiry");
+    }
     if args.mode == "proxy" {
         replay.push_str(" --mode proxy");
     }
@@ -488,6 +495,7 @@ async fn drill(args: DrillArgs) -> anyhow::Result<()> {
         out: args.out.clone(),
         bin: std::env::current_exe()?,
         unsafe_local_reads: args.plant_stale_reads,
+        early_lease_expiry: args.plant_early_lease_expiry,
         proxy_mode: args.mode == "proxy",
         check_budget: std::time::Duration::from_secs(args.check_budget_s),
         git_revision,

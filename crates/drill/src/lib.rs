@@ -3,6 +3,7 @@
 //! arithmetic), IO at the edges (`net`, `hosts`, `faults`, `workload`, `run`).
 
 pub mod check;
+pub mod election;
 pub mod faults;
 pub mod history;
 pub mod hosts;

@@ -13,6 +13,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::check::{self, convergence::MemberHash, leaders::Claim, linearizable::Verdict};
+use crate::election::{self, CANDIDATES, PRIMARY_KEY};
 use crate::faults::{self, FaultKind};
 use crate::hosts::{Hosts, Links, Target};
 use crate::net::{is_root, Net};
@@ -34,6 +35,9 @@ pub struct DrillConfig {
     /// The quorate binary (members run `quorate server`).
     pub bin: PathBuf,
     pub unsafe_local_reads: bool,
+    /// Start quorate members with `--drill-early-lease-expiry` (a planted bug: renewals do not
+    /// move deadlines).
+    pub early_lease_expiry: bool,
     /// Members on loopback behind the drill's proxies (no root needed).
     pub proxy_mode: bool,
     pub check_budget: Duration,
@@ -67,6 +71,9 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
         if cfg.unsafe_local_reads {
             extra.push("--drill-unsafe-local-reads".to_string());
         }
+        if cfg.early_lease_expiry {
+            extra.push("--drill-early-lease-expiry".to_string());
+        }
     }
     let mut hosts = Hosts::new(links, cfg.target, cfg.bin.clone(), &hosts_dir, cfg.members, extra);
     hosts.start_proxies().await?;
@@ -98,6 +105,19 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
     for slot in 0..cfg.members {
         let w = workload::run_watcher(slot, hosts.client_url(slot), start_rev + 1, rec.clone(), stop.clone());
         tasks.push(tokio::spawn(w));
+    }
+    // The seed's primary election, and on every member a watch on its key and on the lease
+    // sessions' keys, whose deletions the lease-expiry checker judges.
+    for i in 0..CANDIDATES {
+        let c = election::run_candidate(i, hosts.client_url(i % cfg.members), cfg.seed, rec.clone(), stop.clone());
+        tasks.push(tokio::spawn(c));
+    }
+    for slot in 0..cfg.members {
+        for (key, range_end) in [(PRIMARY_KEY, ""), ("l/", "l0")] {
+            let url = hosts.client_url(slot);
+            let w = workload::run_lease_watcher(slot, url, key, range_end, start_rev + 1, rec.clone(), stop.clone());
+            tasks.push(tokio::spawn(w));
+        }
     }
     let registry = (cfg.target == Target::Quorate).then(|| {
         let addrs: Vec<String> = (0..cfg.members).map(|s| hosts.http_addr(s)).collect();
@@ -236,6 +256,8 @@ async fn poll_leaders(
     }
 }
 
+const LEASE_EXPIRY_ROW: &str = "leases expired early (a key gone before its last answered grant or renewal + TTL)";
+const PRIMARIES_ROW: &str = "two primaries (the seed's lease election: overlapping promised terms)";
 const REGISTRY_ROW: &str = "registry (live instance evicted, or stopped one kept past TTL + election timeout)";
 
 fn row(check: &'static str, result: String, ok: bool) -> SafetyRow {
@@ -362,6 +384,49 @@ async fn judge(
         anomalies.push(Anomaly { check: "leases", detail: format!("{a:?}"), history: vec![] });
     }
 
+    let early = check::lease_expiry::check(&r.lease_answers, &r.lease_revokes, &r.lease_deletions);
+    let promised = check::lease_expiry::promises(&r.lease_answers).len();
+    let result = format!(
+        "{} ({promised} leases promised in {} answers, {} deletions of their keys seen by watchers)",
+        early.len(),
+        r.lease_answers.len(),
+        r.lease_deletions.len()
+    );
+    safety.push(row(LEASE_EXPIRY_ROW, result, early.is_empty()));
+    for e in early {
+        anomalies.push(Anomaly {
+            check: "lease expired early",
+            detail: format!(
+                "lease {:x}: key {} seen deleted by the {} at {:.0} ms (revision {}), {:.0} ms before the promise to client {} ran out (last answer + TTL: {:.0} ms)",
+                e.lease, e.key, e.observer, e.seen_ms, e.revision, e.early_ms, e.client, e.promised_until_ms
+            ),
+            history: vec![],
+        });
+    }
+
+    let beliefs = check::primaries::beliefs(&r.primary_wins, &r.lease_answers, &r.lease_revokes);
+    let two = check::primaries::check(&beliefs);
+    let [accepted, refused, unknown] = r.primary_work;
+    let result = format!(
+        "{} ({} terms as primary; fenced writes {accepted} accepted, {refused} refused, {unknown} unknown)",
+        two.len(),
+        beliefs.len()
+    );
+    safety.push(row(PRIMARIES_ROW, result, two.is_empty()));
+    let ms = |ns: u64| ns as f64 / 1e6;
+    for t in two {
+        let (a, b) = (t.earlier, t.later);
+        anomalies.push(Anomaly {
+            check: "two primaries",
+            detail: format!(
+                "candidate {} (lease {:x}, create revision {}) was promised it was primary from {:.0} ms to {:.0} ms; candidate {} (lease {:x}, create revision {}) won at {:.0} ms: two primaries for {} ms",
+                a.candidate, a.lease, a.create_revision, ms(a.from_ns), ms(a.until_ns),
+                b.candidate, b.lease, b.create_revision, ms(b.from_ns), t.overlap_ms
+            ),
+            history: vec![],
+        });
+    }
+
     if cfg.target == Target::Quorate {
         let pairs = check::locks::check(&r.lock_accepted);
         safety.push(count_row("lock holders whose fenced writes were both accepted", pairs.len()));
@@ -449,6 +514,9 @@ async fn judge(
     let mut flags = Vec::new();
     if cfg.unsafe_local_reads {
         flags.push("--drill-unsafe-local-reads".to_string());
+    }
+    if cfg.early_lease_expiry && cfg.target == Target::Quorate {
+        flags.push("--drill-early-lease-expiry".to_string());
     }
     Ok(Report {
         target: cfg.target.name(),

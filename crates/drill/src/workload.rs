@@ -11,14 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quorate_api_grpc::pb::etcdserverpb as pb;
+use quorate_api_grpc::pb::mvccpb::event::EventType;
 use quorate_api_grpc::pb::v3lockpb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::check::lease_expiry::{Deletion, LeaseAnswer, Revoke};
 use crate::check::leases::AfterRevoke;
 use crate::check::locks::Accepted;
+use crate::check::primaries::Win;
 use crate::check::revisions::Acked;
 use crate::check::watch::Change;
 use crate::history::{Input, Op, Output};
@@ -65,6 +68,16 @@ pub struct Recorded {
     pub register_keys: BTreeSet<String>,
     /// Per watcher (member slot), what each watch response delivered.
     pub watches: Vec<(usize, i64, Vec<Vec<Change>>)>,
+    /// Every answer to a lease grant or keep-alive, with when it arrived and the TTL promised.
+    pub lease_answers: Vec<LeaseAnswer>,
+    /// Every revoke a client invoked.
+    pub lease_revokes: Vec<Revoke>,
+    /// Keys of leases seen deleted by the lease watchers.
+    pub lease_deletions: Vec<Deletion>,
+    /// The primary election's winning Txns.
+    pub primary_wins: Vec<Win>,
+    /// The primaries' fenced writes: accepted, refused (compare failed), unknown.
+    pub primary_work: [u64; 3],
 }
 
 pub struct Recorder {
@@ -89,6 +102,18 @@ impl Recorder {
         let s = OpStat { kind, client, invoke_ms: invoke_ns / 1_000_000, complete_ms: self.now_ms(), outcome };
         self.rec.lock().unwrap().stats.push(s);
     }
+
+    /// A grant or keep-alive answer for `lease` arrived now, promising `ttl_s` (0: not found).
+    pub(crate) fn lease_answer(&self, client: u32, lease: i64, ttl_s: i64) {
+        let a = LeaseAnswer { client, lease, at_ns: self.now_ns(), ttl_s };
+        self.rec.lock().unwrap().lease_answers.push(a);
+    }
+
+    /// A revoke of `lease` is being invoked now (recorded whatever its outcome).
+    pub(crate) fn revoke_invoked(&self, client: u32, lease: i64) {
+        let r = Revoke { client, lease, invoke_ns: self.now_ns() };
+        self.rec.lock().unwrap().lease_revokes.push(r);
+    }
 }
 
 pub fn channel(url: &str) -> Channel {
@@ -99,7 +124,7 @@ pub fn channel(url: &str) -> Channel {
         .connect_lazy()
 }
 
-async fn timed<T, F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>>(
+pub(crate) async fn timed<T, F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>>(
     f: F,
 ) -> Result<T, tonic::Status> {
     match tokio::time::timeout(OP_TIMEOUT, f).await {
@@ -108,7 +133,7 @@ async fn timed<T, F: std::future::Future<Output = Result<tonic::Response<T>, ton
     }
 }
 
-fn rev_of(h: &Option<pb::ResponseHeader>) -> i64 {
+pub(crate) fn rev_of(h: &Option<pb::ResponseHeader>) -> i64 {
     h.as_ref().map_or(0, |h| h.revision)
 }
 
@@ -301,6 +326,7 @@ impl Client {
             return true;
         };
         self.rec.stat("lease-grant", self.cfg.id, invoke, Outcome::Ok);
+        self.rec.lease_answer(self.cfg.id, grant.id, grant.ttl);
         let id = grant.id;
         let key = format!("l/{}-{}", self.cfg.id, self.n);
         self.n += 1;
@@ -330,12 +356,19 @@ impl Client {
             s.message().await
         })
         .await;
-        let outcome = if matches!(kept, Ok(Ok(Some(_)))) { Outcome::Ok } else { Outcome::Failed };
+        let outcome = match kept {
+            Ok(Ok(Some(answer))) => {
+                self.rec.lease_answer(self.cfg.id, id, answer.ttl);
+                Outcome::Ok
+            }
+            _ => Outcome::Failed,
+        };
         self.rec.stat("lease-keepalive", self.cfg.id, invoke, outcome);
         if self.rng.random_range(0..3) == 0 {
             return false; // abandoned: it expires on its own
         }
         let invoke = self.rec.now_ns();
+        self.rec.revoke_invoked(self.cfg.id, id);
         let revoke = timed(self.lease.lease_revoke(pb::LeaseRevokeRequest { id })).await;
         let Ok(revoke) = revoke else {
             self.rec.stat("lease-revoke", self.cfg.id, invoke, Outcome::Unknown);
@@ -360,9 +393,11 @@ impl Client {
             self.rec.stat("lock", self.cfg.id, invoke, Outcome::Unknown);
             return true;
         };
+        self.rec.lease_answer(self.cfg.id, grant.id, grant.ttl);
         let req = v3lockpb::LockRequest { name: LOCK_NAME.as_bytes().to_vec(), lease: grant.id };
         let locked = tokio::time::timeout(Duration::from_secs(6), self.lock.lock(req)).await;
         let Ok(Ok(resp)) = locked else {
+            self.rec.revoke_invoked(self.cfg.id, grant.id);
             let _ = timed(self.lease.lease_revoke(pb::LeaseRevokeRequest { id: grant.id })).await;
             self.rec.stat("lock", self.cfg.id, invoke, Outcome::Unknown);
             return true;
@@ -409,6 +444,7 @@ impl Client {
             }
         };
         let _ = timed(self.lock.unlock(v3lockpb::UnlockRequest { key: lock_key })).await;
+        self.rec.revoke_invoked(self.cfg.id, grant.id);
         let _ = timed(self.lease.lease_revoke(pb::LeaseRevokeRequest { id: grant.id })).await;
         unknown
     }
@@ -420,11 +456,22 @@ pub async fn watch_registers(
     url: &str,
     from: i64,
 ) -> anyhow::Result<(tokio::sync::mpsc::Sender<pb::WatchRequest>, tonic::Streaming<pb::WatchResponse>)> {
+    watch_range(url, b"r", b"s", from).await
+}
+
+/// A watch on [key, range_end) (an empty `range_end`: `key` alone) from `from`, and the sender
+/// that keeps its request stream open (dropping it ends the watch).
+pub async fn watch_range(
+    url: &str,
+    key: &[u8],
+    range_end: &[u8],
+    from: i64,
+) -> anyhow::Result<(tokio::sync::mpsc::Sender<pb::WatchRequest>, tonic::Streaming<pb::WatchResponse>)> {
     let mut client = pb::watch_client::WatchClient::new(channel(url));
     let create = pb::WatchRequest {
         request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
-            key: b"r".to_vec(),
-            range_end: b"s".to_vec(),
+            key: key.to_vec(),
+            range_end: range_end.to_vec(),
             start_revision: from,
             ..Default::default()
         })),
@@ -482,4 +529,63 @@ pub async fn run_watcher(slot: usize, url: String, start: i64, rec: Arc<Recorder
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     rec.rec.lock().unwrap().watches.push((slot, start, deliveries));
+}
+
+/// Watch the keys of leases, [key, range_end), on member `slot` from `start` until `stop`,
+/// resuming after every broken stream from the revision after the last one seen, as
+/// `run_watcher` does. Each PUT tells which lease the key carries now; each DELETE of a key
+/// that carried one is recorded, with the time the event arrived, for the lease-expiry
+/// checker (which sets aside the deletions a client asked for by revoking).
+pub async fn run_lease_watcher(
+    slot: usize,
+    url: String,
+    key: &'static str,
+    range_end: &'static str,
+    start: i64,
+    rec: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+) {
+    let observer = format!("watcher on member slot {slot} ({key}{})", if range_end.is_empty() { "" } else { "*" });
+    let mut carried: HashMap<Vec<u8>, i64> = HashMap::new();
+    let mut next = start;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((tx, mut resp)) = watch_range(&url, key.as_bytes(), range_end.as_bytes(), next).await else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        };
+        loop {
+            let msg = tokio::select! {
+                m = resp.message() => m,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if stop.load(Ordering::Relaxed) { break; }
+                    continue;
+                }
+            };
+            let w = match msg {
+                Ok(Some(w)) if !w.canceled => w,
+                _ => break,
+            };
+            let at_ns = rec.now_ns();
+            for e in &w.events {
+                let Some(kv) = e.kv.as_ref() else { continue };
+                next = next.max(kv.mod_revision + 1);
+                if e.r#type == EventType::Delete as i32 {
+                    if let Some(lease) = carried.remove(&kv.key).filter(|&l| l != 0) {
+                        let d = Deletion {
+                            observer: observer.clone(),
+                            key: String::from_utf8_lossy(&kv.key).into_owned(),
+                            lease,
+                            revision: kv.mod_revision,
+                            at_ns,
+                        };
+                        rec.rec.lock().unwrap().lease_deletions.push(d);
+                    }
+                } else {
+                    carried.insert(kv.key.clone(), kv.lease);
+                }
+            }
+        }
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
