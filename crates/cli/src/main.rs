@@ -252,6 +252,10 @@ struct ServerArgs {
     /// DRILL ONLY: accept failpoints over HTTP (`PUT /debug/failpoints/fsync-delay-ms`).
     #[arg(long, hide = true)]
     drill_failpoints: bool,
+    /// DRILL ONLY, UNSAFE: lease renewals do not move deadlines, so leases expire before what
+    /// clients were told (a planted bug the drill must catch). Never use it for anything else.
+    #[arg(long, hide = true)]
+    drill_early_lease_expiry: bool,
 }
 
 /// The server's runtime threads: `requested`, or half of `cpus` (at least one) when it is 0. A
@@ -320,6 +324,7 @@ impl ServerArgs {
             drill: quorate_server::DrillFlags {
                 unsafe_local_reads: self.drill_unsafe_local_reads,
                 failpoints: self.drill_failpoints,
+                early_lease_expiry: self.drill_early_lease_expiry,
             },
         })
     }

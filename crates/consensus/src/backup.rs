@@ -89,7 +89,7 @@ pub fn restore(bytes: &[u8], data_dir: &Path, members: &BTreeMap<NodeId, MemberN
     let membership = Membership::new(vec![voters], members.clone()).map_err(|e| format!("membership: {e}"))?;
     let meta =
         SnapshotMeta { last_log_id: Some(log_id), last_membership: StoredMembership::new(Some(log_id), membership) };
-    let sm = crate::state_machine::StateMachine::open(&data_dir.join("state.redb"))
+    let sm = crate::state_machine::StateMachine::open(&data_dir.join("state.redb"), std::time::Duration::ZERO)
         .map_err(|e| format!("create state: {e}"))?;
     sm.save_image(&meta, &store).map_err(|e| format!("write state: {e}"))?;
     crate::log_store::LogStore::write_restored(&data_dir.join("raft.redb"), log_id)

@@ -8,7 +8,7 @@
 
 pub mod backup;
 mod error;
-mod lease_clock;
+mod lease;
 mod log_store;
 mod membership;
 mod network;
@@ -32,12 +32,13 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 pub use error::ConsensusError;
+pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
 pub use network::{PeerService, PEER_MESSAGE_BYTES_MAX};
 pub use state_machine::{Applied, PublishedMember};
 pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
 
-use lease_clock::LeaseClock;
+use lease::LeaseClock;
 use log_store::LogStore;
 use network::{decode, encode, NetworkFactory};
 use state_machine::{Shared, StateMachine};
@@ -114,13 +115,18 @@ enum ForwardResp {
     Written(Response),
     ReadIndex(u64),
     Lease(Option<i64>),
-    LeaseTable(Vec<(i64, i64)>),
+    /// The leader's judgement of every lease as (id, set_at, remaining ms).
+    LeaseTable(Vec<(i64, u64, i64)>),
     LeaseMarks(Vec<(i64, u64, i64)>),
     Changed(Option<NodeId>),
     /// The cluster id and every member's (id, peer URL).
     Members(u64, Vec<(NodeId, String)>),
     App(Result<Vec<u8>, String>),
     Err(ConsensusError),
+    /// A keep-alive's answer: the TTL promised, and the milliseconds from the request's arrival
+    /// at the leader to the end of the window in which the promise may reach the client;
+    /// `None` when the lease does not exist.
+    KeepAlive(Option<(i64, u64)>),
 }
 
 struct Inner {
@@ -156,7 +162,8 @@ impl Member {
         let log = LogStore::open(&cfg.data_dir.join("raft.redb")).map_err(|e| {
             format!("open raft log in {}: {e} (is another member using this data directory?)", cfg.data_dir.display())
         })?;
-        let sm = StateMachine::open(&cfg.data_dir.join("state.redb")).map_err(|e| format!("open state: {e}"))?;
+        let grace = Duration::from_millis(cfg.election_timeout_ms);
+        let sm = StateMachine::open(&cfg.data_dir.join("state.redb"), grace).map_err(|e| format!("open state: {e}"))?;
         let shared = sm.shared.clone();
         let raft_cfg = openraft::Config {
             cluster_name: "quorate".into(),
@@ -191,7 +198,7 @@ impl Member {
                 warn!(error = %e, "initialize");
             }
         }
-        let clock = LeaseClock::new(Duration::from_millis(cfg.election_timeout_ms));
+        let clock = LeaseClock::new(grace);
         let member = Member {
             inner: Arc::new(Inner {
                 cfg,
@@ -259,7 +266,7 @@ impl Member {
     /// On followers: copy the leader's lease deadlines once a second, so that if this member
     /// is elected it expires leases when the previous leader would have, not later.
     async fn sync_lease_table(self) {
-        let mut tick = tokio::time::interval(lease_clock::LEASE_SYNC_INTERVAL);
+        let mut tick = tokio::time::interval(lease::LEASE_SYNC_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -279,15 +286,10 @@ impl Member {
             };
             *self.inner.last_leader_contact.lock().unwrap() = Some(asked_at);
             // Counted from when the answer arrived, after the leader read its clock: the copy
-            // stays an upper bound on the leader's deadline.
+            // stays an upper bound on the leader's deadline. Only for the decisions we hold: a
+            // table read before a renewal we already applied would shorten its promise.
             let arrived = tokio::time::Instant::now();
-            let mut marks = self.inner.shared.lease_marks.lock().unwrap();
-            for (id, remaining_ms) in table {
-                if let Some(mark) = marks.get_mut(&id) {
-                    mark.applied_at = arrived;
-                    mark.remaining_ms = remaining_ms;
-                }
-            }
+            self.inner.shared.leases.lock().unwrap().adopt_leader_table(&table, arrived);
         }
     }
 
@@ -343,11 +345,11 @@ impl Member {
         let asks = peers.iter().map(|p| self.forward(p, &ForwardReq::LeaseMarks, timeout));
         let answers = futures::future::join_all(asks).await;
         let arrived = tokio::time::Instant::now();
-        let mut marks = self.inner.shared.lease_marks.lock().unwrap();
+        let mut core = self.inner.shared.leases.lock().unwrap();
         let mut tightened = 0usize;
         for answer in answers {
             let Ok(ForwardResp::LeaseMarks(theirs)) = answer else { continue };
-            tightened += state_machine::tighten_marks(&mut marks, &theirs, arrived);
+            tightened += core.tighten(&theirs, arrived);
         }
         if tightened > 0 {
             info!(term = m.current_term, leases = tightened, "tightened lease deadlines from peers");
@@ -356,12 +358,7 @@ impl Member {
 
     /// This member's own lease marks as (id, set_at, remaining ms from now).
     fn lease_marks(&self) -> Vec<(i64, u64, i64)> {
-        let now = tokio::time::Instant::now();
-        let marks = self.inner.shared.lease_marks.lock().unwrap();
-        marks
-            .iter()
-            .map(|(id, mark)| (*id, mark.set_at, mark.deadline().saturating_duration_since(now).as_millis() as i64))
-            .collect()
+        self.inner.shared.leases.lock().unwrap().table(tokio::time::Instant::now())
     }
 
     /// (durable log commits, log entries written) since start: entries per commit is the
@@ -518,9 +515,32 @@ impl Member {
 
     // ---- leases ----
 
-    /// Renew a lease; `None` when it does not exist. Forwarded to the leader, never logged.
+    /// Renew a lease; `None` when it does not exist or its expiry is already proposed.
+    /// Forwarded to the leader, which logs the renewal before it answers (ADR 0008). The answer
+    /// is given only while it can still reach the client inside the leader's window; past it,
+    /// the client is told to retry rather than promised a deadline no future leader holds.
     pub async fn lease_keepalive(&self, id: i64) -> Result<Option<i64>, ConsensusError> {
-        self.lease_call(ForwardReq::KeepAlive(id)).await
+        let asked_at = tokio::time::Instant::now();
+        if self.is_leader() {
+            let clock = &self.inner.clock;
+            return match clock.keepalive(&self.inner.raft, &self.inner.shared, id).await? {
+                Some(r) if tokio::time::Instant::now() <= r.valid_until => Ok(Some(r.ttl_s)),
+                Some(_) => Err(lease::Refused::TooLate.into()),
+                None => Ok(None),
+            };
+        }
+        match self.forward_idempotent(ForwardReq::KeepAlive(id)).await? {
+            // The leader's budget runs from the request's arrival there to the end of its
+            // window; our round trip began before that arrival, so if the round trip fits in
+            // the budget, this answer reaches the client inside the window.
+            ForwardResp::KeepAlive(Some((ttl_s, valid_ms))) => match asked_at.elapsed().as_millis() as u64 <= valid_ms {
+                true => Ok(Some(ttl_s)),
+                false => Err(lease::Refused::TooLate.into()),
+            },
+            ForwardResp::KeepAlive(None) => Ok(None),
+            ForwardResp::Err(e) => Err(e),
+            _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
+        }
     }
 
     /// Remaining seconds of a lease as the leader sees it; `None` when it does not exist.
@@ -542,10 +562,9 @@ impl Member {
     fn serve_lease(&self, req: &ForwardReq) -> Result<Option<i64>, ConsensusError> {
         let (raft, shared, clock) = (&self.inner.raft, &self.inner.shared, &self.inner.clock);
         match req {
-            ForwardReq::KeepAlive(id) => clock.keepalive(raft, shared, *id),
             ForwardReq::TimeToLive(id) => clock.remaining_s(raft, shared, *id),
             _ => {
-                unreachable!("serve_lease only takes keepalive and time-to-live")
+                unreachable!("serve_lease only takes time-to-live")
             }
         }
     }
@@ -568,7 +587,19 @@ impl Member {
                 Err(e) => ForwardResp::Err(e),
             },
             ForwardReq::LeaseMarks => ForwardResp::LeaseMarks(self.lease_marks()),
-            lease @ (ForwardReq::KeepAlive(_) | ForwardReq::TimeToLive(_)) => match self.serve_lease(&lease) {
+            ForwardReq::KeepAlive(id) => {
+                // The budget is counted from the request's arrival here: the asking member's
+                // round trip contains our whole part, so it compares its round trip with it.
+                let arrived = tokio::time::Instant::now();
+                match self.inner.clock.keepalive(raft, &self.inner.shared, id).await {
+                    Ok(r) => ForwardResp::KeepAlive(r.map(|r| {
+                        let budget = r.valid_until.saturating_duration_since(arrived);
+                        (r.ttl_s, budget.as_millis() as u64)
+                    })),
+                    Err(e) => ForwardResp::Err(e),
+                }
+            }
+            lease @ ForwardReq::TimeToLive(_) => match self.serve_lease(&lease) {
                 Ok(v) => ForwardResp::Lease(v),
                 Err(e) => ForwardResp::Err(e),
             },

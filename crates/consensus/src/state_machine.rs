@@ -4,7 +4,7 @@
 //! The state itself lives in memory; what makes it durable is the Raft log plus the last
 //! snapshot. On start openraft restores the snapshot and re-applies the committed log after it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{self, Cursor};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use crate::lease::LeaseCore;
 use crate::types::{LogId, Request, Response, SnapshotMeta, StoredMembership, TypeConfig};
 
 const SNAP: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
@@ -63,48 +64,13 @@ struct SmSnapshotRef<'a, S: Serialize> {
     members: &'a BTreeMap<u64, PublishedMember>,
 }
 
-/// When this member last applied a grant or checkpoint of a lease, and the remaining TTL it
-/// carried: what a newly elected leader projects expiry from (never from a wall clock).
-///
-/// Every mark is an upper bound on the deadline decided at log index `set_at`: an entry is
-/// applied no earlier than its leader decided it. A mark set while replaying the log after a
-/// restart, or from a snapshot, is a loose bound (the entry is old, the clock reads "now");
-/// a new leader tightens such marks from peers that hold the same `set_at`.
-#[derive(Clone, Copy, Debug)]
-pub struct LeaseMark {
-    pub applied_at: Instant,
-    pub remaining_ms: i64,
-    pub set_at: u64,
-}
-
-impl LeaseMark {
-    pub fn deadline(&self) -> Instant {
-        self.applied_at + Duration::from_millis(self.remaining_ms.max(0) as u64)
-    }
-}
-
-/// Lower our marks to a peer's where the peer's is earlier for the same decision (`set_at`);
-/// `theirs` is (id, set_at, remaining ms) as the peer counted it, `arrived` when its answer
-/// came (after the peer read its clock, so the copy stays an upper bound). Returns how many
-/// marks moved.
-pub fn tighten_marks(marks: &mut HashMap<i64, LeaseMark>, theirs: &[(i64, u64, i64)], arrived: Instant) -> usize {
-    let mut moved = 0;
-    for &(id, set_at, remaining_ms) in theirs {
-        let Some(mark) = marks.get_mut(&id) else { continue };
-        let candidate = LeaseMark { applied_at: arrived, remaining_ms, set_at };
-        if mark.set_at == set_at && candidate.deadline() < mark.deadline() {
-            *mark = candidate;
-            moved += 1;
-        }
-    }
-    moved
-}
-
 pub struct Shared {
     pub store: RwLock<Store>,
     pub members: RwLock<BTreeMap<u64, PublishedMember>>,
     applied: RwLock<(Option<LogId>, StoredMembership)>,
-    pub lease_marks: Mutex<HashMap<i64, LeaseMark>>,
+    /// Every lease's deadline as this member knows it, and the leader's lease decisions
+    /// (`crate::lease`). Taken after `store` whenever both are held.
+    pub leases: Mutex<LeaseCore>,
     pub events: broadcast::Sender<Applied>,
 }
 
@@ -119,7 +85,8 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 }
 
 impl StateMachine {
-    pub fn open(path: &Path) -> io::Result<Self> {
+    /// `grace` is one election timeout: what a new leader gives every lease (`LeaseCore`).
+    pub fn open(path: &Path, grace: Duration) -> io::Result<Self> {
         let db = Database::builder().set_cache_size(SNAPSHOT_CACHE_BYTES).create(path).map_err(io_err)?;
         let w = db.begin_write().map_err(io_err)?;
         w.open_table(SNAP).map_err(io_err)?;
@@ -129,7 +96,7 @@ impl StateMachine {
             store: RwLock::new(Store::new()),
             members: RwLock::new(BTreeMap::new()),
             applied: RwLock::new((None, StoredMembership::default())),
-            lease_marks: Mutex::new(HashMap::new()),
+            leases: Mutex::new(LeaseCore::new(grace)),
             events,
         };
         Ok(StateMachine { shared: Arc::new(shared), db: Arc::new(db) })
@@ -198,28 +165,36 @@ impl StateMachine {
         }
     }
 
+    /// Tell the lease core what this entry decided about leases, timed by this member's clock.
     fn track_leases(&self, store: &Store, cmd: &Command, result: &Result<CommandResponse, quorate_kv::KvError>) {
         let now = Instant::now();
-        let mut marks = self.shared.lease_marks.lock().unwrap();
+        let mut core = self.shared.leases.lock().unwrap();
+        let applied = |core: &mut LeaseCore, id: i64, remaining_ms: Option<i64>| {
+            if let Some(l) = store.lease(id) {
+                core.applied_deadline(now, id, l.ttl_s, remaining_ms.unwrap_or(l.ttl_s.saturating_mul(1000)), l.set_at);
+            }
+        };
         match (cmd, result) {
-            (_, Ok(CommandResponse::LeaseGrant { id, ttl_s })) => {
-                let set_at = store.lease(*id).map_or(0, |l| l.set_at);
-                marks.insert(*id, LeaseMark { applied_at: now, remaining_ms: ttl_s * 1000, set_at });
+            (_, Ok(CommandResponse::LeaseGrant { id, .. })) => applied(&mut core, *id, None),
+            (_, Ok(CommandResponse::LeaseRenew { renewed })) if crate::lease::early_expiry_planted() => {
+                for id in renewed {
+                    core.renewed_keeping_deadline(*id, store.lease(*id).map_or(0, |l| l.set_at));
+                }
+            }
+            (_, Ok(CommandResponse::LeaseRenew { renewed })) => {
+                for id in renewed {
+                    applied(&mut core, *id, None);
+                }
             }
             (Command::LeaseCheckpoint(cps), _) => {
                 for cp in cps {
-                    if let Some(l) = store.lease(cp.id) {
-                        let mark = LeaseMark { applied_at: now, remaining_ms: cp.remaining_ms, set_at: l.set_at };
-                        marks.insert(cp.id, mark);
-                    }
+                    applied(&mut core, cp.id, Some(cp.remaining_ms));
                 }
             }
-            (Command::LeaseRevoke { id }, Ok(_)) => {
-                marks.remove(id);
-            }
+            (Command::LeaseRevoke { id }, Ok(_)) => core.removed(*id),
             (_, Ok(CommandResponse::LeaseExpire { expired, .. })) => {
                 for id in expired {
-                    marks.remove(id);
+                    core.removed(*id);
                 }
             }
             _ => {}
@@ -228,13 +203,8 @@ impl StateMachine {
 
     /// Rebuild the lease marks from the store, counting every remaining TTL from now.
     fn reset_lease_marks(&self, store: &Store) {
-        let now = Instant::now();
-        let mut marks = self.shared.lease_marks.lock().unwrap();
-        marks.clear();
-        for l in store.leases() {
-            let mark = LeaseMark { applied_at: now, remaining_ms: l.remaining_at_checkpoint_ms(), set_at: l.set_at };
-            marks.insert(l.id, mark);
-        }
+        let leases = store.leases().map(|l| (l.id, l.ttl_s, l.remaining_at_checkpoint_ms(), l.set_at));
+        self.shared.leases.lock().unwrap().reset(Instant::now(), leases);
     }
 }
 
@@ -327,38 +297,5 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Cursor::new(data),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tightening_takes_the_earlier_bound_only_for_the_same_decision() {
-        let now = Instant::now();
-        let ms = |n: u64| Duration::from_millis(n);
-        // Our marks: lease 1 replayed after a restart (10 s from now), lease 2 likewise,
-        // lease 3 already tight, lease 4 unknown to the peer.
-        let mut marks: HashMap<i64, LeaseMark> = [
-            (1, LeaseMark { applied_at: now, remaining_ms: 10_000, set_at: 7 }),
-            (2, LeaseMark { applied_at: now, remaining_ms: 10_000, set_at: 9 }),
-            (3, LeaseMark { applied_at: now, remaining_ms: 2_000, set_at: 11 }),
-            (4, LeaseMark { applied_at: now, remaining_ms: 5_000, set_at: 12 }),
-        ]
-        .into_iter()
-        .collect();
-        let theirs = [
-            (1, 7, 3_000),  // same grant, seen live: adopt
-            (2, 8, 1_000),  // an older checkpoint: we know of a later one, ignore
-            (3, 11, 4_000), // same decision but later: keep ours
-            (5, 13, 1_000), // a lease we do not have: ignore
-        ];
-        assert_eq!(tighten_marks(&mut marks, &theirs, now), 1);
-        assert_eq!(marks[&1].deadline(), now + ms(3_000));
-        assert_eq!(marks[&2].deadline(), now + ms(10_000));
-        assert_eq!(marks[&3].deadline(), now + ms(2_000));
-        assert_eq!(marks[&4].deadline(), now + ms(5_000));
-        assert!(!marks.contains_key(&5));
     }
 }

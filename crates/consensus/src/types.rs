@@ -52,6 +52,8 @@ fn command_name(c: &Command) -> &'static str {
         Command::LeaseRevoke { .. } => "lease-revoke",
         Command::LeaseExpire { .. } => "lease-expire",
         Command::LeaseCheckpoint(_) => "lease-checkpoint",
+        Command::LeaseRenew { .. } => "lease-renew",
+        Command::LeaseExpireAt { .. } => "lease-expire-at",
         Command::Alarm { .. } => "alarm",
         Command::Fenced { .. } => "fenced",
         Command::TermFenced { .. } => "term-fenced",

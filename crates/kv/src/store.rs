@@ -146,6 +146,30 @@ impl Store {
                     Ok(CommandResponse::LeaseExpire { expired, stale_term: false })
                 }
             }
+            Command::LeaseExpireAt { term, .. } if *term != pos.term => {
+                Ok(CommandResponse::LeaseExpire { expired: Vec::new(), stale_term: true })
+            }
+            Command::LeaseExpireAt { leases, .. } => {
+                let mut expired = Vec::new();
+                for (id, set_at) in leases {
+                    if self.leases.get(id).is_some_and(|l| l.set_at == *set_at) {
+                        self.revoke(*id, w);
+                        expired.push(*id);
+                    }
+                }
+                Ok(CommandResponse::LeaseExpire { expired, stale_term: false })
+            }
+            Command::LeaseRenew { ids } => {
+                let mut renewed = Vec::new();
+                for id in ids {
+                    if let Some(l) = self.leases.get_mut(id) {
+                        l.remaining_ms = None;
+                        l.set_at = pos.index;
+                        renewed.push(*id);
+                    }
+                }
+                Ok(CommandResponse::LeaseRenew { renewed })
+            }
             Command::LeaseCheckpoint(cps) => {
                 for cp in cps {
                     if let Some(l) = self.leases.get_mut(&cp.id) {

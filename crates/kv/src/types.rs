@@ -208,6 +208,20 @@ pub enum Command {
         fence: Fence,
         cmd: Box<Command>,
     },
+    /// Leases a keep-alive renewed, logged before the keep-alive is answered (ADR 0008): every
+    /// member restarts each one's full TTL from when it applies this entry, so no leader that
+    /// follows can know an older deadline than a client was told.
+    LeaseRenew {
+        ids: Vec<i64>,
+    },
+    /// Leases the leader of `term` found expired, each named with the decision it judged (the
+    /// lease's `set_at`: its grant or last renewal). Applied only by an entry of that same term,
+    /// and only to a lease still at that decision: a lease renewed or re-granted with the same
+    /// id in the meantime is not expired by a verdict on its predecessor.
+    LeaseExpireAt {
+        leases: Vec<(i64, u64)>,
+        term: u64,
+    },
 }
 
 /// A guard on a write: the lock or election key `key` must exist with
@@ -273,6 +287,10 @@ pub enum CommandResponse {
     /// Alarms active after the command.
     Alarm {
         alarms: Vec<(u64, AlarmType)>,
+    },
+    /// Which of the leases named in a `LeaseRenew` existed and were renewed.
+    LeaseRenew {
+        renewed: Vec<i64>,
     },
 }
 

@@ -45,6 +45,8 @@ pub struct DrillFlags {
     pub unsafe_local_reads: bool,
     /// Accept `PUT /debug/failpoints/fsync-delay-ms` on the HTTP listener.
     pub failpoints: bool,
+    /// Lease renewals do not move deadlines: leases expire early (unsafe; issue 11).
+    pub early_lease_expiry: bool,
 }
 
 /// Parse `name=url,name=url`.

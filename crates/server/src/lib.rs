@@ -88,6 +88,9 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         min_lease_ttl_s: ((cfg.election_timeout_ms * 3 / 2) as i64 + 999) / 1000,
         unsafe_local_reads: cfg.drill.unsafe_local_reads,
     };
+    if cfg.drill.early_lease_expiry {
+        quorate_consensus::plant_early_lease_expiry();
+    }
     if cfg.drill.unsafe_local_reads {
         tracing::warn!("DRILL ONLY: linearizable reads are served from local state; this member is unsafe");
     }

@@ -285,6 +285,42 @@ fn lease_expiry_from_a_stale_term_is_a_no_op() {
 }
 
 #[test]
+fn an_expiry_verdict_applies_only_to_the_decision_it_judged() {
+    let at = |index| LogPosition { index, term: 4 };
+    let mut s = Store::new();
+    s.apply(&Command::LeaseGrant { id: 7, ttl_s: 5 }, at(10));
+    s.apply(&Command::LeaseGrant { id: 8, ttl_s: 5 }, at(11));
+    s.apply(&Command::Put(PutRequest { key: "a".into(), lease: 7, ..Default::default() }), at(12));
+    // The leader judged lease 7 at its grant (10); a renewal was logged before the verdict.
+    let renewed = s.apply(&Command::LeaseRenew { ids: vec![7, 99] }, at(13));
+    assert_eq!(renewed.result, Ok(CommandResponse::LeaseRenew { renewed: vec![7] }));
+    assert_eq!(s.lease(7).unwrap().set_at, 13);
+    let verdict = s.apply(&Command::LeaseExpireAt { leases: vec![(7, 10), (8, 11)], term: 4 }, at(14));
+    assert_eq!(verdict.result, Ok(CommandResponse::LeaseExpire { expired: vec![8], stale_term: false }));
+    assert!(get(&s, "a").is_some());
+    // Revoked and granted again under the same id: a verdict on the old grant is a no-op.
+    s.apply(&Command::LeaseRevoke { id: 7 }, at(15));
+    s.apply(&Command::LeaseGrant { id: 7, ttl_s: 5 }, at(16));
+    let old = s.apply(&Command::LeaseExpireAt { leases: vec![(7, 13)], term: 4 }, at(17));
+    assert_eq!(old.result, Ok(CommandResponse::LeaseExpire { expired: vec![], stale_term: false }));
+    assert!(s.lease(7).is_some());
+    // A verdict from another term is a no-op whatever it names.
+    let stale = s.apply(&Command::LeaseExpireAt { leases: vec![(7, 16)], term: 3 }, at(18));
+    assert_eq!(stale.result, Ok(CommandResponse::LeaseExpire { expired: vec![], stale_term: true }));
+    let due = s.apply(&Command::LeaseExpireAt { leases: vec![(7, 16)], term: 4 }, at(19));
+    assert_eq!(due.result, Ok(CommandResponse::LeaseExpire { expired: vec![7], stale_term: false }));
+}
+
+#[test]
+fn lease_renewal_clears_a_checkpointed_remainder() {
+    let mut s = Store::new();
+    s.apply(&Command::LeaseGrant { id: 1, ttl_s: 10 }, POS);
+    s.apply(&Command::LeaseCheckpoint(vec![LeaseCheckpoint { id: 1, remaining_ms: 4_000 }]), POS);
+    s.apply(&Command::LeaseRenew { ids: vec![1] }, LogPosition { index: 5, term: 1 });
+    assert_eq!(s.lease(1).unwrap().remaining_at_checkpoint_ms(), 10_000);
+}
+
+#[test]
 fn lease_checkpoint_records_remaining_ttl() {
     let mut s = Store::new();
     s.apply(&Command::LeaseGrant { id: 1, ttl_s: 10 }, POS);
