@@ -78,7 +78,8 @@ fn jitter(max: Duration) -> Duration {
 /// return once something under `prefix` changed after it, or once `wait` (default 5 min) passed.
 pub async fn block_if_asked(api: &Api, prefix: &str, index: Option<i64>, wait: Option<&str>) -> Result<(), ApiError> {
     let Some(index) = index else { return Ok(()) };
-    let wait = match wait {
+    // An empty `wait=` is no wait at all, as in Consul.
+    let wait = match wait.filter(|w| !w.is_empty()) {
         Some(w) => {
             parse_wait(w).map_err(|e| ApiError::bad_request("bad_wait", format!("Invalid wait time {w:?}: {e}")))?
         }

@@ -1,0 +1,165 @@
+//! Consul sessions keep Consul's contract (issue 11, section 6), on a real 3-member cluster:
+//!
+//! - an unrenewed session is invalidated no earlier than twice its TTL (Consul's
+//!   `SessionTTLMultiplier`; HA managers ask for half the TTL they need): a 10 s session still
+//!   exists, and still holds its lock, 15 s after it was created, and is gone (with the key
+//!   it held, `Behavior: delete`) eventually after 20 s;
+//! - `session/renew` answers an array with the session and the TTL as it was asked;
+//! - a blocking query with a fractional wait (`wait=1.98s`, a Go duration) is served and
+//!   waits; a refused blocking query gets a JSON 400 and is not answered at once, so a
+//!   client that retries without backoff cannot hot-loop;
+//! - a TTL that cannot be a duration (`99999999999999999999h`) gets a JSON 400, and every
+//!   member keeps serving.
+
+use std::time::{Duration, Instant};
+
+use quorate_tests::{http, Cluster, Flavor, HttpReply};
+
+const SESSION_TTL: Duration = Duration::from_secs(10);
+
+fn assert_json_error(r: &HttpReply, status: u16, what: &str) {
+    assert_eq!(r.status, status, "{what}: {}", r.body);
+    let v: serde_json::Value =
+        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{what}: error body is not JSON ({e}): {}", r.body));
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {}", r.body);
+}
+
+fn create_session(c: &Cluster, n: usize, body: &str) -> String {
+    let r = http(&c.nodes[n], "PUT", "/v1/session/create", Some(body)).unwrap();
+    assert_eq!(r.status, 200, "session create {body}: {}", r.body);
+    r.json()["ID"].as_str().unwrap().to_string()
+}
+
+/// The session as member `n` reports it (`session/info`), if it exists.
+fn session_info(c: &Cluster, n: usize, id: &str) -> Option<serde_json::Value> {
+    let r = http(&c.nodes[n], "GET", &format!("/v1/session/info/{id}"), None).unwrap();
+    assert_eq!(r.status, 200, "session info: {}", r.body);
+    r.json().as_array().unwrap().first().cloned()
+}
+
+fn consul_index(r: &HttpReply) -> u64 {
+    r.header("x-consul-index").and_then(|i| i.parse().ok()).expect("X-Consul-Index")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_sessions_keep_consuls_contract() {
+    let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+
+    eprintln!("create an unrenewed 10 s session that holds a lock (behavior delete)");
+    let held = create_session(&c, 0, r#"{"Name":"ha-leader","TTL":"10s","Behavior":"delete","LockDelay":"1ms"}"#);
+    let created = Instant::now();
+    let r = http(&c.nodes[1], "PUT", &format!("/v1/kv/service/ha/leader?acquire={held}"), Some("primary-1")).unwrap();
+    assert_eq!((r.status, r.body.trim()), (200, "true"), "acquire");
+    let info = session_info(&c, 2, &held).expect("the session exists on every member");
+    assert_eq!(info["TTL"], "10s", "the session reports the TTL as asked: {info}");
+    assert_eq!(info["Behavior"], "delete");
+    assert_eq!(info["LockDelay"], 1_000_000, "LockDelay in nanoseconds, as Consul reports it: {info}");
+
+    eprintln!("session/renew answers an array with the session and its TTL as asked");
+    let renewed = create_session(&c, 1, r#"{"ttl":"10.5s"}"#);
+    let r = http(&c.nodes[2], "PUT", &format!("/v1/session/renew/{renewed}"), None).unwrap();
+    assert_eq!(r.status, 200, "renew: {}", r.body);
+    let list = r.json();
+    let list = list.as_array().expect("renew answers an array");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["ID"], renewed.as_str());
+    assert_eq!(list[0]["TTL"], "10.5s", "renew reports the TTL as asked: {:?}", list[0]);
+    assert_eq!(list[0]["Behavior"], "release", "Consul's default behavior");
+    let r = http(&c.nodes[0], "PUT", "/v1/session/renew/0badcafe-0000-0001-8000-000000000000", None).unwrap();
+    assert_json_error(&r, 404, "renew of an unknown session");
+    assert_eq!(http(&c.nodes[0], "PUT", &format!("/v1/session/destroy/{renewed}"), None).unwrap().status, 200);
+
+    eprintln!("durations that are not durations, or out of Consul's bounds: JSON 400, never a panic");
+    for (path, body) in [
+        ("/v1/session/create", r#"{"TTL":"99999999999999999999h"}"#),
+        ("/v1/session/create", r#"{"TTL":"9s"}"#),
+        ("/v1/session/create", r#"{"TTL":"24h0m1s"}"#),
+        ("/v1/session/create", r#"{"TTL":"10"}"#),
+        ("/v1/session/create", r#"{"TTL":"10s","LockDelay":"61s"}"#),
+        ("/v1/session/create", r#"{"TTL":"10s","Behavior":"explode"}"#),
+        ("/v1/agent/service/register", r#"{"Name":"db","Check":{"TTL":"99999999999999999999h"}}"#),
+        ("/v1/agent/service/register", r#"{"Name":"db","Check":{"HTTP":"http://127.0.0.1:1/","Interval":"1d"}}"#),
+    ] {
+        for n in 0..3 {
+            let r = http(&c.nodes[n], "PUT", path, Some(body)).unwrap();
+            assert_json_error(&r, 400, &format!("m{} {path} {body}", n + 1));
+        }
+    }
+    for n in 0..3 {
+        assert_eq!(http(&c.nodes[n], "GET", "/v1/status/leader", None).unwrap().status, 200, "m{} serves", n + 1);
+    }
+
+    eprintln!("a blocking query with a fractional wait is served after that wait");
+    let r = http(&c.nodes[1], "GET", "/v1/catalog/services", None).unwrap();
+    let index = consul_index(&r);
+    for wait in ["1.98s", "1500ms", "0.025m"] {
+        let started = Instant::now();
+        let r = http(&c.nodes[1], "GET", &format!("/v1/catalog/services?index={index}&wait={wait}"), None).unwrap();
+        let took = started.elapsed();
+        assert_eq!(r.status, 200, "wait={wait}: {}", r.body);
+        assert!(took >= Duration::from_millis(1400), "wait={wait} answered after {took:?}: it did not block");
+        assert!(took < Duration::from_secs(20), "wait={wait} answered after {took:?}");
+    }
+
+    eprintln!("a refused blocking query: JSON 400, and not answered at once");
+    for query in ["wait=5x", "wait=99999999999999999999h", "wait=-", "index=abc&wait=1s"] {
+        let path = if query.starts_with("index=") {
+            format!("/v1/health/service/web?{query}")
+        } else {
+            format!("/v1/health/service/web?index={index}&{query}")
+        };
+        let started = Instant::now();
+        let r = http(&c.nodes[2], "GET", &path, None).unwrap();
+        let took = started.elapsed();
+        assert_json_error(&r, 400, &path);
+        assert!(took >= Duration::from_millis(900), "{path} refused after {took:?}: a retry loop would be hot");
+    }
+    // A client that retries a refused blocking query without any backoff, for 3 s.
+    let bad = format!("/v1/health/service/web?index={index}&wait=9.98q");
+    let started = Instant::now();
+    let mut refusals = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        assert_eq!(http(&c.nodes[0], "GET", &bad, None).unwrap().status, 400);
+        refusals += 1;
+    }
+    eprintln!("  {refusals} refusals in {:?} for a client retrying without backoff", started.elapsed());
+    assert!(refusals <= 4, "{refusals} refusals in 3 s");
+
+    eprintln!("the unrenewed 10 s session still exists and holds its lock at 1.5x its TTL");
+    let at = created + SESSION_TTL * 3 / 2;
+    tokio::time::sleep(at.saturating_duration_since(Instant::now())).await;
+    for n in 0..3 {
+        let info = session_info(&c, n, &held);
+        assert!(
+            info.is_some(),
+            "m{}: the session is gone {:?} after creation (before 2x TTL)",
+            n + 1,
+            created.elapsed()
+        );
+    }
+    let r = http(&c.nodes[0], "GET", "/v1/kv/service/ha/leader", None).unwrap();
+    assert_eq!(r.status, 200, "the lock's key: {}", r.body);
+    assert_eq!(r.json()[0]["Session"], held.as_str(), "still held by the session");
+    let checked_at = created.elapsed();
+
+    eprintln!("and it is gone eventually after 2x its TTL, with the key it held");
+    let deadline = created + SESSION_TTL * 2 + Duration::from_secs(20);
+    let gone_after = loop {
+        if session_info(&c, 0, &held).is_none() {
+            break created.elapsed();
+        }
+        assert!(Instant::now() < deadline, "the session outlived 2x its TTL + 20 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("  present at {checked_at:?}, gone at {gone_after:?} after creation (TTL 10 s)");
+    assert!(gone_after >= SESSION_TTL * 3 / 2);
+    for n in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while session_info(&c, n, &held).is_some() {
+            assert!(Instant::now() < deadline, "m{} still lists the session", n + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let r = http(&c.nodes[2], "GET", "/v1/kv/service/ha/leader", None).unwrap();
+    assert_eq!(r.status, 404, "the held key went with its session (behavior delete): {}", r.body);
+}
