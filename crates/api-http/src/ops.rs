@@ -114,7 +114,9 @@ async fn wait_for_change(api: &Api, prefix: &str, index: i64, wait: Duration) ->
 }
 
 /// Store `instance` (validated) under its key. An ephemeral instance keeps its live lease when
-/// it registers again, or gets a fresh one. Returns the stored record and the revision.
+/// it registers again with the same TTL, or gets a fresh one (a new TTL takes effect at once;
+/// the old lease is revoked once the record no longer names it). Returns the stored record and
+/// the revision.
 pub async fn store_instance(api: &Api, instance: Instance) -> Result<(Instance, i64), ApiError> {
     store_fenced(api, instance, None).await
 }
@@ -127,10 +129,14 @@ pub async fn store_fenced(
 ) -> Result<(Instance, i64), ApiError> {
     let key = quorate_registry::instance_key(&instance.namespace, &instance.service, &instance.id);
     api.member.linearize().await?;
+    let mut replaced_lease = None;
     if instance.kind == Kind::Ephemeral {
-        let live = read_instance(api, &key)
+        let old_lease = read_instance(api, &key)
             .map(|(old, _)| old.lease)
-            .filter(|l| *l != 0 && api.member.read(|s| s.lease(*l).is_some()));
+            .filter(|l| *l != 0)
+            .and_then(|l| api.member.read(|s| s.lease(l).map(|lease| (l, lease.ttl_s))));
+        let live = old_lease.filter(|(_, ttl_s)| *ttl_s == instance.ttl_s as i64).map(|(l, _)| l);
+        replaced_lease = old_lease.filter(|_| live.is_none()).map(|(l, _)| l);
         instance.lease = match live {
             Some(l) => l,
             None => match write(api, Command::LeaseGrant { id: 0, ttl_s: instance.ttl_s as i64 }).await? {
@@ -148,6 +154,10 @@ pub async fn store_fenced(
     let value = serde_json::to_vec(&instance).expect("instances serialize");
     let put = Command::Put(PutRequest { key: key.into_bytes(), value, ..Default::default() });
     let (_, revision) = write(api, put.fenced(fence)).await?;
+    if let Some(old) = replaced_lease {
+        // Nothing names it any more; if this fails it simply expires.
+        let _ = api.member.write(Command::LeaseRevoke { id: old }).await;
+    }
     Ok((instance, revision))
 }
 
