@@ -73,5 +73,7 @@ pub fn consensus_status(e: ConsensusError) -> Status {
             Status::failed_precondition("etcdserver: can only promote a learner member which is in sync with leader")
         }
         ConsensusError::Learner => Status::unavailable("etcdserver: rpc not supported for learner"),
+        // Nothing was promised; etcd's clients retry "request timed out" at once.
+        ConsensusError::LeaseAnswerLate => Status::unavailable("etcdserver: request timed out"),
     }
 }

@@ -38,6 +38,10 @@ pub enum ConsensusError {
     MemberNotLearner,
     #[error("can only promote a learner member which is in sync with leader")]
     LearnerNotReady,
+    /// A keep-alive's renewal committed too late for its answer to be a safe promise
+    /// (ADR 0008); nothing was promised, the client may retry at once.
+    #[error("lease renewal committed too late to be promised; retry")]
+    LeaseAnswerLate,
     /// A learner serves only serializable reads.
     #[error("rpc not supported for learner")]
     Learner,

@@ -44,6 +44,10 @@ use network::{decode, encode, NetworkFactory};
 use state_machine::{Shared, StateMachine};
 use types::Raft;
 
+/// How many times a keep-alive whose renewal committed too late to be promised is renewed again
+/// before the client is told to retry.
+const KEEPALIVE_LATE_RETRIES_MAX: usize = 3;
+
 /// How far behind the leader's log a member may be and still be handed leadership.
 pub const TRANSFER_LAG_ENTRIES_MAX: u64 = 128;
 
@@ -446,14 +450,23 @@ impl Member {
     /// with a per-attempt timeout of one election timeout, so a paused or dead leader costs one
     /// attempt rather than the whole request.
     async fn forward_idempotent(&self, req: ForwardReq) -> Result<ForwardResp, ConsensusError> {
+        self.forward_idempotent_timed(req).await.map(|(resp, _)| resp)
+    }
+
+    /// As `forward_idempotent`, with when the attempt that was answered began.
+    async fn forward_idempotent_timed(
+        &self,
+        req: ForwardReq,
+    ) -> Result<(ForwardResp, tokio::time::Instant), ConsensusError> {
         let attempt_timeout = Duration::from_millis(self.inner.cfg.election_timeout_ms.max(100));
         let deadline = tokio::time::Instant::now() + network::FORWARD_TIMEOUT;
         let mut last = ConsensusError::NoLeader;
         while tokio::time::Instant::now() < deadline {
             if let Some(leader) = self.leader_node() {
+                let began = tokio::time::Instant::now();
                 match self.forward(&leader, &req, attempt_timeout).await {
                     Ok(ForwardResp::Err(e @ (ConsensusError::NotLeader | ConsensusError::NoLeader))) => last = e,
-                    Ok(resp) => return Ok(resp),
+                    Ok(resp) => return Ok((resp, began)),
                     Err(e @ (ConsensusError::Timeout | ConsensusError::NoLeader | ConsensusError::Unavailable(_))) => {
                         last = e
                     }
@@ -520,7 +533,19 @@ impl Member {
     /// is given only while it can still reach the client inside the leader's window; past it,
     /// the client is told to retry rather than promised a deadline no future leader holds.
     pub async fn lease_keepalive(&self, id: i64) -> Result<Option<i64>, ConsensusError> {
-        let asked_at = tokio::time::Instant::now();
+        // A renewal that committed too late to be promised is renewed again, a few times: the
+        // next one usually commits in time (a slow moment, or the first call after an election).
+        let mut late = ConsensusError::from(lease::Refused::TooLate);
+        for _ in 0..KEEPALIVE_LATE_RETRIES_MAX {
+            match self.lease_keepalive_once(id).await {
+                Err(e @ ConsensusError::LeaseAnswerLate) => late = e,
+                other => return other,
+            }
+        }
+        Err(late)
+    }
+
+    async fn lease_keepalive_once(&self, id: i64) -> Result<Option<i64>, ConsensusError> {
         if self.is_leader() {
             let clock = &self.inner.clock;
             return match clock.keepalive(&self.inner.raft, &self.inner.shared, id).await? {
@@ -529,16 +554,18 @@ impl Member {
                 None => Ok(None),
             };
         }
-        match self.forward_idempotent(ForwardReq::KeepAlive(id)).await? {
+        match self.forward_idempotent_timed(ForwardReq::KeepAlive(id)).await? {
             // The leader's budget runs from the request's arrival there to the end of its
-            // window; our round trip began before that arrival, so if the round trip fits in
-            // the budget, this answer reaches the client inside the window.
-            ForwardResp::KeepAlive(Some((ttl_s, valid_ms))) => match asked_at.elapsed().as_millis() as u64 <= valid_ms {
-                true => Ok(Some(ttl_s)),
-                false => Err(lease::Refused::TooLate.into()),
-            },
-            ForwardResp::KeepAlive(None) => Ok(None),
-            ForwardResp::Err(e) => Err(e),
+            // window; this attempt began before that arrival, so if its round trip fits in the
+            // budget, this answer reaches the client inside the window.
+            (ForwardResp::KeepAlive(Some((ttl_s, budget_ms))), began) => {
+                match began.elapsed().as_millis() as u64 <= budget_ms {
+                    true => Ok(Some(ttl_s)),
+                    false => Err(lease::Refused::TooLate.into()),
+                }
+            }
+            (ForwardResp::KeepAlive(None), _) => Ok(None),
+            (ForwardResp::Err(e), _) => Err(e),
             _ => Err(ConsensusError::Unavailable("unexpected forward reply".into())),
         }
     }

@@ -65,7 +65,7 @@ impl From<Refused> for ConsensusError {
         match r {
             Refused::NotLeader => ConsensusError::NotLeader,
             Refused::NoQuorum => ConsensusError::NoLeader,
-            Refused::TooLate => ConsensusError::Unavailable("lease renewal committed too late to be promised; retry".into()),
+            Refused::TooLate => ConsensusError::LeaseAnswerLate,
         }
     }
 }
