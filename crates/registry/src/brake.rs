@@ -5,10 +5,22 @@
 //! network's) trouble, not the instances': the brake engages and they are only marked
 //! `suspect`. So does a leadership change, for one TTL. It releases when nothing in the zone
 //! is expiring any more (renewals recovered) or after a maximum hold, so it can never stick.
-//! Pure: `now` is an argument.
+//!
+//! Active checks go through the same accounting (`judge_check`): marking an instance critical,
+//! deregistering it after `deregister_critical_after`, and evicting an expired instance its
+//! check confirmed dead all count in the zone's window, and when a large part of a zone fails
+//! its checks at once (counting the instances that are failing now, not only those already
+//! judged) that is a brake event: the changes are held, the instances stay served and flagged.
+//! One confirmed-dead instance still overrides a hold caused by lease expiry.
+//!
+//! The state survives a leader change: `export` turns it into ages and held durations (no
+//! clock readings), the leader replicates that, and a new leader `restore`s it, so a flapping
+//! leader can neither reset the window nor restart the maximum hold. Pure: `now` is an argument.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug)]
 pub struct BrakeConfig {
@@ -47,14 +59,60 @@ struct Engaged {
     reason: String,
     /// Engaged because leadership changed: lasts one TTL of leadership, not until recovery.
     takeover: bool,
+    /// Engaged because many instances failed their active checks at once: lasts until none
+    /// of the zone's checks fails any more, or the maximum hold.
+    by_checks: bool,
 }
 
 #[derive(Debug, Default)]
 struct Zone {
+    /// Every removal or downgrade counted in the window (evictions, check-driven changes).
     evictions: VecDeque<Instant>,
     engaged: Option<Engaged>,
     /// Set when the brake let go after its maximum hold: what was held is evicted now.
     released_by_timeout: bool,
+    /// The same for changes asked by active checks: they proceed until the checks recover.
+    checks_released_by_timeout: bool,
+}
+
+impl Zone {
+    fn is_idle(&self) -> bool {
+        self.evictions.is_empty()
+            && self.engaged.is_none()
+            && !self.released_by_timeout
+            && !self.checks_released_by_timeout
+    }
+}
+
+/// The brake's state as it is replicated (ADR 0005): durations and ages, never clock readings,
+/// so any member can take it over with its own monotonic clock.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrakeState {
+    pub zones: BTreeMap<String, ZoneState>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneState {
+    /// The window's entries as (age in ms, how many), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub window: Vec<(u64, u32)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engaged: Option<EngagedState>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released_by_timeout: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checks_released_by_timeout: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngagedState {
+    /// How long the brake has held so far (as its leaders counted it).
+    pub held_ms: u64,
+    pub reason: String,
+    #[serde(default)]
+    pub takeover: bool,
+    #[serde(default)]
+    pub by_checks: bool,
 }
 
 /// What the brake did, for logs and metrics.
@@ -92,7 +150,7 @@ impl Brake {
         while z.evictions.front().is_some_and(|t| now.duration_since(*t) > cfg.window) {
             z.evictions.pop_front();
         }
-        if let Some(e) = &z.engaged {
+        if let Some(e) = z.engaged.as_ref().filter(|e| !e.by_checks) {
             if e.takeover && leading_for >= ttl {
                 z.engaged = None;
                 self.transitions.push(Transition::Released { zone: zone.into(), why: "takeover grace over" });
@@ -134,7 +192,7 @@ impl Brake {
         };
         match reason {
             Some(reason) => {
-                z.engaged = Some(Engaged { since: now, reason: reason.clone(), takeover });
+                z.engaged = Some(Engaged { since: now, reason: reason.clone(), takeover, by_checks: false });
                 self.transitions.push(Transition::Engaged { zone: zone.into(), reason: reason.clone() });
                 Verdict::Hold { reason }
             }
@@ -143,6 +201,129 @@ impl Brake {
                 Verdict::Evict
             }
         }
+    }
+
+    /// One instance of `zone` whose active check asks to mark it critical, deregister it
+    /// (critical past its deadline) or evict it (expired and confirmed dead), while `failing`
+    /// of the zone's `zone_total` checked instances (this one included) fail their checks now.
+    /// `Evict` means: carry the change out (it is counted); `Hold`: keep the instance as it is.
+    pub fn judge_check(&mut self, zone: &str, failing: usize, zone_total: usize, now: Instant) -> Verdict {
+        let cfg = self.cfg.clone();
+        let z = self.zones.entry(zone.to_string()).or_default();
+        while z.evictions.front().is_some_and(|t| now.duration_since(*t) > cfg.window) {
+            z.evictions.pop_front();
+        }
+        if let Some(e) = z.engaged.as_ref().filter(|e| e.by_checks) {
+            if now.duration_since(e.since) < cfg.max_hold {
+                return Verdict::Hold { reason: e.reason.clone() };
+            }
+            z.engaged = None;
+            z.checks_released_by_timeout = true;
+            self.transitions.push(Transition::Released { zone: zone.into(), why: "maximum hold reached" });
+        }
+        if !z.checks_released_by_timeout {
+            // What has been changed in the window, plus every instance failing right now.
+            let would_be = z.evictions.len() + failing.max(1);
+            let over = would_be as f64 > cfg.threshold * zone_total as f64;
+            if over && would_be >= cfg.min_evictions {
+                let reason = format!(
+                    "{failing} of {zone_total} checked instances in zone {zone} fail their checks at once \
+                     ({would_be} changes within {} s, threshold {}%)",
+                    cfg.window.as_secs(),
+                    (cfg.threshold * 100.0).round()
+                );
+                // A hold already running (lease expiry) keeps its start: the maximum hold counts.
+                let since = z.engaged.as_ref().map_or(now, |e| e.since);
+                z.engaged = Some(Engaged { since, reason: reason.clone(), takeover: false, by_checks: true });
+                self.transitions.push(Transition::Engaged { zone: zone.into(), reason: reason.clone() });
+                return Verdict::Hold { reason };
+            }
+        }
+        z.evictions.push_back(now);
+        Verdict::Evict
+    }
+
+    /// Called on every pass over the zone's checks: `failing` of its checked instances fail
+    /// their checks now (held or not yet judged). None failing releases a hold the checks
+    /// engaged; a hold past its maximum is released so the held changes proceed.
+    pub fn observe_checks(&mut self, zone: &str, failing: usize, now: Instant) {
+        let max_hold = self.cfg.max_hold;
+        let Some(z) = self.zones.get_mut(zone) else { return };
+        if failing == 0 {
+            z.checks_released_by_timeout = false;
+        }
+        if let Some(e) = z.engaged.as_ref().filter(|e| e.by_checks) {
+            if failing == 0 {
+                z.engaged = None;
+                self.transitions.push(Transition::Released { zone: zone.into(), why: "checks recovered" });
+            } else if now.duration_since(e.since) >= max_hold {
+                z.engaged = None;
+                z.checks_released_by_timeout = true;
+                self.transitions.push(Transition::Released { zone: zone.into(), why: "maximum hold reached" });
+            }
+        }
+    }
+
+    /// The state to replicate, as ages relative to `now`.
+    pub fn export(&self, now: Instant) -> BrakeState {
+        let ms = |t: Instant| now.saturating_duration_since(t).as_millis() as u64;
+        let zones = self
+            .zones
+            .iter()
+            .filter(|(_, z)| !z.is_idle())
+            .map(|(name, z)| {
+                let mut window: Vec<(u64, u32)> = Vec::new();
+                for t in &z.evictions {
+                    match window.last_mut() {
+                        Some((age, n)) if *age == ms(*t) => *n += 1,
+                        _ => window.push((ms(*t), 1)),
+                    }
+                }
+                let engaged = z.engaged.as_ref().map(|e| EngagedState {
+                    held_ms: ms(e.since),
+                    reason: e.reason.clone(),
+                    takeover: e.takeover,
+                    by_checks: e.by_checks,
+                });
+                let state = ZoneState {
+                    window,
+                    engaged,
+                    released_by_timeout: z.released_by_timeout,
+                    checks_released_by_timeout: z.checks_released_by_timeout,
+                };
+                (name.clone(), state)
+            })
+            .collect();
+        BrakeState { zones }
+    }
+
+    /// A brake that continues from `state` (what the previous leader replicated), at `now`.
+    pub fn restore(cfg: BrakeConfig, state: &BrakeState, now: Instant) -> Self {
+        let at = |age_ms: u64| now.checked_sub(Duration::from_millis(age_ms)).unwrap_or(now);
+        let zones = state
+            .zones
+            .iter()
+            .map(|(name, s)| {
+                let mut evictions = VecDeque::new();
+                for (age, n) in &s.window {
+                    evictions.extend(std::iter::repeat_n(at(*age), *n as usize));
+                }
+                let engaged = s.engaged.as_ref().map(|e| Engaged {
+                    since: at(e.held_ms),
+                    reason: e.reason.clone(),
+                    takeover: e.takeover,
+                    by_checks: e.by_checks,
+                });
+                let zone = Zone {
+                    evictions,
+                    engaged,
+                    released_by_timeout: s.released_by_timeout,
+                    checks_released_by_timeout: s.checks_released_by_timeout,
+                };
+                (name.clone(), zone)
+            })
+            .collect();
+        Brake { cfg, zones, transitions: Vec::new() }
     }
 
     /// Zones where the brake holds now, with the reason.
@@ -233,5 +414,134 @@ mod tests {
         );
         // A storm right after a takeover is still a storm.
         assert!(matches!(b.judge("z", 600, 1000, s(20), TTL, t0 + s(17)), Verdict::Hold { .. }));
+    }
+
+    #[test]
+    fn a_zone_failing_its_checks_at_once_is_a_brake_event() {
+        let mut b = Brake::new(BrakeConfig::default());
+        let t0 = Instant::now();
+        // All 20 instances of zone a fail at once: the first one judged already sees them all.
+        let v = b.judge_check("a", 20, 20, t0);
+        assert!(matches!(&v, Verdict::Hold { reason } if reason.contains("20 of 20")), "{v:?}");
+        for i in 1..20 {
+            assert!(matches!(b.judge_check("a", 20, 20, t0 + s(i)), Verdict::Hold { .. }), "instance {i}");
+        }
+        // One failing instance in another zone is simply marked.
+        assert_eq!(b.judge_check("b", 1, 20, t0), Verdict::Evict);
+        // Lease expiries in a zone the checks hold are held too.
+        assert!(matches!(b.judge("a", 1, 20, LONG, TTL, t0 + s(30)), Verdict::Hold { .. }));
+        assert_eq!(b.engaged().len(), 1);
+    }
+
+    #[test]
+    fn single_check_failures_are_carried_out_and_counted_in_the_window() {
+        let mut b = Brake::new(BrakeConfig::default());
+        let t0 = Instant::now();
+        // 25% of 20 is 5: five instances failing one after another are marked...
+        for i in 0..5 {
+            assert_eq!(b.judge_check("z", 1, 20, t0 + s(i)), Verdict::Evict, "instance {i}");
+        }
+        // ...the sixth within the window is a storm.
+        assert!(matches!(b.judge_check("z", 1, 20, t0 + s(6)), Verdict::Hold { .. }));
+        // Evictions by lease expiry and check-driven changes share the window.
+        let mut b = Brake::new(BrakeConfig::default());
+        assert_eq!(b.judge("z", 4, 20, LONG, TTL, t0), Verdict::Evict);
+        assert_eq!(b.judge_check("z", 1, 20, t0 + s(1)), Verdict::Evict);
+        assert!(matches!(b.judge_check("z", 1, 20, t0 + s(2)), Verdict::Hold { .. }));
+        assert!(matches!(b.judge("z", 1, 20, LONG, TTL, t0 + s(3)), Verdict::Hold { .. }));
+    }
+
+    #[test]
+    fn a_confirmed_dead_instance_overrides_a_lease_hold_but_is_counted() {
+        let mut b = Brake::new(BrakeConfig::default());
+        let t0 = Instant::now();
+        assert!(matches!(b.judge("z", 12, 20, LONG, TTL, t0), Verdict::Hold { .. }));
+        assert_eq!(b.judge_check("z", 1, 20, t0 + s(1)), Verdict::Evict, "its check confirmed it dead");
+        assert_eq!(b.export(t0 + s(1)).zones["z"].window, vec![(0, 1)], "and it counts");
+    }
+
+    #[test]
+    fn a_check_hold_releases_when_the_checks_recover_or_after_the_maximum() {
+        let mut b = Brake::new(BrakeConfig::default());
+        let t0 = Instant::now();
+        assert!(matches!(b.judge_check("z", 10, 10, t0), Verdict::Hold { .. }));
+        b.observe_checks("z", 10, t0 + s(10));
+        assert_eq!(b.engaged().len(), 1);
+        b.observe_checks("z", 0, t0 + s(20));
+        assert!(b.engaged().is_empty());
+        assert_eq!(
+            b.take_transitions().last(),
+            Some(&Transition::Released { zone: "z".into(), why: "checks recovered" })
+        );
+
+        let mut b = Brake::new(BrakeConfig::default());
+        assert!(matches!(b.judge_check("z", 10, 10, t0), Verdict::Hold { .. }));
+        assert!(matches!(b.judge_check("z", 10, 10, t0 + s(299)), Verdict::Hold { .. }));
+        b.observe_checks("z", 10, t0 + s(300));
+        // Every held change now proceeds, one after another, until the checks recover.
+        for i in 0..10 {
+            assert_eq!(b.judge_check("z", 10, 10, t0 + s(301)), Verdict::Evict, "instance {i}");
+        }
+        b.observe_checks("z", 0, t0 + s(310));
+        assert!(matches!(b.judge_check("z", 10, 10, t0 + s(400)), Verdict::Hold { .. }), "a new storm holds again");
+    }
+
+    #[test]
+    fn the_state_survives_a_leader_change() {
+        let cfg = BrakeConfig::default();
+        let t0 = Instant::now();
+        let mut old = Brake::new(cfg.clone());
+        assert_eq!(old.judge("z", 20, 100, LONG, TTL, t0), Verdict::Evict);
+        assert!(matches!(old.judge("z", 60, 100, LONG, TTL, t0 + s(10)), Verdict::Hold { .. }));
+        // The new leader's clock has nothing to do with the old one's.
+        let state = old.export(t0 + s(200));
+        let json = serde_json::to_string(&state).unwrap();
+        let state: BrakeState = serde_json::from_str(&json).unwrap();
+        let u0 = Instant::now() + s(5000);
+        let mut new = Brake::restore(cfg.clone(), &state, u0);
+        assert_eq!(new.engaged().len(), 1, "still engaged after the change");
+        // Even past its own takeover grace, the new leader keeps holding: the hold began 190 s ago.
+        assert!(matches!(new.judge("z", 60, 100, LONG, TTL, u0 + s(50)), Verdict::Hold { .. }));
+        // And the maximum hold fires when the first leader's would have (10 + 300 s).
+        assert_eq!(new.judge("z", 60, 100, LONG, TTL, u0 + s(110)), Verdict::Evict);
+
+        // The window survives too: 20 evicted, then a new leader sees 10 more as a storm.
+        let mut old = Brake::new(cfg.clone());
+        assert_eq!(old.judge("w", 20, 100, LONG, TTL, t0), Verdict::Evict);
+        let mut new = Brake::restore(cfg.clone(), &old.export(t0 + s(5)), u0);
+        assert!(matches!(new.judge("w", 10, 100, LONG, TTL, u0 + s(5)), Verdict::Hold { .. }));
+        // A fresh brake (the old behaviour) would have let them go.
+        assert_eq!(Brake::new(cfg).judge("w", 10, 100, LONG, TTL, u0 + s(5)), Verdict::Evict);
+    }
+
+    #[test]
+    fn a_flapping_leader_cannot_hold_forever() {
+        let cfg = BrakeConfig::default();
+        // Leaders that each lead 10 s (less than one TTL) and hand the state on: every one of
+        // them would start a takeover hold, but the hold counts from the first, so it ends.
+        let mut state = BrakeState::default();
+        let mut released_after_s = None;
+        for leader in 0..60u64 {
+            let u0 = Instant::now() + s(leader * 1000);
+            let mut b = Brake::restore(cfg.clone(), &state, u0);
+            for tick in 0..10 {
+                if b.judge("z", 1, 1000, s(tick), TTL, u0 + s(tick)) == Verdict::Evict {
+                    released_after_s.get_or_insert(leader * 10 + tick);
+                }
+            }
+            state = b.export(u0 + s(10));
+        }
+        let after = released_after_s.expect("the maximum hold fires under a flapping leader");
+        assert!((300..=310).contains(&after), "released after {after} s of leadership");
+    }
+
+    #[test]
+    fn an_idle_brake_exports_nothing() {
+        let mut b = Brake::new(BrakeConfig::default());
+        let t0 = Instant::now();
+        assert_eq!(b.judge("z", 0, 10, LONG, TTL, t0), Verdict::Evict);
+        assert_eq!(b.export(t0), BrakeState::default());
+        assert_eq!(b.judge("z", 1, 10, LONG, TTL, t0), Verdict::Evict);
+        assert_eq!(b.export(t0 + s(61)).zones["z"].window, vec![(61_000, 1)]);
     }
 }
