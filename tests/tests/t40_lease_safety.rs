@@ -232,7 +232,11 @@ async fn a_renewal_answered_just_before_the_leader_dies_is_kept_by_the_next_lead
         .expect("the abandoned lease never expired");
         let lived = deleted - acked;
         eprintln!("round {round}: the key lived {lived:?} after the renewal's answer");
-        assert!(lived >= Duration::from_secs(TTL_S as u64), "lease expired {:?} early", Duration::from_secs(TTL_S as u64) - lived);
+        assert!(
+            lived >= Duration::from_secs(TTL_S as u64),
+            "lease expired {:?} early",
+            Duration::from_secs(TTL_S as u64) - lived
+        );
         cluster.spawn(leader).expect("restart");
         cluster.wait_ready(Duration::from_secs(20)).expect("ready");
     }
