@@ -7,7 +7,9 @@
 //! anyone else can win. Losers revoke their unused lease and retry after a short sleep.
 //!
 //! Everything the checkers need is recorded: every grant and keep-alive answer with its arrival
-//! time and TTL, every revoke invoked, every winning Txn. The module never judges anything
+//! time and TTL, every revoke invoked, every winning Txn. A losing Txn also reads the key (its
+//! failure branch), so a later win is a read-side observation for the lease-expiry checker: the
+//! key of the holder last seen was gone by the time the win's answer arrived. The module never judges anything
 //! itself (`check::primaries` and `check::lease_expiry` do).
 
 use std::ops::Range;
@@ -20,6 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
 
+use crate::check::lease_expiry::Deletion;
 use crate::check::primaries::Win;
 use crate::workload::{channel, rev_of, timed, Outcome, Recorder, OP_TIMEOUT};
 
@@ -46,6 +49,8 @@ struct Candidate {
     lease: pb::lease_client::LeaseClient<Channel>,
     rng: StdRng,
     work_n: u64,
+    /// The lease of the holder this candidate's last losing Txn saw on the key.
+    holder_seen: Option<i64>,
 }
 
 /// Run candidate `index` against the member at `url` until `stop`.
@@ -59,6 +64,7 @@ pub async fn run_candidate(index: usize, url: String, seed: u64, rec: Arc<Record
         lease: pb::lease_client::LeaseClient::new(ch),
         rng: StdRng::seed_from_u64(seed ^ u64::from(id).wrapping_mul(0xd6e8_feb8_6659_fd93)),
         work_n: 0,
+        holder_seen: None,
     };
     while !stop.load(Ordering::Relaxed) {
         let pause_ms = c.campaign(&stop).await;
@@ -112,17 +118,40 @@ impl Candidate {
         let req = pb::TxnRequest {
             compare: vec![create_revision_is(0)],
             success: vec![put_op(PRIMARY_KEY, format!("candidate-{}", self.id), lease)],
-            failure: vec![],
+            failure: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                    key: PRIMARY_KEY.into(),
+                    ..Default::default()
+                })),
+            }],
         };
         match timed(self.kv.txn(req)).await {
             Ok(r) if r.succeeded => {
                 let win =
                     Win { candidate: self.id, lease, at_ns: self.rec.now_ns(), create_revision: rev_of(&r.header) };
+                if let Some(gone) = self.holder_seen.take().filter(|&l| l != 0 && l != lease) {
+                    // Only its lease's end (expiry or a revoke) removes the key.
+                    let d = Deletion {
+                        observer: format!("winning Txn of candidate {} (found the key absent)", self.id),
+                        key: PRIMARY_KEY.into(),
+                        lease: gone,
+                        revision: 0,
+                        at_ns: win.at_ns,
+                    };
+                    self.rec.rec.lock().unwrap().lease_deletions.push(d);
+                }
                 self.rec.rec.lock().unwrap().primary_wins.push(win);
                 self.rec.stat("primary-txn", self.id, invoke, Outcome::Ok);
                 self.serve(win, grant.ttl, stop).await
             }
-            Ok(_) => {
+            Ok(r) => {
+                let held = r.responses.iter().find_map(|op| match &op.response {
+                    Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.first().map(|kv| kv.lease),
+                    _ => None,
+                });
+                if let Some(held) = held {
+                    self.holder_seen = Some(held);
+                }
                 self.rec.stat("primary-txn", self.id, invoke, Outcome::Ok);
                 self.revoke(lease).await;
                 self.rng.random_range(RETRY_MS)

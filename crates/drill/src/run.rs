@@ -387,7 +387,7 @@ async fn judge(
     let early = check::lease_expiry::check(&r.lease_answers, &r.lease_revokes, &r.lease_deletions);
     let promised = check::lease_expiry::promises(&r.lease_answers).len();
     let result = format!(
-        "{} ({promised} leases promised in {} answers, {} deletions of their keys seen by watchers)",
+        "{} ({promised} leases promised in {} answers, {} deletions of their keys seen by watchers or winning Txns)",
         early.len(),
         r.lease_answers.len(),
         r.lease_deletions.len()
