@@ -61,6 +61,13 @@ assert c.kv.put("py/lock", "1", release=s1)
 assert c.kv.put("py/lock", "2", acquire=s2)
 assert c.session.info(s1)[1]["Name"] == "holder-1"
 assert c.session.destroy(s2)
-assert c.kv.get("py/lock")[1] is None, "a destroyed session's lock key goes with it"
+entry = c.kv.get("py/lock")[1]
+assert entry is not None and entry["Value"] == b"2" and not entry.get("Session"), \
+    "Behavior release (the default): a destroyed session's key stays, unlocked: %r" % (entry,)
+assert not c.kv.put("py/lock", "3", acquire=s1), "lock-delay (15 s by default) after the holder's session ended"
+s3 = c.session.create(name="ephemeral", ttl=10, behavior="delete")
+assert c.kv.put("py/ephemeral", "1", acquire=s3)
+assert c.session.destroy(s3)
+assert c.kv.get("py/ephemeral")[1] is None, "Behavior delete: the key goes with its session"
 assert c.kv.delete("py/cfg/", recurse=True) and c.kv.get("py/cfg/a")[1] is None
 print("kv, cas, sessions and locks: OK")

@@ -9,7 +9,10 @@
 //!   waits; a refused blocking query gets a JSON 400 and is not answered at once, so a
 //!   client that retries without backoff cannot hot-loop;
 //! - a TTL that cannot be a duration (`99999999999999999999h`) gets a JSON 400, and every
-//!   member keeps serving.
+//!   member keeps serving;
+//! - locks keep Consul's behaviors: when a session ends, `release` (the default) keeps the key
+//!   and frees it, `delete` deletes it; either way the lock cannot be taken again for the
+//!   session's `LockDelay`, on any member, while an explicit `?release` frees it at once.
 
 use std::time::{Duration, Instant};
 
@@ -42,7 +45,7 @@ fn consul_index(r: &HttpReply) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consul_sessions_keep_consuls_contract() {
+async fn an_unrenewed_session_lives_until_twice_its_ttl() {
     let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
 
     eprintln!("create an unrenewed 10 s session that holds a lock (behavior delete)");
@@ -53,7 +56,6 @@ async fn consul_sessions_keep_consuls_contract() {
     let info = session_info(&c, 2, &held).expect("the session exists on every member");
     assert_eq!(info["TTL"], "10s", "the session reports the TTL as asked: {info}");
     assert_eq!(info["Behavior"], "delete");
-    assert_eq!(info["LockDelay"], 1_000_000, "LockDelay in nanoseconds, as Consul reports it: {info}");
 
     eprintln!("session/renew answers an array with the session and its TTL as asked");
     let renewed = create_session(&c, 1, r#"{"ttl":"10.5s"}"#);
@@ -68,6 +70,49 @@ async fn consul_sessions_keep_consuls_contract() {
     let r = http(&c.nodes[0], "PUT", "/v1/session/renew/0badcafe-0000-0001-8000-000000000000", None).unwrap();
     assert_json_error(&r, 404, "renew of an unknown session");
     assert_eq!(http(&c.nodes[0], "PUT", &format!("/v1/session/destroy/{renewed}"), None).unwrap().status, 200);
+
+    eprintln!("the unrenewed 10 s session still exists and holds its lock at 1.5x its TTL");
+    let at = created + SESSION_TTL * 3 / 2;
+    tokio::time::sleep(at.saturating_duration_since(Instant::now())).await;
+    for n in 0..3 {
+        let info = session_info(&c, n, &held);
+        assert!(
+            info.is_some(),
+            "m{}: the session is gone {:?} after creation (before 2x TTL)",
+            n + 1,
+            created.elapsed()
+        );
+    }
+    let r = http(&c.nodes[0], "GET", "/v1/kv/service/ha/leader", None).unwrap();
+    assert_eq!(r.status, 200, "the lock's key: {}", r.body);
+    assert_eq!(r.json()[0]["Session"], held.as_str(), "still held by the session");
+    let checked_at = created.elapsed();
+
+    eprintln!("and it is gone eventually after 2x its TTL, with the key it held");
+    let deadline = created + SESSION_TTL * 2 + Duration::from_secs(20);
+    let gone_after = loop {
+        if session_info(&c, 0, &held).is_none() {
+            break created.elapsed();
+        }
+        assert!(Instant::now() < deadline, "the session outlived 2x its TTL + 20 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("  present at {checked_at:?}, gone at {gone_after:?} after creation (TTL 10 s)");
+    assert!(gone_after >= SESSION_TTL * 3 / 2);
+    for n in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while session_info(&c, n, &held).is_some() {
+            assert!(Instant::now() < deadline, "m{} still lists the session", n + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let r = http(&c.nodes[2], "GET", "/v1/kv/service/ha/leader", None).unwrap();
+    assert_eq!(r.status, 404, "the held key went with its session (behavior delete): {}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_are_gos_and_refusals_are_json() {
+    let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
 
     eprintln!("durations that are not durations, or out of Consul's bounds: JSON 400, never a panic");
     for (path, body) in [
@@ -124,42 +169,91 @@ async fn consul_sessions_keep_consuls_contract() {
     }
     eprintln!("  {refusals} refusals in {:?} for a client retrying without backoff", started.elapsed());
     assert!(refusals <= 4, "{refusals} refusals in 3 s");
+}
 
-    eprintln!("the unrenewed 10 s session still exists and holds its lock at 1.5x its TTL");
-    let at = created + SESSION_TTL * 3 / 2;
-    tokio::time::sleep(at.saturating_duration_since(Instant::now())).await;
-    for n in 0..3 {
-        let info = session_info(&c, n, &held);
-        assert!(
-            info.is_some(),
-            "m{}: the session is gone {:?} after creation (before 2x TTL)",
-            n + 1,
-            created.elapsed()
-        );
+/// `PUT /v1/kv/<key>?acquire=<session>` on member `n`: whether it took the lock.
+fn acquire(c: &Cluster, n: usize, key: &str, session: &str, value: &str) -> bool {
+    let r = http(&c.nodes[n], "PUT", &format!("/v1/kv/{key}?acquire={session}"), Some(value)).unwrap();
+    assert_eq!(r.status, 200, "acquire {key} on m{}: {}", n + 1, r.body);
+    match r.body.trim() {
+        "true" => true,
+        "false" => false,
+        other => panic!("acquire answered {other:?}"),
     }
-    let r = http(&c.nodes[0], "GET", "/v1/kv/service/ha/leader", None).unwrap();
-    assert_eq!(r.status, 200, "the lock's key: {}", r.body);
-    assert_eq!(r.json()[0]["Session"], held.as_str(), "still held by the session");
-    let checked_at = created.elapsed();
+}
 
-    eprintln!("and it is gone eventually after 2x its TTL, with the key it held");
-    let deadline = created + SESSION_TTL * 2 + Duration::from_secs(20);
-    let gone_after = loop {
-        if session_info(&c, 0, &held).is_none() {
-            break created.elapsed();
+/// The key as member `n` shows it, if it exists.
+fn kv_entry(c: &Cluster, n: usize, key: &str) -> Option<serde_json::Value> {
+    let r = http(&c.nodes[n], "GET", &format!("/v1/kv/{key}"), None).unwrap();
+    match r.status {
+        404 => None,
+        200 => Some(r.json()[0].clone()),
+        s => panic!("GET {key}: {s} {}", r.body),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_keep_consuls_behaviors_and_lock_delay() {
+    let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    const LOCK_DELAY: Duration = Duration::from_secs(5);
+
+    eprintln!("a session with the default behavior (release) and a 5 s lock delay takes a lock");
+    let first = create_session(&c, 0, r#"{"Name":"first","TTL":"30s","LockDelay":"5s"}"#);
+    let second = create_session(&c, 1, r#"{"name":"second","ttl":"30s","lockdelay":"0s"}"#);
+    let info = session_info(&c, 2, &first).expect("session");
+    assert_eq!(info["Behavior"], "release", "Consul's default: {info}");
+    assert_eq!(info["LockDelay"], 5_000_000_000u64, "LockDelay in nanoseconds, as Consul reports it: {info}");
+    assert!(acquire(&c, 0, "app/leader", &first, "first"));
+    assert!(!acquire(&c, 2, "app/leader", &second, "second"), "a held lock is not granted to another session");
+    let e = kv_entry(&c, 1, "app/leader").expect("key");
+    assert_eq!((e["Session"].as_str(), e["LockIndex"].as_u64()), (Some(first.as_str()), Some(1)), "{e}");
+
+    eprintln!("its session ends: the key stays, unlocked, and waits out the lock delay on every member");
+    let destroy_sent = Instant::now();
+    assert_eq!(http(&c.nodes[1], "PUT", &format!("/v1/session/destroy/{first}"), None).unwrap().status, 200);
+    let e = kv_entry(&c, 2, "app/leader").expect("behavior release keeps the key");
+    assert!(e.get("Session").is_none(), "released: {e}");
+    assert_eq!(e["Value"], "Zmlyc3Q=", "the value stays: {e}");
+    let mut conclusive = 0;
+    for n in [0, 1, 2, 0, 1, 2] {
+        let took = acquire(&c, n, "app/leader", &second, "second");
+        if destroy_sent.elapsed() < LOCK_DELAY {
+            assert!(!took, "m{}: the lock was granted {:?} after its session ended", n + 1, destroy_sent.elapsed());
+            conclusive += 1;
         }
-        assert!(Instant::now() < deadline, "the session outlived 2x its TTL + 20 s");
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(conclusive > 0, "no acquisition was answered within the lock delay: the machine is too slow for this test");
+    let deadline = destroy_sent + LOCK_DELAY + Duration::from_secs(15);
+    let granted_after = loop {
+        if acquire(&c, 2, "app/leader", &second, "second") {
+            break destroy_sent.elapsed();
+        }
+        assert!(Instant::now() < deadline, "the lock delay never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    eprintln!("  present at {checked_at:?}, gone at {gone_after:?} after creation (TTL 10 s)");
-    assert!(gone_after >= SESSION_TTL * 3 / 2);
+    eprintln!("  lock granted again {granted_after:?} after the holder's session was destroyed (lock delay 5 s)");
+    assert!(granted_after >= LOCK_DELAY, "granted after {granted_after:?}, within the lock delay");
+    let e = kv_entry(&c, 0, "app/leader").expect("key");
+    assert_eq!((e["Session"].as_str(), e["LockIndex"].as_u64()), (Some(second.as_str()), Some(2)), "{e}");
+
+    eprintln!("an explicit release frees the lock at once");
+    let r = http(&c.nodes[0], "PUT", &format!("/v1/kv/app/leader?release={second}"), Some("done")).unwrap();
+    assert_eq!(r.body.trim(), "true", "release: {}", r.body);
+    let third = create_session(&c, 2, r#"{"TTL":"30s"}"#);
+    assert!(acquire(&c, 1, "app/leader", &third, "third"), "no lock delay after an explicit release");
+
+    eprintln!("deleting a held key drops its lock (no delay: the session did not end)");
+    assert_eq!(http(&c.nodes[2], "DELETE", "/v1/kv/app/leader", None).unwrap().status, 200);
+    assert_eq!(http(&c.nodes[2], "PUT", "/v1/kv/app/leader", Some("plain")).unwrap().status, 200);
+    let e = kv_entry(&c, 0, "app/leader").expect("key");
+    assert!(e.get("Session").is_none(), "{e}");
+    assert!(acquire(&c, 0, "app/leader", &second, "second"));
+
+    eprintln!("behavior delete: the key goes with its session");
+    let ephemeral = create_session(&c, 0, r#"{"TTL":"30s","Behavior":"delete"}"#);
+    assert!(acquire(&c, 1, "app/ephemeral", &ephemeral, "here"));
+    assert_eq!(http(&c.nodes[2], "PUT", &format!("/v1/session/destroy/{ephemeral}"), None).unwrap().status, 200);
     for n in 0..3 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while session_info(&c, n, &held).is_some() {
-            assert!(Instant::now() < deadline, "m{} still lists the session", n + 1);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        assert!(kv_entry(&c, n, "app/ephemeral").is_none(), "m{} still has the key", n + 1);
     }
-    let r = http(&c.nodes[2], "GET", "/v1/kv/service/ha/leader", None).unwrap();
-    assert_eq!(r.status, 404, "the held key went with its session (behavior delete): {}", r.body);
 }

@@ -1,9 +1,9 @@
 //! Consul's KV and sessions over the same MVCC keyspace the etcd API serves: Consul key `a/b`
 //! is the key `a/b` (so `etcdctl get a/b` sees it), `CreateIndex`/`ModifyIndex` are its create
-//! and mod revisions. A session is a lease; `?acquire=<session>` attaches the key to the
-//! session's lease when no other session holds it, `?release` detaches it. When a session ends
-//! (destroyed, or its TTL lapses) the keys it holds are deleted with it (Consul's
-//! `Behavior: delete`); quorate does not implement `release` on invalidation.
+//! and mod revisions. A session is a lease that lives twice the session's TTL after each
+//! renewal (Consul's `SessionTTLMultiplier`), with its record (TTL as asked, behavior, lock
+//! delay) attached to it. Locks (`?acquire`, `?release`), what a session's end does to them
+//! (`Behavior: release|delete`) and the lock delay that follows are `consul_lock`'s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use crate::ops::{consistency, prefix_range, write};
 use crate::{Api, ApiError, Consistency};
 
 /// Where session records live (attached to the session's lease, so they end with it).
-const SESSION_PREFIX: &str = "/quorate/consul/sessions/";
+pub(crate) const SESSION_PREFIX: &str = "/quorate/consul/sessions/";
 /// Consul's `SessionTTLMultiplier`: a session is invalidated no earlier than twice its TTL
 /// after its last renewal. Clients (HA managers such as Patroni) rely on it and ask for half
 /// the TTL they need, so the session's lease lives `SESSION_TTL_MULTIPLIER` x the asked TTL,
@@ -51,7 +51,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/session/destroy/{id}", put(session_destroy))
         .route("/v1/session/info/{id}", get(session_info))
         .route("/v1/session/list", get(session_list))
-        .with_state(api)
+        // Lock delays are tracked from the member's start, not from the first acquisition.
+        .with_state({
+            crate::consul_lock::delays(&api);
+            api
+        })
 }
 
 fn session_id(lease: i64) -> String {
@@ -78,16 +82,15 @@ fn b64(bytes: &[u8]) -> String {
     out
 }
 
-fn entry(kv: &KeyValue) -> Value {
-    // A key attached to a lease exists only while the lease does: its holder's session.
-    let session = (kv.lease != 0).then(|| session_id(kv.lease));
+/// A key as Consul shows it; `holder` is its lock's session and LockIndex (`consul_lock`).
+fn entry(kv: &KeyValue, holder: Option<&(Option<String>, u64)>) -> Value {
     let mut e = json!({
-        "LockIndex": if kv.lease != 0 { 1 } else { 0 }, "Key": String::from_utf8_lossy(&kv.key), "Flags": 0,
+        "LockIndex": holder.map_or(0, |h| h.1), "Key": String::from_utf8_lossy(&kv.key), "Flags": 0,
         "Value": if kv.value.is_empty() { Value::Null } else { Value::String(b64(&kv.value)) },
         "CreateIndex": kv.create_revision, "ModifyIndex": kv.mod_revision,
     });
-    if let Some(s) = session {
-        e["Session"] = json!(s);
+    if let Some(session) = holder.and_then(|h| h.0.as_ref()) {
+        e["Session"] = json!(session);
     }
     e
 }
@@ -124,7 +127,8 @@ async fn kv_get(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q): 
     } else {
         RangeRequest { key: key.clone().into_bytes(), ..Default::default() }
     };
-    let (r, rev) = api.member.read(|s| (s.range(&req), s.revision()));
+    let (r, holders, rev) =
+        api.member.read(|s| (s.range(&req), crate::consul_lock::holders(s, &req.key, &req.range_end), s.revision()));
     let kvs: Vec<KeyValue> =
         r?.kvs.into_iter().filter(|kv| !kv.key.starts_with(crate::CONSUL_HIDDEN_PREFIX.as_bytes())).collect();
     let headers = consul_headers(&api, rev, c);
@@ -150,7 +154,7 @@ async fn kv_get(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q): 
     if q.raw.is_some() {
         return Ok((headers, kvs[0].value.clone()).into_response());
     }
-    let out: Vec<Value> = kvs.iter().map(entry).collect();
+    let out: Vec<Value> = kvs.iter().map(|kv| entry(kv, holders.get(&kv.key))).collect();
     Ok((headers, Json(out)).into_response())
 }
 
@@ -179,7 +183,14 @@ fn any_succeeded(resp: &CommandResponse) -> bool {
 /// Every Consul KV write, checked as it would be proposed (after path decoding and the key
 /// mapping): none may touch quorate's own keys, the registry's records among them (issue 11).
 async fn kv_write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
-    if let Some(refused) = quorate_registry::first_write_under(&cmd, crate::CONSUL_HIDDEN_PREFIX.as_bytes()) {
+    refuse_quorate_keys(&cmd)?;
+    write(api, cmd).await
+}
+
+/// `kv_write`'s check alone, for the lock operations that add quorate's own lock records to
+/// the user's writes (`consul_lock`).
+fn refuse_quorate_keys(cmd: &Command) -> Result<(), ApiError> {
+    if let Some(refused) = quorate_registry::first_write_under(cmd, crate::CONSUL_HIDDEN_PREFIX.as_bytes()) {
         let key = String::from_utf8_lossy(&refused.key);
         return Err(ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
@@ -192,7 +203,7 @@ async fn kv_write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), Api
             ),
         ));
     }
-    write(api, cmd).await
+    Ok(())
 }
 
 /// `DELETE /v1/kv/` (the empty key: with `recurse`, the whole keyspace).
@@ -207,29 +218,10 @@ async fn kv_put(
     body: Bytes,
 ) -> ApiResult {
     let k = key.as_bytes();
-    let txn = if let Some(session) = &q.acquire {
-        let lease = lease_of(session)?;
-        if api.member.read(|s| s.lease(lease).is_none()) {
-            return Err(ApiError::bad_request("bad_session", format!("invalid session {session:?}")));
-        }
-        // Held by this session already, or by none: take it.
-        TxnRequest {
-            compare: vec![cmp(k, CompareResult::Equal, CompareTarget::Lease(lease))],
-            success: vec![put_op(k, &body, lease, false)],
-            failure: vec![RequestOp::Txn(TxnRequest {
-                compare: vec![cmp(k, CompareResult::Equal, CompareTarget::Lease(0))],
-                success: vec![put_op(k, &body, lease, false)],
-                failure: vec![],
-            })],
-        }
-    } else if let Some(session) = &q.release {
-        let lease = lease_of(session)?;
-        TxnRequest {
-            compare: vec![cmp(k, CompareResult::Equal, CompareTarget::Lease(lease))],
-            success: vec![put_op(k, &body, 0, false)],
-            failure: vec![],
-        }
-    } else if let Some(cas) = q.cas {
+    if let Some(session) = q.acquire.as_deref().or(q.release.as_deref()) {
+        return lock_put(&api, k, &body, session, q.acquire.is_some()).await;
+    }
+    let txn = if let Some(cas) = q.cas {
         cas_txn(cas, k, &body)
     } else {
         // A plain write keeps whatever session holds the key.
@@ -240,10 +232,32 @@ async fn kv_put(
             failure: vec![put_op(k, &body, 0, false)],
         }
     };
-    let conditional = q.acquire.is_some() || q.release.is_some() || q.cas.is_some();
+    let conditional = q.cas.is_some();
     let (resp, rev) = kv_write(&api, Command::Txn(txn)).await?;
     let applied = !conditional || any_succeeded(&resp);
     Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(applied)).into_response())
+}
+
+/// `?acquire=<session>` (`acquire`) or `?release=<session>`: `true` when it took effect.
+async fn lock_put(api: &Api, key: &[u8], value: &[u8], session: &str, acquire: bool) -> ApiResult {
+    let lease = lease_of(session)?;
+    refuse_quorate_keys(&Command::Put(PutRequest { key: key.to_vec(), ..Default::default() }))?;
+    api.member.linearize().await?;
+    let (applied, rev) = if acquire {
+        let invalid = || ApiError::bad_request("bad_session", format!("invalid session {session:?}"));
+        let (record, _) = session_record(api, session).ok_or_else(invalid)?;
+        let holder = crate::consul_lock::Holder {
+            id: session,
+            lease,
+            delete: record["Behavior"] == "delete",
+            lock_delay: Duration::from_nanos(record["LockDelay"].as_u64().unwrap_or(0)),
+        };
+        crate::consul_lock::acquire(api, key, value, &holder).await?
+    } else {
+        let (resp, rev) = write(api, Command::Txn(crate::consul_lock::release_txn(key, value, lease))).await?;
+        (any_succeeded(&resp), rev)
+    };
+    Ok((consul_headers(api, rev, Consistency::Linearizable), Json(applied)).into_response())
 }
 
 /// `cas=0` creates only; `cas=N` replaces only the version with ModifyIndex N.
@@ -271,15 +285,19 @@ async fn kv_delete(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q
     };
     let delete = RequestOp::DeleteRange(DeleteRangeRequest {
         key: range.key.clone(),
-        range_end: range.range_end,
+        range_end: range.range_end.clone(),
         prev_kv: false,
     });
     let compare = match q.cas {
         Some(cas) => vec![cmp(key.as_bytes(), CompareResult::Equal, CompareTarget::Mod(cas))],
         None => vec![],
     };
-    let (resp, rev) =
-        kv_write(&api, Command::Txn(TxnRequest { compare, success: vec![delete], failure: vec![] })).await?;
+    let user_delete = Command::Txn(TxnRequest { compare, success: vec![delete], failure: vec![] });
+    refuse_quorate_keys(&user_delete)?;
+    // A deleted key is no longer held: its lock record goes with it, as in Consul.
+    let Command::Txn(mut txn) = user_delete else { unreachable!() };
+    txn.success.push(crate::consul_lock::lock_records_of(&range.key, &range.range_end));
+    let (resp, rev) = write(&api, Command::Txn(txn)).await?;
     Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(any_succeeded(&resp))).into_response())
 }
 

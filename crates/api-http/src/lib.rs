@@ -7,6 +7,7 @@
 
 mod consul;
 mod consul_kv;
+mod consul_lock;
 mod duration;
 mod edge;
 mod error;
