@@ -8,13 +8,17 @@
 # small shared machine moves one round, not the result.
 #
 # Usage: scripts/bench.sh [seconds-per-run]   (needs Debian's etcd-server for the baseline)
-# Env:   BENCH_ROUNDS (default 3), BENCH_OUT (default target/bench)
+# Env:   BENCH_ROUNDS (default 3), BENCH_OUT (default target/bench), BENCH_OPS (default: every op),
+#        BENCH_SERVER_BIN (the quorate binary the members run, default the one built here: to
+#        measure an older build with today's load generator)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
 cargo build --release -p quorate
 BIN=$PWD/target/release/quorate
+SERVER_BIN=${BENCH_SERVER_BIN:-$BIN}
+OPS=${BENCH_OPS:-put get get-s txn lease-put keepalive}
 OUT=${BENCH_OUT:-$PWD/target/bench}
 rm -rf "$OUT" && mkdir -p "$OUT/runs"
 PIDS=()
@@ -34,7 +38,7 @@ start_cluster() { # flavor
       --listen-client-urls http://127.0.0.1:$p${i}379 --advertise-client-urls http://127.0.0.1:$p${i}379
       --listen-peer-urls http://127.0.0.1:$p${i}380 --initial-advertise-peer-urls http://127.0.0.1:$p${i}380)
     if [ "$flavor" = quorate ]; then
-      "$BIN" server "${common[@]}" --listen-http 127.0.0.1:$p${i}500 >"$OUT/$flavor-m$i.log" 2>&1 &
+      "$SERVER_BIN" server "${common[@]}" --listen-http 127.0.0.1:$p${i}500 >"$OUT/$flavor-m$i.log" 2>&1 &
     else
       etcd "${common[@]}" >"$OUT/$flavor-m$i.log" 2>&1 &
     fi
@@ -80,7 +84,7 @@ run() { # flavor op clients round
   "$BIN" bench --endpoints "${EPS[$1]}" --ops "$2" --clients "$3" --seconds "$SECS" --json \
     >"$OUT/runs/$1-$2-$3-$4.json"
 }
-for op in put get get-s txn lease-put; do
+for op in $OPS; do
   for clients in 1 64; do
     for round in $(seq "$ROUNDS"); do
       if [ $((round % 2)) = 1 ]; then order="quorate etcd"; else order="etcd quorate"; fi
@@ -91,15 +95,15 @@ for op in put get get-s txn lease-put; do
 done
 
 
-python3 - "$OUT" "$ROUNDS" <<'PY'
+python3 - "$OUT" "$ROUNDS" "$OPS" <<'PY'
 import json, statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
+out, rounds, ops = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 def rows(flavor, op, clients):
     return [json.load(open(f"{out}/runs/{flavor}-{op}-{clients}-{r}.json"))[0] for r in range(1, rounds + 1)]
 print(f"median of {rounds} alternating rounds per row; ratio = quorate / etcd")
 print("| op | clients | quorate ops/s | etcd ops/s | ratio | ratio per round | quorate p99 ms | etcd p99 ms |")
 print("|---|---:|---:|---:|---:|---|---:|---:|")
-for op in ("put", "get", "get-s", "txn", "lease-put"):
+for op in ops:
     for clients in (1, 64):
         q, e = rows("quorate", op, clients), rows("etcd", op, clients)
         qo = statistics.median(r["ops_per_s"] for r in q)

@@ -25,6 +25,9 @@ pub enum Op {
     Txn,
     /// LeaseGrant followed by a Put attached to it (one op = both).
     LeasePut,
+    /// One keep-alive round trip on a client's open stream, over a pool of leases large enough
+    /// that one lease is rarely renewed twice within a second (as real clients renew).
+    KeepAlive,
 }
 
 impl std::str::FromStr for Op {
@@ -36,7 +39,8 @@ impl std::str::FromStr for Op {
             "get-s" | "get-serializable" => Op::GetSerializable,
             "txn" => Op::Txn,
             "lease-put" => Op::LeasePut,
-            other => bail!("unknown op {other:?} (put, get, get-s, txn, lease-put)"),
+            "keepalive" | "keep-alive" => Op::KeepAlive,
+            other => bail!("unknown op {other:?} (put, get, get-s, txn, lease-put, keepalive)"),
         })
     }
 }
@@ -117,8 +121,62 @@ async fn one(op: Op, ch: &Channel, keys: u64, value: &[u8]) -> Result<(), tonic:
             let id = lease.lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id;
             kv.put(pb::PutRequest { key: k, value: value.to_vec(), lease: id, ..Default::default() }).await?;
         }
+        Op::KeepAlive => unreachable!("keep-alives run on a client's own stream (`keepalive_client`)"),
     }
     Ok(())
+}
+
+/// Leases renewed by a keep-alive run, shared out among its clients.
+const KEEPALIVE_LEASES: usize = 2048;
+/// Their TTL: long enough to outlive the run, short enough not to pile up across runs.
+const KEEPALIVE_TTL_S: i64 = 30;
+
+/// One keep-alive client: grant its share of the pool, then renew its leases in turn on one
+/// stream until stopped. Returns (latencies in µs, errors).
+/// `ready` is passed once the leases are granted, so the grants are not timed.
+async fn keepalive_client(
+    ch: Channel,
+    share: usize,
+    ready: Arc<tokio::sync::Barrier>,
+    stop: Arc<AtomicBool>,
+) -> Result<(Vec<u32>, u64), tonic::Status> {
+    let mut lease = pb::lease_client::LeaseClient::new(ch);
+    let mut ids = Vec::with_capacity(share);
+    let mut granted = Ok(());
+    for _ in 0..share {
+        match lease.lease_grant(pb::LeaseGrantRequest { ttl: KEEPALIVE_TTL_S, id: 0 }).await {
+            Ok(r) => ids.push(r.into_inner().id),
+            Err(e) => {
+                granted = Err(e);
+                break;
+            }
+        }
+    }
+    ready.wait().await;
+    granted?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::LeaseKeepAliveRequest>(1);
+    let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut answers = lease.lease_keep_alive(requests).await?.into_inner();
+    let (mut lat_us, mut errors) = (Vec::with_capacity(1 << 14), 0u64);
+    for id in ids.iter().cycle() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let t = Instant::now();
+        if tx.send(pb::LeaseKeepAliveRequest { id: *id }).await.is_err() {
+            break;
+        }
+        match answers.message().await {
+            Ok(Some(a)) if a.ttl > 0 => lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32),
+            Ok(Some(_)) => errors += 1,
+            // The stream ended or failed: every further renewal would fail too.
+            _ => {
+                errors += 1;
+                break;
+            }
+        }
+    }
+    Ok((lat_us, errors))
 }
 
 /// Fill the key space so reads find values.
@@ -151,9 +209,17 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize) -> anyhow::Resul
     let stop = Arc::new(AtomicBool::new(false));
     let value = Arc::new(vec![b'v'; cfg.value_bytes]);
     let mut tasks = Vec::new();
-    let started = Instant::now();
+    let ready = Arc::new(tokio::sync::Barrier::new(if op == Op::KeepAlive { clients + 1 } else { 1 }));
     for c in 0..clients {
         let (ch, stop, value, keys) = (chans[c % chans.len()].clone(), stop.clone(), value.clone(), cfg.keys);
+        if op == Op::KeepAlive {
+            let share = (KEEPALIVE_LEASES / clients).max(1);
+            let ready = ready.clone();
+            tasks.push(tokio::spawn(async move {
+                keepalive_client(ch, share, ready, stop).await.unwrap_or((Vec::new(), 1))
+            }));
+            continue;
+        }
         tasks.push(tokio::spawn(async move {
             let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 14);
             let mut errors = 0u64;
@@ -167,6 +233,8 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize) -> anyhow::Resul
             (lat_us, errors)
         }));
     }
+    ready.wait().await;
+    let started = Instant::now();
     tokio::time::sleep(cfg.duration).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
