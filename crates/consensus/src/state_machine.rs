@@ -14,7 +14,7 @@ use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use quorate_kv::{Command, CommandResponse, Event, LogPosition, Store, StoreSnapshot};
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -80,6 +80,35 @@ pub struct StateMachine {
     db: Arc<Database>,
 }
 
+/// What becomes of a snapshot offered for storage, given the stored one.
+#[derive(Debug, PartialEq, Eq)]
+enum SnapshotWrite {
+    /// Nothing is stored, or the stored snapshot is older: write the offered one.
+    Replace,
+    /// The stored snapshot is at the same log position, so it holds the same state.
+    AlreadyStored,
+    /// The stored snapshot is newer (installed while a build was encoding): keep it.
+    KeepNewer,
+}
+
+/// Decide a snapshot write from the stored snapshot's last log id (`None`: nothing stored) and
+/// the offered one's. Pure, so the build/install interleaving is table-tested.
+fn snapshot_write(stored: Option<Option<LogId>>, offered: Option<LogId>) -> SnapshotWrite {
+    match stored {
+        None => SnapshotWrite::Replace,
+        Some(stored) if offered > stored => SnapshotWrite::Replace,
+        Some(stored) if offered == stored => SnapshotWrite::AlreadyStored,
+        Some(_) => SnapshotWrite::KeepNewer,
+    }
+}
+
+/// The outcome of `StateMachine::save_snapshot`.
+enum Saved {
+    Stored,
+    AlreadyStored,
+    KeptNewer { meta: SnapshotMeta, data: Vec<u8> },
+}
+
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -117,19 +146,82 @@ impl StateMachine {
         let members = BTreeMap::new();
         let data =
             bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members }).map_err(io_err)?;
-        self.save_snapshot(meta, &data)
+        match self.save_snapshot(meta, &data)? {
+            Saved::Stored | Saved::AlreadyStored => Ok(()),
+            Saved::KeptNewer { .. } => Err(io_err("the state file already holds a newer snapshot")),
+        }
     }
 
-    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
-        let meta = bincode::serialize(meta).map_err(io_err)?;
+    /// Store a snapshot unless the stored one is at least as new. The stored meta is read in
+    /// the same write transaction as the write, so a build and an install that run at once
+    /// (openraft spawns builds beside its state machine worker) are decided one after the other.
+    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<Saved> {
+        let encoded_meta = bincode::serialize(meta).map_err(io_err)?;
         let mut w = self.db.begin_write().map_err(io_err)?;
         w.set_two_phase_commit(true);
-        {
+        let kept = {
             let mut t = w.open_table(SNAP).map_err(io_err)?;
-            t.insert("data", data).map_err(io_err)?;
-            t.insert("meta", meta.as_slice()).map_err(io_err)?;
+            let stored: Option<SnapshotMeta> = match t.get("meta").map_err(io_err)? {
+                Some(m) => Some(bincode::deserialize(m.value()).map_err(io_err)?),
+                None => None,
+            };
+            match snapshot_write(stored.as_ref().map(|m| m.last_log_id), meta.last_log_id) {
+                SnapshotWrite::Replace => {
+                    t.insert("data", data).map_err(io_err)?;
+                    t.insert("meta", encoded_meta.as_slice()).map_err(io_err)?;
+                    None
+                }
+                SnapshotWrite::AlreadyStored => Some(Saved::AlreadyStored),
+                SnapshotWrite::KeepNewer => {
+                    let stored = stored.expect("only a stored snapshot can be newer");
+                    let data = t.get("data").map_err(io_err)?.map(|d| d.value().to_vec());
+                    let data = data.ok_or_else(|| io_err("stored snapshot has a meta but no data"))?;
+                    Some(Saved::KeptNewer { meta: stored, data })
+                }
+            }
+        };
+        match kept {
+            Some(kept) => {
+                w.abort().map_err(io_err)?;
+                Ok(kept)
+            }
+            None => {
+                w.commit().map_err(io_err)?;
+                Ok(Saved::Stored)
+            }
         }
-        w.commit().map_err(io_err)
+    }
+
+    /// A build's first half: copy the state under the store lock (so the image and the applied
+    /// position agree; values are shared, not copied) and encode it outside the lock.
+    fn copy_for_snapshot(&self) -> io::Result<(SnapshotMeta, Vec<u8>)> {
+        let (store, members, meta) = {
+            let store = self.shared.store.read().unwrap();
+            let members = self.shared.members.read().unwrap().clone();
+            let (last, membership) = self.shared.applied.read().unwrap().clone();
+            (store.clone(), members, SnapshotMeta { last_log_id: last, last_membership: membership })
+        };
+        let data =
+            bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members }).map_err(io_err)?;
+        Ok((meta, data))
+    }
+
+    /// A build's second half: store the image, and answer with the snapshot that is stored now.
+    /// If a newer snapshot was installed since the copy, that one stays and is the answer:
+    /// overwriting it would leave a snapshot older than the purged log, and the member could
+    /// not restart. openraft ignores a built snapshot that is not newer than its own.
+    fn store_built(&self, meta: SnapshotMeta, data: Vec<u8>) -> io::Result<(SnapshotMeta, Vec<u8>)> {
+        match self.save_snapshot(&meta, &data)? {
+            Saved::Stored | Saved::AlreadyStored => Ok((meta, data)),
+            Saved::KeptNewer { meta: stored, data: stored_data } => {
+                tracing::info!(
+                    built_last_log_index = meta.last_log_id.map(|l| l.index),
+                    stored_last_log_index = stored.last_log_id.map(|l| l.index),
+                    "snapshot build skipped: a newer snapshot was installed meanwhile"
+                );
+                Ok((stored, stored_data))
+            }
+        }
     }
 
     fn apply_one(
@@ -220,17 +312,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // the image and the applied position agree; only the copy holds the lock (values are
         // shared, not copied). Encoding under the lock stalled every apply, and so every write,
         // for as long as encoding took (the p99 of a put load was twice what it is without).
-        let (data, meta) = tokio::task::spawn_blocking(move || {
-            let (store, members, meta) = {
-                let store = sm.shared.store.read().unwrap();
-                let members = sm.shared.members.read().unwrap().clone();
-                let (last, membership) = sm.shared.applied.read().unwrap().clone();
-                (store.clone(), members, SnapshotMeta { last_log_id: last, last_membership: membership })
-            };
-            let data = bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members })
-                .map_err(io_err)?;
-            drop(store);
-            sm.save_snapshot(&meta, &data).map(|()| (data, meta))
+        let (meta, data) = tokio::task::spawn_blocking(move || {
+            let (meta, data) = sm.copy_for_snapshot()?;
+            sm.store_built(meta, data)
         })
         .await
         .map_err(io_err)??;
@@ -274,7 +358,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             bincode::deserialize(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let sm = self.clone();
         let meta2 = meta.clone();
-        tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data)).await.map_err(io_err)??;
+        let saved = tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data)).await.map_err(io_err)??;
+        if let Saved::KeptNewer { meta: stored, .. } = saved {
+            // openraft installs only past its committed index, which no stored snapshot passes:
+            // a newer one on disk means the state file and the log disagree.
+            return Err(io_err(format!(
+                "refusing to install snapshot at {:?}: the stored snapshot at {:?} is newer",
+                meta.last_log_id, stored.last_log_id
+            )));
+        }
         let revision = {
             let mut store = self.shared.store.write().unwrap();
             *store = Store::from_snapshot(snap.store);
@@ -297,5 +389,100 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Cursor::new(data),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::vote::RaftLeaderIdExt;
+    use quorate_kv::PutRequest;
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        openraft::LogId::new(openraft::alias::LeaderIdOf::<TypeConfig>::new_committed(term, 1), index)
+    }
+
+    fn meta_at(last: LogId) -> SnapshotMeta {
+        SnapshotMeta { last_log_id: Some(last), last_membership: StoredMembership::default() }
+    }
+
+    /// A snapshot image holding `puts` keys, at revision `puts + 1`.
+    fn image(puts: u64) -> Vec<u8> {
+        let mut store = Store::new();
+        for i in 1..=puts {
+            let put = PutRequest { key: format!("k{i}").into_bytes(), value: b"v".to_vec(), ..Default::default() };
+            store.apply(&Command::Put(put), LogPosition { index: i, term: 1 });
+        }
+        let members = BTreeMap::new();
+        let data = bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members }).unwrap();
+        data
+    }
+
+    #[test]
+    fn a_snapshot_replaces_only_an_older_one() {
+        let (l5, l9, t2l5) = (Some(log_id(1, 5)), Some(log_id(1, 9)), Some(log_id(2, 5)));
+        let table = [
+            (None, l5, SnapshotWrite::Replace),
+            (Some(None), l5, SnapshotWrite::Replace),
+            (Some(l5), l9, SnapshotWrite::Replace),
+            (Some(l5), t2l5, SnapshotWrite::Replace),
+            (Some(l5), l5, SnapshotWrite::AlreadyStored),
+            (Some(l9), l5, SnapshotWrite::KeepNewer),
+            (Some(t2l5), l9, SnapshotWrite::KeepNewer),
+            (Some(l5), None, SnapshotWrite::KeepNewer),
+        ];
+        for (stored, offered, want) in table {
+            assert_eq!(snapshot_write(stored, offered), want, "stored {stored:?}, offered {offered:?}");
+        }
+    }
+
+    /// openraft spawns a build beside its state machine worker, so an install from the leader
+    /// can land between the build's copy of the state and the build's write.
+    #[tokio::test]
+    async fn a_build_never_overwrites_a_snapshot_installed_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let (old, new) = (log_id(1, 10), log_id(1, 20));
+        {
+            let mut sm = StateMachine::open(&path, Duration::ZERO).unwrap();
+            sm.shared.applied.write().unwrap().0 = Some(old);
+            let (built_meta, built_data) = sm.copy_for_snapshot().unwrap();
+            assert_eq!(built_meta.last_log_id, Some(old));
+
+            sm.install_snapshot(&meta_at(new), Cursor::new(image(3))).await.unwrap();
+            let (answered, answered_data) = sm.store_built(built_meta, built_data).unwrap();
+            assert_eq!(answered.last_log_id, Some(new), "the build answers with the stored, newer snapshot");
+            assert_eq!(answered_data, image(3));
+
+            let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot is stored");
+            assert_eq!(current.meta.last_log_id, Some(new));
+            assert_eq!(sm.shared.applied.read().unwrap().0, Some(new));
+        }
+        let reopened = StateMachine::open(&path, Duration::ZERO).unwrap();
+        let (meta, data) = reopened.load_snapshot().unwrap().expect("the snapshot survives a restart");
+        assert_eq!(meta.last_log_id, Some(new));
+        assert_eq!(data, image(3));
+    }
+
+    #[tokio::test]
+    async fn a_build_after_an_install_is_stored_and_an_older_install_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("state.redb"), Duration::ZERO).unwrap();
+        sm.install_snapshot(&meta_at(log_id(1, 20)), Cursor::new(image(2))).await.unwrap();
+        // Applied past the installed snapshot: the next build is newer and replaces it.
+        sm.shared.applied.write().unwrap().0 = Some(log_id(1, 30));
+        let built = sm.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id, Some(log_id(1, 30)));
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id, Some(log_id(1, 30)));
+
+        // A build at the stored position changes nothing.
+        let again = sm.build_snapshot().await.unwrap();
+        assert_eq!(again.meta.last_log_id, Some(log_id(1, 30)));
+
+        let refused = sm.install_snapshot(&meta_at(log_id(1, 25)), Cursor::new(image(1))).await;
+        assert!(refused.is_err(), "an install older than the stored snapshot is a storage inconsistency");
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id, Some(log_id(1, 30)));
     }
 }
