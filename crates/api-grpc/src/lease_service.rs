@@ -24,6 +24,7 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let asked_at = std::time::Instant::now();
         let req = req.into_inner();
         let ttl_s = req.ttl.max(self.ctx.min_lease_ttl_s);
         let resp = self.ctx.member.write(Command::LeaseGrant { id: req.id, ttl_s }).await.map_err(consensus_status)?;
@@ -32,7 +33,7 @@ impl pb::lease_server::Lease for LeaseService {
             CommandResponse::LeaseGrant { id, ttl_s } => Ok(Response::new(pb::LeaseGrantResponse {
                 header: Some(self.ctx.header_at(revision)),
                 id,
-                ttl: ttl_s,
+                ttl: promised_ttl_s(ttl_s, asked_at.elapsed()),
                 error: String::new(),
             })),
             other => Err(Status::internal(format!("unexpected grant result {other:?}"))),
@@ -107,5 +108,33 @@ impl pb::lease_server::Lease for LeaseService {
         self.ctx.member.linearize().await.map_err(consensus_status)?;
         let leases = self.ctx.member.read(|s| s.leases().map(|l| pb::LeaseStatus { id: l.id }).collect());
         Ok(Response::new(pb::LeaseLeasesResponse { header: Some(self.ctx.header()), leases }))
+    }
+}
+
+/// The TTL a grant's answer may promise after `elapsed` since the request arrived. Every member
+/// counts the lease from when it applied the grant (after the request arrived) plus the TTL plus
+/// `LEASE_PROMISE_SLACK` (ADR 0008); an answer that took longer than the slack to leave (a
+/// stalled member, a slow forward) promises that much less, so it never outlives the members'
+/// deadlines.
+fn promised_ttl_s(ttl_s: i64, elapsed: std::time::Duration) -> i64 {
+    let late = elapsed.saturating_sub(quorate_consensus::LEASE_PROMISE_SLACK);
+    (ttl_s - late.as_millis().div_ceil(1000).min(i64::MAX as u128) as i64).max(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::promised_ttl_s;
+
+    #[test]
+    fn a_grant_answered_late_promises_only_what_is_left() {
+        let ms = Duration::from_millis;
+        let slack = quorate_consensus::LEASE_PROMISE_SLACK;
+        assert_eq!(promised_ttl_s(10, ms(3)), 10);
+        assert_eq!(promised_ttl_s(10, slack), 10);
+        assert_eq!(promised_ttl_s(10, slack + ms(1)), 9);
+        assert_eq!(promised_ttl_s(10, slack + ms(2_500)), 7);
+        assert_eq!(promised_ttl_s(2, slack + ms(5_000)), 0);
     }
 }

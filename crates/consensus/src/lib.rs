@@ -32,6 +32,7 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 pub use error::ConsensusError;
+pub use lease::core::RENEW_SLACK as LEASE_PROMISE_SLACK;
 pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
 pub use network::{PeerService, PEER_MESSAGE_BYTES_MAX};
