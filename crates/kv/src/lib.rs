@@ -10,9 +10,11 @@
 mod error;
 mod lease;
 mod store;
+mod txn_check;
 mod types;
 
 pub use error::KvError;
 pub use lease::{Lease, LeaseCheckpoint, LEASE_MAX_TTL_S};
 pub use store::{txn_writes, Applied, Store, StoreSnapshot};
+pub use txn_check::{check_txn_request, check_txn_writes, TXN_DEPTH_MAX};
 pub use types::*;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::lease::{Lease, LEASE_MAX_TTL_S};
+use crate::txn_check::{check_key, check_put_shape, check_txn_writes};
 use crate::types::*;
 use crate::KvError;
 
@@ -25,6 +26,9 @@ pub struct Applied {
     pub revision: i64,
     pub result: Result<CommandResponse, KvError>,
     pub events: Vec<Event>,
+    /// Steps the command took: request nodes checked and run, and keys visited by its
+    /// compares, ranges and deletes. Tests bound it; nothing else reads it.
+    pub work_steps: u64,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -45,11 +49,13 @@ const VERSION_OVERHEAD_BYTES: u64 = 64;
 struct WriteCtx {
     sub: u32,
     events: Vec<Event>,
+    /// See `Applied::work_steps`.
+    steps: u64,
 }
 
 impl WriteCtx {
     fn new() -> Self {
-        WriteCtx { sub: 0, events: Vec::new() }
+        WriteCtx { sub: 0, events: Vec::new(), steps: 0 }
     }
 }
 
@@ -100,7 +106,7 @@ impl Store {
             self.revision = self.revision() + 1;
         }
         debug_assert!(w.events.iter().all(|e| e.revision() == self.revision));
-        Applied { revision: self.revision(), result, events: w.events }
+        Applied { revision: self.revision(), result, events: w.events, work_steps: w.steps }
     }
 
     fn exec(&mut self, cmd: &Command, pos: LogPosition, w: &mut WriteCtx) -> Result<CommandResponse, KvError> {
@@ -122,7 +128,7 @@ impl Store {
             Command::DeleteRange(d) => {
                 check_key(&d.key).map(|()| CommandResponse::DeleteRange(self.delete_range(d, w)))
             }
-            Command::Txn(t) => self.check_txn(t).map(|()| CommandResponse::Txn(self.txn(t, w))),
+            Command::Txn(t) => self.apply_txn(t, w).map(CommandResponse::Txn),
             Command::Compact { revision, .. } => self.compact(*revision).map(|()| CommandResponse::Compact),
             Command::LeaseGrant { id, ttl_s } => self.lease_grant(*id, *ttl_s, pos),
             Command::LeaseRevoke { id } => match self.leases.contains_key(id) {
@@ -187,7 +193,7 @@ impl Store {
     /// Range at `req.revision` (0 = current), with etcd's filters, sort, limit and count.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, KvError> {
         let rev = self.read_revision(req.revision)?;
-        Ok(self.range_at(req, rev))
+        Ok(self.range_at(req, rev, &mut 0))
     }
 
     fn read_revision(&self, requested: i64) -> Result<i64, KvError> {
@@ -204,7 +210,8 @@ impl Store {
         Ok(requested)
     }
 
-    fn range_at(&self, req: &RangeRequest, rev: i64) -> RangeResponse {
+    /// The range as of `rev`; adds the keys it visits to `steps`.
+    fn range_at(&self, req: &RangeRequest, rev: i64, steps: &mut u64) -> RangeResponse {
         let mut kvs: Vec<KeyValue> = Vec::new();
         let mut count = 0i64;
         let filtered = req.min_mod_revision != 0
@@ -215,7 +222,7 @@ impl Store {
         // Without a sort or filter, the scan can stop one past the limit (for `more`);
         // the count still needs every key.
         let fetch_max = if req.limit > 0 && !filtered && !sorted { (req.limit + 1) as usize } else { usize::MAX };
-        for kv in self.live_at(&req.key, &req.range_end, rev) {
+        for kv in self.live_at(&req.key, &req.range_end, rev, steps) {
             count += 1;
             if req.count_only || kvs.len() >= fetch_max {
                 continue;
@@ -262,9 +269,15 @@ impl Store {
         RangeResponse { kvs, more, count }
     }
 
-    /// Live values in the range as of `rev`, in key order.
-    fn live_at<'a>(&'a self, key: &'a [u8], range_end: &'a [u8], rev: i64) -> impl Iterator<Item = &'a KeyValue> + 'a {
-        self.history_in(key, range_end).filter_map(move |(_, recs)| version_at(recs, rev))
+    /// Live values in the range as of `rev`, in key order; adds every key visited to `steps`.
+    fn live_at<'a>(
+        &'a self,
+        key: &'a [u8],
+        range_end: &'a [u8],
+        rev: i64,
+        steps: &'a mut u64,
+    ) -> impl Iterator<Item = &'a KeyValue> + 'a {
+        self.history_in(key, range_end).inspect(|_| *steps += 1).filter_map(move |(_, recs)| version_at(recs, rev))
     }
 
     fn history_in<'a>(
@@ -335,20 +348,23 @@ impl Store {
         if txn_writes(t) {
             return None;
         }
-        Some(self.check_txn(t).map(|()| self.eval_read_txn(t)))
+        let mut steps = 0;
+        let mut path = Vec::new();
+        Some(self.choose_txn_path(t, &mut path, &mut steps).map(|()| self.eval_read_txn(t, &path, &mut 0)))
     }
 
-    fn eval_read_txn(&self, t: &TxnRequest) -> TxnResponse {
-        let succeeded = self.compares_hold(&t.compare);
+    fn eval_read_txn(&self, t: &TxnRequest, path: &[bool], next: &mut usize) -> TxnResponse {
+        let succeeded = path[*next];
+        *next += 1;
         let ops = if succeeded { &t.success } else { &t.failure };
         let responses = ops
             .iter()
             .map(|op| match op {
                 RequestOp::Range(r) => {
                     let at = if r.revision > 0 { r.revision } else { self.revision() };
-                    ResponseOp::Range(self.range_at(r, at))
+                    ResponseOp::Range(self.range_at(r, at, &mut 0))
                 }
-                RequestOp::Txn(inner) => ResponseOp::Txn(self.eval_read_txn(inner)),
+                RequestOp::Txn(inner) => ResponseOp::Txn(self.eval_read_txn(inner, path, next)),
                 RequestOp::Put(_) | RequestOp::DeleteRange(_) => unreachable!("read-only txn has no writes"),
             })
             .collect();
@@ -358,13 +374,7 @@ impl Store {
     // ---- validation (runs before any mutation, so an error changes nothing) ----
 
     fn check_put(&self, p: &PutRequest) -> Result<(), KvError> {
-        check_key(&p.key)?;
-        if p.ignore_value && !p.value.is_empty() {
-            return Err(KvError::ValueProvided);
-        }
-        if p.ignore_lease && p.lease != 0 {
-            return Err(KvError::LeaseProvided);
-        }
+        check_put_shape(p)?;
         if (p.ignore_value || p.ignore_lease) && self.current(&p.key).is_none() {
             return Err(KvError::KeyNotFound);
         }
@@ -374,12 +384,17 @@ impl Store {
         Ok(())
     }
 
-    fn check_txn(&self, t: &TxnRequest) -> Result<(), KvError> {
-        check_txn_shape(t)?;
+    /// Choose the branch of the Txn and of every nested Txn that runs, all against the state
+    /// before the Txn (as etcd's `compareToPath` does), and check the chosen ops. `path` gets
+    /// one decision per Txn that runs, in the order `txn` runs them. Each node is visited once.
+    fn choose_txn_path(&self, t: &TxnRequest, path: &mut Vec<bool>, steps: &mut u64) -> Result<(), KvError> {
+        *steps += 1;
+        let succeeded = self.compares_hold(&t.compare, steps);
+        path.push(succeeded);
         // Puts are checked against the state at the start of the Txn, as etcd does; a Txn's
         // writes never touch the same key twice, so no earlier op can change the answer.
-        let ops = if self.compares_hold(&t.compare) { &t.success } else { &t.failure };
-        for op in ops {
+        for op in if succeeded { &t.success } else { &t.failure } {
+            *steps += 1;
             match op {
                 RequestOp::Put(p) => self.check_put(p)?,
                 RequestOp::DeleteRange(d) => check_key(&d.key)?,
@@ -387,26 +402,31 @@ impl Store {
                     check_key(&r.key)?;
                     self.read_revision(r.revision)?;
                 }
-                RequestOp::Txn(inner) => self.check_txn(inner)?,
+                RequestOp::Txn(inner) => self.choose_txn_path(inner, path, steps)?,
             }
         }
         Ok(())
     }
 
-    fn compares_hold(&self, cmps: &[Compare]) -> bool {
-        cmps.iter().all(|c| self.compare_holds(c))
+    fn compares_hold(&self, cmps: &[Compare], steps: &mut u64) -> bool {
+        cmps.iter().all(|c| {
+            *steps += 1;
+            self.compare_holds(c, steps)
+        })
     }
 
-    fn compare_holds(&self, c: &Compare) -> bool {
+    /// Whether every key in the compare's range satisfies it (an absent key compares as a zero
+    /// `KeyValue`, except on its value). Stops at the first key that fails.
+    fn compare_holds(&self, c: &Compare, steps: &mut u64) -> bool {
         let rev = self.revision();
-        let kvs: Vec<&KeyValue> = self.live_at(&c.key, &c.range_end, rev).collect();
-        if kvs.is_empty() {
-            if matches!(c.target, CompareTarget::Value(_)) {
+        let mut seen = false;
+        for kv in self.live_at(&c.key, &c.range_end, rev, steps) {
+            seen = true;
+            if !compare_kv(c, kv) {
                 return false;
             }
-            return compare_kv(c, &KeyValue::default());
         }
-        kvs.iter().all(|kv| compare_kv(c, kv))
+        seen || (!matches!(c.target, CompareTarget::Value(_)) && compare_kv(c, &KeyValue::default()))
     }
 
     // ---- writes ----
@@ -465,6 +485,7 @@ impl Store {
         let rev = self.revision() + 1;
         let victims: Vec<Arc<KeyValue>> = self
             .history_in(&d.key, &d.range_end)
+            .inspect(|_| w.steps += 1)
             .filter_map(|(_, recs)| recs.last().and_then(|r| r.kv.clone()))
             .collect();
         let deleted = victims.len() as i64;
@@ -488,21 +509,37 @@ impl Store {
         w.events.push(Event { kind: EventKind::Delete, kv: tomb, prev_kv: Some(kv) });
     }
 
-    fn txn(&mut self, t: &TxnRequest, w: &mut WriteCtx) -> TxnResponse {
-        let succeeded = self.compares_hold(&t.compare);
+    /// Check a Txn's write set, choose its branches, check the chosen ops, then run them: each
+    /// step one pass over the request, so a Txn costs time linear in its size (plus the keys
+    /// its compares, ranges and deletes visit). Errors leave the store unchanged.
+    fn apply_txn(&mut self, t: &TxnRequest, w: &mut WriteCtx) -> Result<TxnResponse, KvError> {
+        check_txn_writes(t, &mut w.steps)?;
+        let mut path = Vec::new();
+        self.choose_txn_path(t, &mut path, &mut w.steps)?;
+        let mut next = 0;
+        let resp = self.txn(t, &path, &mut next, w);
+        debug_assert_eq!(next, path.len());
+        Ok(resp)
+    }
+
+    /// Run the branches `path` chose, taking one decision per Txn from `next` on.
+    fn txn(&mut self, t: &TxnRequest, path: &[bool], next: &mut usize, w: &mut WriteCtx) -> TxnResponse {
+        let succeeded = path[*next];
+        *next += 1;
         let ops = if succeeded { &t.success } else { &t.failure };
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
+            w.steps += 1;
             let resp = match op {
                 RequestOp::Range(r) => {
                     // Reads inside a Txn see the Txn's own earlier writes.
                     let rev = if w.events.is_empty() { self.revision() } else { self.revision() + 1 };
                     let at = if r.revision > 0 { r.revision } else { rev };
-                    ResponseOp::Range(self.range_at(r, at))
+                    ResponseOp::Range(self.range_at(r, at, &mut w.steps))
                 }
                 RequestOp::Put(p) => ResponseOp::Put(self.put(p, w)),
                 RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete_range(d, w)),
-                RequestOp::Txn(inner) => ResponseOp::Txn(self.txn(inner, w)),
+                RequestOp::Txn(inner) => ResponseOp::Txn(self.txn(inner, path, next, w)),
             };
             responses.push(resp);
         }
@@ -693,61 +730,6 @@ fn version_at(recs: &[Rec], rev: i64) -> Option<&KeyValue> {
 
 fn tombstone(key: &[u8], rev: i64) -> KeyValue {
     KeyValue { key: key.to_vec(), mod_revision: rev, ..Default::default() }
-}
-
-fn check_key(key: &[u8]) -> Result<(), KvError> {
-    if key.is_empty() {
-        Err(KvError::EmptyKey)
-    } else {
-        Ok(())
-    }
-}
-
-/// Txn checks that need no state: op count and etcd's rule that no two writes in one Txn
-/// (across every branch, nested Txns included) touch the same key.
-pub(crate) fn check_txn_shape(t: &TxnRequest) -> Result<(), KvError> {
-    let ops = t.success.len().max(t.failure.len());
-    if ops > TXN_OPS_MAX {
-        return Err(KvError::TooManyOps { ops, max: TXN_OPS_MAX });
-    }
-    for branch in [&t.success, &t.failure] {
-        let mut writes: Vec<KeyRange<'_>> = Vec::new();
-        collect_writes(branch, &mut writes)?;
-        for i in 0..writes.len() {
-            for j in i + 1..writes.len() {
-                if writes[i].overlaps(&writes[j]) {
-                    return Err(KvError::DuplicateKey);
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn collect_writes<'a>(ops: &'a [RequestOp], out: &mut Vec<KeyRange<'a>>) -> Result<(), KvError> {
-    for op in ops {
-        match op {
-            RequestOp::Put(p) => out.push(KeyRange::Single(&p.key)),
-            RequestOp::DeleteRange(d) => out.push(KeyRange::new(&d.key, &d.range_end)),
-            RequestOp::Txn(inner) => {
-                check_txn_shape(inner)?;
-                // A nested Txn runs one of its branches; both must be free of conflicts with
-                // the outer writes.
-                let mut s = Vec::new();
-                collect_writes(&inner.success, &mut s)?;
-                let mut f = Vec::new();
-                collect_writes(&inner.failure, &mut f)?;
-                for r in s.into_iter().chain(f) {
-                    if out.iter().any(|o| o.overlaps(&r)) {
-                        return Err(KvError::DuplicateKey);
-                    }
-                    out.push(r);
-                }
-            }
-            RequestOp::Range(_) => {}
-        }
-    }
-    Ok(())
 }
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 pub type Key = Vec<u8>;
 
-/// Most operations allowed in one Txn (etcd's `--max-txn-ops` default).
+/// Most operations allowed in one Txn (etcd's `--max-txn-ops` default). The API enforces it
+/// before proposing (`check_txn_request`); apply does not, so members never disagree over a flag.
 pub const TXN_OPS_MAX: usize = 128;
 
 /// A key's value at one revision, exactly etcd's `mvccpb.KeyValue`.

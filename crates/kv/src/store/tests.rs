@@ -160,7 +160,7 @@ fn txn_compare_table() {
     ];
     for (target, result, want) in cases {
         let c = Compare { result, target: target.clone(), key: "k".into(), range_end: vec![] };
-        assert_eq!(s.compare_holds(&c), want, "{target:?} {result:?}");
+        assert_eq!(s.compare_holds(&c, &mut 0), want, "{target:?} {result:?}");
     }
     let missing = Compare {
         result: CompareResult::NotEqual,
@@ -168,7 +168,7 @@ fn txn_compare_table() {
         key: "none".into(),
         range_end: vec![],
     };
-    assert!(!s.compare_holds(&missing), "value compares on a missing key always fail");
+    assert!(!s.compare_holds(&missing, &mut 0), "value compares on a missing key always fail");
     put(&mut s, "k2", "n");
     let range = Compare {
         result: CompareResult::Greater,
@@ -176,7 +176,7 @@ fn txn_compare_table() {
         key: "k".into(),
         range_end: "l".into(),
     };
-    assert!(s.compare_holds(&range), "range compare holds for every key");
+    assert!(s.compare_holds(&range, &mut 0), "range compare holds for every key");
 }
 
 #[test]
@@ -216,13 +216,15 @@ fn txn_rejections_change_nothing() {
         ..Default::default()
     });
     assert_eq!(s.apply(&dup, POS).result, Err(KvError::DuplicateKey));
-    let many = Command::Txn(TxnRequest {
+    let many = TxnRequest {
         success: (0..129)
             .map(|i| RequestOp::Put(PutRequest { key: format!("k{i}").into(), ..Default::default() }))
             .collect(),
         ..Default::default()
-    });
-    assert_eq!(s.apply(&many, POS).result, Err(KvError::TooManyOps { ops: 129, max: 128 }));
+    };
+    // The op limit is the API's admission rule (a flag); apply checks only what every member
+    // decides alike.
+    assert_eq!(crate::check_txn_request(&many, TXN_OPS_MAX, &mut 0), Err(KvError::TooManyOps { ops: 129, max: 128 }));
     let bad_lease = Command::Txn(TxnRequest {
         success: vec![
             RequestOp::Put(PutRequest { key: "x".into(), ..Default::default() }),
