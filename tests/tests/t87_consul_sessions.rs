@@ -209,11 +209,23 @@ async fn locks_keep_consuls_behaviors_and_lock_delay() {
     assert_eq!((e["Session"].as_str(), e["LockIndex"].as_u64()), (Some(first.as_str()), Some(1)), "{e}");
 
     eprintln!("its session ends: the key stays, unlocked, and waits out the lock delay on every member");
+    let r = http(&c.nodes[0], "GET", "/v1/kv/app/leader", None).unwrap();
+    let watch_path = format!("/v1/kv/app/leader?index={}&wait=30s", consul_index(&r));
+    let port = c.nodes[0].http_port;
+    let watcher = tokio::spawn(async move {
+        let started = Instant::now();
+        (quorate_tests::http_async(port, "GET", &watch_path, None).await.unwrap(), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let destroy_sent = Instant::now();
     assert_eq!(http(&c.nodes[1], "PUT", &format!("/v1/session/destroy/{first}"), None).unwrap().status, 200);
     let e = kv_entry(&c, 2, "app/leader").expect("behavior release keeps the key");
     assert!(e.get("Session").is_none(), "released: {e}");
     assert_eq!(e["Value"], "Zmlyc3Q=", "the value stays: {e}");
+    let (woke, waited) = watcher.await.unwrap();
+    assert_eq!(woke.status, 200, "{}", woke.body);
+    assert!(woke.json()[0].get("Session").is_none(), "the blocking read woke on the release: {}", woke.body);
+    assert!(waited < Duration::from_secs(25), "the blocking read waited out its wait ({waited:?}) instead of waking");
     let mut conclusive = 0;
     for n in [0, 1, 2, 0, 1, 2] {
         let took = acquire(&c, n, "app/leader", &second, "second");

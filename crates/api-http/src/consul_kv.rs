@@ -120,7 +120,8 @@ async fn kv_get_all(state: State<Arc<Api>>, q: Query<KvParams>) -> ApiResult {
 
 async fn kv_get(State(api): State<Arc<Api>>, Path(key): Path<String>, Query(q): Query<KvParams>) -> ApiResult {
     let whole_prefix = q.recurse.is_some() || q.keys.is_some();
-    crate::ops::block_if_asked(&api, &key, q.index, q.wait.as_deref()).await?;
+    let lock_records = format!("{}{key}", crate::consul_lock::LOCK_PREFIX);
+    crate::ops::block_if_asked_on(&api, &[&key, &lock_records], q.index, q.wait.as_deref()).await?;
     let c = consistency(&api, q.stale.is_some()).await?;
     let req = if whole_prefix {
         prefix_range(&key)
@@ -416,6 +417,8 @@ async fn session_destroy(State(api): State<Arc<Api>>, Path(id): Path<String>) ->
 
 async fn session_info(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(q): Query<KvParams>) -> ApiResult {
     lease_of(&id)?;
+    let record = format!("{SESSION_PREFIX}{id}");
+    crate::ops::block_if_asked(&api, &record, q.index, q.wait.as_deref()).await?;
     let c = consistency(&api, q.stale.is_some()).await?;
     let rev = api.member.read(|s| s.revision());
     let found: Vec<Value> = session_record(&api, &id).map(|(v, _)| v).into_iter().collect();
@@ -423,6 +426,7 @@ async fn session_info(State(api): State<Arc<Api>>, Path(id): Path<String>, Query
 }
 
 async fn session_list(State(api): State<Arc<Api>>, Query(q): Query<KvParams>) -> ApiResult {
+    crate::ops::block_if_asked(&api, SESSION_PREFIX, q.index, q.wait.as_deref()).await?;
     let c = consistency(&api, q.stale.is_some()).await?;
     let (r, rev) = api.member.read(|s| (s.range(&prefix_range(SESSION_PREFIX)), s.revision()));
     let list: Vec<Value> = r?.kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect();

@@ -77,6 +77,17 @@ fn jitter(max: Duration) -> Duration {
 /// A blocking query (`?index=N&wait=30s`, native and Consul alike): when `index` is given,
 /// return once something under `prefix` changed after it, or once `wait` (default 5 min) passed.
 pub async fn block_if_asked(api: &Api, prefix: &str, index: Option<i64>, wait: Option<&str>) -> Result<(), ApiError> {
+    block_if_asked_on(api, &[prefix], index, wait).await
+}
+
+/// `block_if_asked`, waking on a change under any of `prefixes` (a Consul key and its lock
+/// record: a lock released by its session's end changes only the record).
+pub async fn block_if_asked_on(
+    api: &Api,
+    prefixes: &[&str],
+    index: Option<i64>,
+    wait: Option<&str>,
+) -> Result<(), ApiError> {
     let Some(index) = index else { return Ok(()) };
     // An empty `wait=` is no wait at all, as in Consul.
     let wait = match wait.filter(|w| !w.is_empty()) {
@@ -85,17 +96,21 @@ pub async fn block_if_asked(api: &Api, prefix: &str, index: Option<i64>, wait: O
         }
         None => BLOCKING_WAIT_DEFAULT,
     };
-    wait_for_change(api, prefix, index, wait).await
+    wait_for_change(api, prefixes, index, wait).await
 }
 
-/// Block until something under `prefix` changes after revision `index`, or `wait` passes.
-async fn wait_for_change(api: &Api, prefix: &str, index: i64, wait: Duration) -> Result<(), ApiError> {
+/// Block until something under one of `prefixes` changes after revision `index`, or `wait`
+/// passes.
+async fn wait_for_change(api: &Api, prefixes: &[&str], index: i64, wait: Duration) -> Result<(), ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let (key, end) = (prefix.as_bytes().to_vec(), quorate_kv::prefix_end(prefix.as_bytes()));
+    let ranges: Vec<(Vec<u8>, Vec<u8>)> =
+        prefixes.iter().map(|p| (p.as_bytes().to_vec(), quorate_kv::prefix_end(p.as_bytes()))).collect();
     let mut events = api.member.subscribe();
     api.member.linearize().await?;
     // History answers for changes already applied; a compacted index counts as changed.
-    let changed = api.member.read(|s| s.events_since(&key, &end, index + 1).map(|e| !e.is_empty()).unwrap_or(true));
+    let changed = api.member.read(|s| {
+        ranges.iter().any(|(key, end)| s.events_since(key, end, index + 1).map(|e| !e.is_empty()).unwrap_or(true))
+    });
     if changed {
         return Ok(());
     }
@@ -103,7 +118,7 @@ async fn wait_for_change(api: &Api, prefix: &str, index: i64, wait: Duration) ->
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Err(_) => return Ok(()),
             Ok(Ok(Applied::Events { revision, events })) => {
-                if revision > index && events.iter().any(|e| e.kv.key.starts_with(&key)) {
+                if revision > index && events.iter().any(|e| ranges.iter().any(|(key, _)| e.kv.key.starts_with(key))) {
                     return Ok(());
                 }
             }
