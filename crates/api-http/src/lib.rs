@@ -71,13 +71,14 @@ pub(crate) enum Consistency {
     Stale,
 }
 
-/// `X-Quorate-Degraded: <reason>` when any of `instances` is held as suspect by the eviction
-/// brake: how the Consul and Eureka dialects (whose bodies have no such field) say it.
+/// `X-Quorate-Degraded: <reason>` when the eviction brake holds any of `instances` (suspect,
+/// or a check's change held): how the Consul and Eureka dialects (whose bodies have no such
+/// field) say it.
 pub(crate) fn degraded_header<'a>(
     headers: &mut HeaderMap,
     instances: impl IntoIterator<Item = &'a quorate_registry::Instance>,
 ) {
-    let reason = instances.into_iter().find(|i| i.suspect).map(|i| i.suspect_reason.clone().unwrap_or_default());
+    let reason = instances.into_iter().find_map(|i| i.degraded_reason());
     if let Some(reason) = reason {
         let clean: String = reason.chars().filter(|c| c.is_ascii() && !c.is_ascii_control()).collect();
         if let Ok(v) = HeaderValue::from_str(&clean) {

@@ -199,13 +199,13 @@ async fn list_instances(
         let local: Vec<&Instance> = chosen.iter().copied().filter(|i| i.zone == *z && i.is_healthy()).collect();
         chosen = if local.is_empty() { chosen.into_iter().filter(|i| i.is_healthy()).collect() } else { local };
     }
-    let suspect = all.iter().find(|i| i.suspect);
+    let degraded = all.iter().find_map(|i| i.degraded_reason());
     let body = json!({
         "namespace": ns,
         "service": svc,
         "revision": rev,
-        "degraded": suspect.is_some(),
-        "degraded_reason": suspect.and_then(|i| i.suspect_reason.clone()),
+        "degraded": degraded.is_some(),
+        "degraded_reason": degraded,
         "instances": chosen,
     });
     let mut headers = api.stamp(rev, consistency);

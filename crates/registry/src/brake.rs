@@ -115,6 +115,16 @@ pub struct EngagedState {
     pub by_checks: bool,
 }
 
+/// What an active check asks the brake for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckChange {
+    /// Mark the instance critical (a downgrade: counted in the window).
+    MarkCritical,
+    /// Remove an instance already critical: deregistered after `deregister_critical_after`, or
+    /// expired and confirmed dead. Its downgrade was counted when it was marked.
+    Remove,
+}
+
 /// What the brake did, for logs and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transition {
@@ -203,11 +213,18 @@ impl Brake {
         }
     }
 
-    /// One instance of `zone` whose active check asks to mark it critical, deregister it
-    /// (critical past its deadline) or evict it (expired and confirmed dead), while `failing`
-    /// of the zone's `zone_total` checked instances (this one included) fail their checks now.
-    /// `Evict` means: carry the change out (it is counted); `Hold`: keep the instance as it is.
-    pub fn judge_check(&mut self, zone: &str, failing: usize, zone_total: usize, now: Instant) -> Verdict {
+    /// One instance of `zone` whose active check asks for `change`. For `MarkCritical`,
+    /// `failing` of the zone's `zone_total` checked instances (this one included) fail their
+    /// checks now; for `Remove`, `failing` of them are due for removal at once. `Evict` means:
+    /// carry the change out; `Hold`: keep the instance as it is.
+    pub fn judge_check(
+        &mut self,
+        zone: &str,
+        change: CheckChange,
+        failing: usize,
+        zone_total: usize,
+        now: Instant,
+    ) -> Verdict {
         let cfg = self.cfg.clone();
         let z = self.zones.entry(zone.to_string()).or_default();
         while z.evictions.front().is_some_and(|t| now.duration_since(*t) > cfg.window) {
@@ -222,8 +239,12 @@ impl Brake {
             self.transitions.push(Transition::Released { zone: zone.into(), why: "maximum hold reached" });
         }
         if !z.checks_released_by_timeout {
-            // What has been changed in the window, plus every instance failing right now.
-            let would_be = z.evictions.len() + failing.max(1);
+            let would_be = match change {
+                // What has been changed in the window, plus every instance failing right now.
+                CheckChange::MarkCritical => z.evictions.len() + failing.max(1),
+                // Its downgrade was counted already: only many at once is a storm.
+                CheckChange::Remove => failing.max(1),
+            };
             let over = would_be as f64 > cfg.threshold * zone_total as f64;
             if over && would_be >= cfg.min_evictions {
                 let reason = format!(
@@ -239,7 +260,9 @@ impl Brake {
                 return Verdict::Hold { reason };
             }
         }
-        z.evictions.push_back(now);
+        if change == CheckChange::MarkCritical {
+            z.evictions.push_back(now);
+        }
         Verdict::Evict
     }
 
@@ -342,6 +365,8 @@ mod tests {
     use super::*;
 
     const TTL: Duration = Duration::from_secs(15);
+    const MARK: CheckChange = CheckChange::MarkCritical;
+    const REMOVE: CheckChange = CheckChange::Remove;
     const LONG: Duration = Duration::from_secs(3600);
 
     fn s(n: u64) -> Duration {
@@ -421,13 +446,13 @@ mod tests {
         let mut b = Brake::new(BrakeConfig::default());
         let t0 = Instant::now();
         // All 20 instances of zone a fail at once: the first one judged already sees them all.
-        let v = b.judge_check("a", 20, 20, t0);
+        let v = b.judge_check("a", MARK, 20, 20, t0);
         assert!(matches!(&v, Verdict::Hold { reason } if reason.contains("20 of 20")), "{v:?}");
         for i in 1..20 {
-            assert!(matches!(b.judge_check("a", 20, 20, t0 + s(i)), Verdict::Hold { .. }), "instance {i}");
+            assert!(matches!(b.judge_check("a", MARK, 20, 20, t0 + s(i)), Verdict::Hold { .. }), "instance {i}");
         }
         // One failing instance in another zone is simply marked.
-        assert_eq!(b.judge_check("b", 1, 20, t0), Verdict::Evict);
+        assert_eq!(b.judge_check("b", MARK, 1, 20, t0), Verdict::Evict);
         // Lease expiries in a zone the checks hold are held too.
         assert!(matches!(b.judge("a", 1, 20, LONG, TTL, t0 + s(30)), Verdict::Hold { .. }));
         assert_eq!(b.engaged().len(), 1);
@@ -439,32 +464,50 @@ mod tests {
         let t0 = Instant::now();
         // 25% of 20 is 5: five instances failing one after another are marked...
         for i in 0..5 {
-            assert_eq!(b.judge_check("z", 1, 20, t0 + s(i)), Verdict::Evict, "instance {i}");
+            assert_eq!(b.judge_check("z", MARK, 1, 20, t0 + s(i)), Verdict::Evict, "instance {i}");
         }
         // ...the sixth within the window is a storm.
-        assert!(matches!(b.judge_check("z", 1, 20, t0 + s(6)), Verdict::Hold { .. }));
+        assert!(matches!(b.judge_check("z", MARK, 1, 20, t0 + s(6)), Verdict::Hold { .. }));
         // Evictions by lease expiry and check-driven changes share the window.
         let mut b = Brake::new(BrakeConfig::default());
         assert_eq!(b.judge("z", 4, 20, LONG, TTL, t0), Verdict::Evict);
-        assert_eq!(b.judge_check("z", 1, 20, t0 + s(1)), Verdict::Evict);
-        assert!(matches!(b.judge_check("z", 1, 20, t0 + s(2)), Verdict::Hold { .. }));
+        assert_eq!(b.judge_check("z", MARK, 1, 20, t0 + s(1)), Verdict::Evict);
+        assert!(matches!(b.judge_check("z", MARK, 1, 20, t0 + s(2)), Verdict::Hold { .. }));
         assert!(matches!(b.judge("z", 1, 20, LONG, TTL, t0 + s(3)), Verdict::Hold { .. }));
     }
 
     #[test]
-    fn a_confirmed_dead_instance_overrides_a_lease_hold_but_is_counted() {
+    fn a_confirmed_dead_instance_overrides_a_lease_hold() {
         let mut b = Brake::new(BrakeConfig::default());
         let t0 = Instant::now();
-        assert!(matches!(b.judge("z", 12, 20, LONG, TTL, t0), Verdict::Hold { .. }));
-        assert_eq!(b.judge_check("z", 1, 20, t0 + s(1)), Verdict::Evict, "its check confirmed it dead");
-        assert_eq!(b.export(t0 + s(1)).zones["z"].window, vec![(0, 1)], "and it counts");
+        // Marked critical (counted), then its lease expires along with a storm of others.
+        assert_eq!(b.judge_check("z", MARK, 1, 20, t0), Verdict::Evict);
+        assert!(matches!(b.judge("z", 12, 20, LONG, TTL, t0 + s(1)), Verdict::Hold { .. }));
+        assert_eq!(b.judge_check("z", REMOVE, 1, 20, t0 + s(2)), Verdict::Evict, "its check confirmed it dead");
+        assert_eq!(b.export(t0 + s(2)).zones["z"].window, vec![(2000, 1)], "counted once, when it was marked");
+    }
+
+    #[test]
+    fn removals_of_critical_instances_are_held_only_in_numbers_or_while_held() {
+        let mut b = Brake::new(BrakeConfig::default());
+        let t0 = Instant::now();
+        // A small zone: one marked, then deregistered, then another: no storm.
+        assert_eq!(b.judge_check("small", MARK, 1, 2, t0), Verdict::Evict);
+        assert_eq!(b.judge_check("small", MARK, 1, 2, t0 + s(1)), Verdict::Evict);
+        assert_eq!(b.judge_check("small", REMOVE, 1, 2, t0 + s(3)), Verdict::Evict);
+        assert_eq!(b.judge_check("small", REMOVE, 1, 2, t0 + s(3)), Verdict::Evict);
+        // Ten of twenty due for deregistration at once is a storm.
+        let v = b.judge_check("big", REMOVE, 10, 20, t0);
+        assert!(matches!(&v, Verdict::Hold { reason } if reason.contains("10 of 20")), "{v:?}");
+        // And while the checks hold a zone, a single removal waits too.
+        assert!(matches!(b.judge_check("big", REMOVE, 1, 20, t0 + s(5)), Verdict::Hold { .. }));
     }
 
     #[test]
     fn a_check_hold_releases_when_the_checks_recover_or_after_the_maximum() {
         let mut b = Brake::new(BrakeConfig::default());
         let t0 = Instant::now();
-        assert!(matches!(b.judge_check("z", 10, 10, t0), Verdict::Hold { .. }));
+        assert!(matches!(b.judge_check("z", MARK, 10, 10, t0), Verdict::Hold { .. }));
         b.observe_checks("z", 10, t0 + s(10));
         assert_eq!(b.engaged().len(), 1);
         b.observe_checks("z", 0, t0 + s(20));
@@ -475,15 +518,18 @@ mod tests {
         );
 
         let mut b = Brake::new(BrakeConfig::default());
-        assert!(matches!(b.judge_check("z", 10, 10, t0), Verdict::Hold { .. }));
-        assert!(matches!(b.judge_check("z", 10, 10, t0 + s(299)), Verdict::Hold { .. }));
+        assert!(matches!(b.judge_check("z", MARK, 10, 10, t0), Verdict::Hold { .. }));
+        assert!(matches!(b.judge_check("z", MARK, 10, 10, t0 + s(299)), Verdict::Hold { .. }));
         b.observe_checks("z", 10, t0 + s(300));
         // Every held change now proceeds, one after another, until the checks recover.
         for i in 0..10 {
-            assert_eq!(b.judge_check("z", 10, 10, t0 + s(301)), Verdict::Evict, "instance {i}");
+            assert_eq!(b.judge_check("z", MARK, 10, 10, t0 + s(301)), Verdict::Evict, "instance {i}");
         }
         b.observe_checks("z", 0, t0 + s(310));
-        assert!(matches!(b.judge_check("z", 10, 10, t0 + s(400)), Verdict::Hold { .. }), "a new storm holds again");
+        assert!(
+            matches!(b.judge_check("z", MARK, 10, 10, t0 + s(400)), Verdict::Hold { .. }),
+            "a new storm holds again"
+        );
     }
 
     #[test]

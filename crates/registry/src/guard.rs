@@ -12,7 +12,7 @@
 
 use quorate_kv::{Command, RequestOp, TxnRequest};
 
-use crate::REGISTRY_PREFIX;
+use crate::{BRAKE_STATE_KEY, REGISTRY_PREFIX};
 
 /// A write that would touch a protected key range.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,52 +39,68 @@ pub fn range_overlaps_prefix(key: &[u8], range_end: &[u8], prefix: &[u8]) -> boo
     }
 }
 
-/// Whether `[key, range_end)` shares a key with the registry's records.
+/// Whether the etcd range `[key, range_end)` contains the single key `single`.
+pub fn range_contains_key(key: &[u8], range_end: &[u8], single: &[u8]) -> bool {
+    match range_end {
+        [] => key == single,
+        [0] => key <= single,
+        re => key <= single && single < re,
+    }
+}
+
+/// Whether `[key, range_end)` shares a key with the registry's records or the brake's state.
 pub fn touches_registry(key: &[u8], range_end: &[u8]) -> bool {
     range_overlaps_prefix(key, range_end, REGISTRY_PREFIX.as_bytes())
+        || range_contains_key(key, range_end, BRAKE_STATE_KEY.as_bytes())
 }
 
 /// The first write in `cmd` (Put, DeleteRange, any branch of any nested Txn, through fences)
 /// that touches a key under `prefix`, if any. Reads and compares are never refused.
 pub fn first_write_under(cmd: &Command, prefix: &[u8]) -> Option<Refused> {
+    first_write_where(cmd, &|key, end| range_overlaps_prefix(key, end, prefix))
+}
+
+/// `first_write_under` for the registry's keyspace (`touches_registry`): what the etcd KV API
+/// refuses.
+pub fn first_registry_write(cmd: &Command) -> Option<Refused> {
+    first_write_where(cmd, &touches_registry)
+}
+
+type Protected<'a> = &'a dyn Fn(&[u8], &[u8]) -> bool;
+
+fn first_write_where(cmd: &Command, protected: Protected) -> Option<Refused> {
     let mut cmd = cmd;
     loop {
         match cmd {
             Command::Fenced { cmd: inner, .. } | Command::TermFenced { cmd: inner, .. } => cmd = inner,
-            Command::Put(p) => return op_refused(&RequestOp::Put(p.clone()), prefix),
-            Command::DeleteRange(d) => return op_refused(&RequestOp::DeleteRange(d.clone()), prefix),
-            Command::Txn(t) => return txn_first_write_under(t, prefix),
+            Command::Put(p) => return refused(&p.key, &[], protected),
+            Command::DeleteRange(d) => return refused(&d.key, &d.range_end, protected),
+            Command::Txn(t) => return txn_first_write(t, protected),
             _ => return None,
         }
     }
 }
 
-/// `first_write_under` for the registry's keyspace: what the etcd KV API refuses.
-pub fn first_registry_write(cmd: &Command) -> Option<Refused> {
-    first_write_under(cmd, REGISTRY_PREFIX.as_bytes())
-}
-
-fn op_refused(op: &RequestOp, prefix: &[u8]) -> Option<Refused> {
-    let (key, range_end) = match op {
-        RequestOp::Put(p) => (&p.key, &[][..]),
-        RequestOp::DeleteRange(d) => (&d.key, d.range_end.as_slice()),
-        RequestOp::Range(_) | RequestOp::Txn(_) => return None,
-    };
-    range_overlaps_prefix(key, range_end, prefix).then(|| Refused { key: key.clone(), range_end: range_end.to_vec() })
+fn refused(key: &[u8], range_end: &[u8], protected: Protected) -> Option<Refused> {
+    protected(key, range_end).then(|| Refused { key: key.to_vec(), range_end: range_end.to_vec() })
 }
 
 /// Every branch of every nested Txn, with an explicit stack: no recursion, each op seen once.
-fn txn_first_write_under(txn: &TxnRequest, prefix: &[u8]) -> Option<Refused> {
+fn txn_first_write(txn: &TxnRequest, protected: Protected) -> Option<Refused> {
     let mut stack: Vec<&TxnRequest> = vec![txn];
     while let Some(t) = stack.pop() {
         for op in t.success.iter().chain(&t.failure) {
-            match op {
-                RequestOp::Txn(inner) => stack.push(inner),
-                op => {
-                    if let Some(r) = op_refused(op, prefix) {
-                        return Some(r);
-                    }
+            let hit = match op {
+                RequestOp::Txn(inner) => {
+                    stack.push(inner);
+                    None
                 }
+                RequestOp::Put(p) => refused(&p.key, &[], protected),
+                RequestOp::DeleteRange(d) => refused(&d.key, &d.range_end, protected),
+                RequestOp::Range(_) => None,
+            };
+            if hit.is_some() {
+                return hit;
             }
         }
     }
@@ -108,6 +124,12 @@ mod tests {
             (b"/quorate/registry", b"", false),
             (b"/quorate/registrz", b"", false),
             (b"/quorate/consul/sessions/x", b"", false),
+            // The brake's replicated state, a single key next to the records.
+            (b"/quorate/brake", b"", true),
+            (b"/quorate/brakes", b"", false),
+            (b"/quorate/b", b"/quorate/c", true),
+            (b"/quorate/brake\0", b"/quorate/r", false),
+            (b"/quorate/brake\0", b"\0", true),
             (b"/app/config", b"", false),
             // Prefixes (`--prefix`: range_end = prefix + 1).
             (b"/quorate/", b"/quorate0", true),
@@ -125,7 +147,8 @@ mod tests {
             (b"/z", b"\0", false),
             // Ranges that start before and end inside, start inside and end after, or touch.
             (b"/a", b"/quorate/registry/a", true),
-            (b"/a", b"/quorate/registry/", false),
+            (b"/quorate/c", b"/quorate/registry/", false),
+            (b"/a", b"/quorate/registry/", true), // holds the brake's state
             (b"/a", b"/quorate/registry/\0", true),
             (b"/quorate/registry/x", b"/z", true),
             (b"/quorate/registry0", b"/z", false),

@@ -4,6 +4,10 @@
 
 pub const REGISTRY_PREFIX: &str = "/quorate/registry/";
 
+/// Where the leader replicates the eviction brake's state (ADR 0005), outside the records'
+/// prefix so that no reader of instances meets it. Read-only over the KV APIs like them.
+pub const BRAKE_STATE_KEY: &str = "/quorate/brake";
+
 pub fn namespace_prefix(ns: &str) -> String {
     format!("{REGISTRY_PREFIX}{ns}/")
 }

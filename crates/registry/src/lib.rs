@@ -10,9 +10,9 @@ mod keys;
 mod model;
 mod writes;
 
-pub use brake::{Brake, BrakeConfig, BrakeState, EngagedState, Transition, Verdict, ZoneState};
+pub use brake::{Brake, BrakeConfig, BrakeState, CheckChange, EngagedState, Transition, Verdict, ZoneState};
 pub use checks::{http_outcome, step, CheckSpec, CheckState, Step};
 pub use guard::{first_registry_write, first_write_under, range_overlaps_prefix, touches_registry, Refused};
-pub use keys::{instance_key, namespace_prefix, parse_instance_key, service_prefix, REGISTRY_PREFIX};
+pub use keys::{instance_key, namespace_prefix, parse_instance_key, service_prefix, BRAKE_STATE_KEY, REGISTRY_PREFIX};
 pub use model::{check_name, Health, Instance, Kind, RegisterRequest, RegistryError, DEFAULT_NAMESPACE};
 pub use writes::{delete_if_unchanged, replace_if_unchanged};

@@ -54,6 +54,11 @@ pub struct Instance {
     pub suspect: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspect_reason: Option<String>,
+    /// Its active check asked to mark it critical or deregister it while the eviction brake
+    /// held its zone (many instances failing at once): kept as it was, served, and flagged
+    /// with the brake's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brake_hold: Option<String>,
     pub heartbeat_interval_s: u64,
     pub ttl_s: u64,
     /// The lease an ephemeral instance's heartbeats renew; 0 for persistent instances.
@@ -70,6 +75,15 @@ impl Instance {
     /// Passing and not suspect: what `?healthy=true` returns.
     pub fn is_healthy(&self) -> bool {
         self.health == Health::Passing && !self.suspect
+    }
+
+    /// Why the eviction brake holds this instance, if it does (suspect, or a check's change
+    /// held): what makes an answer `degraded`.
+    pub fn degraded_reason(&self) -> Option<String> {
+        if self.suspect {
+            return Some(self.suspect_reason.clone().unwrap_or_default());
+        }
+        self.brake_hold.clone()
     }
 }
 
@@ -210,6 +224,7 @@ impl RegisterRequest {
             health: Health::Passing,
             suspect: false,
             suspect_reason: None,
+            brake_hold: None,
             heartbeat_interval_s,
             ttl_s,
             lease: if self.kind == Kind::Ephemeral { lease } else { 0 },
