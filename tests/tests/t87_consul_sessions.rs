@@ -49,7 +49,8 @@ async fn an_unrenewed_session_lives_until_twice_its_ttl() {
     let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
 
     eprintln!("create an unrenewed 10 s session that holds a lock (behavior delete)");
-    let held = create_session(&c, 0, r#"{"Name":"ha-leader","TTL":"10s","Behavior":"delete","LockDelay":"1ms"}"#);
+    let held = create_session(&c, 0, r#"{"Name":"ha-leader","TTL":"10s","Behavior":"delete","LockDelay":"5s"}"#);
+    let successor = create_session(&c, 2, r#"{"Name":"replica","TTL":"30s","LockDelay":"0s"}"#);
     let created = Instant::now();
     let r = http(&c.nodes[1], "PUT", &format!("/v1/kv/service/ha/leader?acquire={held}"), Some("primary-1")).unwrap();
     assert_eq!((r.status, r.body.trim()), (200, "true"), "acquire");
@@ -90,15 +91,25 @@ async fn an_unrenewed_session_lives_until_twice_its_ttl() {
 
     eprintln!("and it is gone eventually after 2x its TTL, with the key it held");
     let deadline = created + SESSION_TTL * 2 + Duration::from_secs(20);
+    let mut last_present = Instant::now();
     let gone_after = loop {
         if session_info(&c, 0, &held).is_none() {
             break created.elapsed();
         }
+        last_present = Instant::now();
         assert!(Instant::now() < deadline, "the session outlived 2x its TTL + 20 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     eprintln!("  present at {checked_at:?}, gone at {gone_after:?} after creation (TTL 10 s)");
     assert!(gone_after >= SESSION_TTL * 3 / 2);
+    // The session ended after `last_present`, so its 5 s lock delay lasts at least until
+    // `last_present + 5 s` on the member that answered.
+    let took = acquire(&c, 0, "service/ha/leader", &successor, "replica");
+    let within = last_present.elapsed();
+    if within < Duration::from_secs(5) {
+        assert!(!took, "the lock of a session invalidated by its TTL was re-acquired within its lock delay");
+    }
+    eprintln!("  acquisition {within:?} after the session was last seen: {}", if took { "granted" } else { "refused" });
     for n in 0..3 {
         let deadline = Instant::now() + Duration::from_secs(10);
         while session_info(&c, n, &held).is_some() {
