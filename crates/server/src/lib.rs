@@ -1,6 +1,7 @@
 //! A quorate member: configuration, listeners, the HTTP endpoints (`/health`, `/ready`,
 //! `/version`, `/metrics`) and shutdown. It wires the libraries together and owns no rules.
 
+mod brake_state;
 mod config;
 mod http;
 mod prober;
@@ -110,9 +111,10 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
 
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
     member.set_app_handler(Arc::new(prober::ProbeHandler { source: cfg.probe_source_ip }));
-    tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip));
+    let brake = Arc::new(brake_state::SharedBrake::new(cfg.brake.clone()));
+    tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip, brake.clone()));
     let reaper_stats = Arc::new(reaper::ReaperStats::default());
-    tokio::spawn(reaper::run(member.clone(), cfg.brake.clone(), reaper_stats.clone()));
+    tokio::spawn(reaper::run(member.clone(), brake, reaper_stats.clone()));
 
     let http_state =
         Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), reaper_stats, cfg.drill.failpoints));

@@ -3,6 +3,11 @@
 //! another member's probe (`call_member("probe")`) when one answers: one vantage point's
 //! network trouble never marks a healthy instance critical. Status changes are written
 //! term-fenced and compared against the record's mod revision.
+//!
+//! Every change that downgrades or removes an instance (marking it critical, deregistering it
+//! after `deregister_critical_after`) goes through the eviction brake, with the number of the
+//! zone's instances failing their checks right now: a whole zone failing at once is held
+//! (kept as it was, served, flagged `brake_hold`), not taken out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,11 +17,12 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use quorate_consensus::{AppHandler, Member};
 use quorate_kv::{Command, RangeRequest};
-use quorate_registry::{http_outcome, step, CheckSpec, CheckState, Health, Instance, Step};
+use quorate_registry::{http_outcome, step, CheckChange, CheckSpec, CheckState, Health, Instance, Step, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::brake_state::SharedBrake;
 use crate::registry_view::RegistryView;
 
 /// How often the leader looks for checks that are due.
@@ -102,6 +108,8 @@ impl AppHandler for ProbeHandler {
 struct Tracked {
     state: CheckState,
     next_due: Instant,
+    /// Another member reached it when this one failed to: not counted as failing in its zone.
+    alive_elsewhere: bool,
 }
 
 /// Ask the other members (up to two) to probe; `true` if one of them sees the instance alive.
@@ -123,12 +131,16 @@ async fn another_vantage_disagrees(member: &Member, spec: &CheckSpec) -> Option<
     answered.then_some(false)
 }
 
-pub async fn run(member: Member, source: Option<IpAddr>) {
+/// Per zone: (instances with an active check, those failing it now and not critical yet).
+type ZoneChecks = HashMap<String, (usize, usize)>;
+
+pub async fn run(member: Member, source: Option<IpAddr>, brake: Arc<SharedBrake>) {
     let mut tracked: HashMap<Vec<u8>, Tracked> = HashMap::new();
     // Since when (as this leader saw it) each critical instance with a deregister deadline
     // has been critical. A new leader starts counting afresh: it errs on keeping instances.
     let mut critical_since: HashMap<Vec<u8>, Instant> = HashMap::new();
     let mut view = RegistryView::new();
+    let mut zones: ZoneChecks = HashMap::new();
     let mut term = 0;
     let limit = Arc::new(tokio::sync::Semaphore::new(PROBES_IN_FLIGHT_MAX));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Health)>(PROBES_IN_FLIGHT_MAX);
@@ -138,7 +150,7 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
         tokio::select! {
             _ = tick.tick() => {}
             Some((key, outcome)) = rx.recv() => {
-                judge(&member, term, &mut tracked, key, outcome).await;
+                judge(&member, term, &mut tracked, &brake, &zones, key, outcome).await;
                 continue;
             }
         }
@@ -154,13 +166,35 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
             tracked.clear();
             critical_since.clear();
         }
+        if brake.take_over(&member, term).await.is_err() {
+            continue;
+        }
         let now = Instant::now();
         let records = view.records(&member);
+        zones.clear();
+        for r in records.iter().filter(|r| r.instance.check.is_some()) {
+            let z = zones.entry(r.instance.zone.clone()).or_default();
+            z.0 += 1;
+            // Failing and not critical yet, or held by the brake (a held deregistration is).
+            let probe_fails = tracked.get(&r.key).is_some_and(|t| t.state.failures > 0 && !t.alive_elsewhere);
+            if (probe_fails && r.instance.health != Health::Critical) || r.instance.brake_hold.is_some() {
+                z.1 += 1;
+            }
+        }
+        brake.with(term, |b| {
+            for (zone, (_, failing)) in &zones {
+                b.observe_checks(zone, *failing, now.into_std());
+            }
+        });
         let due: Vec<(Vec<u8>, CheckSpec)> = records
             .iter()
             .filter_map(|r| {
                 let (key, spec) = (r.key.clone(), r.instance.check.clone()?);
-                let t = tracked.entry(key.clone()).or_insert(Tracked { state: CheckState::default(), next_due: now });
+                let t = tracked.entry(key.clone()).or_insert(Tracked {
+                    state: CheckState::default(),
+                    next_due: now,
+                    alive_elsewhere: false,
+                });
                 (t.next_due <= now).then(|| {
                     t.next_due = now + Duration::from_secs(spec.interval_s);
                     (key, spec)
@@ -172,7 +206,7 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
             .filter(|r| r.instance.health == Health::Critical && r.instance.check.is_some())
             .map(|r| (r.key.clone(), r.instance.clone(), r.mod_revision))
             .collect();
-        deregister_long_critical(&member, term, &critical, &mut critical_since, now).await;
+        deregister_long_critical(&member, term, &brake, &zones, &critical, &mut critical_since, now).await;
         for (key, spec) in due {
             let (tx, limit) = (tx.clone(), limit.clone());
             tokio::spawn(async move {
@@ -184,15 +218,19 @@ pub async fn run(member: Member, source: Option<IpAddr>) {
     }
 }
 
-/// Deregister instances that stayed critical past their check's deadline.
+/// Deregister instances that stayed critical past their check's deadline, through the brake:
+/// many of one zone due at once are held (flagged), not removed.
 async fn deregister_long_critical(
     member: &Member,
     term: u64,
+    brake: &SharedBrake,
+    zones: &ZoneChecks,
     instances: &[(Vec<u8>, Instance, i64)],
     since: &mut HashMap<Vec<u8>, Instant>,
     now: Instant,
 ) {
     let mut seen = std::collections::HashSet::new();
+    let mut due = Vec::new();
     for (key, instance, mod_revision) in instances {
         let Some(after) = instance.check.as_ref().and_then(|c| c.deregister_critical_after_s) else { continue };
         if instance.health != Health::Critical {
@@ -200,19 +238,54 @@ async fn deregister_long_critical(
         }
         seen.insert(key.clone());
         let t = *since.entry(key.clone()).or_insert(now);
-        if now.duration_since(t) < Duration::from_secs(after) {
-            continue;
-        }
-        let txn = quorate_registry::delete_if_unchanged(key, *mod_revision);
-        if member.write(Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) }).await.is_ok() {
-            info!(instance = %instance.id, after_s = after, "deregistered instance: critical past its deadline");
+        if now.duration_since(t) >= Duration::from_secs(after) {
+            due.push((key, instance, *mod_revision, after));
         }
     }
     since.retain(|k, _| seen.contains(k));
+    let mut due_in_zone: HashMap<&str, usize> = HashMap::new();
+    for (_, instance, _, _) in &due {
+        *due_in_zone.entry(instance.zone.as_str()).or_default() += 1;
+    }
+    for (key, instance, mod_revision, after) in due {
+        let zone = instance.zone.as_str();
+        let total = zones.get(zone).map_or(0, |z| z.0);
+        let Some(verdict) =
+            brake.with(term, |b| b.judge_check(zone, CheckChange::Remove, due_in_zone[zone], total, now.into_std()))
+        else {
+            return;
+        };
+        let txn = match &verdict {
+            Verdict::Evict => quorate_registry::delete_if_unchanged(key, mod_revision),
+            Verdict::Hold { reason } if instance.brake_hold.as_ref() != Some(reason) => {
+                let held = Instance { brake_hold: Some(reason.clone()), ..instance.clone() };
+                quorate_registry::replace_if_unchanged(key, mod_revision, &held)
+            }
+            Verdict::Hold { .. } => continue,
+        };
+        if member.write(Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) }).await.is_ok() {
+            match verdict {
+                Verdict::Evict => {
+                    info!(instance = %instance.id, after_s = after, "deregistered instance: critical past its deadline")
+                }
+                Verdict::Hold { reason } => {
+                    info!(instance = %instance.id, %reason, "eviction brake holds a deregistration")
+                }
+            }
+        }
+    }
 }
 
-/// Apply one probe result: hysteresis, confirmation, and the term-fenced write.
-async fn judge(member: &Member, term: u64, tracked: &mut HashMap<Vec<u8>, Tracked>, key: Vec<u8>, outcome: Health) {
+/// Apply one probe result: hysteresis, confirmation, the brake, and the term-fenced write.
+async fn judge(
+    member: &Member,
+    term: u64,
+    tracked: &mut HashMap<Vec<u8>, Tracked>,
+    brake: &SharedBrake,
+    zones: &ZoneChecks,
+    key: Vec<u8>,
+    outcome: Health,
+) {
     let Some(t) = tracked.get_mut(&key) else { return };
     let current = member.read(|s| {
         let r = s.range(&RangeRequest { key: key.clone(), ..Default::default() }).ok()?;
@@ -222,18 +295,45 @@ async fn judge(member: &Member, term: u64, tracked: &mut HashMap<Vec<u8>, Tracke
     });
     let Some((instance, mod_revision)) = current else { return };
     let Some(spec) = instance.check.clone() else { return };
+    if outcome != Health::Critical {
+        t.alive_elsewhere = false;
+    }
     let new = match step(instance.health, &mut t.state, outcome, &spec) {
+        // A check the brake held that passes again: the flag goes.
+        Step::Stay if outcome != Health::Critical && instance.brake_hold.is_some() => instance.health,
         Step::Stay => return,
         Step::Become(h) => h,
         Step::Confirm => match another_vantage_disagrees(member, &spec).await {
             Some(true) => {
                 info!(instance = %instance.id, "probe failed here but another member reaches the instance: keeping it");
+                if let Some(t) = tracked.get_mut(&key) {
+                    t.alive_elsewhere = true;
+                }
                 return;
             }
             Some(false) | None => Health::Critical,
         },
     };
-    let updated = Instance { health: new, ..instance.clone() };
+    if let Some(t) = tracked.get_mut(&key) {
+        t.alive_elsewhere = false;
+    }
+    let mut updated = Instance { health: new, brake_hold: None, ..instance.clone() };
+    if new == Health::Critical {
+        let (total, failing) = zones.get(&instance.zone).copied().unwrap_or((1, 1));
+        let now = Instant::now().into_std();
+        let Some(verdict) =
+            brake.with(term, |b| b.judge_check(&instance.zone, CheckChange::MarkCritical, failing, total, now))
+        else {
+            return;
+        };
+        if let Verdict::Hold { reason } = verdict {
+            if instance.brake_hold.as_ref() == Some(&reason) {
+                return;
+            }
+            info!(instance = %instance.id, %reason, "eviction brake holds a check's critical status");
+            updated = Instance { brake_hold: Some(reason), ..instance.clone() };
+        }
+    }
     let txn = quorate_registry::replace_if_unchanged(&key, mod_revision, &updated);
     match member.write(Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) }).await {
         Ok(_) => info!(instance = %instance.id, from = ?instance.health, to = ?new, "health check changed status"),

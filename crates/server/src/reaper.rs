@@ -2,14 +2,20 @@
 //! evicted, or marked suspect while the eviction brake holds. Every write is term-fenced and
 //! compares the record's mod revision, so a deposed leader's decision, or one about a record
 //! that changed since (the instance registered again), is a no-op.
+//!
+//! The brake is shared with the prober and replicated (`brake_state`): an expired instance its
+//! check confirmed dead is judged as a check-driven removal (it overrides a lease hold, but
+//! counts, and a zone of them at once is held too).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use quorate_consensus::Member;
 use quorate_kv::Command;
-use quorate_registry::{Brake, BrakeConfig, Health, Instance, Kind, Transition, Verdict};
+use quorate_registry::{CheckChange, Health, Instance, Kind, Transition, Verdict};
 
+use crate::brake_state::SharedBrake;
 use crate::registry_view::RegistryView;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -51,9 +57,13 @@ fn scan(member: &Member, view: &mut RegistryView) -> BTreeMap<String, (usize, Ve
     })
 }
 
-pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperStats>) {
+/// An active check confirmed it critical: its lease expiry is not the brake's guess to make.
+fn confirmed_dead(i: &Instance) -> bool {
+    i.check.is_some() && i.health == Health::Critical
+}
+
+pub async fn run(member: Member, brake: Arc<SharedBrake>, stats: Arc<ReaperStats>) {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut brake = Brake::new(cfg.clone());
     let mut view = RegistryView::new();
     let mut leading: Option<(u64, Instant)> = None;
     let mut tick = tokio::time::interval(REAP_INTERVAL);
@@ -63,6 +73,7 @@ pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperS
         let st = member.status();
         if st.leader != Some(st.id) {
             leading = None;
+            brake.step_down();
             stats.brake_engaged_zones.store(0, Relaxed);
             continue;
         }
@@ -70,19 +81,32 @@ pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperS
         let since = match leading {
             Some((t, since)) if t == term => since,
             _ => {
-                // A new term of leadership: the brake starts afresh, with its takeover hold.
-                brake = Brake::new(cfg.clone());
+                // A new term of leadership: the takeover hold counts from now; the brake's
+                // window and holds continue from the replicated state.
                 leading = Some((term, Instant::now()));
                 Instant::now()
             }
         };
+        if let Err(e) = brake.take_over(&member, term).await {
+            warn!(error = %e, "eviction brake: could not take over the replicated state");
+            continue;
+        }
         let now = Instant::now();
         for (zone, (total, expired, ttl)) in scan(&member, &mut view) {
-            let verdict = brake.judge(&zone, expired.len(), total, now - since, ttl, now.into_std());
+            let dead = expired.iter().filter(|e| confirmed_dead(&e.instance)).count();
+            let lease_only = expired.len() - dead;
+            let judged = brake.with(term, |b| b.judge(&zone, lease_only, total, now - since, ttl, now.into_std()));
+            let Some(verdict) = judged else { break };
             for e in expired {
-                // An active check that confirmed the instance dead overrides the brake.
-                let confirmed_dead = e.instance.check.is_some() && e.instance.health == Health::Critical;
-                let verdict = if confirmed_dead { Verdict::Evict } else { verdict.clone() };
+                // A check that confirmed the instance dead overrides a lease hold, but counts.
+                let verdict = if confirmed_dead(&e.instance) {
+                    let judged =
+                        brake.with(term, |b| b.judge_check(&zone, CheckChange::Remove, dead, total, now.into_std()));
+                    let Some(v) = judged else { break };
+                    v
+                } else {
+                    verdict.clone()
+                };
                 let txn = match &verdict {
                     Verdict::Evict => quorate_registry::delete_if_unchanged(&e.key, e.mod_revision),
                     Verdict::Hold { reason } => {
@@ -118,12 +142,15 @@ pub async fn run(member: Member, cfg: BrakeConfig, stats: std::sync::Arc<ReaperS
                 }
             }
         }
-        stats.brake_engaged_zones.store(brake.engaged().len() as u64, Relaxed);
-        for t in brake.take_transitions() {
+        let (engaged, transitions) =
+            brake.with(term, |b| (b.engaged().len(), b.take_transitions())).unwrap_or_default();
+        stats.brake_engaged_zones.store(engaged as u64, Relaxed);
+        for t in transitions {
             match t {
                 Transition::Engaged { zone, reason } => warn!(%zone, %reason, "eviction brake engaged"),
                 Transition::Released { zone, why } => info!(%zone, why, "eviction brake released"),
             }
         }
+        brake.checkpoint(&member, term).await;
     }
 }
