@@ -34,7 +34,7 @@ impl KvService {
         fence: Option<Fence>,
         size: usize,
     ) -> Result<(CommandResponse, pb::ResponseHeader), Status> {
-        if size > crate::REQUEST_BYTES_MAX {
+        if size > self.ctx.max_request_bytes {
             return Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE));
         }
         if let Some(refused) = quorate_registry::first_registry_write(&cmd) {
@@ -95,6 +95,9 @@ impl pb::kv_server::Kv for KvService {
         let req = req.into_inner();
         let size = req.encoded_len();
         let txn = convert::txn_in(req);
+        // etcd's checks before anything runs or reaches the log: op budget, keys, overlapping
+        // writes. One pass over the request, whatever its nesting.
+        quorate_kv::check_txn_request(&txn, self.ctx.max_txn_ops, &mut 0).map_err(kv_status)?;
         // A Txn that writes nothing is a linearizable read, as in etcd: no log entry. A fenced
         // one goes through the log, so the fence is checked where it is applied.
         if !quorate_kv::txn_writes(&txn) && fence.is_none() {

@@ -53,10 +53,12 @@ pub fn incoming(
     })
 }
 
-/// Largest request etcd accepts (`--max-request-bytes` default), in bytes.
+/// Largest request proposed by default (etcd's `--max-request-bytes` default), in bytes.
 pub const REQUEST_BYTES_MAX: usize = 1536 * 1024;
-/// gRPC's own limit sits above it so oversized requests get etcd's error, not gRPC's.
-pub const GRPC_MESSAGE_BYTES_MAX: usize = REQUEST_BYTES_MAX + 512 * 1024;
+/// How far gRPC's own message limit sits above `--max-request-bytes` (etcd's
+/// `grpcOverheadBytes`): a request between the two gets etcd's `request is too large`, a larger
+/// one gRPC's `ResourceExhausted`, as from etcd.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 /// The etcd API version this server speaks, as `Status` reports it.
 pub const ETCD_API_VERSION: &str = "3.4.0";
@@ -70,6 +72,11 @@ pub struct Ctx {
     pub min_lease_ttl_s: i64,
     /// DRILL ONLY (a planted bug): serve linearizable KV reads from local state.
     pub unsafe_local_reads: bool,
+    /// etcd's `--max-txn-ops`: most compares, and most ops per list, in a Txn (nested Txns
+    /// spend from the same budget).
+    pub max_txn_ops: usize,
+    /// etcd's `--max-request-bytes`: largest write request proposed.
+    pub max_request_bytes: usize,
 }
 
 impl Ctx {
@@ -113,7 +120,7 @@ impl EtcdServices {
         let ctx = Arc::new(ctx);
         EtcdServices {
             kv: etcd::kv_server::KvServer::new(kv_service::KvService { ctx: ctx.clone() })
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_decoding_message_size(ctx.max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES))
                 .max_encoding_message_size(usize::MAX),
             watch: etcd::watch_server::WatchServer::new(watch_service::WatchService { ctx: ctx.clone() })
                 .max_encoding_message_size(usize::MAX),

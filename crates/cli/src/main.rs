@@ -243,6 +243,16 @@ struct ServerArgs {
     /// Registry eviction brake: the longest it holds, in seconds.
     #[arg(long, default_value_t = 300)]
     brake_max_hold_s: u64,
+    /// Most operations in one Txn, as etcd's --max-txn-ops: at most this many compares, success
+    /// ops and failure ops each; a nested Txn gets what its parent's largest list left.
+    /// Larger Txns get etcd's "too many operations in txn request".
+    #[arg(long, default_value_t = 128)]
+    max_txn_ops: usize,
+    /// Largest write request proposed, in bytes, as etcd's --max-request-bytes (default 1.5
+    /// MiB). Larger requests get etcd's "request is too large"; gRPC refuses messages more than
+    /// 512 KiB above it.
+    #[arg(long, default_value_t = 1_572_864)]
+    max_request_bytes: usize,
     /// Send health-check probes from this local address (multi-homed hosts).
     #[arg(long)]
     probe_source_ip: Option<std::net::IpAddr>,
@@ -321,6 +331,8 @@ impl ServerArgs {
                 max_hold: std::time::Duration::from_secs(self.brake_max_hold_s),
                 ..Default::default()
             },
+            max_txn_ops: self.max_txn_ops,
+            max_request_bytes: self.max_request_bytes,
             probe_source_ip: self.probe_source_ip,
             drill: quorate_server::DrillFlags {
                 unsafe_local_reads: self.drill_unsafe_local_reads,

@@ -30,6 +30,11 @@ pub struct ServerConfig {
     pub election_timeout_ms: u64,
     pub quota_backend_bytes: u64,
     pub snapshot_count: u64,
+    /// etcd's `--max-txn-ops`: most compares, and most ops per list, in one Txn; nested Txns
+    /// spend from the same budget.
+    pub max_txn_ops: usize,
+    /// etcd's `--max-request-bytes`: largest write request proposed, in bytes.
+    pub max_request_bytes: usize,
     /// The registry's eviction brake (ADR 0005).
     pub brake: quorate_registry::BrakeConfig,
     /// The address health-check probes are sent from (default: the system's choice).
@@ -48,6 +53,10 @@ pub struct DrillFlags {
     /// Lease renewals do not move deadlines: leases expire early (unsafe; issue 11).
     pub early_lease_expiry: bool,
 }
+
+/// Largest `--max-request-bytes` accepted: a request must fit, with room to spare, in one peer
+/// message (`PEER_MESSAGE_BYTES_MAX`) to replicate.
+pub const REQUEST_BYTES_LIMIT: usize = quorate_consensus::PEER_MESSAGE_BYTES_MAX / 4;
 
 /// Parse `name=url,name=url`.
 pub fn parse_initial_cluster(s: &str) -> anyhow::Result<Vec<(String, String)>> {
@@ -92,6 +101,12 @@ impl ServerConfig {
                 self.election_timeout_ms,
                 self.heartbeat_interval_ms
             );
+        }
+        if self.max_txn_ops == 0 {
+            bail!("--max-txn-ops must be at least 1");
+        }
+        if self.max_request_bytes == 0 || self.max_request_bytes > REQUEST_BYTES_LIMIT {
+            bail!("--max-request-bytes must be between 1 and {REQUEST_BYTES_LIMIT}");
         }
         let mut initial = BTreeMap::new();
         for (name, url) in &self.initial_cluster {

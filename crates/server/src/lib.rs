@@ -88,6 +88,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         data_dir: cfg.data_dir.clone(),
         min_lease_ttl_s: ((cfg.election_timeout_ms * 3 / 2) as i64 + 999) / 1000,
         unsafe_local_reads: cfg.drill.unsafe_local_reads,
+        max_txn_ops: cfg.max_txn_ops,
+        max_request_bytes: cfg.max_request_bytes,
     };
     if cfg.drill.early_lease_expiry {
         quorate_consensus::plant_early_lease_expiry();
