@@ -257,6 +257,19 @@ mod tests {
     }
 
     #[test]
+    fn the_panic_hook_records_where_a_panic_happened() {
+        install_panic_location_hook();
+        let caught = std::panic::catch_unwind(|| {
+            let v: Vec<u8> = Vec::new();
+            v[1]
+        });
+        assert!(caught.is_err());
+        let location = PANIC_LOCATION.with(|cell| cell.borrow_mut().take()).expect("a location");
+        assert!(location.starts_with("crates/api-http/src/edge.rs:"), "{location}");
+        assert!(panic_message(caught.unwrap_err().as_ref()).contains("index out of bounds"));
+    }
+
+    #[test]
     fn refusals_are_errors_other_than_not_found() {
         assert!(is_refusal(StatusCode::BAD_REQUEST));
         assert!(is_refusal(StatusCode::FORBIDDEN));
