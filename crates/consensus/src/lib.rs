@@ -689,15 +689,26 @@ impl Member {
 
     // ---- status ----
 
-    /// How old this member's view may be, in milliseconds, for answers served without a
-    /// ReadIndex: on the leader, since a quorum last acknowledged it; on a follower, since the
-    /// leader last answered it. `None` when it has not heard from a leader at all.
+    /// How old this member's data may be, in milliseconds, for answers served without a
+    /// ReadIndex: the time since it last held everything the leader had committed. That is its
+    /// last confirmation from the leader (on the leader, from a quorum) while it had applied
+    /// all it knew to be committed; a member that has fallen behind in applying keeps counting
+    /// from the last moment it was caught up. `None` when it cannot tell (it never heard from a
+    /// leader, or it has been behind since it started).
     pub fn staleness_ms(&self) -> Option<u64> {
         let m = self.inner.raft.metrics().borrow_watched().clone();
-        if m.state == ServerState::Leader {
-            return m.last_quorum_acked.as_ref().map(|t| t.elapsed().as_millis() as u64);
-        }
-        self.inner.last_leader_contact.lock().unwrap().map(|t| t.elapsed().as_millis() as u64)
+        let (contact_age, committed) = if m.state == ServerState::Leader {
+            (m.last_quorum_acked.as_ref().map(|t| t.elapsed()), m.local_committed.as_ref())
+        } else {
+            let contact = *self.inner.last_leader_contact.lock().unwrap();
+            (contact.map(|t| t.elapsed()), m.cluster_committed.as_ref().or(m.local_committed.as_ref()))
+        };
+        let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
+        let caught_up = applied >= committed.map_or(0, |l| l.index);
+        let member = Arc::as_ptr(&self.inner) as usize;
+        let now = tokio::time::Instant::now();
+        let fresh = fresh_as_of(member, contact_age.and_then(|age| now.checked_sub(age)), caught_up);
+        fresh.map(|t| now.saturating_duration_since(t).as_millis() as u64)
     }
 
     /// The current Raft term, cheaply (every response header carries it).
@@ -835,4 +846,48 @@ pub fn stable_id(parts: &[&str]) -> u64 {
         }
     }
     h
+}
+
+/// Per member (by the address of its shared state), the last moment its data was known to be as
+/// new as what the leader had committed. `staleness_ms` remembers it so that a member that
+/// falls behind in applying keeps counting from then; kept here rather than in the member's
+/// state so that staleness stays in these two functions.
+static FRESH_AS_OF: Mutex<BTreeMap<usize, tokio::time::Instant>> = Mutex::new(BTreeMap::new());
+
+/// When `member`'s data was last as new as the leader's commit: `contact` (the leader's, or a
+/// quorum's, last confirmation) if it has applied all it knows to be committed (`caught_up`),
+/// else the last such moment remembered.
+fn fresh_as_of(member: usize, contact: Option<tokio::time::Instant>, caught_up: bool) -> Option<tokio::time::Instant> {
+    let mut fresh = FRESH_AS_OF.lock().unwrap();
+    match contact.filter(|_| caught_up) {
+        Some(at) => {
+            let t = fresh.entry(member).or_insert(at);
+            *t = (*t).max(at);
+            Some(*t)
+        }
+        None if caught_up => None,
+        None => fresh.get(&member).copied(),
+    }
+}
+
+#[cfg(test)]
+mod staleness_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_member_that_falls_behind_counts_from_when_it_was_last_caught_up() {
+        let member = usize::MAX - 7; // no real member's address
+        let t0 = tokio::time::Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(fresh_as_of(member, None, true), None, "never heard from a leader");
+        assert_eq!(fresh_as_of(member, Some(t0), false), None, "behind since it started");
+        assert_eq!(fresh_as_of(member, Some(t0), true), Some(t0), "caught up: as new as the last contact");
+        assert_eq!(fresh_as_of(member, Some(t0 + s(5)), true), Some(t0 + s(5)));
+        // Behind: fresh contacts with the leader do not make its data any newer.
+        assert_eq!(fresh_as_of(member, Some(t0 + s(9)), false), Some(t0 + s(5)));
+        assert_eq!(fresh_as_of(member, None, false), Some(t0 + s(5)));
+        // Caught up again.
+        assert_eq!(fresh_as_of(member, Some(t0 + s(12)), true), Some(t0 + s(12)));
+    }
 }
