@@ -267,6 +267,10 @@ struct ServerArgs {
     /// clients were told (a planted bug the drill must catch). Never use it for anything else.
     #[arg(long, hide = true)]
     drill_early_lease_expiry: bool,
+    /// DRILL/TEST ONLY: send Raft snapshots to other members in chunks of this many bytes
+    /// (0: the default, 1 MiB), so a small state crosses as many chunks.
+    #[arg(long, hide = true, default_value_t = 0)]
+    drill_snapshot_chunk_bytes: usize,
 }
 
 /// The server's runtime threads: `requested`, or half of `cpus` (at least one) when it is 0. A
@@ -338,6 +342,7 @@ impl ServerArgs {
                 unsafe_local_reads: self.drill_unsafe_local_reads,
                 failpoints: self.drill_failpoints,
                 early_lease_expiry: self.drill_early_lease_expiry,
+                snapshot_chunk_bytes: self.drill_snapshot_chunk_bytes,
             },
         })
     }

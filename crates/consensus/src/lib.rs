@@ -35,7 +35,7 @@ pub use error::ConsensusError;
 pub use lease::core::RENEW_SLACK as LEASE_PROMISE_SLACK;
 pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
-pub use network::{PeerService, PEER_MESSAGE_BYTES_MAX};
+pub use network::{set_snapshot_chunk_bytes, PeerService, PEER_MESSAGE_BYTES_MAX};
 pub use state_machine::{Applied, PublishedMember};
 pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
 

@@ -1,10 +1,16 @@
 //! Peer transport: openraft's RPCs over gRPC (tonic, HTTP/2), one lazily connected channel per
 //! peer. Payloads are bincode; both ends always run the same build.
+//!
+//! A snapshot travels as a stream of bounded chunks (`SnapshotStream`), never as one message:
+//! a state larger than the largest peer message must still reach a new or lagging member. The
+//! receiver assembles it in a buffer no larger than the length the header announced, installs
+//! it only once the length and the SHA-256 match, and drops it on any error or stall.
 
 use std::future::Future;
 use std::io::Cursor;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -17,15 +23,51 @@ use openraft::raft::{
 };
 use openraft::OptionalSend;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::peer_client::PeerClient;
 use crate::pb::Frame;
 use crate::types::{MemberNode, NodeId, SnapshotMeta, TypeConfig, Vote};
 
-/// Largest peer message, in bytes: a whole snapshot travels in one frame.
+/// Largest peer message, in bytes. Snapshots travel in chunks of `SNAPSHOT_CHUNK_BYTES`, so
+/// this bounds AppendEntries batches and forwarded requests, not the state.
 pub const PEER_MESSAGE_BYTES_MAX: usize = 1 << 30;
+
+/// Bytes of snapshot image in one peer frame.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Largest snapshot image a member accepts, in bytes: the receive buffer is at most this big.
+/// Far above any backend quota a member holding its state in memory can run with.
+pub const SNAPSHOT_BYTES_MAX: u64 = 64 << 30;
+
+/// How long a receiver waits for the next frame of a snapshot before dropping the transfer.
+const SNAPSHOT_FRAME_WAIT: Duration = Duration::from_secs(30);
+
+/// Shortest time a sender waits for the receiver to take the next chunk, and then for its answer
+/// after the last one (installing a large image takes a while).
+const SNAPSHOT_STALL_MIN: Duration = Duration::from_secs(10);
+const SNAPSHOT_INSTALL_WAIT_MIN: Duration = Duration::from_secs(60);
+
+/// How often a sender checks a snapshot transfer's progress.
+const SNAPSHOT_WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The chunk size in use: `SNAPSHOT_CHUNK_BYTES` unless a drill set another (0: the default).
+static SNAPSHOT_CHUNK_BYTES_SET: AtomicUsize = AtomicUsize::new(0);
+
+/// DRILL/TEST ONLY (`--drill-snapshot-chunk-bytes`): send snapshots in chunks of `bytes`, so a
+/// small state crosses as many chunks. Set once at start, before the member runs.
+pub fn set_snapshot_chunk_bytes(bytes: usize) {
+    SNAPSHOT_CHUNK_BYTES_SET.store(bytes, Ordering::Relaxed);
+}
+
+fn snapshot_chunk_bytes() -> usize {
+    match SNAPSHOT_CHUNK_BYTES_SET.load(Ordering::Relaxed) {
+        0 => SNAPSHOT_CHUNK_BYTES,
+        n => n,
+    }
+}
 
 /// Pause after a failed append-stream setup before reporting it (see `stream_append`).
 const STREAM_SETUP_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -91,7 +133,6 @@ enum Rpc {
     Append,
     Vote,
     PreVote,
-    Snapshot,
     TransferLeader,
 }
 
@@ -111,7 +152,6 @@ impl PeerNetwork {
             Rpc::Append => client.append(request).await,
             Rpc::Vote => client.vote(request).await,
             Rpc::PreVote => client.pre_vote(request).await,
-            Rpc::Snapshot => client.snapshot(request).await,
             Rpc::TransferLeader => client.transfer_leader(request).await,
         };
         let frame = reply.map_err(|s| match s.code() {
@@ -225,6 +265,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         self.call(Rpc::PreVote, &rpc, option.soft_ttl()).await
     }
 
+    /// Streams the snapshot in chunks (`snapshot_frames`). A receiver that stops taking chunks
+    /// for the install timeout, or does not answer within a minute of the last one, is reported
+    /// unreachable, and the dropped stream tells it to discard what it has.
     async fn full_snapshot(
         &mut self,
         vote: Vote,
@@ -232,13 +275,33 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let req = (vote, snapshot.meta, snapshot.snapshot.into_inner());
-        // A snapshot can be large: allow it far longer than a heartbeat.
-        let timeout = option.hard_ttl().max(Duration::from_secs(60));
-        tokio::select! {
-            closed = cancel => Err(StreamingError::Closed(closed)),
-            res = self.call(Rpc::Snapshot, &req, timeout) => Ok(res?),
-        }
+        let target = self.target;
+        let unreachable = move |what: String| Unreachable::from_string(format!("member {target:x}: {what}"));
+        let Some(client) = self.client.as_mut() else {
+            return Err(unreachable(format!("bad peer url {}", self.url)).into());
+        };
+        let image = snapshot.snapshot.into_inner();
+        let (bytes, chunk) = (image.len(), snapshot_chunk_bytes());
+        let progress = Arc::new(Mutex::new(Progress { at: Instant::now(), sent_all: false }));
+        let frames = snapshot_frames(vote, snapshot.meta, image, chunk, progress.clone());
+        let request = addressed(tonic::Request::new(futures::stream::iter(frames)), target);
+        let stall = option.hard_ttl().max(SNAPSHOT_STALL_MIN);
+        let install_wait = option.hard_ttl().max(SNAPSHOT_INSTALL_WAIT_MIN);
+        tracing::info!(member = %format!("{target:x}"), bytes, chunk_bytes = chunk, "sending snapshot");
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            why = watch_transfer(&progress, stall, install_wait) => return Err(unreachable(why.into()).into()),
+            reply = client.snapshot_stream(request) => reply,
+        };
+        let frame = reply.map_err(|s| match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                StreamingError::Unreachable(unreachable(s.message().to_string()))
+            }
+            _ => StreamingError::Network(NetworkError::from_string(format!("member {target:x}: {}", s.message()))),
+        })?;
+        let res: Result<SnapshotResponse<TypeConfig>, String> =
+            decode(&frame.into_inner().data).map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?;
+        res.map_err(|e| unreachable(e).into())
     }
 
     async fn transfer_leader(
@@ -247,6 +310,176 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call(Rpc::TransferLeader, &req, option.soft_ttl()).await
+    }
+}
+
+/// Where a snapshot transfer stands, as its sender sees it.
+struct Progress {
+    /// When the receiver last took a frame.
+    at: Instant,
+    /// Every frame has been taken; the receiver is checking and installing.
+    sent_all: bool,
+}
+
+/// Resolves only when a transfer stops moving: no frame taken for `stall`, or no answer
+/// `install_wait` after the last frame. Checked every `SNAPSHOT_WATCH_INTERVAL`; the caller
+/// drops it when the transfer ends.
+async fn watch_transfer(progress: &Mutex<Progress>, stall: Duration, install_wait: Duration) -> &'static str {
+    loop {
+        tokio::time::sleep(SNAPSHOT_WATCH_INTERVAL).await;
+        if let Some(why) = transfer_stopped(&progress.lock().unwrap(), Instant::now(), stall, install_wait) {
+            return why;
+        }
+    }
+}
+
+/// Whether a transfer has stopped moving at `now`, and why.
+fn transfer_stopped(p: &Progress, now: Instant, stall: Duration, install_wait: Duration) -> Option<&'static str> {
+    let idle = now.saturating_duration_since(p.at);
+    match p.sent_all {
+        false if idle > stall => Some("snapshot transfer stalled: no chunk taken"),
+        true if idle > install_wait => Some("no answer after the whole snapshot was sent"),
+        _ => None,
+    }
+}
+
+/// The header frame of a snapshot transfer.
+#[derive(Serialize, Deserialize)]
+struct SnapshotHeader {
+    vote: Vote,
+    meta: SnapshotMeta,
+    /// Length of the image that follows, in bytes.
+    image_bytes: u64,
+}
+
+/// The frames that carry `image`: a header, the image in chunks of `chunk_bytes`, and its
+/// SHA-256, hashed as the chunks are taken. Each frame taken is recorded in `progress`.
+fn snapshot_frames(
+    vote: Vote,
+    meta: SnapshotMeta,
+    image: Vec<u8>,
+    chunk_bytes: usize,
+    progress: Arc<Mutex<Progress>>,
+) -> impl Iterator<Item = Frame> + Send + 'static {
+    assert!(chunk_bytes > 0, "a snapshot chunk holds at least one byte");
+    let header = encode(&SnapshotHeader { vote, meta, image_bytes: image.len() as u64 });
+    let chunks = image.len().div_ceil(chunk_bytes);
+    let mut hasher = Sha256::new();
+    let mut frames_taken = 0usize;
+    (0..chunks + 2).map(move |i| {
+        let data = if i == 0 {
+            header.clone()
+        } else if i <= chunks {
+            let chunk = &image[(i - 1) * chunk_bytes..(i * chunk_bytes).min(image.len())];
+            hasher.update(chunk);
+            chunk.to_vec()
+        } else {
+            std::mem::take(&mut hasher).finalize().to_vec()
+        };
+        frames_taken += 1;
+        let mut p = progress.lock().unwrap();
+        p.at = Instant::now();
+        p.sent_all = frames_taken == chunks + 2;
+        Frame { data }
+    })
+}
+
+/// Why a received snapshot was dropped.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum SnapshotRefused {
+    #[error("snapshot of {0} bytes is larger than the most a member accepts ({SNAPSHOT_BYTES_MAX})")]
+    TooLarge(u64),
+    #[error("cannot hold a snapshot of {0} bytes in memory")]
+    NoMemory(u64),
+    #[error("empty snapshot chunk")]
+    EmptyChunk,
+    #[error("snapshot chunk overruns the announced length ({announced} bytes)")]
+    Overrun { announced: u64 },
+    #[error("snapshot ended after {received} of {announced} bytes")]
+    Short { received: u64, announced: u64 },
+    #[error("snapshot checksum does not match its {0} bytes")]
+    Checksum(u64),
+    #[error("snapshot checksum frame is malformed")]
+    BadTrailer,
+}
+
+/// A snapshot being received: a buffer no longer than the header announced, filled chunk by
+/// chunk and hashed as it fills. Dropping it discards the transfer.
+struct SnapshotAssembly {
+    announced: u64,
+    image: Vec<u8>,
+    hasher: Sha256,
+    chunks: u64,
+}
+
+impl SnapshotAssembly {
+    fn new(announced: u64) -> Result<Self, SnapshotRefused> {
+        if announced > SNAPSHOT_BYTES_MAX {
+            return Err(SnapshotRefused::TooLarge(announced));
+        }
+        let mut image = Vec::new();
+        image.try_reserve_exact(announced as usize).map_err(|_| SnapshotRefused::NoMemory(announced))?;
+        Ok(SnapshotAssembly { announced, image, hasher: Sha256::new(), chunks: 0 })
+    }
+
+    fn complete(&self) -> bool {
+        self.image.len() as u64 == self.announced
+    }
+
+    fn push(&mut self, chunk: &[u8]) -> Result<(), SnapshotRefused> {
+        if chunk.is_empty() {
+            return Err(SnapshotRefused::EmptyChunk);
+        }
+        if (self.image.len() + chunk.len()) as u64 > self.announced {
+            return Err(SnapshotRefused::Overrun { announced: self.announced });
+        }
+        self.hasher.update(chunk);
+        self.image.extend_from_slice(chunk);
+        self.chunks += 1;
+        Ok(())
+    }
+
+    /// The image, once every byte arrived and `trailer` is its SHA-256.
+    fn finish(self, trailer: &[u8]) -> Result<Vec<u8>, SnapshotRefused> {
+        if !self.complete() {
+            return Err(SnapshotRefused::Short { received: self.image.len() as u64, announced: self.announced });
+        }
+        if trailer.len() != 32 {
+            return Err(SnapshotRefused::BadTrailer);
+        }
+        if self.hasher.finalize().as_slice() != trailer {
+            return Err(SnapshotRefused::Checksum(self.announced));
+        }
+        Ok(self.image)
+    }
+}
+
+/// Receive one snapshot transfer: the header, chunks up to the announced length, the checksum.
+async fn receive_snapshot<S>(frames: &mut S) -> Result<(Vote, SnapshotMeta, Vec<u8>, u64), tonic::Status>
+where
+    S: futures::Stream<Item = Result<Frame, tonic::Status>> + Unpin,
+{
+    let header: SnapshotHeader = decode(&next_frame(frames).await?).map_err(bad_frame)?;
+    let refused = |e: SnapshotRefused| tonic::Status::invalid_argument(e.to_string());
+    let mut assembly = SnapshotAssembly::new(header.image_bytes).map_err(refused)?;
+    // Every chunk adds at least one byte, so this ends after at most `image_bytes` frames.
+    while !assembly.complete() {
+        assembly.push(&next_frame(frames).await?).map_err(refused)?;
+    }
+    let chunks = assembly.chunks;
+    let image = assembly.finish(&next_frame(frames).await?).map_err(refused)?;
+    Ok((header.vote, header.meta, image, chunks))
+}
+
+async fn next_frame<S>(frames: &mut S) -> Result<Vec<u8>, tonic::Status>
+where
+    S: futures::Stream<Item = Result<Frame, tonic::Status>> + Unpin,
+{
+    use futures::StreamExt;
+    match tokio::time::timeout(SNAPSHOT_FRAME_WAIT, frames.next()).await {
+        Err(_) => Err(tonic::Status::deadline_exceeded("snapshot transfer stalled")),
+        Ok(None) => Err(tonic::Status::cancelled("snapshot transfer ended early")),
+        Ok(Some(frame)) => frame.map(|f| f.data),
     }
 }
 
@@ -335,10 +568,15 @@ impl crate::pb::peer_server::Peer for PeerService {
         reply(self.raft.pre_vote(rpc).await)
     }
 
-    async fn snapshot(&self, req: tonic::Request<Frame>) -> Reply {
+    async fn snapshot_stream(&self, req: tonic::Request<tonic::Streaming<Frame>>) -> Reply {
         self.check_addressee(&req)?;
-        let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) = decode(&req.into_inner().data).map_err(bad_frame)?;
-        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> { meta, snapshot: Cursor::new(data) };
+        let mut frames = req.into_inner();
+        let (vote, meta, image, chunks) = receive_snapshot(&mut frames).await.inspect_err(|e| {
+            tracing::warn!(error = %e.message(), "snapshot transfer dropped");
+        })?;
+        tracing::info!(bytes = image.len(), chunks, "snapshot received");
+        let snapshot =
+            openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> { meta, snapshot: Cursor::new(image) };
         reply(self.raft.install_full_snapshot(vote, snapshot).await)
     }
 
@@ -351,5 +589,110 @@ impl crate::pb::peer_server::Peer for PeerService {
     async fn forward(&self, req: tonic::Request<Frame>) -> Reply {
         let data = self.forward.handle(req.into_inner().data).await;
         Ok(tonic::Response::new(Frame { data }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress() -> Arc<Mutex<Progress>> {
+        Arc::new(Mutex::new(Progress { at: Instant::now(), sent_all: false }))
+    }
+
+    fn image(bytes: usize) -> Vec<u8> {
+        (0..bytes).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    fn vote() -> Vote {
+        Vote::new(1, 1)
+    }
+
+    fn frames(image: Vec<u8>, chunk_bytes: usize) -> Vec<Result<Frame, tonic::Status>> {
+        snapshot_frames(vote(), SnapshotMeta::default(), image, chunk_bytes, progress()).map(Ok).collect()
+    }
+
+    async fn receive(frames: Vec<Result<Frame, tonic::Status>>) -> Result<(Vec<u8>, u64), tonic::Status> {
+        let mut stream = futures::stream::iter(frames);
+        receive_snapshot(&mut stream).await.map(|(_, _, image, chunks)| (image, chunks))
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_crosses_in_many_bounded_chunks_and_arrives_whole() {
+        for (bytes, chunk) in [(100_000, 4096), (8192, 4096), (1, 4096), (0, 4096), (5000, 1)] {
+            let sent = frames(image(bytes), chunk);
+            assert_eq!(sent.len(), bytes.div_ceil(chunk) + 2, "header, chunks, checksum");
+            let biggest = sent.iter().skip(1).map(|f| f.as_ref().unwrap().data.len()).max().unwrap();
+            assert!(biggest <= chunk.max(32), "a frame of {biggest} bytes with chunks of {chunk}");
+            let (got, chunks) = receive(sent).await.unwrap();
+            assert_eq!(got, image(bytes));
+            assert_eq!(chunks, bytes.div_ceil(chunk) as u64);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_or_damaged_snapshot_is_dropped() {
+        let whole = frames(image(10_000), 1000);
+        let n = whole.len();
+        let cut = |keep: usize| whole.iter().take(keep).map(|f| Ok(f.as_ref().unwrap().clone())).collect::<Vec<_>>();
+
+        let ended = receive(cut(n - 3)).await.unwrap_err();
+        assert_eq!(ended.code(), tonic::Code::Cancelled, "{ended:?}");
+        let no_trailer = receive(cut(n - 1)).await.unwrap_err();
+        assert_eq!(no_trailer.code(), tonic::Code::Cancelled, "{no_trailer:?}");
+
+        let mut flipped = cut(n);
+        flipped[3].as_mut().unwrap().data[10] ^= 1;
+        let damaged = receive(flipped).await.unwrap_err();
+        assert!(damaged.message().contains("checksum"), "{damaged:?}");
+
+        let mut broken = cut(n);
+        broken[2] = Err(tonic::Status::unavailable("connection reset"));
+        assert_eq!(receive(broken).await.unwrap_err().code(), tonic::Code::Unavailable);
+
+        let mut long = cut(n);
+        long[1].as_mut().unwrap().data.push(0);
+        assert!(receive(long).await.unwrap_err().message().contains("overruns"));
+    }
+
+    #[test]
+    fn the_receive_buffer_is_bounded_by_what_the_header_announced() {
+        assert_eq!(
+            SnapshotAssembly::new(SNAPSHOT_BYTES_MAX + 1).err(),
+            Some(SnapshotRefused::TooLarge(SNAPSHOT_BYTES_MAX + 1))
+        );
+        let mut a = SnapshotAssembly::new(10).unwrap();
+        assert_eq!(a.push(&[]), Err(SnapshotRefused::EmptyChunk));
+        a.push(&[1; 6]).unwrap();
+        assert_eq!(a.push(&[1; 5]), Err(SnapshotRefused::Overrun { announced: 10 }));
+        assert_eq!(a.image.capacity(), 10);
+        assert_eq!(a.finish(&[0; 32]), Err(SnapshotRefused::Short { received: 6, announced: 10 }));
+    }
+
+    #[test]
+    fn a_sender_gives_up_on_a_transfer_that_stops_moving() {
+        let t0 = Instant::now();
+        let s = |n: u64| Duration::from_secs(n);
+        let (stall, install) = (s(10), s(60));
+        let sending = Progress { at: t0, sent_all: false };
+        assert_eq!(transfer_stopped(&sending, t0 + s(10), stall, install), None);
+        assert!(transfer_stopped(&sending, t0 + s(11), stall, install).unwrap().contains("stalled"));
+        // After the last chunk the receiver checks and installs: only the install wait applies.
+        let installing = Progress { at: t0, sent_all: true };
+        assert_eq!(transfer_stopped(&installing, t0 + s(59), stall, install), None);
+        assert!(transfer_stopped(&installing, t0 + s(61), stall, install).unwrap().contains("no answer"));
+    }
+
+    #[test]
+    fn taking_the_last_frame_marks_the_transfer_sent() {
+        let p = progress();
+        let mut it = snapshot_frames(vote(), SnapshotMeta::default(), image(3000), 1000, p.clone());
+        for _ in 0..4 {
+            it.next().unwrap();
+            assert!(!p.lock().unwrap().sent_all);
+        }
+        it.next().unwrap();
+        assert!(p.lock().unwrap().sent_all);
+        assert!(it.next().is_none());
     }
 }

@@ -52,6 +52,8 @@ pub struct DrillFlags {
     pub failpoints: bool,
     /// Lease renewals do not move deadlines: leases expire early (unsafe; issue 11).
     pub early_lease_expiry: bool,
+    /// Send Raft snapshots in chunks of this many bytes (0: the default).
+    pub snapshot_chunk_bytes: usize,
 }
 
 /// Largest `--max-request-bytes` accepted: a request must fit, with room to spare, in one peer

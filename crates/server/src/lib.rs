@@ -94,6 +94,9 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     if cfg.drill.early_lease_expiry {
         quorate_consensus::plant_early_lease_expiry();
     }
+    if cfg.drill.snapshot_chunk_bytes > 0 {
+        quorate_consensus::set_snapshot_chunk_bytes(cfg.drill.snapshot_chunk_bytes);
+    }
     if cfg.drill.unsafe_local_reads {
         tracing::warn!("DRILL ONLY: linearizable reads are served from local state; this member is unsafe");
     }
