@@ -4,7 +4,8 @@
 //! deletes however the key is spelled (`%2Fquorate`, doubled slashes, the empty key) are all
 //! refused with etcd's permission-denied code or a Consul 403 with a JSON body, and every
 //! registered instance is still there afterwards. Reads and watches of the registry keep
-//! working, and the registry's own writes (register, deregister) are not blocked.
+//! working, and the registry's own writes (register, deregister) are not blocked. The eviction
+//! brake's replicated state (`/quorate/brake`) is protected the same way.
 
 use etcd_client::{Client, DeleteOptions, Txn, TxnOp};
 use quorate_tests::{etcdctl, etcdctl_stdin, http, Cluster, Flavor};
@@ -68,6 +69,8 @@ async fn kv_writes_into_the_registry_are_refused_and_instances_survive() {
     assert_denied("del /a /quorate/registry/m", &etcdctl(&ep, &["del", "/a", "/quorate/registry/m"]));
     assert_denied("del one instance", &etcdctl(&ep, &["del", "/quorate/registry/default/web/web-1"]));
     assert_denied("put a forged instance", &etcdctl(&ep, &["put", "/quorate/registry/default/web/evil", "{}"]));
+    assert_denied("put the brake's state", &etcdctl(&ep, &["put", "/quorate/brake", "{}"]));
+    assert_denied("del /quorate/b /quorate/c", &etcdctl(&ep, &["del", "/quorate/b", "/quorate/c"]));
     // A txn whose success branch writes elsewhere and whose failure branch deletes instances.
     let txn = "value(\"/app/config\") = \"other\"\n\nput /app/x y\n\ndel /quorate/registry/default/web/web-2\n\n";
     assert_denied("txn failure branch", &etcdctl_stdin(&ep, &["txn"], Some(txn)));
