@@ -193,7 +193,7 @@ async fn native_registry_on_three_members() {
         ("DELETE", "/api/v1/ns/default/services/web/instances/nobody", None, 404, "unknown_instance"),
         ("PUT", "/api/v1/ns/default/services/web/instances/nobody/heartbeat", None, 404, "unknown_instance"),
         ("GET", "/api/v1/ns/default/services/nothing/instances/nobody", None, 404, "unknown_instance"),
-        ("GET", "/api/v1/ns/default/services/web/instances?index=1&wait=2h", None, 400, "bad_wait"),
+        ("GET", "/api/v1/ns/default/services/web/instances?index=1&wait=2d", None, 400, "bad_wait"),
         ("GET", "/api/v1/ns/default/watch?from=0", None, 400, "bad_revision"),
         ("GET", "/api/v1/ns/nowhere/services", None, 404, "unknown_namespace"),
         ("GET", "/api/v1/ns/default/services/nothing/instances", None, 404, "unknown_service"),
