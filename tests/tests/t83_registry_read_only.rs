@@ -5,9 +5,12 @@
 //! refused with etcd's permission-denied code or a Consul 403 with a JSON body, and every
 //! registered instance is still there afterwards. Reads and watches of the registry keep
 //! working, and the registry's own writes (register, deregister) are not blocked. The eviction
-//! brake's replicated state (`/quorate/brake`) is protected the same way.
+//! brake's replicated state (`/quorate/brake`) is protected the same way, and so are the lock
+//! and election services (a lock named inside the registry, an unlock of an instance's key).
 
-use etcd_client::{Client, DeleteOptions, Txn, TxnOp};
+use std::time::Duration;
+
+use etcd_client::{Client, DeleteOptions, LockOptions, Txn, TxnOp};
 use quorate_tests::{etcdctl, etcdctl_stdin, http, Cluster, Flavor};
 
 const SVC: &str = "/api/v1/ns/default/services/web/instances";
@@ -26,7 +29,7 @@ fn assert_denied(what: &str, out: &quorate_tests::Output) {
     assert!(out.stderr.contains("/api/v1/ns/"), "{what}: the refusal names the registry API: {}", out.stderr);
 }
 
-fn assert_grpc_denied(what: &str, r: Result<etcd_client::TxnResponse, etcd_client::Error>) {
+fn assert_grpc_denied<T: std::fmt::Debug>(what: &str, r: Result<T, etcd_client::Error>) {
     match r {
         Err(etcd_client::Error::GRpcStatus(s)) => {
             assert_eq!(format!("{:?}", s.code()), "PermissionDenied", "{what}: {s:?}");
@@ -87,6 +90,15 @@ async fn kv_writes_into_the_registry_are_refused_and_instances_survive() {
     );
     assert!(client.get("/app/y", None).await.unwrap().kvs().is_empty(), "nothing of a refused txn is applied");
     assert!(client.get("/app/x", None).await.unwrap().kvs().is_empty(), "nothing of a refused txn is applied");
+
+    eprintln!("a lock or an election named inside the registry, and unlocking an instance's key, are refused");
+    let lease = client.lease_grant(30, None).await.unwrap().id();
+    let name = "/quorate/registry/default/web";
+    let lock = client.lock(name, Some(LockOptions::new().with_lease(lease)));
+    assert_grpc_denied("lock", tokio::time::timeout(Duration::from_secs(10), lock).await.expect("answered"));
+    let campaign = client.campaign(name, "me", lease);
+    assert_grpc_denied("campaign", tokio::time::timeout(Duration::from_secs(10), campaign).await.expect("answered"));
+    assert_grpc_denied("unlock", client.unlock("/quorate/registry/default/web/web-2").await);
 
     eprintln!("Consul KV: deletes and writes however the key is spelled are a 403 with a JSON body");
     for (method, path) in [

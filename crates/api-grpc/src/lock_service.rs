@@ -65,8 +65,14 @@ fn create_rev_is(key: &[u8], rev: i64) -> Compare {
     Compare { result: CompareResult::Equal, target: CompareTarget::Create(rev), key: key.to_vec(), range_end: vec![] }
 }
 
+/// Every lock and election write. None may land in the registry's records (issue 11): a lock
+/// or election named inside them is refused like a KV write there.
 async fn txn(ctx: &Ctx, t: TxnRequest) -> Result<(quorate_kv::TxnResponse, i64), Status> {
-    let resp = ctx.member.write(Command::Txn(t)).await.map_err(consensus_status)?;
+    let cmd = Command::Txn(t);
+    if let Some(refused) = quorate_registry::first_registry_write(&cmd) {
+        return Err(crate::status::registry_read_only(&refused));
+    }
+    let resp = ctx.member.write(cmd).await.map_err(consensus_status)?;
     match resp.clone().kv_result().map_err(kv_status)? {
         CommandResponse::Txn(t) => Ok((t, resp.revision)),
         other => Err(Status::internal(format!("unexpected txn result {other:?}"))),
@@ -202,6 +208,9 @@ impl lk::lock_server::Lock for LockService {
             return Err(kv_status(quorate_kv::KvError::EmptyKey));
         }
         let cmd = Command::DeleteRange(quorate_kv::DeleteRangeRequest { key, ..Default::default() });
+        if let Some(refused) = quorate_registry::first_registry_write(&cmd) {
+            return Err(crate::status::registry_read_only(&refused));
+        }
         let resp = self.ctx.member.write(cmd).await.map_err(consensus_status)?;
         resp.clone().kv_result().map_err(kv_status)?;
         Ok(Response::new(lk::UnlockResponse { header: Some(self.ctx.header_at(resp.revision)) }))
