@@ -282,6 +282,10 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         };
         let image = snapshot.snapshot.into_inner();
         let (bytes, chunk) = (image.len(), snapshot_chunk_bytes());
+        if bytes as u64 > SNAPSHOT_BYTES_MAX {
+            // The receiver would refuse it after the header; do not start.
+            return Err(unreachable(SnapshotRefused::TooLarge(bytes as u64).to_string()).into());
+        }
         let progress = Arc::new(Mutex::new(Progress { at: Instant::now(), sent_all: false }));
         let frames = snapshot_frames(vote, snapshot.meta, image, chunk, progress.clone());
         let request = addressed(tonic::Request::new(futures::stream::iter(frames)), target);
@@ -293,12 +297,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             why = watch_transfer(&progress, stall, install_wait) => return Err(unreachable(why.into()).into()),
             reply = client.snapshot_stream(request) => reply,
         };
-        let frame = reply.map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                StreamingError::Unreachable(unreachable(s.message().to_string()))
-            }
-            _ => StreamingError::Network(NetworkError::from_string(format!("member {target:x}: {}", s.message()))),
-        })?;
+        // Every failure backs off (unreachable) rather than retrying at once: a refused image
+        // (too large, damaged) would otherwise be sent again and again without a pause.
+        let frame = reply.map_err(|s| unreachable(format!("{:?}: {}", s.code(), s.message())))?;
         let res: Result<SnapshotResponse<TypeConfig>, String> =
             decode(&frame.into_inner().data).map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?;
         res.map_err(|e| unreachable(e).into())
