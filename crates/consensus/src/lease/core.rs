@@ -256,7 +256,12 @@ impl LeaseCore {
     }
 
     /// Milliseconds left of a lease as the leader judges it; `None` when it does not exist.
-    pub fn remaining_ms(&mut self, now: Instant, leadership: Option<Leadership>, id: i64) -> Result<Option<u64>, Refused> {
+    pub fn remaining_ms(
+        &mut self,
+        now: Instant,
+        leadership: Option<Leadership>,
+        id: i64,
+    ) -> Result<Option<u64>, Refused> {
         self.check_leading(now, leadership)?;
         Ok(self.marks.get(&id).map(|m| self.leader_deadline(m).saturating_duration_since(now).as_millis() as u64))
     }

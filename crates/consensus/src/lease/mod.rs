@@ -28,7 +28,7 @@ use quorate_kv::{Command, CommandResponse};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-pub use self::core::{KeepAlive, LeaseCore, Leadership, Refused};
+pub use self::core::{KeepAlive, Leadership, LeaseCore, Refused};
 use crate::state_machine::Shared;
 use crate::types::{Raft, Request};
 use crate::ConsensusError;
@@ -85,7 +85,8 @@ impl LeaseClock {
     fn leadership(&self, raft: &Raft) -> Option<Leadership> {
         let metrics = raft.metrics();
         let m = metrics.borrow_watched();
-        (m.state == ServerState::Leader).then(|| Leadership { term: m.current_term, quorum_fresh: self.quorum_fresh(&m) })
+        (m.state == ServerState::Leader)
+            .then(|| Leadership { term: m.current_term, quorum_fresh: self.quorum_fresh(&m) })
     }
 
     fn quorum_fresh(&self, m: &openraft::RaftMetrics<crate::TypeConfig>) -> bool {
@@ -102,18 +103,25 @@ impl LeaseClock {
         let decision = match decision {
             KeepAlive::Propose => {
                 let proposed_at = Instant::now();
-                let resp = raft.client_write(Request::Kv(Command::LeaseRenew { ids: vec![id] })).await.map_err(|e| {
-                    if e.forward_to_leader().is_some() {
-                        ConsensusError::NotLeader
-                    } else {
-                        crate::raft_err(e)
-                    }
-                })?;
+                let resp =
+                    raft.client_write(Request::Kv(Command::LeaseRenew { ids: vec![id] })).await.map_err(|e| {
+                        if e.forward_to_leader().is_some() {
+                            ConsensusError::NotLeader
+                        } else {
+                            crate::raft_err(e)
+                        }
+                    })?;
                 let applied = matches!(
                     resp.data.result,
                     Some(Ok(CommandResponse::LeaseRenew { ref renewed })) if renewed.contains(&id)
                 );
-                shared.leases.lock().unwrap().renewed(Instant::now(), self.leadership(raft), id, proposed_at, applied)?
+                shared.leases.lock().unwrap().renewed(
+                    Instant::now(),
+                    self.leadership(raft),
+                    id,
+                    proposed_at,
+                    applied,
+                )?
             }
             other => other,
         };

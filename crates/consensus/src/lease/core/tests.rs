@@ -98,7 +98,10 @@ fn a_keepalive_is_answered_only_after_a_renewal_is_logged_and_only_within_the_wi
     let answer = c.renewed(t + ms(3), lead(2), 1, t, true);
     assert_eq!(answer, Ok(KeepAlive::Answer { ttl_s: 5, valid_until: t + ANSWER_WINDOW }));
     // Further keep-alives inside the window ride on that renewal; after it, they log again.
-    assert_eq!(c.keepalive(t + ms(100), lead(2), 1), Ok(KeepAlive::Answer { ttl_s: 5, valid_until: t + ANSWER_WINDOW }));
+    assert_eq!(
+        c.keepalive(t + ms(100), lead(2), 1),
+        Ok(KeepAlive::Answer { ttl_s: 5, valid_until: t + ANSWER_WINDOW })
+    );
     assert_eq!(c.keepalive(t + ANSWER_WINDOW + ms(1), lead(2), 1), Ok(KeepAlive::Propose));
     // A renewal that committed after the window cannot be promised.
     assert_eq!(c.renewed(t + ANSWER_WINDOW + ms(1), lead(2), 1, t, true), Err(Refused::TooLate));
