@@ -62,8 +62,8 @@ impl pb::kv_server::Kv for KvService {
             }
         }
         let range = convert::range_in(req);
-        let (result, rev) = self.ctx.member.read(|s| (s.range(&range), s.revision()));
-        let result = result.map_err(kv_status)?;
+        // In pages: a Range over the whole keyspace must not hold the store while it reads.
+        let (result, rev) = crate::paged::range(&self.ctx.member, &range).await.map_err(kv_status)?;
         Ok(Response::new(convert::range_out(result, self.ctx.header_at(rev))))
     }
 

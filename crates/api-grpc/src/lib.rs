@@ -10,6 +10,7 @@ mod kv_service;
 mod lease_service;
 mod lock_service;
 mod maintenance_service;
+mod paged;
 mod status;
 mod watch_service;
 
@@ -57,7 +58,8 @@ pub fn incoming(
 pub const REQUEST_BYTES_MAX: usize = 1536 * 1024;
 /// How far gRPC's own message limit sits above `--max-request-bytes` (etcd's
 /// `grpcOverheadBytes`): a request between the two gets etcd's `request is too large`, a larger
-/// one gRPC's `ResourceExhausted`, as from etcd.
+/// one is refused by gRPC before it is decoded (tonic says `OutOfRange` where grpc-go says
+/// `ResourceExhausted`).
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 /// The etcd API version this server speaks, as `Status` reports it.

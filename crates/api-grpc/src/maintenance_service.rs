@@ -216,27 +216,27 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, _: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
-        let hash = self.ctx.member.read(|s| s.hash_kv(0)).map_err(kv_status)?;
+        let (hash, _, _) = crate::paged::hash_kv(&self.ctx.member, 0).await.map_err(kv_status)?;
         Ok(Response::new(pb::HashResponse { header: Some(self.ctx.header()), hash }))
     }
 
     async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
         let rev = req.into_inner().revision;
-        let (hash, compact, current) = self.ctx.member.read(|s| (s.hash_kv(rev), s.compact_revision(), s.revision()));
-        let hash = hash.map_err(kv_status)?;
-        Ok(Response::new(pb::HashKvResponse {
-            header: Some(self.ctx.header_at(current)),
-            hash,
-            compact_revision: compact,
-            hash_revision: if rev > 0 { rev } else { current },
-        }))
+        // In pages: hashing the whole keyspace must not hold the store while it reads.
+        let (hash, hash_revision, compact_revision) =
+            crate::paged::hash_kv(&self.ctx.member, rev).await.map_err(kv_status)?;
+        Ok(Response::new(pb::HashKvResponse { header: Some(self.ctx.header()), hash, compact_revision, hash_revision }))
     }
 
     type SnapshotStream = SnapshotStream;
 
     async fn snapshot(&self, _: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        // The image is taken at one revision under the store's read lock, then streamed.
-        let (file, revision) = self.ctx.member.snapshot_file();
+        // The image is taken at one revision (a copy made under the store's read lock), encoded
+        // off the runtime's threads, then streamed.
+        let member = self.ctx.member.clone();
+        let (file, revision) = tokio::task::spawn_blocking(move || member.snapshot_file())
+            .await
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
         let header = self.ctx.header_at(revision);
         let total = file.len();
         let chunks: Vec<Result<pb::SnapshotResponse, Status>> = file

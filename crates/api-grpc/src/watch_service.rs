@@ -165,12 +165,9 @@ impl Session {
     /// Replay history from the watcher's next revision. Returns false if the watcher had to be
     /// cancelled because that history is compacted.
     async fn catch_up(&self, id: i64, w: &mut Watcher) -> Result<bool, Gone> {
-        let (events, current, compacted) = self
-            .ctx
-            .member
-            .read(|s| (s.events_since(&w.key, &w.range_end, w.next_rev), s.revision(), s.compact_revision()));
-        match events {
-            Ok(events) => {
+        // In pages: a replay from revision 1 must not hold the store while it reads.
+        match crate::paged::events(&self.ctx.member, &w.key, &w.range_end, w.next_rev).await {
+            Ok((events, current)) => {
                 let mut i = 0;
                 while i < events.len() {
                     let rev = events[i].revision();
@@ -182,7 +179,8 @@ impl Session {
                 w.next_rev = w.next_rev.max(current + 1);
                 Ok(true)
             }
-            Err(KvError::Compacted { .. }) => {
+            Err(KvError::Compacted { compacted, .. }) => {
+                let current = self.ctx.member.read(|s| s.revision());
                 let resp = pb::WatchResponse {
                     canceled: true,
                     compact_revision: compacted,

@@ -11,6 +11,9 @@ use crate::txn_check::{check_key, check_put_shape, check_txn_writes};
 use crate::types::*;
 use crate::KvError;
 
+mod paged;
+pub use paged::{EventScan, HashScan, RangeScan, READ_PAGE_KEYS};
+
 /// One version of a key: the value written at `(rev, sub)`, or a tombstone (`kv: None`).
 #[derive(Clone, Debug)]
 struct Rec {
@@ -212,61 +215,9 @@ impl Store {
 
     /// The range as of `rev`; adds the keys it visits to `steps`.
     fn range_at(&self, req: &RangeRequest, rev: i64, steps: &mut u64) -> RangeResponse {
-        let mut kvs: Vec<KeyValue> = Vec::new();
-        let mut count = 0i64;
-        let filtered = req.min_mod_revision != 0
-            || req.max_mod_revision != 0
-            || req.min_create_revision != 0
-            || req.max_create_revision != 0;
-        let sorted = req.sort_order != SortOrder::None || req.sort_target != SortTarget::Key;
-        // Without a sort or filter, the scan can stop one past the limit (for `more`);
-        // the count still needs every key.
-        let fetch_max = if req.limit > 0 && !filtered && !sorted { (req.limit + 1) as usize } else { usize::MAX };
-        for kv in self.live_at(&req.key, &req.range_end, rev, steps) {
-            count += 1;
-            if req.count_only || kvs.len() >= fetch_max {
-                continue;
-            }
-            kvs.push(kv.clone());
-        }
-        kvs.retain(|kv| {
-            (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
-                && (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
-                && (req.max_create_revision == 0 || kv.create_revision <= req.max_create_revision)
-                && (req.min_create_revision == 0 || kv.create_revision >= req.min_create_revision)
-        });
-        let order = match (req.sort_order, req.sort_target) {
-            (SortOrder::None, SortTarget::Key) => SortOrder::None,
-            (SortOrder::None, _) => SortOrder::Ascend,
-            (o, _) => o,
-        };
-        if order != SortOrder::None {
-            kvs.sort_by(|a, b| {
-                let ord = match req.sort_target {
-                    SortTarget::Key => a.key.cmp(&b.key),
-                    SortTarget::Version => a.version.cmp(&b.version),
-                    SortTarget::Create => a.create_revision.cmp(&b.create_revision),
-                    SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
-                    SortTarget::Value => a.value.cmp(&b.value),
-                };
-                if order == SortOrder::Descend {
-                    ord.reverse()
-                } else {
-                    ord
-                }
-            });
-        }
-        let mut more = false;
-        if req.limit > 0 && kvs.len() > req.limit as usize {
-            kvs.truncate(req.limit as usize);
-            more = true;
-        }
-        if req.keys_only {
-            for kv in &mut kvs {
-                kv.value.clear();
-            }
-        }
-        RangeResponse { kvs, more, count }
+        let mut scan = RangeScan::at(req, rev);
+        self.range_step_counted(req, &mut scan, usize::MAX, steps).expect("rev was checked against compaction");
+        scan.finish(req)
     }
 
     /// Live values in the range as of `rev`, in key order; adds every key visited to `steps`.
@@ -297,49 +248,17 @@ impl Store {
     /// Every event in `[key, range_end)` with revision `>= start_rev`, ordered by revision and
     /// by position inside its revision: what a watch replays before going live.
     pub fn events_since(&self, key: &[u8], range_end: &[u8], start_rev: i64) -> Result<Vec<Event>, KvError> {
-        if start_rev < self.compact_revision {
-            return Err(KvError::Compacted { requested: start_rev, compacted: self.compact_revision });
-        }
-        let mut out: Vec<(i64, u32, Event)> = Vec::new();
-        for (k, recs) in self.history_in(key, range_end) {
-            let first = recs.partition_point(|r| r.rev < start_rev);
-            for i in first..recs.len() {
-                let prev = if i > 0 { recs[i - 1].kv.clone() } else { None };
-                let r = &recs[i];
-                let ev = match &r.kv {
-                    Some(kv) => Event { kind: EventKind::Put, kv: kv.clone(), prev_kv: prev },
-                    None => Event { kind: EventKind::Delete, kv: Arc::new(tombstone(k, r.rev)), prev_kv: prev },
-                };
-                out.push((r.rev, r.sub, ev));
-            }
-        }
-        out.sort_by_key(|(rev, sub, _)| (*rev, *sub));
-        Ok(out.into_iter().map(|(_, _, e)| e).collect())
+        let mut scan = EventScan::new(self, key, range_end, start_rev)?;
+        self.events_step(&mut scan, usize::MAX)?;
+        Ok(scan.finish())
     }
 
     /// A hash of every version of every key in `(compact_revision, rev]` plus the compacted
     /// base, identical on every member at the same revision (etcd's HashKV in spirit).
     pub fn hash_kv(&self, rev: i64) -> Result<u32, KvError> {
-        let rev = self.read_revision(rev)?;
-        let mut h = Fnv32::new();
-        for (k, recs) in &self.keys {
-            for r in recs.iter().filter(|r| r.rev <= rev) {
-                h.write(k);
-                h.write(&r.rev.to_be_bytes());
-                h.write(&r.sub.to_be_bytes());
-                match &r.kv {
-                    Some(kv) => {
-                        h.write(&[1]);
-                        h.write(&kv.value);
-                        h.write(&kv.create_revision.to_be_bytes());
-                        h.write(&kv.version.to_be_bytes());
-                        h.write(&kv.lease.to_be_bytes());
-                    }
-                    None => h.write(&[0]),
-                }
-            }
-        }
-        Ok(h.finish())
+        let mut scan = HashScan::new(self, rev)?;
+        self.hash_step(&mut scan, usize::MAX)?;
+        Ok(scan.finish())
     }
 
     /// Evaluate a Txn that writes nothing, without the log: compares and ranges at the current

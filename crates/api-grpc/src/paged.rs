@@ -1,0 +1,82 @@
+//! Long reads in pages (`quorate_kv::RangeScan`, `EventScan`, `HashScan`): the store's lock is
+//! held for one page at a time and the task yields between pages, so apply, heartbeats and
+//! other clients' requests on the same runtime threads never wait behind a read of the whole
+//! keyspace. A small read finishes in its first page, under one lock, as before.
+
+use quorate_consensus::Member;
+use quorate_kv::{Event, EventScan, HashScan, KvError, RangeRequest, RangeResponse, RangeScan, READ_PAGE_KEYS};
+
+/// Times a read of the latest revision starts again when a compaction passes it mid-read
+/// (a read at an explicit revision gets etcd's `compacted` instead).
+const RESTARTS_MAX: usize = 3;
+
+/// A Range, and the store's revision when it began (for the response header).
+pub async fn range(member: &Member, req: &RangeRequest) -> Result<(RangeResponse, i64), KvError> {
+    let mut restarts = 0;
+    'again: loop {
+        let (mut scan, header_rev) = member.read(|s| {
+            let mut scan = RangeScan::new(s, req)?;
+            s.range_step(req, &mut scan, READ_PAGE_KEYS)?;
+            Ok::<_, KvError>((scan, s.revision()))
+        })?;
+        while !scan.is_done() {
+            tokio::task::yield_now().await;
+            match member.read(|s| s.range_step(req, &mut scan, READ_PAGE_KEYS)) {
+                Ok(()) => {}
+                Err(KvError::Compacted { .. }) if req.revision <= 0 && restarts < RESTARTS_MAX => {
+                    restarts += 1;
+                    continue 'again;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok((scan.finish(req), header_rev));
+    }
+}
+
+/// A watch's replay: every event in `[key, range_end)` from `start_rev`, and the revision it
+/// covers up to (live events follow from the next). `Compacted` if that history is gone, or
+/// was compacted while the replay read it.
+pub async fn events(
+    member: &Member,
+    key: &[u8],
+    range_end: &[u8],
+    start_rev: i64,
+) -> Result<(Vec<Event>, i64), KvError> {
+    let mut scan = member.read(|s| {
+        let mut scan = EventScan::new(s, key, range_end, start_rev)?;
+        s.events_step(&mut scan, READ_PAGE_KEYS)?;
+        Ok::<_, KvError>(scan)
+    })?;
+    while !scan.is_done() {
+        tokio::task::yield_now().await;
+        member.read(|s| s.events_step(&mut scan, READ_PAGE_KEYS))?;
+    }
+    let upto = scan.upto();
+    Ok((scan.finish(), upto))
+}
+
+/// HashKV at `rev` (0: current): the hash, the revision hashed and the compaction revision it
+/// was taken at. Starts again if a compaction runs while it reads.
+pub async fn hash_kv(member: &Member, rev: i64) -> Result<(u32, i64, i64), KvError> {
+    let mut restarts = 0;
+    'again: loop {
+        let mut scan = member.read(|s| {
+            let mut scan = HashScan::new(s, rev)?;
+            s.hash_step(&mut scan, READ_PAGE_KEYS)?;
+            Ok::<_, KvError>(scan)
+        })?;
+        while !scan.is_done() {
+            tokio::task::yield_now().await;
+            match member.read(|s| s.hash_step(&mut scan, READ_PAGE_KEYS)) {
+                Ok(()) => {}
+                Err(KvError::Compacted { .. }) if restarts < RESTARTS_MAX => {
+                    restarts += 1;
+                    continue 'again;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok((scan.finish(), scan.revision(), scan.compact_revision()));
+    }
+}

@@ -1,0 +1,154 @@
+//! Long reads in pages (Range, a watch's replay, HashKV) give exactly what one read under the
+//! lock gives, whatever is applied between the pages, and refuse when a compaction passes the
+//! revision they read at.
+
+use quorate_kv::*;
+
+const POS: LogPosition = LogPosition { index: 1, term: 1 };
+
+fn put(s: &mut Store, k: &str, v: &str) {
+    let r = s.apply(&Command::Put(PutRequest { key: k.into(), value: v.into(), ..Default::default() }), POS);
+    assert!(r.result.is_ok());
+}
+
+fn del(s: &mut Store, k: &str, end: &str) {
+    let r = s
+        .apply(&Command::DeleteRange(DeleteRangeRequest { key: k.into(), range_end: end.into(), prev_kv: false }), POS);
+    assert!(r.result.is_ok());
+}
+
+/// 50 keys with some history: overwrites and deletes.
+fn store() -> Store {
+    let mut s = Store::new();
+    for i in 0..50 {
+        put(&mut s, &format!("k{i:02}"), &format!("v{}", 50 - i));
+    }
+    for i in (0..50).step_by(3) {
+        put(&mut s, &format!("k{i:02}"), "again");
+    }
+    del(&mut s, "k10", "k15");
+    s
+}
+
+/// Range page by page, applying `between` after each page.
+fn paged_range(s: &mut Store, req: &RangeRequest, page: usize, mut between: impl FnMut(&mut Store)) -> RangeResponse {
+    let mut scan = RangeScan::new(s, req).unwrap();
+    for _ in 0..1_000 {
+        s.range_step(req, &mut scan, page).unwrap();
+        if scan.is_done() {
+            return scan.finish(req);
+        }
+        between(s);
+    }
+    panic!("range never finished");
+}
+
+fn requests() -> Vec<RangeRequest> {
+    let all = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+    vec![
+        all.clone(),
+        RangeRequest { key: b"k20".to_vec(), ..Default::default() },
+        RangeRequest { key: b"k05".to_vec(), range_end: vec![0], ..Default::default() },
+        RangeRequest { limit: 7, ..all.clone() },
+        RangeRequest { limit: 7, sort_order: SortOrder::Descend, sort_target: SortTarget::Value, ..all.clone() },
+        RangeRequest { count_only: true, ..all.clone() },
+        RangeRequest { keys_only: true, limit: 3, ..all.clone() },
+        RangeRequest { min_mod_revision: 60, ..all.clone() },
+        RangeRequest { revision: 30, ..all.clone() },
+        RangeRequest { key: b"zz".to_vec(), range_end: b"a".to_vec(), ..Default::default() },
+    ]
+}
+
+#[test]
+fn a_range_in_pages_equals_one_range() {
+    let mut s = store();
+    for req in requests() {
+        let whole = s.range(&req).unwrap();
+        for page in [1, 2, 7, 1024] {
+            assert_eq!(paged_range(&mut s, &req, page, |_| {}), whole, "{req:?} in pages of {page}");
+        }
+    }
+}
+
+#[test]
+fn writes_between_pages_do_not_change_a_read_at_its_revision() {
+    for req in requests() {
+        let mut s = store();
+        let whole = s.range(&req).unwrap();
+        let mut n = 0;
+        let paged = paged_range(&mut s, &req, 4, |s| {
+            n += 1;
+            put(s, &format!("k{:02}", n % 50), "later");
+            put(s, &format!("k{n:02}x"), "new");
+            del(s, &format!("k{:02}", (n * 7) % 50), "");
+        });
+        assert_eq!(paged, whole, "{req:?}");
+    }
+}
+
+#[test]
+fn a_compaction_past_the_revision_between_pages_refuses_the_read() {
+    let mut s = store();
+    let req = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
+    let mut scan = RangeScan::new(&s, &req).unwrap();
+    s.range_step(&req, &mut scan, 5).unwrap();
+    put(&mut s, "k00", "later");
+    let current = s.revision();
+    assert!(s.apply(&Command::Compact { revision: current, physical: false }, POS).result.is_ok());
+    assert!(matches!(s.range_step(&req, &mut scan, 5), Err(KvError::Compacted { .. })));
+    // A compaction at or below the scan's revision leaves it readable.
+    let mut s = store();
+    let mut scan = RangeScan::new(&s, &req).unwrap();
+    s.range_step(&req, &mut scan, 5).unwrap();
+    assert!(s.apply(&Command::Compact { revision: scan.revision(), physical: false }, POS).result.is_ok());
+    s.range_step(&req, &mut scan, 5).unwrap();
+}
+
+#[test]
+fn a_watch_replay_in_pages_covers_exactly_up_to_where_it_began() {
+    let mut s = store();
+    for (key, end) in [("k", "l"), ("k03", ""), ("a", "\0")] {
+        for start in [1, 20, 70] {
+            let whole = s.events_since(key.as_bytes(), end.as_bytes(), start).unwrap();
+            let mut scan = EventScan::new(&s, key.as_bytes(), end.as_bytes(), start).unwrap();
+            assert_eq!(scan.upto(), s.revision());
+            for i in 0..1_000 {
+                s.events_step(&mut scan, 3).unwrap();
+                if scan.is_done() {
+                    break;
+                }
+                // Later writes belong to the live stream, not to the replay.
+                put(&mut s, &format!("k{:02}", i % 50), "later");
+            }
+            assert_eq!(scan.finish(), whole, "{key}..{end} from {start}");
+            s = store();
+        }
+    }
+    let mut scan = EventScan::new(&s, b"k", b"l", 1).unwrap();
+    s.events_step(&mut scan, 3).unwrap();
+    let current = s.revision();
+    assert!(s.apply(&Command::Compact { revision: current, physical: false }, POS).result.is_ok());
+    assert!(matches!(s.events_step(&mut scan, 3), Err(KvError::Compacted { .. })));
+}
+
+#[test]
+fn hashkv_in_pages_equals_one_hash_and_refuses_across_a_compaction() {
+    let mut s = store();
+    for rev in [0, 30, s.revision()] {
+        let whole = s.hash_kv(rev).unwrap();
+        let mut scan = HashScan::new(&s, rev).unwrap();
+        for i in 0..1_000 {
+            s.hash_step(&mut scan, 4).unwrap();
+            if scan.is_done() {
+                break;
+            }
+            put(&mut s, &format!("k{:02}", i % 50), "later");
+        }
+        assert_eq!(scan.finish(), whole, "at {rev}");
+        s = store();
+    }
+    let mut scan = HashScan::new(&s, 0).unwrap();
+    s.hash_step(&mut scan, 4).unwrap();
+    assert!(s.apply(&Command::Compact { revision: 20, physical: false }, POS).result.is_ok());
+    assert!(matches!(s.hash_step(&mut scan, 4), Err(KvError::Compacted { .. })));
+}
