@@ -113,11 +113,11 @@ impl pb::lease_server::Lease for LeaseService {
 
 /// The TTL a grant's answer may promise after `elapsed` since the request arrived. Every member
 /// counts the lease from when it applied the grant (after the request arrived) plus the TTL plus
-/// `LEASE_PROMISE_SLACK` (ADR 0008); an answer that took longer than the slack to leave (a
-/// stalled member, a slow forward) promises that much less, so it never outlives the members'
-/// deadlines.
+/// a slack (ADR 0008); an answer that took longer than the keep-alive's answer window to leave
+/// (a stalled member, a slow forward) promises that much less, so it never outlives the members'
+/// deadlines, with the rest of the slack left for the last hop to the client.
 fn promised_ttl_s(ttl_s: i64, elapsed: std::time::Duration) -> i64 {
-    let late = elapsed.saturating_sub(quorate_consensus::LEASE_PROMISE_SLACK);
+    let late = elapsed.saturating_sub(quorate_consensus::LEASE_ANSWER_WINDOW);
     (ttl_s - late.as_millis().div_ceil(1000).min(i64::MAX as u128) as i64).max(0)
 }
 
@@ -130,7 +130,7 @@ mod tests {
     #[test]
     fn a_grant_answered_late_promises_only_what_is_left() {
         let ms = Duration::from_millis;
-        let slack = quorate_consensus::LEASE_PROMISE_SLACK;
+        let slack = quorate_consensus::LEASE_ANSWER_WINDOW;
         assert_eq!(promised_ttl_s(10, ms(3)), 10);
         assert_eq!(promised_ttl_s(10, slack), 10);
         assert_eq!(promised_ttl_s(10, slack + ms(1)), 9);

@@ -72,7 +72,13 @@ fn restored_log_id(members: &BTreeMap<NodeId, MemberNode>) -> LogId {
 /// Build a fresh data directory at `data_dir` holding `bytes` (a checked snapshot file) as the
 /// state of a new cluster of `members`. Refuses a directory that already has data.
 pub fn restore(bytes: &[u8], data_dir: &Path, members: &BTreeMap<NodeId, MemberNode>) -> Result<i64, String> {
-    let snapshot = decode(bytes)?;
+    let mut snapshot = decode(bytes)?;
+    // A lease's `set_at` names its last decision by log index; the restored cluster's log starts
+    // again at 0, so an old index could collide with a new renewal's and make a stale deadline
+    // pass for the renewal's (ADR 0008). Every lease starts from the restored position.
+    for lease in &mut snapshot.leases {
+        lease.set_at = 0;
+    }
     if members.is_empty() {
         return Err("--initial-cluster names no member".into());
     }

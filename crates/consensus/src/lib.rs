@@ -32,7 +32,7 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 pub use error::ConsensusError;
-pub use lease::core::RENEW_SLACK as LEASE_PROMISE_SLACK;
+pub use lease::core::ANSWER_WINDOW as LEASE_ANSWER_WINDOW;
 pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
 pub use network::{set_snapshot_chunk_bytes, PeerService, PEER_MESSAGE_BYTES_MAX};

@@ -25,6 +25,10 @@ pub const RENEW_SLACK: Duration = Duration::from_millis(500);
 /// A keep-alive is answered only within this long after the renewal it relies on was proposed
 /// on the leader's clock; the rest of `RENEW_SLACK` covers the last hop to the client.
 pub const ANSWER_WINDOW: Duration = Duration::from_millis(400);
+/// Every mark is also later by this fraction of its remaining time: monotonic clocks are slewed
+/// by NTP (chrony up to ~8%, the kernel's PLL up to 0.05%), so members' clocks may run at
+/// slightly different rates; 1% covers the PLL and ordinary slews on leases of any length.
+pub const CLOCK_RATE_MARGIN_DIVISOR: u64 = 100;
 /// Most leases named in one expiry entry.
 pub const LEASE_BATCH_MAX: usize = 1000;
 
@@ -43,15 +47,21 @@ pub struct Mark {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Leadership {
     pub term: u64,
-    /// A quorum acknowledged this leader within one election timeout.
+    /// A quorum acknowledged this leader within one election timeout, and it has applied an
+    /// entry of its own term (so everything committed before its election): only then may it
+    /// judge leases or answer for them. A new leader's marks may lack a grant or renewal that the
+    /// previous leader answered.
     pub quorum_fresh: bool,
 }
 
 /// How a keep-alive arriving at the leader is to be handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeepAlive {
-    /// The lease does not exist, or its expiry is being proposed: etcd's "lease not found".
+    /// The lease does not exist, or its expiry was decided and applied: etcd's "lease not found".
     NotFound,
+    /// A verdict on the lease is in flight: ask again once it settled (a renewal logged before
+    /// it makes it a no-op, and the lease lives on).
+    VerdictPending,
     /// Answer now: a renewal this leader logged covers it until `valid_until`.
     Answer { ttl_s: i64, valid_until: Instant },
     /// Log a renewal first (`LeaseRenew`), then call `renewed`.
@@ -96,7 +106,9 @@ impl LeaseCore {
     /// A grant, renewal or checkpoint was applied at log index `set_at`: the lease lives at most
     /// `remaining_ms` (+ the slack) from now, and a new decision replaces whatever we knew.
     pub fn applied_deadline(&mut self, now: Instant, id: i64, ttl_s: i64, remaining_ms: i64, set_at: u64) {
-        let deadline = now + Duration::from_millis(remaining_ms.max(0) as u64) + RENEW_SLACK;
+        let remaining_ms = remaining_ms.max(0) as u64;
+        let margin = Duration::from_millis(remaining_ms / CLOCK_RATE_MARGIN_DIVISOR);
+        let deadline = now + Duration::from_millis(remaining_ms) + RENEW_SLACK + margin;
         self.marks.insert(id, Mark { deadline, set_at, ttl_s });
     }
 
@@ -168,7 +180,9 @@ impl LeaseCore {
             return Vec::new();
         };
         let l = self.promote(now, lead.term);
-        if stalled {
+        // Our pause, or our lost contact with the quorum (during which no client could renew
+        // through us), is not the clients' fault: the grace runs from when it ended.
+        if stalled || !lead.quorum_fresh {
             l.grace_from = now;
         }
         if !lead.quorum_fresh {
@@ -218,7 +232,7 @@ impl LeaseCore {
         let renewed_at = self.check_leading(now, leadership)?.renewed_at.get(&id).copied();
         let Some(mark) = self.marks.get(&id).copied() else { return Ok(KeepAlive::NotFound) };
         if self.is_expiring(id, &mark) {
-            return Ok(KeepAlive::NotFound);
+            return Ok(KeepAlive::VerdictPending);
         }
         match renewed_at {
             Some(at) if now <= at + ANSWER_WINDOW => {

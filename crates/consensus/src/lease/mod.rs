@@ -35,6 +35,8 @@ use crate::ConsensusError;
 
 /// How often the clock looks for expired leases.
 pub const LEASE_TICK: Duration = Duration::from_millis(100);
+/// How often a keep-alive that must wait (a verdict in flight, a leader not caught up) asks again.
+const KEEPALIVE_RECHECK: Duration = Duration::from_millis(20);
 /// How often a follower copies the leader's judgement of every lease.
 pub const LEASE_SYNC_INTERVAL: Duration = Duration::from_millis(1000);
 
@@ -85,8 +87,36 @@ impl LeaseClock {
     fn leadership(&self, raft: &Raft) -> Option<Leadership> {
         let metrics = raft.metrics();
         let m = metrics.borrow_watched();
+        // Applied an entry of its own term: everything committed before the election is applied,
+        // so the core's marks hold every grant and renewal a previous leader answered.
+        let caught_up = m.last_applied.as_ref().is_some_and(|l| l.leader_id.term == m.current_term);
         (m.state == ServerState::Leader)
-            .then(|| Leadership { term: m.current_term, quorum_fresh: self.quorum_fresh(&m) })
+            .then(|| Leadership { term: m.current_term, quorum_fresh: caught_up && self.quorum_fresh(&m) })
+    }
+
+    /// Ask the core about a keep-alive, waiting (boundedly) through the moments it cannot
+    /// answer yet: a leader just elected that has not applied its first entry, and a verdict in
+    /// flight that a renewal logged before it may still overturn.
+    async fn ask(&self, raft: &Raft, shared: &Shared, id: i64) -> Result<KeepAlive, ConsensusError> {
+        let until = Instant::now() + self.grace * 2;
+        loop {
+            let asked = shared.leases.lock().unwrap().keepalive(Instant::now(), self.leadership(raft), id);
+            let waiting = match asked {
+                Err(Refused::NoQuorum) => ConsensusError::NoLeader,
+                Ok(KeepAlive::VerdictPending) => {
+                    // Still pending at the bound: its expiry is being proposed.
+                    if Instant::now() >= until {
+                        return Ok(KeepAlive::NotFound);
+                    }
+                    ConsensusError::NoLeader
+                }
+                other => return Ok(other?),
+            };
+            if Instant::now() >= until {
+                return Err(waiting);
+            }
+            tokio::time::sleep(KEEPALIVE_RECHECK).await;
+        }
     }
 
     fn quorum_fresh(&self, m: &openraft::RaftMetrics<crate::TypeConfig>) -> bool {
@@ -99,8 +129,7 @@ impl LeaseClock {
 
     /// Renew a lease at the leader; `None` when it does not exist or its expiry is proposed.
     pub async fn keepalive(&self, raft: &Raft, shared: &Shared, id: i64) -> Result<Option<Renewal>, ConsensusError> {
-        let decision = shared.leases.lock().unwrap().keepalive(Instant::now(), self.leadership(raft), id)?;
-        let decision = match decision {
+        let decision = match self.ask(raft, shared, id).await? {
             KeepAlive::Propose => {
                 let proposed_at = Instant::now();
                 let resp =
@@ -126,7 +155,7 @@ impl LeaseClock {
             other => other,
         };
         Ok(match decision {
-            KeepAlive::NotFound | KeepAlive::Propose => None,
+            KeepAlive::NotFound | KeepAlive::Propose | KeepAlive::VerdictPending => None,
             KeepAlive::Answer { ttl_s, valid_until } => Some(Renewal { ttl_s, valid_until }),
         })
     }

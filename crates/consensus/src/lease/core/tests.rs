@@ -8,6 +8,11 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// What a mark set from `remaining_ms` adds up to: the time, the slack and the clock-rate margin.
+fn bound(remaining_ms: u64) -> Duration {
+    ms(remaining_ms) + RENEW_SLACK + ms(remaining_ms / CLOCK_RATE_MARGIN_DIVISOR)
+}
+
 fn lead(term: u64) -> Option<Leadership> {
     Some(Leadership { term, quorum_fresh: true })
 }
@@ -40,8 +45,8 @@ fn an_abandoned_lease_expires_after_its_ttl_plus_the_slack_and_not_before() {
     let mut c = with_lease(t0);
     c.tick(t0, lead(2), false);
     let at = expires_at(&mut c, t0, lead(2), 1).expect("expires");
-    assert!(at >= ms(5_000) + RENEW_SLACK, "expired after {at:?}");
-    assert!(at <= ms(5_000) + RENEW_SLACK + ms(100), "expired after {at:?}");
+    assert!(at >= bound(5_000), "expired after {at:?}");
+    assert!(at <= bound(5_000) + ms(100), "expired after {at:?}");
 }
 
 #[test]
@@ -53,7 +58,7 @@ fn a_new_leader_gives_one_election_timeout_of_grace_and_no_more() {
     assert_eq!(expires_at(&mut c, promoted, lead(3), 1), Some(GRACE));
     // Elected 1 s after the grant: the mark (5.5 s) is later than the grace (2 s).
     let mut c = with_lease(t0);
-    assert_eq!(expires_at(&mut c, t0 + ms(1_000), lead(3), 1), Some(ms(4_500)));
+    assert_eq!(expires_at(&mut c, t0 + ms(1_000), lead(3), 1), Some(ms(4_600)));
 }
 
 #[test]
@@ -127,19 +132,67 @@ fn every_member_that_applied_a_renewal_holds_the_promise_a_client_was_given() {
 }
 
 #[test]
-fn a_keepalive_for_a_lease_whose_expiry_is_proposed_is_not_found() {
+fn a_keepalive_for_a_lease_whose_expiry_is_proposed_waits_for_the_verdict() {
     let t0 = Instant::now();
     let mut c = with_lease(t0);
     c.tick(t0, lead(2), false);
     let due = t0 + ms(6_000);
     assert_eq!(c.tick(due, lead(2), false), vec![(1, 10)]);
-    assert_eq!(c.keepalive(due + ms(1), lead(2), 1), Ok(KeepAlive::NotFound));
+    assert_eq!(c.keepalive(due + ms(1), lead(2), 1), Ok(KeepAlive::VerdictPending));
     // A renewal that was in flight when the verdict was taken is not answered either.
     assert_eq!(c.renewed(due + ms(2), lead(2), 1, due - ms(1), true), Ok(KeepAlive::NotFound));
     // Not proposed twice while in flight; decided again if it failed and the lease is still due.
     assert!(c.tick(due + ms(100), lead(2), false).is_empty());
     c.verdicts_settled(&[(1, 10)]);
     assert_eq!(c.tick(due + ms(200), lead(2), false), vec![(1, 10)]);
+    // Applied: the lease is gone, and so it is not found.
+    c.removed(1);
+    c.verdicts_settled(&[(1, 10)]);
+    assert_eq!(c.keepalive(due + ms(300), lead(2), 1), Ok(KeepAlive::NotFound));
+}
+
+#[test]
+fn a_renewal_logged_before_a_verdict_overturns_it_and_the_waiting_keepalive_proceeds() {
+    let t0 = Instant::now();
+    let mut c = with_lease(t0);
+    c.tick(t0, lead(2), false);
+    let due = t0 + ms(6_000);
+    assert_eq!(c.keepalive(due - ms(5), lead(2), 1), Ok(KeepAlive::Propose));
+    assert_eq!(c.tick(due, lead(2), false), vec![(1, 10)]);
+    assert_eq!(c.keepalive(due + ms(1), lead(2), 1), Ok(KeepAlive::VerdictPending));
+    // The renewal (index 30) applies before the verdict, which is then a no-op at apply.
+    c.applied_deadline(due + ms(3), 1, 5, 5_000, 30);
+    assert_eq!(
+        c.renewed(due + ms(3), lead(2), 1, due - ms(5), true),
+        Ok(KeepAlive::Answer { ttl_s: 5, valid_until: due - ms(5) + ANSWER_WINDOW })
+    );
+    c.verdicts_settled(&[(1, 10)]);
+    assert!(matches!(c.keepalive(due + ms(10), lead(2), 1), Ok(KeepAlive::Answer { .. })));
+}
+
+#[test]
+fn a_leader_that_regains_its_quorum_gives_the_grace_again() {
+    // An asymmetric partition: no client could renew through this leader while it was cut off;
+    // when it heals, nothing expires before one election timeout.
+    let t0 = Instant::now();
+    let mut c = with_lease(t0);
+    c.tick(t0, lead(2), false);
+    for step in 1..=100u64 {
+        assert!(c.tick(t0 + ms(step * 100), cut_off(2), false).is_empty());
+    }
+    // Last seen cut off at 10 s; the grace runs from there.
+    let last_cut_off = t0 + ms(10_000);
+    assert!(c.tick(last_cut_off + ms(100), lead(2), false).is_empty());
+    assert!(c.tick(last_cut_off + GRACE - ms(1), lead(2), false).is_empty());
+    assert_eq!(c.tick(last_cut_off + GRACE, lead(2), false), vec![(1, 10)]);
+}
+
+#[test]
+fn marks_carry_a_margin_for_clock_rates_that_grows_with_the_ttl() {
+    let t0 = Instant::now();
+    let mut c = LeaseCore::new(GRACE);
+    c.applied_deadline(t0, 1, 600, 600_000, 1);
+    assert_eq!(c.mark(1).unwrap().deadline, t0 + ms(600_000) + RENEW_SLACK + ms(6_000));
 }
 
 #[test]
@@ -195,8 +248,8 @@ fn tightening_takes_the_earlier_bound_only_for_the_same_decision() {
     ];
     assert_eq!(c.tighten(&theirs, t0), 1);
     assert_eq!(c.mark(1).unwrap().deadline, t0 + ms(3_000));
-    assert_eq!(c.mark(2).unwrap().deadline, t0 + ms(10_000) + RENEW_SLACK);
-    assert_eq!(c.mark(3).unwrap().deadline, t0 + ms(2_000) + RENEW_SLACK);
+    assert_eq!(c.mark(2).unwrap().deadline, t0 + bound(10_000));
+    assert_eq!(c.mark(3).unwrap().deadline, t0 + bound(2_000));
     assert!(c.mark(5).is_none());
 }
 
@@ -209,7 +262,7 @@ fn a_follower_adopts_the_leaders_table_only_for_the_decision_it_holds() {
     // of it would shorten the promise the renewal made.
     c.applied_deadline(t0 + ms(5), 1, 10, 10_000, 9);
     assert_eq!(c.adopt_leader_table(&[(1, 7, 2_000)], t0 + ms(6)), 0);
-    assert_eq!(c.mark(1).unwrap().deadline, t0 + ms(5) + ms(10_000) + RENEW_SLACK);
+    assert_eq!(c.mark(1).unwrap().deadline, t0 + ms(5) + bound(10_000));
     // The same decision: the leader's judgement (with its grace) is taken, later or earlier.
     assert_eq!(c.adopt_leader_table(&[(1, 9, 12_000)], t0 + ms(10)), 1);
     assert_eq!(c.mark(1).unwrap().deadline, t0 + ms(12_010));
