@@ -156,15 +156,21 @@ async fn keepalive_client(
     granted?;
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::LeaseKeepAliveRequest>(1);
     let requests = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    // The first request goes out with the call: etcd answers the stream's headers only with its
+    // first message, so the call would not return before a request was sent.
+    let mut t = Instant::now();
+    let _ = tx.send(pb::LeaseKeepAliveRequest { id: ids[0] }).await;
     let mut answers = lease.lease_keep_alive(requests).await?.into_inner();
     let (mut lat_us, mut errors) = (Vec::with_capacity(1 << 14), 0u64);
-    for id in ids.iter().cycle() {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let t = Instant::now();
-        if tx.send(pb::LeaseKeepAliveRequest { id: *id }).await.is_err() {
-            break;
+    for (n, id) in ids.iter().cycle().enumerate() {
+        if n > 0 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            t = Instant::now();
+            if tx.send(pb::LeaseKeepAliveRequest { id: *id }).await.is_err() {
+                break;
+            }
         }
         match answers.message().await {
             Ok(Some(a)) if a.ttl > 0 => lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32),
