@@ -140,3 +140,148 @@ async fn the_limit_flags_reach_the_handler() {
     let (code, message) = status(c.put("huge", vec![b'x'; 10_000 + 512 * 1024 + 1], None).await.unwrap_err());
     assert_eq!(code, GRPC_TOO_LARGE, "{message}");
 }
+
+/// Raft terms of every member, from `Status`.
+async fn terms(cluster: &Cluster) -> Vec<u64> {
+    let mut out = Vec::new();
+    for ep in cluster.all_endpoints() {
+        let mut c = Client::connect([ep], None).await.unwrap();
+        out.push(c.status().await.unwrap().raft_term());
+    }
+    out
+}
+
+/// Latency of `n` sequential puts through `c`, sorted.
+async fn put_latencies(c: &mut Client, n: usize, prefix: &str) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        c.put(format!("{prefix}/{i}"), "v", None).await.expect("put");
+        out.push(started.elapsed());
+    }
+    out.sort();
+    out
+}
+
+fn pct(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_whole_keyspace_does_not_stall_writes_or_heartbeats() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    use std::sync::Arc;
+    const KEYS: usize = 100_000;
+    const PROBES: usize = 200;
+    /// Generous: a whole-keyspace read takes well under a second (more in a debug build).
+    const READ_WITHIN: Duration = Duration::from_secs(120);
+    const WRITE_WITHIN: Duration = Duration::from_secs(5);
+    let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(10)).unwrap();
+    let ep = cluster.nodes[leader].endpoint();
+
+    eprintln!("load {KEYS} keys, 128 to a Txn");
+    let mut loaders = Vec::new();
+    for l in 0..4 {
+        let ep = ep.clone();
+        loaders.push(tokio::spawn(async move {
+            let mut c = Client::connect([ep], None).await.unwrap();
+            for batch in (l * 128..KEYS).step_by(4 * 128) {
+                let ops: Vec<TxnOp> = (batch..(batch + 128).min(KEYS))
+                    .map(|i| TxnOp::put(format!("data/{i:06}"), format!("value-{i}"), None))
+                    .collect();
+                c.txn(Txn::new().and_then(ops)).await.expect("load");
+            }
+        }));
+    }
+    for l in loaders {
+        l.await.unwrap();
+    }
+    let mut c = Client::connect([ep.clone()], None).await.unwrap();
+    let before = terms(&cluster).await;
+
+    eprintln!("writes with no reader");
+    let idle = put_latencies(&mut c, PROBES, "idle").await;
+
+    eprintln!("writes while clients read everything: Range, watch from revision 1, HashKV, Snapshot");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
+    let mut readers = Vec::new();
+    // All four kinds by default; QUORATE_T16_READS=range,watch,hashkv,snapshot picks some (to
+    // see which one costs the writes most).
+    const KINDS: [&str; 4] = ["range", "watch", "hashkv", "snapshot"];
+    let picked = std::env::var("QUORATE_T16_READS").unwrap_or_else(|_| KINDS.join(","));
+    let kinds: Vec<usize> = KINDS.iter().enumerate().filter(|(_, k)| picked.contains(*k)).map(|(i, _)| i).collect();
+    for &kind in &kinds {
+        let (ep, stop, done) = (ep.clone(), stop.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let mut c = Client::connect([ep], None).await.unwrap();
+            // Bounded: the probes take seconds, each read well under a minute.
+            for _ in 0..10_000 {
+                if stop.load(Relaxed) {
+                    return;
+                }
+                let read = async {
+                    match kind {
+                        0 => {
+                            let mut kv = c.kv_client().max_decoding_message_size(usize::MAX);
+                            let all = etcd_client::GetOptions::new().with_prefix();
+                            let r = kv.get("data/", Some(all)).await.expect("range");
+                            assert_eq!(r.kvs().len(), KEYS);
+                        }
+                        1 => {
+                            let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(1);
+                            let mut stream = c.watch("data/", Some(opts)).await.expect("watch");
+                            let mut seen = 0;
+                            while let Some(resp) = stream.message().await.expect("watch stream") {
+                                seen += resp.events().len();
+                                if seen >= KEYS {
+                                    break;
+                                }
+                            }
+                        }
+                        2 => {
+                            c.hash_kv(0).await.expect("hashkv");
+                        }
+                        _ => {
+                            let mut s = c.snapshot().await.expect("snapshot");
+                            while s.message().await.expect("snapshot stream").is_some() {}
+                        }
+                    }
+                };
+                tokio::time::timeout(READ_WITHIN, read).await.expect("a whole-keyspace read finishes");
+                done[kind].fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    // Let every reader get going before measuring.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = put_latencies(&mut c, PROBES, "loaded").await;
+    // Every kind of read must have run at least once while the writes ran.
+    for _ in 0..600 {
+        if kinds.iter().all(|&k| done[k].load(Relaxed) > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Relaxed);
+    for r in readers {
+        r.await.expect("reader");
+    }
+    let reads: Vec<usize> = done.iter().map(|d| d.load(Relaxed)).collect();
+    eprintln!(
+        "put latency idle p50 {:?} p99 {:?} max {:?}; while reading p50 {:?} p99 {:?} max {:?}; reads done \
+         (range, watch, hashkv, snapshot) {reads:?}",
+        pct(&idle, 50),
+        pct(&idle, 99),
+        idle[idle.len() - 1],
+        pct(&loaded, 50),
+        pct(&loaded, 99),
+        loaded[loaded.len() - 1],
+    );
+    assert!(kinds.iter().all(|&k| reads[k] > 0), "every kind of read ran: {reads:?}");
+    assert_eq!(terms(&cluster).await, before, "an election happened while clients read");
+    // Generous (a debug build on a small, shared machine): a write that waits seconds is a stall.
+    let slowest = loaded[loaded.len() - 1];
+    assert!(slowest < WRITE_WITHIN, "a write waited {slowest:?} behind the reads");
+}

@@ -63,8 +63,9 @@ impl pb::kv_server::Kv for KvService {
         }
         let range = convert::range_in(req);
         // In pages: a Range over the whole keyspace must not hold the store while it reads.
-        let (result, rev) = crate::paged::range(&self.ctx.member, &range).await.map_err(kv_status)?;
-        Ok(Response::new(convert::range_out(result, self.ctx.header_at(rev))))
+        let ctx = self.ctx.clone();
+        let out = move |result, rev| convert::range_out(result, ctx.header_at(rev));
+        Ok(Response::new(crate::paged::range(&self.ctx.member, &range, out).await.map_err(kv_status)?))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {

@@ -10,8 +10,17 @@ use quorate_kv::{Event, EventScan, HashScan, KvError, RangeRequest, RangeRespons
 /// (a read at an explicit revision gets etcd's `compacted` instead).
 const RESTARTS_MAX: usize = 3;
 
-/// A Range, and the store's revision when it began (for the response header).
-pub async fn range(member: &Member, req: &RangeRequest) -> Result<(RangeResponse, i64), KvError> {
+/// Results larger than this are finished (sorted, copied, converted by `out`) on a blocking
+/// thread: copying 100k values would otherwise hold a runtime thread, and every Raft task
+/// queued behind it, for as long.
+const FINISH_INLINE_KVS_MAX: usize = 4 * READ_PAGE_KEYS;
+
+/// A Range, given to `out` with the store's revision when it began (for the response header).
+pub async fn range<T: Send + 'static>(
+    member: &Member,
+    req: &RangeRequest,
+    out: impl FnOnce(RangeResponse, i64) -> T + Send + 'static,
+) -> Result<T, KvError> {
     let mut restarts = 0;
     'again: loop {
         let (mut scan, header_rev) = member.read(|s| {
@@ -30,7 +39,12 @@ pub async fn range(member: &Member, req: &RangeRequest) -> Result<(RangeResponse
                 Err(e) => return Err(e),
             }
         }
-        return Ok((scan.finish(req), header_rev));
+        if scan.kvs_found() <= FINISH_INLINE_KVS_MAX {
+            return Ok(out(scan.finish(req), header_rev));
+        }
+        let req = req.clone();
+        let finished = tokio::task::spawn_blocking(move || out(scan.finish(&req), header_rev)).await;
+        return Ok(finished.expect("finishing a range does not panic"));
     }
 }
 
@@ -53,7 +67,11 @@ pub async fn events(
         member.read(|s| s.events_step(&mut scan, READ_PAGE_KEYS))?;
     }
     let upto = scan.upto();
-    Ok((scan.finish(), upto))
+    if !scan.is_large() {
+        return Ok((scan.finish(), upto));
+    }
+    let events = tokio::task::spawn_blocking(move || scan.finish()).await;
+    Ok((events.expect("sorting events does not panic"), upto))
 }
 
 /// HashKV at `rev` (0: current): the hash, the revision hashed and the compaction revision it

@@ -196,6 +196,11 @@ impl RangeScan {
         self.rev
     }
 
+    /// Values found so far (what `finish` will filter, sort and copy).
+    pub fn kvs_found(&self) -> usize {
+        self.kvs.len()
+    }
+
     /// Filter, sort, limit and copy out what the pages found (no store lock needed).
     pub fn finish(self, req: &RangeRequest) -> RangeResponse {
         let count = self.count;
@@ -277,6 +282,11 @@ impl EventScan {
     /// The last revision the replay covers: live events follow from the next one.
     pub fn upto(&self) -> i64 {
         self.upto
+    }
+
+    /// Whether so many events were found that sorting them is worth a thread of its own.
+    pub fn is_large(&self) -> bool {
+        self.events.len() > 4 * READ_PAGE_KEYS
     }
 
     /// The events in revision order, and in order inside each revision.
