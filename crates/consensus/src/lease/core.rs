@@ -21,10 +21,10 @@ use tokio::time::Instant;
 /// Every mark set from an applied entry is this much later than the entry's apply time plus the
 /// TTL: the margin that covers the time between a member applying a renewal and the client
 /// receiving its answer (the answer is refused when it would come later, see `ANSWER_WINDOW`).
-pub const RENEW_SLACK: Duration = Duration::from_millis(500);
+pub const RENEW_SLACK: Duration = Duration::from_millis(1000);
 /// A keep-alive is answered only within this long after the renewal it relies on was proposed
 /// on the leader's clock; the rest of `RENEW_SLACK` covers the last hop to the client.
-pub const ANSWER_WINDOW: Duration = Duration::from_millis(400);
+pub const ANSWER_WINDOW: Duration = Duration::from_millis(850);
 /// Every mark is also later by this fraction of its remaining time: monotonic clocks are slewed
 /// by NTP (chrony up to ~8%, the kernel's PLL up to 0.05%), so members' clocks may run at
 /// slightly different rates; 1% covers the PLL and ordinary slews on leases of any length.

@@ -53,12 +53,12 @@ fn an_abandoned_lease_expires_after_its_ttl_plus_the_slack_and_not_before() {
 fn a_new_leader_gives_one_election_timeout_of_grace_and_no_more() {
     let t0 = Instant::now();
     let mut c = with_lease(t0);
-    // Elected 5 s after the grant: the mark says 5.5 s, the grace says 6 s.
-    let promoted = t0 + ms(5_000);
+    // Elected 5.5 s after the grant: the mark says 6.05 s, the grace says 6.5 s.
+    let promoted = t0 + ms(5_500);
     assert_eq!(expires_at(&mut c, promoted, lead(3), 1), Some(GRACE));
-    // Elected 1 s after the grant: the mark (5.5 s) is later than the grace (2 s).
+    // Elected 1 s after the grant: the mark (6.05 s) is later than the grace (2 s).
     let mut c = with_lease(t0);
-    assert_eq!(expires_at(&mut c, t0 + ms(1_000), lead(3), 1), Some(ms(4_600)));
+    assert_eq!(expires_at(&mut c, t0 + ms(1_000), lead(3), 1), Some(ms(5_100)));
 }
 
 #[test]
@@ -136,7 +136,7 @@ fn a_keepalive_for_a_lease_whose_expiry_is_proposed_waits_for_the_verdict() {
     let t0 = Instant::now();
     let mut c = with_lease(t0);
     c.tick(t0, lead(2), false);
-    let due = t0 + ms(6_000);
+    let due = t0 + ms(7_000);
     assert_eq!(c.tick(due, lead(2), false), vec![(1, 10)]);
     assert_eq!(c.keepalive(due + ms(1), lead(2), 1), Ok(KeepAlive::VerdictPending));
     // A renewal that was in flight when the verdict was taken is not answered either.
@@ -156,7 +156,7 @@ fn a_renewal_logged_before_a_verdict_overturns_it_and_the_waiting_keepalive_proc
     let t0 = Instant::now();
     let mut c = with_lease(t0);
     c.tick(t0, lead(2), false);
-    let due = t0 + ms(6_000);
+    let due = t0 + ms(7_000);
     assert_eq!(c.keepalive(due - ms(5), lead(2), 1), Ok(KeepAlive::Propose));
     assert_eq!(c.tick(due, lead(2), false), vec![(1, 10)]);
     assert_eq!(c.keepalive(due + ms(1), lead(2), 1), Ok(KeepAlive::VerdictPending));
@@ -200,7 +200,7 @@ fn a_lease_granted_again_under_the_same_id_inherits_nothing() {
     let t0 = Instant::now();
     let mut c = with_lease(t0);
     c.tick(t0, lead(2), false);
-    let due = t0 + ms(6_000);
+    let due = t0 + ms(7_000);
     assert_eq!(c.tick(due, lead(2), false), vec![(1, 10)]);
     // Revoked and granted again (index 30) while the old verdict is in flight.
     c.removed(1);
@@ -227,7 +227,7 @@ fn a_lease_granted_just_before_a_leader_change_lives_at_least_the_new_leaders_gr
     c.tick(t0, lead(2), false);
     // A 1 s lease granted in term 2; this member is elected in term 3 shortly after.
     c.applied_deadline(t0 + ms(50), 2, 1, 1_000, 40);
-    let promoted = t0 + ms(900);
+    let promoted = t0 + ms(1_500);
     assert_eq!(expires_at(&mut c, promoted, lead(3), 2), Some(GRACE));
 }
 
