@@ -104,8 +104,15 @@ impl pb::kv_server::Kv for KvService {
         if !quorate_kv::txn_writes(&txn) && fence.is_none() {
             self.ctx.refuse_learner()?;
             self.ctx.member.linearize().await.map_err(consensus_status)?;
-            let (result, rev) = self.ctx.member.read(|s| (s.read_only_txn(&txn), s.revision()));
-            let result = result.expect("checked read-only").map_err(kv_status)?;
+            // Branches chosen under the lock; then each Range read in pages at the Txn's
+            // revision, so a Txn of 128 whole-keyspace Ranges does not hold the store either.
+            let path = self.ctx.member.read(|s| s.read_only_txn_path(&txn));
+            let (path, rev) = path.expect("checked read-only").map_err(kv_status)?;
+            let mut ranges = Vec::new();
+            for r in quorate_kv::read_only_txn_ranges(&txn, &path, rev) {
+                ranges.push(crate::paged::range(&self.ctx.member, &r, |resp, _| resp).await.map_err(kv_status)?);
+            }
+            let result = quorate_kv::read_only_txn_response(&txn, &path, ranges);
             return Ok(Response::new(convert::txn_out(result, &self.ctx.header_at(rev))));
         }
         match self.write(Command::Txn(txn), fence, size).await? {

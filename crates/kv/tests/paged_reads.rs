@@ -152,3 +152,53 @@ fn hashkv_in_pages_equals_one_hash_and_refuses_across_a_compaction() {
     assert!(s.apply(&Command::Compact { revision: 20, physical: false }, POS).result.is_ok());
     assert!(matches!(s.hash_step(&mut scan, 4), Err(KvError::Compacted { .. })));
 }
+
+#[test]
+fn a_read_only_txn_in_pages_equals_one_read_only_txn() {
+    let s = store();
+    let range = |k: &str, end: &str, revision| {
+        RequestOp::Range(RangeRequest { key: k.into(), range_end: end.into(), revision, ..Default::default() })
+    };
+    let holds = Compare {
+        result: CompareResult::Greater,
+        target: CompareTarget::Version(0),
+        key: b"k01".to_vec(),
+        range_end: vec![],
+    };
+    let fails = Compare { target: CompareTarget::Version(99), ..holds.clone() };
+    let inner = |c: &Compare| {
+        RequestOp::Txn(TxnRequest {
+            compare: vec![c.clone()],
+            success: vec![range("k2", "k3", 0)],
+            failure: vec![range("k", "l", 30), range("k40", "", 0)],
+        })
+    };
+    for (outer, nested) in [(&holds, &holds), (&holds, &fails), (&fails, &holds), (&fails, &fails)] {
+        let t = TxnRequest {
+            compare: vec![outer.clone()],
+            success: vec![range("k", "\0", 0), inner(nested), range("k05", "", 20)],
+            failure: vec![inner(nested), inner(&holds)],
+        };
+        let whole = s.read_only_txn(&t).unwrap().unwrap();
+        let (path, rev) = s.read_only_txn_path(&t).unwrap().unwrap();
+        let ranges: Vec<RangeResponse> = read_only_txn_ranges(&t, &path, rev)
+            .iter()
+            .map(|r| {
+                let mut scan = RangeScan::new(&s, r).unwrap();
+                for _ in 0..1_000 {
+                    s.range_step(r, &mut scan, 3).unwrap();
+                    if scan.is_done() {
+                        break;
+                    }
+                }
+                scan.finish(r)
+            })
+            .collect();
+        assert_eq!(read_only_txn_response(&t, &path, ranges), whole);
+    }
+    let writes = TxnRequest {
+        success: vec![RequestOp::Put(PutRequest { key: b"a".to_vec(), ..Default::default() })],
+        ..Default::default()
+    };
+    assert!(s.read_only_txn_path(&writes).is_none());
+}

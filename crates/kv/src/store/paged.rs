@@ -330,3 +330,66 @@ impl HashScan {
         self.hash.finish()
     }
 }
+
+/// A read-only Txn in pages: its branches are chosen under the lock (`read_only_txn_path`),
+/// then each Range it runs is read page by page at the Txn's revision (`read_only_txn_ranges`),
+/// and the answer assembled without the lock (`read_only_txn_response`). The same answer as
+/// `read_only_txn`, without holding the store for a Txn of 128 whole-keyspace Ranges.
+impl Store {
+    /// The branch each Txn that runs takes (see `txn_ranges`), and the revision the Txn reads
+    /// at. `None` if the Txn writes.
+    pub fn read_only_txn_path(&self, t: &TxnRequest) -> Option<Result<(Vec<bool>, i64), KvError>> {
+        if super::txn_writes(t) {
+            return None;
+        }
+        let mut path = Vec::new();
+        Some(self.choose_txn_path(t, &mut path, &mut 0).map(|()| (path, self.revision())))
+    }
+}
+
+/// The Ranges a read-only Txn runs along `path`, in the order it runs them, each at `rev` unless
+/// it names a revision of its own.
+pub fn read_only_txn_ranges(t: &TxnRequest, path: &[bool], rev: i64) -> Vec<RangeRequest> {
+    fn walk(t: &TxnRequest, path: &[bool], next: &mut usize, rev: i64, out: &mut Vec<RangeRequest>) {
+        let succeeded = path[*next];
+        *next += 1;
+        for op in if succeeded { &t.success } else { &t.failure } {
+            match op {
+                RequestOp::Range(r) => {
+                    out.push(RangeRequest { revision: if r.revision > 0 { r.revision } else { rev }, ..r.clone() })
+                }
+                RequestOp::Txn(inner) => walk(inner, path, next, rev, out),
+                RequestOp::Put(_) | RequestOp::DeleteRange(_) => unreachable!("read-only txn has no writes"),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(t, path, &mut 0, rev, &mut out);
+    out
+}
+
+/// A read-only Txn's answer from its `path` and the results of `read_only_txn_ranges`, in order.
+pub fn read_only_txn_response(t: &TxnRequest, path: &[bool], ranges: Vec<RangeResponse>) -> TxnResponse {
+    fn walk(
+        t: &TxnRequest,
+        path: &[bool],
+        next: &mut usize,
+        ranges: &mut std::vec::IntoIter<RangeResponse>,
+    ) -> TxnResponse {
+        let succeeded = path[*next];
+        *next += 1;
+        let responses = (if succeeded { &t.success } else { &t.failure })
+            .iter()
+            .map(|op| match op {
+                RequestOp::Range(_) => ResponseOp::Range(ranges.next().expect("one result per range")),
+                RequestOp::Txn(inner) => ResponseOp::Txn(walk(inner, path, next, ranges)),
+                RequestOp::Put(_) | RequestOp::DeleteRange(_) => unreachable!("read-only txn has no writes"),
+            })
+            .collect();
+        TxnResponse { succeeded, responses }
+    }
+    let mut ranges = ranges.into_iter();
+    let resp = walk(t, path, &mut 0, &mut ranges);
+    debug_assert!(ranges.next().is_none());
+    resp
+}
