@@ -136,6 +136,11 @@ async fn the_limit_flags_reach_the_handler() {
     let too_large = (Code::InvalidArgument, "etcdserver: request is too large".to_string());
     assert!(c.put("fits", vec![b'x'; 9_000], None).await.is_ok());
     assert_eq!(status(c.put("big", vec![b'x'; 10_001], None).await.unwrap_err()), too_large);
+    // Elections and locks propose too: the same limit.
+    let lease = c.lease_grant(30, None).await.unwrap().id();
+    assert!(c.campaign("e", vec![b'x'; 9_000], lease).await.is_ok());
+    assert_eq!(status(c.campaign("e2", vec![b'x'; 10_001], lease).await.unwrap_err()), too_large);
+    assert_eq!(status(c.lock(vec![b'l'; 10_001], None).await.unwrap_err()), too_large);
     // gRPC's own limit is the flag plus etcd's 512 KiB of headroom.
     let (code, message) = status(c.put("huge", vec![b'x'; 10_000 + 512 * 1024 + 1], None).await.unwrap_err());
     assert_eq!(code, GRPC_TOO_LARGE, "{message}");

@@ -120,9 +120,10 @@ pub struct EtcdServices {
 impl EtcdServices {
     pub fn new(ctx: Ctx) -> Self {
         let ctx = Arc::new(ctx);
+        let decoding_max = ctx.max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES);
         EtcdServices {
             kv: etcd::kv_server::KvServer::new(kv_service::KvService { ctx: ctx.clone() })
-                .max_decoding_message_size(ctx.max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES))
+                .max_decoding_message_size(decoding_max)
                 .max_encoding_message_size(usize::MAX),
             watch: etcd::watch_server::WatchServer::new(watch_service::WatchService { ctx: ctx.clone() })
                 .max_encoding_message_size(usize::MAX),
@@ -131,8 +132,8 @@ impl EtcdServices {
             maintenance: etcd::maintenance_server::MaintenanceServer::new(maintenance_service::MaintenanceService {
                 ctx: ctx.clone(),
             }),
-            lock: lock_service::lock_server(ctx.clone()),
-            election: lock_service::election_server(ctx),
+            lock: lock_service::lock_server(ctx.clone()).max_decoding_message_size(decoding_max),
+            election: lock_service::election_server(ctx).max_decoding_message_size(decoding_max),
         }
     }
 }

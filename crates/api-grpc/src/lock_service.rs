@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::kv_service::FENCE_HEADER;
 use crate::pb::{v3electionpb as el, v3lockpb as lk};
-use crate::status::{consensus_status, kv_status};
+use crate::status::{consensus_status, kv_status, ERR_REQUEST_TOO_LARGE};
 use crate::Ctx;
 
 /// How often a waiter re-reads the queue even without a wake-up (belt and braces).
@@ -63,6 +63,15 @@ fn queue_key(name: &[u8], lease: i64) -> (Vec<u8>, Vec<u8>) {
 
 fn create_rev_is(key: &[u8], rev: i64) -> Compare {
     Compare { result: CompareResult::Equal, target: CompareTarget::Create(rev), key: key.to_vec(), range_end: vec![] }
+}
+
+/// etcd's `--max-request-bytes` holds for lock and election requests too: each becomes a
+/// proposal carrying its name and value.
+fn refuse_too_large(ctx: &Ctx, req: &impl prost::Message) -> Result<(), Status> {
+    match req.encoded_len() > ctx.max_request_bytes {
+        true => Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE)),
+        false => Ok(()),
+    }
 }
 
 /// Every lock and election write. None may land in the registry's records (issue 11): a lock
@@ -197,6 +206,7 @@ pub struct LockService {
 impl lk::lock_server::Lock for LockService {
     async fn lock(&self, req: Request<lk::LockRequest>) -> Result<Response<lk::LockResponse>, Status> {
         let req = req.into_inner();
+        refuse_too_large(&self.ctx, &req)?;
         let (ticket, revision) = acquire(&self.ctx, &req.name, req.lease, b"").await?;
         let resp = lk::LockResponse { header: Some(self.ctx.header_at(revision)), key: ticket.key.clone() };
         Ok(with_fence(Response::new(resp), &ticket.key, ticket.token))
@@ -245,6 +255,7 @@ type ObserveStream = tokio_stream::wrappers::ReceiverStream<Result<el::LeaderRes
 impl el::election_server::Election for ElectionService {
     async fn campaign(&self, req: Request<el::CampaignRequest>) -> Result<Response<el::CampaignResponse>, Status> {
         let req = req.into_inner();
+        refuse_too_large(&self.ctx, &req)?;
         let (ticket, mut revision) = acquire(&self.ctx, &req.name, req.lease, &req.value).await?;
         if ticket.existing_value.as_ref().is_some_and(|v| *v != req.value) {
             revision = proclaim(&self.ctx, &ticket.key, ticket.token, req.lease, req.value).await?;
@@ -256,6 +267,7 @@ impl el::election_server::Election for ElectionService {
 
     async fn proclaim(&self, req: Request<el::ProclaimRequest>) -> Result<Response<el::ProclaimResponse>, Status> {
         let req = req.into_inner();
+        refuse_too_large(&self.ctx, &req)?;
         let leader = req.leader.ok_or_else(|| Status::unknown(ERR_NOT_LEADER))?;
         let revision = proclaim(&self.ctx, &leader.key, leader.rev, leader.lease, req.value).await?;
         Ok(Response::new(el::ProclaimResponse { header: Some(self.ctx.header_at(revision)) }))
