@@ -106,6 +106,26 @@ async fn requests_past_etcds_default_limits_get_etcds_errors() {
         status(c.txn(dup).await.unwrap_err()),
         (Code::InvalidArgument, "etcdserver: duplicate key given in txn request".to_string())
     );
+    // An op with no request in it, nested: etcd's `key not found`, not a silently smaller Txn.
+    {
+        use quorate_api_grpc::pb::etcdserverpb as pb;
+        let url = format!("http://{}", cluster.nodes[0].endpoint());
+        let mut raw = pb::kv_client::KvClient::connect(url).await.unwrap();
+        let put = pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: b"e".to_vec(),
+                ..Default::default()
+            })),
+        };
+        let inner =
+            pb::TxnRequest { success: vec![put.clone(), pb::RequestOp { request: None }], ..Default::default() };
+        let outer = pb::TxnRequest {
+            success: vec![put, pb::RequestOp { request: Some(pb::request_op::Request::RequestTxn(inner)) }],
+            ..Default::default()
+        };
+        let refused = raw.txn(outer).await.unwrap_err();
+        assert_eq!((refused.code(), refused.message()), (Code::InvalidArgument, "etcdserver: key not found"));
+    }
     // Past --max-request-bytes (1.5 MiB), etcd's error; past it plus gRPC's headroom, gRPC's.
     let too_large = (Code::InvalidArgument, "etcdserver: request is too large".to_string());
     assert_eq!(status(c.put("big", vec![b'x'; 1536 * 1024 + 1], None).await.unwrap_err()), too_large);

@@ -122,6 +122,23 @@ fn compare_in(c: pb::Compare) -> kv::Compare {
     kv::Compare { result, target, key: c.key, range_end: c.range_end }
 }
 
+/// Whether a Txn, nested Txns included, has an op with no request in it (etcd refuses such a Txn
+/// with `key not found`; `txn_in` would drop the op). Walks each op once, with a stack.
+pub fn has_empty_op(t: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request as R;
+    let mut stack = vec![t];
+    while let Some(t) = stack.pop() {
+        for op in t.success.iter().chain(&t.failure) {
+            match &op.request {
+                None => return true,
+                Some(R::RequestTxn(inner)) => stack.push(inner),
+                Some(_) => {}
+            }
+        }
+    }
+    false
+}
+
 fn op_in(op: pb::RequestOp) -> Option<kv::RequestOp> {
     use pb::request_op::Request as R;
     Some(match op.request? {

@@ -95,6 +95,9 @@ impl pb::kv_server::Kv for KvService {
         let fence = fence_of(req.metadata())?;
         let req = req.into_inner();
         let size = req.encoded_len();
+        if convert::has_empty_op(&req) {
+            return Err(kv_status(quorate_kv::KvError::KeyNotFound));
+        }
         let txn = convert::txn_in(req);
         // etcd's checks before anything runs or reaches the log: op budget, keys, overlapping
         // writes. One pass over the request, whatever its nesting.
