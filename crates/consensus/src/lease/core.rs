@@ -269,7 +269,9 @@ impl LeaseCore {
         Ok(KeepAlive::Answer { ttl_s: mark.ttl_s, valid_until: proposed_at + ANSWER_WINDOW })
     }
 
-    /// Milliseconds left of a lease as the leader judges it; `None` when it does not exist.
+    /// Milliseconds left of a lease as a client may count on them (TimeToLive); `None` when it
+    /// does not exist. Never more than the granted TTL: the slack, the clock margin and a new
+    /// leader's grace are the members' margin, not a promise.
     pub fn remaining_ms(
         &mut self,
         now: Instant,
@@ -277,7 +279,10 @@ impl LeaseCore {
         id: i64,
     ) -> Result<Option<u64>, Refused> {
         self.check_leading(now, leadership)?;
-        Ok(self.marks.get(&id).map(|m| self.leader_deadline(m).saturating_duration_since(now).as_millis() as u64))
+        Ok(self.marks.get(&id).map(|m| {
+            let left = self.leader_deadline(m).saturating_duration_since(now).as_millis() as u64;
+            left.min(m.ttl_s.max(0) as u64 * 1000)
+        }))
     }
 
     // ---- marks shared between members ----

@@ -267,3 +267,12 @@ fn a_follower_adopts_the_leaders_table_only_for_the_decision_it_holds() {
     assert_eq!(c.adopt_leader_table(&[(1, 9, 12_000)], t0 + ms(10)), 1);
     assert_eq!(c.mark(1).unwrap().deadline, t0 + ms(12_010));
 }
+
+#[test]
+fn time_to_live_never_reports_more_than_the_granted_ttl() {
+    let t0 = Instant::now();
+    let mut c = with_lease(t0);
+    assert_eq!(c.remaining_ms(t0, lead(2), 1), Ok(Some(5_000)));
+    assert_eq!(c.remaining_ms(t0 + ms(5_000), lead(2), 1), Ok(Some(1_050)));
+    assert_eq!(c.remaining_ms(t0, lead(2), 9), Ok(None));
+}
