@@ -603,3 +603,15 @@ pub fn metric(node: &Node, name: &str) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow::anyhow!("no metric {name} in /metrics"))?
         .map_err(Into::into)
 }
+
+/// The network namespaces a drill run with pid tag `tag` (its pid modulo 100,000) left behind:
+/// its switch `qdsw<tag>` and its members' `qd...x<tag>`.
+pub fn drill_namespaces_left(tag: u32) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name == format!("qdsw{tag}") || (name.starts_with("qd") && name.ends_with(&format!("x{tag}"))))
+        .map(str::to_string)
+        .collect()
+}

@@ -48,11 +48,6 @@ fn the_drill_catches_stale_reads_from_a_partitioned_leader() {
     assert!(std::fs::read_to_string(out.path().join("report.md")).unwrap().contains("FAIL"));
     eprintln!("minimal failing history: {}", serde_json::to_string_pretty(anomaly).unwrap());
 
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let left = String::from_utf8_lossy(&netns.stdout);
-    let ours = |l: &str| {
-        let name = l.split_whitespace().next().unwrap_or("");
-        name == format!("qdsw{tag}") || (name.starts_with("qd") && name.ends_with(&format!("x{tag}")))
-    };
-    assert!(!left.lines().any(ours), "the drill left namespaces behind:\n{left}");
+    let left = quorate_tests::drill_namespaces_left(tag);
+    assert!(left.is_empty(), "the drill left namespaces behind: {left:?}");
 }

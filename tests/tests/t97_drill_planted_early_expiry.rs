@@ -27,13 +27,8 @@ fn short_drill(out: &Path, planted: bool) -> (Option<i32>, serde_json::Value) {
     eprintln!("{}", String::from_utf8_lossy(&run.stderr));
     eprintln!("{}", String::from_utf8_lossy(&run.stdout));
 
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let left = String::from_utf8_lossy(&netns.stdout);
-    let ours = |l: &str| {
-        let name = l.split_whitespace().next().unwrap_or("");
-        name == format!("qdsw{tag}") || (name.starts_with("qd") && name.ends_with(&format!("x{tag}")))
-    };
-    assert!(!left.lines().any(ours), "the drill left namespaces behind:\n{left}");
+    let left = quorate_tests::drill_namespaces_left(tag);
+    assert!(left.is_empty(), "the drill left namespaces behind: {left:?}");
 
     let report = std::fs::read(out.join("report.json"))
         .unwrap_or_else(|e| panic!("no report.json (exit {:?}): {e}", run.status.code()));
