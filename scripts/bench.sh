@@ -8,7 +8,10 @@
 # small shared machine moves one round, not the result.
 #
 # Usage: scripts/bench.sh [seconds-per-run]   (needs Debian's etcd-server for the baseline)
-# Env:   BENCH_ROUNDS (default 3), BENCH_OUT (default target/bench), BENCH_OPS (default: every op),
+# Env:   BENCH_ROUNDS (default 3), BENCH_OUT (default target/bench), BENCH_OPS (default: every op;
+#        empty: none), BENCH_READERS (default none: e.g. "range watch snapshot hashkv" adds a
+#        table of 1-client put latency while one more client repeats each long read on the
+#        leader, against the same run without one: issue 11's "no client stalls writes by reading"),
 #        BENCH_SERVER_BIN (the quorate binary the members run, default the one built here: to
 #        measure an older build with today's load generator)
 set -euo pipefail
@@ -18,7 +21,8 @@ ROUNDS=${BENCH_ROUNDS:-3}
 cargo build --release -p quorate
 BIN=$PWD/target/release/quorate
 SERVER_BIN=${BENCH_SERVER_BIN:-$BIN}
-OPS=${BENCH_OPS:-put get get-s txn lease-put keepalive}
+OPS=${BENCH_OPS-put get get-s txn lease-put keepalive}
+READERS=${BENCH_READERS:-}
 OUT=${BENCH_OUT:-$PWD/target/bench}
 rm -rf "$OUT" && mkdir -p "$OUT/runs"
 PIDS=()
@@ -93,9 +97,19 @@ for op in $OPS; do
     echo "done: $op x $clients"
   done
 done
+# Write latency under long reads: every round runs the idle baseline and each reader in turn.
+if [ -n "$READERS" ]; then
+  for round in $(seq "$ROUNDS"); do
+    if [ $((round % 2)) = 1 ]; then order="quorate etcd"; else order="etcd quorate"; fi
+    for flavor in $order; do
+      "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 1 --seconds "$SECS" --json \
+        --readers "none,${READERS// /,}" >"$OUT/runs/$flavor-readers-$round.json"
+    done
+    echo "done: readers round $round"
+  done
+fi
 
-
-python3 - "$OUT" "$ROUNDS" "$OPS" <<'PY'
+python3 - "$OUT" "$ROUNDS" "$OPS" "$READERS" <<'PY'
 import json, statistics, sys
 out, rounds, ops = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 def rows(flavor, op, clients):
@@ -114,4 +128,22 @@ for op in ops:
         print(f'| {q[0]["op"]} | {clients} | {qo:.0f} | {eo:.0f} | {qo / eo:.2f}x | {per} | {qp:.2f} | {ep:.2f} |')
 for f in ("quorate", "etcd"):
     print(f, open(f"{out}/{f}.rss").read().replace("\n", " "))
+readers = sys.argv[4].split()
+if readers:
+    print(f"\nput, 1 client, while one more client repeats a long read on the leader (100k keys);")
+    print(f"median of {rounds} rounds; 'x idle' = p99 under the reader / p99 without one, same round")
+    print("| reader | quorate p99 ms | x idle | reads | etcd p99 ms | x idle | reads | quorate max ms | etcd max ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    runs = {f: [json.load(open(f"{out}/runs/{f}-readers-{r}.json")) for r in range(1, rounds + 1)] for f in ("quorate", "etcd")}
+    for reader in ["none"] + readers:
+        cells = []
+        for f in ("quorate", "etcd"):
+            rs = [next(x for x in run if x["reader"] == reader.replace("hashkv", "hash-kv")) for run in runs[f]]
+            idle = [next(x for x in run if x["reader"] == "none") for run in runs[f]]
+            p99 = statistics.median(r["p99_ms"] for r in rs)
+            times = statistics.median(r["p99_ms"] / i["p99_ms"] for r, i in zip(rs, idle))
+            reads = statistics.median(r["reads"] for r in rs)
+            cells.append((p99, times, reads, statistics.median(r["max_ms"] for r in rs)))
+        (qp, qx, qr, qm), (ep, ex, er, em) = cells
+        print(f"| {reader} | {qp:.2f} | {qx:.2f}x | {qr:.0f} | {ep:.2f} | {ex:.2f}x | {er:.0f} | {qm:.1f} | {em:.1f} |")
 PY

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use futures::StreamExt;
 use quorate_api_grpc::pb::etcdserverpb as pb;
 use rand::Rng;
 use serde::Serialize;
@@ -45,6 +46,38 @@ impl std::str::FromStr for Op {
     }
 }
 
+/// A long read repeated by one more client while the measured clients run: what issue 11 calls a
+/// client that "stalls writes by reading". It reads from the first endpoint (the leader, as
+/// `scripts/bench.sh` orders them), where a stalled apply or heartbeat costs the most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reader {
+    /// No reader: the idle baseline.
+    None,
+    /// A linearizable Range over the whole keyspace.
+    Range,
+    /// A watch of the whole keyspace from revision 1, read until it has replayed the history.
+    Watch,
+    /// `Maintenance.Snapshot`, every chunk.
+    Snapshot,
+    /// `Maintenance.HashKV` of the latest revision.
+    HashKv,
+}
+
+impl std::str::FromStr for Reader {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Reader> {
+        Ok(match s {
+            "none" => Reader::None,
+            "range" => Reader::Range,
+            "watch" => Reader::Watch,
+            "snapshot" => Reader::Snapshot,
+            "hashkv" | "hash-kv" => Reader::HashKv,
+            other => bail!("unknown reader {other:?} (none, range, watch, snapshot, hashkv)"),
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
     pub endpoints: Vec<String>,
@@ -55,12 +88,17 @@ pub struct BenchConfig {
     pub value_bytes: usize,
     /// gRPC connections shared by the clients (at most one per client).
     pub conns: usize,
+    /// Each (op, clients) pair runs once per reader.
+    pub readers: Vec<Reader>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub op: Op,
     pub clients: usize,
+    pub reader: Reader,
+    /// Long reads the reader finished during the run (0 without one).
+    pub reads: u64,
     pub ops: u64,
     pub errors: u64,
     pub ops_per_s: f64,
@@ -210,9 +248,77 @@ pub async fn preload(cfg: &BenchConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize) -> anyhow::Result<Row> {
+/// Repeats `reader`'s long read on its own connection until `stop`; returns how many finished.
+/// A failed read ends the loop with the error: a reader that stops reading measures nothing.
+async fn long_reads(ch: Channel, reader: Reader, stop: Arc<AtomicBool>) -> Result<u64, tonic::Status> {
+    let mut kv = pb::kv_client::KvClient::new(ch.clone()).max_decoding_message_size(usize::MAX);
+    let mut watch = pb::watch_client::WatchClient::new(ch.clone()).max_decoding_message_size(usize::MAX);
+    let mut maint = pb::maintenance_client::MaintenanceClient::new(ch).max_decoding_message_size(usize::MAX);
+    let all = || (vec![0u8], vec![0u8]);
+    let mut reads = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match reader {
+            Reader::None => return Ok(0),
+            Reader::Range => {
+                let (key, range_end) = all();
+                kv.range(pb::RangeRequest { key, range_end, ..Default::default() }).await?;
+            }
+            Reader::Watch => {
+                let (key, range_end) = all();
+                let upto = kv
+                    .range(pb::RangeRequest {
+                        key: key.clone(),
+                        range_end: range_end.clone(),
+                        count_only: true,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .header
+                    .map_or(0, |h| h.revision);
+                let create = pb::WatchRequest {
+                    request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+                        key,
+                        range_end,
+                        start_revision: 1,
+                        ..Default::default()
+                    })),
+                };
+                let mut events =
+                    watch.watch(futures::stream::iter([create]).chain(futures::stream::pending())).await?.into_inner();
+                // The replay is done once an event at (or after) the revision read above arrives.
+                'replay: while let Some(resp) = events.message().await? {
+                    if resp.canceled {
+                        return Err(tonic::Status::aborted(format!("watch canceled: {}", resp.cancel_reason)));
+                    }
+                    if resp.events.iter().any(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision >= upto)) {
+                        break 'replay;
+                    }
+                }
+            }
+            Reader::Snapshot => {
+                let mut chunks = maint.snapshot(pb::SnapshotRequest {}).await?.into_inner();
+                while chunks.message().await?.is_some() {}
+            }
+            Reader::HashKv => {
+                maint.hash_kv(pb::HashKvRequest { revision: 0 }).await?;
+            }
+        }
+        reads += 1;
+    }
+    Ok(reads)
+}
+
+pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) -> anyhow::Result<Row> {
     let chans = connect(&cfg.endpoints, cfg.conns.min(clients).max(1)).await?;
     let stop = Arc::new(AtomicBool::new(false));
+    let reading = match reader {
+        Reader::None => None,
+        _ => {
+            let ch = connect(&cfg.endpoints[..1], 1).await?.remove(0);
+            Some(tokio::spawn(long_reads(ch, reader, stop.clone())))
+        }
+    };
     let value = Arc::new(vec![b'v'; cfg.value_bytes]);
     let mut tasks = Vec::new();
     let ready = Arc::new(tokio::sync::Barrier::new(if op == Op::KeepAlive { clients + 1 } else { 1 }));
@@ -251,6 +357,10 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize) -> anyhow::Resul
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let reads = match reading {
+        None => 0,
+        Some(t) => t.await?.with_context(|| format!("the {reader:?} reader failed"))?,
+    };
     all.sort_unstable();
     let pct = |p: f64| -> f64 {
         if all.is_empty() {
@@ -262,6 +372,8 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize) -> anyhow::Resul
     Ok(Row {
         op,
         clients,
+        reader,
+        reads,
         ops: all.len() as u64,
         errors,
         ops_per_s: all.len() as f64 / elapsed,
@@ -275,7 +387,9 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for op in &cfg.ops {
         for c in &cfg.clients {
-            rows.push(run_one(cfg, *op, *c).await?);
+            for reader in &cfg.readers {
+                rows.push(run_one(cfg, *op, *c, *reader).await?);
+            }
         }
     }
     Ok(rows)
@@ -283,12 +397,12 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<Row>> {
 
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| op | clients | ops/s | p50 ms | p99 ms | max ms | errors |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| op | clients | reader | long reads | ops/s | p50 ms | p99 ms | max ms | errors |\n|---|---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {:?} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |\n",
-            r.op, r.clients, r.ops_per_s, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+            "| {:?} | {} | {:?} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |\n",
+            r.op, r.clients, r.reader, r.reads, r.ops_per_s, r.p50_ms, r.p99_ms, r.max_ms, r.errors
         ));
     }
     s

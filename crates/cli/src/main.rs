@@ -177,6 +177,11 @@ struct BenchArgs {
     /// Write every key once before measuring, so reads find values.
     #[arg(long)]
     preload: bool,
+    /// Long readers, comma-separated; each (op, clients) pair runs once per reader, with one more
+    /// client repeating that read on the first endpoint: none (idle), range (the whole keyspace),
+    /// watch (from revision 1), snapshot (Maintenance.Snapshot), hashkv.
+    #[arg(long, default_value = "none")]
+    readers: String,
     /// Print JSON rows instead of a Markdown table.
     #[arg(long)]
     json: bool,
@@ -398,6 +403,7 @@ fn run() -> anyhow::Result<()> {
                     keys: args.keys,
                     value_bytes: args.value_bytes,
                     conns: args.conns,
+                    readers: args.readers.split(',').map(|s| s.trim().parse()).collect::<anyhow::Result<_>>()?,
                 };
                 if args.preload {
                     quorate_bench::preload(&cfg).await?;
