@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().build_client(true).compile_fds(fds)?;
+    // The codec encodes large messages off the runtime worker (src/codec.rs).
+    tonic_prost_build::configure().build_client(true).codec_path("crate::codec::QuorateCodec").compile_fds(fds)?;
     Ok(())
 }

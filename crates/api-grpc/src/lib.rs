@@ -5,6 +5,7 @@
 //! `quorate-kv`, and every decision about ordering and leadership in `quorate-consensus`.
 
 mod authority;
+pub mod codec;
 mod convert;
 mod kv_service;
 mod lease_service;

@@ -231,12 +231,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
     type SnapshotStream = SnapshotStream;
 
     async fn snapshot(&self, _: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        // The image is taken at one revision (a copy made under the store's read lock), encoded
-        // off the runtime's threads, then streamed.
-        let member = self.ctx.member.clone();
-        let (file, revision) = tokio::task::spawn_blocking(move || member.snapshot_file())
-            .await
-            .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
+        // The image is taken at one revision (copied in pages, so apply never waits for more
+        // than one), encoded off the runtime's threads, then streamed.
+        let (file, revision) = crate::paged::snapshot_file(&self.ctx.member).await.map_err(crate::kv_status)?;
         let header = self.ctx.header_at(revision);
         let total = file.len();
         let chunks: Vec<Result<pb::SnapshotResponse, Status>> = file

@@ -4,7 +4,9 @@
 //! keyspace. A small read finishes in its first page, under one lock, as before.
 
 use quorate_consensus::Member;
-use quorate_kv::{Event, EventScan, HashScan, KvError, RangeRequest, RangeResponse, RangeScan, READ_PAGE_KEYS};
+use quorate_kv::{
+    Event, EventScan, HashScan, KvError, RangeRequest, RangeResponse, RangeScan, SnapshotScan, READ_PAGE_KEYS,
+};
 
 /// Times a read of the latest revision starts again when a compaction passes it mid-read
 /// (a read at an explicit revision gets etcd's `compacted` instead).
@@ -96,5 +98,32 @@ pub async fn hash_kv(member: &Member, rev: i64) -> Result<(u32, i64, i64), KvErr
             }
         }
         return Ok((scan.finish(), scan.revision(), scan.compact_revision()));
+    }
+}
+
+/// `Maintenance.Snapshot`'s image: a snapshot file (`backup` format) of the store at one
+/// revision, and that revision. Copied page by page (versions are shared, not copied), then
+/// encoded on a blocking thread; starts again if a compaction runs while it copies.
+pub async fn snapshot_file(member: &Member) -> Result<(Vec<u8>, i64), KvError> {
+    let mut restarts = 0;
+    'again: loop {
+        let mut scan = member.read(|s| {
+            let mut scan = SnapshotScan::new(s);
+            s.snapshot_step(&mut scan, READ_PAGE_KEYS).map(|()| scan)
+        })?;
+        while !scan.is_done() {
+            tokio::task::yield_now().await;
+            match member.read(|s| s.snapshot_step(&mut scan, READ_PAGE_KEYS)) {
+                Ok(()) => {}
+                Err(KvError::Compacted { .. }) if restarts < RESTARTS_MAX => {
+                    restarts += 1;
+                    continue 'again;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let revision = scan.revision();
+        let file = tokio::task::spawn_blocking(move || quorate_consensus::backup::encode(&scan.finish())).await;
+        return Ok((file.expect("encoding a snapshot does not panic"), revision));
     }
 }

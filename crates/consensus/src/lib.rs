@@ -517,15 +517,6 @@ impl Member {
         f(&self.inner.shared.store.read().unwrap())
     }
 
-    /// A snapshot file of the current state (`backup` format), consistent at one revision. The
-    /// lock is held only to copy the store (values are shared, not copied); encoding, which
-    /// copies every value, runs without it, so apply never waits behind a snapshot. Blocking:
-    /// call it off the runtime's threads.
-    pub fn snapshot_file(&self) -> (Vec<u8>, i64) {
-        let store = self.inner.shared.store.read().unwrap().clone();
-        (backup::encode(&store), store.revision())
-    }
-
     pub fn subscribe(&self) -> broadcast::Receiver<Applied> {
         self.inner.shared.events.subscribe()
     }

@@ -12,7 +12,9 @@ use crate::types::*;
 use crate::KvError;
 
 mod paged;
-pub use paged::{read_only_txn_ranges, read_only_txn_response, EventScan, HashScan, RangeScan, READ_PAGE_KEYS};
+pub use paged::{
+    read_only_txn_ranges, read_only_txn_response, EventScan, HashScan, RangeScan, SnapshotScan, READ_PAGE_KEYS,
+};
 
 /// One version of a key: the value written at `(rev, sub)`, or a tombstone (`kv: None`).
 #[derive(Clone, Debug)]

@@ -202,3 +202,80 @@ fn a_read_only_txn_in_pages_equals_one_read_only_txn() {
     };
     assert!(s.read_only_txn_path(&writes).is_none());
 }
+
+fn image(s: &Store) -> StoreSnapshot {
+    serde_json::from_value(serde_json::to_value(s.snapshot_view()).unwrap()).unwrap()
+}
+
+/// Maintenance.Snapshot's copy, page by page, applying `between` after each page.
+fn paged_snapshot(s: &mut Store, page: usize, mut between: impl FnMut(&mut Store)) -> Result<Store, KvError> {
+    let mut scan = SnapshotScan::new(s);
+    for _ in 0..1_000 {
+        s.snapshot_step(&mut scan, page)?;
+        if scan.is_done() {
+            return Ok(scan.finish());
+        }
+        between(s);
+    }
+    panic!("snapshot never finished");
+}
+
+fn with_leases() -> Store {
+    let mut s = store();
+    for (id, keys) in [(7, ["k01", "k02", "k40"]), (8, ["k03", "k41", "k42"])] {
+        assert!(s.apply(&Command::LeaseGrant { id, ttl_s: 30 }, POS).result.is_ok());
+        for k in keys {
+            let put = PutRequest { key: k.into(), value: b"leased".to_vec(), lease: id, ..Default::default() };
+            assert!(s.apply(&Command::Put(put), POS).result.is_ok());
+        }
+    }
+    // k02 leaves lease 7 by an overwrite without one; k42 by a delete.
+    put(&mut s, "k02", "unleased");
+    del(&mut s, "k42", "");
+    assert!(s.apply(&Command::Compact { revision: 20, physical: true }, POS).result.is_ok());
+    s
+}
+
+#[test]
+fn a_snapshot_in_pages_is_the_store_at_the_revision_it_began() {
+    let mut s = with_leases();
+    let at_start = image(&s);
+    for page in [1, 4, 1024] {
+        let copy = paged_snapshot(&mut s.clone(), page, |_| {}).unwrap();
+        assert_eq!(image(&copy), at_start, "page {page}");
+        assert_eq!(copy.lease(7).unwrap().keys, s.lease(7).unwrap().keys);
+    }
+
+    // Writes between pages: new keys, overwrites, deletes, a lease revoked, one granted.
+    let mut n = 0;
+    let copy = paged_snapshot(&mut s, 4, |s| {
+        n += 1;
+        put(s, &format!("k{:02}", (n * 7) % 60), "later");
+        put(s, &format!("new{n}"), "later");
+        del(s, &format!("k{:02}", (n * 11) % 50), "");
+        if n == 2 {
+            assert!(s.apply(&Command::LeaseRevoke { id: 8 }, POS).result.is_ok());
+            assert!(s.apply(&Command::LeaseGrant { id: 9, ttl_s: 5 }, POS).result.is_ok());
+        }
+    })
+    .unwrap();
+    assert!(n > 3, "the writes ran between pages");
+    assert_eq!(image(&copy), at_start);
+    // The copy is a working store: it reads as the original did.
+    let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+    assert_eq!(copy.range(&all).unwrap(), with_leases().range(&all).unwrap());
+}
+
+#[test]
+fn a_compaction_between_snapshot_pages_refuses_the_copy() {
+    let mut s = store();
+    let rev = s.revision();
+    let mut compacted = false;
+    let r = paged_snapshot(&mut s, 4, |s| {
+        if !compacted {
+            compacted = true;
+            assert!(s.apply(&Command::Compact { revision: rev, physical: true }, POS).result.is_ok());
+        }
+    });
+    assert!(matches!(r, Err(KvError::Compacted { .. })), "{:?}", r.map(|s| s.revision()));
+}

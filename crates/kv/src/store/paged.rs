@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::{tombstone, Fnv32, Rec, Store};
 use crate::types::*;
-use crate::KvError;
+use crate::{KvError, Lease};
 
 /// Keys one page visits, by default: small enough that a page takes well under a
 /// millisecond, large enough that paging costs little.
@@ -328,6 +328,99 @@ impl HashScan {
     pub fn finish(&self) -> u32 {
         debug_assert!(self.cursor.done);
         self.hash.finish()
+    }
+}
+
+/// `Maintenance.Snapshot`'s copy of the store, page by page (`Store::snapshot_step`): the store
+/// as it was at the revision the scan began, without holding the lock for a whole-state copy.
+///
+/// Every change to a key appends a version at a new revision, so a key's versions up to that
+/// revision are the same on every later page, as long as no compaction runs (then the scan
+/// starts again). Leases and alarms change without a revision; they are copied when the scan
+/// begins, under the same lock as the revision, and each lease's keys are rebuilt from the
+/// copied versions (a key belongs to the lease its latest version names).
+pub struct SnapshotScan {
+    rev: i64,
+    compact_revision: i64,
+    leases: Vec<Lease>,
+    alarms: Vec<(u64, AlarmType)>,
+    keys: Vec<(Key, Vec<Rec>)>,
+    cursor: Cursor,
+}
+
+impl SnapshotScan {
+    pub fn new(store: &Store) -> Self {
+        let leases = (store.leases.values())
+            .map(|l| Lease {
+                id: l.id,
+                ttl_s: l.ttl_s,
+                remaining_ms: l.remaining_ms,
+                set_at: l.set_at,
+                keys: Default::default(),
+            })
+            .collect();
+        SnapshotScan {
+            rev: store.revision(),
+            compact_revision: store.compact_revision,
+            leases,
+            alarms: store.alarms.iter().copied().collect(),
+            keys: Vec::new(),
+            cursor: Cursor::default(),
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.cursor.done
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.rev
+    }
+
+    /// The store at the scan's revision (run without the lock: it rebuilds the indexes).
+    pub fn finish(self) -> Store {
+        debug_assert!(self.cursor.done);
+        let mut leases: std::collections::BTreeMap<i64, Lease> = self.leases.into_iter().map(|l| (l.id, l)).collect();
+        for (k, recs) in &self.keys {
+            let Some(kv) = recs.last().and_then(|r| r.kv.as_ref()) else { continue };
+            if let Some(lease) = leases.get_mut(&kv.lease) {
+                lease.keys.insert(k.clone());
+            }
+        }
+        let keys: std::collections::BTreeMap<Key, Vec<Rec>> = self.keys.into_iter().collect();
+        let bytes = super::count_bytes(&keys);
+        Store {
+            keys,
+            revision: self.rev,
+            compact_revision: self.compact_revision,
+            leases,
+            alarms: self.alarms.into_iter().collect(),
+            bytes,
+        }
+    }
+}
+
+impl Store {
+    /// The next page of a snapshot's copy: shares the versions (no value is copied).
+    /// `Compacted` if a compaction ran since the scan began.
+    pub fn snapshot_step(&self, scan: &mut SnapshotScan, keys_max: usize) -> Result<(), KvError> {
+        if self.compact_revision != scan.compact_revision {
+            return Err(KvError::Compacted { requested: scan.rev, compacted: self.compact_revision });
+        }
+        let mut visited = 0;
+        let mut last = None;
+        let after = scan.cursor.after.take();
+        for (k, recs) in self.page(&[0], &[0], after.as_deref(), keys_max) {
+            visited += 1;
+            last = Some(k);
+            let upto = recs.partition_point(|r| r.rev <= scan.rev);
+            if upto > 0 {
+                scan.keys.push((k.clone(), recs[..upto].to_vec()));
+            }
+        }
+        scan.cursor.done = visited < keys_max;
+        scan.cursor.after = last.cloned().or(after);
+        Ok(())
     }
 }
 
