@@ -133,3 +133,52 @@ async fn a_slow_watcher_gets_every_event_in_order() {
     assert_eq!(revs.len(), N, "no duplicates");
     assert!(revs.windows(2).all(|w| w[1] == w[0] + 1), "no gaps, in order");
 }
+
+/// A replay from revision 1 comes as etcd sends one: many whole revisions to a response (at most
+/// 1000), never a revision split across two, every event once and in order, and each response's
+/// header at the revision of its last event (a client resuming from it misses nothing). Live
+/// events after the replay still arrive one revision at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_comes_in_batches_of_whole_revisions() {
+    use etcd_client::{Txn, TxnOp};
+    const PUTS: usize = 2_500;
+    let cluster = Cluster::start(Flavor::Quorate, 1).expect("cluster");
+    let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    let mut expected = Vec::new(); // (revision, key) in order
+    for i in 0..PUTS {
+        let key = format!("r/{}", i % 50);
+        let rev = c.put(key.as_str(), "v", None).await.unwrap().header().unwrap().revision();
+        expected.push((rev, key));
+        if i % 500 == 0 {
+            // A revision of ten events, which no batch may split.
+            let ops: Vec<TxnOp> = (0..10).map(|j| TxnOp::put(format!("r/t{j}"), "t", None)).collect();
+            let rev = c.txn(Txn::new().and_then(ops)).await.unwrap().header().unwrap().revision();
+            expected.extend((0..10).map(|j| (rev, format!("r/t{j}"))));
+        }
+    }
+    let mut stream = c.watch("r/", Some(WatchOptions::new().with_prefix().with_start_revision(1))).await.unwrap();
+    assert!(next(&mut stream).await.created());
+    let (mut seen, mut responses, mut last_rev) = (Vec::new(), 0, 0);
+    while seen.len() < expected.len() {
+        let resp = next(&mut stream).await;
+        responses += 1;
+        let revs: Vec<i64> = resp.events().iter().map(|e| e.kv().unwrap().mod_revision()).collect();
+        assert!(!revs.is_empty(), "an empty response during the replay");
+        assert!(revs[0] > last_rev, "revision {} split across responses, or repeated", revs[0]);
+        last_rev = *revs.last().unwrap();
+        let distinct = revs.windows(2).filter(|w| w[0] != w[1]).count() + 1;
+        assert!(distinct <= 1000, "{distinct} revisions in one response");
+        assert_eq!(resp.header().unwrap().revision(), last_rev, "header is the batch's last revision");
+        seen.extend(
+            resp.events()
+                .iter()
+                .map(|e| (e.kv().unwrap().mod_revision(), e.kv().unwrap().key_str().unwrap().to_string())),
+        );
+    }
+    assert_eq!(seen, expected, "every event once, in order");
+    assert!(responses <= 10, "{responses} responses for {} revisions: not batched", PUTS + 5);
+
+    c.put("r/live", "1", None).await.unwrap();
+    let live = next(&mut stream).await;
+    assert_eq!(live.events().len(), 1, "a live event arrives on its own");
+}

@@ -5,7 +5,7 @@
 //! worker thread by default (ADR 0007), so encoding a 30 MB whole-keyspace Range there held up
 //! the Raft core, heartbeats and every other client for as long as it took (issue 11: no client
 //! stalls writes by reading). `block_in_place` gives the worker's queue to another thread for
-//! the duration, and the OS shares the CPUs between the two.
+//! the duration, and the encode itself runs in the slow lane (`lane`), behind everything else.
 //!
 //! Decoding is prost's, except for one error: prost stops at 100 levels of nesting, which only
 //! a Txn nested about 50 deep reaches (each level is a `TxnRequest` inside a `RequestOp`). Such a
@@ -86,7 +86,7 @@ impl<T: Message> Encoder for LargeOffWorker<T> {
         let large = item_is_large(&item);
         let mut encode = move || item.encode(buf).map_err(|e| Status::internal(format!("encoding a message: {e}")));
         if large && on_multi_thread_runtime() {
-            tokio::task::block_in_place(encode)
+            tokio::task::block_in_place(|| crate::lane::low_priority(encode))
         } else {
             encode()
         }

@@ -12,9 +12,9 @@ use quorate_kv::{
 /// (a read at an explicit revision gets etcd's `compacted` instead).
 const RESTARTS_MAX: usize = 3;
 
-/// Results larger than this are finished (sorted, copied, converted by `out`) on a blocking
-/// thread: copying 100k values would otherwise hold a runtime thread, and every Raft task
-/// queued behind it, for as long.
+/// Results larger than this are finished (sorted, copied, converted by `out`) in the slow lane
+/// (`lane`): copying 100k values would otherwise hold a runtime thread, and every Raft task
+/// queued behind it, for as long, and compete with them for the CPUs.
 const FINISH_INLINE_KVS_MAX: usize = 4 * READ_PAGE_KEYS;
 
 /// A Range, given to `out` with the store's revision when it began (for the response header).
@@ -45,8 +45,7 @@ pub async fn range<T: Send + 'static>(
             return Ok(out(scan.finish(req), header_rev));
         }
         let req = req.clone();
-        let finished = tokio::task::spawn_blocking(move || out(scan.finish(&req), header_rev)).await;
-        return Ok(finished.expect("finishing a range does not panic"));
+        return Ok(crate::lane::off_runtime(move || out(scan.finish(&req), header_rev)).await);
     }
 }
 
@@ -72,8 +71,7 @@ pub async fn events(
     if !scan.is_large() {
         return Ok((scan.finish(), upto));
     }
-    let events = tokio::task::spawn_blocking(move || scan.finish()).await;
-    Ok((events.expect("sorting events does not panic"), upto))
+    Ok((crate::lane::off_runtime(move || scan.finish()).await, upto))
 }
 
 /// HashKV at `rev` (0: current): the hash, the revision hashed and the compaction revision it
@@ -97,7 +95,8 @@ pub async fn hash_kv(member: &Member, rev: i64) -> Result<(u32, i64, i64), KvErr
                 Err(e) => return Err(e),
             }
         }
-        return Ok((scan.finish(), scan.revision(), scan.compact_revision()));
+        let (revision, compact_revision) = (scan.revision(), scan.compact_revision());
+        return Ok((crate::lane::off_runtime(move || scan.finish()).await, revision, compact_revision));
     }
 }
 
@@ -123,7 +122,7 @@ pub async fn snapshot_file(member: &Member) -> Result<(Vec<u8>, i64), KvError> {
             }
         }
         let revision = scan.revision();
-        let file = tokio::task::spawn_blocking(move || quorate_consensus::backup::encode(&scan.finish())).await;
-        return Ok((file.expect("encoding a snapshot does not panic"), revision));
+        let file = crate::lane::off_runtime(move || quorate_consensus::backup::encode(&scan.finish())).await;
+        return Ok((file, revision));
     }
 }

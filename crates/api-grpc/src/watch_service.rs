@@ -23,6 +23,11 @@ use crate::convert::event_out;
 use crate::pb::etcdserverpb as pb;
 use crate::Ctx;
 
+/// Revisions one response of a replay carries at most (etcd's `watchBatchMaxRevs`), and the key
+/// and value bytes past which a batch is sent early; a revision is never split.
+const REPLAY_BATCH_REVS_MAX: usize = 1000;
+const REPLAY_BATCH_BYTES_MAX: usize = 1 << 20;
+
 /// Responses queued for one stream before the stream stops reading live events.
 pub const WATCH_STREAM_QUEUED_MAX: usize = 256;
 /// etcd's default interval for `progress_notify` watchers.
@@ -168,13 +173,32 @@ impl Session {
         // In pages: a replay from revision 1 must not hold the store while it reads.
         match crate::paged::events(&self.ctx.member, &w.key, &w.range_end, w.next_rev).await {
             Ok((events, current)) => {
+                // Whole revisions, many to a response as etcd sends a replay: one response per
+                // revision made a replay of 100k revisions 100k messages to encode and send.
+                let (mut batch, mut batch_bytes, mut batch_revs) = (Vec::new(), 0, 0);
                 let mut i = 0;
                 while i < events.len() {
                     let rev = events[i].revision();
                     let end =
                         events[i..].iter().position(|e| e.revision() != rev).map(|n| i + n).unwrap_or(events.len());
-                    self.deliver(id, w, rev, &events[i..end]).await?;
+                    w.next_rev = rev + 1;
+                    let before = batch.len();
+                    for e in events[i..end].iter().filter(|e| w.wants(e)) {
+                        batch_bytes += e.kv.key.len() + e.kv.value.len();
+                        batch.push(event_out(e, w.prev_kv));
+                    }
+                    batch_revs += usize::from(batch.len() > before);
                     i = end;
+                    let last = i == events.len();
+                    if !batch.is_empty()
+                        && (last || batch_revs >= REPLAY_BATCH_REVS_MAX || batch_bytes >= REPLAY_BATCH_BYTES_MAX)
+                    {
+                        // The header names the batch's last revision: a client resuming from it
+                        // misses nothing.
+                        let events = std::mem::take(&mut batch);
+                        self.send(pb::WatchResponse { events, ..self.response(id, rev) }).await?;
+                        (batch_bytes, batch_revs) = (0, 0);
+                    }
                 }
                 w.next_rev = w.next_rev.max(current + 1);
                 Ok(true)

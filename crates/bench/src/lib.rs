@@ -314,9 +314,17 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) 
     let stop = Arc::new(AtomicBool::new(false));
     let reading = match reader {
         Reader::None => None,
+        // On a thread and runtime of its own, as another process would be: decoding a 30 MB
+        // answer must not hold up the measured clients' tasks in this one.
         _ => {
-            let ch = connect(&cfg.endpoints[..1], 1).await?.remove(0);
-            Some(tokio::spawn(long_reads(ch, reader, stop.clone())))
+            let (endpoint, stop) = (cfg.endpoints[0].clone(), stop.clone());
+            Some(std::thread::spawn(move || -> anyhow::Result<u64> {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async move {
+                    let ch = connect(&[endpoint], 1).await?.remove(0);
+                    Ok(long_reads(ch, reader, stop).await?)
+                })
+            }))
         }
     };
     let value = Arc::new(vec![b'v'; cfg.value_bytes]);
@@ -359,7 +367,10 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) 
     let elapsed = started.elapsed().as_secs_f64();
     let reads = match reading {
         None => 0,
-        Some(t) => t.await?.with_context(|| format!("the {reader:?} reader failed"))?,
+        Some(t) => tokio::task::spawn_blocking(move || t.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the {reader:?} reader panicked"))?
+            .with_context(|| format!("the {reader:?} reader failed"))?,
     };
     all.sort_unstable();
     let pct = |p: f64| -> f64 {

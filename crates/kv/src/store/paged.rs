@@ -127,21 +127,10 @@ impl Store {
         for (k, recs) in self.page(&[0], &[0], after.as_deref(), keys_max) {
             visited += 1;
             last = Some(k);
-            for r in recs.iter().take_while(|r| r.rev <= scan.rev) {
-                let h = &mut scan.hash;
-                h.write(k);
-                h.write(&r.rev.to_be_bytes());
-                h.write(&r.sub.to_be_bytes());
-                match &r.kv {
-                    Some(kv) => {
-                        h.write(&[1]);
-                        h.write(&kv.value);
-                        h.write(&kv.create_revision.to_be_bytes());
-                        h.write(&kv.version.to_be_bytes());
-                        h.write(&kv.lease.to_be_bytes());
-                    }
-                    None => h.write(&[0]),
-                }
+            // Shares the versions; the hashing, which reads every value, runs in `finish`.
+            let upto = recs.partition_point(|r| r.rev <= scan.rev);
+            if upto > 0 {
+                scan.pending.push((k.clone(), recs[..upto].to_vec()));
             }
         }
         scan.cursor.done = visited < keys_max;
@@ -301,7 +290,8 @@ impl EventScan {
 pub struct HashScan {
     rev: i64,
     compact_revision: i64,
-    hash: Fnv32,
+    /// The versions to hash, collected page by page under the lock.
+    pending: Vec<(Key, Vec<Rec>)>,
     cursor: Cursor,
 }
 
@@ -309,7 +299,7 @@ impl HashScan {
     /// A hash at `rev` (0: the current revision).
     pub fn new(store: &Store, rev: i64) -> Result<Self, KvError> {
         let rev = store.read_revision(rev)?;
-        Ok(HashScan { rev, compact_revision: store.compact_revision, hash: Fnv32::new(), cursor: Cursor::default() })
+        Ok(HashScan { rev, compact_revision: store.compact_revision, pending: Vec::new(), cursor: Cursor::default() })
     }
 
     pub fn is_done(&self) -> bool {
@@ -325,9 +315,28 @@ impl HashScan {
         self.compact_revision
     }
 
-    pub fn finish(&self) -> u32 {
+    /// The hash of every version collected: reads every value, so run it without the lock.
+    pub fn finish(self) -> u32 {
         debug_assert!(self.cursor.done);
-        self.hash.finish()
+        let mut h = Fnv32::new();
+        for (k, recs) in &self.pending {
+            for r in recs {
+                h.write(k);
+                h.write(&r.rev.to_be_bytes());
+                h.write(&r.sub.to_be_bytes());
+                match &r.kv {
+                    Some(kv) => {
+                        h.write(&[1]);
+                        h.write(&kv.value);
+                        h.write(&kv.create_revision.to_be_bytes());
+                        h.write(&kv.version.to_be_bytes());
+                        h.write(&kv.lease.to_be_bytes());
+                    }
+                    None => h.write(&[0]),
+                }
+            }
+        }
+        h.finish()
     }
 }
 
