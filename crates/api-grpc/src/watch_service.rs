@@ -24,9 +24,12 @@ use crate::pb::etcdserverpb as pb;
 use crate::Ctx;
 
 /// Revisions one response of a replay carries at most (etcd's `watchBatchMaxRevs`), and the key
-/// and value bytes past which a batch is sent early; a revision is never split.
+/// and value bytes past which a batch is closed (a revision is never split): below the size
+/// the codec hands to the slow lane, so a batch encodes on the runtime in tens of microseconds.
 const REPLAY_BATCH_REVS_MAX: usize = 1000;
-const REPLAY_BATCH_BYTES_MAX: usize = 1 << 20;
+const REPLAY_BATCH_BYTES_MAX: usize = crate::codec::ENCODE_OFF_WORKER_BYTES / 2;
+/// Replays up to this many events are batched on the runtime; longer ones in the slow lane.
+const REPLAY_INLINE_EVENTS_MAX: usize = 1024;
 
 /// Responses queued for one stream before the stream stops reading live events.
 pub const WATCH_STREAM_QUEUED_MAX: usize = 256;
@@ -52,21 +55,52 @@ impl pb::watch_server::Watch for WatchService {
 }
 
 struct Watcher {
-    key: Vec<u8>,
-    range_end: Vec<u8>,
+    filter: Arc<Filter>,
     next_rev: i64,
-    no_put: bool,
-    no_delete: bool,
-    prev_kv: bool,
     progress_notify: bool,
 }
 
-impl Watcher {
+/// What a watcher is sent of an event.
+struct Filter {
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+}
+
+impl Filter {
     fn wants(&self, e: &Event) -> bool {
         KeyRange::new(&self.key, &self.range_end).contains(&e.kv.key)
             && !(self.no_put && e.kind == EventKind::Put)
             && !(self.no_delete && e.kind == EventKind::Delete)
     }
+}
+
+/// A replay's events (in revision order) as responses: (header revision, events), each holding
+/// whole revisions only, at most `REPLAY_BATCH_REVS_MAX` of them, closed once past
+/// `REPLAY_BATCH_BYTES_MAX` of keys and values.
+fn replay_batches(events: &[Event], filter: &Filter) -> Vec<(i64, Vec<crate::pb::mvccpb::Event>)> {
+    let mut out = Vec::new();
+    let (mut batch, mut bytes, mut revs) = (Vec::new(), 0, 0);
+    let mut i = 0;
+    while i < events.len() {
+        let rev = events[i].revision();
+        let end = events[i..].iter().position(|e| e.revision() != rev).map_or(events.len(), |n| i + n);
+        let before = batch.len();
+        for e in events[i..end].iter().filter(|e| filter.wants(e)) {
+            bytes += e.kv.key.len() + e.kv.value.len();
+            batch.push(event_out(e, filter.prev_kv));
+        }
+        revs += usize::from(batch.len() > before);
+        i = end;
+        if !batch.is_empty() && (i == events.len() || revs >= REPLAY_BATCH_REVS_MAX || bytes >= REPLAY_BATCH_BYTES_MAX)
+        {
+            out.push((rev, std::mem::take(&mut batch)));
+            (bytes, revs) = (0, 0);
+        }
+    }
+    out
 }
 
 struct Session {
@@ -151,13 +185,16 @@ impl Session {
             self.next_id
         };
         let filters = c.filters.clone();
-        let mut w = Watcher {
+        let filter = Filter {
             key: c.key,
             range_end: c.range_end,
-            next_rev: if c.start_revision > 0 { c.start_revision } else { current + 1 },
             no_put: filters.contains(&(pb::watch_create_request::FilterType::Noput as i32)),
             no_delete: filters.contains(&(pb::watch_create_request::FilterType::Nodelete as i32)),
             prev_kv: c.prev_kv,
+        };
+        let mut w = Watcher {
+            filter: Arc::new(filter),
+            next_rev: if c.start_revision > 0 { c.start_revision } else { current + 1 },
             progress_notify: c.progress_notify,
         };
         self.send(pb::WatchResponse { created: true, ..self.response(id, current) }).await?;
@@ -171,34 +208,21 @@ impl Session {
     /// cancelled because that history is compacted.
     async fn catch_up(&self, id: i64, w: &mut Watcher) -> Result<bool, Gone> {
         // In pages: a replay from revision 1 must not hold the store while it reads.
-        match crate::paged::events(&self.ctx.member, &w.key, &w.range_end, w.next_rev).await {
+        match crate::paged::events(&self.ctx.member, &w.filter.key, &w.filter.range_end, w.next_rev).await {
             Ok((events, current)) => {
-                // Whole revisions, many to a response as etcd sends a replay: one response per
-                // revision made a replay of 100k revisions 100k messages to encode and send.
-                let (mut batch, mut batch_bytes, mut batch_revs) = (Vec::new(), 0, 0);
-                let mut i = 0;
-                while i < events.len() {
-                    let rev = events[i].revision();
-                    let end =
-                        events[i..].iter().position(|e| e.revision() != rev).map(|n| i + n).unwrap_or(events.len());
-                    w.next_rev = rev + 1;
-                    let before = batch.len();
-                    for e in events[i..end].iter().filter(|e| w.wants(e)) {
-                        batch_bytes += e.kv.key.len() + e.kv.value.len();
-                        batch.push(event_out(e, w.prev_kv));
-                    }
-                    batch_revs += usize::from(batch.len() > before);
-                    i = end;
-                    let last = i == events.len();
-                    if !batch.is_empty()
-                        && (last || batch_revs >= REPLAY_BATCH_REVS_MAX || batch_bytes >= REPLAY_BATCH_BYTES_MAX)
-                    {
-                        // The header names the batch's last revision: a client resuming from it
-                        // misses nothing.
-                        let events = std::mem::take(&mut batch);
-                        self.send(pb::WatchResponse { events, ..self.response(id, rev) }).await?;
-                        (batch_bytes, batch_revs) = (0, 0);
-                    }
+                // Whole revisions, many to a response as etcd sends a replay (one response per
+                // revision made a replay of 100k revisions 100k messages). A long replay is
+                // filtered, copied and batched in the slow lane.
+                let filter = w.filter.clone();
+                let batches = if events.len() <= REPLAY_INLINE_EVENTS_MAX {
+                    replay_batches(&events, &filter)
+                } else {
+                    crate::lane::off_runtime(move || replay_batches(&events, &filter)).await
+                };
+                for (rev, events) in batches {
+                    // The header names the batch's last revision: a client resuming from it
+                    // misses nothing.
+                    self.send(pb::WatchResponse { events, ..self.response(id, rev) }).await?;
                 }
                 w.next_rev = w.next_rev.max(current + 1);
                 Ok(true)
@@ -249,7 +273,8 @@ impl Session {
     async fn deliver(&self, id: i64, w: &mut Watcher, revision: i64, events: &[Event]) -> Result<(), Gone> {
         debug_assert!(revision >= w.next_rev);
         w.next_rev = revision + 1;
-        let matching: Vec<_> = events.iter().filter(|e| w.wants(e)).map(|e| event_out(e, w.prev_kv)).collect();
+        let f = &w.filter;
+        let matching: Vec<_> = events.iter().filter(|e| f.wants(e)).map(|e| event_out(e, f.prev_kv)).collect();
         if matching.is_empty() {
             return Ok(());
         }
@@ -264,5 +289,78 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quorate_kv::KeyValue;
+
+    fn ev(rev: i64, key: &str, value_bytes: usize) -> Event {
+        let kv = KeyValue { key: key.into(), value: vec![b'v'; value_bytes], mod_revision: rev, ..Default::default() };
+        Event { kind: EventKind::Put, kv: Arc::new(kv), prev_kv: None }
+    }
+
+    fn all(prefix: &str) -> Filter {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        Filter { key: prefix.into(), range_end: end, no_put: false, no_delete: false, prev_kv: false }
+    }
+
+    fn check(events: &[Event], batches: &[(i64, Vec<crate::pb::mvccpb::Event>)], filter: &Filter) {
+        let flat: Vec<(i64, Vec<u8>)> = batches
+            .iter()
+            .flat_map(|(_, b)| b.iter().map(|e| e.kv.as_ref().map(|kv| (kv.mod_revision, kv.key.clone())).unwrap()))
+            .collect();
+        let wanted: Vec<(i64, Vec<u8>)> =
+            events.iter().filter(|e| filter.wants(e)).map(|e| (e.revision(), e.kv.key.clone())).collect();
+        assert_eq!(flat, wanted, "every wanted event once, in order");
+        let mut last = 0;
+        for (header, b) in batches {
+            let revs: Vec<i64> = b.iter().map(|e| e.kv.as_ref().unwrap().mod_revision).collect();
+            assert!(revs[0] > last, "revision {} split across two responses", revs[0]);
+            assert_eq!(*header, *revs.last().unwrap(), "the header is the batch's last revision");
+            last = *header;
+            let distinct = revs.windows(2).filter(|w| w[0] != w[1]).count() + 1;
+            assert!(distinct <= REPLAY_BATCH_REVS_MAX);
+        }
+    }
+
+    #[test]
+    fn batches_hold_whole_revisions_up_to_the_revision_and_byte_caps() {
+        // 2500 revisions of one small event, with a revision of 7 events every 100.
+        let mut events = Vec::new();
+        for rev in 1..=2500 {
+            let n = if rev % 100 == 0 { 7 } else { 1 };
+            events.extend((0..n).map(|j| ev(rev, &format!("a/{j}"), 10)));
+        }
+        let f = all("a/");
+        let batches = replay_batches(&events, &f);
+        check(&events, &batches, &f);
+        assert_eq!(batches.len(), 3, "1000 + 1000 + 500 revisions");
+
+        // Large values: the byte cap closes batches early, never inside a revision.
+        let big: Vec<Event> =
+            (1..=100).flat_map(|rev| (0..3).map(move |j| ev(rev, &format!("a/{j}"), 20_000))).collect();
+        let batches = replay_batches(&big, &f);
+        check(&big, &batches, &f);
+        assert!(batches.len() > 10, "{} batches of 60 kB revisions", batches.len());
+        for (_, b) in &batches {
+            let bytes: usize = b.iter().map(|e| e.kv.as_ref().unwrap().value.len()).sum();
+            assert!(bytes < REPLAY_BATCH_BYTES_MAX + 60_001, "{bytes} bytes in one batch");
+        }
+    }
+
+    #[test]
+    fn only_wanted_events_are_batched_and_empty_revisions_are_skipped() {
+        let events: Vec<Event> = (1..=50).map(|rev| ev(rev, if rev % 2 == 0 { "a/x" } else { "b/x" }, 1)).collect();
+        let f = all("a/");
+        let batches = replay_batches(&events, &f);
+        check(&events, &batches, &f);
+        assert_eq!(batches.len(), 1);
+        assert!(replay_batches(&events, &all("c/")).is_empty());
+        let no_put = Filter { no_put: true, ..all("a/") };
+        assert!(replay_batches(&events, &no_put).is_empty());
     }
 }
