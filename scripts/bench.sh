@@ -12,6 +12,7 @@
 #        empty: none), BENCH_READERS (default none: e.g. "range watch snapshot hashkv" adds a
 #        table of 1-client put latency while one more client repeats each long read on the
 #        leader, against the same run without one: issue 11's "no client stalls writes by reading"),
+#        BENCH_READER_NICE (1: the reading client runs at nice 19, as if on another host),
 #        BENCH_SERVER_BIN (the quorate binary the members run, default the one built here: to
 #        measure an older build with today's load generator)
 set -euo pipefail
@@ -103,7 +104,7 @@ if [ -n "$READERS" ]; then
     if [ $((round % 2)) = 1 ]; then order="quorate etcd"; else order="etcd quorate"; fi
     for flavor in $order; do
       "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 1 --seconds "$SECS" --json \
-        --readers "none,${READERS// /,}" >"$OUT/runs/$flavor-readers-$round.json"
+        --readers "none,${READERS// /,}" ${BENCH_READER_NICE:+--readers-niced} >"$OUT/runs/$flavor-readers-$round.json"
     done
     echo "done: readers round $round"
   done

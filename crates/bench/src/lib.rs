@@ -90,6 +90,10 @@ pub struct BenchConfig {
     pub conns: usize,
     /// Each (op, clients) pair runs once per reader.
     pub readers: Vec<Reader>,
+    /// Run the reader at the lowest CPU priority (nice 19): on a machine that also runs the
+    /// members, what is left of a reader on another host, whose decoding costs the members
+    /// nothing.
+    pub reader_niced: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -248,6 +252,14 @@ pub async fn preload(cfg: &BenchConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Nice 19 for the calling thread only (Linux keeps the nice value per thread).
+fn lower_this_thread() {
+    // SAFETY: plain syscalls on this thread's own id; failure leaves the priority as it was.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+    }
+}
+
 /// Repeats `reader`'s long read on its own connection until `stop`; returns how many finished.
 /// A failed read ends the loop with the error: a reader that stops reading measures nothing.
 async fn long_reads(ch: Channel, reader: Reader, stop: Arc<AtomicBool>) -> Result<u64, tonic::Status> {
@@ -317,8 +329,11 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) 
         // On a thread and runtime of its own, as another process would be: decoding a 30 MB
         // answer must not hold up the measured clients' tasks in this one.
         _ => {
-            let (endpoint, stop) = (cfg.endpoints[0].clone(), stop.clone());
+            let (endpoint, stop, niced) = (cfg.endpoints[0].clone(), stop.clone(), cfg.reader_niced);
             Some(std::thread::spawn(move || -> anyhow::Result<u64> {
+                if niced {
+                    lower_this_thread();
+                }
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
                     let ch = connect(&[endpoint], 1).await?.remove(0);

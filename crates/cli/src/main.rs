@@ -182,6 +182,10 @@ struct BenchArgs {
     /// watch (from revision 1), snapshot (Maintenance.Snapshot), hashkv.
     #[arg(long, default_value = "none")]
     readers: String,
+    /// Run the reader at nice 19, so that on one machine its own decoding competes little with
+    /// the members (as a reader on another host would).
+    #[arg(long)]
+    readers_niced: bool,
     /// Print JSON rows instead of a Markdown table.
     #[arg(long)]
     json: bool,
@@ -404,6 +408,7 @@ fn run() -> anyhow::Result<()> {
                     value_bytes: args.value_bytes,
                     conns: args.conns,
                     readers: args.readers.split(',').map(|s| s.trim().parse()).collect::<anyhow::Result<_>>()?,
+                    reader_niced: args.readers_niced,
                 };
                 if args.preload {
                     quorate_bench::preload(&cfg).await?;
