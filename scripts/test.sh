@@ -20,6 +20,16 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
+# promtool (and a real prometheus) from Debian's prometheus package, to check and unit-test
+# deploy/prometheus/alerts.yml. Without recommends (no node exporter); the packaged service is
+# not needed, so it is stopped if the install started it.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+fi
 
 # Real registry clients from PyPI (py-consul, py-eureka-client) in a virtualenv the tests use.
 PY=target/py
