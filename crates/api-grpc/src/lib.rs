@@ -42,6 +42,7 @@ use quorate_consensus::Member;
 
 pub use authority::AuthorityFix;
 pub use kv_service::FENCE_HEADER;
+pub use maintenance_service::HTTP_ADDR_METADATA;
 pub use status::{consensus_status, kv_status};
 
 /// Accepted client connections, each wrapped so etcd Go clients' `:authority` is tolerated.
@@ -81,6 +82,10 @@ pub struct Ctx {
     pub max_txn_ops: usize,
     /// etcd's `--max-request-bytes`: largest write request proposed.
     pub max_request_bytes: usize,
+    /// This member's `--listen-http` address; Maintenance.Status names it in the response
+    /// metadata `quorate-http-addr`, so `quorate ctl` finds `/v1/member/status` from a client
+    /// URL alone.
+    pub http_addr: Option<String>,
 }
 
 impl Ctx {

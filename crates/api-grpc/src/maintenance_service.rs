@@ -142,6 +142,9 @@ fn alarm_name(a: AlarmType) -> &'static str {
     }
 }
 
+/// The response metadata of Maintenance.Status that names the member's HTTP address.
+pub const HTTP_ADDR_METADATA: &str = "quorate-http-addr";
+
 /// Bytes per `SnapshotResponse` message.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -192,7 +195,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         let size = db_size(&self.ctx);
         let (in_use, alarms) = self.ctx.member.read(|s| (s.bytes_in_use() as i64, s.alarms()));
         let errors = alarms.iter().map(|(m, a)| format!("memberID:{} alarm:{}", m, alarm_name(*a))).collect();
-        Ok(Response::new(pb::StatusResponse {
+        let mut resp = Response::new(pb::StatusResponse {
             header: Some(self.ctx.header()),
             version: ETCD_API_VERSION.into(),
             db_size: size,
@@ -206,7 +209,11 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             storage_version: String::new(),
             db_size_quota: 0,
             downgrade_info: None,
-        }))
+        });
+        if let Some(addr) = self.ctx.http_addr.as_deref().and_then(|a| a.parse().ok()) {
+            resp.metadata_mut().insert(HTTP_ADDR_METADATA, addr);
+        }
+        Ok(resp)
     }
 
     /// redb reuses freed pages itself; there is nothing to defragment. Answering success keeps

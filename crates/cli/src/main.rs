@@ -42,6 +42,36 @@ enum Command {
     /// The drill's peer-link proxy (the drill starts it in each member's namespace).
     #[command(hide = true)]
     DrillProxy(DrillProxyArgs),
+    /// The operator's commands (etcdctl's global flags): status, doctor. See docs/ctl.md.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// Client addresses of the cluster's members, comma-separated (any one that answers is enough).
+    #[arg(long, global = true, default_value = "127.0.0.1:2379", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Output format: table or json.
+    #[arg(short = 'w', long, global = true, default_value = "table", value_parser = ["table", "json"])]
+    write_out: String,
+    /// Time to connect to a member (etcdctl style: 2s, 500ms).
+    #[arg(long, global = true, default_value = "2s", value_parser = quorate_ctl::parse_duration)]
+    dial_timeout: std::time::Duration,
+    /// Time for each request to a member.
+    #[arg(long, global = true, default_value = "5s", value_parser = quorate_ctl::parse_duration)]
+    command_timeout: std::time::Duration,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Every member's view side by side: role, term, leader, commit and applied index,
+    /// revision, state hash, lag, last leader contact, db size, clock offset, fsync p99.
+    Status,
+    /// The same data judged: `verdict: healthy|degraded|critical`, then each finding with its
+    /// evidence and fix. Exit 0 healthy, 1 degraded, 2 critical.
+    Doctor,
 }
 
 #[derive(Args)]
@@ -457,6 +487,19 @@ fn run() -> anyhow::Result<()> {
                     r.cluster_id
                 );
                 Ok(())
+            }
+            Command::Ctl(args) => {
+                let opts = quorate_ctl::Options {
+                    endpoints: args.endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect(),
+                    json: args.write_out == "json",
+                    dial_timeout: args.dial_timeout,
+                    command_timeout: args.command_timeout,
+                };
+                let code = match args.command {
+                    CtlCommand::Status => quorate_ctl::status(&opts).await?,
+                    CtlCommand::Doctor => quorate_ctl::doctor(&opts).await?,
+                };
+                std::process::exit(code);
             }
             Command::Server(args) => {
                 let cfg = args.into_config()?;

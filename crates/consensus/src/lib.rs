@@ -7,6 +7,7 @@
 //! quorum-connected leader decide a side effect.
 
 pub mod backup;
+mod diagnostics;
 mod error;
 mod lease;
 mod log_store;
@@ -39,6 +40,7 @@ pub use network::{set_snapshot_chunk_bytes, PeerService, PEER_MESSAGE_BYTES_MAX}
 pub use state_machine::{Applied, PublishedMember};
 pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
 
+pub use diagnostics::MemberDiagnostics;
 use lease::LeaseClock;
 use log_store::LogStore;
 use network::{decode, encode, NetworkFactory};

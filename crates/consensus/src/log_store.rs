@@ -81,6 +81,20 @@ pub struct LogStats {
     pub durable_commits: std::sync::atomic::AtomicU64,
     /// Log entries made durable.
     pub entries: std::sync::atomic::AtomicU64,
+    /// The last `FSYNC_SAMPLES_MAX` batch commit times in microseconds, for `ctl status`.
+    pub recent_commit_us: Mutex<std::collections::VecDeque<u64>>,
+}
+/// Batch commit times kept for the fsync p99 that `ctl status` shows.
+pub const FSYNC_SAMPLES_MAX: usize = 256;
+
+impl LogStats {
+    fn record_commit(&self, took: std::time::Duration) {
+        let mut recent = self.recent_commit_us.lock().unwrap();
+        if recent.len() == FSYNC_SAMPLES_MAX {
+            recent.pop_front();
+        }
+        recent.push_back(took.as_micros() as u64);
+    }
 }
 
 #[derive(Clone)]
@@ -224,7 +238,9 @@ fn writer(
         if ops.is_empty() {
             continue;
         }
+        let started = std::time::Instant::now();
         let result = write_batch(&db, &ops, &fsync_delay);
+        stats.record_commit(started.elapsed());
         last = batch_last;
         if result.is_ok() {
             use std::sync::atomic::Ordering::Relaxed;

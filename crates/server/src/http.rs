@@ -104,6 +104,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
         .route("/ready", get(ready))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
+        .route("/v1/member/status", get(member_status))
         .route("/debug/failpoints/fsync-delay-ms", axum::routing::put(set_fsync_delay))
         .with_state(state.clone())
         .merge(quorate_api_http::router(Arc::new(quorate_api_http::Api { member: state.member.clone() })));
@@ -180,4 +181,31 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         Ok(()) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], body),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], e.to_string()),
     }
+}
+
+/// What `quorate ctl status` asks of a member beyond etcd's Maintenance.Status (schema in
+/// docs/ctl.md). The wall clock is read last, so that it is as close as it can be to the
+/// reply leaving; the caller measures the round trip around it.
+async fn member_status(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
+    let d = s.member.diagnostics();
+    let st = &d.raft;
+    let revision = s.member.read(|store| store.revision());
+    let wall_clock_unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis() as u64);
+    Json(json!({
+        "id": format!("{:x}", st.id),
+        "role": if st.is_learner && st.state != "leader" { "learner" } else { st.state },
+        "term": st.term,
+        "leader": st.leader.map(|l| format!("{l:x}")),
+        "last_log_index": st.last_log_index,
+        "commit_index": st.commit_index,
+        "applied_index": st.applied_index,
+        "revision": revision,
+        "apply_lag_entries": st.commit_index.saturating_sub(st.applied_index),
+        "last_leader_contact_ms": d.last_leader_contact_ms,
+        "fsync_p99_us": d.fsync_p99_us,
+        "fsync_samples": d.fsync_samples,
+        "version": env!("CARGO_PKG_VERSION"),
+        "wall_clock_unix_ms": wall_clock_unix_ms,
+    }))
 }

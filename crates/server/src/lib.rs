@@ -90,6 +90,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         unsafe_local_reads: cfg.drill.unsafe_local_reads,
         max_txn_ops: cfg.max_txn_ops,
         max_request_bytes: cfg.max_request_bytes,
+        http_addr: Some(cfg.listen_http_addr.to_string()),
     };
     if cfg.drill.early_lease_expiry {
         quorate_consensus::plant_early_lease_expiry();

@@ -1,0 +1,685 @@
+//! The doctor's judgement: a pure function of the collected view. Every finding names its
+//! code, the members, the numbers that show it and the runbook steps (exact commands) that fix
+//! it. No IO and no clock here: the view carries everything, so each rule is table-tested.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::collect::{ClusterView, MemberView};
+
+/// Where the doctor draws its lines.
+#[derive(Clone, Debug)]
+pub struct Thresholds {
+    /// Entries a voter's applied index may trail the leader's commit index.
+    pub lag_entries_max: u64,
+    /// Entries a learner may trail before it is reported as behind.
+    pub learner_lag_entries_max: u64,
+    /// How long a follower may go without hearing from the leader (it hears once a second).
+    pub leader_contact_max_ms: u64,
+    /// fsync p99 above this is a slow disk (etcd-mixin warns at 500 ms).
+    pub fsync_p99_max_ms: f64,
+    /// A clock offset certainly beyond this (offset minus its error bound) is skew.
+    pub clock_skew_max_ms: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            lag_entries_max: 1000,
+            learner_lag_entries_max: 1000,
+            leader_contact_max_ms: 5000,
+            fsync_p99_max_ms: 500.0,
+            clock_skew_max_ms: 1000,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Degraded,
+    Critical,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Healthy,
+    Degraded,
+    Critical,
+}
+
+impl Verdict {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Healthy => 0,
+            Verdict::Degraded => 1,
+            Verdict::Critical => 2,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Healthy => "healthy",
+            Verdict::Degraded => "degraded",
+            Verdict::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub code: String,
+    pub severity: Severity,
+    pub members: Vec<String>,
+    pub evidence: String,
+    /// Runbook steps, in order; each names the exact command.
+    pub fix: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub verdict: Verdict,
+    pub findings: Vec<Finding>,
+}
+
+fn label(m: &MemberView) -> String {
+    if m.name.is_empty() {
+        m.endpoint.clone()
+    } else {
+        m.name.clone()
+    }
+}
+
+fn finding(code: &str, severity: Severity, members: Vec<String>, evidence: String, fix: Vec<String>) -> Finding {
+    Finding { code: code.into(), severity, members, evidence, fix }
+}
+
+/// The client endpoints of the members that answer, for the commands in the fixes.
+fn healthy_endpoints(v: &ClusterView) -> String {
+    let eps: Vec<&str> = v.members.iter().filter(|m| m.reachable).map(|m| m.endpoint.as_str()).collect();
+    if eps.is_empty() {
+        v.members.iter().map(|m| m.endpoint.as_str()).collect::<Vec<_>>().join(",")
+    } else {
+        eps.join(",")
+    }
+}
+
+pub fn judge(v: &ClusterView, t: &Thresholds) -> Report {
+    let mut findings = Vec::new();
+    let eps = healthy_endpoints(v);
+    let voters: Vec<&MemberView> = v.members.iter().filter(|m| !m.is_learner).collect();
+    let answering = voters.iter().filter(|m| m.reachable).count();
+    let quorum = voters.len() / 2 + 1;
+    let reachable: Vec<&MemberView> = v.members.iter().filter(|m| m.reachable).collect();
+    let leaders: Vec<&MemberView> = reachable.iter().copied().filter(|m| m.role.as_deref() == Some("leader")).collect();
+    // The leader in the highest term, as the reference for lag.
+    let leader = leaders.iter().copied().max_by_key(|m| m.term.unwrap_or(0));
+
+    // quorum-lost
+    if answering < quorum || leader.is_none() {
+        let down: Vec<String> = voters.iter().filter(|m| !m.reachable).map(|m| label(m)).collect();
+        let evidence = format!(
+            "{answering}/{} voters answer (quorum {quorum}); leader: {}{}{}",
+            voters.len(),
+            leader.map_or("none reachable".to_string(), label),
+            if answering >= quorum { " (a majority answers: an election may be under way)" } else { "" },
+            v.member_list_error.as_ref().map_or(String::new(), |e| format!("; no member list: {e}")),
+        );
+        let mut fix =
+            vec!["Do not delete any data directory: the members that come back carry the committed log.".to_string()];
+        if down.is_empty() {
+            fix.push(format!(
+                "Every voter answers but none leads: watch the term for a minute (an election may be in progress): `quorate ctl --endpoints={eps} status`"
+            ));
+            fix.push("If the term keeps rising, check the peer links between members (peer URLs reachable from each other, firewalls): `etcdctl --endpoints=".to_string() + &eps + " member list -w table`");
+        } else {
+            fix.push(format!(
+                "Start the members that are down again with their original flags and data directories: {}",
+                down.join(", ")
+            ));
+            fix.push(format!("Confirm a leader is back: `quorate ctl --endpoints={eps} status`"));
+            fix.push("If a majority is lost for good, restore from the newest backup: `etcdctl --endpoints=<a survivor> snapshot save backup.db`, then `quorate snapshot restore backup.db --name <name> --initial-cluster <...>` on every member of a new cluster".to_string());
+        }
+        findings.push(finding("quorum-lost", Severity::Critical, down, evidence, fix));
+    }
+
+    // member-down
+    for m in v.members.iter().filter(|m| !m.reachable) {
+        let id = if m.id.is_empty() { "<id>".to_string() } else { m.id.clone() };
+        findings.push(finding(
+            "member-down",
+            Severity::Degraded,
+            vec![label(m)],
+            format!(
+                "{} ({}) does not answer: {}; {answering}/{} voters answer (quorum {quorum})",
+                label(m),
+                m.endpoint,
+                m.error.as_deref().unwrap_or("no answer"),
+                voters.len()
+            ),
+            vec![
+                format!("Confirm from its host: `etcdctl --endpoints={} endpoint status -w table`", m.endpoint),
+                format!(
+                    "If the process is gone, start it again with its original flags and data directory (`quorate server --name {} ...`); it catches up from the leader",
+                    label(m)
+                ),
+                format!(
+                    "If its data directory is lost, replace it: `etcdctl --endpoints={eps} member remove {id}`, then `etcdctl --endpoints={eps} member add {} --peer-urls={}`, and start it with an empty --data-dir and `--initial-cluster-state existing`",
+                    label(m),
+                    if m.peer_url.is_empty() { "<peer url>" } else { &m.peer_url }
+                ),
+                format!("Check: `quorate ctl --endpoints={eps} doctor`"),
+            ],
+        ));
+    }
+
+    // split-view: two leaders in one term, members in one term naming different leaders, or
+    // terms further apart than one election.
+    let mut by_term: BTreeMap<u64, BTreeSet<&str>> = BTreeMap::new();
+    for m in &reachable {
+        if let (Some(term), Some(l)) = (m.term, m.leader.as_deref()) {
+            by_term.entry(term).or_default().insert(l);
+        }
+    }
+    let mut leaders_by_term: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for l in &leaders {
+        leaders_by_term.entry(l.term.unwrap_or(0)).or_default().push(label(l));
+    }
+    for (term, ls) in leaders_by_term.iter().filter(|(_, ls)| ls.len() > 1) {
+        findings.push(finding(
+            "split-view",
+            Severity::Critical,
+            ls.clone(),
+            format!("{} members claim to lead term {term}: {}", ls.len(), ls.join(", ")),
+            vec![
+                format!("Capture every member's view now: `quorate ctl --endpoints={eps} status -w json > split.json`"),
+                "Stop writes to the cluster, keep the members' logs, and report it: two leaders in one term is a bug"
+                    .to_string(),
+                format!(
+                    "Transfer leadership to one of them to end the term: `etcdctl --endpoints={eps} move-leader <id>`"
+                ),
+            ],
+        ));
+    }
+    let terms: Vec<u64> = reachable.iter().filter(|m| !m.is_learner).filter_map(|m| m.term).collect();
+    let (min_term, max_term) = (terms.iter().min().copied(), terms.iter().max().copied());
+    let disagreeing_term = by_term.iter().find(|(_, ls)| ls.len() > 1);
+    if let (Some(lo), Some(hi)) = (min_term, max_term) {
+        if hi - lo > 1 || disagreeing_term.is_some() {
+            let evidence = match disagreeing_term {
+                Some((term, ls)) => format!(
+                    "members in term {term} follow different leaders: {}",
+                    ls.iter().copied().collect::<Vec<_>>().join(", ")
+                ),
+                None => {
+                    let per: Vec<String> =
+                        reachable.iter().filter_map(|m| m.term.map(|term| format!("{}={term}", label(m)))).collect();
+                    format!("terms {lo}..{hi} differ by more than one election: {}", per.join(", "))
+                }
+            };
+            let behind: Vec<String> = reachable
+                .iter()
+                .filter(|m| !m.is_learner && m.term.is_some_and(|x| x < hi))
+                .map(|m| label(m))
+                .collect();
+            findings.push(finding(
+                "split-view",
+                Severity::Degraded,
+                behind,
+                evidence,
+                vec![
+                    format!("Watch whether the views converge within a few seconds: `quorate ctl --endpoints={eps} status`"),
+                    "If not, check the peer links of the members behind (each must reach every other member's peer URL): `etcdctl member list -w table` shows the URLs".to_string(),
+                ],
+            ));
+        }
+    }
+
+    // diverged
+    if let Some(rev) = v.hash_revision {
+        let mut groups: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for m in reachable.iter().filter(|m| m.hash.is_some()) {
+            groups.entry(m.hash.unwrap_or_default()).or_default().push(label(m));
+        }
+        if groups.len() > 1 {
+            let largest = groups.values().map(Vec::len).max().unwrap_or(0);
+            let minority: Vec<String> = groups
+                .values()
+                .filter(|g| g.len() < largest || largest * 2 <= reachable.len())
+                .flatten()
+                .cloned()
+                .collect();
+            let evidence = format!(
+                "HashKV at revision {rev}: {}",
+                groups.iter().map(|(h, ms)| format!("{h:08x} on {}", ms.join(","))).collect::<Vec<_>>().join("; ")
+            );
+            findings.push(finding(
+                "diverged",
+                Severity::Critical,
+                minority,
+                evidence,
+                vec![
+                    format!("Confirm: `etcdctl --endpoints={eps} endpoint hashkv --rev={rev} -w table`"),
+                    "Save a snapshot from a member of the majority: `etcdctl --endpoints=<majority member> snapshot save backup.db`".to_string(),
+                    "Replace each diverged member: `etcdctl member remove <id>`, `etcdctl member add <name> --peer-urls=<url>`, then start it with an empty --data-dir and `--initial-cluster-state existing`".to_string(),
+                    "Keep the diverged member's data directory for the bug report.".to_string(),
+                ],
+            ));
+        }
+    }
+
+    // member-lagging and learner-behind
+    if let Some(l) = leader {
+        let leader_commit = l.commit_index.unwrap_or(0);
+        for m in reachable.iter().filter(|m| m.id != l.id) {
+            let lag = leader_commit.saturating_sub(m.applied_index.unwrap_or(0));
+            if m.is_learner {
+                if lag > t.learner_lag_entries_max {
+                    findings.push(finding(
+                        "learner-behind",
+                        Severity::Degraded,
+                        vec![label(m)],
+                        format!(
+                            "learner applied {} of the leader's {leader_commit} ({lag} entries behind; limit {})",
+                            m.applied_index.unwrap_or(0),
+                            t.learner_lag_entries_max
+                        ),
+                        vec![
+                            "Do not promote it yet: `etcdctl member promote` is refused until it has caught up".to_string(),
+                            format!("Watch it catch up: `quorate ctl --endpoints={eps} status`"),
+                            "If the lag does not shrink, check its disk and its link to the leader (slow-disk, network)".to_string(),
+                        ],
+                    ));
+                }
+                continue;
+            }
+            let contact = m.last_leader_contact_ms.filter(|ms| *ms > t.leader_contact_max_ms);
+            if lag > t.lag_entries_max || contact.is_some() {
+                let mut evidence = format!(
+                    "applied {} of the leader's {leader_commit} ({lag} entries behind; limit {})",
+                    m.applied_index.unwrap_or(0),
+                    t.lag_entries_max
+                );
+                if let Some(ms) = m.last_leader_contact_ms {
+                    evidence.push_str(&format!(
+                        "; last contact with the leader {ms} ms ago (limit {})",
+                        t.leader_contact_max_ms
+                    ));
+                }
+                findings.push(finding(
+                    "member-lagging",
+                    Severity::Degraded,
+                    vec![label(m)],
+                    evidence,
+                    vec![
+                        format!("Watch whether the lag shrinks: `quorate ctl --endpoints={eps} status`"),
+                        format!("Check its disk: `etcdctl --endpoints={} check perf` and its fsync p99 in `quorate ctl status`", m.endpoint),
+                        "Check its CPU and its link to the leader (`top`, `ping` to the leader's host).".to_string(),
+                    ],
+                ));
+            }
+        }
+    }
+
+    // slow-disk
+    for m in &reachable {
+        if let Some(p99) = m.fsync_p99_ms.filter(|p| *p > t.fsync_p99_max_ms) {
+            findings.push(finding(
+                "slow-disk",
+                Severity::Degraded,
+                vec![label(m)],
+                format!("fsync p99 {p99:.1} ms over the recent log commits (limit {} ms)", t.fsync_p99_max_ms),
+                vec![
+                    format!("Measure the disk: `etcdctl --endpoints={} check perf`, and on its host `iostat -x 1 5`", m.endpoint),
+                    "Move its --data-dir to a dedicated SSD, or stop whatever else writes to that disk".to_string(),
+                    format!("If it leads, move leadership to a member with a faster disk: `etcdctl --endpoints={eps} move-leader <id>`"),
+                ],
+            ));
+        }
+    }
+
+    // clock-skew
+    for m in &reachable {
+        if let Some(off) = m.clock_offset_ms {
+            let err = m.clock_offset_error_ms.unwrap_or(0);
+            if off.unsigned_abs().saturating_sub(err) > t.clock_skew_max_ms {
+                findings.push(finding(
+                    "clock-skew",
+                    Severity::Degraded,
+                    vec![label(m)],
+                    format!(
+                        "wall clock {off:+} ms ±{err} ms from this host (limit {} ms); consensus does not use wall clocks, registry timestamps and logs do",
+                        t.clock_skew_max_ms
+                    ),
+                    vec![
+                        "On its host: `timedatectl status` and `chronyc tracking`".to_string(),
+                        "Step the clock once NTP is reachable: `chronyc makestep`".to_string(),
+                        format!("Check: `quorate ctl --endpoints={eps} status`"),
+                    ],
+                ));
+            }
+        }
+    }
+
+    // alarm-nospace: every member reports the cluster's alarms; report each alarmed member once.
+    let mut nospace: BTreeSet<String> = BTreeSet::new();
+    for m in &reachable {
+        for a in m.alarms.iter().filter(|a| a.contains("NOSPACE")) {
+            let id = a.split_whitespace().find_map(|w| w.strip_prefix("memberID:")).and_then(|d| d.parse::<u64>().ok());
+            let name = id
+                .and_then(|id| v.members.iter().find(|x| x.id == format!("{id:x}")))
+                .map(label)
+                .unwrap_or_else(|| id.map_or_else(|| label(m), |id| format!("{id:x}")));
+            nospace.insert(name);
+        }
+    }
+    if !nospace.is_empty() {
+        let sizes: Vec<String> =
+            reachable.iter().filter_map(|m| m.db_size_bytes.map(|b| format!("{}={b}", label(m)))).collect();
+        findings.push(finding(
+            "alarm-nospace",
+            Severity::Critical,
+            nospace.into_iter().collect(),
+            format!("NOSPACE alarm raised: the cluster refuses writes; db size bytes {}", sizes.join(", ")),
+            vec![
+                format!("See the sizes: `etcdctl --endpoints={eps} endpoint status -w table`"),
+                format!("Free space: compact old revisions, `etcdctl --endpoints={eps} compact <current revision>`, then `etcdctl --endpoints={eps} defrag`"),
+                "Or raise the quota: restart each member with a larger `--quota-backend-bytes`".to_string(),
+                format!("Then disarm: `etcdctl --endpoints={eps} alarm disarm` and check `etcdctl --endpoints={eps} alarm list` is empty"),
+            ],
+        ));
+    }
+
+    // brake-engaged
+    for z in &v.brake {
+        findings.push(finding(
+            "brake-engaged",
+            Severity::Degraded,
+            leader.map(|l| vec![label(l)]).unwrap_or_default(),
+            format!("eviction brake holds zone {:?} for {} s: {}", z.zone, z.held_ms / 1000, z.reason),
+            vec![
+                format!("Find why zone {:?}'s instances stopped heartbeating (network to the zone, a deploy, the clients' hosts)", z.zone),
+                "Instances held by the brake are not evicted; once their heartbeats return it releases, or after --brake-max-hold-s".to_string(),
+                format!("Check: `quorate ctl --endpoints={eps} doctor`"),
+            ],
+        ));
+    }
+
+    let verdict = match findings.iter().map(|f| f.severity).max() {
+        None => Verdict::Healthy,
+        Some(Severity::Degraded) => Verdict::Degraded,
+        Some(Severity::Critical) => Verdict::Critical,
+    };
+    Report { verdict, findings }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::BrakeZone;
+
+    /// A reachable voter of a healthy cluster in term 2 led by "a".
+    fn member(name: &str, id: &str, role: &str) -> MemberView {
+        MemberView {
+            name: name.into(),
+            id: id.into(),
+            endpoint: format!("127.0.0.1:{}", 2379 + id.len()),
+            peer_url: format!("http://127.0.0.1:{}", 2380 + id.len()),
+            reachable: true,
+            role: Some(role.into()),
+            term: Some(2),
+            leader: Some("a1".into()),
+            commit_index: Some(100),
+            applied_index: Some(100),
+            revision: Some(50),
+            hash: Some(0xdead),
+            apply_lag_entries: Some(0),
+            last_leader_contact_ms: Some(300),
+            db_size_bytes: Some(1 << 20),
+            clock_offset_ms: Some(3),
+            clock_offset_error_ms: Some(1),
+            fsync_p99_ms: Some(4.0),
+            version: Some("3.5.0".into()),
+            ..Default::default()
+        }
+    }
+
+    fn healthy() -> ClusterView {
+        ClusterView {
+            members: vec![member("a", "a1", "leader"), member("b", "b2", "follower"), member("c", "c3", "follower")],
+            hash_revision: Some(50),
+            ..Default::default()
+        }
+    }
+
+    fn down(m: &mut MemberView) {
+        *m = MemberView {
+            name: m.name.clone(),
+            id: m.id.clone(),
+            endpoint: m.endpoint.clone(),
+            error: Some("connection refused".into()),
+            ..Default::default()
+        };
+    }
+
+    fn codes(r: &Report) -> Vec<(&str, Severity, Vec<String>)> {
+        r.findings.iter().map(|f| (f.code.as_str(), f.severity, f.members.clone())).collect()
+    }
+
+    type Case = (&'static str, fn(&mut ClusterView), Verdict, Vec<(&'static str, Severity, Vec<&'static str>)>);
+
+    #[test]
+    fn every_finding_is_judged_from_the_view() {
+        use Severity::*;
+        let cases: Vec<Case> = vec![
+            ("healthy", |_| {}, Verdict::Healthy, vec![]),
+            (
+                "one follower down",
+                |v| down(&mut v.members[2]),
+                Verdict::Degraded,
+                vec![("member-down", Degraded, vec!["c"])],
+            ),
+            (
+                "two of three down",
+                |v| {
+                    down(&mut v.members[0]);
+                    down(&mut v.members[1]);
+                    v.members[2].role = Some("candidate".into());
+                    v.members[2].leader = None;
+                },
+                Verdict::Critical,
+                vec![
+                    ("quorum-lost", Critical, vec!["a", "b"]),
+                    ("member-down", Degraded, vec!["a"]),
+                    ("member-down", Degraded, vec!["b"]),
+                ],
+            ),
+            (
+                "two of three down, the survivor still calls itself leader",
+                |v| {
+                    down(&mut v.members[1]);
+                    down(&mut v.members[2]);
+                },
+                Verdict::Critical,
+                vec![
+                    ("quorum-lost", Critical, vec!["b", "c"]),
+                    ("member-down", Degraded, vec!["b"]),
+                    ("member-down", Degraded, vec!["c"]),
+                ],
+            ),
+            (
+                "all answer, none leads",
+                |v| {
+                    for m in &mut v.members {
+                        m.role = Some("candidate".into());
+                        m.leader = None;
+                    }
+                },
+                Verdict::Critical,
+                vec![("quorum-lost", Critical, vec![])],
+            ),
+            (
+                "nothing answers, no member list",
+                |v| {
+                    v.members = vec![MemberView { endpoint: "127.0.0.1:2379".into(), ..Default::default() }];
+                    v.member_list_error = Some("refused".into());
+                    v.hash_revision = None;
+                },
+                Verdict::Critical,
+                vec![
+                    ("quorum-lost", Critical, vec!["127.0.0.1:2379"]),
+                    ("member-down", Degraded, vec!["127.0.0.1:2379"]),
+                ],
+            ),
+            (
+                "a follower 1000 entries behind is within the limit",
+                |v| {
+                    v.members[0].commit_index = Some(1100);
+                    v.members[1].applied_index = Some(100);
+                },
+                Verdict::Healthy,
+                vec![],
+            ),
+            (
+                "a follower 1001 entries behind",
+                |v| {
+                    v.members[0].commit_index = Some(2000);
+                    v.members[1].applied_index = Some(999);
+                    v.members[2].applied_index = Some(2000);
+                },
+                Verdict::Degraded,
+                vec![("member-lagging", Degraded, vec!["b"])],
+            ),
+            (
+                "a follower that has not heard from the leader",
+                |v| v.members[2].last_leader_contact_ms = Some(9000),
+                Verdict::Degraded,
+                vec![("member-lagging", Degraded, vec!["c"])],
+            ),
+            (
+                "two leaders in one term",
+                |v| {
+                    v.members[1].role = Some("leader".into());
+                    v.members[1].leader = Some("b2".into());
+                },
+                Verdict::Critical,
+                vec![("split-view", Critical, vec!["a", "b"]), ("split-view", Degraded, vec![])],
+            ),
+            (
+                "terms three apart",
+                |v| {
+                    v.members[2].term = Some(5);
+                    v.members[2].leader = None;
+                    v.members[2].role = Some("candidate".into());
+                },
+                Verdict::Degraded,
+                vec![("split-view", Degraded, vec!["a", "b"])],
+            ),
+            (
+                "one election apart is not a split",
+                |v| {
+                    v.members[2].term = Some(3);
+                    v.members[2].leader = Some("c3".into());
+                },
+                Verdict::Healthy,
+                vec![],
+            ),
+            (
+                "a different hash",
+                |v| v.members[1].hash = Some(0xbeef),
+                Verdict::Critical,
+                vec![("diverged", Critical, vec!["b"])],
+            ),
+            (
+                "a slow disk",
+                |v| v.members[2].fsync_p99_ms = Some(812.5),
+                Verdict::Degraded,
+                vec![("slow-disk", Degraded, vec!["c"])],
+            ),
+            ("a fast disk", |v| v.members[2].fsync_p99_ms = Some(499.0), Verdict::Healthy, vec![]),
+            (
+                "a skewed clock",
+                |v| v.members[1].clock_offset_ms = Some(-30_000),
+                Verdict::Degraded,
+                vec![("clock-skew", Degraded, vec!["b"])],
+            ),
+            (
+                "an offset within its error bound",
+                |v| {
+                    v.members[1].clock_offset_ms = Some(1400);
+                    v.members[1].clock_offset_error_ms = Some(500);
+                },
+                Verdict::Healthy,
+                vec![],
+            ),
+            (
+                "a NOSPACE alarm",
+                |v| {
+                    for m in &mut v.members {
+                        m.alarms = vec![format!("memberID:{} alarm:NOSPACE", 0xb2)];
+                    }
+                },
+                Verdict::Critical,
+                vec![("alarm-nospace", Critical, vec!["b"])],
+            ),
+            (
+                "the brake holds a zone",
+                |v| {
+                    v.brake =
+                        vec![BrakeZone { zone: "eu-1".into(), held_ms: 42_000, reason: "30 of 40 expired".into() }]
+                },
+                Verdict::Degraded,
+                vec![("brake-engaged", Degraded, vec!["a"])],
+            ),
+            (
+                "a learner far behind",
+                |v| {
+                    let mut l = member("d", "d4", "learner");
+                    l.is_learner = true;
+                    l.applied_index = Some(5);
+                    v.members[0].commit_index = Some(5000);
+                    v.members[1].applied_index = Some(5000);
+                    v.members[2].applied_index = Some(5000);
+                    v.members.push(l);
+                },
+                Verdict::Degraded,
+                vec![("learner-behind", Degraded, vec!["d"])],
+            ),
+        ];
+        for (name, setup, verdict, want) in cases {
+            let mut v = healthy();
+            setup(&mut v);
+            let r = judge(&v, &Thresholds::default());
+            let want: Vec<(&str, Severity, Vec<String>)> =
+                want.into_iter().map(|(c, s, ms)| (c, s, ms.into_iter().map(String::from).collect())).collect();
+            assert_eq!(codes(&r), want, "{name}");
+            assert_eq!(r.verdict, verdict, "{name}");
+            for f in &r.findings {
+                assert!(!f.evidence.is_empty(), "{name}: {} has evidence", f.code);
+                assert!(f.fix.iter().any(|s| s.contains('`')), "{name}: {} names a command", f.code);
+            }
+        }
+    }
+
+    #[test]
+    fn the_exit_code_is_the_verdict() {
+        assert_eq!(Verdict::Healthy.exit_code(), 0);
+        assert_eq!(Verdict::Degraded.exit_code(), 1);
+        assert_eq!(Verdict::Critical.exit_code(), 2);
+    }
+
+    #[test]
+    fn json_has_the_documented_shape() {
+        let mut v = healthy();
+        down(&mut v.members[2]);
+        let j = serde_json::to_value(judge(&v, &Thresholds::default())).unwrap();
+        assert_eq!(j["verdict"], "degraded");
+        let f = &j["findings"][0];
+        assert_eq!(f["code"], "member-down");
+        assert_eq!(f["severity"], "degraded");
+        assert_eq!(f["members"][0], "c");
+        assert!(f["evidence"].as_str().unwrap().contains("2/3 voters answer"));
+        assert!(f["fix"].as_array().unwrap().len() >= 2);
+    }
+}

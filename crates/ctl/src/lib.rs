@@ -1,0 +1,82 @@
+//! `quorate ctl`: the operator's commands. `status` collects every member's view (etcd's
+//! Maintenance API plus each member's `/v1/member/status`) side by side; `doctor` judges the
+//! same data with a pure function (`judge`) and prints the findings with their runbook steps.
+//!
+//! Collecting is the only IO here (`collect`); judging and rendering are pure, so every finding
+//! is table-tested on hand-built views.
+
+pub mod collect;
+pub mod judge;
+pub mod render;
+
+use std::time::Duration;
+
+pub use collect::{ClusterView, MemberView};
+pub use judge::{judge, Finding, Report, Severity, Thresholds, Verdict};
+
+/// etcdctl's global flags.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Client addresses (`host:port` or URLs).
+    pub endpoints: Vec<String>,
+    pub json: bool,
+    pub dial_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+/// `quorate ctl status`: prints the view; exit 0 when at least one member answered, else 1.
+pub async fn status(opts: &Options) -> anyhow::Result<i32> {
+    let view = collect::collect(opts).await;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", render::status_table(&view));
+    }
+    Ok(if view.members.iter().any(|m| m.reachable) { 0 } else { 1 })
+}
+
+/// `quorate ctl doctor`: prints the verdict and the findings; the exit code is the verdict's
+/// (0 healthy, 1 degraded, 2 critical).
+pub async fn doctor(opts: &Options) -> anyhow::Result<i32> {
+    let view = collect::collect(opts).await;
+    let report = judge(&view, &Thresholds::default());
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render::doctor_text(&report));
+    }
+    Ok(report.verdict.exit_code())
+}
+
+/// Parses a duration as etcdctl writes them: `2s`, `500ms`, `1m`, or bare seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_as_etcdctl_writes_them() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}

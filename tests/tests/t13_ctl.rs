@@ -1,0 +1,242 @@
+//! `quorate ctl status` and `quorate ctl doctor` run as an operator runs them (the built
+//! binary, against a real multi-process cluster), after making each situation for real:
+//! a fresh cluster, a member killed with SIGKILL, two of three killed, a member's disk slowed
+//! with the fsync failpoint, and the backend quota filled.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+use quorate_tests::{http, quorate_bin, Cluster, Flavor};
+use serde_json::Value;
+
+/// How long one ctl run may take: its own timeouts (dial 2s, command 5s) bound it well below.
+const CTL_RUN_MAX: Duration = Duration::from_secs(30);
+/// How long a situation may take to show in the doctor's verdict.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+/// `quorate ctl --endpoints <endpoints> <args>`, killed if it outlives `CTL_RUN_MAX`.
+fn ctl(endpoints: &str, args: &[&str]) -> Run {
+    let mut child = Command::new(quorate_bin())
+        .args(["ctl", "--endpoints", endpoints])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn quorate ctl");
+    let deadline = Instant::now() + CTL_RUN_MAX;
+    loop {
+        if child.try_wait().expect("wait for ctl").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("quorate ctl {args:?} did not finish within {CTL_RUN_MAX:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("ctl output");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `doctor -w json` until `done` accepts its report, or panics with the last one.
+fn doctor_until(endpoints: &str, what: &str, done: impl Fn(&Run, &Value) -> bool) -> (Run, Value) {
+    let deadline = Instant::now() + SETTLE_MAX;
+    loop {
+        let run = ctl(endpoints, &["doctor", "-w", "json"]);
+        let report = run.json();
+        if done(&run, &report) {
+            return (run, report);
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: not seen within {SETTLE_MAX:?}; last exit {}: {report:#}\n{}", run.code, run.stderr);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn findings<'a>(report: &'a Value, code: &str) -> Vec<&'a Value> {
+    report["findings"].as_array().unwrap().iter().filter(|f| f["code"] == code).collect()
+}
+
+fn names(f: &Value) -> Vec<String> {
+    f["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn a_fresh_cluster_is_healthy_and_status_shows_every_member_side_by_side() {
+    let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    // One endpoint is enough: the member list names the others.
+    let one = cluster.nodes[0].endpoint();
+
+    eprintln!("doctor on a fresh cluster: healthy, exit 0");
+    let (_, report) = doctor_until(&one, "healthy", |run, r| run.code == 0 && r["verdict"] == "healthy");
+    assert!(report["findings"].as_array().unwrap().is_empty(), "{report:#}");
+    let text = ctl(&one, &["doctor"]);
+    assert_eq!(text.stdout.lines().next(), Some("verdict: healthy"), "{}", text.stdout);
+    assert_eq!(text.code, 0);
+
+    eprintln!("status -w json: every member, one leader, one hash");
+    let run = ctl(&one, &["status", "-w", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let view = run.json();
+    let members = view["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{view:#}");
+    let leader_name = &cluster.nodes[leader].name;
+    let leader_id = members.iter().find(|m| &m["name"] == leader_name).expect("leader listed")["id"].clone();
+    for m in members {
+        let name = m["name"].as_str().unwrap();
+        assert!(cluster.nodes.iter().any(|n| n.name == name && m["endpoint"] == n.endpoint().as_str()), "{m:#}");
+        assert_eq!(m["reachable"], true, "{m:#}");
+        assert_eq!(m["leader"], leader_id, "{name} follows the leader: {m:#}");
+        assert_eq!(m["role"], if name == leader_name { "leader" } else { "follower" }, "{m:#}");
+        assert_eq!(m["term"], members[0]["term"], "one term: {view:#}");
+        assert_eq!(m["hash"], members[0]["hash"], "one state hash: {view:#}");
+        assert!(m["hash"].is_u64() && m["revision"].as_i64().unwrap() >= 1, "{m:#}");
+        assert!(m["applied_index"].as_u64().unwrap() >= 1, "{m:#}");
+        assert!(m["db_size_bytes"].as_i64().unwrap() > 0, "{m:#}");
+        // Same host: the offset is within its error bound plus scheduling noise.
+        let offset = m["clock_offset_ms"].as_i64().expect("clock offset measured");
+        let err = m["clock_offset_error_ms"].as_i64().unwrap();
+        assert!(offset.abs() <= err + 50, "same clock: offset {offset} ms ± {err}");
+        assert!(m["fsync_p99_ms"].is_number(), "{m:#}");
+        assert!(m["version"].is_string(), "{m:#}");
+    }
+    let table = ctl(&one, &["status"]);
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("CLOCK OFFSET"), "{}", table.stdout);
+    for n in &cluster.nodes {
+        assert!(lines.iter().any(|l| l.starts_with(&n.name) && l.contains("yes")), "{} in {}", n.name, table.stdout);
+    }
+}
+
+#[test]
+fn a_killed_member_is_down_and_the_cluster_degraded() {
+    let mut cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let victim = (leader + 1) % 3;
+    let all = cluster.all_endpoints().join(",");
+    let victim_name = cluster.nodes[victim].name.clone();
+
+    eprintln!("kill -9 {victim_name} (a follower)");
+    cluster.kill(victim);
+    let (_, report) = doctor_until(&all, "degraded", |run, r| run.code == 1 && r["verdict"] == "degraded");
+    let down = findings(&report, "member-down");
+    assert_eq!(down.len(), 1, "{report:#}");
+    assert_eq!(names(down[0]), vec![victim_name.clone()], "{report:#}");
+    assert_eq!(down[0]["severity"], "degraded");
+    assert!(down[0]["evidence"].as_str().unwrap().contains("2/3 voters answer"), "{report:#}");
+    assert!(
+        down[0]["fix"].as_array().unwrap().iter().any(|s| s.as_str().unwrap().contains("member remove")),
+        "{report:#}"
+    );
+    assert!(findings(&report, "quorum-lost").is_empty(), "{report:#}");
+
+    eprintln!("status still shows the killed member, unreachable");
+    let view = ctl(&all, &["status", "-w", "json"]).json();
+    let row = view["members"].as_array().unwrap().iter().find(|m| m["name"] == victim_name.as_str()).cloned();
+    assert_eq!(row.expect("killed member listed")["reachable"], false, "{view:#}");
+    let text = ctl(&all, &["doctor"]);
+    assert_eq!(text.code, 1);
+    assert_eq!(text.stdout.lines().next(), Some("verdict: degraded"), "{}", text.stdout);
+}
+
+#[test]
+fn two_of_three_killed_is_quorum_lost_and_critical() {
+    let mut cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let all = cluster.all_endpoints().join(",");
+    // The two followers: the survivor is the old leader, which may still call itself leader.
+    let (a, b) = ((leader + 1) % 3, (leader + 2) % 3);
+
+    eprintln!("kill -9 both followers");
+    cluster.kill(a);
+    cluster.kill(b);
+    let (run, report) = doctor_until(&all, "critical", |run, r| run.code == 2 && r["verdict"] == "critical");
+    let lost = findings(&report, "quorum-lost");
+    assert_eq!(lost.len(), 1, "{report:#}");
+    assert_eq!(lost[0]["severity"], "critical");
+    let mut lost_names = names(lost[0]);
+    lost_names.sort();
+    let mut killed = vec![cluster.nodes[a].name.clone(), cluster.nodes[b].name.clone()];
+    killed.sort();
+    assert_eq!(lost_names, killed, "{report:#}");
+    assert!(lost[0]["evidence"].as_str().unwrap().contains("1/3 voters answer"), "{report:#}");
+    assert_eq!(findings(&report, "member-down").len(), 2, "{report:#}");
+    assert_eq!(run.code, 2);
+}
+
+#[test]
+fn a_slowed_disk_is_reported_with_its_fsync_p99() {
+    let cluster = Cluster::start_with(Flavor::Quorate, 3, &["--drill-failpoints"]).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let slow = (leader + 1) % 3;
+    let all = cluster.all_endpoints().join(",");
+    let slow_name = cluster.nodes[slow].name.clone();
+
+    eprintln!("hold every log fsync on {slow_name} for 800 ms, then write");
+    let set = http(&cluster.nodes[slow], "PUT", "/debug/failpoints/fsync-delay-ms", Some("800")).unwrap();
+    assert_eq!(set.status, 200, "{}", set.body);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = Client::connect([cluster.nodes[leader].endpoint()], None).await.unwrap();
+        for i in 0..10 {
+            c.put(format!("slow/{i}"), "v", None).await.expect("put commits on the other two");
+        }
+    });
+    let (_, report) = doctor_until(&all, "slow-disk", |_, r| !findings(r, "slow-disk").is_empty());
+    assert_eq!(report["verdict"], "degraded", "{report:#}");
+    let slow_disk = findings(&report, "slow-disk");
+    assert_eq!(slow_disk.len(), 1, "only the slowed member: {report:#}");
+    assert_eq!(names(slow_disk[0]), vec![slow_name], "{report:#}");
+    assert!(slow_disk[0]["evidence"].as_str().unwrap().contains("fsync p99"), "{report:#}");
+    http(&cluster.nodes[slow], "PUT", "/debug/failpoints/fsync-delay-ms", Some("0")).unwrap();
+}
+
+#[test]
+fn a_full_quota_raises_alarm_nospace_and_is_critical() {
+    let cluster = Cluster::start_with(Flavor::Quorate, 3, &["--quota-backend-bytes", "200000"]).expect("cluster");
+    cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let all = cluster.all_endpoints().join(",");
+
+    eprintln!("fill the 200 kB quota until writes are refused");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let refused = rt.block_on(async {
+        let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+        for i in 0..400 {
+            if c.put(format!("big/{i}"), vec![b'x'; 1024], None).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    });
+    assert!(refused, "writes past the quota are refused");
+    let (run, report) = doctor_until(&all, "alarm-nospace", |_, r| !findings(r, "alarm-nospace").is_empty());
+    assert_eq!(run.code, 2, "{report:#}");
+    assert_eq!(report["verdict"], "critical");
+    let alarm = findings(&report, "alarm-nospace")[0];
+    assert!(!names(alarm).is_empty(), "{report:#}");
+    assert!(
+        alarm["fix"].as_array().unwrap().iter().any(|s| s.as_str().unwrap().contains("alarm disarm")),
+        "{report:#}"
+    );
+}
