@@ -142,3 +142,40 @@ fn every_alert_has_severity_summary_description_and_runbook() {
         }
     }
 }
+
+/// The `## ` sections of docs/runbook.md: (GitHub anchor, section text).
+fn runbook_sections() -> Vec<(String, String)> {
+    let runbook = std::fs::read_to_string(repo_root().join("docs/runbook.md")).unwrap();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in runbook.lines() {
+        if let Some(title) = line.strip_prefix("## ") {
+            out.push((title.trim().to_lowercase(), String::new()));
+        } else if let Some((_, body)) = out.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn every_runbook_link_has_a_section_in_the_seeds_order() {
+    let sections = runbook_sections();
+    for (name, body) in rules() {
+        let anchor = body
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("runbook_url: docs/runbook.md#"))
+            .unwrap_or_else(|| panic!("{name}: no runbook_url"));
+        let (_, text) = sections
+            .iter()
+            .find(|(a, _)| a == anchor)
+            .unwrap_or_else(|| panic!("{name}: docs/runbook.md has no section #{anchor}"));
+        // Symptom, then how to confirm, then how to fix, then verify; each with commands.
+        let at = |part: &str| text.find(part).unwrap_or_else(|| panic!("#{anchor}: no {part}"));
+        let order = [at("**Symptom.**"), at("**How to confirm.**"), at("**How to fix.**"), at("**Verify.**")];
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "#{anchor}: sections out of order");
+        let confirm = &text[order[1]..order[2]];
+        assert!(confirm.contains('`'), "#{anchor}: confirming takes commands");
+        assert!(text[order[2]..].contains('`'), "#{anchor}: fixing and verifying take commands");
+    }
+}
