@@ -40,6 +40,8 @@ pub struct Node {
     pub log_path: PathBuf,
     /// For a member added at run time: the `--initial-cluster` it joins with (state `existing`).
     pub join: Option<String>,
+    /// Extra environment for this member's process (e.g. libfaketime), applied at each spawn.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -54,6 +56,7 @@ impl Node {
             peer_port: free_port(),
             http_port: free_port(),
             join: None,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -68,6 +71,7 @@ impl Node {
             data_dir: PathBuf::new(),
             log_path: PathBuf::new(),
             join: None,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -163,6 +167,7 @@ impl Cluster {
             .args(["--initial-cluster", node.join.as_deref().unwrap_or(&self.initial_cluster)])
             // `{n}` in an extra argument is this member's number (1-based).
             .args(self.extra_args.iter().map(|a| a.replace("{n}", &(i + 1).to_string())))
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -240,3 +240,92 @@ fn a_full_quota_raises_alarm_nospace_and_is_critical() {
         "{report:#}"
     );
 }
+
+/// libfaketime, as Debian's `faketime` package installs it.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[test]
+fn a_member_with_an_offset_wall_clock_is_reported_as_clock_skew() {
+    if !std::path::Path::new(LIBFAKETIME).exists() {
+        panic!("{LIBFAKETIME} missing: apt-get install faketime");
+    }
+    let mut cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let skewed = (leader + 1) % 3;
+    let skewed_name = cluster.nodes[skewed].name.clone();
+    let all = cluster.all_endpoints().join(",");
+
+    eprintln!("restart {skewed_name} with its wall clock 30 s ahead (monotonic clock untouched)");
+    cluster.stop(skewed);
+    cluster.nodes[skewed].env = vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        ("FAKETIME".into(), "+30s".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    cluster.spawn(skewed).expect("respawn under faketime");
+    let (run, report) = doctor_until(&all, "clock-skew", |_, r| !findings(r, "clock-skew").is_empty());
+    assert_eq!(run.code, 1, "{report:#}");
+    let skew = findings(&report, "clock-skew");
+    assert_eq!(skew.len(), 1, "only the offset member: {report:#}");
+    assert_eq!(names(skew[0]), vec![skewed_name.clone()], "{report:#}");
+
+    let view = ctl(&all, &["status", "-w", "json"]).json();
+    let row = view["members"].as_array().unwrap().iter().find(|m| m["name"] == skewed_name.as_str()).cloned().unwrap();
+    let offset = row["clock_offset_ms"].as_i64().expect("offset measured");
+    let err = row["clock_offset_error_ms"].as_i64().unwrap();
+    assert!((offset - 30_000).abs() <= err + 1000, "offset {offset} ms ± {err}, expected about +30000: {row:#}");
+}
+
+#[test]
+fn a_zone_gone_quiet_is_reported_as_brake_engaged() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const SVC: &str = "/api/v1/ns/default/services/api/instances";
+    const PER_ZONE: usize = 10;
+    let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let all = cluster.all_endpoints().join(",");
+    let body = |zone: &str, i: usize| {
+        format!(r#"{{"address":"10.0.{i}.1","port":80,"zone":"{zone}","ttl_s":3,"heartbeat_interval_s":1}}"#)
+    };
+    for zone in ["a", "b"] {
+        for i in 0..PER_ZONE {
+            let r = http(&cluster.nodes[0], "PUT", &format!("{SVC}/{zone}{i}"), Some(&body(zone, i))).unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+    let zone_a_quiet = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = cluster.nodes[0].http_port;
+    let beats = {
+        let (zone_a_quiet, stop) = (zone_a_quiet.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let node = quorate_tests::Node::detached(port);
+            while !stop.load(Ordering::Relaxed) {
+                for zone in ["a", "b"] {
+                    if zone == "a" && zone_a_quiet.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    for i in 0..PER_ZONE {
+                        let _ = http(&node, "PUT", &format!("{SVC}/{zone}{i}/heartbeat"), None);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        })
+    };
+    eprintln!("heartbeats from both zones, past the leader's takeover hold");
+    std::thread::sleep(Duration::from_secs(5));
+    let (run, _) = doctor_until(&all, "healthy", |run, r| run.code == 0 && r["verdict"] == "healthy");
+    assert_eq!(run.code, 0);
+
+    eprintln!("zone a goes quiet");
+    zone_a_quiet.store(true, Ordering::Relaxed);
+    let (run, report) = doctor_until(&all, "brake-engaged", |_, r| !findings(r, "brake-engaged").is_empty());
+    stop.store(true, Ordering::Relaxed);
+    beats.join().unwrap();
+    assert_eq!(run.code, 1, "{report:#}");
+    let brake = findings(&report, "brake-engaged");
+    assert_eq!(brake.len(), 1, "only zone a: {report:#}");
+    assert!(brake[0]["evidence"].as_str().unwrap().contains("zone \"a\""), "{report:#}");
+}
