@@ -25,6 +25,8 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const PREFACE_LEN: usize = 24;
+/// The HTTP/2 client connection preface.
+const H2_PREFACE: &[u8; PREFACE_LEN] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
 const TYPE_HEADERS: u8 = 0x1;
 const TYPE_CONTINUATION: u8 = 0x9;
@@ -89,6 +91,13 @@ impl<S> AuthorityFix<S> {
             return Ok(());
         }
         if !self.preface_done {
+            // Not HTTP/2 (an HTTP/1 request for `/metrics` or `/health` on the client port):
+            // nothing to fix, let every byte through.
+            let seen = self.raw.len().min(PREFACE_LEN);
+            if self.raw[..seen] != H2_PREFACE[..seen] {
+                self.mode = Mode::Passthrough;
+                return self.process();
+            }
             if self.raw.len() < PREFACE_LEN {
                 return Ok(());
             }
@@ -372,5 +381,18 @@ mod tests {
         let mut out = Vec::new();
         AuthorityFix::new(server).read_to_end(&mut out).await.unwrap();
         assert_eq!(out, wire);
+    }
+
+    #[tokio::test]
+    async fn an_http1_request_passes_through_untouched_however_short() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for wire in [&b"GET / HTTP/1.0\r\n\r\n"[..], b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1:2379\r\n\r\n"] {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            client.write_all(wire).await.unwrap();
+            drop(client);
+            let mut out = Vec::new();
+            AuthorityFix::new(server).read_to_end(&mut out).await.unwrap();
+            assert_eq!(out, wire);
+        }
     }
 }

@@ -244,6 +244,9 @@ struct ServerArgs {
     /// Address for HTTP: /health, /ready, /version, /metrics (and the registry APIs).
     #[arg(long, default_value = "127.0.0.1:8500")]
     listen_http: String,
+    /// Extra URLs serving only /metrics and /health, comma-separated (etcd's flag).
+    #[arg(long, default_value = "")]
+    listen_metrics_urls: String,
     /// Initial cluster: name=peer-url,... [default: <name>=<advertised peer URL>].
     #[arg(long)]
     initial_cluster: Option<String>,
@@ -349,6 +352,13 @@ impl ServerArgs {
             first_url(&self.initial_advertise_peer_urls.unwrap_or_else(|| self.listen_peer_urls.clone()));
         let initial = self.initial_cluster.unwrap_or_else(|| format!("{}={}", self.name, advertise_peer_url));
         let listen_http_addr = quorate_server::url_to_addr(&self.listen_http).context("--listen-http")?;
+        let listen_metrics_addrs = self
+            .listen_metrics_urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| quorate_server::url_to_addr(u).context("--listen-metrics-urls"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(ServerConfig {
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.quorate", self.name))),
             name: self.name,
@@ -357,6 +367,7 @@ impl ServerArgs {
             listen_peer_addr,
             advertise_peer_url,
             listen_http_addr,
+            listen_metrics_addrs,
             initial_cluster: parse_initial_cluster(&initial)?,
             initial_cluster_state: if self.initial_cluster_state == "new" {
                 ClusterState::New

@@ -12,6 +12,7 @@ mod error;
 mod lease;
 mod log_store;
 mod membership;
+pub mod metrics;
 mod network;
 mod state_machine;
 mod types;
@@ -36,6 +37,7 @@ pub use error::ConsensusError;
 pub use lease::core::ANSWER_WINDOW as LEASE_ANSWER_WINDOW;
 pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
+pub use metrics::ConsensusMetrics;
 pub use network::{set_snapshot_chunk_bytes, PeerService, PEER_MESSAGE_BYTES_MAX};
 pub use state_machine::{Applied, PublishedMember};
 pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
@@ -115,6 +117,27 @@ enum ForwardReq {
         method: String,
         payload: Vec<u8>,
     },
+    /// A round trip that touches nothing: the peer prober's (etcd's `/raft/probing`).
+    Probe,
+}
+
+impl ForwardReq {
+    /// The `kind` label of `quorate_server_forwarded_requests_total`.
+    fn kind(&self) -> &'static str {
+        match self {
+            ForwardReq::Write(_) => "write",
+            ForwardReq::ReadIndex => "read_index",
+            ForwardReq::KeepAlive(_) => "lease_keepalive",
+            ForwardReq::TimeToLive(_) => "lease_ttl",
+            ForwardReq::LeaseTable => "lease_table",
+            ForwardReq::LeaseMarks => "lease_marks",
+            ForwardReq::Change(_) => "membership",
+            ForwardReq::Members => "members",
+            ForwardReq::Removed(_) => "removed",
+            ForwardReq::App { .. } => "app",
+            ForwardReq::Probe => "probe",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -134,6 +157,7 @@ enum ForwardResp {
     /// at the leader to the end of the window in which the promise may reach the client;
     /// `None` when the lease does not exist.
     KeepAlive(Option<(i64, u64)>),
+    Probe,
 }
 
 struct Inner {
@@ -148,12 +172,17 @@ struct Inner {
     /// When a follower last got an answer from the leader (lease-table sync, once a second).
     last_leader_contact: Mutex<Option<tokio::time::Instant>>,
     app_handler: Mutex<Option<Arc<dyn AppHandler>>>,
+    metrics: ConsensusMetrics,
 }
 
 /// Answers application calls from other members (`Member::call_member`).
 pub trait AppHandler: Send + Sync + 'static {
     fn call(&self, method: String, payload: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
 }
+
+/// How often each member times a round trip to every other member (etcd probes every few
+/// seconds too).
+const PEER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A running member. Cheap to clone.
 #[derive(Clone)]
@@ -172,6 +201,11 @@ impl Member {
         let grace = Duration::from_millis(cfg.election_timeout_ms);
         let sm = StateMachine::open(&cfg.data_dir.join("state.redb"), grace).map_err(|e| format!("open state: {e}"))?;
         let shared = sm.shared.clone();
+        let metrics = ConsensusMetrics {
+            wal_fsync_seconds: log.stats.fsync_seconds.0.clone(),
+            backend_commit_seconds: sm.commit_seconds.clone(),
+            ..ConsensusMetrics::default()
+        };
         let raft_cfg = openraft::Config {
             cluster_name: "quorate".into(),
             heartbeat_interval: cfg.heartbeat_interval_ms,
@@ -195,7 +229,8 @@ impl Member {
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().map_err(|e| format!("raft config: {e}"))?);
-        let network = NetworkFactory { stall_timeout: Duration::from_millis(cfg.election_timeout_ms) };
+        let network =
+            NetworkFactory { stall_timeout: Duration::from_millis(cfg.election_timeout_ms), metrics: metrics.clone() };
         let raft =
             Raft::new(cfg.id, raft_cfg, network, log.clone(), sm).await.map_err(|e| format!("start raft: {e}"))?;
         if cfg.new_cluster && !raft.is_initialized().await.map_err(|e| e.to_string())? {
@@ -217,6 +252,7 @@ impl Member {
                 removed: tokio::sync::watch::channel(false).0,
                 last_leader_contact: Mutex::new(None),
                 app_handler: Mutex::new(None),
+                metrics,
             }),
         };
         tokio::spawn(clock.run(raft.clone(), shared));
@@ -224,6 +260,8 @@ impl Member {
         tokio::spawn(member.clone().sync_lease_table());
         tokio::spawn(member.clone().tighten_leases_on_election());
         tokio::spawn(member.clone().promote_caught_up());
+        tokio::spawn(member.clone().count_leader_changes());
+        tokio::spawn(member.clone().probe_peers());
         let service = PeerService { id: member.id(), raft, forward: Arc::new(member.clone()) };
         Ok((member, service))
     }
@@ -368,6 +406,47 @@ impl Member {
         self.inner.shared.leases.lock().unwrap().table(tokio::time::Instant::now())
     }
 
+    /// What this member measures on its consensus paths, for `/metrics`.
+    pub fn metrics(&self) -> &ConsensusMetrics {
+        &self.inner.metrics
+    }
+
+    /// The leader as etcd's `etcd_server_has_leader` means it: one this member has heard from
+    /// lately. openraft keeps naming the last leader while a follower pre-votes (the term does
+    /// not move), so a member cut off from its leader would otherwise report one forever. On
+    /// the leader: a quorum acknowledged it lately (etcd's leader steps down otherwise, with
+    /// CheckQuorum). On a follower: the leader answered its once-a-second lease-table sync.
+    pub fn live_leader(&self) -> Option<NodeId> {
+        let window = Duration::from_millis(self.inner.cfg.election_timeout_ms) + 2 * lease::LEASE_SYNC_INTERVAL;
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow_watched();
+        let leader = m.current_leader?;
+        if m.state == ServerState::Leader {
+            let alone = m.membership_config.membership().voter_ids().count() == 1;
+            let acked = m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() <= window);
+            return (alone || acked).then_some(leader);
+        }
+        let contact = *self.inner.last_leader_contact.lock().unwrap();
+        contact.filter(|t| t.elapsed() <= window).map(|_| leader)
+    }
+
+    /// Count leader changes as etcd does: each time the leader this member knows becomes a
+    /// member other than the last one it knew (the first leader counts).
+    async fn count_leader_changes(self) {
+        let mut server = self.inner.raft.server_metrics();
+        let mut last = None;
+        loop {
+            let leader = server.borrow_watched().current_leader;
+            if leader.is_some() && leader != last {
+                self.inner.metrics.leader_changes.inc();
+                last = leader;
+            }
+            if server.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// (durable log commits, log entries written) since start: entries per commit is the
     /// group-commit factor.
     pub fn log_stats(&self) -> (u64, u64) {
@@ -390,6 +469,15 @@ impl Member {
     }
 
     async fn propose(&self, req: Request) -> Result<Response, ConsensusError> {
+        let _pending = metrics::PendingGuard::new(&self.inner.metrics.proposals_pending);
+        let result = self.propose_counted(req).await;
+        if result.is_err() {
+            self.inner.metrics.proposals_failed.inc();
+        }
+        result
+    }
+
+    async fn propose_counted(&self, req: Request) -> Result<Response, ConsensusError> {
         // Decide where the request goes before handing it over, so it is never copied.
         if self.is_leader() {
             return match self.inner.raft.client_write(req).await {
@@ -420,6 +508,57 @@ impl Member {
     }
 
     async fn forward(
+        &self,
+        leader: &MemberNode,
+        req: &ForwardReq,
+        timeout: Duration,
+    ) -> Result<ForwardResp, ConsensusError> {
+        self.inner.metrics.forwarded.get_or_create(&vec![("kind", req.kind())]).inc();
+        self.send_forward(leader, req, timeout).await
+    }
+
+    /// Every `PEER_PROBE_INTERVAL`, time a round trip to each other member over the peer
+    /// channel, as etcd's prober does: `etcd_network_peer_round_trip_time_seconds{To}`. The
+    /// probe is answered without touching Raft or the disk, so it measures the network and the
+    /// peer's responsiveness alone; a probe that fails counts as a send failure to that peer.
+    async fn probe_peers(self) {
+        let mut tick = tokio::time::interval(PEER_PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout = Duration::from_millis(self.inner.cfg.election_timeout_ms.max(100));
+        loop {
+            tick.tick().await;
+            if *self.inner.removed.borrow() {
+                return;
+            }
+            let peers: Vec<(NodeId, MemberNode)> = {
+                let m = self.inner.raft.metrics().borrow_watched().clone();
+                if m.running_state.is_err() {
+                    return;
+                }
+                let membership = m.membership_config.membership();
+                membership.nodes().filter(|(id, _)| **id != self.id()).map(|(id, n)| (*id, n.clone())).collect()
+            };
+            let probes = peers.into_iter().map(|(id, node)| {
+                let me = self.clone();
+                async move {
+                    let sent = std::time::Instant::now();
+                    let answered =
+                        matches!(me.send_forward(&node, &ForwardReq::Probe, timeout).await, Ok(ForwardResp::Probe));
+                    let to = metrics::to_peer(id);
+                    // Every peer has a failures series from its first probe, zero included.
+                    let failures = me.inner.metrics.peer_sent_failures.get_or_create(&to);
+                    if answered {
+                        me.inner.metrics.peer_rtt_seconds.get_or_create(&to).observe(sent.elapsed().as_secs_f64());
+                    } else {
+                        failures.inc();
+                    }
+                }
+            });
+            futures::future::join_all(probes).await;
+        }
+    }
+
+    async fn send_forward(
         &self,
         leader: &MemberNode,
         req: &ForwardReq,
@@ -652,6 +791,7 @@ impl Member {
                     None => ForwardResp::App(Err("no application handler on this member".into())),
                 }
             }
+            ForwardReq::Probe => ForwardResp::Probe,
         }
     }
 

@@ -77,6 +77,8 @@ fn last_index_after(mut last: u64, ops: &[Op]) -> u64 {
 /// What the writer thread has done, for metrics and for checking group commit.
 #[derive(Default)]
 pub struct LogStats {
+    /// How long each commit's fsync took (etcd's WAL fsync).
+    pub fsync_seconds: crate::metrics::FsyncHistogram,
     /// redb transactions committed with fsync.
     pub durable_commits: std::sync::atomic::AtomicU64,
     /// Log entries made durable.
@@ -84,6 +86,7 @@ pub struct LogStats {
     /// The last `FSYNC_SAMPLES_MAX` batch commit times in microseconds, for `ctl status`.
     pub recent_commit_us: Mutex<std::collections::VecDeque<u64>>,
 }
+
 /// Batch commit times kept for the fsync p99 that `ctl status` shows.
 pub const FSYNC_SAMPLES_MAX: usize = 256;
 
@@ -239,7 +242,7 @@ fn writer(
             continue;
         }
         let started = std::time::Instant::now();
-        let result = write_batch(&db, &ops, &fsync_delay);
+        let result = write_batch(&db, &ops, &fsync_delay, &stats.fsync_seconds.0);
         stats.record_commit(started.elapsed());
         last = batch_last;
         if result.is_ok() {
@@ -267,7 +270,12 @@ fn writer(
     }
 }
 
-fn write_batch(db: &Database, ops: &[Op], fsync_delay: &std::sync::atomic::AtomicU64) -> Result<(), String> {
+fn write_batch(
+    db: &Database,
+    ops: &[Op],
+    fsync_delay: &std::sync::atomic::AtomicU64,
+    fsync_seconds: &prometheus_client::metrics::histogram::Histogram,
+) -> Result<(), String> {
     let mut w = db.begin_write().map_err(|e| e.to_string())?;
     w.set_two_phase_commit(true);
     {
@@ -296,11 +304,15 @@ fn write_batch(db: &Database, ops: &[Op], fsync_delay: &std::sync::atomic::Atomi
             }
         }
     }
+    // The failpoint's stall counts as fsync time: it stands for a slow disk.
+    let started = std::time::Instant::now();
     let delay_ms = fsync_delay.load(std::sync::atomic::Ordering::Relaxed);
     if delay_ms > 0 {
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
     }
-    w.commit().map_err(|e| e.to_string())
+    let committed = w.commit().map_err(|e| e.to_string());
+    fsync_seconds.observe(started.elapsed().as_secs_f64());
+    committed
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {

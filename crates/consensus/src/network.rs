@@ -100,6 +100,8 @@ pub struct NetworkFactory {
     /// reported unreachable: one election timeout, not openraft's per-RPC heartbeat TTL, which a
     /// loaded follower's fsync can exceed without anything being wrong.
     pub stall_timeout: Duration,
+    /// Send failures are counted here, by peer.
+    pub metrics: crate::metrics::ConsensusMetrics,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -111,6 +113,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             url: node.peer_url.clone(),
             client: channel_to(&node.peer_url).ok().map(new_client),
             stall_timeout: self.stall_timeout,
+            sent_failures: self.metrics.peer_sent_failures.get_or_create(&crate::metrics::to_peer(target)).clone(),
         }
     }
 }
@@ -126,6 +129,8 @@ pub struct PeerNetwork {
     url: String,
     client: Option<PeerClient<Channel>>,
     stall_timeout: Duration,
+    /// etcd's `etcd_network_peer_sent_failures_total{To=target}`.
+    sent_failures: prometheus_client::metrics::counter::Counter,
 }
 
 #[derive(Clone, Copy)]
@@ -138,6 +143,19 @@ enum Rpc {
 
 impl PeerNetwork {
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let result = self.call_uncounted(rpc, req, timeout).await;
+        if result.is_err() {
+            self.sent_failures.inc();
+        }
+        result
+    }
+
+    async fn call_uncounted<Req: Serialize, Resp: DeserializeOwned>(
         &mut self,
         rpc: Rpc,
         req: &Req,
@@ -196,10 +214,12 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         Box::pin(async move {
             let target = self.target;
+            let failures = self.sent_failures.clone();
             let unreachable = move |what: String| {
                 RPCError::Unreachable(Unreachable::from_string(format!("member {target:x}: {what}")))
             };
             let Some(client) = self.client.as_mut() else {
+                failures.inc();
                 return Err(unreachable(format!("bad peer url {}", self.url)));
             };
             let outstanding = Arc::new(AtomicUsize::new(0));
@@ -219,9 +239,13 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                         // it here, or an unreachable peer (a member added but not yet started) costs
                         // a busy loop and a flood of log lines.
                         tokio::time::sleep(STREAM_SETUP_RETRY_DELAY).await;
+                        failures.inc();
                         return Err(unreachable(status.message().to_string()));
                     }
-                    Err(_) => return Err(unreachable("stream setup timed out".into())),
+                    Err(_) => {
+                        failures.inc();
+                        return Err(unreachable("stream setup timed out".into()));
+                    }
                 };
             let stream = futures::stream::unfold(Some((inbound, outstanding)), move |state| async move {
                 let (mut inbound, outstanding) = state?;
@@ -243,6 +267,11 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                         Ok(r) => Some((Ok(r), Some((inbound, outstanding)))),
                         Err(e) => Some((Err(unreachable(e)), None)),
                     };
+                }
+            });
+            let stream = stream.inspect(move |item| {
+                if item.is_err() {
+                    failures.inc();
                 }
             });
             Ok(Box::pin(stream) as BoxStream<'s, _>)

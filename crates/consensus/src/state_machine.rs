@@ -78,6 +78,8 @@ pub struct Shared {
 pub struct StateMachine {
     pub shared: Arc<Shared>,
     db: Arc<Database>,
+    /// Commits of the state file (snapshots stored), as etcd's backend commit.
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// What becomes of a snapshot offered for storage, given the stored one.
@@ -128,7 +130,11 @@ impl StateMachine {
             leases: Mutex::new(LeaseCore::new(grace)),
             events,
         };
-        Ok(StateMachine { shared: Arc::new(shared), db: Arc::new(db) })
+        Ok(StateMachine {
+            shared: Arc::new(shared),
+            db: Arc::new(db),
+            commit_seconds: crate::metrics::disk_histogram(),
+        })
     }
 
     fn load_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
@@ -186,7 +192,9 @@ impl StateMachine {
                 Ok(kept)
             }
             None => {
+                let started = std::time::Instant::now();
                 w.commit().map_err(io_err)?;
+                self.commit_seconds.observe(started.elapsed().as_secs_f64());
                 Ok(Saved::Stored)
             }
         }

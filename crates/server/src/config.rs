@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub listen_peer_addr: SocketAddr,
     pub advertise_peer_url: String,
     pub listen_http_addr: SocketAddr,
+    /// etcd's `--listen-metrics-urls`: extra listeners that serve only `/metrics` and `/health`.
+    pub listen_metrics_addrs: Vec<SocketAddr>,
     /// `name -> peer URL` for every initial member.
     pub initial_cluster: Vec<(String, String)>,
     pub initial_cluster_state: ClusterState,

@@ -7,10 +7,6 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use quorate_consensus::Member;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -18,83 +14,13 @@ use tokio::net::TcpListener;
 pub struct HttpState {
     member: Member,
     cluster_id: u64,
-    registry: Registry,
-    term: Gauge,
-    commit_index: Gauge,
-    applied_index: Gauge,
-    is_leader: Gauge,
-    has_leader: Gauge,
-    revision: Gauge,
-    keys: Gauge,
-    log_commits: Counter,
-    log_entries: Counter,
-    reaper: Arc<crate::reaper::ReaperStats>,
-    evicted: Counter,
-    marked_suspect: Counter,
-    brake_engaged_zones: Gauge,
+    metrics: Arc<crate::metrics::Metrics>,
     failpoints: bool,
 }
 
 impl HttpState {
-    pub fn new(member: Member, cluster_id: u64, reaper: Arc<crate::reaper::ReaperStats>, failpoints: bool) -> Self {
-        let mut registry = Registry::with_prefix("quorate");
-        let term = Gauge::default();
-        let commit_index = Gauge::default();
-        let applied_index = Gauge::default();
-        let is_leader = Gauge::default();
-        let has_leader = Gauge::default();
-        let revision = Gauge::default();
-        let keys = Gauge::default();
-        let log_commits = Counter::default();
-        let log_entries = Counter::default();
-        registry.register("storage_log_commits", "Durable (fsynced) commits of the Raft log", log_commits.clone());
-        registry.register("storage_log_entries", "Raft log entries made durable", log_entries.clone());
-        registry.register("raft_term", "Current Raft term", term.clone());
-        registry.register("raft_commit_index", "Highest log index known committed", commit_index.clone());
-        registry.register(
-            "raft_applied_index",
-            "Highest log index applied to the state machine",
-            applied_index.clone(),
-        );
-        registry.register("raft_is_leader", "1 if this member is the leader", is_leader.clone());
-        registry.register("raft_has_leader", "1 if this member knows a leader", has_leader.clone());
-        registry.register("mvcc_revision", "Current MVCC revision", revision.clone());
-        registry.register("mvcc_keys", "Keys with history in the MVCC store", keys.clone());
-        let (evicted, marked_suspect, brake_engaged_zones) = (Counter::default(), Counter::default(), Gauge::default());
-        registry.register(
-            "registry_evictions",
-            "Instances this member evicted as leader (lease expired)",
-            evicted.clone(),
-        );
-        registry.register(
-            "registry_marked_suspect",
-            "Instances this member marked suspect as leader while the eviction brake held",
-            marked_suspect.clone(),
-        );
-        registry.register(
-            "registry_brake_engaged_zones",
-            "Zones where the eviction brake holds now (leader only)",
-            brake_engaged_zones.clone(),
-        );
-        HttpState {
-            member,
-            cluster_id,
-            registry,
-            term,
-            commit_index,
-            applied_index,
-            is_leader,
-            has_leader,
-            revision,
-            keys,
-            log_commits,
-            log_entries,
-            reaper,
-            evicted,
-            marked_suspect,
-            brake_engaged_zones,
-            failpoints,
-        }
+    pub fn new(member: Member, cluster_id: u64, metrics: Arc<crate::metrics::Metrics>, failpoints: bool) -> Self {
+        HttpState { member, cluster_id, metrics, failpoints }
     }
 }
 
@@ -127,13 +53,7 @@ async fn set_fsync_delay(State(s): State<Arc<HttpState>>, body: String) -> impl 
 }
 
 async fn health(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    // Healthy means a leader is known and a linearizable read goes through, as etcd's /health.
-    let result = tokio::time::timeout(std::time::Duration::from_secs(5), s.member.linearize()).await;
-    match result {
-        Ok(Ok(())) => (StatusCode::OK, Json(json!({"health": "true", "reason": ""}))),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": e.to_string()}))),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": "timed out"}))),
-    }
+    crate::metrics::health(&s.member).await
 }
 
 async fn ready(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
@@ -157,30 +77,7 @@ async fn version() -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    let st = s.member.status();
-    s.term.set(st.term as i64);
-    s.commit_index.set(st.commit_index as i64);
-    s.applied_index.set(st.applied_index as i64);
-    s.is_leader.set((st.leader == Some(st.id)) as i64);
-    s.has_leader.set(st.leader.is_some() as i64);
-    let (rev, keys) = s.member.read(|store| (store.revision(), store.key_count()));
-    s.revision.set(rev);
-    s.keys.set(keys as i64);
-    let (commits, entries) = s.member.log_stats();
-    // Counters only move forward: add what happened since the last scrape.
-    s.log_commits.inc_by(commits.saturating_sub(s.log_commits.get()));
-    s.log_entries.inc_by(entries.saturating_sub(s.log_entries.get()));
-    {
-        use std::sync::atomic::Ordering::Relaxed;
-        s.evicted.inc_by(s.reaper.evicted.load(Relaxed).saturating_sub(s.evicted.get()));
-        s.marked_suspect.inc_by(s.reaper.marked_suspect.load(Relaxed).saturating_sub(s.marked_suspect.get()));
-        s.brake_engaged_zones.set(s.reaper.brake_engaged_zones.load(Relaxed) as i64);
-    }
-    let mut body = String::new();
-    match encode(&mut body, &s.registry) {
-        Ok(()) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], body),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], e.to_string()),
-    }
+    crate::metrics::serve_metrics(State(s.metrics.clone())).await
 }
 
 /// What `quorate ctl status` asks of a member beyond etcd's Maintenance.Status (schema in

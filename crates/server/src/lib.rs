@@ -3,8 +3,11 @@
 
 mod brake_state;
 mod config;
+mod grpc_metrics;
 mod http;
+mod metrics;
 mod prober;
+mod process_metrics;
 mod reaper;
 mod registry_view;
 
@@ -26,6 +29,8 @@ pub struct Listeners {
     pub client: Vec<TcpListener>,
     pub peer: TcpListener,
     pub http: TcpListener,
+    /// `--listen-metrics-urls`: `/metrics` and `/health` only.
+    pub metrics: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -40,7 +45,11 @@ impl Listeners {
         let http = TcpListener::bind(cfg.listen_http_addr)
             .await
             .with_context(|| format!("bind http address {}", cfg.listen_http_addr))?;
-        Ok(Listeners { client, peer, http })
+        let mut metrics = Vec::new();
+        for addr in &cfg.listen_metrics_addrs {
+            metrics.push(TcpListener::bind(addr).await.with_context(|| format!("bind metrics address {addr}"))?);
+        }
+        Ok(Listeners { client, peer, http, metrics })
     }
 }
 
@@ -102,28 +111,47 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         tracing::warn!("DRILL ONLY: linearizable reads are served from local state; this member is unsafe");
     }
     let services = EtcdServices::new(ctx);
+    let reaper_stats = Arc::new(reaper::ReaperStats::default());
+    let metrics = Arc::new(metrics::Metrics::new(
+        member.clone(),
+        cfg.data_dir.clone(),
+        cfg.quota_backend_bytes,
+        reaper_stats.clone(),
+    ));
     let mut client_tasks = Vec::new();
     for l in listeners.client {
-        let router = tonic::transport::Server::builder()
-            .add_service(services.kv.clone())
+        // gRPC and, beside it on the same port, HTTP/1 `/metrics` and `/health`, as etcd
+        // serves them on 2379.
+        let mut routes = tonic::service::Routes::new(services.kv.clone())
             .add_service(services.watch.clone())
             .add_service(services.lease.clone())
             .add_service(services.cluster.clone())
             .add_service(services.maintenance.clone())
             .add_service(services.lock.clone())
             .add_service(services.election.clone());
+        let grpc = std::mem::take(routes.axum_router_mut());
+        *routes.axum_router_mut() = grpc.merge(metrics::router(metrics.clone()));
+        let router =
+            tonic::transport::Server::builder().accept_http1(true).layer(metrics.grpc.layer()).add_routes(routes);
         client_tasks.push(tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))));
+    }
+    for l in listeners.metrics {
+        let app = metrics::router(metrics.clone());
+        client_tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+            Ok(())
+        }));
     }
 
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
     member.set_app_handler(Arc::new(prober::ProbeHandler { source: cfg.probe_source_ip }));
     let brake = Arc::new(brake_state::SharedBrake::new(cfg.brake.clone()));
     tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip, brake.clone()));
-    let reaper_stats = Arc::new(reaper::ReaperStats::default());
-    tokio::spawn(reaper::run(member.clone(), brake, reaper_stats.clone()));
+    tokio::spawn(reaper::run(member.clone(), brake, reaper_stats));
 
-    let http_state =
-        Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), reaper_stats, cfg.drill.failpoints));
+    let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints));
     let http_task = tokio::spawn(http::serve(listeners.http, http_state));
     info!("member ready to serve clients");
 

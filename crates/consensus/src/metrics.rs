@@ -1,0 +1,109 @@
+//! What consensus measures on its own hot paths, for the member's `/metrics`: the log
+//! writer's fsyncs, the peer transport's round trips and failures, proposals in flight and
+//! failed, leader changes and forwarded requests. The instruments live here because only
+//! this crate sees those paths; naming, registering and encoding them is the server's job.
+//!
+//! Everything here is a cheap atomic or a histogram observation: nothing on these paths
+//! waits for a scrape.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+/// etcd's `etcd_disk_wal_fsync_duration_seconds` and `..._backend_commit_...` buckets:
+/// 1 ms doubling 14 times (to about 8 s).
+pub fn disk_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 14))
+}
+
+/// etcd's `etcd_network_peer_round_trip_time_seconds` buckets: 0.1 ms doubling 16 times.
+pub fn peer_rtt_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// A metric family keyed by etcd's `To` label (the peer's member id in hex).
+pub type PeerLabels = Vec<(&'static str, String)>;
+
+/// The `To` label for a peer, spelled as etcd spells member ids.
+pub fn to_peer(id: u64) -> PeerLabels {
+    vec![("To", format!("{id:x}"))]
+}
+
+/// A histogram with the log writer's fsync buckets that `LogStats` can hold by default.
+pub struct FsyncHistogram(pub Histogram);
+
+impl Default for FsyncHistogram {
+    fn default() -> Self {
+        FsyncHistogram(disk_histogram())
+    }
+}
+
+/// The instruments one member keeps. Cheap to clone (every field is shared).
+#[derive(Clone)]
+pub struct ConsensusMetrics {
+    /// Raft log commits (each one fsync), as etcd's WAL fsync.
+    pub wal_fsync_seconds: Histogram,
+    /// Commits of the state file (`state.redb`): snapshots written.
+    pub backend_commit_seconds: Histogram,
+    /// Peer RPC round trips that were answered, by peer.
+    pub peer_rtt_seconds: Family<PeerLabels, Histogram, fn() -> Histogram>,
+    /// Peer RPCs and append streams that failed, by peer.
+    pub peer_sent_failures: Family<PeerLabels, Counter>,
+    /// Proposals this member has handed to Raft (or forwarded) that have not finished.
+    pub proposals_pending: Gauge,
+    /// Proposals that ended in an error.
+    pub proposals_failed: Counter,
+    /// Times this member saw a new leader (from none or from another).
+    pub leader_changes: Counter,
+    /// Requests this member forwarded to the leader, by kind.
+    pub forwarded: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl Default for ConsensusMetrics {
+    fn default() -> Self {
+        ConsensusMetrics {
+            wal_fsync_seconds: disk_histogram(),
+            backend_commit_seconds: disk_histogram(),
+            peer_rtt_seconds: Family::new_with_constructor(peer_rtt_histogram),
+            peer_sent_failures: Family::default(),
+            proposals_pending: Gauge::default(),
+            proposals_failed: Counter::default(),
+            leader_changes: Counter::default(),
+            forwarded: Family::default(),
+        }
+    }
+}
+
+/// Counts a proposal as pending for as long as it lives.
+pub(crate) struct PendingGuard(Gauge);
+
+impl PendingGuard {
+    pub(crate) fn new(g: &Gauge) -> Self {
+        g.inc();
+        PendingGuard(g.clone())
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_proposal_is_counted_until_it_ends() {
+        let m = ConsensusMetrics::default();
+        let a = PendingGuard::new(&m.proposals_pending);
+        let b = PendingGuard::new(&m.proposals_pending);
+        assert_eq!(m.proposals_pending.get(), 2);
+        drop(a);
+        assert_eq!(m.proposals_pending.get(), 1);
+        drop(b);
+        assert_eq!(m.proposals_pending.get(), 0);
+    }
+}

@@ -1,0 +1,374 @@
+//! The member's Prometheus metrics: etcd's names, types, labels and meaning where etcd has
+//! the metric (so etcd-mixin's alerts and dashboards work unchanged), `quorate_*` for what only
+//! quorate has, and the standard `process_*` set. Served at `/metrics` on every client URL, on
+//! `--listen-http` and on every `--listen-metrics-urls` listener (docs/metrics.md).
+//!
+//! Values that a scrape can read (roles, indexes, sizes, registry states) are read at scrape
+//! time; values that happen on hot paths (fsyncs, peer round trips, gRPC calls, proposals) are
+//! counted there, by `quorate_consensus::metrics` and `crate::grpc_metrics`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use quorate_consensus::Member;
+use serde_json::json;
+
+use crate::grpc_metrics::GrpcMetrics;
+use crate::process_metrics::ProcessMetrics;
+use crate::registry_view::RegistryView;
+
+type Labels = Vec<(&'static str, String)>;
+
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub struct Metrics {
+    member: Member,
+    data_dir: PathBuf,
+    registry: Registry,
+    reaper: Arc<crate::reaper::ReaperStats>,
+    registry_view: Mutex<RegistryView>,
+    pub grpc: GrpcMetrics,
+    process: ProcessMetrics,
+    // quorate_* (kept as they were before the etcd set)
+    term: Gauge,
+    commit_index: Gauge,
+    applied_index: Gauge,
+    is_leader: Gauge,
+    has_leader: Gauge,
+    revision: Gauge,
+    keys: Gauge,
+    log_commits: Counter,
+    log_entries: Counter,
+    evicted: Counter,
+    marked_suspect: Counter,
+    brake_engaged_zones: Gauge,
+    // quorate_* beyond etcd
+    apply_lag: Gauge,
+    instances: Family<Labels, Gauge>,
+    brake_held: Family<Labels, Gauge>,
+    // etcd_*
+    etcd_has_leader: Gauge,
+    etcd_is_leader: Gauge,
+    etcd_is_learner: Gauge,
+    etcd_proposals_committed: Gauge,
+    etcd_proposals_applied: Gauge,
+    etcd_db_total_size: Gauge,
+    etcd_db_in_use: Gauge,
+    etcd_keys: Gauge,
+    etcd_current_revision: Gauge,
+    etcd_server_id: Family<Labels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new(
+        member: Member,
+        data_dir: PathBuf,
+        quota_backend_bytes: u64,
+        reaper: Arc<crate::reaper::ReaperStats>,
+    ) -> Self {
+        let mut registry = Registry::default();
+        let c = member.metrics().clone();
+        let g = Gauge::default;
+        let (term, commit_index, applied_index, is_leader, has_leader, revision, keys) =
+            (g(), g(), g(), g(), g(), g(), g());
+        let (log_commits, log_entries, evicted, marked_suspect) =
+            (Counter::default(), Counter::default(), Counter::default(), Counter::default());
+        let (brake_engaged_zones, apply_lag) = (g(), g());
+        let (instances, brake_held) = (Family::<Labels, Gauge>::default(), Family::<Labels, Gauge>::default());
+        {
+            let q = registry.sub_registry_with_prefix("quorate");
+            q.register("storage_log_commits", "Durable (fsynced) commits of the Raft log", log_commits.clone());
+            q.register("storage_log_entries", "Raft log entries made durable", log_entries.clone());
+            q.register("raft_term", "Current Raft term", term.clone());
+            q.register("raft_commit_index", "Highest log index known committed", commit_index.clone());
+            q.register("raft_applied_index", "Highest log index applied to the state machine", applied_index.clone());
+            q.register("raft_is_leader", "1 if this member is the leader", is_leader.clone());
+            q.register("raft_has_leader", "1 if this member knows a leader", has_leader.clone());
+            q.register("mvcc_revision", "Current MVCC revision", revision.clone());
+            q.register("mvcc_keys", "Keys with history in the MVCC store", keys.clone());
+            q.register(
+                "registry_evictions",
+                "Instances this member evicted as leader (lease expired)",
+                evicted.clone(),
+            );
+            q.register(
+                "registry_marked_suspect",
+                "Instances this member marked suspect as leader while the eviction brake held",
+                marked_suspect.clone(),
+            );
+            q.register(
+                "registry_brake_engaged_zones",
+                "Zones where the eviction brake holds now (leader only)",
+                brake_engaged_zones.clone(),
+            );
+            q.register(
+                "raft_apply_lag_entries",
+                "Log entries committed but not yet applied on this member",
+                apply_lag.clone(),
+            );
+            q.register(
+                "raft_proposals_pending",
+                "Proposals this member has in flight (etcd_server_proposals_pending under its own name)",
+                c.proposals_pending.clone(),
+            );
+            q.register(
+                "server_forwarded_requests",
+                "Requests this member forwarded to the leader, by kind",
+                c.forwarded.clone(),
+            );
+            q.register(
+                "registry_instances",
+                "Registered instances by state (passing, warning, critical, suspect)",
+                instances.clone(),
+            );
+            q.register(
+                "registry_brake_held_instances",
+                "Instances the eviction brake holds from eviction now, by zone",
+                brake_held.clone(),
+            );
+        }
+        let (etcd_has_leader, etcd_is_leader, etcd_is_learner) = (g(), g(), g());
+        let (etcd_proposals_committed, etcd_proposals_applied) = (g(), g());
+        let (etcd_db_total_size, etcd_db_in_use, etcd_keys, etcd_current_revision) = (g(), g(), g(), g());
+        let etcd_server_id = Family::<Labels, Gauge>::default();
+        let quota = g();
+        quota.set(quota_backend_bytes as i64);
+        let r = &mut registry;
+        r.register(
+            "etcd_server_has_leader",
+            "Whether or not a leader exists. 1 is existence, 0 is not.",
+            etcd_has_leader.clone(),
+        );
+        r.register(
+            "etcd_server_is_leader",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            etcd_is_leader.clone(),
+        );
+        r.register(
+            "etcd_server_is_learner",
+            "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            etcd_is_learner.clone(),
+        );
+        r.register("etcd_server_leader_changes_seen", "The number of leader changes seen.", c.leader_changes.clone());
+        r.register(
+            "etcd_server_proposals_committed_total",
+            "The total number of consensus proposals committed.",
+            etcd_proposals_committed.clone(),
+        );
+        r.register(
+            "etcd_server_proposals_applied_total",
+            "The total number of consensus proposals applied.",
+            etcd_proposals_applied.clone(),
+        );
+        r.register(
+            "etcd_server_proposals_pending",
+            "The current number of pending proposals to commit.",
+            c.proposals_pending.clone(),
+        );
+        r.register(
+            "etcd_server_proposals_failed",
+            "The total number of failed proposals seen.",
+            c.proposals_failed.clone(),
+        );
+        r.register("etcd_server_quota_backend_bytes", "Current backend storage quota size in bytes.", quota);
+        r.register(
+            "etcd_server_id",
+            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+            etcd_server_id.clone(),
+        );
+        r.register(
+            "etcd_disk_wal_fsync_duration_seconds",
+            "The latency distributions of fsync called by WAL.",
+            c.wal_fsync_seconds.clone(),
+        );
+        r.register(
+            "etcd_disk_backend_commit_duration_seconds",
+            "The latency distributions of commit called by backend.",
+            c.backend_commit_seconds.clone(),
+        );
+        r.register(
+            "etcd_network_peer_round_trip_time_seconds",
+            "Round-Trip-Time histogram between peers",
+            c.peer_rtt_seconds.clone(),
+        );
+        r.register(
+            "etcd_network_peer_sent_failures",
+            "The total number of send failures from peers.",
+            c.peer_sent_failures.clone(),
+        );
+        r.register(
+            "etcd_mvcc_db_total_size_in_bytes",
+            "Total size of the underlying database physically allocated in bytes.",
+            etcd_db_total_size.clone(),
+        );
+        r.register(
+            "etcd_mvcc_db_total_size_in_use_in_bytes",
+            "Total size of the underlying database logically in use in bytes.",
+            etcd_db_in_use.clone(),
+        );
+        r.register("etcd_debugging_mvcc_keys_total", "Total number of keys.", etcd_keys.clone());
+        r.register(
+            "etcd_debugging_mvcc_current_revision",
+            "The current revision of store.",
+            etcd_current_revision.clone(),
+        );
+        let grpc = GrpcMetrics::default();
+        grpc.register(r);
+        let process = ProcessMetrics::default();
+        process.register(r);
+        Metrics {
+            member,
+            data_dir,
+            registry,
+            reaper,
+            registry_view: Mutex::new(RegistryView::new()),
+            grpc,
+            process,
+            term,
+            commit_index,
+            applied_index,
+            is_leader,
+            has_leader,
+            revision,
+            keys,
+            log_commits,
+            log_entries,
+            evicted,
+            marked_suspect,
+            brake_engaged_zones,
+            apply_lag,
+            instances,
+            brake_held,
+            etcd_has_leader,
+            etcd_is_leader,
+            etcd_is_learner,
+            etcd_proposals_committed,
+            etcd_proposals_applied,
+            etcd_db_total_size,
+            etcd_db_in_use,
+            etcd_keys,
+            etcd_current_revision,
+            etcd_server_id,
+        }
+    }
+
+    /// Read what a scrape reads, then encode every metric in Prometheus text format.
+    pub fn scrape(&self) -> Result<String, std::fmt::Error> {
+        let st = self.member.status();
+        self.term.set(st.term as i64);
+        self.commit_index.set(st.commit_index as i64);
+        self.applied_index.set(st.applied_index as i64);
+        self.apply_lag.set(st.commit_index.saturating_sub(st.applied_index) as i64);
+        let leading = st.leader == Some(st.id);
+        self.is_leader.set(leading as i64);
+        self.has_leader.set(st.leader.is_some() as i64);
+        // etcd's meaning: a leader heard from lately (the quorate_raft_* pair is Raft's own view).
+        let live = self.member.live_leader();
+        self.etcd_is_leader.set((live == Some(st.id)) as i64);
+        self.etcd_has_leader.set(live.is_some() as i64);
+        self.etcd_is_learner.set(st.is_learner as i64);
+        self.etcd_server_id.get_or_create(&vec![("server_id", format!("{:x}", st.id))]).set(1);
+        // etcd sets these from the Raft log's commit and applied indexes too.
+        self.etcd_proposals_committed.set(st.commit_index as i64);
+        self.etcd_proposals_applied.set(st.applied_index as i64);
+        let (rev, keys, in_use) = self.member.read(|store| (store.revision(), store.key_count(), store.bytes_in_use()));
+        self.revision.set(rev);
+        self.keys.set(keys as i64);
+        self.etcd_current_revision.set(rev);
+        self.etcd_keys.set(keys as i64);
+        self.etcd_db_in_use.set(in_use as i64);
+        self.etcd_db_total_size.set(self.db_files_bytes() as i64);
+        let (commits, entries) = self.member.log_stats();
+        // Counters only move forward: add what happened since the last scrape.
+        self.log_commits.inc_by(commits.saturating_sub(self.log_commits.get()));
+        self.log_entries.inc_by(entries.saturating_sub(self.log_entries.get()));
+        self.evicted.inc_by(self.reaper.evicted.load(Relaxed).saturating_sub(self.evicted.get()));
+        self.marked_suspect.inc_by(self.reaper.marked_suspect.load(Relaxed).saturating_sub(self.marked_suspect.get()));
+        self.brake_engaged_zones.set(self.reaper.brake_engaged_zones.load(Relaxed) as i64);
+        self.count_instances();
+        self.process.refresh();
+        let mut body = String::new();
+        encode(&mut body, &self.registry)?;
+        Ok(body)
+    }
+
+    /// Bytes the two database files take on disk (the Raft log and the state file), as etcd's
+    /// `db` file size.
+    fn db_files_bytes(&self) -> u64 {
+        ["raft.redb", "state.redb"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.data_dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    fn count_instances(&self) {
+        let mut by_state = std::collections::BTreeMap::<&'static str, i64>::new();
+        let mut held = std::collections::BTreeMap::<String, i64>::new();
+        {
+            let mut view = self.registry_view.lock().unwrap();
+            for r in view.records(&self.member) {
+                let state = if r.instance.suspect {
+                    "suspect"
+                } else {
+                    match r.instance.health {
+                        quorate_registry::Health::Passing => "passing",
+                        quorate_registry::Health::Warning => "warning",
+                        quorate_registry::Health::Critical => "critical",
+                    }
+                };
+                *by_state.entry(state).or_default() += 1;
+                if r.instance.brake_hold.is_some() {
+                    *held.entry(r.instance.zone.clone()).or_default() += 1;
+                }
+            }
+        }
+        // Every state is exported, zeros included, so a rate or a sum never loses a series.
+        for state in ["passing", "warning", "critical", "suspect"] {
+            self.instances.get_or_create(&vec![("state", state.to_string())]).set(*by_state.get(state).unwrap_or(&0));
+        }
+        self.brake_held.clear();
+        for (zone, n) in held {
+            self.brake_held.get_or_create(&vec![("zone", zone)]).set(n);
+        }
+    }
+}
+
+/// `/metrics` and `/health` alone: what the client port and `--listen-metrics-urls` serve.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route("/metrics", get(serve_metrics)).route("/health", get(serve_health)).with_state(metrics)
+}
+
+pub async fn serve_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.scrape() {
+        // prometheus-client writes OpenMetrics (counters typed under their name without
+        // `_total`), so say so: Prometheus then parses it as such.
+        Ok(body) => (StatusCode::OK, [("content-type", OPENMETRICS_CONTENT_TYPE)], body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], e.to_string()),
+    }
+}
+
+async fn serve_health(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    health(&m.member).await
+}
+
+/// Healthy means a leader is known and a linearizable read goes through, as etcd's /health.
+pub async fn health(member: &Member) -> (StatusCode, Json<serde_json::Value>) {
+    let result = tokio::time::timeout(std::time::Duration::from_secs(5), member.linearize()).await;
+    match result {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({"health": "true", "reason": ""}))),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": e.to_string()}))),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": "timed out"}))),
+    }
+}

@@ -1,0 +1,326 @@
+//! Issue 12, metrics: what an etcd operator's monitoring (etcd-mixin's alerts and dashboard)
+//! scrapes is there under etcd's names, types and labels, with etcd's meaning, on every client
+//! URL (beside gRPC on the same port), on `--listen-http` and on `--listen-metrics-urls`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use quorate_tests::{etcdctl, free_port, http_at, Cluster, Flavor};
+
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a value that should move may take to show it.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// One sample: its name as exposed, its labels and its value.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A parsed scrape: each family's type (`# TYPE`), and every sample.
+#[derive(Debug)]
+struct Scrape {
+    types: BTreeMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+fn parse_labels(text: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = text;
+    while let Some((name, after)) = rest.split_once("=\"") {
+        let end = after.find('"').expect("closing quote");
+        labels.insert(name.trim_start_matches(',').trim().to_string(), after[..end].to_string());
+        rest = &after[end + 1..];
+    }
+    labels
+}
+
+fn parse(body: &str) -> Scrape {
+    let mut types = BTreeMap::new();
+    let mut samples = Vec::new();
+    for line in body.lines() {
+        if let Some(t) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = t.split_once(' ').expect("TYPE name kind");
+            types.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
+            None => (series, BTreeMap::new()),
+        };
+        samples.push(Sample { name: name.to_string(), labels, value: value.parse().expect("numeric value") });
+    }
+    Scrape { types, samples }
+}
+
+impl Scrape {
+    /// The type of the family a sample name belongs to (OpenMetrics types a counter under its
+    /// name without `_total`, a histogram under its name without `_bucket`/`_sum`/`_count`).
+    fn type_of(&self, sample: &str) -> Option<&str> {
+        if let Some(t) = self.types.get(sample) {
+            return Some(t);
+        }
+        ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .filter_map(|s| sample.strip_suffix(s))
+            .find_map(|family| self.types.get(family))
+            .map(String::as_str)
+    }
+
+    fn all(&self, name: &str) -> Vec<&Sample> {
+        self.samples.iter().filter(|s| s.name == name).collect()
+    }
+
+    /// The value of the one sample `name` whose labels include `want`.
+    fn value(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|s| s.name == name && want.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+            .map(|s| s.value)
+    }
+
+    fn get(&self, name: &str) -> f64 {
+        self.value(name, &[]).unwrap_or_else(|| panic!("no sample {name}"))
+    }
+}
+
+async fn scrape(addr: &str) -> Scrape {
+    let reply = http_at(addr, "GET", "/metrics", None, SCRAPE_TIMEOUT).await.expect("scrape");
+    assert_eq!(reply.status, 200, "GET {addr}/metrics: {}", reply.body);
+    parse(&reply.body)
+}
+
+/// Every etcd metric that etcd-mixin's alerts and dashboard use (and the others issue 12
+/// names), as the sample name etcd exposes, and the family's type.
+const ETCD_METRICS: &[(&str, &str)] = &[
+    ("etcd_server_has_leader", "gauge"),
+    ("etcd_server_is_leader", "gauge"),
+    ("etcd_server_leader_changes_seen_total", "counter"),
+    ("etcd_server_proposals_committed_total", "gauge"),
+    ("etcd_server_proposals_applied_total", "gauge"),
+    ("etcd_server_proposals_pending", "gauge"),
+    ("etcd_server_proposals_failed_total", "counter"),
+    ("etcd_disk_wal_fsync_duration_seconds_bucket", "histogram"),
+    ("etcd_disk_wal_fsync_duration_seconds_count", "histogram"),
+    ("etcd_disk_wal_fsync_duration_seconds_sum", "histogram"),
+    ("etcd_disk_backend_commit_duration_seconds_bucket", "histogram"),
+    ("etcd_network_peer_round_trip_time_seconds_bucket", "histogram"),
+    ("etcd_network_peer_sent_failures_total", "counter"),
+    ("etcd_mvcc_db_total_size_in_bytes", "gauge"),
+    ("etcd_server_quota_backend_bytes", "gauge"),
+    ("etcd_debugging_mvcc_keys_total", "gauge"),
+    ("grpc_server_started_total", "counter"),
+    ("grpc_server_handled_total", "counter"),
+    ("grpc_server_handling_seconds_bucket", "histogram"),
+    ("process_resident_memory_bytes", "gauge"),
+    ("process_cpu_seconds_total", "counter"),
+    ("process_open_fds", "gauge"),
+    ("process_max_fds", "gauge"),
+    ("process_virtual_memory_bytes", "gauge"),
+    ("process_start_time_seconds", "gauge"),
+];
+
+fn assert_etcd_names(s: &Scrape, where_: &str) {
+    for (name, kind) in ETCD_METRICS {
+        assert!(!s.all(name).is_empty(), "{where_}: no sample {name}");
+        assert_eq!(s.type_of(name), Some(*kind), "{where_}: type of {name}");
+    }
+}
+
+/// The `le` bounds of a histogram's buckets (without `+Inf`), for one label set.
+fn buckets(s: &Scrape, name: &str, want: &[(&str, &str)]) -> Vec<f64> {
+    s.samples
+        .iter()
+        .filter(|x| x.name == name && want.iter().all(|(k, v)| x.labels.get(*k).map(String::as_str) == Some(*v)))
+        .filter_map(|x| x.labels.get("le"))
+        .filter(|le| *le != "+Inf")
+        .map(|le| le.parse().unwrap())
+        .collect()
+}
+
+fn exponential(start: f64, factor: f64, n: i32) -> Vec<f64> {
+    (0..n).map(|i| start * factor.powi(i)).collect()
+}
+
+fn close(a: &[f64], b: &[f64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-9 * y.abs().max(1.0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_operators_metrics_are_served_beside_grpc_and_mean_what_they_mean_in_etcd() {
+    let mut cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+
+    eprintln!("restart m3 with an extra --listen-metrics-urls listener");
+    let metrics_port = free_port();
+    cluster.stop(2);
+    cluster.extra_args = vec!["--listen-metrics-urls".into(), format!("http://127.0.0.1:{metrics_port}")];
+    cluster.spawn(2).expect("respawn m3");
+    cluster.wait_ready(Duration::from_secs(20)).expect("ready after restart");
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+
+    let clients: Vec<String> = cluster.nodes.iter().map(|n| n.endpoint()).collect();
+    let https: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.http_port)).collect();
+
+    eprintln!("wait until every member has probed its peers (once a second)");
+    let deadline = Instant::now() + SETTLE;
+    for addr in &clients {
+        while scrape(addr).await.all("etcd_network_peer_round_trip_time_seconds_count").len() < 2 {
+            assert!(Instant::now() < deadline, "{addr}: no round trips to both peers");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    eprintln!("every member's client port answers etcdctl and GET /metrics alike");
+    let out = etcdctl(&clients[0], &["put", "metrics/first", "v"]);
+    assert!(out.ok, "etcdctl put on the client port: {}", out.stderr);
+    for (i, addr) in clients.iter().enumerate() {
+        let s = scrape(addr).await;
+        assert_etcd_names(&s, &format!("client URL of m{}", i + 1));
+        let health = http_at(addr, "GET", "/health", None, SCRAPE_TIMEOUT).await.expect("health");
+        assert_eq!(health.status, 200, "client URL /health: {}", health.body);
+        assert!(health.body.contains("\"health\":\"true\""), "{}", health.body);
+    }
+    let out = etcdctl(&clients.join(","), &["endpoint", "status", "-w", "json"]);
+    assert!(out.ok, "etcdctl endpoint status after scrapes: {}", out.stderr);
+
+    eprintln!("--listen-http and --listen-metrics-urls serve the same names; the latter nothing else");
+    for (i, addr) in https.iter().enumerate() {
+        assert_etcd_names(&scrape(addr).await, &format!("--listen-http of m{}", i + 1));
+    }
+    assert_etcd_names(&scrape(&metrics_addr).await, "--listen-metrics-urls of m3");
+    let health = http_at(&metrics_addr, "GET", "/health", None, SCRAPE_TIMEOUT).await.expect("health");
+    assert_eq!(health.status, 200, "metrics URL /health: {}", health.body);
+    let version = http_at(&metrics_addr, "GET", "/version", None, SCRAPE_TIMEOUT).await.expect("version");
+    assert_eq!(version.status, 404, "a metrics URL serves only /metrics and /health");
+
+    eprintln!("histograms have etcd's buckets");
+    let s = scrape(&clients[0]).await;
+    assert!(
+        close(&buckets(&s, "etcd_disk_wal_fsync_duration_seconds_bucket", &[]), &exponential(0.001, 2.0, 14)),
+        "fsync buckets"
+    );
+    assert!(
+        close(&buckets(&s, "etcd_disk_backend_commit_duration_seconds_bucket", &[]), &exponential(0.001, 2.0, 14)),
+        "backend commit buckets"
+    );
+
+    eprintln!("exactly one member says it leads, and every member knows a leader");
+    let deadline = Instant::now() + SETTLE;
+    let ids = loop {
+        let mut leaders = 0.0;
+        let mut has = 0.0;
+        let mut ids = Vec::new();
+        for addr in &clients {
+            let s = scrape(addr).await;
+            leaders += s.get("etcd_server_is_leader");
+            has += s.get("etcd_server_has_leader");
+            ids.push(s.all("etcd_server_id")[0].labels["server_id"].clone());
+        }
+        if leaders == 1.0 && has == 3.0 {
+            break ids;
+        }
+        assert!(Instant::now() < deadline, "is_leader sums to {leaders}, has_leader to {has}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    eprintln!("puts move committed and applied proposals, fsyncs and gRPC's handled Put/OK");
+    let before: Vec<Scrape> = futures_join(&clients).await;
+    for i in 0..20 {
+        let out = etcdctl(&clients[0], &["put", &format!("metrics/k{i}"), "v"]);
+        assert!(out.ok, "put {i}: {}", out.stderr);
+    }
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let after = futures_join(&clients).await;
+        let grew = before.iter().zip(&after).all(|(b, a)| {
+            a.get("etcd_server_proposals_committed_total") >= b.get("etcd_server_proposals_committed_total") + 20.0
+                && a.get("etcd_server_proposals_applied_total") >= b.get("etcd_server_proposals_applied_total") + 20.0
+                && a.get("etcd_disk_wal_fsync_duration_seconds_count")
+                    > b.get("etcd_disk_wal_fsync_duration_seconds_count")
+        });
+        if grew {
+            let puts_ok = after[0]
+                .value(
+                    "grpc_server_handled_total",
+                    &[
+                        ("grpc_type", "unary"),
+                        ("grpc_service", "etcdserverpb.KV"),
+                        ("grpc_method", "Put"),
+                        ("grpc_code", "OK"),
+                    ],
+                )
+                .expect("grpc_server_handled_total for Put/OK");
+            assert!(puts_ok >= 21.0, "handled Put/OK on m1: {puts_ok}");
+            let started = after[0]
+                .value("grpc_server_started_total", &[("grpc_service", "etcdserverpb.KV"), ("grpc_method", "Put")])
+                .expect("grpc_server_started_total for Put");
+            assert!(started >= puts_ok, "started {started} < handled {puts_ok}");
+            for a in &after {
+                assert!(a.get("etcd_debugging_mvcc_keys_total") >= 21.0);
+                assert!(a.get("etcd_mvcc_db_total_size_in_bytes") > 0.0);
+                assert_eq!(a.get("etcd_server_quota_backend_bytes"), 2.0 * 1024.0 * 1024.0 * 1024.0);
+                assert!(a.get("etcd_server_leader_changes_seen_total") >= 1.0);
+                assert!(a.get("process_resident_memory_bytes") > 1e6);
+                assert!(a.get("process_open_fds") > 0.0 && a.get("process_open_fds") <= a.get("process_max_fds"));
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "proposals or fsyncs did not grow after 20 puts");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    eprintln!("the leader measures a round trip to each peer, labelled To=<peer id>, with etcd's buckets");
+    let leader = cluster.wait_leader(SETTLE).expect("leader");
+    let s = scrape(&clients[leader]).await;
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != leader) {
+        let n = s
+            .value("etcd_network_peer_round_trip_time_seconds_count", &[("To", id)])
+            .unwrap_or_else(|| panic!("no round trip to m{} ({id}) on the leader", i + 1));
+        assert!(n > 0.0, "round trips to m{}: {n}", i + 1);
+        assert!(
+            close(
+                &buckets(&s, "etcd_network_peer_round_trip_time_seconds_bucket", &[("To", id)]),
+                &exponential(0.0001, 2.0, 16)
+            ),
+            "peer round-trip buckets"
+        );
+        assert!(s.value("etcd_network_peer_sent_failures_total", &[("To", id)]).is_some(), "sent failures to {id}");
+    }
+    let to: Vec<&String> =
+        s.all("etcd_network_peer_round_trip_time_seconds_count").iter().map(|x| &x.labels["To"]).collect();
+    assert!(!to.contains(&&ids[leader]), "no round trip to itself: {to:?}");
+
+    eprintln!("kill two members: the survivor reports no leader, and /health says so");
+    let survivor = (leader + 1) % 3;
+    for i in (0..3).filter(|i| *i != survivor) {
+        cluster.kill(i);
+    }
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let s = scrape(&clients[survivor]).await;
+        if s.get("etcd_server_has_leader") == 0.0 {
+            assert_eq!(s.get("etcd_server_is_leader"), 0.0);
+            let failures: f64 = s.all("etcd_network_peer_sent_failures_total").iter().map(|x| x.value).sum();
+            assert!(failures > 0.0, "sends to the dead members failed");
+            break;
+        }
+        assert!(Instant::now() < deadline, "survivor still reports a leader");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let health = http_at(&clients[survivor], "GET", "/health", None, SCRAPE_TIMEOUT).await.expect("health");
+    assert_eq!(health.status, 503, "health without quorum: {}", health.body);
+}
+
+async fn futures_join(addrs: &[String]) -> Vec<Scrape> {
+    let mut out = Vec::new();
+    for a in addrs {
+        out.push(scrape(a).await);
+    }
+    out
+}
