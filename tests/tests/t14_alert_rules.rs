@@ -179,3 +179,12 @@ fn every_runbook_link_has_a_section_in_the_seeds_order() {
         assert!(text[order[2]..].contains('`'), "#{anchor}: fixing and verifying take commands");
     }
 }
+
+#[test]
+fn every_alert_is_unit_tested_firing() {
+    let tests = std::fs::read_to_string(rules_dir().join("alerts_test.yml")).unwrap();
+    for (name, _) in rules() {
+        let firing = format!("alertname: {name}\n        exp_alerts:\n          - exp_labels:");
+        assert!(tests.contains(&firing), "alerts_test.yml never expects {name} to fire");
+    }
+}
