@@ -275,6 +275,27 @@ async fn an_etcd_operators_metrics_are_served_beside_grpc_and_mean_what_they_mea
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    eprintln!("quorate's own: an election was won, the leader's lease clock runs and expires an abandoned lease");
+    let leader = cluster.wait_leader(SETTLE).expect("leader");
+    let all = futures_join(&clients).await;
+    let won: f64 = all.iter().map(|s| s.get("quorate_raft_elections_won_total")).sum();
+    assert!(won >= 1.0, "elections won across the cluster: {won}");
+    assert!(all[leader].get("quorate_lease_clock_promotions_total") >= 1.0, "the leader's lease clock was promoted");
+    for s in &all {
+        assert_eq!(s.type_of("quorate_raft_apply_lag_entries"), Some("gauge"));
+        for state in ["passing", "warning", "critical", "suspect"] {
+            assert!(s.value("quorate_registry_instances", &[("state", state)]).is_some(), "instances {state}");
+        }
+    }
+    let expired_before = all[leader].get("quorate_leases_expired_total");
+    let out = etcdctl(&clients[leader], &["lease", "grant", "2"]);
+    assert!(out.ok, "lease grant: {}", out.stderr);
+    let deadline = Instant::now() + SETTLE;
+    while scrape(&clients[leader]).await.get("quorate_leases_expired_total") < expired_before + 1.0 {
+        assert!(Instant::now() < deadline, "the abandoned lease was not expired by the leader");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     eprintln!("the leader measures a round trip to each peer, labelled To=<peer id>, with etcd's buckets");
     let leader = cluster.wait_leader(SETTLE).expect("leader");
     let s = scrape(&clients[leader]).await;

@@ -255,7 +255,7 @@ impl Member {
                 metrics,
             }),
         };
-        tokio::spawn(clock.run(raft.clone(), shared));
+        tokio::spawn(clock.run(raft.clone(), shared, member.metrics().clone()));
         tokio::spawn(member.clone().publish_self());
         tokio::spawn(member.clone().sync_lease_table());
         tokio::spawn(member.clone().tighten_leases_on_election());
@@ -431,15 +431,28 @@ impl Member {
     }
 
     /// Count leader changes as etcd does: each time the leader this member knows becomes a
-    /// member other than the last one it knew (the first leader counts).
+    /// member other than the last one it knew (the first leader counts). Count this member's
+    /// own elections too: started (it became a candidate) and won (it became leader).
     async fn count_leader_changes(self) {
         let mut server = self.inner.raft.server_metrics();
         let mut last = None;
+        let mut last_state = ServerState::Follower;
         loop {
-            let leader = server.borrow_watched().current_leader;
+            let (leader, state) = {
+                let s = server.borrow_watched();
+                (s.current_leader, s.state)
+            };
             if leader.is_some() && leader != last {
                 self.inner.metrics.leader_changes.inc();
                 last = leader;
+            }
+            if state != last_state {
+                match state {
+                    ServerState::Candidate => self.inner.metrics.elections_started.inc(),
+                    ServerState::Leader => self.inner.metrics.elections_won.inc(),
+                    _ => 0,
+                };
+                last_state = state;
             }
             if server.changed().await.is_err() {
                 return;

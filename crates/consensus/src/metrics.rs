@@ -58,6 +58,22 @@ pub struct ConsensusMetrics {
     pub leader_changes: Counter,
     /// Requests this member forwarded to the leader, by kind.
     pub forwarded: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Times this member became a candidate (an election it started after pre-vote).
+    pub elections_started: Counter,
+    /// Times this member became leader.
+    pub elections_won: Counter,
+    /// The lease clock: times it started expiring leases (this member became a quorum-connected
+    /// leader; every lease got the grace of one election timeout).
+    pub lease_clock_promotions: Counter,
+    /// Times it stopped (this member no longer leads).
+    pub lease_clock_demotions: Counter,
+    /// Times it found this member had not run for a while (a pause, SIGSTOP): on a leader,
+    /// every lease gets the grace again.
+    pub lease_clock_stalls: Counter,
+    /// Times a leader suspended lease expiry because no quorum had answered it lately.
+    pub lease_expiry_suspended: Counter,
+    /// Leases this member expired as leader (in committed expiry proposals).
+    pub leases_expired: Counter,
 }
 
 impl Default for ConsensusMetrics {
@@ -71,6 +87,13 @@ impl Default for ConsensusMetrics {
             proposals_failed: Counter::default(),
             leader_changes: Counter::default(),
             forwarded: Family::default(),
+            elections_started: Counter::default(),
+            elections_won: Counter::default(),
+            lease_clock_promotions: Counter::default(),
+            lease_clock_demotions: Counter::default(),
+            lease_clock_stalls: Counter::default(),
+            lease_expiry_suspended: Counter::default(),
+            leases_expired: Counter::default(),
         }
     }
 }

@@ -128,6 +128,37 @@ impl Metrics {
                 c.forwarded.clone(),
             );
             q.register(
+                "raft_elections_started",
+                "Elections this member started (it became a candidate after a granted pre-vote)",
+                c.elections_started.clone(),
+            );
+            q.register("raft_elections_won", "Elections this member won (it became leader)", c.elections_won.clone());
+            q.register(
+                "lease_clock_promotions",
+                "Times the lease clock started expiring leases here (quorum-connected leader; every lease got one election timeout of grace)",
+                c.lease_clock_promotions.clone(),
+            );
+            q.register(
+                "lease_clock_demotions",
+                "Times the lease clock stopped here (no longer leader)",
+                c.lease_clock_demotions.clone(),
+            );
+            q.register(
+                "lease_clock_stalls",
+                "Times the lease clock found this member had not run for a while (a pause); a leader gives every lease grace again",
+                c.lease_clock_stalls.clone(),
+            );
+            q.register(
+                "lease_expiry_suspended",
+                "Times this leader suspended lease expiry because no quorum had answered it lately",
+                c.lease_expiry_suspended.clone(),
+            );
+            q.register(
+                "leases_expired",
+                "Leases this member expired as leader, in committed expiry proposals",
+                c.leases_expired.clone(),
+            );
+            q.register(
                 "registry_instances",
                 "Registered instances by state (passing, warning, critical, suspect)",
                 instances.clone(),

@@ -176,7 +176,7 @@ impl LeaseClock {
     }
 
     /// Run until the Raft core stops.
-    pub async fn run(self: Arc<Self>, raft: Raft, shared: Arc<Shared>) {
+    pub async fn run(self: Arc<Self>, raft: Raft, shared: Arc<Shared>, metrics: crate::metrics::ConsensusMetrics) {
         let mut tick = tokio::time::interval(LEASE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_tick = Instant::now();
@@ -189,6 +189,9 @@ impl LeaseClock {
             let gap = now - last_tick;
             let stalled = gap > stall;
             last_tick = now;
+            if stalled {
+                metrics.lease_clock_stalls.inc();
+            }
             if raft.metrics().borrow_watched().running_state.is_err() {
                 return;
             }
@@ -201,9 +204,13 @@ impl LeaseClock {
             };
             match (before, after) {
                 (b, Some(term)) if b != Some(term) => {
+                    metrics.lease_clock_promotions.inc();
                     info!(term, grace_ms = self.grace.as_millis() as u64, "lease clock promoted")
                 }
-                (Some(term), None) => info!(term, "lease clock demoted: no longer leader"),
+                (Some(term), None) => {
+                    metrics.lease_clock_demotions.inc();
+                    info!(term, "lease clock demoted: no longer leader")
+                }
                 _ => {}
             }
             let Some(lead) = leadership else { continue };
@@ -212,6 +219,7 @@ impl LeaseClock {
             }
             if !lead.quorum_fresh {
                 if !quorum_lost_logged {
+                    metrics.lease_expiry_suspended.inc();
                     warn!(term = lead.term, "leader has no recent quorum contact: lease expiry suspended");
                     quorum_lost_logged = true;
                 }
@@ -224,10 +232,14 @@ impl LeaseClock {
             info!(term = lead.term, leases = due.len(), "proposing lease expiry");
             let raft = raft.clone();
             let shared = shared.clone();
+            let expired = metrics.leases_expired.clone();
             tokio::spawn(async move {
                 let cmd = Command::LeaseExpireAt { leases: due.clone(), term: lead.term };
-                if let Err(e) = raft.client_write(Request::Kv(cmd)).await {
-                    warn!(error = %e, "lease expiry proposal failed");
+                match raft.client_write(Request::Kv(cmd)).await {
+                    Ok(_) => {
+                        expired.inc_by(due.len() as u64);
+                    }
+                    Err(e) => warn!(error = %e, "lease expiry proposal failed"),
                 }
                 shared.leases.lock().unwrap().verdicts_settled(&due);
             });
