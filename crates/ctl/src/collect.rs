@@ -63,6 +63,8 @@ pub struct MemberView {
     /// Half the round trip: the offset is right to within this.
     pub clock_offset_error_ms: Option<u64>,
     pub fsync_p99_ms: Option<f64>,
+    /// How many recent log commits the p99 is taken over.
+    pub fsync_samples: Option<usize>,
     pub version: Option<String>,
     /// Alarms this member reports (etcd's Status errors), as `memberID:<id> alarm:<NAME>`.
     pub alarms: Vec<String>,
@@ -250,6 +252,7 @@ async fn ask(m: &pb::Member, opts: &Options) -> (MemberView, Option<Channel>) {
                     v.apply_lag_entries = Some(q.apply_lag_entries);
                     v.last_leader_contact_ms = q.last_leader_contact_ms;
                     v.fsync_p99_ms = q.fsync_p99_us.map(|us| us as f64 / 1000.0);
+                    v.fsync_samples = Some(q.fsync_samples);
                     v.version = Some(q.version);
                 }
                 Err(e) => v.error = Some(format!("{http}/v1/member/status: {e}")),

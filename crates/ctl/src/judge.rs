@@ -19,6 +19,8 @@ pub struct Thresholds {
     pub leader_contact_max_ms: u64,
     /// fsync p99 above this is a slow disk (etcd-mixin warns at 500 ms).
     pub fsync_p99_max_ms: f64,
+    /// Fewer recent commits than this say too little to judge a disk by.
+    pub fsync_samples_min: usize,
     /// A clock offset certainly beyond this (offset minus its error bound) is skew.
     pub clock_skew_max_ms: u64,
 }
@@ -30,6 +32,7 @@ impl Default for Thresholds {
             learner_lag_entries_max: 1000,
             leader_contact_max_ms: 5000,
             fsync_p99_max_ms: 500.0,
+            fsync_samples_min: 5,
             clock_skew_max_ms: 1000,
         }
     }
@@ -324,12 +327,16 @@ pub fn judge(v: &ClusterView, t: &Thresholds) -> Report {
 
     // slow-disk
     for m in &reachable {
+        let samples = m.fsync_samples.unwrap_or(0);
+        if samples < t.fsync_samples_min {
+            continue;
+        }
         if let Some(p99) = m.fsync_p99_ms.filter(|p| *p > t.fsync_p99_max_ms) {
             findings.push(finding(
                 "slow-disk",
                 Severity::Degraded,
                 vec![label(m)],
-                format!("fsync p99 {p99:.1} ms over the recent log commits (limit {} ms)", t.fsync_p99_max_ms),
+                format!("fsync p99 {p99:.1} ms over the last {samples} log commits (limit {} ms)", t.fsync_p99_max_ms),
                 vec![
                     format!("Measure the disk: `etcdctl --endpoints={} check perf`, and on its host `iostat -x 1 5`", m.endpoint),
                     "Move its --data-dir to a dedicated SSD, or stop whatever else writes to that disk".to_string(),
@@ -440,6 +447,7 @@ mod tests {
             clock_offset_ms: Some(3),
             clock_offset_error_ms: Some(1),
             fsync_p99_ms: Some(4.0),
+            fsync_samples: Some(256),
             version: Some("3.5.0".into()),
             ..Default::default()
         }
@@ -598,6 +606,15 @@ mod tests {
                 vec![("slow-disk", Degraded, vec!["c"])],
             ),
             ("a fast disk", |v| v.members[2].fsync_p99_ms = Some(499.0), Verdict::Healthy, vec![]),
+            (
+                "one slow commit among too few to judge",
+                |v| {
+                    v.members[2].fsync_p99_ms = Some(900.0);
+                    v.members[2].fsync_samples = Some(4);
+                },
+                Verdict::Healthy,
+                vec![],
+            ),
             (
                 "a skewed clock",
                 |v| v.members[1].clock_offset_ms = Some(-30_000),
