@@ -63,9 +63,12 @@ impl pb::kv_server::Kv for KvService {
         }
         let range = convert::range_in(req);
         // In pages: a Range over the whole keyspace must not hold the store while it reads.
-        let ctx = self.ctx.clone();
-        let out = move |result, rev| convert::range_out(result, ctx.header_at(rev));
-        Ok(Response::new(crate::paged::range(&self.ctx.member, &range, out).await.map_err(kv_status)?))
+        // The header is made here, not in the slow lane: it reads Raft's state, whose lock the
+        // Raft core takes.
+        let out = |result, rev| (convert::range_out(result, Default::default()), rev);
+        let (mut resp, rev) = crate::paged::range(&self.ctx.member, &range, out).await.map_err(kv_status)?;
+        resp.header = Some(self.ctx.header_at(rev));
+        Ok(Response::new(resp))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {

@@ -10,26 +10,55 @@
 //! Each call runs on a thread of its own: a long read is rare and long, and a thread is
 //! created in tens of microseconds. The nice value is per thread on Linux, so lowering it there
 //! touches nothing else; elsewhere the call simply runs at normal priority.
+//!
+//! At most `LANE_JOBS_MAX` jobs run at once (the others wait, asynchronously): however many
+//! long reads clients start, the lane never fills tokio's blocking pool, which the codec's
+//! `block_in_place` needs to hand a worker's queue to (an exhausted pool would strand it).
 
-/// Run `f` on a new lowest-priority thread and wait for it (blocks the caller).
-pub fn low_priority<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    std::thread::scope(|s| {
-        let lane = std::thread::Builder::new().name("quorate-slow-lane".into());
-        let t = lane
-            .spawn_scoped(s, || {
-                lower_this_thread();
-                f()
-            })
-            .expect("a thread for a long read");
-        t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+use std::sync::LazyLock;
+
+use tokio::sync::Semaphore;
+
+/// Slow-lane jobs (`off_runtime`) running at once, per process.
+fn lane_jobs_max() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// `low_priority` from async code: the runtime's thread is not blocked meanwhile.
+static LANE: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(lane_jobs_max()));
+
+/// Run `f` on a new lowest-priority thread and wait for it (blocks the caller). If no thread
+/// can be created (a process limit), `f` runs here, at the caller's priority.
+pub fn low_priority<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let f = std::sync::Mutex::new(Some(f));
+    let spawned = std::thread::scope(|s| {
+        let lane = std::thread::Builder::new().name("quorate-slow-lane".into());
+        let t = lane.spawn_scoped(s, || {
+            lower_this_thread();
+            let f = f.lock().unwrap_or_else(|e| e.into_inner()).take().expect("taken once");
+            f()
+        });
+        t.ok().map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    });
+    match spawned {
+        Some(r) => r,
+        None => {
+            let f = f.into_inner().unwrap_or_else(|e| e.into_inner()).expect("not taken: no thread ran");
+            f()
+        }
+    }
+}
+
+/// `low_priority` from async code: the runtime's thread is not blocked meanwhile. Waits for
+/// a place in the lane first.
 pub async fn off_runtime<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let _place = LANE.acquire().await.expect("the lane's semaphore is never closed");
     match tokio::task::spawn_blocking(move || low_priority(f)).await {
         Ok(r) => r,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only when the runtime shuts down: nothing is waiting for the answer any more.
+            Err(e) => panic!("a slow-lane job was cancelled: {e}"),
+        },
     }
 }
 
@@ -72,5 +101,30 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn off_runtime_returns_the_result() {
         assert_eq!(off_runtime(|| (this_thread_nice(), 7)).await, (19, 7));
+    }
+
+    /// However many long reads are started, no more than the lane's places run at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_more_jobs_run_at_once_than_the_lane_has_places() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::sync::Arc;
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs: Vec<_> = (0..4 * lane_jobs_max())
+            .map(|_| {
+                let (running, most) = (running.clone(), most.clone());
+                tokio::spawn(off_runtime(move || {
+                    let now = running.fetch_add(1, SeqCst) + 1;
+                    most.fetch_max(now, SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    running.fetch_sub(1, SeqCst);
+                }))
+            })
+            .collect();
+        for j in jobs {
+            j.await.unwrap();
+        }
+        let most = most.load(SeqCst);
+        assert!(most <= lane_jobs_max(), "{most} jobs at once, places: {}", lane_jobs_max());
+        assert!(most > 1, "the lane runs jobs side by side");
     }
 }

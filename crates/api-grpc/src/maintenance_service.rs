@@ -145,8 +145,9 @@ fn alarm_name(a: AlarmType) -> &'static str {
 /// The response metadata of Maintenance.Status that names the member's HTTP address.
 pub const HTTP_ADDR_METADATA: &str = "quorate-http-addr";
 
-/// Bytes per `SnapshotResponse` message.
-const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes per `SnapshotResponse` message: under the size the codec encodes off the runtime's
+/// worker, so each chunk is a plain copy on the runtime (etcd sends 32 KiB).
+const SNAPSHOT_CHUNK_BYTES: usize = crate::codec::ENCODE_OFF_WORKER_BYTES / 2;
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 

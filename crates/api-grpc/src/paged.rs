@@ -84,8 +84,17 @@ pub async fn hash_kv(member: &Member, rev: i64) -> Result<(u32, i64, i64), KvErr
             s.hash_step(&mut scan, READ_PAGE_KEYS)?;
             Ok::<_, KvError>(scan)
         })?;
-        while !scan.is_done() {
-            tokio::task::yield_now().await;
+        loop {
+            // Each page is hashed in the slow lane before the next is read: a page of versions
+            // in memory at a time, and a caller that gives up stops the work between pages.
+            scan = crate::lane::off_runtime(move || {
+                scan.hash_pending();
+                scan
+            })
+            .await;
+            if scan.is_done() {
+                break;
+            }
             match member.read(|s| s.hash_step(&mut scan, READ_PAGE_KEYS)) {
                 Ok(()) => {}
                 Err(KvError::Compacted { .. }) if restarts < RESTARTS_MAX => {
@@ -96,7 +105,7 @@ pub async fn hash_kv(member: &Member, rev: i64) -> Result<(u32, i64, i64), KvErr
             }
         }
         let (revision, compact_revision) = (scan.revision(), scan.compact_revision());
-        return Ok((crate::lane::off_runtime(move || scan.finish()).await, revision, compact_revision));
+        return Ok((scan.finish(), revision, compact_revision));
     }
 }
 

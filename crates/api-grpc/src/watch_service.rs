@@ -28,8 +28,6 @@ use crate::Ctx;
 /// the codec hands to the slow lane, so a batch encodes on the runtime in tens of microseconds.
 const REPLAY_BATCH_REVS_MAX: usize = 1000;
 const REPLAY_BATCH_BYTES_MAX: usize = crate::codec::ENCODE_OFF_WORKER_BYTES / 2;
-/// Replays up to this many events are batched on the runtime; longer ones in the slow lane.
-const REPLAY_INLINE_EVENTS_MAX: usize = 1024;
 
 /// Responses queued for one stream before the stream stops reading live events.
 pub const WATCH_STREAM_QUEUED_MAX: usize = 256;
@@ -77,30 +75,34 @@ impl Filter {
     }
 }
 
-/// A replay's events (in revision order) as responses: (header revision, events), each holding
-/// whole revisions only, at most `REPLAY_BATCH_REVS_MAX` of them, closed once past
-/// `REPLAY_BATCH_BYTES_MAX` of keys and values.
-fn replay_batches(events: &[Event], filter: &Filter) -> Vec<(i64, Vec<crate::pb::mvccpb::Event>)> {
-    let mut out = Vec::new();
-    let (mut batch, mut bytes, mut revs) = (Vec::new(), 0, 0);
-    let mut i = 0;
-    while i < events.len() {
+/// The next response of a replay, from `events[*next..]` (in revision order): (header
+/// revision, events). It holds whole revisions only, at most `REPLAY_BATCH_REVS_MAX` of them,
+/// and is closed once past `REPLAY_BATCH_BYTES_MAX` of keys, values and previous values; its
+/// header is the revision of its last event (a client resuming from it misses nothing).
+/// `None` once no wanted event is left.
+fn next_batch(events: &[Event], next: &mut usize, filter: &Filter) -> Option<(i64, Vec<crate::pb::mvccpb::Event>)> {
+    let (mut batch, mut bytes, mut revs, mut last_rev) = (Vec::new(), 0, 0, 0);
+    while *next < events.len() {
+        let i = *next;
         let rev = events[i].revision();
         let end = events[i..].iter().position(|e| e.revision() != rev).map_or(events.len(), |n| i + n);
         let before = batch.len();
         for e in events[i..end].iter().filter(|e| filter.wants(e)) {
             bytes += e.kv.key.len() + e.kv.value.len();
+            if filter.prev_kv {
+                bytes += e.prev_kv.as_ref().map_or(0, |p| p.key.len() + p.value.len());
+            }
             batch.push(event_out(e, filter.prev_kv));
         }
-        revs += usize::from(batch.len() > before);
-        i = end;
-        if !batch.is_empty() && (i == events.len() || revs >= REPLAY_BATCH_REVS_MAX || bytes >= REPLAY_BATCH_BYTES_MAX)
-        {
-            out.push((rev, std::mem::take(&mut batch)));
-            (bytes, revs) = (0, 0);
+        if batch.len() > before {
+            (revs, last_rev) = (revs + 1, rev);
+        }
+        *next = end;
+        if revs >= REPLAY_BATCH_REVS_MAX || bytes >= REPLAY_BATCH_BYTES_MAX {
+            break;
         }
     }
-    out
+    (!batch.is_empty()).then_some((last_rev, batch))
 }
 
 struct Session {
@@ -211,17 +213,11 @@ impl Session {
         match crate::paged::events(&self.ctx.member, &w.filter.key, &w.filter.range_end, w.next_rev).await {
             Ok((events, current)) => {
                 // Whole revisions, many to a response as etcd sends a replay (one response per
-                // revision made a replay of 100k revisions 100k messages). A long replay is
-                // filtered, copied and batched in the slow lane.
-                let filter = w.filter.clone();
-                let batches = if events.len() <= REPLAY_INLINE_EVENTS_MAX {
-                    replay_batches(&events, &filter)
-                } else {
-                    crate::lane::off_runtime(move || replay_batches(&events, &filter)).await
-                };
-                for (rev, events) in batches {
-                    // The header names the batch's last revision: a client resuming from it
-                    // misses nothing.
+                // revision made a replay of 100k revisions 100k messages). Each batch is built
+                // just before it is sent, so a replay holds one converted batch at a time (the
+                // events themselves share the store's values).
+                let mut next = 0;
+                while let Some((rev, events)) = next_batch(&events, &mut next, &w.filter) {
                     self.send(pb::WatchResponse { events, ..self.response(id, rev) }).await?;
                 }
                 w.next_rev = w.next_rev.max(current + 1);
@@ -308,6 +304,11 @@ mod tests {
         Filter { key: prefix.into(), range_end: end, no_put: false, no_delete: false, prev_kv: false }
     }
 
+    fn replay_batches(events: &[Event], filter: &Filter) -> Vec<(i64, Vec<crate::pb::mvccpb::Event>)> {
+        let mut next = 0;
+        std::iter::from_fn(|| next_batch(events, &mut next, filter)).collect()
+    }
+
     fn check(events: &[Event], batches: &[(i64, Vec<crate::pb::mvccpb::Event>)], filter: &Filter) {
         let flat: Vec<(i64, Vec<u8>)> = batches
             .iter()
@@ -350,6 +351,33 @@ mod tests {
             let bytes: usize = b.iter().map(|e| e.kv.as_ref().unwrap().value.len()).sum();
             assert!(bytes < REPLAY_BATCH_BYTES_MAX + 60_001, "{bytes} bytes in one batch");
         }
+    }
+
+    #[test]
+    fn previous_values_count_toward_a_batch_and_the_header_is_its_last_event() {
+        // Deletes carry nothing of their own but a 60 kB previous value each.
+        let deletes: Vec<Event> = (1..=100)
+            .map(|rev| {
+                let mut e = ev(rev, "a/x", 0);
+                e.kind = EventKind::Delete;
+                e.prev_kv = Some(ev(rev - 1, "a/x", 60_000).kv);
+                e
+            })
+            .collect();
+        let with_prev = Filter { prev_kv: true, ..all("a/") };
+        let batches = replay_batches(&deletes, &with_prev);
+        check(&deletes, &batches, &with_prev);
+        assert!(batches.len() >= 30, "{} batches: previous values not counted", batches.len());
+        // Without prev_kv they are small: one batch.
+        assert_eq!(replay_batches(&deletes, &all("a/")).len(), 1);
+
+        // The last revisions are filtered out: the header stays at the last event sent.
+        let mut events: Vec<Event> = (1..=10).map(|rev| ev(rev, "a/x", 1)).collect();
+        events.extend((11..=20).map(|rev| ev(rev, "b/x", 1)));
+        assert_eq!(
+            replay_batches(&events, &all("a/")),
+            vec![(10, replay_batches(&events[..10], &all("a/"))[0].1.clone())]
+        );
     }
 
     #[test]

@@ -127,7 +127,7 @@ impl Store {
         for (k, recs) in self.page(&[0], &[0], after.as_deref(), keys_max) {
             visited += 1;
             last = Some(k);
-            // Shares the versions; the hashing, which reads every value, runs in `finish`.
+            // Shares the versions; the hashing, which reads every value, runs in `hash_pending`.
             let upto = recs.partition_point(|r| r.rev <= scan.rev);
             if upto > 0 {
                 scan.pending.push((k.clone(), recs[..upto].to_vec()));
@@ -290,7 +290,8 @@ impl EventScan {
 pub struct HashScan {
     rev: i64,
     compact_revision: i64,
-    /// The versions to hash, collected page by page under the lock.
+    hash: Fnv32,
+    /// Versions collected under the lock and not hashed yet (`hash_pending`).
     pending: Vec<(Key, Vec<Rec>)>,
     cursor: Cursor,
 }
@@ -299,7 +300,13 @@ impl HashScan {
     /// A hash at `rev` (0: the current revision).
     pub fn new(store: &Store, rev: i64) -> Result<Self, KvError> {
         let rev = store.read_revision(rev)?;
-        Ok(HashScan { rev, compact_revision: store.compact_revision, pending: Vec::new(), cursor: Cursor::default() })
+        Ok(HashScan {
+            rev,
+            compact_revision: store.compact_revision,
+            hash: Fnv32::new(),
+            pending: Vec::new(),
+            cursor: Cursor::default(),
+        })
     }
 
     pub fn is_done(&self) -> bool {
@@ -315,13 +322,13 @@ impl HashScan {
         self.compact_revision
     }
 
-    /// The hash of every version collected: reads every value, so run it without the lock.
-    pub fn finish(self) -> u32 {
-        debug_assert!(self.cursor.done);
-        let mut h = Fnv32::new();
-        for (k, recs) in &self.pending {
+    /// Hash what the last steps collected (reads every value: run it without the lock), so a
+    /// scan holds at most a page of versions at a time.
+    pub fn hash_pending(&mut self) {
+        let h = &mut self.hash;
+        for (k, recs) in self.pending.drain(..) {
             for r in recs {
-                h.write(k);
+                h.write(&k);
                 h.write(&r.rev.to_be_bytes());
                 h.write(&r.sub.to_be_bytes());
                 match &r.kv {
@@ -336,7 +343,13 @@ impl HashScan {
                 }
             }
         }
-        h.finish()
+    }
+
+    /// The hash of every version visited.
+    pub fn finish(mut self) -> u32 {
+        debug_assert!(self.cursor.done);
+        self.hash_pending();
+        self.hash.finish()
     }
 }
 
