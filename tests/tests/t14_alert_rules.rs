@@ -36,6 +36,12 @@ fn promtool_checks_the_rules() {
 }
 
 #[test]
+fn promtool_checks_the_example_config() {
+    let out = promtool(&["check", "config", "prometheus.yml"], &rules_dir());
+    assert!(out.status.success(), "promtool check config failed:\n{}", text(&out));
+}
+
+#[test]
 fn the_rules_pass_their_unit_tests() {
     let out = promtool(&["test", "rules", "alerts_test.yml"], &rules_dir());
     assert!(out.status.success(), "promtool test rules failed:\n{}", text(&out));
