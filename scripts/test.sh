@@ -22,12 +22,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # promtool (and a real prometheus) from Debian's prometheus package, to check and unit-test
 # deploy/prometheus/alerts.yml. Without recommends (no node exporter); the packaged service is
-# not needed, so it is stopped if the install started it.
+# not needed (the tests start their own on a free loopback port), so it is stopped if the
+# install started it.
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/prometheus ]; then
+    as_root /etc/init.d/prometheus stop >/dev/null 2>&1 || true
   fi
 fi
 
