@@ -329,3 +329,54 @@ fn a_zone_gone_quiet_is_reported_as_brake_engaged() {
     assert_eq!(brake.len(), 1, "only zone a: {report:#}");
     assert!(brake[0]["evidence"].as_str().unwrap().contains("zone \"a\""), "{report:#}");
 }
+
+#[test]
+fn a_follower_whose_disk_holds_it_back_is_reported_lagging() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let cluster = Cluster::start_with(Flavor::Quorate, 3, &["--drill-failpoints"]).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let slow = (leader + 1) % 3;
+    let slow_name = cluster.nodes[slow].name.clone();
+    let all = cluster.all_endpoints().join(",");
+
+    eprintln!("hold every log fsync on {slow_name} for 5 s while 16 writers put through the leader");
+    let set = http(&cluster.nodes[slow], "PUT", "/debug/failpoints/fsync-delay-ms", Some("5000")).unwrap();
+    assert_eq!(set.status, 200, "{}", set.body);
+    let stop = Arc::new(AtomicBool::new(false));
+    let leader_ep = cluster.nodes[leader].endpoint();
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let c = Client::connect([leader_ep], None).await.unwrap();
+                let writers: Vec<_> = (0..16)
+                    .map(|w| {
+                        let (mut c, stop) = (c.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            let mut i = 0u64;
+                            while !stop.load(Ordering::Relaxed) {
+                                let _ = c.put(format!("lag/{w}/{}", i % 100), "v", None).await;
+                                i += 1;
+                            }
+                        })
+                    })
+                    .collect();
+                for w in writers {
+                    let _ = w.await;
+                }
+            })
+        })
+    };
+    let (run, report) = doctor_until(&all, "member-lagging", |_, r| !findings(r, "member-lagging").is_empty());
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    http(&cluster.nodes[slow], "PUT", "/debug/failpoints/fsync-delay-ms", Some("0")).unwrap();
+    assert_eq!(run.code, 1, "{report:#}");
+    let lagging = findings(&report, "member-lagging");
+    assert_eq!(lagging.len(), 1, "only the held member: {report:#}");
+    assert_eq!(names(lagging[0]), vec![slow_name], "{report:#}");
+    eprintln!("doctor: {}", lagging[0]["evidence"]);
+    assert!(lagging[0]["evidence"].as_str().unwrap().contains("entries behind"), "{report:#}");
+}

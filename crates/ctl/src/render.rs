@@ -7,7 +7,15 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map_or("-".to_string(), T::to_string)
 }
 
-fn row(m: &MemberView) -> Vec<String> {
+/// The member a leader id names, by name when the member list has it.
+fn leader_name(v: &ClusterView, id: &Option<String>) -> String {
+    match id {
+        None => "-".into(),
+        Some(id) => v.members.iter().find(|m| &m.id == id && !m.name.is_empty()).map_or(id.clone(), |m| m.name.clone()),
+    }
+}
+
+fn row(v: &ClusterView, m: &MemberView) -> Vec<String> {
     vec![
         m.name.clone(),
         m.id.clone(),
@@ -15,7 +23,7 @@ fn row(m: &MemberView) -> Vec<String> {
         if m.reachable { "yes".into() } else { "no".into() },
         opt(&m.role),
         opt(&m.term),
-        opt(&m.leader),
+        leader_name(v, &m.leader),
         opt(&m.commit_index),
         opt(&m.applied_index),
         opt(&m.revision),
@@ -54,7 +62,7 @@ const HEADERS: [&str; 17] = [
 
 /// One row per member, columns aligned; then the hash revision and any member's error.
 pub fn status_table(v: &ClusterView) -> String {
-    let rows: Vec<Vec<String>> = v.members.iter().map(row).collect();
+    let rows: Vec<Vec<String>> = v.members.iter().map(|m| row(v, m)).collect();
     let mut widths: Vec<usize> = HEADERS.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -130,7 +138,15 @@ mod tests {
     fn status_table_has_a_row_per_member_reachable_or_not() {
         let v = ClusterView {
             members: vec![
-                MemberView { name: "a".into(), reachable: true, term: Some(3), ..Default::default() },
+                MemberView {
+                    name: "a".into(),
+                    id: "a1".into(),
+                    endpoint: "127.0.0.1:2379".into(),
+                    reachable: true,
+                    term: Some(3),
+                    leader: Some("a1".into()),
+                    ..Default::default()
+                },
                 MemberView { name: "b".into(), error: Some("refused".into()), ..Default::default() },
             ],
             ..Default::default()
@@ -139,6 +155,8 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NAME"));
         assert!(lines[1].starts_with("a ") && lines[1].contains("yes"));
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(cells[6], "a", "the leader by name: {}", lines[1]);
         assert!(lines[2].starts_with("b ") && lines[2].contains("no"));
         assert!(t.contains("b: refused"));
     }
