@@ -296,6 +296,45 @@ async fn an_etcd_operators_metrics_are_served_beside_grpc_and_mean_what_they_mea
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
+    eprintln!("a fenced put whose lock is not held is refused, and every member counts the refusal");
+    let before: Vec<f64> = futures_join(&clients)
+        .await
+        .iter()
+        .map(|s| s.value("quorate_fencing_refusals_total", &[("kind", "token")]).unwrap_or(0.0))
+        .collect();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", clients[0]))
+        .unwrap()
+        .connect()
+        .await
+        .expect("grpc channel");
+    let mut kv = quorate_api_grpc::pb::etcdserverpb::kv_client::KvClient::new(ch);
+    let mut put = tonic::Request::new(quorate_api_grpc::pb::etcdserverpb::PutRequest {
+        key: b"metrics/fenced".to_vec(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    });
+    put.metadata_mut().insert(quorate_api_grpc::FENCE_HEADER, "metrics/no-such-lock@1".parse().unwrap());
+    let refused = kv.put(put).await.expect_err("a put fenced by a lock nobody holds is refused");
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let now = futures_join(&clients).await;
+        let counted = now
+            .iter()
+            .zip(&before)
+            .all(|(s, b)| s.value("quorate_fencing_refusals_total", &[("kind", "token")]).unwrap_or(0.0) >= b + 1.0);
+        if counted {
+            let code = format!("{:?}", refused.code());
+            let handled = now[0].value(
+                "grpc_server_handled_total",
+                &[("grpc_service", "etcdserverpb.KV"), ("grpc_method", "Put"), ("grpc_code", code.as_str())],
+            );
+            assert!(handled.is_some_and(|n| n >= 1.0), "handled Put with grpc_code={code}: {handled:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "fencing refusal not counted on every member");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     eprintln!("the leader measures a round trip to each peer, labelled To=<peer id>, with etcd's buckets");
     let leader = cluster.wait_leader(SETTLE).expect("leader");
     let s = scrape(&clients[leader]).await;

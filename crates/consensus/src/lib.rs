@@ -204,6 +204,7 @@ impl Member {
         let metrics = ConsensusMetrics {
             wal_fsync_seconds: log.stats.fsync_seconds.0.clone(),
             backend_commit_seconds: sm.commit_seconds.clone(),
+            fencing_refusals: sm.fencing_refusals.clone(),
             ..ConsensusMetrics::default()
         };
         let raft_cfg = openraft::Config {

@@ -22,6 +22,9 @@ pub fn peer_rtt_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+/// Counters keyed by one `kind` label.
+pub type KindCounters = Family<Vec<(&'static str, &'static str)>, Counter>;
+
 /// A metric family keyed by etcd's `To` label (the peer's member id in hex).
 pub type PeerLabels = Vec<(&'static str, String)>;
 
@@ -74,6 +77,8 @@ pub struct ConsensusMetrics {
     pub lease_expiry_suspended: Counter,
     /// Leases this member expired as leader (in committed expiry proposals).
     pub leases_expired: Counter,
+    /// Applied entries that fencing made no-ops, by kind (`token`, `stale_term`).
+    pub fencing_refusals: KindCounters,
 }
 
 impl Default for ConsensusMetrics {
@@ -94,6 +99,7 @@ impl Default for ConsensusMetrics {
             lease_clock_stalls: Counter::default(),
             lease_expiry_suspended: Counter::default(),
             leases_expired: Counter::default(),
+            fencing_refusals: Family::default(),
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct StateMachine {
     db: Arc<Database>,
     /// Commits of the state file (snapshots stored), as etcd's backend commit.
     pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Applied entries that fencing turned into no-ops, by kind (`crate::metrics`).
+    pub fencing_refusals: crate::metrics::KindCounters,
 }
 
 /// What becomes of a snapshot offered for storage, given the stored one.
@@ -111,6 +113,19 @@ enum Saved {
     KeptNewer { meta: SnapshotMeta, data: Vec<u8> },
 }
 
+/// Which fence, if any, turned an applied command into a no-op: `token` for a write whose
+/// lock (fence key) is no longer held at its revision, `stale_term` for a side effect (an
+/// eviction or a lease expiry) decided by a leader whose term has passed.
+fn fencing_refusal(result: &Result<CommandResponse, quorate_kv::KvError>) -> Option<&'static str> {
+    match result {
+        Err(quorate_kv::KvError::FenceRejected { .. }) => Some("token"),
+        Ok(CommandResponse::StaleTerm) | Ok(CommandResponse::LeaseExpire { stale_term: true, .. }) => {
+            Some("stale_term")
+        }
+        _ => None,
+    }
+}
+
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -134,6 +149,7 @@ impl StateMachine {
             shared: Arc::new(shared),
             db: Arc::new(db),
             commit_seconds: crate::metrics::disk_histogram(),
+            fencing_refusals: Default::default(),
         })
     }
 
@@ -253,6 +269,9 @@ impl StateMachine {
             EntryPayload::Normal(Request::Kv(cmd)) => {
                 let applied = store.apply(cmd, pos);
                 self.track_leases(store, cmd, &applied.result);
+                if let Some(kind) = fencing_refusal(&applied.result) {
+                    self.fencing_refusals.get_or_create(&vec![("kind", kind)]).inc();
+                }
                 if !applied.events.is_empty() {
                     // No receiver is fine: nobody is watching.
                     let _ = self

@@ -159,6 +159,11 @@ impl Metrics {
                 c.leases_expired.clone(),
             );
             q.register(
+                "fencing_refusals",
+                "Applied commands fencing made no-ops: token (a fenced write whose lock is gone), stale_term (a deposed leader's eviction or lease expiry)",
+                c.fencing_refusals.clone(),
+            );
+            q.register(
                 "registry_instances",
                 "Registered instances by state (passing, warning, critical, suspect)",
                 instances.clone(),
