@@ -332,8 +332,6 @@ fn a_zone_gone_quiet_is_reported_as_brake_engaged() {
 
 #[test]
 fn a_follower_whose_disk_holds_it_back_is_reported_lagging() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let cluster = Cluster::start_with(Flavor::Quorate, 3, &["--drill-failpoints"]).expect("cluster");
     let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
     let slow = (leader + 1) % 3;
@@ -343,35 +341,9 @@ fn a_follower_whose_disk_holds_it_back_is_reported_lagging() {
     eprintln!("hold every log fsync on {slow_name} for 5 s while 16 writers put through the leader");
     let set = http(&cluster.nodes[slow], "PUT", "/debug/failpoints/fsync-delay-ms", Some("5000")).unwrap();
     assert_eq!(set.status, 200, "{}", set.body);
-    let stop = Arc::new(AtomicBool::new(false));
-    let leader_ep = cluster.nodes[leader].endpoint();
-    let load = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async {
-                let c = Client::connect([leader_ep], None).await.unwrap();
-                let writers: Vec<_> = (0..16)
-                    .map(|w| {
-                        let (mut c, stop) = (c.clone(), stop.clone());
-                        tokio::spawn(async move {
-                            let mut i = 0u64;
-                            while !stop.load(Ordering::Relaxed) {
-                                let _ = c.put(format!("lag/{w}/{}", i % 100), "v", None).await;
-                                i += 1;
-                            }
-                        })
-                    })
-                    .collect();
-                for w in writers {
-                    let _ = w.await;
-                }
-            })
-        })
-    };
+    let load = Load::start(cluster.nodes[leader].endpoint());
     let (run, report) = doctor_until(&all, "member-lagging", |_, r| !findings(r, "member-lagging").is_empty());
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    load.stop();
     http(&cluster.nodes[slow], "PUT", "/debug/failpoints/fsync-delay-ms", Some("0")).unwrap();
     assert_eq!(run.code, 1, "{report:#}");
     let lagging = findings(&report, "member-lagging");
@@ -379,4 +351,84 @@ fn a_follower_whose_disk_holds_it_back_is_reported_lagging() {
     assert_eq!(names(lagging[0]), vec![slow_name], "{report:#}");
     eprintln!("doctor: {}", lagging[0]["evidence"]);
     assert!(lagging[0]["evidence"].as_str().unwrap().contains("entries behind"), "{report:#}");
+}
+
+/// 16 writers putting through one endpoint on their own thread, until stopped.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(endpoint: String) -> Load {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async {
+                    let c = Client::connect([endpoint], None).await.unwrap();
+                    let writers: Vec<_> = (0..16)
+                        .map(|w| {
+                            let (mut c, stop) = (c.clone(), stop.clone());
+                            tokio::spawn(async move {
+                                let mut i = 0u64;
+                                while !stop.load(Ordering::Relaxed) {
+                                    let _ = c.put(format!("load/{w}/{}", i % 100), "v", None).await;
+                                    i += 1;
+                                }
+                            })
+                        })
+                        .collect();
+                    for w in writers {
+                        let _ = w.await;
+                    }
+                })
+            })
+        };
+        Load { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
+}
+
+#[test]
+fn a_learner_whose_disk_holds_it_back_is_reported_behind() {
+    let mut cluster = Cluster::start_with(Flavor::Quorate, 3, &["--drill-failpoints"]).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let all = cluster.all_endpoints().join(",");
+
+    let new = cluster.new_node();
+    let name = cluster.nodes[new].name.clone();
+    eprintln!("add {name} as a learner and start it");
+    let peer = format!("--peer-urls={}", cluster.nodes[new].peer_url());
+    let added = quorate_tests::etcdctl(&all, &["member", "add", &name, "--learner", &peer]);
+    assert!(added.ok, "{}", added.stderr);
+    cluster.join(new).expect("start the learner");
+    let (_, report) = doctor_until(&all, "the learner answers", |run, r| {
+        let view = ctl(&all, &["status", "-w", "json"]).json();
+        let learner_up = view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == name.as_str() && m["reachable"] == true && m["role"] == "learner");
+        learner_up && run.code == 0 && r["verdict"] == "healthy"
+    });
+    assert!(report["findings"].as_array().unwrap().is_empty(), "{report:#}");
+
+    eprintln!("hold every log fsync on the learner for 5 s while 16 writers put through the leader");
+    let set = http(&cluster.nodes[new], "PUT", "/debug/failpoints/fsync-delay-ms", Some("5000")).unwrap();
+    assert_eq!(set.status, 200, "{}", set.body);
+    let load = Load::start(cluster.nodes[leader].endpoint());
+    let (run, report) = doctor_until(&all, "learner-behind", |_, r| !findings(r, "learner-behind").is_empty());
+    load.stop();
+    http(&cluster.nodes[new], "PUT", "/debug/failpoints/fsync-delay-ms", Some("0")).unwrap();
+    assert_eq!(run.code, 1, "{report:#}");
+    let behind = findings(&report, "learner-behind");
+    assert_eq!(names(behind[0]), vec![name], "{report:#}");
+    assert!(findings(&report, "member-lagging").is_empty(), "a learner is not a lagging voter: {report:#}");
 }
