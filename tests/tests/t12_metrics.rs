@@ -96,6 +96,30 @@ async fn scrape(addr: &str) -> Scrape {
     parse(&reply.body)
 }
 
+/// A scrape as Prometheus asks for it (OpenMetrics preferred): the content type and the body.
+async fn scrape_openmetrics(addr: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).to_string())
+    };
+    let reply = tokio::time::timeout(SCRAPE_TIMEOUT, exchange).await.expect("scrape in time").expect("scrape");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("HTTP reply");
+    let content_type = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    (content_type, body.to_string())
+}
+
 /// Every etcd metric that etcd-mixin's alerts and dashboard use (and the others issue 12
 /// names), as the sample name etcd exposes, and the family's type.
 const ETCD_METRICS: &[(&str, &str)] = &[
@@ -198,6 +222,17 @@ async fn an_etcd_operators_metrics_are_served_beside_grpc_and_mean_what_they_mea
     assert_eq!(health.status, 200, "metrics URL /health: {}", health.body);
     let version = http_at(&metrics_addr, "GET", "/version", None, SCRAPE_TIMEOUT).await.expect("version");
     assert_eq!(version.status, 404, "a metrics URL serves only /metrics and /health");
+
+    eprintln!("plain scrapes get the classic text format (counters typed as x_total), Prometheus gets OpenMetrics");
+    let classic = http_at(&clients[0], "GET", "/metrics", None, SCRAPE_TIMEOUT).await.expect("scrape");
+    assert!(classic.header("content-type").is_some_and(|t| t.starts_with("text/plain")), "{:?}", classic.headers);
+    assert!(classic.body.contains("# TYPE etcd_server_proposals_failed_total counter\n"), "classic counter TYPE");
+    assert!(!classic.body.contains("# EOF"));
+    let (content_type, om) = scrape_openmetrics(&clients[0]).await;
+    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    assert!(om.contains("# TYPE etcd_server_proposals_failed counter\n"), "OpenMetrics counter TYPE");
+    assert!(om.trim_end().ends_with("# EOF"));
+    assert_etcd_names(&parse(&om), "OpenMetrics scrape of m1");
 
     eprintln!("histograms have etcd's buckets");
     let s = scrape(&clients[0]).await;

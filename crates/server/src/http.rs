@@ -76,8 +76,8 @@ async fn version() -> impl IntoResponse {
     }))
 }
 
-async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    crate::metrics::serve_metrics(State(s.metrics.clone())).await
+async fn metrics(State(s): State<Arc<HttpState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    crate::metrics::serve_metrics(State(s.metrics.clone()), headers).await
 }
 
 /// What `quorate ctl status` asks of a member beyond etcd's Maintenance.Status (schema in

@@ -31,6 +31,7 @@ use crate::registry_view::RegistryView;
 type Labels = Vec<(&'static str, String)>;
 
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub struct Metrics {
     member: Member,
@@ -386,13 +387,43 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
     Router::new().route("/metrics", get(serve_metrics)).route("/health", get(serve_health)).with_state(metrics)
 }
 
-pub async fn serve_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+/// OpenMetrics to a scraper that asks for it (Prometheus does), else Prometheus' classic text
+/// format (0.0.4), as etcd serves: what `curl` and older tools read.
+pub async fn serve_metrics(State(m): State<Arc<Metrics>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
     match m.scrape() {
-        // prometheus-client writes OpenMetrics (counters typed under their name without
-        // `_total`), so say so: Prometheus then parses it as such.
-        Ok(body) => (StatusCode::OK, [("content-type", OPENMETRICS_CONTENT_TYPE)], body),
+        Ok(body) if openmetrics => (StatusCode::OK, [("content-type", OPENMETRICS_CONTENT_TYPE)], body),
+        Ok(body) => (StatusCode::OK, [("content-type", TEXT_CONTENT_TYPE)], openmetrics_to_text(&body)),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], e.to_string()),
     }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter's family is named without `_total`
+/// and the body ends with `# EOF`. The classic format names the family as its samples
+/// (`# TYPE etcd_server_proposals_failed_total counter`) and has no `# EOF`.
+fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        om.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(om.len() + counters.len() * 16);
+    for line in om.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE ", "# UNIT "].into_iter().find(|p| line.starts_with(p));
+        match meta.and_then(|p| line[p.len()..].split_once(' ').map(|(name, rest)| (p, name, rest))) {
+            Some((p, name, rest)) if counters.contains(name) => {
+                out.push_str(&format!("{p}{name}_total {rest}\n"));
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 async fn serve_health(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
@@ -406,5 +437,21 @@ pub async fn health(member: &Member) -> (StatusCode, Json<serde_json::Value>) {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({"health": "true", "reason": ""}))),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": e.to_string()}))),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": "timed out"}))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_a_counter_family_as_its_samples_and_has_no_eof() {
+        let om = "# HELP a_seen Things seen.\n# TYPE a_seen counter\na_seen_total 3\n\
+                  # HELP b_total A gauge named like a counter.\n# TYPE b_total gauge\nb_total 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP a_seen_total Things seen.\n# TYPE a_seen_total counter\na_seen_total 3\n\
+             # HELP b_total A gauge named like a counter.\n# TYPE b_total gauge\nb_total 1\n"
+        );
     }
 }
