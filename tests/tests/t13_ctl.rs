@@ -432,3 +432,40 @@ fn a_learner_whose_disk_holds_it_back_is_reported_behind() {
     assert_eq!(names(behind[0]), vec![name], "{report:#}");
     assert!(findings(&report, "member-lagging").is_empty(), "a learner is not a lagging voter: {report:#}");
 }
+
+#[test]
+fn a_paused_member_is_down_within_the_command_timeout_and_back_once_resumed() {
+    let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let leader = cluster.wait_leader(Duration::from_secs(20)).expect("leader");
+    let paused = (leader + 1) % 3;
+    let paused_name = cluster.nodes[paused].name.clone();
+    // The paused member first: the member list must come from the next endpoint.
+    let mut eps = vec![cluster.nodes[paused].endpoint()];
+    eps.extend(cluster.nodes.iter().enumerate().filter(|(i, _)| *i != paused).map(|(_, n)| n.endpoint()));
+    let eps = eps.join(",");
+
+    eprintln!("SIGSTOP {paused_name}: it accepts connections but answers nothing");
+    cluster.signal(paused, "STOP");
+    let started = Instant::now();
+    let run = ctl(&eps, &["--dial-timeout", "1s", "--command-timeout", "1s", "doctor", "-w", "json"]);
+    let took = started.elapsed();
+    cluster.signal(paused, "CONT");
+    let report = run.json();
+    assert_eq!(run.code, 1, "{report:#}");
+    let down = findings(&report, "member-down");
+    assert_eq!(down.len(), 1, "{report:#}");
+    assert_eq!(names(down[0]), vec![paused_name.clone()], "{report:#}");
+    // Member list (one timeout on the paused member), Status and HashKV in parallel: a few
+    // timeouts, not one per request to a silent member.
+    assert!(took < Duration::from_secs(8), "doctor took {took:?} with a paused member");
+
+    eprintln!("SIGCONT: it answers again and the cluster has its quorum and leader");
+    // A log commit that spanned the pause may show as slow-disk for a minute: that commit did
+    // take that long, as the member saw it.
+    let (_, report) = doctor_until(&eps, "the paused member back", |_, r| {
+        r["findings"].as_array().unwrap().iter().all(|f| f["code"] == "slow-disk")
+    });
+    for f in findings(&report, "slow-disk") {
+        assert_eq!(names(f), vec![paused_name.clone()], "only the paused member's commits: {report:#}");
+    }
+}

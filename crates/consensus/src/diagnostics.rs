@@ -2,10 +2,16 @@
 //! Raft sees it (candidate included), how long since it last heard from the leader, and how
 //! long its recent log commits (fsyncs) took. Read-only: it never touches Raft's state.
 
+use std::time::Duration;
+
 use openraft::rt::{Instant as _, WatchReceiver as _};
 use openraft::ServerState;
 
 use crate::{Member, RaftStatus};
+
+/// The fsync p99 is over the commits of the last minute (as etcd-mixin's rate over minutes):
+/// a slow commit from long ago, or one that spanned a pause of the process, ages out.
+pub const FSYNC_WINDOW: Duration = Duration::from_secs(60);
 
 /// One member's diagnostic view of itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,7 +20,8 @@ pub struct MemberDiagnostics {
     /// Milliseconds since the leader was last heard from (on the leader: since a quorum last
     /// acknowledged it). `None` when it never was.
     pub last_leader_contact_ms: Option<u64>,
-    /// The 99th percentile of the recent log commits (each one fsync), in microseconds.
+    /// The 99th percentile of the log commits (each one fsync) of the last `FSYNC_WINDOW`, in
+    /// microseconds.
     pub fsync_p99_us: Option<u64>,
     /// How many commits `fsync_p99_us` is taken over.
     pub fsync_samples: usize,
@@ -43,7 +50,10 @@ impl Member {
                 contact.map(|t| t.elapsed().as_millis() as u64)
             }
         };
-        let samples: Vec<u64> = self.inner.log.stats.recent_commit_us.lock().unwrap().iter().copied().collect();
+        let samples: Vec<u64> = {
+            let recent = self.inner.log.stats.recent_commit_us.lock().unwrap();
+            recent.iter().filter(|(at, _)| at.elapsed() <= FSYNC_WINDOW).map(|(_, us)| *us).collect()
+        };
         MemberDiagnostics {
             raft,
             last_leader_contact_ms,

@@ -83,8 +83,9 @@ pub struct LogStats {
     pub durable_commits: std::sync::atomic::AtomicU64,
     /// Log entries made durable.
     pub entries: std::sync::atomic::AtomicU64,
-    /// The last `FSYNC_SAMPLES_MAX` batch commit times in microseconds, for `ctl status`.
-    pub recent_commit_us: Mutex<std::collections::VecDeque<u64>>,
+    /// The last `FSYNC_SAMPLES_MAX` batch commits (when each ended, microseconds it took), for
+    /// `ctl status`.
+    pub recent_commit_us: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
 }
 
 /// Batch commit times kept for the fsync p99 that `ctl status` shows.
@@ -96,7 +97,7 @@ impl LogStats {
         if recent.len() == FSYNC_SAMPLES_MAX {
             recent.pop_front();
         }
-        recent.push_back(took.as_micros() as u64);
+        recent.push_back((std::time::Instant::now(), took.as_micros() as u64));
     }
 }
 
