@@ -322,6 +322,28 @@ async fn an_etcd_operators_metrics_are_served_beside_grpc_and_mean_what_they_mea
             assert!(s.value("quorate_registry_instances", &[("state", state)]).is_some(), "instances {state}");
         }
     }
+    let reply = http_at(
+        &https[0],
+        "PUT",
+        "/v1/agent/service/register",
+        Some(r#"{"ID":"metrics-1","Name":"metrics","Address":"127.0.0.1","Port":9,"Check":{"TTL":"600s"}}"#),
+        SCRAPE_TIMEOUT,
+    )
+    .await
+    .expect("register");
+    assert_eq!(reply.status, 200, "register: {}", reply.body);
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let counted = futures_join(&clients)
+            .await
+            .iter()
+            .all(|s| s.all("quorate_registry_instances").iter().map(|x| x.value).sum::<f64>() == 1.0);
+        if counted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the registered instance is not counted on every member");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let expired_before = all[leader].get("quorate_leases_expired_total");
     let out = etcdctl(&clients[leader], &["lease", "grant", "2"]);
     assert!(out.ok, "lease grant: {}", out.stderr);

@@ -26,7 +26,6 @@ use serde_json::json;
 
 use crate::grpc_metrics::GrpcMetrics;
 use crate::process_metrics::ProcessMetrics;
-use crate::registry_view::RegistryView;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -38,7 +37,8 @@ pub struct Metrics {
     data_dir: PathBuf,
     registry: Registry,
     reaper: Arc<crate::reaper::ReaperStats>,
-    registry_view: Mutex<RegistryView>,
+    /// Instances by state and brake-held instances by zone, at the revision they were counted.
+    instance_counts: Mutex<InstanceCounts>,
     pub grpc: GrpcMetrics,
     process: ProcessMetrics,
     // quorate_* (kept as they were before the etcd set)
@@ -269,7 +269,7 @@ impl Metrics {
             data_dir,
             registry,
             reaper,
-            registry_view: Mutex::new(RegistryView::new()),
+            instance_counts: Mutex::new(InstanceCounts { revision: -1, ..Default::default() }),
             grpc,
             process,
             term,
@@ -350,36 +350,66 @@ impl Metrics {
             .sum()
     }
 
+    /// Count registry instances by state, once per store revision (heartbeats renew leases
+    /// without writing, so at rest a scrape decodes nothing). Only the fields counted are
+    /// decoded.
     fn count_instances(&self) {
-        let mut by_state = std::collections::BTreeMap::<&'static str, i64>::new();
-        let mut held = std::collections::BTreeMap::<String, i64>::new();
-        {
-            let mut view = self.registry_view.lock().unwrap();
-            for r in view.records(&self.member) {
-                let state = if r.instance.suspect {
-                    "suspect"
-                } else {
-                    match r.instance.health {
-                        quorate_registry::Health::Passing => "passing",
-                        quorate_registry::Health::Warning => "warning",
-                        quorate_registry::Health::Critical => "critical",
-                    }
+        use quorate_kv::RangeRequest;
+        let mut counts = self.instance_counts.lock().unwrap();
+        let prefix = quorate_registry::REGISTRY_PREFIX.as_bytes().to_vec();
+        let req = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
+        let cached = counts.revision;
+        let fresh = self.member.read(|s| {
+            let revision = s.revision();
+            (revision != cached).then(|| (revision, s.range(&req).map(|r| r.kvs).unwrap_or_default()))
+        });
+        if let Some((revision, kvs)) = fresh {
+            let mut by_state = std::collections::BTreeMap::new();
+            let mut held = std::collections::BTreeMap::new();
+            for kv in kvs {
+                let Ok(i) = serde_json::from_slice::<InstanceState>(&kv.value) else { continue };
+                let state = match (i.suspect, i.health) {
+                    (true, _) => "suspect",
+                    (false, quorate_registry::Health::Passing) => "passing",
+                    (false, quorate_registry::Health::Warning) => "warning",
+                    (false, quorate_registry::Health::Critical) => "critical",
                 };
-                *by_state.entry(state).or_default() += 1;
-                if r.instance.brake_hold.is_some() {
-                    *held.entry(r.instance.zone.clone()).or_default() += 1;
+                *by_state.entry(state).or_insert(0) += 1;
+                if i.brake_hold.is_some() {
+                    *held.entry(i.zone).or_insert(0) += 1;
                 }
             }
+            *counts = InstanceCounts { revision, by_state, held };
         }
         // Every state is exported, zeros included, so a rate or a sum never loses a series.
         for state in ["passing", "warning", "critical", "suspect"] {
-            self.instances.get_or_create(&vec![("state", state.to_string())]).set(*by_state.get(state).unwrap_or(&0));
+            self.instances
+                .get_or_create(&vec![("state", state.to_string())])
+                .set(*counts.by_state.get(state).unwrap_or(&0));
         }
         self.brake_held.clear();
-        for (zone, n) in held {
-            self.brake_held.get_or_create(&vec![("zone", zone)]).set(n);
+        for (zone, n) in &counts.held {
+            self.brake_held.get_or_create(&vec![("zone", zone.clone())]).set(*n);
         }
     }
+}
+
+#[derive(Default)]
+struct InstanceCounts {
+    revision: i64,
+    by_state: std::collections::BTreeMap<&'static str, i64>,
+    held: std::collections::BTreeMap<String, i64>,
+}
+
+/// The fields of a stored `quorate_registry::Instance` that the metrics count.
+#[derive(serde::Deserialize)]
+struct InstanceState {
+    zone: String,
+    health: quorate_registry::Health,
+    #[serde(default)]
+    suspect: bool,
+    #[serde(default)]
+    brake_hold: Option<serde::de::IgnoredAny>,
 }
 
 /// `/metrics` and `/health` alone: what the client port and `--listen-metrics-urls` serve.
