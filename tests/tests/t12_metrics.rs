@@ -408,6 +408,9 @@ async fn an_etcd_operators_metrics_are_served_beside_grpc_and_mean_what_they_mea
             "peer round-trip buckets"
         );
         assert!(s.value("etcd_network_peer_sent_failures_total", &[("To", id)]).is_some(), "sent failures to {id}");
+        // One host, one clock: the measured offset is within the probe's error, far below 1 s.
+        let offset = s.value("quorate_network_peer_clock_offset_seconds", &[("To", id)]).expect("clock offset");
+        assert!(offset.abs() < 1.0, "clock offset to m{}: {offset} s", i + 1);
     }
     let to: Vec<&String> =
         s.all("etcd_network_peer_round_trip_time_seconds_count").iter().map(|x| &x.labels["To"]).collect();

@@ -157,7 +157,9 @@ enum ForwardResp {
     /// at the leader to the end of the window in which the promise may reach the client;
     /// `None` when the lease does not exist.
     KeepAlive(Option<(i64, u64)>),
-    Probe,
+    /// The prober's answer: the answering member's wall clock, in microseconds since the Unix
+    /// epoch (for the clock offset operators see; nothing in consensus reads it).
+    Probe(i64),
 }
 
 struct Inner {
@@ -178,6 +180,11 @@ struct Inner {
 /// Answers application calls from other members (`Member::call_member`).
 pub trait AppHandler: Send + Sync + 'static {
     fn call(&self, method: String, payload: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
+}
+
+/// This member's wall clock in microseconds since the Unix epoch (shown to people only).
+fn wall_clock_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 /// How often each member times a round trip to every other member (etcd probes every few
@@ -555,16 +562,24 @@ impl Member {
             let probes = peers.into_iter().map(|(id, node)| {
                 let me = self.clone();
                 async move {
-                    let sent = std::time::Instant::now();
-                    let answered =
-                        matches!(me.send_forward(&node, &ForwardReq::Probe, timeout).await, Ok(ForwardResp::Probe));
+                    let (sent, sent_wall_us) = (std::time::Instant::now(), wall_clock_us());
+                    let answer = me.send_forward(&node, &ForwardReq::Probe, timeout).await;
+                    let rtt = sent.elapsed();
                     let to = metrics::to_peer(id);
                     // Every peer has a failures series from its first probe, zero included.
                     let failures = me.inner.metrics.peer_sent_failures.get_or_create(&to);
-                    if answered {
-                        me.inner.metrics.peer_rtt_seconds.get_or_create(&to).observe(sent.elapsed().as_secs_f64());
-                    } else {
-                        failures.inc();
+                    match answer {
+                        Ok(ForwardResp::Probe(peer_wall_us)) => {
+                            me.inner.metrics.peer_rtt_seconds.get_or_create(&to).observe(rtt.as_secs_f64());
+                            // The peer read its clock somewhere in the round trip: the middle
+                            // is the best guess, within half the round trip.
+                            let midpoint_us = sent_wall_us + rtt.as_micros() as i64 / 2;
+                            let offset_s = (peer_wall_us - midpoint_us) as f64 / 1e6;
+                            me.inner.metrics.peer_clock_offset_seconds.get_or_create(&to).set(offset_s);
+                        }
+                        _ => {
+                            failures.inc();
+                        }
                     }
                 }
             });
@@ -805,7 +820,7 @@ impl Member {
                     None => ForwardResp::App(Err("no application handler on this member".into())),
                 }
             }
-            ForwardReq::Probe => ForwardResp::Probe,
+            ForwardReq::Probe => ForwardResp::Probe(wall_clock_us()),
         }
     }
 

@@ -51,6 +51,9 @@ pub struct ConsensusMetrics {
     pub backend_commit_seconds: Histogram,
     /// Peer RPC round trips that were answered, by peer.
     pub peer_rtt_seconds: Family<PeerLabels, Histogram, fn() -> Histogram>,
+    /// The peer's wall clock minus this member's, as the last probe measured it, by peer
+    /// (within half that probe's round trip).
+    pub peer_clock_offset_seconds: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Peer RPCs and append streams that failed, by peer.
     pub peer_sent_failures: Family<PeerLabels, Counter>,
     /// Proposals this member has handed to Raft (or forwarded) that have not finished.
@@ -88,6 +91,7 @@ impl Default for ConsensusMetrics {
             backend_commit_seconds: disk_histogram(),
             peer_rtt_seconds: Family::new_with_constructor(peer_rtt_histogram),
             peer_sent_failures: Family::default(),
+            peer_clock_offset_seconds: Family::default(),
             proposals_pending: Gauge::default(),
             proposals_failed: Counter::default(),
             leader_changes: Counter::default(),

@@ -160,6 +160,11 @@ impl Metrics {
                 c.leases_expired.clone(),
             );
             q.register(
+                "network_peer_clock_offset_seconds",
+                "The peer's wall clock minus this member's, from the last probe (within half its round trip), by peer (To)",
+                c.peer_clock_offset_seconds.clone(),
+            );
+            q.register(
                 "fencing_refusals",
                 "Applied commands fencing made no-ops: token (a fenced write whose lock is gone), stale_term (a deposed leader's eviction or lease expiry)",
                 c.fencing_refusals.clone(),
