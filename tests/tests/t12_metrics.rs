@@ -444,3 +444,55 @@ async fn futures_join(addrs: &[String]) -> Vec<Scrape> {
     }
     out
 }
+
+/// libfaketime, as Debian's `faketime` package installs it.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_member_measures_its_peers_wall_clock_offset() {
+    assert!(std::path::Path::new(LIBFAKETIME).exists(), "{LIBFAKETIME} missing: apt-get install faketime");
+    let mut cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let clients: Vec<String> = cluster.nodes.iter().map(|n| n.endpoint()).collect();
+
+    eprintln!("restart m3 with its wall clock 30 s ahead (monotonic clock untouched)");
+    cluster.stop(2);
+    cluster.nodes[2].env = vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        ("FAKETIME".into(), "+30s".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    cluster.spawn(2).expect("respawn under faketime");
+    cluster.wait_ready(Duration::from_secs(20)).expect("ready");
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for addr in &clients {
+            ids.push(scrape(addr).await.all("etcd_server_id")[0].labels["server_id"].clone());
+        }
+        ids
+    };
+
+    eprintln!("m1 and m2 see m3 30 s ahead; m3 sees them 30 s behind; m1 and m2 agree");
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let mut seen = Vec::new();
+        for (i, addr) in clients.iter().enumerate() {
+            let s = scrape(addr).await;
+            for (j, id) in ids.iter().enumerate().filter(|(j, _)| *j != i) {
+                seen.push((i, j, s.value("quorate_network_peer_clock_offset_seconds", &[("To", id)])));
+            }
+        }
+        let right = seen.iter().all(|(i, j, offset)| {
+            let want = match (*i, *j) {
+                (_, 2) => 30.0,
+                (2, _) => -30.0,
+                _ => 0.0,
+            };
+            offset.is_some_and(|o| (o - want).abs() < 2.0)
+        });
+        if right {
+            break;
+        }
+        assert!(Instant::now() < deadline, "offsets (from, to, seconds): {seen:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
