@@ -102,6 +102,21 @@ async fn a_zone_going_quiet_is_held_not_evicted() {
     assert!(silent_a.iter().all(|id| !healthy.contains_key(id)), "suspects are not offered as healthy");
     let leader = c.wait_leader(Duration::from_secs(5)).unwrap();
     assert_eq!(metric(&c.nodes[leader], "quorate_registry_brake_engaged_zones").unwrap(), 1.0);
+    // Every member, not only the leader, shows the held zone (replicated brake state) and the
+    // suspects among its instances.
+    for n in &c.nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let engaged = metric(n, r#"quorate_registry_brake_engaged{zone="a",cause="lease"}"#).unwrap_or(0.0);
+            let suspects = metric(n, r#"quorate_registry_instances{state="suspect"}"#).unwrap_or(0.0);
+            if engaged == 1.0 && suspects >= 1.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}: brake engaged {engaged}, suspects {suspects}", n.name);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(metric(n, r#"quorate_registry_brake_engaged{zone="b",cause="lease"}"#).unwrap_or(0.0) == 0.0);
+    }
     assert!(c.log(leader).contains("eviction brake engaged"));
 
     eprintln!("half of them come back (register again); the rest stay held until the maximum hold");

@@ -109,7 +109,7 @@ impl SharedBrake {
     }
 }
 
-fn read_state(member: &Member) -> BrakeState {
+pub(crate) fn read_state(member: &Member) -> BrakeState {
     let req = RangeRequest { key: BRAKE_STATE_KEY.as_bytes().to_vec(), ..Default::default() };
     member
         .read(|s| {

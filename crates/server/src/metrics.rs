@@ -58,6 +58,8 @@ pub struct Metrics {
     apply_lag: Gauge,
     instances: Family<Labels, Gauge>,
     brake_held: Family<Labels, Gauge>,
+    brake_engaged: Family<Labels, Gauge>,
+    brake_engaged_seconds: Family<Labels, Gauge>,
     // etcd_*
     etcd_has_leader: Gauge,
     etcd_is_leader: Gauge,
@@ -87,6 +89,8 @@ impl Metrics {
             (Counter::default(), Counter::default(), Counter::default(), Counter::default());
         let (brake_engaged_zones, apply_lag) = (g(), g());
         let (instances, brake_held) = (Family::<Labels, Gauge>::default(), Family::<Labels, Gauge>::default());
+        let (brake_engaged, brake_engaged_seconds) =
+            (Family::<Labels, Gauge>::default(), Family::<Labels, Gauge>::default());
         {
             let q = registry.sub_registry_with_prefix("quorate");
             q.register("storage_log_commits", "Durable (fsynced) commits of the Raft log", log_commits.clone());
@@ -168,6 +172,16 @@ impl Metrics {
                 "fencing_refusals",
                 "Applied commands fencing made no-ops: token (a fenced write whose lock is gone), stale_term (a deposed leader's eviction or lease expiry)",
                 c.fencing_refusals.clone(),
+            );
+            q.register(
+                "registry_brake_engaged",
+                "1 while the eviction brake holds this zone (cause: lease for expiries, checks for failing checks), from the replicated brake state: the same on every member",
+                brake_engaged.clone(),
+            );
+            q.register(
+                "registry_brake_engaged_seconds",
+                "How long the brake has held this zone, as of its last replicated checkpoint (once a second while held)",
+                brake_engaged_seconds.clone(),
             );
             q.register(
                 "registry_instances",
@@ -292,6 +306,8 @@ impl Metrics {
             apply_lag,
             instances,
             brake_held,
+            brake_engaged,
+            brake_engaged_seconds,
             etcd_has_leader,
             etcd_is_leader,
             etcd_is_learner,
@@ -339,6 +355,7 @@ impl Metrics {
         self.marked_suspect.inc_by(self.reaper.marked_suspect.load(Relaxed).saturating_sub(self.marked_suspect.get()));
         self.brake_engaged_zones.set(self.reaper.brake_engaged_zones.load(Relaxed) as i64);
         self.count_instances();
+        self.read_brake();
         self.process.refresh();
         let mut body = String::new();
         encode(&mut body, &self.registry)?;
@@ -395,6 +412,25 @@ impl Metrics {
         self.brake_held.clear();
         for (zone, n) in &counts.held {
             self.brake_held.get_or_create(&vec![("zone", zone.clone())]).set(*n);
+        }
+    }
+}
+
+impl Metrics {
+    /// Each zone the replicated brake state knows: held or not, and for how long.
+    fn read_brake(&self) {
+        let state = crate::brake_state::read_state(&self.member);
+        self.brake_engaged.clear();
+        self.brake_engaged_seconds.clear();
+        for (zone, z) in state.zones {
+            let cause = match &z.engaged {
+                Some(e) if e.by_checks => "checks",
+                _ => "lease",
+            };
+            let labels = vec![("zone", zone), ("cause", cause.to_string())];
+            self.brake_engaged.get_or_create(&labels).set(z.engaged.is_some() as i64);
+            let held_s = z.engaged.as_ref().map_or(0, |e| e.held_ms / 1000);
+            self.brake_engaged_seconds.get_or_create(&labels).set(held_s as i64);
         }
     }
 }
