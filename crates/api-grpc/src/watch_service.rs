@@ -28,6 +28,10 @@ use crate::Ctx;
 /// the codec hands to the slow lane, so a batch encodes on the runtime in tens of microseconds.
 const REPLAY_BATCH_REVS_MAX: usize = 1000;
 const REPLAY_BATCH_BYTES_MAX: usize = crate::codec::ENCODE_OFF_WORKER_BYTES / 2;
+/// Batches converted per step of a replay (about 1 MiB at most): what a replay holds at once.
+const REPLAY_BATCHES_PER_STEP: usize = 8;
+/// Replays with up to this many events left are converted on the runtime.
+const REPLAY_INLINE_EVENTS_MAX: usize = 1024;
 
 /// Responses queued for one stream before the stream stops reading live events.
 pub const WATCH_STREAM_QUEUED_MAX: usize = 256;
@@ -73,6 +77,17 @@ impl Filter {
             && !(self.no_put && e.kind == EventKind::Put)
             && !(self.no_delete && e.kind == EventKind::Delete)
     }
+}
+
+/// Up to `REPLAY_BATCHES_PER_STEP` responses of a replay from `events[next..]`, and where the
+/// next step starts.
+fn next_batches(
+    events: &[Event],
+    mut next: usize,
+    filter: &Filter,
+) -> (Vec<(i64, Vec<crate::pb::mvccpb::Event>)>, usize) {
+    let batches = std::iter::from_fn(|| next_batch(events, &mut next, filter)).take(REPLAY_BATCHES_PER_STEP).collect();
+    (batches, next)
 }
 
 /// The next response of a replay, from `events[*next..]` (in revision order): (header
@@ -216,9 +231,23 @@ impl Session {
                 // revision made a replay of 100k revisions 100k messages). Each batch is built
                 // just before it is sent, so a replay holds one converted batch at a time (the
                 // events themselves share the store's values).
+                // A long replay is converted in the slow lane, a few batches at a time.
+                let events = Arc::new(events);
                 let mut next = 0;
-                while let Some((rev, events)) = next_batch(&events, &mut next, &w.filter) {
-                    self.send(pb::WatchResponse { events, ..self.response(id, rev) }).await?;
+                loop {
+                    let (batches, after) = if events.len() - next <= REPLAY_INLINE_EVENTS_MAX {
+                        next_batches(&events, next, &w.filter)
+                    } else {
+                        let (events, filter) = (events.clone(), w.filter.clone());
+                        crate::lane::off_runtime(move || next_batches(&events, next, &filter)).await
+                    };
+                    if batches.is_empty() {
+                        break;
+                    }
+                    for (rev, events) in batches {
+                        self.send(pb::WatchResponse { events, ..self.response(id, rev) }).await?;
+                    }
+                    next = after;
                 }
                 w.next_rev = w.next_rev.max(current + 1);
                 Ok(true)
@@ -378,6 +407,24 @@ mod tests {
             replay_batches(&events, &all("a/")),
             vec![(10, replay_batches(&events[..10], &all("a/"))[0].1.clone())]
         );
+    }
+
+    #[test]
+    fn a_replay_in_steps_sends_the_same_batches_a_few_at_a_time() {
+        let events: Vec<Event> = (1..=10_000).map(|rev| ev(rev, "a/x", 300)).collect();
+        let f = all("a/");
+        let (mut stepped, mut next, mut steps) = (Vec::new(), 0, 0);
+        loop {
+            let (batches, after) = next_batches(&events, next, &f);
+            if batches.is_empty() {
+                break;
+            }
+            assert!(batches.len() <= REPLAY_BATCHES_PER_STEP);
+            stepped.extend(batches);
+            (next, steps) = (after, steps + 1);
+        }
+        assert_eq!(stepped, replay_batches(&events, &f));
+        assert!(steps > 1, "one step held the whole replay");
     }
 
     #[test]
