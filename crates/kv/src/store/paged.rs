@@ -118,23 +118,36 @@ impl Store {
     /// The next page of HashKV. `Compacted` if a compaction ran since the scan began: the
     /// versions it hashed are no longer the ones a member would hash now, so start again.
     pub fn hash_step(&self, scan: &mut HashScan, keys_max: usize) -> Result<(), KvError> {
-        if self.compact_revision != scan.compact_revision {
-            return Err(KvError::Compacted { requested: scan.rev, compacted: self.compact_revision });
+        // Shares the versions; the hashing, which reads every value, runs in `hash_pending`.
+        self.versions_step(scan.rev, scan.compact_revision, &mut scan.cursor, keys_max, &mut scan.pending)
+    }
+
+    /// One page of every key's versions up to `rev` (shared, not copied): what HashKV and a
+    /// snapshot both collect. `Compacted` if the compaction revision moved since the scan began.
+    fn versions_step(
+        &self,
+        rev: i64,
+        compact_revision: i64,
+        cursor: &mut Cursor,
+        keys_max: usize,
+        out: &mut Vec<(Key, Vec<Rec>)>,
+    ) -> Result<(), KvError> {
+        if self.compact_revision != compact_revision {
+            return Err(KvError::Compacted { requested: rev, compacted: self.compact_revision });
         }
         let mut visited = 0;
         let mut last = None;
-        let after = scan.cursor.after.take();
+        let after = cursor.after.take();
         for (k, recs) in self.page(&[0], &[0], after.as_deref(), keys_max) {
             visited += 1;
             last = Some(k);
-            // Shares the versions; the hashing, which reads every value, runs in `hash_pending`.
-            let upto = recs.partition_point(|r| r.rev <= scan.rev);
+            let upto = recs.partition_point(|r| r.rev <= rev);
             if upto > 0 {
-                scan.pending.push((k.clone(), recs[..upto].to_vec()));
+                out.push((k.clone(), recs[..upto].to_vec()));
             }
         }
-        scan.cursor.done = visited < keys_max;
-        scan.cursor.after = last.cloned().or(after);
+        cursor.done = visited < keys_max;
+        cursor.after = last.cloned().or(after);
         Ok(())
     }
 }
@@ -426,23 +439,7 @@ impl Store {
     /// The next page of a snapshot's copy: shares the versions (no value is copied).
     /// `Compacted` if a compaction ran since the scan began.
     pub fn snapshot_step(&self, scan: &mut SnapshotScan, keys_max: usize) -> Result<(), KvError> {
-        if self.compact_revision != scan.compact_revision {
-            return Err(KvError::Compacted { requested: scan.rev, compacted: self.compact_revision });
-        }
-        let mut visited = 0;
-        let mut last = None;
-        let after = scan.cursor.after.take();
-        for (k, recs) in self.page(&[0], &[0], after.as_deref(), keys_max) {
-            visited += 1;
-            last = Some(k);
-            let upto = recs.partition_point(|r| r.rev <= scan.rev);
-            if upto > 0 {
-                scan.keys.push((k.clone(), recs[..upto].to_vec()));
-            }
-        }
-        scan.cursor.done = visited < keys_max;
-        scan.cursor.after = last.cloned().or(after);
-        Ok(())
+        self.versions_step(scan.rev, scan.compact_revision, &mut scan.cursor, keys_max, &mut scan.keys)
     }
 }
 
