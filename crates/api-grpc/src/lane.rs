@@ -62,8 +62,10 @@ pub async fn off_runtime<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'stat
     }
 }
 
+/// Nice 19 for the calling thread only (Linux keeps the nice value per thread; elsewhere a
+/// no-op).
 #[cfg(target_os = "linux")]
-fn lower_this_thread() {
+pub fn lower_this_thread() {
     // SAFETY: plain syscalls on this thread's own id; failure leaves the priority as it was.
     unsafe {
         let tid = libc::gettid();
@@ -72,7 +74,7 @@ fn lower_this_thread() {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_this_thread() {}
+pub fn lower_this_thread() {}
 
 /// This thread's nice value (Linux), for tests.
 #[cfg(all(test, target_os = "linux"))]

@@ -8,7 +8,7 @@ mod authority;
 pub mod codec;
 mod convert;
 mod kv_service;
-mod lane;
+pub mod lane;
 mod lease_service;
 mod lock_service;
 mod maintenance_service;

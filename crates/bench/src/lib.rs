@@ -252,14 +252,6 @@ pub async fn preload(cfg: &BenchConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Nice 19 for the calling thread only (Linux keeps the nice value per thread).
-fn lower_this_thread() {
-    // SAFETY: plain syscalls on this thread's own id; failure leaves the priority as it was.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
-    }
-}
-
 /// Repeats `reader`'s long read on its own connection until `stop`; returns how many finished.
 /// A failed read ends the loop with the error: a reader that stops reading measures nothing.
 async fn long_reads(ch: Channel, reader: Reader, stop: Arc<AtomicBool>) -> Result<u64, tonic::Status> {
@@ -332,7 +324,7 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) 
             let (endpoint, stop, niced) = (cfg.endpoints[0].clone(), stop.clone(), cfg.reader_niced);
             Some(std::thread::spawn(move || -> anyhow::Result<u64> {
                 if niced {
-                    lower_this_thread();
+                    quorate_api_grpc::lane::lower_this_thread();
                 }
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
