@@ -83,22 +83,22 @@ impl<T: Message> Encoder for LargeOffWorker<T> {
     type Error = Status;
 
     fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        let large = item_is_large(&item);
-        let mut encode = move || item.encode(buf).map_err(|e| Status::internal(format!("encoding a message: {e}")));
-        if large && on_multi_thread_runtime() {
+        // The length is computed once (prost's `encode` would compute it again to check room;
+        // the buffer grows as needed).
+        let len = item.encoded_len();
+        buf.reserve(len);
+        let mut encode = move || item.encode_raw(buf);
+        if len >= ENCODE_OFF_WORKER_BYTES && on_multi_thread_runtime() {
             tokio::task::block_in_place(|| crate::lane::low_priority(encode))
         } else {
             encode()
         }
+        Ok(())
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::default()
     }
-}
-
-fn item_is_large<T: Message>(item: &T) -> bool {
-    item.encoded_len() >= ENCODE_OFF_WORKER_BYTES
 }
 
 /// `block_in_place` panics on a current-thread runtime (tests and some clients use one).
@@ -137,8 +137,8 @@ mod tests {
 
     #[test]
     fn only_large_messages_leave_the_worker() {
-        assert!(!item_is_large(&range_response(10)));
-        assert!(item_is_large(&range_response(2_000)));
+        assert!(range_response(10).encoded_len() < ENCODE_OFF_WORKER_BYTES);
+        assert!(range_response(2_000).encoded_len() >= ENCODE_OFF_WORKER_BYTES);
     }
 
     /// A message whose encoding lasts until another task on the runtime has run 100 times
