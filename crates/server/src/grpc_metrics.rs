@@ -97,6 +97,59 @@ fn code_name(code: &[u8]) -> &'static str {
     }
 }
 
+/// Every method the etcd API defines (rpc.proto, v3lock.proto, v3election.proto): only these get
+/// series of their own, so a client calling made-up paths cannot grow the families without end.
+const KNOWN_METHODS: &[&str] = &[
+    "/etcdserverpb.KV/Range",
+    "/etcdserverpb.KV/Put",
+    "/etcdserverpb.KV/DeleteRange",
+    "/etcdserverpb.KV/Txn",
+    "/etcdserverpb.KV/Compact",
+    "/etcdserverpb.Watch/Watch",
+    "/etcdserverpb.Lease/LeaseGrant",
+    "/etcdserverpb.Lease/LeaseRevoke",
+    "/etcdserverpb.Lease/LeaseKeepAlive",
+    "/etcdserverpb.Lease/LeaseTimeToLive",
+    "/etcdserverpb.Lease/LeaseLeases",
+    "/etcdserverpb.Cluster/MemberAdd",
+    "/etcdserverpb.Cluster/MemberRemove",
+    "/etcdserverpb.Cluster/MemberUpdate",
+    "/etcdserverpb.Cluster/MemberList",
+    "/etcdserverpb.Cluster/MemberPromote",
+    "/etcdserverpb.Maintenance/Alarm",
+    "/etcdserverpb.Maintenance/Status",
+    "/etcdserverpb.Maintenance/Defragment",
+    "/etcdserverpb.Maintenance/Hash",
+    "/etcdserverpb.Maintenance/HashKV",
+    "/etcdserverpb.Maintenance/Snapshot",
+    "/etcdserverpb.Maintenance/MoveLeader",
+    "/etcdserverpb.Maintenance/Downgrade",
+    "/etcdserverpb.Auth/AuthEnable",
+    "/etcdserverpb.Auth/AuthDisable",
+    "/etcdserverpb.Auth/AuthStatus",
+    "/etcdserverpb.Auth/Authenticate",
+    "/etcdserverpb.Auth/UserAdd",
+    "/etcdserverpb.Auth/UserGet",
+    "/etcdserverpb.Auth/UserList",
+    "/etcdserverpb.Auth/UserDelete",
+    "/etcdserverpb.Auth/UserChangePassword",
+    "/etcdserverpb.Auth/UserGrantRole",
+    "/etcdserverpb.Auth/UserRevokeRole",
+    "/etcdserverpb.Auth/RoleAdd",
+    "/etcdserverpb.Auth/RoleGet",
+    "/etcdserverpb.Auth/RoleList",
+    "/etcdserverpb.Auth/RoleDelete",
+    "/etcdserverpb.Auth/RoleGrantPermission",
+    "/etcdserverpb.Auth/RoleRevokePermission",
+    "/v3lockpb.Lock/Lock",
+    "/v3lockpb.Lock/Unlock",
+    "/v3electionpb.Election/Campaign",
+    "/v3electionpb.Election/Proclaim",
+    "/v3electionpb.Election/Leader",
+    "/v3electionpb.Election/Observe",
+    "/v3electionpb.Election/Resign",
+];
+
 /// One call between its start and its status.
 struct Call {
     metrics: GrpcMetrics,
@@ -105,12 +158,14 @@ struct Call {
 }
 
 impl Call {
-    /// `/etcdserverpb.KV/Put` into its service and method; `None` for anything else.
+    /// `/etcdserverpb.KV/Put` into its service and method (a path the API does not define counts
+    /// as service and method `unknown`); `None` for anything that is not a gRPC path.
     fn start(metrics: &GrpcMetrics, path: &str) -> Option<Call> {
         let (service, method) = path.strip_prefix('/')?.split_once('/')?;
         if service.is_empty() || method.is_empty() || method.contains('/') {
             return None;
         }
+        let (service, method) = if KNOWN_METHODS.contains(&path) { (service, method) } else { ("unknown", "unknown") };
         let labels = vec![
             ("grpc_type", grpc_type(service, method).to_string()),
             ("grpc_service", service.to_string()),
@@ -262,6 +317,23 @@ mod tests {
         assert_eq!(handled(&m, "etcdserverpb.Watch", "Watch", "bidi_stream", "Unavailable"), 1);
         assert!(Call::start(&m, "/metrics").is_none());
         assert!(Call::start(&m, "/a/b/c").is_none());
+    }
+
+    /// Made-up paths share one series: however many a client invents, the families stay bounded.
+    #[test]
+    fn paths_the_api_does_not_define_share_one_series() {
+        let m = GrpcMetrics::default();
+        for i in 0..1000 {
+            Call::start(&m, &format!("/x.Y/m{i}")).unwrap().finish(code_name(b"12"));
+            Call::start(&m, &format!("/etcdserverpb.KV/Nope{i}")).unwrap().finish(code_name(b"12"));
+        }
+        assert_eq!(handled(&m, "unknown", "unknown", "unary", "Unimplemented"), 2000);
+        let mut text = String::new();
+        let mut r = Registry::default();
+        m.register(&mut r);
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        assert!(text.lines().filter(|l| l.starts_with("grpc_server_handled_total{")).count() <= 2, "{text}");
+        assert!(KNOWN_METHODS.iter().all(|p| Call::start(&m, p).is_some()));
     }
 
     #[test]
