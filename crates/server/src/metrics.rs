@@ -348,11 +348,10 @@ impl Metrics {
         self.etcd_db_in_use.set(in_use as i64);
         self.etcd_db_total_size.set(self.db_files_bytes() as i64);
         let (commits, entries) = self.member.log_stats();
-        // Counters only move forward: add what happened since the last scrape.
-        self.log_commits.inc_by(commits.saturating_sub(self.log_commits.get()));
-        self.log_entries.inc_by(entries.saturating_sub(self.log_entries.get()));
-        self.evicted.inc_by(self.reaper.evicted.load(Relaxed).saturating_sub(self.evicted.get()));
-        self.marked_suspect.inc_by(self.reaper.marked_suspect.load(Relaxed).saturating_sub(self.marked_suspect.get()));
+        catch_up(&self.log_commits, commits);
+        catch_up(&self.log_entries, entries);
+        catch_up(&self.evicted, self.reaper.evicted.load(Relaxed));
+        catch_up(&self.marked_suspect, self.reaper.marked_suspect.load(Relaxed));
         self.brake_engaged_zones.set(self.reaper.brake_engaged_zones.load(Relaxed) as i64);
         self.count_instances();
         self.read_brake();
@@ -511,9 +510,40 @@ pub async fn health(member: &Member) -> (StatusCode, Json<serde_json::Value>) {
     }
 }
 
+/// Bring a counter up to a total counted elsewhere (counters only move forward: add what happened
+/// since). Serialised: scrapes arrive on several listeners at once, and two that both read the
+/// old value would both add the difference, leaving the counter above the total for good.
+fn catch_up(counter: &prometheus_client::metrics::counter::Counter, total: u64) {
+    catch_up_pausing(counter, total, || {})
+}
+
+/// `catch_up` with a pause between reading the counter and adding to it (tests widen the race).
+fn catch_up_pausing(counter: &prometheus_client::metrics::counter::Counter, total: u64, pause: impl Fn()) {
+    static CATCHING_UP: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = CATCHING_UP.lock().unwrap_or_else(|e| e.into_inner());
+    let have = counter.get();
+    pause();
+    counter.inc_by(total.saturating_sub(have));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Concurrent scrapes bring a counter to the total, never past it.
+    #[test]
+    fn concurrent_catch_ups_never_overshoot_the_total() {
+        // Two scrapes that both read the counter before either adds: the race, made certain.
+        let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| catch_up_pausing(&counter, 10, || std::thread::sleep(std::time::Duration::from_millis(50))));
+            }
+        });
+        assert_eq!(counter.get(), 10);
+        catch_up(&counter, 25);
+        assert_eq!(counter.get(), 25);
+    }
 
     #[test]
     fn classic_text_names_a_counter_family_as_its_samples_and_has_no_eof() {
