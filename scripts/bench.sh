@@ -13,14 +13,18 @@
 #        table of 1-client put latency while one more client repeats each long read on the
 #        leader, against the same run without one: issue 11's "no client stalls writes by reading"),
 #        BENCH_READER_NICE (1: the reading client runs at nice 19, as if on another host),
+#        BENCH_BIN (a quorate binary already built, for load generator and members alike; skips
+#        the build: to measure while the tree is being edited),
 #        BENCH_SERVER_BIN (the quorate binary the members run, default the one built here: to
 #        measure an older build with today's load generator)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
-cargo build --release -p quorate
-BIN=$PWD/target/release/quorate
+if [ -z "${BENCH_BIN:-}" ]; then
+  cargo build --release -p quorate
+fi
+BIN=${BENCH_BIN:-$PWD/target/release/quorate}
 SERVER_BIN=${BENCH_SERVER_BIN:-$BIN}
 OPS=${BENCH_OPS-put get get-s txn lease-put keepalive}
 READERS=${BENCH_READERS:-}

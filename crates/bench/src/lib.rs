@@ -62,6 +62,11 @@ pub enum Reader {
     Snapshot,
     /// `Maintenance.HashKV` of the latest revision.
     HashKv,
+    /// No request at all: one thread of pure computation at normal priority, beside the
+    /// members. The control for the others: what any client that costs this machine one core
+    /// (decoding 30 MB, the kernel copying it over loopback) does to write latency on two
+    /// cores, whatever the server does.
+    Burn,
 }
 
 impl std::str::FromStr for Reader {
@@ -73,7 +78,8 @@ impl std::str::FromStr for Reader {
             "watch" => Reader::Watch,
             "snapshot" => Reader::Snapshot,
             "hashkv" | "hash-kv" => Reader::HashKv,
-            other => bail!("unknown reader {other:?} (none, range, watch, snapshot, hashkv)"),
+            "burn" => Reader::Burn,
+            other => bail!("unknown reader {other:?} (none, range, watch, snapshot, hashkv, burn)"),
         })
     }
 }
@@ -307,10 +313,21 @@ async fn long_reads(ch: Channel, reader: Reader, stop: Arc<AtomicBool>) -> Resul
             Reader::HashKv => {
                 maint.hash_kv(pb::HashKvRequest { revision: 0 }).await?;
             }
+            Reader::Burn => burn(Duration::from_millis(100)),
         }
         reads += 1;
     }
     Ok(reads)
+}
+
+/// Computes for `d` without yielding: a "read" of the CPU-only reader.
+fn burn(d: Duration) {
+    let (t, mut x) = (Instant::now(), 0u64);
+    while t.elapsed() < d {
+        for i in 0..10_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
 }
 
 pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) -> anyhow::Result<Row> {
