@@ -24,7 +24,7 @@ fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("quorate does not implement {what} yet"))
 }
 
-/// How long `MemberList` waits to catch up with the leader before answering locally.
+/// How long `MemberList` waits to catch up with the leader before asking the leader instead.
 const MEMBER_LIST_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// quorate records one peer URL per member.
@@ -39,24 +39,31 @@ impl ClusterService {
     /// The member list once this member has applied everything committed so far, so that it
     /// reflects a change that just finished at the leader.
     async fn settled_member_list(&self) -> Result<Vec<pb::Member>, Status> {
-        self.ctx.member.linearize().await.map_err(consensus_status)?;
-        Ok(self.member_list())
+        self.listed(true).await
+    }
+
+    /// `Member::settled_members` in etcd's message.
+    async fn listed(&self, linearizable: bool) -> Result<Vec<pb::Member>, Status> {
+        let members = self.ctx.member.settled_members(linearizable, MEMBER_LIST_CATCH_UP).await;
+        Ok(to_pb(members.map_err(consensus_status)?))
     }
 
     fn member_list(&self) -> Vec<pb::Member> {
-        self.ctx
-            .member
-            .members()
-            .into_iter()
-            .map(|m| pb::Member {
-                id: m.id,
-                name: m.name,
-                peer_ur_ls: m.peer_urls,
-                client_ur_ls: m.client_urls,
-                is_learner: m.is_learner,
-            })
-            .collect()
+        to_pb(self.ctx.member.members())
     }
+}
+
+fn to_pb(members: Vec<quorate_consensus::MemberInfo>) -> Vec<pb::Member> {
+    members
+        .into_iter()
+        .map(|m| pb::Member {
+            id: m.id,
+            name: m.name,
+            peer_ur_ls: m.peer_urls,
+            client_ur_ls: m.client_urls,
+            is_learner: m.is_learner,
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -98,15 +105,11 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
-        if req.into_inner().linearizable {
-            self.ctx.member.linearize().await.map_err(consensus_status)?;
-        } else {
-            // etcd 3.4 answers from the local view; catching up with the leader first (when
-            // it answers quickly) means a `member list` right after a `member add` through
-            // another member shows the new member. Without a leader the local view is served.
-            let _ = tokio::time::timeout(MEMBER_LIST_CATCH_UP, self.ctx.member.linearize()).await;
-        }
-        Ok(Response::new(pb::MemberListResponse { header: Some(self.ctx.header()), members: self.member_list() }))
+        // Linearizable whether asked or not (etcd 3.5's answer): a recovery that reads the list
+        // to decide its next step must not be shown a member already removed. Without a
+        // leader, a request that did not ask for it is served the local view (etcd 3.4's).
+        let members = self.listed(req.into_inner().linearizable).await?;
+        Ok(Response::new(pb::MemberListResponse { header: Some(self.ctx.header()), members }))
     }
     async fn member_promote(
         &self,

@@ -75,5 +75,9 @@ pub fn consensus_status(e: ConsensusError) -> Status {
         ConsensusError::Learner => Status::unavailable("etcdserver: rpc not supported for learner"),
         // Nothing was promised; etcd's clients retry "request timed out" at once.
         ConsensusError::LeaseAnswerLate => Status::unavailable("etcdserver: request timed out"),
+        // Unavailable, so that a client with other endpoints tries them.
+        ConsensusError::Removed => {
+            Status::unavailable("etcdserver: the member has been permanently removed from the cluster")
+        }
     }
 }

@@ -48,6 +48,7 @@ impl From<ConsensusError> for ApiError {
             ConsensusError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ConsensusError::Learner => (StatusCode::SERVICE_UNAVAILABLE, "learner"),
             ConsensusError::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "stopped"),
+            ConsensusError::Removed => (StatusCode::SERVICE_UNAVAILABLE, "removed"),
             _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, e.to_string())

@@ -45,4 +45,8 @@ pub enum ConsensusError {
     /// A learner serves only serializable reads.
     #[error("rpc not supported for learner")]
     Learner,
+    /// This member has applied (or been told by the leader of) its own removal: it serves
+    /// nothing more and exits.
+    #[error("the member has been permanently removed from the cluster")]
+    Removed,
 }

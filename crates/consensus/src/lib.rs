@@ -89,7 +89,7 @@ pub struct RaftStatus {
 }
 
 /// One member of the cluster as `MemberList` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberInfo {
     pub id: NodeId,
     pub name: String,
@@ -110,6 +110,8 @@ enum ForwardReq {
     Change(membership::Change),
     /// Which member has which peer URL (a joining member looks itself up).
     Members,
+    /// The member list as the leader has it (`MemberList` on a member that could not catch up).
+    MemberList,
     /// The leader tells a member it has been removed.
     Removed(NodeId),
     /// A call for the application layer on the receiving member (see `AppHandler`).
@@ -133,6 +135,7 @@ impl ForwardReq {
             ForwardReq::LeaseMarks => "lease_marks",
             ForwardReq::Change(_) => "membership",
             ForwardReq::Members => "members",
+            ForwardReq::MemberList => "member_list",
             ForwardReq::Removed(_) => "removed",
             ForwardReq::App { .. } => "app",
             ForwardReq::Probe => "probe",
@@ -151,6 +154,7 @@ enum ForwardResp {
     Changed(Option<NodeId>),
     /// The cluster id and every member's (id, peer URL).
     Members(u64, Vec<(NodeId, String)>),
+    MemberList(Vec<MemberInfo>),
     App(Result<Vec<u8>, String>),
     Err(ConsensusError),
     /// A keep-alive's answer: the TTL promised, and the milliseconds from the request's arrival
@@ -805,6 +809,10 @@ impl Member {
             // removed member's identity (the drill caught this).
             ForwardReq::Members => match self.linearize().await {
                 Ok(()) => ForwardResp::Members(self.inner.cfg.cluster_id, self.peer_urls()),
+                Err(e) => ForwardResp::Err(e),
+            },
+            ForwardReq::MemberList => match self.linearize().await {
+                Ok(()) => ForwardResp::MemberList(self.members()),
                 Err(e) => ForwardResp::Err(e),
             },
             ForwardReq::Removed(id) => {

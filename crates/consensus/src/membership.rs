@@ -10,7 +10,7 @@ use openraft::{ChangeMembers, ServerState};
 use tracing::{info, warn};
 
 use crate::network::{self, decode, encode};
-use crate::{pb, ConsensusError, ForwardReq, ForwardResp, Member, MemberNode, NodeId};
+use crate::{pb, ConsensusError, ForwardReq, ForwardResp, Member, MemberInfo, MemberNode, NodeId};
 
 /// How often the leader looks for learners to promote.
 const PROMOTE_CHECK: Duration = Duration::from_millis(200);
@@ -273,6 +273,48 @@ impl Member {
     pub(crate) fn peer_urls(&self) -> Vec<(NodeId, String)> {
         let m = self.inner.raft.metrics().borrow_watched().clone();
         m.membership_config.membership().nodes().map(|(id, n)| (*id, n.peer_url.clone())).collect()
+    }
+
+    /// The member list `MemberList` answers with: every membership change committed before the
+    /// call, as etcd 3.5's linearizable member list. This member catches up with the leader's
+    /// commit first; one that cannot within `catch_up` (it lags, or it was removed and the
+    /// leader sends it nothing more) asks the leader for its list instead. A member that finds
+    /// itself missing from either has been removed: it says so and stops. Only when no leader
+    /// answers, and `linearizable` was not asked for, is the local view served (etcd 3.4's
+    /// answer, and what an operator needs while the quorum is lost).
+    pub async fn settled_members(
+        &self,
+        linearizable: bool,
+        catch_up: Duration,
+    ) -> Result<Vec<MemberInfo>, ConsensusError> {
+        if self.is_removed() {
+            return Err(ConsensusError::Removed);
+        }
+        let caught_up = match tokio::time::timeout(catch_up, self.linearize()).await {
+            Ok(Ok(())) => Ok(self.members()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ConsensusError::Timeout),
+        };
+        let list = match caught_up {
+            Ok(list) => list,
+            Err(local_err) => match self.forward_idempotent(ForwardReq::MemberList).await {
+                Ok(ForwardResp::MemberList(list)) => list,
+                Ok(ForwardResp::Err(e)) if linearizable => return Err(e),
+                Err(e) if linearizable => return Err(e),
+                Ok(_) if linearizable => return Err(local_err),
+                _ => return Ok(self.members()),
+            },
+        };
+        if !list.iter().any(|m| m.id == self.id()) {
+            self.mark_removed();
+            return Err(ConsensusError::Removed);
+        }
+        Ok(list)
+    }
+
+    /// Whether this member knows it has been removed (it then serves no client request).
+    pub fn is_removed(&self) -> bool {
+        *self.inner.removed.borrow()
     }
 
     /// Resolves once this member has been removed from the cluster.

@@ -33,7 +33,10 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
         .route("/v1/member/status", get(member_status))
         .route("/debug/failpoints/fsync-delay-ms", axum::routing::put(set_fsync_delay))
         .with_state(state.clone())
-        .merge(quorate_api_http::router(Arc::new(quorate_api_http::Api { member: state.member.clone() })));
+        .merge(
+            quorate_api_http::router(Arc::new(quorate_api_http::Api { member: state.member.clone() }))
+                .layer(axum::middleware::from_fn_with_state(state.member.clone(), crate::removed_gate::refuse_http)),
+        );
     axum::serve(listener, app).await
 }
 

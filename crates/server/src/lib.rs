@@ -10,6 +10,7 @@ mod prober;
 mod process_metrics;
 mod reaper;
 mod registry_view;
+mod removed_gate;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -131,8 +132,11 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .add_service(services.election.clone());
         let grpc = std::mem::take(routes.axum_router_mut());
         *routes.axum_router_mut() = grpc.merge(metrics::router(metrics.clone()));
-        let router =
-            tonic::transport::Server::builder().accept_http1(true).layer(metrics.grpc.layer()).add_routes(routes);
+        let router = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .layer(metrics.grpc.layer())
+            .layer(removed_gate::RemovedGateLayer(member.clone()))
+            .add_routes(routes);
         client_tasks.push(tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))));
     }
     for l in listeners.metrics {
