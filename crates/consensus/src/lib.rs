@@ -9,6 +9,7 @@
 pub mod backup;
 mod diagnostics;
 mod error;
+pub mod failpoint;
 mod lease;
 mod log_store;
 mod membership;

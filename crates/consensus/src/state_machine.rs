@@ -267,6 +267,9 @@ impl StateMachine {
                 Response::empty(store.revision())
             }
             EntryPayload::Normal(Request::Kv(cmd)) => {
+                // Drill only (`crate::failpoint`); off, it costs one atomic load.
+                let diverged = crate::failpoint::diverge_put(cmd);
+                let cmd = diverged.as_ref().unwrap_or(cmd);
                 let applied = store.apply(cmd, pos);
                 self.track_leases(store, cmd, &applied.result);
                 if let Some(kind) = fencing_refusal(&applied.result) {

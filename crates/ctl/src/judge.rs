@@ -94,6 +94,36 @@ fn label(m: &MemberView) -> String {
     }
 }
 
+/// A member id (hex) as a name, when the member list knows it.
+fn name_of(v: &ClusterView, id: &str) -> String {
+    v.members.iter().find(|m| m.id == id).map_or_else(|| id.to_string(), label)
+}
+
+/// Every reachable voter's view, grouped: `leader m1 in term 2 (seen by m1, m2)`, newest term
+/// first; a leader's own row says when a quorum last acknowledged it.
+fn views(v: &ClusterView, reachable: &[&MemberView]) -> String {
+    let mut groups: BTreeMap<(std::cmp::Reverse<u64>, Option<&str>), Vec<String>> = BTreeMap::new();
+    for m in reachable.iter().filter(|m| !m.is_learner) {
+        let Some(term) = m.term else { continue };
+        groups.entry((std::cmp::Reverse(term), m.leader.as_deref())).or_default().push(label(m));
+    }
+    groups
+        .iter()
+        .map(|((std::cmp::Reverse(term), l), seen)| {
+            let acked = l
+                .and_then(|id| reachable.iter().find(|m| m.id == id && m.role.as_deref() == Some("leader")))
+                .filter(|m| m.term == Some(*term))
+                .and_then(|m| m.last_leader_contact_ms)
+                .map_or(String::new(), |ms| format!("; quorum last acknowledged it {ms} ms ago"));
+            match l {
+                Some(id) => format!("leader {} in term {term} (seen by {}{acked})", name_of(v, id), seen.join(", ")),
+                None => format!("no leader in term {term} (seen by {})", seen.join(", ")),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn finding(code: &str, severity: Severity, members: Vec<String>, evidence: String, fix: Vec<String>) -> Finding {
     Finding { code: code.into(), severity, members, evidence, fix }
 }
@@ -205,69 +235,144 @@ pub fn judge(v: &ClusterView, t: &Thresholds) -> Report {
             ],
         ));
     }
+    // A leader in an older term than the reference leader that has not heard from a quorum
+    // for longer than a follower may go without its leader: cut off from the majority and
+    // unaware it was deposed (PreVote keeps its term and openraft keeps its role until it
+    // hears of the newer term). Its term is then only one election behind, so the term gap
+    // alone does not show it. One that a quorum acknowledged just now is a handover in flight.
+    let stale_leaders: Vec<&MemberView> = match leader {
+        Some(r) => leaders
+            .iter()
+            .copied()
+            .filter(|l| l.term < r.term)
+            .filter(|l| l.last_leader_contact_ms.is_none_or(|ms| ms > t.leader_contact_max_ms))
+            .collect(),
+        None => Vec::new(),
+    };
     let terms: Vec<u64> = reachable.iter().filter(|m| !m.is_learner).filter_map(|m| m.term).collect();
     let (min_term, max_term) = (terms.iter().min().copied(), terms.iter().max().copied());
     let disagreeing_term = by_term.iter().find(|(_, ls)| ls.len() > 1);
     if let (Some(lo), Some(hi)) = (min_term, max_term) {
-        if hi - lo > 1 || disagreeing_term.is_some() {
-            let evidence = match disagreeing_term {
-                Some((term, ls)) => format!(
+        if hi - lo > 1 || disagreeing_term.is_some() || !stale_leaders.is_empty() {
+            let mut evidence = Vec::new();
+            for l in &stale_leaders {
+                evidence.push(format!(
+                    "{} still claims to lead term {} but {}, while {} leads term {}",
+                    label(l),
+                    l.term.unwrap_or(0),
+                    l.last_leader_contact_ms.map_or(
+                        "cannot say when a quorum last acknowledged it".to_string(),
+                        |ms| {
+                            format!("no quorum has acknowledged it for {ms} ms (limit {})", t.leader_contact_max_ms)
+                        }
+                    ),
+                    leader.map_or_else(String::new, label),
+                    leader.and_then(|r| r.term).unwrap_or(0),
+                ));
+            }
+            if let Some((term, ls)) = disagreeing_term {
+                evidence.push(format!(
                     "members in term {term} follow different leaders: {}",
-                    ls.iter().copied().collect::<Vec<_>>().join(", ")
-                ),
-                None => {
-                    let per: Vec<String> =
-                        reachable.iter().filter_map(|m| m.term.map(|term| format!("{}={term}", label(m)))).collect();
-                    format!("terms {lo}..{hi} differ by more than one election: {}", per.join(", "))
-                }
-            };
+                    ls.iter().map(|id| name_of(v, id)).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            if hi - lo > 1 {
+                evidence.push(format!("terms {lo}..{hi} differ by more than one election"));
+            }
+            evidence.push(format!("views: {}", views(v, &reachable)));
             let behind: Vec<String> = reachable
                 .iter()
                 .filter(|m| !m.is_learner && m.term.is_some_and(|x| x < hi))
                 .map(|m| label(m))
                 .collect();
-            findings.push(finding(
-                "split-view",
-                Severity::Degraded,
-                behind,
-                evidence,
-                vec![
-                    format!("Watch whether the views converge within a few seconds: `quorate ctl --endpoints={eps} status`"),
-                    "If not, check the peer links of the members behind (each must reach every other member's peer URL): `etcdctl member list -w table` shows the URLs".to_string(),
-                ],
-            ));
+            let mut fix = vec![format!(
+                "Watch whether the views converge within a few seconds: `quorate ctl --endpoints={eps} status`"
+            )];
+            if !stale_leaders.is_empty() {
+                let majority: Vec<&str> =
+                    reachable.iter().filter(|m| m.term.is_some_and(|x| x == hi)).map(|m| m.endpoint.as_str()).collect();
+                let stale: Vec<String> = stale_leaders.iter().map(|l| label(l)).collect();
+                fix.push(format!(
+                    "{} cannot commit anything: writes and linearizable reads sent to it fail or time out; point clients at the majority: `etcdctl --endpoints={} endpoint status -w table`",
+                    stale.join(", "),
+                    majority.join(",")
+                ));
+                fix.push(format!(
+                    "From the host of {}, check that every other member's peer URL is reachable (firewall, routes, a partition): `etcdctl --endpoints={eps} member list -w table` lists them; then `nc -zv <host> <peer port>` for each, and `nft list ruleset` / `iptables -S` on both ends",
+                    stale.join(", ")
+                ));
+                fix.push(format!(
+                    "Do not restart it or delete its data directory: once its links are back it follows the new leader without raising the term (PreVote). Check: `quorate ctl --endpoints={eps} doctor`"
+                ));
+            } else {
+                fix.push("If not, check the peer links of the members behind (each must reach every other member's peer URL): `etcdctl member list -w table` shows the URLs".to_string());
+            }
+            findings.push(finding("split-view", Severity::Degraded, behind, evidence.join("; "), fix));
         }
     }
 
     // diverged
     if let Some(rev) = v.hash_revision {
-        let mut groups: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for m in reachable.iter().filter(|m| m.hash.is_some()) {
-            groups.entry(m.hash.unwrap_or_default()).or_default().push(label(m));
+        let mut groups: BTreeMap<u32, Vec<&MemberView>> = BTreeMap::new();
+        for m in reachable.iter().copied().filter(|m| m.hash.is_some()) {
+            groups.entry(m.hash.unwrap_or_default()).or_default().push(m);
         }
         if groups.len() > 1 {
             let largest = groups.values().map(Vec::len).max().unwrap_or(0);
-            let minority: Vec<String> = groups
-                .values()
-                .filter(|g| g.len() < largest || largest * 2 <= reachable.len())
-                .flatten()
-                .cloned()
+            // The members that agree, when more than half of those that answer do.
+            let majority: Option<&Vec<&MemberView>> =
+                groups.values().find(|g| g.len() == largest && largest * 2 > reachable.len());
+            let odd: Vec<&MemberView> = reachable
+                .iter()
+                .copied()
+                .filter(|m| m.hash.is_some() && majority.is_none_or(|maj| !maj.iter().any(|x| std::ptr::eq(*x, *m))))
                 .collect();
             let evidence = format!(
-                "HashKV at revision {rev}: {}",
-                groups.iter().map(|(h, ms)| format!("{h:08x} on {}", ms.join(","))).collect::<Vec<_>>().join("; ")
+                "HashKV at revision {rev}: {}{}",
+                groups
+                    .iter()
+                    .map(|(h, ms)| format!("{h:08x} on {}", ms.iter().map(|m| label(m)).collect::<Vec<_>>().join(",")))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                if majority.is_none() { " (no majority agrees)" } else { "" },
             );
+            let mut fix = vec![format!("Confirm: `etcdctl --endpoints={eps} endpoint hashkv --rev={rev} -w table`")];
+            match majority {
+                Some(maj) => {
+                    let maj_eps = maj.iter().map(|m| m.endpoint.as_str()).collect::<Vec<_>>().join(",");
+                    fix.push(format!(
+                        "Stop writes if you can, and save the majority's state first: `etcdctl --endpoints={} snapshot save backup.db`",
+                        maj[0].endpoint
+                    ));
+                    if let Some(l) = odd.iter().find(|m| m.role.as_deref() == Some("leader")) {
+                        let to = if maj[0].id.is_empty() { "<id>" } else { maj[0].id.as_str() };
+                        fix.push(format!(
+                            "{} leads: move leadership to the majority first: `etcdctl --endpoints={} move-leader {to}`",
+                            label(l),
+                            l.endpoint
+                        ));
+                    }
+                    for m in &odd {
+                        let id = if m.id.is_empty() { "<id>" } else { m.id.as_str() };
+                        let peer = if m.peer_url.is_empty() { "<peer url>" } else { m.peer_url.as_str() };
+                        fix.push(format!(
+                            "Replace {name}: stop its process, keep its data directory aside for the bug report (`mv <data-dir> <data-dir>.diverged`), then `etcdctl --endpoints={maj_eps} member remove {id}`, `etcdctl --endpoints={maj_eps} member add {name} --peer-urls={peer}`, and start it with an empty --data-dir and `--initial-cluster-state existing`; it copies the majority's state",
+                            name = label(m)
+                        ));
+                    }
+                    fix.push(format!("Check the hashes agree again: `quorate ctl --endpoints={eps} status`"));
+                }
+                None => {
+                    fix.push("No majority agrees, so there is no state to copy from: stop writes, save a snapshot of every member (`etcdctl --endpoints=<member> snapshot save <name>.db`) and keep every data directory".to_string());
+                    fix.push("Compare the members' keys at that revision to find which is right: `etcdctl --endpoints=<member> get '' --prefix --rev=<revision> -w json`".to_string());
+                }
+            }
             findings.push(finding(
                 "diverged",
                 Severity::Critical,
-                minority,
+                odd.iter().map(|m| label(m)).collect(),
                 evidence,
-                vec![
-                    format!("Confirm: `etcdctl --endpoints={eps} endpoint hashkv --rev={rev} -w table`"),
-                    "Save a snapshot from a member of the majority: `etcdctl --endpoints=<majority member> snapshot save backup.db`".to_string(),
-                    "Replace each diverged member: `etcdctl member remove <id>`, `etcdctl member add <name> --peer-urls=<url>`, then start it with an empty --data-dir and `--initial-cluster-state existing`".to_string(),
-                    "Keep the diverged member's data directory for the bug report.".to_string(),
-                ],
+                fix,
             ));
         }
     }
@@ -275,7 +380,8 @@ pub fn judge(v: &ClusterView, t: &Thresholds) -> Report {
     // member-lagging and learner-behind
     if let Some(l) = leader {
         let leader_commit = l.commit_index.unwrap_or(0);
-        for m in reachable.iter().filter(|m| m.id != l.id) {
+        // Another member that calls itself leader is a deposed one (split-view), not a lagging follower.
+        for m in reachable.iter().filter(|m| m.id != l.id && m.role.as_deref() != Some("leader")) {
             let lag = leader_commit.saturating_sub(m.applied_index.unwrap_or(0));
             if m.is_learner {
                 if lag > t.learner_lag_entries_max {
@@ -594,10 +700,69 @@ mod tests {
                 vec![],
             ),
             (
+                "a leader cut off from the others: they elected one of their own, it still claims its old term",
+                |v| {
+                    // a leads term 2 but no quorum has acknowledged it for 20 s; b leads term 3.
+                    v.members[0].last_leader_contact_ms = Some(20_000);
+                    for m in &mut v.members[1..] {
+                        m.term = Some(3);
+                        m.leader = Some("b2".into());
+                    }
+                    v.members[1].role = Some("leader".into());
+                },
+                Verdict::Degraded,
+                vec![("split-view", Degraded, vec!["a"])],
+            ),
+            (
+                "a deposed leader a quorum acknowledged just now is a handover in flight",
+                |v| {
+                    v.members[0].last_leader_contact_ms = Some(40);
+                    for m in &mut v.members[1..] {
+                        m.term = Some(3);
+                        m.leader = Some("b2".into());
+                    }
+                    v.members[1].role = Some("leader".into());
+                },
+                Verdict::Healthy,
+                vec![],
+            ),
+            (
+                "a follower cut off alone keeps its term and its leader: lagging, not a split",
+                |v| {
+                    v.members[2].last_leader_contact_ms = Some(20_000);
+                },
+                Verdict::Degraded,
+                vec![("member-lagging", Degraded, vec!["c"])],
+            ),
+            (
                 "a different hash",
                 |v| v.members[1].hash = Some(0xbeef),
                 Verdict::Critical,
                 vec![("diverged", Critical, vec!["b"])],
+            ),
+            (
+                "the leader's hash differs",
+                |v| v.members[0].hash = Some(0xbeef),
+                Verdict::Critical,
+                vec![("diverged", Critical, vec!["a"])],
+            ),
+            (
+                "three hashes: no majority agrees, every member is named",
+                |v| {
+                    v.members[0].hash = Some(1);
+                    v.members[1].hash = Some(2);
+                },
+                Verdict::Critical,
+                vec![("diverged", Critical, vec!["a", "b", "c"])],
+            ),
+            (
+                "one of two answering differs: no majority agrees",
+                |v| {
+                    down(&mut v.members[2]);
+                    v.members[1].hash = Some(0xbeef);
+                },
+                Verdict::Critical,
+                vec![("member-down", Degraded, vec!["c"]), ("diverged", Critical, vec!["a", "b"])],
             ),
             (
                 "a slow disk",
@@ -677,6 +842,60 @@ mod tests {
                 assert!(f.fix.iter().any(|s| s.contains('`')), "{name}: {} names a command", f.code);
             }
         }
+    }
+
+    #[test]
+    fn a_deposed_leader_is_shown_beside_the_new_one_with_each_side_s_term() {
+        let mut v = healthy();
+        v.members[0].last_leader_contact_ms = Some(20_000);
+        for m in &mut v.members[1..] {
+            m.term = Some(3);
+            m.leader = Some("b2".into());
+        }
+        v.members[1].role = Some("leader".into());
+        v.members[1].last_leader_contact_ms = Some(80);
+        let r = judge(&v, &Thresholds::default());
+        let f = &r.findings[0];
+        assert_eq!(f.code, "split-view");
+        assert!(f.evidence.contains("a still claims to lead term 2"), "{}", f.evidence);
+        assert!(f.evidence.contains("no quorum has acknowledged it for 20000 ms"), "{}", f.evidence);
+        assert!(f.evidence.contains("while b leads term 3"), "{}", f.evidence);
+        assert!(
+            f.evidence.contains("leader b in term 3 (seen by b, c; quorum last acknowledged it 80 ms ago)"),
+            "{}",
+            f.evidence
+        );
+        assert!(
+            f.evidence.contains("leader a in term 2 (seen by a; quorum last acknowledged it 20000 ms ago)"),
+            "{}",
+            f.evidence
+        );
+        assert!(
+            f.fix.iter().any(|s| s.contains("endpoint status") && s.contains(&v.members[1].endpoint)),
+            "{:?}",
+            f.fix
+        );
+    }
+
+    #[test]
+    fn a_diverged_member_s_fix_names_its_id_peer_url_and_the_majority() {
+        let mut v = healthy();
+        v.members[1].hash = Some(0xbeef);
+        v.members[0].hash = Some(0xdead);
+        let r = judge(&v, &Thresholds::default());
+        let f = &r.findings[0];
+        assert_eq!(f.evidence, "HashKV at revision 50: 0000beef on b; 0000dead on a,c");
+        let maj = format!("{},{}", v.members[0].endpoint, v.members[2].endpoint);
+        let fix = f.fix.join("\n");
+        assert!(fix.contains(&format!("--endpoints={maj} member remove b2")), "{fix}");
+        assert!(fix.contains(&format!("member add b --peer-urls={}", v.members[1].peer_url)), "{fix}");
+        assert!(fix.contains(&format!("--endpoints={} snapshot save", v.members[0].endpoint)), "{fix}");
+        assert!(!fix.contains("move-leader"), "b does not lead: {fix}");
+
+        v.members[0].hash = Some(0xbeef);
+        v.members[1].hash = Some(0xdead);
+        let r = judge(&v, &Thresholds::default());
+        assert!(r.findings[0].fix.iter().any(|s| s.contains("move-leader b2")), "{:?}", r.findings[0].fix);
     }
 
     #[test]

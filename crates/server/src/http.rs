@@ -32,6 +32,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
         .route("/metrics", get(metrics))
         .route("/v1/member/status", get(member_status))
         .route("/debug/failpoints/fsync-delay-ms", axum::routing::put(set_fsync_delay))
+        .route("/debug/failpoints/diverge-put-key", axum::routing::put(set_diverge_put_key))
         .with_state(state.clone())
         .merge(
             quorate_api_http::router(Arc::new(quorate_api_http::Api { member: state.member.clone() }))
@@ -53,6 +54,19 @@ async fn set_fsync_delay(State(s): State<Arc<HttpState>>, body: String) -> impl 
         }
         Err(_) => (StatusCode::BAD_REQUEST, Json(json!({"error": "body must be a number of milliseconds"}))),
     }
+}
+
+/// Drill failpoint: the next put of the key in the body that this member applies stores
+/// another value, so this member's state (and HashKV) diverges from the others'. Fires once.
+async fn set_diverge_put_key(State(s): State<Arc<HttpState>>, body: String) -> impl IntoResponse {
+    if !s.failpoints {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "failpoints are off (start with --drill-failpoints)"})));
+    }
+    if body.is_empty() {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "body must be the key"})));
+    }
+    quorate_consensus::failpoint::arm_diverge_put(body.clone().into_bytes());
+    (StatusCode::OK, Json(json!({"diverge_put_key": body})))
 }
 
 async fn health(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
