@@ -182,6 +182,10 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
                 if !activate {
                     tracing::warn!(member = %format!("{:x}", req.member_id), ?alarm, "alarm disarmed");
                 }
+                let detail = format!("by a client, for member {:x}", req.member_id);
+                let name = alarm_name(alarm).to_string();
+                let event = quorate_consensus::FlightEvent::Alarm { alarm: name, raised: activate, detail };
+                self.ctx.member.flight().record(event);
                 // etcd answers with the alarm that was acted on.
                 (vec![(req.member_id, alarm)], self.ctx.header_at(resp.revision))
             }

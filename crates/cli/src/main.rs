@@ -42,7 +42,7 @@ enum Command {
     /// The drill's peer-link proxy (the drill starts it in each member's namespace).
     #[command(hide = true)]
     DrillProxy(DrillProxyArgs),
-    /// The operator's commands (etcdctl's global flags): status, doctor. See docs/ctl.md.
+    /// The operator's commands (etcdctl's global flags): status, doctor, timeline. See docs/ctl.md.
     Ctl(CtlArgs),
 }
 
@@ -72,6 +72,25 @@ enum CtlCommand {
     /// The same data judged: `verdict: healthy|degraded|critical`, then each finding with its
     /// evidence and fix. Exit 0 healthy, 1 degraded, 2 critical.
     Doctor,
+    /// The flight recorder: every member's consensus events (votes and their answers, terms,
+    /// elections, leaders, lease clock, stalls, membership, snapshots, alarms, brake) merged by
+    /// term and time, with each member's clock offset. See docs/ctl.md.
+    Timeline {
+        /// Only events from this far back (10m, 90s, 2h).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<std::time::Duration>,
+        /// Only this member (name or hex id).
+        #[arg(long)]
+        member: Option<String>,
+    },
+}
+
+/// `--since`: etcdctl's durations, and hours.
+fn parse_since(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().strip_suffix('h') {
+        Some(h) => h.parse::<f64>().map(|h| std::time::Duration::from_secs_f64(h * 3600.0)).map_err(|e| e.to_string()),
+        None => quorate_ctl::parse_duration(s),
+    }
 }
 
 #[derive(Args)]
@@ -509,6 +528,10 @@ fn run() -> anyhow::Result<()> {
                 let code = match args.command {
                     CtlCommand::Status => quorate_ctl::status(&opts).await?,
                     CtlCommand::Doctor => quorate_ctl::doctor(&opts).await?,
+                    CtlCommand::Timeline { since, member } => {
+                        let t = quorate_ctl::timeline::TimelineOptions { since, member };
+                        quorate_ctl::timeline(&opts, &t).await?
+                    }
                 };
                 std::process::exit(code);
             }

@@ -10,13 +10,16 @@ pub mod backup;
 mod diagnostics;
 mod error;
 pub mod failpoint;
+pub mod flight;
 mod lease;
 mod log_store;
 mod membership;
 pub mod metrics;
 mod network;
+mod observe;
 mod state_machine;
 mod types;
+mod votes;
 
 pub mod pb {
     tonic::include_proto!("quorate.peer");
@@ -35,6 +38,7 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 pub use error::ConsensusError;
+pub use flight::{Event as FlightEvent, Record as FlightRecord, Recorder as FlightRecorder};
 pub use lease::core::ANSWER_WINDOW as LEASE_ANSWER_WINDOW;
 pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
@@ -211,9 +215,18 @@ impl Member {
             format!("open raft log in {}: {e} (is another member using this data directory?)", cfg.data_dir.display())
         })?;
         let grace = Duration::from_millis(cfg.election_timeout_ms);
-        let sm = StateMachine::open(&cfg.data_dir.join("state.redb"), grace).map_err(|e| format!("open state: {e}"))?;
+        let mut sm =
+            StateMachine::open(&cfg.data_dir.join("state.redb"), grace).map_err(|e| format!("open state: {e}"))?;
         let shared = sm.shared.clone();
+        let flight_dir = cfg.data_dir.join("flight");
+        let flight =
+            flight::Recorder::open(&flight_dir, cfg.id, &cfg.name, flight::SEGMENT_BYTES_MAX).unwrap_or_else(|e| {
+                warn!(error = %e, dir = %flight_dir.display(), "flight recorder off: cannot open its ring");
+                flight::Recorder::off(cfg.id)
+            });
+        sm.flight = flight.clone();
         let metrics = ConsensusMetrics {
+            flight,
             wal_fsync_seconds: log.stats.fsync_seconds.0.clone(),
             backend_commit_seconds: sm.commit_seconds.clone(),
             fencing_refusals: sm.fencing_refusals.clone(),
@@ -273,9 +286,10 @@ impl Member {
         tokio::spawn(member.clone().sync_lease_table());
         tokio::spawn(member.clone().tighten_leases_on_election());
         tokio::spawn(member.clone().promote_caught_up());
-        tokio::spawn(member.clone().count_leader_changes());
+        tokio::spawn(observe::watch(raft.clone(), member.id(), member.metrics().clone()));
         tokio::spawn(member.clone().probe_peers());
-        let service = PeerService { id: member.id(), raft, forward: Arc::new(member.clone()) };
+        let service =
+            PeerService { id: member.id(), raft, forward: Arc::new(member.clone()), metrics: member.metrics().clone() };
         Ok((member, service))
     }
 
@@ -424,6 +438,11 @@ impl Member {
         &self.inner.metrics
     }
 
+    /// This member's flight recorder (`flight`): record an event, read the ring.
+    pub fn flight(&self) -> &flight::Recorder {
+        &self.inner.metrics.flight
+    }
+
     /// The leader as etcd's `etcd_server_has_leader` means it: one this member has heard from
     /// lately. openraft keeps naming the last leader while a follower pre-votes (the term does
     /// not move), so a member cut off from its leader would otherwise report one forever. On
@@ -441,36 +460,6 @@ impl Member {
         }
         let contact = *self.inner.last_leader_contact.lock().unwrap();
         contact.filter(|t| t.elapsed() <= window).map(|_| leader)
-    }
-
-    /// Count leader changes as etcd does: each time the leader this member knows becomes a
-    /// member other than the last one it knew (the first leader counts). Count this member's
-    /// own elections too: started (it became a candidate) and won (it became leader).
-    async fn count_leader_changes(self) {
-        let mut server = self.inner.raft.server_metrics();
-        let mut last = None;
-        let mut last_state = ServerState::Follower;
-        loop {
-            let (leader, state) = {
-                let s = server.borrow_watched();
-                (s.current_leader, s.state)
-            };
-            if leader.is_some() && leader != last {
-                self.inner.metrics.leader_changes.inc();
-                last = leader;
-            }
-            if state != last_state {
-                match state {
-                    ServerState::Candidate => self.inner.metrics.elections_started.inc(),
-                    ServerState::Leader => self.inner.metrics.elections_won.inc(),
-                    _ => 0,
-                };
-                last_state = state;
-            }
-            if server.changed().await.is_err() {
-                return;
-            }
-        }
     }
 
     /// (durable log commits, log entries written) since start: entries per commit is the

@@ -64,10 +64,17 @@ pub struct ConsensusMetrics {
     pub leader_changes: Counter,
     /// Requests this member forwarded to the leader, by kind.
     pub forwarded: Family<Vec<(&'static str, &'static str)>, Counter>,
-    /// Times this member became a candidate (an election it started after pre-vote).
+    /// Terms this member stood for (an election it started after a granted pre-vote).
     pub elections_started: Counter,
-    /// Times this member became leader.
+    /// Times this member became leader (never more than `elections_started`: both are counted
+    /// once per term from the vote, see `observe`).
     pub elections_won: Counter,
+    /// Elections this member started and did not win, by reason (`flight::LostReason`).
+    pub elections_lost: KindCounters,
+    /// Pre-votes this member refused as a voter, by reason (`flight::Refusal`).
+    pub pre_votes_refused: KindCounters,
+    /// The flight recorder (`crate::flight`); it counts the events it had to drop.
+    pub flight: crate::flight::Recorder,
     /// The lease clock: times it started expiring leases (this member became a quorum-connected
     /// leader; every lease got the grace of one election timeout).
     pub lease_clock_promotions: Counter,
@@ -86,6 +93,15 @@ pub struct ConsensusMetrics {
 
 impl Default for ConsensusMetrics {
     fn default() -> Self {
+        // Every reason has a series from the start, zero included, so a rate over it is defined.
+        let elections_lost = KindCounters::default();
+        for r in crate::flight::LostReason::ALL {
+            let _ = elections_lost.get_or_create(&vec![("reason", r.label())]);
+        }
+        let pre_votes_refused = KindCounters::default();
+        for r in crate::flight::Refusal::ALL {
+            let _ = pre_votes_refused.get_or_create(&vec![("reason", r.label())]);
+        }
         ConsensusMetrics {
             wal_fsync_seconds: disk_histogram(),
             backend_commit_seconds: disk_histogram(),
@@ -98,6 +114,9 @@ impl Default for ConsensusMetrics {
             forwarded: Family::default(),
             elections_started: Counter::default(),
             elections_won: Counter::default(),
+            elections_lost,
+            pre_votes_refused,
+            flight: crate::flight::Recorder::default(),
             lease_clock_promotions: Counter::default(),
             lease_clock_demotions: Counter::default(),
             lease_clock_stalls: Counter::default(),

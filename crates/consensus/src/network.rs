@@ -114,6 +114,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             client: channel_to(&node.peer_url).ok().map(new_client),
             stall_timeout: self.stall_timeout,
             sent_failures: self.metrics.peer_sent_failures.get_or_create(&crate::metrics::to_peer(target)).clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -131,6 +132,8 @@ pub struct PeerNetwork {
     stall_timeout: Duration,
     /// etcd's `etcd_network_peer_sent_failures_total{To=target}`.
     sent_failures: prometheus_client::metrics::counter::Counter,
+    /// Where (pre-)votes sent and their answers are recorded (`crate::votes`).
+    metrics: crate::metrics::ConsensusMetrics,
 }
 
 #[derive(Clone, Copy)]
@@ -283,7 +286,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(Rpc::Vote, &rpc, option.soft_ttl()).await
+        let result = self.call(Rpc::Vote, &rpc, option.soft_ttl()).await;
+        crate::votes::record_sent(&self.metrics, self.target, false, &rpc, &result);
+        result
     }
 
     async fn pre_vote(
@@ -291,7 +296,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(Rpc::PreVote, &rpc, option.soft_ttl()).await
+        let result = self.call(Rpc::PreVote, &rpc, option.soft_ttl()).await;
+        crate::votes::record_sent(&self.metrics, self.target, true, &rpc, &result);
+        result
     }
 
     /// Streams the snapshot in chunks (`snapshot_frames`). A receiver that stops taking chunks
@@ -532,6 +539,8 @@ pub struct PeerService {
     pub id: NodeId,
     pub raft: crate::types::Raft,
     pub forward: Arc<dyn ForwardHandler>,
+    /// Where answered (pre-)votes are recorded and refused pre-votes counted.
+    pub metrics: crate::metrics::ConsensusMetrics,
 }
 
 type Reply = Result<tonic::Response<Frame>, tonic::Status>;
@@ -545,6 +554,29 @@ fn bad_frame(e: String) -> tonic::Status {
 }
 
 impl PeerService {
+    /// Record a pre-vote this member answered. A refusal its answer cannot explain (a live
+    /// leader and a longer log both fit) is settled by asking Raft again with this member's own
+    /// last log id, after the answer has gone: a pre-vote changes no state.
+    fn record_pre_vote_answer(&self, rpc: VoteRequest<TypeConfig>, resp: openraft::raft::VoteResponse<TypeConfig>) {
+        use crate::flight::Refusal;
+        use crate::votes;
+        if votes::granted(true, &rpc, &resp) {
+            return votes::record_answered(&self.metrics, true, &rpc, &resp, None);
+        }
+        if !votes::ambiguous(&rpc, &resp) {
+            return votes::record_answered(&self.metrics, true, &rpc, &resp, Some(votes::refusal(&rpc, &resp)));
+        }
+        let (raft, metrics) = (self.raft.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            let probe = raft.pre_vote(votes::with_log_of(&rpc, &resp)).await;
+            let reason = match probe {
+                Ok(r) if r.vote_granted => Refusal::LogBehind,
+                _ => Refusal::LeaderAlive,
+            };
+            votes::record_answered(&metrics, true, &rpc, &resp, Some(reason));
+        });
+    }
+
     fn check_addressee<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
         let to = req.metadata().get(TO_HEADER).and_then(|v| v.to_str().ok());
         match to.map(|t| u64::from_str_radix(t, 16)) {
@@ -589,13 +621,22 @@ impl crate::pb::peer_server::Peer for PeerService {
     async fn vote(&self, req: tonic::Request<Frame>) -> Reply {
         self.check_addressee(&req)?;
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
-        reply(self.raft.vote(rpc).await)
+        let result = self.raft.vote(rpc.clone()).await;
+        if let Ok(resp) = &result {
+            let reason = (!crate::votes::granted(false, &rpc, resp)).then(|| crate::votes::refusal(&rpc, resp));
+            crate::votes::record_answered(&self.metrics, false, &rpc, resp, reason);
+        }
+        reply(result)
     }
 
     async fn pre_vote(&self, req: tonic::Request<Frame>) -> Reply {
         self.check_addressee(&req)?;
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
-        reply(self.raft.pre_vote(rpc).await)
+        let result = self.raft.pre_vote(rpc.clone()).await;
+        if let Ok(resp) = &result {
+            self.record_pre_vote_answer(rpc, resp.clone());
+        }
+        reply(result)
     }
 
     async fn snapshot_stream(&self, req: tonic::Request<tonic::Streaming<Frame>>) -> Reply {

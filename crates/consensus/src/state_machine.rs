@@ -82,6 +82,8 @@ pub struct StateMachine {
     pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Applied entries that fencing turned into no-ops, by kind (`crate::metrics`).
     pub fencing_refusals: crate::metrics::KindCounters,
+    /// Snapshots built and installed are recorded here (`crate::flight`).
+    pub flight: crate::flight::Recorder,
 }
 
 /// What becomes of a snapshot offered for storage, given the stored one.
@@ -150,6 +152,7 @@ impl StateMachine {
             db: Arc::new(db),
             commit_seconds: crate::metrics::disk_histogram(),
             fencing_refusals: Default::default(),
+            flight: Default::default(),
         })
     }
 
@@ -348,6 +351,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         })
         .await
         .map_err(io_err)??;
+        let (index, bytes) = (meta.last_log_id.map_or(0, |l| l.index), data.len() as u64);
+        self.flight.record(crate::flight::Event::SnapshotBuilt { index, bytes });
         Ok(openraft::alias::SnapshotOf::<TypeConfig, Self::SnapshotData> { meta, snapshot: Cursor::new(data) })
     }
 }
@@ -384,6 +389,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Self::SnapshotData) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
+        let bytes = data.len() as u64;
         let snap: SmSnapshot =
             bincode::deserialize(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let sm = self.clone();
@@ -406,6 +412,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store.revision()
         };
         tracing::info!(revision, last_log_index = meta.last_log_id.map(|l| l.index).unwrap_or(0), "installed snapshot");
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        self.flight.record(crate::flight::Event::SnapshotInstalled { index, bytes });
         let _ = self.shared.events.send(Applied::Reset { revision });
         Ok(())
     }

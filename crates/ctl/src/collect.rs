@@ -68,6 +68,9 @@ pub struct MemberView {
     pub version: Option<String>,
     /// Alarms this member reports (etcd's Status errors), as `memberID:<id> alarm:<NAME>`.
     pub alarms: Vec<String>,
+    /// Where its HTTP endpoints answer (from the Status metadata `quorate-http-addr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
 }
 
 /// A zone where the eviction brake holds, from the replicated brake state.
@@ -141,7 +144,7 @@ async fn member_list(opts: &Options) -> Result<Vec<pb::Member>, String> {
 }
 
 /// A plain HTTP/1.1 GET (the member's JSON endpoint); returns the body of a 200.
-async fn http_get(addr: &str, path: &str, limit: Duration) -> anyhow::Result<String> {
+pub(crate) async fn http_get(addr: &str, path: &str, limit: Duration) -> anyhow::Result<String> {
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -236,6 +239,7 @@ async fn ask(m: &pb::Member, opts: &Options) -> (MemberView, Option<Channel>) {
         v.error = Some("no quorate-http-addr in Status (not a quorate member?)".into());
         return (v, Some(ch));
     };
+    v.http_addr = Some(http.clone());
     let sent_at = SystemTime::now();
     let started = Instant::now();
     match http_get(&http, "/v1/member/status", opts.command_timeout).await {

@@ -8,6 +8,7 @@
 pub mod collect;
 pub mod judge;
 pub mod render;
+pub mod timeline;
 
 use std::time::Duration;
 
@@ -46,6 +47,18 @@ pub async fn doctor(opts: &Options) -> anyhow::Result<i32> {
         print!("{}", render::doctor_text(&report));
     }
     Ok(report.verdict.exit_code())
+}
+
+/// `quorate ctl timeline`: every member's flight recorder, merged; exit 0 when at least one
+/// member's events were read, else 1.
+pub async fn timeline(opts: &Options, t: &timeline::TimelineOptions) -> anyhow::Result<i32> {
+    let tl = timeline::gather(opts, t).await;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&tl)?);
+    } else {
+        print!("{}", timeline::render_table(&tl));
+    }
+    Ok(if tl.members.iter().any(|m| m.reachable) { 0 } else { 1 })
 }
 
 /// Parses a duration as etcdctl writes them: `2s`, `500ms`, `1m`, or bare seconds.

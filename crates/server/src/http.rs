@@ -19,6 +19,10 @@ pub struct HttpState {
 }
 
 impl HttpState {
+    pub fn member(&self) -> &Member {
+        &self.member
+    }
+
     pub fn new(member: Member, cluster_id: u64, metrics: Arc<crate::metrics::Metrics>, failpoints: bool) -> Self {
         HttpState { member, cluster_id, metrics, failpoints }
     }
@@ -31,6 +35,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .route("/v1/member/status", get(member_status))
+        .route("/v1/member/timeline", get(crate::timeline::member_timeline))
         .route("/debug/failpoints/fsync-delay-ms", axum::routing::put(set_fsync_delay))
         .route("/debug/failpoints/diverge-put-key", axum::routing::put(set_diverge_put_key))
         .with_state(state.clone())

@@ -11,6 +11,7 @@ mod process_metrics;
 mod reaper;
 mod registry_view;
 mod removed_gate;
+mod timeline;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -271,6 +272,9 @@ async fn watch_quota(member: quorate_consensus::Member, quota_bytes: u64) {
         let (in_use, raised) = member.read(|s| (s.bytes_in_use(), s.alarms().contains(&(me, AlarmType::NoSpace))));
         if in_use > quota_bytes && !raised {
             tracing::warn!(in_use_bytes = in_use, quota_bytes, "database space exceeded: raising NOSPACE alarm");
+            let detail = format!("{in_use} bytes in use, over the quota of {quota_bytes}");
+            let raised = quorate_consensus::FlightEvent::Alarm { alarm: "NOSPACE".into(), raised: true, detail };
+            member.flight().record(raised);
             if let Err(e) = member.write(Command::Alarm { activate: true, member: me, alarm: AlarmType::NoSpace }).await
             {
                 tracing::warn!(error = %e, "could not raise NOSPACE alarm");

@@ -139,6 +139,21 @@ impl Metrics {
             );
             q.register("raft_elections_won", "Elections this member won (it became leader)", c.elections_won.clone());
             q.register(
+                "raft_elections_lost",
+                "Elections this member started and did not win, by reason (another_leader, higher_term, vote_refused, no_quorum)",
+                c.elections_lost.clone(),
+            );
+            q.register(
+                "raft_pre_votes_refused",
+                "Pre-votes this member refused as a voter, by reason (leader_alive, log_behind, higher_term, already_voted)",
+                c.pre_votes_refused.clone(),
+            );
+            q.register(
+                "flight_events_dropped",
+                "Flight-recorder events dropped because the writer's queue was full",
+                c.flight.dropped().clone(),
+            );
+            q.register(
                 "lease_clock_promotions",
                 "Times the lease clock started expiring leases here (quorum-connected leader; every lease got one election timeout of grace)",
                 c.lease_clock_promotions.clone(),

@@ -17,6 +17,7 @@ use quorate_registry::{CheckChange, Health, Instance, Kind, Transition, Verdict}
 
 use crate::brake_state::SharedBrake;
 use crate::registry_view::RegistryView;
+use quorate_consensus::FlightEvent;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -147,8 +148,14 @@ pub async fn run(member: Member, brake: Arc<SharedBrake>, stats: Arc<ReaperStats
         stats.brake_engaged_zones.store(engaged as u64, Relaxed);
         for t in transitions {
             match t {
-                Transition::Engaged { zone, reason } => warn!(%zone, %reason, "eviction brake engaged"),
-                Transition::Released { zone, why } => info!(%zone, why, "eviction brake released"),
+                Transition::Engaged { zone, reason } => {
+                    warn!(%zone, %reason, "eviction brake engaged");
+                    member.flight().record_in(term, FlightEvent::BrakeEngaged { zone, reason });
+                }
+                Transition::Released { zone, why } => {
+                    info!(%zone, why, "eviction brake released");
+                    member.flight().record_in(term, FlightEvent::BrakeReleased { zone, why: why.to_string() });
+                }
             }
         }
         brake.checkpoint(&member, term).await;

@@ -183,6 +183,9 @@ impl LeaseClock {
         // A gap this long between ticks means this member itself was not running.
         let stall = LEASE_TICK * 5 + Duration::from_millis(200);
         let mut quorum_lost_logged = false;
+        // The flight recorder's view: a leader that had a quorum in this term and lost it (a
+        // leader just elected has not yet applied an entry of its term, which is no loss).
+        let (mut fresh_in_term, mut recorded_lost) = (0, false);
         loop {
             tick.tick().await;
             let now = Instant::now();
@@ -191,6 +194,7 @@ impl LeaseClock {
             last_tick = now;
             if stalled {
                 metrics.lease_clock_stalls.inc();
+                metrics.flight.record(crate::flight::Event::Stall { gap_ms: gap.as_millis() as u64 });
             }
             if raft.metrics().borrow_watched().running_state.is_err() {
                 return;
@@ -205,10 +209,13 @@ impl LeaseClock {
             match (before, after) {
                 (b, Some(term)) if b != Some(term) => {
                     metrics.lease_clock_promotions.inc();
+                    let grace_ms = self.grace.as_millis() as u64;
+                    metrics.flight.record_in(term, crate::flight::Event::LeaseClockPromoted { grace_ms });
                     info!(term, grace_ms = self.grace.as_millis() as u64, "lease clock promoted")
                 }
                 (Some(term), None) => {
                     metrics.lease_clock_demotions.inc();
+                    metrics.flight.record_in(term, crate::flight::Event::LeaseClockDemoted);
                     info!(term, "lease clock demoted: no longer leader")
                 }
                 _ => {}
@@ -223,8 +230,16 @@ impl LeaseClock {
                     warn!(term = lead.term, "leader has no recent quorum contact: lease expiry suspended");
                     quorum_lost_logged = true;
                 }
+                if fresh_in_term == lead.term && !recorded_lost {
+                    metrics.flight.record_in(lead.term, crate::flight::Event::QuorumLost);
+                    recorded_lost = true;
+                }
                 continue;
             }
+            if recorded_lost && fresh_in_term == lead.term {
+                metrics.flight.record_in(lead.term, crate::flight::Event::QuorumRegained);
+            }
+            (fresh_in_term, recorded_lost) = (lead.term, false);
             quorum_lost_logged = false;
             if due.is_empty() {
                 continue;
