@@ -496,3 +496,176 @@ async fn each_member_measures_its_peers_wall_clock_offset() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Registry instances by state from the registry itself (member `endpoint`'s own state, a
+/// serializable read of the records the API keeps under `/quorate/registry/`).
+async fn registry_states(endpoint: &str) -> BTreeMap<String, f64> {
+    let mut client = etcd_client::Client::connect([endpoint], None).await.expect("etcd client");
+    let opts = etcd_client::GetOptions::new().with_prefix().with_serializable();
+    let resp = client.get("/quorate/registry/", Some(opts)).await.expect("range the registry");
+    let mut states: BTreeMap<String, f64> =
+        ["passing", "warning", "critical", "suspect"].iter().map(|s| (s.to_string(), 0.0)).collect();
+    for kv in resp.kvs() {
+        let i: serde_json::Value = serde_json::from_slice(kv.value()).expect("instance JSON");
+        let state = if i["suspect"] == true { "suspect" } else { i["health"].as_str().expect("health") };
+        *states.get_mut(state).expect("a known state") += 1.0;
+    }
+    states
+}
+
+fn exported_states(s: &Scrape) -> BTreeMap<String, f64> {
+    s.all("quorate_registry_instances").iter().map(|x| (x.labels["state"].clone(), x.value)).collect()
+}
+
+/// Every member's `quorate_registry_instances{state}` equals what its registry holds.
+async fn assert_counts_match_the_registry(clients: &[String], after: &str) {
+    let deadline = Instant::now() + SETTLE;
+    for (i, addr) in clients.iter().enumerate() {
+        loop {
+            let (held, exported) = (registry_states(addr).await, exported_states(&scrape(addr).await));
+            if held == exported {
+                break;
+            }
+            assert!(Instant::now() < deadline, "after {after}, m{}: registry {held:?}, exported {exported:?}", i + 1);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A TCP endpoint on `port` (0: any) that accepts connections until its task is aborted.
+async fn tcp_endpoint(port: u16) -> (u16, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind endpoint");
+    let port = l.local_addr().unwrap().port();
+    (port, tokio::spawn(async move { while l.accept().await.is_ok() {} }))
+}
+
+/// Wait until `check` holds for member `addr`'s scrape.
+async fn until(addr: &str, what: &str, check: impl Fn(&Scrape) -> bool) {
+    let deadline = Instant::now() + SETTLE;
+    while !check(&scrape(addr).await) {
+        assert!(Instant::now() < deadline, "{addr}: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_metrics_follow_registrations_heartbeats_checks_and_the_brake() {
+    let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let clients: Vec<String> = cluster.nodes.iter().map(|n| n.endpoint()).collect();
+    let https: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.http_port)).collect();
+    let put = |at: usize, path: String, body: Option<String>| {
+        let addr = https[at].clone();
+        async move {
+            let r = http_at(&addr, "PUT", &path, body.as_deref(), SCRAPE_TIMEOUT).await.expect("PUT");
+            assert!(r.status == 200 || r.status == 204, "PUT {path}: {} {}", r.status, r.body);
+        }
+    };
+    let native = |svc: &str, id: &str| format!("/api/v1/ns/default/services/{svc}/instances/{id}");
+    let checked = |zone: &str, port: u16| {
+        format!(
+            r#"{{"address":"127.0.0.1","port":{port},"zone":"{zone}","kind":"persistent",
+                "check":{{"tcp":"127.0.0.1:{port}","interval_s":1,"timeout_s":1,"failures_before_critical":2}}}}"#
+        )
+    };
+
+    eprintln!("register through every dialect: ephemeral, persistent with checks, Consul TTL, Eureka");
+    for id in ["e1", "e2"] {
+        put(0, native("eph", id), Some(r#"{"address":"10.0.0.1","port":80,"ttl_s":600}"#.into())).await;
+    }
+    put(
+        1,
+        native("eph", "short"),
+        Some(r#"{"address":"10.0.0.1","port":80,"ttl_s":2,"heartbeat_interval_s":1}"#.into()),
+    )
+    .await;
+    let mut zone_tasks = Vec::new();
+    let mut zone_ports = Vec::new();
+    for i in 0..4 {
+        let (port, task) = tcp_endpoint(0).await;
+        zone_tasks.push(task);
+        zone_ports.push(port);
+        put(i % 3, native("held", &format!("h{i}")), Some(checked("rel", port))).await;
+    }
+    let consul = r#"{"ID":"c1","Name":"cons","Address":"127.0.0.1","Port":9,"Check":{"TTL":"600s"}}"#;
+    put(2, "/v1/agent/service/register".into(), Some(consul.into())).await;
+    let eureka = r#"<instance><instanceId>eu1</instanceId><hostName>h</hostName><app>EUR</app><ipAddr>10.0.0.2</ipAddr><status>UP</status><port enabled="true">80</port><leaseInfo><durationInSecs>600</durationInSecs><renewalIntervalInSecs>10</renewalIntervalInSecs></leaseInfo></instance>"#;
+    let r = http_at(&https[1], "POST", "/eureka/apps/EUR", Some(eureka), SCRAPE_TIMEOUT).await.expect("eureka");
+    assert_eq!(r.status, 204, "eureka register: {}", r.body);
+    assert_counts_match_the_registry(&clients, "registrations").await;
+
+    eprintln!("a heartbeat in each dialect moves that dialect's counter on the member that took it");
+    let beats = |s: &Scrape, d: &str| s.value("quorate_registry_heartbeats_total", &[("dialect", d)]).unwrap_or(-1.0);
+    for (at, dialect, path) in [
+        (1, "native", format!("{}/heartbeat", native("eph", "e1"))),
+        (2, "consul", "/v1/agent/check/pass/service:c1".to_string()),
+        (0, "eureka", "/eureka/apps/EUR/eu1".to_string()),
+    ] {
+        let before = beats(&scrape(&clients[at]).await, dialect);
+        assert!(before >= 0.0, "m{}: no quorate_registry_heartbeats_total{{dialect={dialect}}}", at + 1);
+        put(at, path, None).await;
+        assert_eq!(beats(&scrape(&clients[at]).await, dialect), before + 1.0, "{dialect} heartbeat on m{}", at + 1);
+    }
+
+    eprintln!("state changes: a Consul check warns, then fails; an instance's check fails and is confirmed");
+    put(0, "/v1/agent/check/warn/service:c1".into(), None).await;
+    assert_counts_match_the_registry(&clients, "a warning").await;
+    put(0, "/v1/agent/check/fail/service:c1".into(), None).await;
+    let leader = cluster.wait_leader(SETTLE).expect("leader");
+    let results =
+        |s: &Scrape, r: &str| s.value("quorate_registry_check_results_total", &[("result", r)]).unwrap_or(0.0);
+    let confirmed =
+        |s: &Scrape| s.value("quorate_registry_check_confirmations_total", &[("outcome", "confirmed")]).unwrap_or(0.0);
+    let before = scrape(&clients[leader]).await;
+    let (critical_before, confirmed_before) = (results(&before, "critical"), confirmed(&before));
+    let dead_port = free_port();
+    put(1, native("solo", "dead"), Some(checked("solo", dead_port))).await;
+    until(&clients[leader], "the failing check's critical results and its confirmation", |s| {
+        results(s, "critical") >= critical_before + 2.0 && confirmed(s) >= confirmed_before + 1.0
+    })
+    .await;
+    assert!(results(&scrape(&clients[leader]).await, "passing") > 0.0, "the live endpoints' checks pass");
+    assert_counts_match_the_registry(&clients, "check failures").await;
+
+    eprintln!(
+        "zone rel fails its checks at once: the brake holds it; the checks recover: every member counts a release"
+    );
+    let released = |s: &Scrape| s.value("quorate_registry_brake_releases_total", &[("zone", "rel")]).unwrap_or(0.0);
+    for t in zone_tasks.drain(..) {
+        t.abort();
+    }
+    for addr in &clients {
+        until(addr, "brake engaged on zone rel", |s| {
+            s.value("quorate_registry_brake_engaged", &[("zone", "rel")]) == Some(1.0)
+        })
+        .await;
+        assert_eq!(released(&scrape(addr).await), 0.0, "{addr}: released before it was");
+    }
+    for port in &zone_ports {
+        zone_tasks.push(tcp_endpoint(*port).await.1);
+    }
+    for addr in &clients {
+        until(addr, "a brake release counted for zone rel", |s| released(s) == 1.0).await;
+    }
+
+    eprintln!("deregistrations (native, Consul, Eureka) and a lease expiry");
+    let r = http_at(&https[2], "DELETE", &native("eph", "e2"), None, SCRAPE_TIMEOUT).await.expect("delete");
+    assert_eq!(r.status, 200, "{}", r.body);
+    put(0, "/v1/agent/service/deregister/c1".into(), None).await;
+    let r = http_at(&https[1], "DELETE", "/eureka/apps/EUR/eu1", None, SCRAPE_TIMEOUT).await.expect("cancel");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let deadline = Instant::now() + SETTLE;
+    // e1 and h0..h3 pass once `short`'s lease has expired: gone, or suspect while the brake
+    // holds zone default (a new leader's takeover hold, say).
+    loop {
+        let left = registry_states(&clients[0]).await;
+        if left["passing"] == 5.0 && left["critical"] == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the short-lived instance's lease did not expire: {left:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_counts_match_the_registry(&clients, "deregistrations and an expiry").await;
+    for t in zone_tasks {
+        t.abort();
+    }
+}

@@ -245,6 +245,7 @@ async fn check_update(State(api): State<Arc<Api>>, Path((verb, check)): Path<(St
             format!("CheckID {check:?}: the service missed its TTL and was deregistered; register it again"),
         ));
     }
+    api.heartbeats.accepted(crate::Dialect::Consul);
     let mut revision = api.member.read(|s| s.revision());
     if instance.health != health || instance.suspect {
         let key = instance_key(NS, &instance.service, &instance.id).into_bytes();

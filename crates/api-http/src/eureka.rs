@@ -225,6 +225,7 @@ async fn renew(State(api): State<Arc<Api>>, Path((app, id)): Path<(String, Strin
     if instance.kind != Kind::Ephemeral || api.member.lease_keepalive(instance.lease).await?.is_none() {
         return Err(unknown(&app, &id));
     }
+    api.heartbeats.accepted(crate::Dialect::Eureka);
     let rev = api.member.read(|s| s.revision());
     Ok((api.stamp(rev, Consistency::Stale), "").into_response())
 }

@@ -30,6 +30,55 @@ pub(crate) const CONSUL_HIDDEN_PREFIX: &str = "/quorate/";
 /// What the handlers share.
 pub struct Api {
     pub member: Member,
+    /// Heartbeats accepted here, by dialect (the server registers the family).
+    pub heartbeats: Heartbeats,
+}
+
+/// The dialects a heartbeat arrives in: the `dialect` label of the server's
+/// `quorate_registry_heartbeats_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Native,
+    Consul,
+    Eureka,
+}
+
+impl Dialect {
+    pub const ALL: [Dialect; 3] = [Dialect::Native, Dialect::Consul, Dialect::Eureka];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Dialect::Native => "native",
+            Dialect::Consul => "consul",
+            Dialect::Eureka => "eureka",
+        }
+    }
+}
+
+/// Heartbeats this member accepted (each renewed an instance's lease), by dialect. Every label
+/// set is made once, here: a heartbeat costs one atomic add.
+#[derive(Clone)]
+pub struct Heartbeats {
+    pub family: prometheus_client::metrics::family::Family<
+        Vec<(&'static str, &'static str)>,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    by_dialect: [prometheus_client::metrics::counter::Counter; 3],
+}
+
+impl Default for Heartbeats {
+    fn default() -> Self {
+        let family: prometheus_client::metrics::family::Family<_, prometheus_client::metrics::counter::Counter> =
+            Default::default();
+        let by_dialect = Dialect::ALL.map(|d| family.get_or_create(&vec![("dialect", d.label())]).clone());
+        Heartbeats { family, by_dialect }
+    }
+}
+
+impl Heartbeats {
+    pub fn accepted(&self, dialect: Dialect) {
+        self.by_dialect[dialect as usize].inc();
+    }
 }
 
 /// The native API's routes, to be merged into the member's HTTP router.

@@ -112,6 +112,7 @@ async fn heartbeat(State(api): State<Arc<Api>>, Path((ns, svc, id)): Path<(Strin
     }
     match api.member.lease_keepalive(instance.lease).await? {
         Some(ttl) => {
+            api.heartbeats.accepted(crate::Dialect::Native);
             let rev = api.member.read(|s| s.revision());
             let body = json!({"ttl_s": ttl, "heartbeat_interval_s": instance.heartbeat_interval_s});
             Ok((api.stamp(rev, Consistency::Stale), Json(body)).into_response())

@@ -44,7 +44,7 @@ pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
 pub use metrics::ConsensusMetrics;
 pub use network::{set_snapshot_chunk_bytes, PeerService, PEER_MESSAGE_BYTES_MAX};
-pub use state_machine::{Applied, PublishedMember};
+pub use state_machine::{Applied, ApplyObserver, PublishedMember};
 pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
 
 pub use diagnostics::MemberDiagnostics;
@@ -683,6 +683,13 @@ impl Member {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Applied> {
         self.inner.shared.events.subscribe()
+    }
+
+    /// Keep `observer` up to date with the state from now on (`ApplyObserver`): it is reset from
+    /// the current state, then told of every applied change. One per member; false if one is
+    /// installed already.
+    pub fn set_apply_observer(&self, observer: Arc<dyn ApplyObserver>) -> bool {
+        self.inner.shared.set_observer(observer)
     }
 
     // ---- leases ----

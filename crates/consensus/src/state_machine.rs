@@ -72,6 +72,19 @@ pub struct Shared {
     /// (`crate::lease`). Taken after `store` whenever both are held.
     pub leases: Mutex<LeaseCore>,
     pub events: broadcast::Sender<Applied>,
+    /// Told of every applied change under the store's write lock (`Member::set_apply_observer`).
+    observer: std::sync::OnceLock<Arc<dyn ApplyObserver>>,
+}
+
+/// Keeps a summary of the state (counts, say) up to date as it changes, so that a reader of the
+/// summary never scans the store. Both calls run under the store's write lock, in apply order,
+/// so the summary always matches the store it describes: they must be quick and never block.
+pub trait ApplyObserver: Send + Sync + 'static {
+    /// The changes one applied command made (all of one revision, in order).
+    fn applied(&self, events: &[Event]);
+    /// The whole state is `store` now: the observer was just installed, or a snapshot replaced
+    /// the state.
+    fn reset(&self, store: &Store);
 }
 
 #[derive(Clone)]
@@ -128,6 +141,21 @@ fn fencing_refusal(result: &Result<CommandResponse, quorate_kv::KvError>) -> Opt
     }
 }
 
+impl Shared {
+    /// Install the observer: it is reset from the state as it is now and then told of every
+    /// change, with no change missed or counted twice: no write applies while the read lock is
+    /// held, and applies tell the observer under the write lock. Only the first call installs;
+    /// later ones return false.
+    pub fn set_observer(&self, observer: Arc<dyn ApplyObserver>) -> bool {
+        let store = self.store.read().unwrap();
+        if self.observer.get().is_some() {
+            return false;
+        }
+        observer.reset(&store);
+        self.observer.set(observer).is_ok()
+    }
+}
+
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -146,6 +174,7 @@ impl StateMachine {
             applied: RwLock::new((None, StoredMembership::default())),
             leases: Mutex::new(LeaseCore::new(grace)),
             events,
+            observer: std::sync::OnceLock::new(),
         };
         Ok(StateMachine {
             shared: Arc::new(shared),
@@ -279,6 +308,9 @@ impl StateMachine {
                     self.fencing_refusals.get_or_create(&vec![("kind", kind)]).inc();
                 }
                 if !applied.events.is_empty() {
+                    if let Some(o) = self.shared.observer.get() {
+                        o.applied(&applied.events);
+                    }
                     // No receiver is fine: nobody is watching.
                     let _ = self
                         .shared
@@ -409,6 +441,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             *self.shared.members.write().unwrap() = snap.members;
             *self.shared.applied.write().unwrap() = (meta.last_log_id, meta.last_membership.clone());
             self.reset_lease_marks(&store);
+            if let Some(o) = self.shared.observer.get() {
+                o.reset(&store);
+            }
             store.revision()
         };
         tracing::info!(revision, last_log_index = meta.last_log_id.map(|l| l.index).unwrap_or(0), "installed snapshot");

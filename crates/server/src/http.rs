@@ -40,8 +40,11 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
         .route("/debug/failpoints/diverge-put-key", axum::routing::put(set_diverge_put_key))
         .with_state(state.clone())
         .merge(
-            quorate_api_http::router(Arc::new(quorate_api_http::Api { member: state.member.clone() }))
-                .layer(axum::middleware::from_fn_with_state(state.member.clone(), crate::removed_gate::refuse_http)),
+            quorate_api_http::router(Arc::new(quorate_api_http::Api {
+                member: state.member.clone(),
+                heartbeats: state.metrics.heartbeats.clone(),
+            }))
+            .layer(axum::middleware::from_fn_with_state(state.member.clone(), crate::removed_gate::refuse_http)),
         );
     axum::serve(listener, app).await
 }

@@ -9,6 +9,7 @@ mod metrics;
 mod prober;
 mod process_metrics;
 mod reaper;
+mod registry_counts;
 mod registry_view;
 mod removed_gate;
 mod timeline;
@@ -114,11 +115,14 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     }
     let services = EtcdServices::new(ctx);
     let reaper_stats = Arc::new(reaper::ReaperStats::default());
+    let registry_counts = Arc::new(registry_counts::RegistryCounts::default());
+    member.set_apply_observer(registry_counts.clone());
     let metrics = Arc::new(metrics::Metrics::new(
         member.clone(),
         cfg.data_dir.clone(),
         cfg.quota_backend_bytes,
         reaper_stats.clone(),
+        registry_counts,
     ));
     let mut client_tasks = Vec::new();
     for l in listeners.client {
@@ -153,7 +157,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
     member.set_app_handler(Arc::new(prober::ProbeHandler { source: cfg.probe_source_ip }));
     let brake = Arc::new(brake_state::SharedBrake::new(cfg.brake.clone()));
-    tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip, brake.clone()));
+    tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip, brake.clone(), metrics.checks.clone()));
     tokio::spawn(reaper::run(member.clone(), brake, reaper_stats));
 
     let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints));

@@ -37,9 +37,14 @@ pub struct Metrics {
     data_dir: PathBuf,
     registry: Registry,
     reaper: Arc<crate::reaper::ReaperStats>,
-    /// Instances by state and brake-held instances by zone, at the revision they were counted.
-    instance_counts: Mutex<InstanceCounts>,
+    /// Instances by state and brake-held instances by zone, kept as writes apply.
+    registry_counts: Arc<crate::registry_counts::RegistryCounts>,
     pub grpc: GrpcMetrics,
+    /// Heartbeats accepted, by dialect (counted by the HTTP API's handlers).
+    pub heartbeats: quorate_api_http::Heartbeats,
+    /// Active check results and confirmations (counted by the prober).
+    pub checks: crate::prober::CheckMetrics,
+    brake_releases: Family<Labels, Counter>,
     process: ProcessMetrics,
     // quorate_* (kept as they were before the etcd set)
     term: Gauge,
@@ -79,6 +84,7 @@ impl Metrics {
         data_dir: PathBuf,
         quota_backend_bytes: u64,
         reaper: Arc<crate::reaper::ReaperStats>,
+        registry_counts: Arc<crate::registry_counts::RegistryCounts>,
     ) -> Self {
         let mut registry = Registry::default();
         let c = member.metrics().clone();
@@ -91,6 +97,9 @@ impl Metrics {
         let (instances, brake_held) = (Family::<Labels, Gauge>::default(), Family::<Labels, Gauge>::default());
         let (brake_engaged, brake_engaged_seconds) =
             (Family::<Labels, Gauge>::default(), Family::<Labels, Gauge>::default());
+        let heartbeats = quorate_api_http::Heartbeats::default();
+        let checks = crate::prober::CheckMetrics::default();
+        let brake_releases = Family::<Labels, Counter>::default();
         {
             let q = registry.sub_registry_with_prefix("quorate");
             q.register("storage_log_commits", "Durable (fsynced) commits of the Raft log", log_commits.clone());
@@ -204,6 +213,26 @@ impl Metrics {
                 instances.clone(),
             );
             q.register(
+                "registry_heartbeats",
+                "Heartbeats this member accepted (each renewed an instance's lease), by dialect: native, consul (a TTL check's pass, warn or fail), eureka (renew)",
+                heartbeats.family.clone(),
+            );
+            q.register(
+                "registry_check_results",
+                "Active health check probes this member ran as leader, by result: passing, warning, critical",
+                checks.results.clone(),
+            );
+            q.register(
+                "registry_check_confirmations",
+                "Failing checks this leader asked another member to confirm, by outcome: confirmed, refuted (the other member reached the instance; kept), unanswered",
+                checks.confirmations.clone(),
+            );
+            q.register(
+                "registry_brake_releases",
+                "Times the eviction brake let go of a zone it held, by zone, from the replicated brake state (every member counts each release)",
+                brake_releases.clone(),
+            );
+            q.register(
                 "registry_brake_held_instances",
                 "Instances the eviction brake holds from eviction now, by zone",
                 brake_held.clone(),
@@ -303,8 +332,11 @@ impl Metrics {
             data_dir,
             registry,
             reaper,
-            instance_counts: Mutex::new(InstanceCounts { revision: -1, ..Default::default() }),
+            registry_counts,
             grpc,
+            heartbeats,
+            checks,
+            brake_releases,
             process,
             term,
             commit_index,
@@ -386,46 +418,20 @@ impl Metrics {
             .sum()
     }
 
-    /// Count registry instances by state, once per store revision (heartbeats renew leases
-    /// without writing, so at rest a scrape decodes nothing). Only the fields counted are
-    /// decoded.
+    /// Export the registry's instance counts, kept up to date as writes apply
+    /// (`crate::registry_counts`): a scrape costs the same with ten instances or ten thousand.
     fn count_instances(&self) {
-        use quorate_kv::RangeRequest;
-        let mut counts = self.instance_counts.lock().unwrap();
-        let prefix = quorate_registry::REGISTRY_PREFIX.as_bytes().to_vec();
-        let req = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
-        let cached = counts.revision;
-        let fresh = self.member.read(|s| {
-            let revision = s.revision();
-            (revision != cached).then(|| (revision, s.range(&req).map(|r| r.kvs).unwrap_or_default()))
-        });
-        if let Some((revision, kvs)) = fresh {
-            let mut by_state = std::collections::BTreeMap::new();
-            let mut held = std::collections::BTreeMap::new();
-            for kv in kvs {
-                let Ok(i) = serde_json::from_slice::<InstanceState>(&kv.value) else { continue };
-                let state = match (i.suspect, i.health) {
-                    (true, _) => "suspect",
-                    (false, quorate_registry::Health::Passing) => "passing",
-                    (false, quorate_registry::Health::Warning) => "warning",
-                    (false, quorate_registry::Health::Critical) => "critical",
-                };
-                *by_state.entry(state).or_insert(0) += 1;
-                if i.brake_hold.is_some() {
-                    *held.entry(i.zone).or_insert(0) += 1;
-                }
-            }
-            *counts = InstanceCounts { revision, by_state, held };
-        }
+        let counts = self.registry_counts.get();
         // Every state is exported, zeros included, so a rate or a sum never loses a series.
-        for state in ["passing", "warning", "critical", "suspect"] {
-            self.instances
-                .get_or_create(&vec![("state", state.to_string())])
-                .set(*counts.by_state.get(state).unwrap_or(&0));
+        for (state, n) in crate::registry_counts::STATES.iter().zip(counts.by_state) {
+            self.instances.get_or_create(&vec![("state", state.to_string())]).set(n);
         }
         self.brake_held.clear();
-        for (zone, n) in &counts.held {
-            self.brake_held.get_or_create(&vec![("zone", zone.clone())]).set(*n);
+        for (zone, n) in counts.held {
+            self.brake_held.get_or_create(&vec![("zone", zone)]).set(n);
+        }
+        for (zone, n) in counts.brake_releases {
+            catch_up(&self.brake_releases.get_or_create(&vec![("zone", zone)]), n);
         }
     }
 }
@@ -447,24 +453,6 @@ impl Metrics {
             self.brake_engaged_seconds.get_or_create(&labels).set(held_s as i64);
         }
     }
-}
-
-#[derive(Default)]
-struct InstanceCounts {
-    revision: i64,
-    by_state: std::collections::BTreeMap<&'static str, i64>,
-    held: std::collections::BTreeMap<String, i64>,
-}
-
-/// The fields of a stored `quorate_registry::Instance` that the metrics count.
-#[derive(serde::Deserialize)]
-struct InstanceState {
-    zone: String,
-    health: quorate_registry::Health,
-    #[serde(default)]
-    suspect: bool,
-    #[serde(default)]
-    brake_hold: Option<serde::de::IgnoredAny>,
 }
 
 /// `/metrics` and `/health` alone: what the client port and `--listen-metrics-urls` serve.

@@ -32,6 +32,47 @@ const PROBES_IN_FLIGHT_MAX: usize = 64;
 /// The peer-call method another member answers with its own probe.
 pub const PROBE_METHOD: &str = "probe";
 
+type KindCounters = prometheus_client::metrics::family::Family<
+    Vec<(&'static str, &'static str)>,
+    prometheus_client::metrics::counter::Counter,
+>;
+
+/// What this member's checks saw as leader: every probe's result, and how each failure that
+/// another member was asked to confirm ended. Every label set is made once, here.
+#[derive(Clone)]
+pub struct CheckMetrics {
+    /// By `result`: passing, warning, critical.
+    pub results: KindCounters,
+    /// By `outcome`: confirmed (the other member failed too), refuted (it reached the
+    /// instance: kept), unanswered (no other member answered: marked critical).
+    pub confirmations: KindCounters,
+    result: [prometheus_client::metrics::counter::Counter; 3],
+    confirmed: prometheus_client::metrics::counter::Counter,
+    refuted: prometheus_client::metrics::counter::Counter,
+    unanswered: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for CheckMetrics {
+    fn default() -> Self {
+        let (results, confirmations) = (KindCounters::default(), KindCounters::default());
+        let result = ["passing", "warning", "critical"].map(|r| results.get_or_create(&vec![("result", r)]).clone());
+        let outcome = |o| confirmations.get_or_create(&vec![("outcome", o)]).clone();
+        let (confirmed, refuted, unanswered) = (outcome("confirmed"), outcome("refuted"), outcome("unanswered"));
+        CheckMetrics { results, confirmations, result, confirmed, refuted, unanswered }
+    }
+}
+
+impl CheckMetrics {
+    fn result(&self, h: Health) {
+        let i = match h {
+            Health::Passing => 0,
+            Health::Warning => 1,
+            Health::Critical => 2,
+        };
+        self.result[i].inc();
+    }
+}
+
 /// Probe `spec` once, from `source` if given.
 pub async fn probe(spec: &CheckSpec, source: Option<IpAddr>) -> Health {
     let timeout = Duration::from_secs(spec.timeout_s);
@@ -134,7 +175,7 @@ async fn another_vantage_disagrees(member: &Member, spec: &CheckSpec) -> Option<
 /// Per zone: (instances with an active check, those failing it now and not critical yet).
 type ZoneChecks = HashMap<String, (usize, usize)>;
 
-pub async fn run(member: Member, source: Option<IpAddr>, brake: Arc<SharedBrake>) {
+pub async fn run(member: Member, source: Option<IpAddr>, brake: Arc<SharedBrake>, metrics: CheckMetrics) {
     let mut tracked: HashMap<Vec<u8>, Tracked> = HashMap::new();
     // Since when (as this leader saw it) each critical instance with a deregister deadline
     // has been critical. A new leader starts counting afresh: it errs on keeping instances.
@@ -150,7 +191,8 @@ pub async fn run(member: Member, source: Option<IpAddr>, brake: Arc<SharedBrake>
         tokio::select! {
             _ = tick.tick() => {}
             Some((key, outcome)) = rx.recv() => {
-                judge(&member, term, &mut tracked, &brake, &zones, key, outcome).await;
+                metrics.result(outcome);
+                judge(&member, term, &mut tracked, &brake, &zones, key, outcome, &metrics).await;
                 continue;
             }
         }
@@ -277,6 +319,7 @@ async fn deregister_long_critical(
 }
 
 /// Apply one probe result: hysteresis, confirmation, the brake, and the term-fenced write.
+#[allow(clippy::too_many_arguments)]
 async fn judge(
     member: &Member,
     term: u64,
@@ -285,6 +328,7 @@ async fn judge(
     zones: &ZoneChecks,
     key: Vec<u8>,
     outcome: Health,
+    metrics: &CheckMetrics,
 ) {
     let Some(t) = tracked.get_mut(&key) else { return };
     let current = member.read(|s| {
@@ -305,13 +349,21 @@ async fn judge(
         Step::Become(h) => h,
         Step::Confirm => match another_vantage_disagrees(member, &spec).await {
             Some(true) => {
+                metrics.refuted.inc();
                 info!(instance = %instance.id, "probe failed here but another member reaches the instance: keeping it");
                 if let Some(t) = tracked.get_mut(&key) {
                     t.alive_elsewhere = true;
                 }
                 return;
             }
-            Some(false) | None => Health::Critical,
+            Some(false) => {
+                metrics.confirmed.inc();
+                Health::Critical
+            }
+            None => {
+                metrics.unanswered.inc();
+                Health::Critical
+            }
         },
     };
     if let Some(t) = tracked.get_mut(&key) {
