@@ -34,6 +34,13 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   fi
 fi
 
+# Go's own pprof reader (`go tool pprof`, Debian's golang-go) reads the CPU profiles that
+# `quorate server --enable-pprof` serves (t12_pprof). Without recommends (no C toolchain).
+if ! command -v go >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go >/dev/null
+fi
+
 # Real registry clients from PyPI (py-consul, py-eureka-client) in a virtualenv the tests use.
 PY=target/py
 if ! "$PY/bin/python" -c 'import consul, py_eureka_client' 2>/dev/null; then

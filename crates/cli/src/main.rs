@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+mod logging;
+
 /// glibc's malloc showed up as a fifth of a member's CPU under write load; mimalloc is faster
 /// for the many small, short-lived allocations of request handling. Built without transparent
 /// huge pages (`no_thp`): with them an idle member held 71 MB, 43 MB without, and 100k puts left
@@ -317,6 +319,24 @@ struct ServerArgs {
     /// Send health-check probes from this local address (multi-homed hosts).
     #[arg(long)]
     probe_source_ip: Option<std::net::IpAddr>,
+    /// Serve CPU profiles, as etcd's flag: GET /debug/pprof/profile?seconds=N (1 to 60,
+    /// default 30) on the client URLs and --listen-http answers with a gzipped pprof protobuf
+    /// (`go tool pprof -top http://HOST:2379/debug/pprof/profile?seconds=10`); add
+    /// &format=svg, or GET /debug/pprof/flamegraph?seconds=N, for a flamegraph SVG. One profile
+    /// at a time (409 while one runs); 404 when off. Sampling (SIGPROF, 100 Hz) runs only while
+    /// a profile is taken.
+    #[arg(long)]
+    enable_pprof: bool,
+    /// Lowest level logged: error, warn, info or debug [default: info]. When given, it wins
+    /// over a QUORATE_LOG filter (tracing's syntax, e.g. info,quorate_consensus=debug), which
+    /// wins over the default. openraft's own lines are one level quieter at info and debug.
+    #[arg(long, value_enum)]
+    log_level: Option<logging::LogLevel>,
+    /// Log format: text (one line per event) or json (one object per line). Every line about
+    /// consensus (openraft's and quorate_consensus's) carries the member's name and id, its
+    /// term, commit index and applied index.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: logging::LogFormat,
     /// DRILL ONLY, UNSAFE: serve linearizable reads from local state (a planted bug the drill
     /// must catch). Never use it for anything else.
     #[arg(long, hide = true)]
@@ -407,6 +427,7 @@ impl ServerArgs {
             max_txn_ops: self.max_txn_ops,
             max_request_bytes: self.max_request_bytes,
             probe_source_ip: self.probe_source_ip,
+            enable_pprof: self.enable_pprof,
             drill: quorate_server::DrillFlags {
                 unsafe_local_reads: self.drill_unsafe_local_reads,
                 failpoints: self.drill_failpoints,
@@ -436,14 +457,10 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QUORATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .init();
+    match &cli.command {
+        Command::Server(args) => logging::init(args.log_level, args.log_format),
+        _ => logging::init(None, logging::LogFormat::Text),
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Command::Server(args) = &cli.command {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

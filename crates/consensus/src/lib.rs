@@ -18,6 +18,7 @@ pub mod metrics;
 mod network;
 mod observe;
 mod state_machine;
+mod status_watch;
 mod types;
 mod votes;
 

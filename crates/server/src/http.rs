@@ -28,7 +28,11 @@ impl HttpState {
     }
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    profiling: Arc<crate::pprof::Profiling>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -45,7 +49,8 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
                 heartbeats: state.metrics.heartbeats.clone(),
             }))
             .layer(axum::middleware::from_fn_with_state(state.member.clone(), crate::removed_gate::refuse_http)),
-        );
+        )
+        .merge(crate::pprof::router(profiling));
     axum::serve(listener, app).await
 }
 

@@ -5,7 +5,9 @@ mod brake_state;
 mod config;
 mod grpc_metrics;
 mod http;
+pub mod log_context;
 mod metrics;
+mod pprof;
 mod prober;
 mod process_metrics;
 mod reaper;
@@ -61,6 +63,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     let mut shutdown = std::pin::pin!(shutdown);
     let mut member_cfg = cfg.member_config()?;
     (member_cfg.id, member_cfg.cluster_id) = resolve_ids(&cfg, member_cfg.id, member_cfg.cluster_id).await?;
+    log_context::set_member(&cfg.name, member_cfg.id);
     info!(
         name = %cfg.name,
         member = %format!("{:x}", member_cfg.id),
@@ -70,6 +73,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         "starting member"
     );
     let (member, peer_service) = Member::start(member_cfg).await.map_err(anyhow::Error::msg)?;
+    tokio::spawn(log_context::follow(member.clone()));
 
     let peer_router = tonic::transport::Server::builder().add_service(
         quorate_consensus::pb::peer_server::PeerServer::new(peer_service)
@@ -124,10 +128,14 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         reaper_stats.clone(),
         registry_counts,
     ));
+    let profiling = Arc::new(pprof::Profiling::new(cfg.enable_pprof, &cfg.name));
+    if cfg.enable_pprof {
+        info!("CPU profiles served at /debug/pprof/profile (--enable-pprof)");
+    }
     let mut client_tasks = Vec::new();
     for l in listeners.client {
-        // gRPC and, beside it on the same port, HTTP/1 `/metrics` and `/health`, as etcd
-        // serves them on 2379.
+        // gRPC and, beside it on the same port, HTTP/1 `/metrics`, `/health` and (with
+        // --enable-pprof) `/debug/pprof`, as etcd serves them on 2379.
         let mut routes = tonic::service::Routes::new(services.kv.clone())
             .add_service(services.watch.clone())
             .add_service(services.lease.clone())
@@ -136,7 +144,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .add_service(services.lock.clone())
             .add_service(services.election.clone());
         let grpc = std::mem::take(routes.axum_router_mut());
-        *routes.axum_router_mut() = grpc.merge(metrics::router(metrics.clone()));
+        *routes.axum_router_mut() =
+            grpc.merge(metrics::router(metrics.clone())).merge(pprof::router(profiling.clone()));
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
             .layer(metrics.grpc.layer())
@@ -161,7 +170,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     tokio::spawn(reaper::run(member.clone(), brake, reaper_stats));
 
     let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints));
-    let http_task = tokio::spawn(http::serve(listeners.http, http_state));
+    let http_task = tokio::spawn(http::serve(listeners.http, http_state, profiling));
     info!("member ready to serve clients");
 
     tokio::select! {
