@@ -85,6 +85,37 @@ enum CtlCommand {
         #[arg(long)]
         member: Option<String>,
     },
+    /// The registry against reality: probes every instance's own health endpoint from this
+    /// host and reports ghosts (registered healthy, dead), zombies (registered critical,
+    /// answering) and flapping ones; and any member whose registry differs from the others'.
+    /// Exit 0 when everything agrees, 1 otherwise.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// Only this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only this service (in --namespace, default "default").
+    #[arg(long)]
+    service: Option<String>,
+    /// Probe instances that have no HTTP check with an HTTP GET of this path (e.g. /health)
+    /// instead of a TCP connect.
+    #[arg(long)]
+    health_path: Option<String>,
+    /// Probes per instance; an instance that answers some and not others is flapping.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    probes: u32,
+    /// Time between an instance's probes.
+    #[arg(long, default_value = "300ms", value_parser = quorate_ctl::parse_duration)]
+    probe_interval: std::time::Duration,
+    /// Time a probe may take.
+    #[arg(long, default_value = "2s", value_parser = quorate_ctl::parse_duration)]
+    probe_timeout: std::time::Duration,
+    /// Instances probed at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    concurrency: u64,
 }
 
 /// `--since`: etcdctl's durations, and hours.
@@ -548,6 +579,18 @@ fn run() -> anyhow::Result<()> {
                     CtlCommand::Timeline { since, member } => {
                         let t = quorate_ctl::timeline::TimelineOptions { since, member };
                         quorate_ctl::timeline(&opts, &t).await?
+                    }
+                    CtlCommand::Audit(a) => {
+                        let a = quorate_ctl::audit::AuditOptions {
+                            namespace: a.namespace,
+                            service: a.service,
+                            health_path: a.health_path,
+                            probes: a.probes,
+                            probe_interval: a.probe_interval,
+                            probe_timeout: a.probe_timeout,
+                            concurrency: a.concurrency as usize,
+                        };
+                        quorate_ctl::audit(&opts, &a).await?
                     }
                 };
                 std::process::exit(code);

@@ -104,7 +104,7 @@ fn host_port(endpoint: &str) -> String {
     s.trim_end_matches('/').to_string()
 }
 
-async fn dial(endpoint: &str, opts: &Options) -> anyhow::Result<Channel> {
+pub(crate) async fn dial(endpoint: &str, opts: &Options) -> anyhow::Result<Channel> {
     let ch = Endpoint::from_shared(url_of(endpoint))?
         .connect_timeout(opts.dial_timeout)
         .timeout(opts.command_timeout)
@@ -113,7 +113,7 @@ async fn dial(endpoint: &str, opts: &Options) -> anyhow::Result<Channel> {
     Ok(ch)
 }
 
-async fn bounded<T, E: std::fmt::Display>(
+pub(crate) async fn bounded<T, E: std::fmt::Display>(
     limit: Duration,
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> anyhow::Result<T> {
@@ -124,7 +124,7 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
-async fn member_list(opts: &Options) -> Result<Vec<pb::Member>, String> {
+pub(crate) async fn member_list(opts: &Options) -> Result<Vec<pb::Member>, String> {
     let mut errors = Vec::new();
     for e in &opts.endpoints {
         let attempt = async {

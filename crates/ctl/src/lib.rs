@@ -5,6 +5,7 @@
 //! Collecting is the only IO here (`collect`); judging and rendering are pure, so every finding
 //! is table-tested on hand-built views.
 
+pub mod audit;
 pub mod collect;
 pub mod judge;
 pub mod render;
@@ -34,6 +35,18 @@ pub async fn status(opts: &Options) -> anyhow::Result<i32> {
         print!("{}", render::status_table(&view));
     }
     Ok(if view.members.iter().any(|m| m.reachable) { 0 } else { 1 })
+}
+
+/// `quorate ctl audit`: prints the audit; exit 0 when the registry agrees with what answers
+/// and every member holds the same registry, 1 otherwise.
+pub async fn audit(opts: &Options, a: &audit::AuditOptions) -> anyhow::Result<i32> {
+    let report = audit::audit(opts, a).await?;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", audit::render(&report));
+    }
+    Ok(if report.clean() { 0 } else { 1 })
 }
 
 /// `quorate ctl doctor`: prints the verdict and the findings; the exit code is the verdict's
