@@ -145,6 +145,10 @@ pub enum Event {
         voter_term: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         voter_leader: Option<String>,
+        /// Requests to this peer that went unanswered since the last one recorded, and were not
+        /// recorded (`votes::UNANSWERED_RECORD_INTERVAL`).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        unrecorded_before: u64,
     },
     /// A vote request this member sent as a candidate, and its answer.
     VoteSent {
@@ -157,6 +161,10 @@ pub enum Event {
         voter_term: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         voter_leader: Option<String>,
+        /// Requests to this peer that went unanswered since the last one recorded, and were not
+        /// recorded (`votes::UNANSWERED_RECORD_INTERVAL`).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        unrecorded_before: u64,
     },
     /// A pre-vote request this member answered as a voter.
     PreVoteAnswered {
@@ -234,9 +242,22 @@ pub enum Event {
     },
 }
 
-fn outcome_text(outcome: Outcome, reason: Option<Refusal>, voter_term: Option<u64>, leader: &Option<String>) -> String {
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn outcome_text(
+    outcome: Outcome,
+    reason: Option<Refusal>,
+    voter_term: Option<u64>,
+    leader: &Option<String>,
+    unrecorded_before: u64,
+) -> String {
     let mut s = match (outcome, reason) {
         (Outcome::Granted, _) => "granted".to_string(),
+        (Outcome::Unreachable, _) if unrecorded_before > 0 => {
+            format!("no answer ({unrecorded_before} more unanswered since the last one recorded)")
+        }
         (Outcome::Unreachable, _) => "no answer".to_string(),
         (Outcome::Refused, Some(r)) => format!("refused: {}", refusal_text(r)),
         (Outcome::Refused, None) => "refused".to_string(),
@@ -265,17 +286,13 @@ impl Event {
     pub fn text(&self) -> String {
         match self {
             Event::Started { name } => format!("member {name} started"),
-            Event::PreVoteSent { to, for_term, outcome, reason, voter_term, voter_leader } => {
-                format!(
-                    "pre-vote for term {for_term} to {to}: {}",
-                    outcome_text(*outcome, *reason, *voter_term, voter_leader)
-                )
+            Event::PreVoteSent { to, for_term, outcome, reason, voter_term, voter_leader, unrecorded_before } => {
+                let answer = outcome_text(*outcome, *reason, *voter_term, voter_leader, *unrecorded_before);
+                format!("pre-vote for term {for_term} to {to}: {answer}")
             }
-            Event::VoteSent { to, for_term, outcome, reason, voter_term, voter_leader } => {
-                format!(
-                    "vote for term {for_term} to {to}: {}",
-                    outcome_text(*outcome, *reason, *voter_term, voter_leader)
-                )
+            Event::VoteSent { to, for_term, outcome, reason, voter_term, voter_leader, unrecorded_before } => {
+                let answer = outcome_text(*outcome, *reason, *voter_term, voter_leader, *unrecorded_before);
+                format!("vote for term {for_term} to {to}: {answer}")
             }
             Event::PreVoteAnswered { from, for_term, granted: true, .. } => {
                 format!("granted pre-vote for term {for_term} to {from}")
@@ -445,6 +462,8 @@ struct Inner {
     term: AtomicU64,
     /// The last term in which a voter refused this member's vote (for `LostReason`).
     vote_refused_term: AtomicU64,
+    /// Per peer, which unanswered (pre-)votes to it are recorded.
+    unanswered: Mutex<std::collections::BTreeMap<NodeId, crate::votes::Unanswered>>,
     dropped: Counter,
 }
 
@@ -470,6 +489,7 @@ impl Recorder {
                 ring: None,
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
+                unanswered: Mutex::default(),
                 dropped: Counter::default(),
             }),
         }
@@ -502,6 +522,7 @@ impl Recorder {
                 ring: Some(ring),
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
+                unanswered: Mutex::default(),
                 dropped: Counter::default(),
             }),
         };
@@ -537,6 +558,12 @@ impl Recorder {
 
     pub(crate) fn note_vote_refused(&self, term: u64) {
         self.inner.vote_refused_term.fetch_max(term, Relaxed);
+    }
+
+    /// An unanswered (pre-)vote to `to` at `now`: `Some(unrecorded before it)` if it is to be
+    /// recorded (`votes::UNANSWERED_RECORD_INTERVAL`).
+    pub(crate) fn admit_unanswered(&self, to: NodeId, now: std::time::Instant) -> Option<u64> {
+        self.inner.unanswered.lock().unwrap().entry(to).or_default().admit(now)
     }
 
     pub(crate) fn vote_refused_in(&self, term: u64) -> bool {
@@ -698,6 +725,7 @@ mod tests {
                 ring: None,
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
+                unanswered: Mutex::default(),
                 dropped: Counter::default(),
             }),
         };

@@ -12,6 +12,8 @@
 //! pre-vote changes nothing, so asking twice is harmless).
 
 use openraft::errors::RPCError;
+use std::time::{Duration, Instant};
+
 use openraft::raft::{VoteRequest, VoteResponse};
 
 use crate::flight::{hex, Event, Outcome, Refusal};
@@ -49,6 +51,35 @@ fn voter_leader(resp: &Resp) -> Option<String> {
     resp.vote.committed.then(|| hex(resp.vote.leader_id.node_id))
 }
 
+/// How often an unanswered (pre-)vote to one peer is recorded: a member cut off for an hour
+/// asks every peer about once an election timeout, and recording each would push the start of
+/// the incident out of the ring. The ones in between are counted in the next record.
+pub(crate) const UNANSWERED_RECORD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Which unanswered requests to one peer get recorded (the recorder keeps one per peer: openraft
+/// makes a new network client for every round of votes).
+#[derive(Debug, Default)]
+pub(crate) struct Unanswered {
+    last_recorded: Option<Instant>,
+    unrecorded: u64,
+}
+
+impl Unanswered {
+    /// An unanswered request at `now`: `Some(unrecorded before it)` if it is to be recorded.
+    pub(crate) fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last_recorded {
+            Some(at) if now.saturating_duration_since(at) < UNANSWERED_RECORD_INTERVAL => {
+                self.unrecorded += 1;
+                None
+            }
+            _ => {
+                self.last_recorded = Some(now);
+                Some(std::mem::take(&mut self.unrecorded))
+            }
+        }
+    }
+}
+
 /// The candidate's side: record a request sent to `to` and what became of it.
 pub(crate) fn record_sent(
     metrics: &ConsensusMetrics,
@@ -66,12 +97,21 @@ pub(crate) fn record_sent(
     if !pre_vote && outcome == Outcome::Refused {
         metrics.flight.note_vote_refused(for_term);
     }
+    let unrecorded_before = match outcome {
+        Outcome::Unreachable => match metrics.flight.admit_unanswered(to, Instant::now()) {
+            Some(n) => n,
+            None => return,
+        },
+        _ => 0,
+    };
     // A pre-vote is asked from the current term for the next; a vote in the term it asks for.
     let term = if pre_vote { for_term.saturating_sub(1) } else { for_term };
     let to = hex(to);
     let event = match pre_vote {
-        true => Event::PreVoteSent { to, for_term, outcome, reason, voter_term, voter_leader: leader },
-        false => Event::VoteSent { to, for_term, outcome, reason, voter_term, voter_leader: leader },
+        true => {
+            Event::PreVoteSent { to, for_term, outcome, reason, voter_term, voter_leader: leader, unrecorded_before }
+        }
+        false => Event::VoteSent { to, for_term, outcome, reason, voter_term, voter_leader: leader, unrecorded_before },
     };
     metrics.flight.record_in(term.max(metrics.flight.term()), event);
 }
@@ -156,6 +196,19 @@ mod tests {
         assert!(granted(false, &r, &resp(Vote::new(7, 1), log(6, 12), true)));
         assert!(!granted(false, &r, &resp(Vote::new(7, 3), log(6, 12), true)), "a late grant for another vote");
         assert!(granted(true, &r, &resp(Vote::new(6, 2), log(6, 12), true)), "a pre-vote grant leaves the vote alone");
+    }
+
+    #[test]
+    fn unanswered_requests_to_a_peer_are_recorded_once_per_interval_and_counted() {
+        let mut u = Unanswered::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(u.admit(t0), Some(0));
+        assert_eq!(u.admit(t0 + s(1)), None);
+        assert_eq!(u.admit(t0 + s(9)), None);
+        assert_eq!(u.admit(t0 + s(10)), Some(2), "the two in between are counted");
+        assert_eq!(u.admit(t0 + s(11)), None);
+        assert_eq!(u.admit(t0 + s(30)), Some(1));
     }
 
     #[test]
