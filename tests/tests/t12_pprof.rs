@@ -53,20 +53,27 @@ async fn get_bytes(addr: &str, path: &str) -> Reply {
     Reply { status, head, body: buf[split + 4..].to_vec() }
 }
 
-/// Puts from 8 clients until `stop` (or `LOAD_MAX`); counts what was acknowledged.
-fn start_load(endpoint: String, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+/// Puts from 8 clients until `stop` (or `LOAD_MAX`); counts what was acknowledged and what
+/// failed (nothing should: the sampler's signals must not break a request).
+fn start_load(
+    endpoint: String,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let client = Client::connect([endpoint], None).await.expect("connect");
         let started = Instant::now();
         let writers = (0..8).map(|w| {
             let mut kv = client.kv_client();
-            let (stop, acked) = (stop.clone(), acked.clone());
+            let (stop, acked, failed) = (stop.clone(), acked.clone(), failed.clone());
             async move {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) && started.elapsed() < LOAD_MAX {
-                    if kv.put(format!("load/{w}/{}", i % 500), vec![b'x'; 256], None).await.is_ok() {
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
+                    match kv.put(format!("load/{w}/{}", i % 500), vec![b'x'; 256], None).await {
+                        Ok(_) => acked.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
                     i += 1;
                 }
             }
@@ -98,7 +105,8 @@ async fn a_profile_under_load_is_read_by_go_tool_pprof_and_drawn_as_a_flamegraph
     eprintln!("put load on the member");
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
-    let load = start_load(client_addr.clone(), stop.clone(), acked.clone());
+    let failed = Arc::new(AtomicU64::new(0));
+    let load = start_load(client_addr.clone(), stop.clone(), acked.clone(), failed.clone());
     let deadline = Instant::now() + Duration::from_secs(20);
     while acked.load(Ordering::Relaxed) < 100 {
         assert!(Instant::now() < deadline, "the load got no 100 puts acknowledged in 20 s");
@@ -110,7 +118,11 @@ async fn a_profile_under_load_is_read_by_go_tool_pprof_and_drawn_as_a_flamegraph
         let addr = client_addr.clone();
         async move { get_bytes(&addr, "/debug/pprof/profile?seconds=3").await }
     });
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster.log(0).contains("CPU profile started") {
+        assert!(Instant::now() < deadline, "the first profile did not start in 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let second = get_bytes(&http_addr, "/debug/pprof/profile?seconds=1").await;
     assert_eq!(second.status, 409, "a second profile while one runs: {}", String::from_utf8_lossy(&second.body));
     assert!(second.json()["error"].as_str().unwrap_or_default().contains("already"), "{}", second.json());
@@ -143,6 +155,9 @@ async fn a_profile_under_load_is_read_by_go_tool_pprof_and_drawn_as_a_flamegraph
     tokio::time::timeout(Duration::from_secs(30), load).await.expect("load stops").expect("load task");
     let log = cluster.log(0);
     assert_eq!(log.matches("CPU profile taken").count(), 2, "two profiles taken, logged:\n{log}");
+    let (acked, failed) = (acked.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{acked} puts acknowledged, {failed} failed, while profiled");
+    assert_eq!(failed, 0, "puts failed while the member was profiled ({acked} acknowledged)");
 }
 
 /// `go tool pprof -top` on a profile file; its output (panics if it cannot read it).
