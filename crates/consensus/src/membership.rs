@@ -297,13 +297,27 @@ impl Member {
         };
         let list = match caught_up {
             Ok(list) => list,
-            Err(local_err) => match self.forward_idempotent(ForwardReq::MemberList).await {
-                Ok(ForwardResp::MemberList(list)) => list,
-                Ok(ForwardResp::Err(e)) if linearizable => return Err(e),
-                Err(e) if linearizable => return Err(e),
-                Ok(_) if linearizable => return Err(local_err),
-                _ => return Ok(self.members()),
-            },
+            Err(local_err) => {
+                // A leader that cannot confirm itself has no one else to ask. Otherwise the
+                // leader is asked: fully when linearizable was asked for, else briefly, so that a
+                // member cut off from the quorum still answers with its own view at once.
+                let leads = self.inner.raft.metrics().borrow_watched().current_leader == Some(self.id());
+                let limit = if linearizable { network::FORWARD_TIMEOUT } else { catch_up * 2 };
+                let asked = match leads {
+                    true => Err(local_err),
+                    false => tokio::time::timeout(limit, self.forward_idempotent(ForwardReq::MemberList))
+                        .await
+                        .unwrap_or(Err(ConsensusError::Timeout)),
+                };
+                match asked {
+                    Ok(ForwardResp::MemberList(list)) => list,
+                    Ok(ForwardResp::Err(e)) | Err(e) if linearizable => return Err(e),
+                    Ok(_) if linearizable => {
+                        return Err(ConsensusError::Unavailable("unexpected forward reply".into()))
+                    }
+                    _ => return Ok(self.members()),
+                }
+            }
         };
         if !list.iter().any(|m| m.id == self.id()) {
             self.mark_removed();
