@@ -126,7 +126,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         cfg.data_dir.clone(),
         cfg.quota_backend_bytes,
         reaper_stats.clone(),
-        registry_counts,
+        registry_counts.clone(),
     ));
     let profiling = Arc::new(pprof::Profiling::new(cfg.enable_pprof, &cfg.name));
     if cfg.enable_pprof {
@@ -166,8 +166,9 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
     member.set_app_handler(Arc::new(prober::ProbeHandler { source: cfg.probe_source_ip }));
     let brake = Arc::new(brake_state::SharedBrake::new(cfg.brake.clone()));
-    tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip, brake.clone(), metrics.checks.clone()));
-    tokio::spawn(reaper::run(member.clone(), brake, reaper_stats));
+    let checks = metrics.checks.clone();
+    tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip, brake.clone(), checks, registry_counts.clone()));
+    tokio::spawn(reaper::run(member.clone(), brake, reaper_stats, registry_counts));
 
     let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints));
     let http_task = tokio::spawn(http::serve(listeners.http, http_state, profiling));

@@ -175,12 +175,18 @@ async fn another_vantage_disagrees(member: &Member, spec: &CheckSpec) -> Option<
 /// Per zone: (instances with an active check, those failing it now and not critical yet).
 type ZoneChecks = HashMap<String, (usize, usize)>;
 
-pub async fn run(member: Member, source: Option<IpAddr>, brake: Arc<SharedBrake>, metrics: CheckMetrics) {
+pub async fn run(
+    member: Member,
+    source: Option<IpAddr>,
+    brake: Arc<SharedBrake>,
+    metrics: CheckMetrics,
+    changes: Arc<crate::registry_counts::RegistryCounts>,
+) {
     let mut tracked: HashMap<Vec<u8>, Tracked> = HashMap::new();
     // Since when (as this leader saw it) each critical instance with a deregister deadline
     // has been critical. A new leader starts counting afresh: it errs on keeping instances.
     let mut critical_since: HashMap<Vec<u8>, Instant> = HashMap::new();
-    let mut view = RegistryView::new();
+    let mut view = RegistryView::new(changes);
     let mut zones: ZoneChecks = HashMap::new();
     let mut term = 0;
     let limit = Arc::new(tokio::sync::Semaphore::new(PROBES_IN_FLIGHT_MAX));

@@ -63,9 +63,14 @@ fn confirmed_dead(i: &Instance) -> bool {
     i.check.is_some() && i.health == Health::Critical
 }
 
-pub async fn run(member: Member, brake: Arc<SharedBrake>, stats: Arc<ReaperStats>) {
+pub async fn run(
+    member: Member,
+    brake: Arc<SharedBrake>,
+    stats: Arc<ReaperStats>,
+    changes: Arc<crate::registry_counts::RegistryCounts>,
+) {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut view = RegistryView::new();
+    let mut view = RegistryView::new(changes);
     let mut leading: Option<(u64, Instant)> = None;
     let mut tick = tokio::time::interval(REAP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -7,10 +7,13 @@
 //! checkpoint in which a zone held before is held no more. Every member applies it, so every
 //! member counts the release, whichever leader made it (and a leader change loses none).
 //!
+//! It also keeps which records changed lately (`changed_since`), so that the leader's view of
+//! the registry (`crate::registry_view`) re-reads those records instead of decoding them all.
+//!
 //! Owns the counts only: it never reads the store outside the two observer calls, which run
 //! under the store's write lock and touch only the records that changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 use quorate_kv::{Event, EventKind, KeyValue, RangeRequest, Store};
@@ -29,9 +32,40 @@ pub struct Counts {
     pub brake_releases: BTreeMap<String, u64>,
 }
 
+/// Registry records remembered as changed (`changed_since`); a reader further behind reloads.
+pub const REGISTRY_CHANGES_QUEUED_MAX: usize = 16_384;
+
 #[derive(Default)]
 pub struct RegistryCounts {
     counts: Mutex<Counts>,
+    changes: Mutex<Changes>,
+}
+
+/// The registry records changed lately, in apply order.
+#[derive(Default)]
+struct Changes {
+    /// Bumped whenever the whole state was replaced: every reader reloads.
+    epoch: u64,
+    /// (revision, key) of each change, oldest first, at most `REGISTRY_CHANGES_QUEUED_MAX`.
+    recent: VecDeque<(i64, Vec<u8>)>,
+    /// The newest revision whose changes were dropped from `recent`.
+    dropped_through: i64,
+}
+
+/// What changed in the registry since a reader's position (`RegistryCounts::changed_since`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// These records (each once) changed: re-read them.
+    Keys(Vec<Vec<u8>>),
+    /// The reader is too far behind, or the state was replaced: read everything.
+    Everything,
+}
+
+/// Where a reader of `changed_since` is: the epoch and the revision of the last change it saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: u64,
+    pub revision: i64,
 }
 
 /// The fields of a stored `quorate_registry::Instance` that are counted.
@@ -95,6 +129,32 @@ impl RegistryCounts {
     pub fn get(&self) -> Counts {
         self.counts.lock().unwrap().clone()
     }
+
+    /// The registry records changed after `from`, and the position to ask from next time. A
+    /// reader at `Position::default()` (never read) gets `Everything`.
+    pub fn changed_since(&self, from: Position) -> (Changed, Position) {
+        let changes = self.changes.lock().unwrap();
+        let newest = changes.recent.back().map_or(changes.dropped_through, |(rev, _)| *rev);
+        let now = Position { epoch: changes.epoch, revision: newest };
+        if from.epoch != changes.epoch || from.revision < changes.dropped_through {
+            return (Changed::Everything, now);
+        }
+        let start = changes.recent.partition_point(|(rev, _)| *rev <= from.revision);
+        let mut keys: Vec<Vec<u8>> = changes.recent.range(start..).map(|(_, k)| k.clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        (Changed::Keys(keys), now)
+    }
+
+    fn remember(&self, revision: i64, key: &[u8]) {
+        let mut changes = self.changes.lock().unwrap();
+        if changes.recent.len() == REGISTRY_CHANGES_QUEUED_MAX {
+            if let Some((dropped, _)) = changes.recent.pop_front() {
+                changes.dropped_through = dropped;
+            }
+        }
+        changes.recent.push_back((revision, key.to_vec()));
+    }
 }
 
 impl quorate_consensus::ApplyObserver for RegistryCounts {
@@ -107,6 +167,9 @@ impl quorate_consensus::ApplyObserver for RegistryCounts {
         }
         let mut counts = self.counts.lock().unwrap();
         for e in mine {
+            if e.kv.key != brake {
+                self.remember(e.revision(), &e.kv.key);
+            }
             if e.kv.key == brake {
                 for zone in released_zones(e) {
                     *counts.brake_releases.entry(zone).or_insert(0) += 1;
@@ -125,6 +188,11 @@ impl quorate_consensus::ApplyObserver for RegistryCounts {
     }
 
     fn reset(&self, store: &Store) {
+        {
+            let mut changes = self.changes.lock().unwrap();
+            let epoch = changes.epoch + 1;
+            *changes = Changes { epoch, recent: VecDeque::new(), dropped_through: store.revision() };
+        }
         let mut counts = self.counts.lock().unwrap();
         // Releases are events, not state: what was counted stays counted.
         let releases = std::mem::take(&mut counts.brake_releases);
@@ -266,6 +334,38 @@ mod tests {
         assert_eq!(checkpoint(&mut h, &[])["a"], 2);
         h.counts.reset(&Store::new());
         assert_eq!(h.counts.get().brake_releases["a"], 2, "a snapshot install keeps what was counted");
+    }
+
+    /// A reader is told which records changed since it last asked, each once; one that fell
+    /// behind the queue, or that predates a reset, reads everything.
+    #[test]
+    fn changed_since_names_each_changed_record_once_or_says_read_everything() {
+        let mut h = Harness { store: Store::new(), counts: RegistryCounts::default(), index: 0 };
+        h.counts.reset(&h.store);
+        let (first, at) = h.counts.changed_since(Position::default());
+        assert_eq!(first, Changed::Everything, "a new reader reads everything");
+        assert_eq!(h.counts.changed_since(at).0, Changed::Keys(vec![]));
+        let mut a = instance("a", "z1", Kind::Persistent, 0);
+        h.put(&a);
+        a.health = Health::Warning;
+        h.put(&a);
+        h.put(&instance("b", "z1", Kind::Persistent, 0));
+        h.apply(Command::Put(PutRequest { key: b"/other".to_vec(), value: b"x".to_vec(), ..Default::default() }));
+        let key = |id: &str| instance_key("default", "web", id).into_bytes();
+        let (changed, next) = h.counts.changed_since(at);
+        assert_eq!(changed, Changed::Keys(vec![key("a"), key("b")]));
+        assert_eq!(h.counts.changed_since(next).0, Changed::Keys(vec![]));
+        for _ in 0..=REGISTRY_CHANGES_QUEUED_MAX {
+            h.index += 1;
+            let value = serde_json::to_vec(&a).unwrap();
+            let cmd = Command::Put(PutRequest { key: key("a"), value, ..Default::default() });
+            let applied = h.store.apply(&cmd, LogPosition { index: h.index, term: 1 });
+            h.counts.applied(&applied.events);
+        }
+        assert_eq!(h.counts.changed_since(next).0, Changed::Everything, "fell behind the queue");
+        let (_, latest) = h.counts.changed_since(next);
+        h.counts.reset(&h.store);
+        assert_eq!(h.counts.changed_since(latest).0, Changed::Everything, "the state was replaced");
     }
 
     #[test]
