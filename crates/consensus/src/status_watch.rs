@@ -13,20 +13,20 @@ impl Member {
     /// Call `see` with this member's status now, at once after every change of term, role,
     /// leader or membership, and after changes of the log indexes at most once per
     /// `index_refresh` (they move with every write; following each would wake a task per
-    /// write). Returns when Raft stops. Logs each new leader after `see` has been told, so that
-    /// line already carries the new term.
+    /// write). Returns when Raft stops. Logs each leader it learns of, once per leader and term
+    /// (openraft can forget a leader and name it again in the same term), after `see` has been
+    /// told, so that line already carries the new term.
     pub async fn follow_status(&self, index_refresh: Duration, mut see: impl FnMut(&RaftStatus)) {
         let mut server = self.inner.raft.server_metrics();
         let mut all = self.inner.raft.metrics();
-        let mut last_leader = None;
+        let mut logged = None;
         loop {
             let st = self.status();
             see(&st);
-            if st.leader.is_some() && st.leader != last_leader {
-                let leader = st.leader.map(|l| format!("{l:x}")).unwrap_or_default();
-                info!(%leader, state = st.state, "elected leader");
+            if let Some(leader) = st.leader.filter(|l| logged != Some((*l, st.term))) {
+                info!(leader = %format!("{leader:x}"), state = st.state, "elected leader");
+                logged = Some((leader, st.term));
             }
-            last_leader = st.leader;
             let indexes = async {
                 tokio::time::sleep(index_refresh).await;
                 all.changed().await
