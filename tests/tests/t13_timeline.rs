@@ -107,7 +107,7 @@ async fn a_leader_partition_and_heal_is_told_by_the_merged_timeline() {
             .unwrap();
         children.push(child);
     }
-    let _members = Members(children);
+    let mut procs = Members(children);
     let http: Vec<String> = (0..3).map(|s| format!("{}:8500", net.ip(s))).collect();
     let endpoints = (0..3).map(|s| format!("{}:2379", net.ip(s))).collect::<Vec<_>>().join(",");
     let name = |i: usize| format!("m{}", i + 1);
@@ -236,6 +236,36 @@ async fn a_leader_partition_and_heal_is_told_by_the_merged_timeline() {
     let only = timeline_json(&endpoints, &["--member", &name(third)]);
     assert!(only["events"].as_array().unwrap().iter().all(|e| e["member_name"] == name(third).as_str()));
     assert_eq!(only["members"].as_array().unwrap().len(), 1);
+
+    // The counters tell the same: the third member refused pre-votes because a leader is alive,
+    // and no member won more elections than it started.
+    let refused = r#"quorate_raft_pre_votes_refused_total{reason="leader_alive"}"#;
+    assert!(counter(&http[third], refused).await >= 1.0, "{} counted its refusals", name(third));
+    for a in &http {
+        let started = counter(a, "quorate_raft_elections_started_total").await;
+        let won = counter(a, "quorate_raft_elections_won_total").await;
+        assert!(started >= won, "{a}: {started} elections started, {won} won");
+    }
+
+    eprintln!("stop {}: the timeline names it unreachable and still merges the others", name(old));
+    let _ = procs.0[old].kill();
+    let _ = procs.0[old].wait();
+    let tl = timeline_json(&endpoints, &["--dial-timeout", "500ms", "--command-timeout", "1s"]);
+    let gone = tl["members"].as_array().unwrap().iter().find(|m| m["name"] == name(old).as_str()).unwrap().clone();
+    assert_eq!(gone["reachable"], false, "{gone}");
+    assert!(gone["error"].as_str().is_some_and(|e| !e.is_empty()), "{gone}");
+    assert!(!events(&tl, &name(new), "election_won").is_empty());
+    assert!(events(&tl, &name(old), "leader_lost").is_empty(), "its events cannot be read now");
+    let (_, table) = ctl(&endpoints, &["--dial-timeout", "500ms", "--command-timeout", "1s", "timeline"]);
+    assert!(table.contains("UNREACHABLE"), "{table}");
+}
+
+/// A counter's value in a member's `/metrics`, by its full series name (0 when absent).
+async fn counter(addr: &str, series: &str) -> f64 {
+    let body = http_at(addr, "GET", "/metrics", None, Duration::from_secs(2)).await.unwrap().body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
 }
 
 #[test]
