@@ -32,7 +32,7 @@ fn serve(mode: Arc<AtomicU8>) -> u16 {
             let ok = match mode.load(Ordering::SeqCst) {
                 OK => true,
                 FAIL => false,
-                _ => n % 2 == 0,
+                _ => n.is_multiple_of(2),
             };
             let code = if ok { "200 OK" } else { "500 Internal Server Error" };
             let _ = write!(conn, "HTTP/1.1 {code}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");

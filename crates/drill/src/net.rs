@@ -33,6 +33,32 @@ pub struct Net {
     members: usize,
     /// Directed links currently dropped, as (from, to) member slots.
     cut: Mutex<BTreeSet<(usize, usize)>>,
+    /// The lock that makes `subnet` this net's alone while it exists (released by the kernel if
+    /// the process dies).
+    _claim: std::fs::File,
+}
+
+/// Where subnet claims are locked: one file per subnet, each held with an exclusive lock by the
+/// net that uses it.
+const CLAIMS_DIR: &str = "/tmp/quorate-drill-subnets";
+
+/// Claim a free subnet (10..250) for this process, starting from one its pid picks: two nets
+/// made at once (t90 and a split-view test, running side by side in CI) never share one.
+fn claim_subnet() -> anyhow::Result<(u32, std::fs::File)> {
+    std::fs::create_dir_all(CLAIMS_DIR)?;
+    let start = std::process::id() % 240;
+    for n in 0..240 {
+        let subnet = 10 + (start + n) % 240;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(format!("{CLAIMS_DIR}/{subnet}"))?;
+        if f.try_lock().is_ok() {
+            return Ok((subnet, f));
+        }
+    }
+    anyhow::bail!("every drill subnet 10.78.10-249.0/24 is in use (locks in {CLAIMS_DIR})")
 }
 
 impl Net {
@@ -52,7 +78,8 @@ impl Net {
 
     pub fn create(members: usize) -> anyhow::Result<Net> {
         let pid = std::process::id();
-        let net = Net { tag: format!("{}", pid % 100_000), subnet: 10 + pid % 240, members, cut: Mutex::default() };
+        let (subnet, claim) = claim_subnet()?;
+        let net = Net { tag: format!("{}", pid % 100_000), subnet, members, cut: Mutex::default(), _claim: claim };
         // Created step by step; on any error `net` is dropped and removes what exists.
         let sw = net.ns_switch();
         sh(&["ip", "netns", "add", &sw])?;
