@@ -281,7 +281,13 @@ fn events_from_before_a_restart_are_still_listed() {
     c.spawn(0).unwrap();
     c.wait_ready(Duration::from_secs(20)).unwrap();
     let after = timeline_json(&endpoints, &[]);
-    assert_eq!(events(&after, "m1", "started").len(), 2, "two starts: {after}");
+    let starts = events(&after, "m1", "started");
+    assert_eq!(starts.len(), 2, "two starts: {after}");
+    assert_eq!(starts[1]["term"].as_u64(), Some(first_term), "the restart is in the term it restored: {after}");
+    let order: Vec<&str> = after["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let restart = order.iter().rposition(|e| *e == "started").unwrap();
+    let first_win = order.iter().position(|e| *e == "election_won").unwrap();
+    assert!(first_win < restart, "the restart sorts after the election before it: {order:?}");
     let won: Vec<u64> = events(&after, "m1", "election_won").iter().map(|e| e["term"].as_u64().unwrap()).collect();
     assert_eq!(won.len(), 2, "the election before the restart is still listed: {after}");
     assert_eq!(won[0], first_term);

@@ -464,6 +464,9 @@ struct Inner {
     vote_refused_term: AtomicU64,
     /// Per peer, which unanswered (pre-)votes to it are recorded.
     unanswered: Mutex<std::collections::BTreeMap<NodeId, crate::votes::Unanswered>>,
+    /// The member's name, until `Started` is recorded: in the term Raft restored, once the
+    /// watcher first reads it, so that a restart sorts where it happened.
+    start: Mutex<Option<String>>,
     dropped: Counter,
 }
 
@@ -490,12 +493,14 @@ impl Recorder {
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
                 unanswered: Mutex::default(),
+                start: Mutex::default(),
                 dropped: Counter::default(),
             }),
         }
     }
 
-    /// Open the ring in `dir` and start its writer thread, then record that `name` started.
+    /// Open the ring in `dir` and start its writer thread. `Started` is recorded on the first
+    /// `set_term`, in the term Raft restored.
     pub fn open(dir: &Path, member: NodeId, name: &str, segment_bytes_max: u64) -> io::Result<Recorder> {
         let ring = Arc::new(Mutex::new(Ring::open(dir, segment_bytes_max)?));
         let (tx, rx) = sync_channel::<Record>(FLIGHT_QUEUE_MAX);
@@ -523,10 +528,11 @@ impl Recorder {
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
                 unanswered: Mutex::default(),
+                start: Mutex::default(),
                 dropped: Counter::default(),
             }),
         };
-        r.record(Event::Started { name: name.to_string() });
+        *r.inner.start.lock().unwrap() = Some(name.to_string());
         Ok(r)
     }
 
@@ -552,8 +558,12 @@ impl Recorder {
         self.inner.term.load(Relaxed)
     }
 
+    /// The member's term now (from the Raft watcher). The first call records `Started`.
     pub(crate) fn set_term(&self, term: u64) {
         self.inner.term.store(term, Relaxed);
+        if let Some(name) = self.inner.start.lock().unwrap().take() {
+            self.record_in(term, Event::Started { name });
+        }
     }
 
     pub(crate) fn note_vote_refused(&self, term: u64) {
@@ -691,6 +701,7 @@ mod tests {
         drop(r);
         let r = Recorder::open(dir.path(), 0xab, "m1", 1 << 20).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        r.set_term(8);
         while r.read(None).unwrap().len() < 5 {
             assert!(std::time::Instant::now() < deadline, "the writer never wrote");
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -700,11 +711,11 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                (0, Event::Started { name: "m1".into() }),
+                (7, Event::Started { name: "m1".into() }),
                 (7, Event::LeaderLost { reason: "saw term 8".into() }),
                 (8, Event::QuorumLost),
                 (8, Event::ElectionLost { reason: LostReason::NoQuorum }),
-                (0, Event::Started { name: "m1".into() }),
+                (8, Event::Started { name: "m1".into() }),
             ]
         );
         assert_eq!(all[1].member, "ab");
@@ -726,6 +737,7 @@ mod tests {
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
                 unanswered: Mutex::default(),
+                start: Mutex::default(),
                 dropped: Counter::default(),
             }),
         };
