@@ -120,6 +120,27 @@ async fn scrape_openmetrics(addr: &str) -> (String, String) {
     (content_type, body.to_string())
 }
 
+/// One HTTP/1.1 request with a binary body to `addr`: the status and the body.
+async fn http1_exchange(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nTE: trailers\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).to_string())
+    };
+    let reply = tokio::time::timeout(SCRAPE_TIMEOUT, exchange).await.expect("answer in time").expect("exchange");
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
+}
+
 /// Every etcd metric that etcd-mixin's alerts and dashboard use (and the others issue 12
 /// names), as the sample name etcd exposes, and the family's type.
 const ETCD_METRICS: &[(&str, &str)] = &[
@@ -212,6 +233,19 @@ async fn an_etcd_operators_metrics_are_served_beside_grpc_and_mean_what_they_mea
     }
     let out = etcdctl(&clients.join(","), &["endpoint", "status", "-w", "json"]);
     assert!(out.ok, "etcdctl endpoint status after scrapes: {}", out.stderr);
+
+    eprintln!("HTTP/1 on the client port reaches /metrics and /health only: a gRPC Put framed over HTTP/1.1 is refused, not applied");
+    // PutRequest { key: "metrics/http1", value: "v" } in one gRPC frame.
+    let mut put = vec![0u8, 0, 0, 0, 18, 0x0a, 13];
+    put.extend_from_slice(b"metrics/http1");
+    put.extend_from_slice(&[0x12, 1, b'v']);
+    let (status, body) = http1_exchange(&clients[0], "POST", "/etcdserverpb.KV/Put", "application/grpc", &put).await;
+    assert_eq!(status, 404, "gRPC over HTTP/1.1: {body}");
+    assert!(body.starts_with("{\"error\""), "a JSON error: {body}");
+    let (status, body) = http1_exchange(&clients[0], "GET", "/v3/kv/range", "application/json", b"").await;
+    assert_eq!(status, 404, "an unknown HTTP/1 path: {body}");
+    let out = etcdctl(&clients[0], &["get", "metrics/http1", "--print-value-only"]);
+    assert!(out.ok && out.stdout.trim().is_empty(), "the Put sent over HTTP/1.1 was applied: {}", out.stdout);
 
     eprintln!("--listen-http and --listen-metrics-urls serve the same names; the latter nothing else");
     for (i, addr) in https.iter().enumerate() {

@@ -2,6 +2,7 @@
 //! `/version`, `/metrics`) and shutdown. It wires the libraries together and owns no rules.
 
 mod brake_state;
+mod client_port;
 mod config;
 mod grpc_metrics;
 mod http;
@@ -136,18 +137,19 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     for l in listeners.client {
         // gRPC and, beside it on the same port, HTTP/1 `/metrics`, `/health` and (with
         // --enable-pprof) `/debug/pprof`, as etcd serves them on 2379.
-        let mut routes = tonic::service::Routes::new(services.kv.clone())
+        let routes = tonic::service::Routes::new(services.kv.clone())
             .add_service(services.watch.clone())
             .add_service(services.lease.clone())
             .add_service(services.cluster.clone())
             .add_service(services.maintenance.clone())
             .add_service(services.lock.clone())
             .add_service(services.election.clone());
-        let grpc = std::mem::take(routes.axum_router_mut());
-        *routes.axum_router_mut() =
-            grpc.merge(metrics::router(metrics.clone())).merge(pprof::router(profiling.clone()));
+        // HTTP/1 is split off before gRPC's routes (`client_port`): outermost, so it is not
+        // counted as gRPC either.
+        let http1 = metrics::router(metrics.clone()).merge(pprof::router(profiling.clone()));
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
+            .layer(client_port::Http1SplitLayer::new(http1))
             .layer(metrics.grpc.layer())
             .layer(removed_gate::RemovedGateLayer(member.clone()))
             .add_routes(routes);

@@ -1,0 +1,80 @@
+//! The client port speaks two protocols on one socket, as etcd's 2379 does: gRPC (HTTP/2) for
+//! the etcd API, and HTTP/1 for `/metrics`, `/health` and (with `--enable-pprof`)
+//! `/debug/pprof`. This layer splits them by HTTP version before any gRPC route is looked up:
+//! an HTTP/1 request only ever reaches the small HTTP/1 router, whose fallback is a JSON 404.
+//! tonic would otherwise serve every gRPC method over HTTP/1.1 to whoever framed one (a Put
+//! included), past everything that assumes gRPC arrives over HTTP/2.
+
+use std::task::{Context, Poll};
+
+use axum::response::IntoResponse;
+use http::{Request, Response, StatusCode, Version};
+use tower::ServiceExt;
+
+/// Wraps the gRPC service of a client port; `http1` answers every request not made over HTTP/2.
+#[derive(Clone)]
+pub struct Http1SplitLayer {
+    http1: axum::Router,
+}
+
+impl Http1SplitLayer {
+    /// `http1`'s routes and, for any other path, a JSON 404.
+    pub fn new(http1: axum::Router) -> Self {
+        Http1SplitLayer { http1: http1.fallback(not_found) }
+    }
+}
+
+async fn not_found(uri: http::Uri) -> impl IntoResponse {
+    let error = format!(
+        "no HTTP/1 endpoint {}: this client port serves the etcd API over gRPC (HTTP/2), and /metrics, /health and /debug/pprof over HTTP/1",
+        uri.path()
+    );
+    (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": error })))
+}
+
+impl<S> tower::Layer<S> for Http1SplitLayer {
+    type Service = Http1Split<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Http1Split { http1: self.http1.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Http1Split<S> {
+    http1: axum::Router,
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for Http1Split<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if req.version() != Version::HTTP_2 {
+            let answer = self.http1.clone().oneshot(req.map(axum::body::Body::new));
+            return Box::pin(async move {
+                let resp = match answer.await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                };
+                Ok(resp.map(tonic::body::Body::new))
+            });
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move { Ok(fut.await?.map(tonic::body::Body::new)) })
+    }
+}
