@@ -83,8 +83,8 @@ pub struct LogStats {
     pub durable_commits: std::sync::atomic::AtomicU64,
     /// Log entries made durable.
     pub entries: std::sync::atomic::AtomicU64,
-    /// The last `FSYNC_SAMPLES_MAX` batch commits (when each ended, microseconds it took), for
-    /// `ctl status`.
+    /// The last `FSYNC_SAMPLES_MAX` fsyncs (when each ended, microseconds it took), for `ctl
+    /// status`: the same measurements as `fsync_seconds`, so the two agree.
     pub recent_commit_us: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
 }
 
@@ -92,7 +92,10 @@ pub struct LogStats {
 pub const FSYNC_SAMPLES_MAX: usize = 256;
 
 impl LogStats {
-    fn record_commit(&self, took: std::time::Duration) {
+    /// One commit's fsync (the slow-disk failpoint's stall included), timed once and fed to
+    /// both the histogram and the recent samples.
+    fn record_fsync(&self, took: std::time::Duration) {
+        self.fsync_seconds.0.observe(took.as_secs_f64());
         let mut recent = self.recent_commit_us.lock().unwrap();
         if recent.len() == FSYNC_SAMPLES_MAX {
             recent.pop_front();
@@ -242,9 +245,7 @@ fn writer(
         if ops.is_empty() {
             continue;
         }
-        let started = std::time::Instant::now();
-        let result = write_batch(&db, &ops, &fsync_delay, &stats.fsync_seconds.0);
-        stats.record_commit(started.elapsed());
+        let result = write_batch(&db, &ops, &fsync_delay, &stats);
         last = batch_last;
         if result.is_ok() {
             use std::sync::atomic::Ordering::Relaxed;
@@ -275,7 +276,7 @@ fn write_batch(
     db: &Database,
     ops: &[Op],
     fsync_delay: &std::sync::atomic::AtomicU64,
-    fsync_seconds: &prometheus_client::metrics::histogram::Histogram,
+    stats: &LogStats,
 ) -> Result<(), String> {
     let mut w = db.begin_write().map_err(|e| e.to_string())?;
     w.set_two_phase_commit(true);
@@ -312,7 +313,7 @@ fn write_batch(
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
     }
     let committed = w.commit().map_err(|e| e.to_string());
-    fsync_seconds.observe(started.elapsed().as_secs_f64());
+    stats.record_fsync(started.elapsed());
     committed
 }
 
@@ -433,6 +434,45 @@ mod tests {
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3)));
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id, Some(log_id(3)), "the entries the commit index names are on disk too");
+    }
+
+    /// `ctl status`'s fsync p99 and `etcd_disk_wal_fsync_duration_seconds` are taken over the
+    /// same measurements: batches with many entries to insert (time spent before the fsync)
+    /// leave the two sums equal, to the microsecond the samples are rounded to.
+    #[tokio::test]
+    async fn the_fsync_samples_and_the_fsync_histogram_time_the_same_thing() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
+        const BATCH: u64 = 3000;
+        for batch in 0..3 {
+            let entries: Vec<Entry> =
+                (batch * BATCH + 1..=(batch + 1) * BATCH).map(|i| Entry::new_blank(log_id(i))).collect();
+            log.append(entries, IOFlushed::noop()).await.unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while log.stats.entries.load(Relaxed) < (batch + 1) * BATCH {
+                assert!(std::time::Instant::now() < deadline, "batch {batch} not durable");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        let samples: Vec<u64> = log.stats.recent_commit_us.lock().unwrap().iter().map(|(_, us)| *us).collect();
+        // The histogram's count and sum, as a scrape reads them.
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("fsync", "", log.stats.fsync_seconds.0.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let value = |name: &str| -> f64 {
+            text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap()
+        };
+        let (count, sum) = (value("fsync_count"), value("fsync_sum"));
+        assert_eq!(count as usize, samples.len(), "one sample per fsync in both");
+        let samples_s = samples.iter().sum::<u64>() as f64 / 1e6;
+        let rounding_s = samples.len() as f64 * 1e-6;
+        assert!(
+            (sum - samples_s).abs() <= rounding_s + 1e-9,
+            "histogram {sum} s, samples {samples_s} s over {} fsyncs",
+            samples.len()
+        );
     }
 
     #[test]
