@@ -236,6 +236,9 @@ async fn a_leader_partition_and_heal_is_told_by_the_merged_timeline() {
     let only = timeline_json(&endpoints, &["--member", &name(third)]);
     assert!(only["events"].as_array().unwrap().iter().all(|e| e["member_name"] == name(third).as_str()));
     assert_eq!(only["members"].as_array().unwrap().len(), 1);
+    let (code, out) = ctl(&endpoints, &["timeline", "--member", "nosuch"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no member named nosuch"), "{out}");
 
     // The counters tell the same: the third member refused pre-votes because a leader is alive,
     // and no member won more elections than it started.

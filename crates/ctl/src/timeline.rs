@@ -66,6 +66,9 @@ pub struct Timeline {
     pub events: Vec<TimelineEvent>,
     /// Set when no endpoint gave a member list.
     pub member_list_error: Option<String>,
+    /// `--member` named no member in the list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_such_member: Option<String>,
 }
 
 fn host_unix_ms() -> i64 {
@@ -196,7 +199,8 @@ pub async fn gather(opts: &Options, t: &TimelineOptions) -> Timeline {
         members.push(tm);
     }
     let events = merge(&view.members, per_member);
-    Timeline { since_unix_ms: since, members, events, member_list_error: view.member_list_error }
+    let no_such_member = t.member.clone().filter(|_| members.is_empty() && view.member_list_error.is_none());
+    Timeline { since_unix_ms: since, members, events, member_list_error: view.member_list_error, no_such_member }
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds, and the date `YYYY-MM-DD`.
@@ -233,6 +237,9 @@ pub fn render_table(t: &Timeline) -> String {
     let mut out = String::new();
     if let Some(e) = &t.member_list_error {
         out.push_str(&format!("no member list: {e}\n"));
+    }
+    if let Some(m) = &t.no_such_member {
+        out.push_str(&format!("no member named {m} in the member list (names and ids: quorate ctl status)\n"));
     }
     out.push_str(&format!(
         "{:<10} {:<17} {:<22} {:<16} {:>6}  {}\n",
