@@ -100,7 +100,12 @@ pub struct BenchConfig {
     /// members, what is left of a reader on another host, whose decoding costs the members
     /// nothing.
     pub reader_niced: bool,
+    /// Every key the load touches starts with this (`bench/` by default).
+    pub key_prefix: String,
 }
+
+/// The key prefix `quorate bench` writes under.
+pub const KEY_PREFIX: &str = "bench/";
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -132,12 +137,12 @@ async fn connect(endpoints: &[String], n: usize) -> anyhow::Result<Vec<Channel>>
     Ok(chans)
 }
 
-fn key(i: u64) -> Vec<u8> {
-    format!("bench/{i:010}").into_bytes()
+fn key(prefix: &str, i: u64) -> Vec<u8> {
+    format!("{prefix}{i:010}").into_bytes()
 }
 
-async fn one(op: Op, ch: &Channel, keys: u64, value: &[u8]) -> Result<(), tonic::Status> {
-    let k = key(rand::rng().random_range(0..keys));
+async fn one(op: Op, ch: &Channel, prefix: &str, keys: u64, value: &[u8]) -> Result<(), tonic::Status> {
+    let k = key(prefix, rand::rng().random_range(0..keys));
     let mut kv = pb::kv_client::KvClient::new(ch.clone());
     match op {
         Op::Put => {
@@ -241,6 +246,7 @@ pub async fn preload(cfg: &BenchConfig) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for c in 0..32 {
         let (ch, value, next, keys) = (chans[c % chans.len()].clone(), value.clone(), next.clone(), cfg.keys);
+        let prefix = cfg.key_prefix.clone();
         tasks.push(tokio::spawn(async move {
             let mut kv = pb::kv_client::KvClient::new(ch);
             loop {
@@ -248,7 +254,7 @@ pub async fn preload(cfg: &BenchConfig) -> anyhow::Result<()> {
                 if i >= keys {
                     return Ok::<(), tonic::Status>(());
                 }
-                kv.put(pb::PutRequest { key: key(i), value: value.clone(), ..Default::default() }).await?;
+                kv.put(pb::PutRequest { key: key(&prefix, i), value: value.clone(), ..Default::default() }).await?;
             }
         }));
     }
@@ -356,6 +362,7 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) 
     let ready = Arc::new(tokio::sync::Barrier::new(if op == Op::KeepAlive { clients + 1 } else { 1 }));
     for c in 0..clients {
         let (ch, stop, value, keys) = (chans[c % chans.len()].clone(), stop.clone(), value.clone(), cfg.keys);
+        let prefix = cfg.key_prefix.clone();
         if op == Op::KeepAlive {
             let share = (KEEPALIVE_LEASES / clients).max(1);
             let ready = ready.clone();
@@ -369,7 +376,7 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) 
             let mut errors = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match one(op, &ch, keys, &value).await {
+                match one(op, &ch, &prefix, keys, &value).await {
                     Ok(()) => lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32),
                     Err(_) => errors += 1,
                 }

@@ -90,6 +90,21 @@ enum CtlCommand {
     /// answering) and flapping ones; and any member whose registry differs from the others'.
     /// Exit 0 when everything agrees, 1 otherwise.
     Audit(AuditArgs),
+    /// Whether the cluster is fit to take traffic again (after a recovery): every member
+    /// answers, one leader in one term, equal state hashes, nothing critical, a short
+    /// linearizability probe through every member and a short write load. Exit 0 only when
+    /// every check passes. What the probe and the load write is deleted afterwards.
+    Verify {
+        /// How long the linearizability probe runs.
+        #[arg(long, default_value = "2s", value_parser = quorate_ctl::parse_duration)]
+        probe_duration: std::time::Duration,
+        /// How long the write load runs (0s: none).
+        #[arg(long, default_value = "3s", value_parser = quorate_ctl::parse_duration)]
+        load_duration: std::time::Duration,
+        /// Clients of the write load.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+        load_clients: u64,
+    },
 }
 
 #[derive(Args)]
@@ -517,6 +532,7 @@ fn run() -> anyhow::Result<()> {
                     conns: args.conns,
                     readers: args.readers.split(',').map(|s| s.trim().parse()).collect::<anyhow::Result<_>>()?,
                     reader_niced: args.readers_niced,
+                    key_prefix: quorate_bench::KEY_PREFIX.to_string(),
                 };
                 if args.preload {
                     quorate_bench::preload(&cfg).await?;
@@ -591,6 +607,14 @@ fn run() -> anyhow::Result<()> {
                             concurrency: a.concurrency as usize,
                         };
                         quorate_ctl::audit(&opts, &a).await?
+                    }
+                    CtlCommand::Verify { probe_duration, load_duration, load_clients } => {
+                        let v = quorate_ctl::verify::VerifyOptions {
+                            probe_duration,
+                            load_duration,
+                            load_clients: load_clients as usize,
+                        };
+                        quorate_ctl::verify(&opts, &v).await?
                     }
                 };
                 std::process::exit(code);

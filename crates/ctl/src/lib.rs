@@ -10,6 +10,7 @@ pub mod collect;
 pub mod judge;
 pub mod render;
 pub mod timeline;
+pub mod verify;
 
 use std::time::Duration;
 
@@ -47,6 +48,17 @@ pub async fn audit(opts: &Options, a: &audit::AuditOptions) -> anyhow::Result<i3
         print!("{}", audit::render(&report));
     }
     Ok(if report.clean() { 0 } else { 1 })
+}
+
+/// `quorate ctl verify`: prints each check; exit 0 only when every one passed.
+pub async fn verify(opts: &Options, v: &verify::VerifyOptions) -> anyhow::Result<i32> {
+    let report = verify::verify(opts, v).await;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", verify::render(&report));
+    }
+    Ok(if report.fit { 0 } else { 1 })
 }
 
 /// `quorate ctl doctor`: prints the verdict and the findings; the exit code is the verdict's
