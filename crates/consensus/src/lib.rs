@@ -130,21 +130,22 @@ enum ForwardReq {
 }
 
 impl ForwardReq {
-    /// The `kind` label of `quorate_server_forwarded_requests_total`.
-    fn kind(&self) -> &'static str {
+    /// Where its kind is in `metrics::FORWARDED_KINDS` (the `kind` label of
+    /// `quorate_server_forwarded_requests_total`).
+    fn kind_index(&self) -> usize {
         match self {
-            ForwardReq::Write(_) => "write",
-            ForwardReq::ReadIndex => "read_index",
-            ForwardReq::KeepAlive(_) => "lease_keepalive",
-            ForwardReq::TimeToLive(_) => "lease_ttl",
-            ForwardReq::LeaseTable => "lease_table",
-            ForwardReq::LeaseMarks => "lease_marks",
-            ForwardReq::Change(_) => "membership",
-            ForwardReq::Members => "members",
-            ForwardReq::MemberList => "member_list",
-            ForwardReq::Removed(_) => "removed",
-            ForwardReq::App { .. } => "app",
-            ForwardReq::Probe => "probe",
+            ForwardReq::Write(_) => 0,
+            ForwardReq::ReadIndex => 1,
+            ForwardReq::KeepAlive(_) => 2,
+            ForwardReq::TimeToLive(_) => 3,
+            ForwardReq::LeaseTable => 4,
+            ForwardReq::LeaseMarks => 5,
+            ForwardReq::Change(_) => 6,
+            ForwardReq::Members => 7,
+            ForwardReq::MemberList => 8,
+            ForwardReq::Removed(_) => 9,
+            ForwardReq::App { .. } => 10,
+            ForwardReq::Probe => 11,
         }
     }
 }
@@ -529,7 +530,7 @@ impl Member {
         req: &ForwardReq,
         timeout: Duration,
     ) -> Result<ForwardResp, ConsensusError> {
-        self.inner.metrics.forwarded.get_or_create(&vec![("kind", req.kind())]).inc();
+        self.inner.metrics.forwarded_by_kind.inc(req.kind_index());
         self.send_forward(leader, req, timeout).await
     }
 

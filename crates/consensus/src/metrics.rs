@@ -64,6 +64,8 @@ pub struct ConsensusMetrics {
     pub leader_changes: Counter,
     /// Requests this member forwarded to the leader, by kind.
     pub forwarded: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// `forwarded`'s counters, one per kind, made once (`ForwardedCounters`).
+    pub(crate) forwarded_by_kind: ForwardedCounters,
     /// Terms this member stood for (an election it started after a granted pre-vote).
     pub elections_started: Counter,
     /// Times this member became leader (never more than `elections_started`: both are counted
@@ -91,8 +93,42 @@ pub struct ConsensusMetrics {
     pub fencing_refusals: KindCounters,
 }
 
+/// The `kind` label of `quorate_server_forwarded_requests_total`, indexed by
+/// `ForwardReq::kind_index`.
+pub(crate) const FORWARDED_KINDS: [&str; 12] = [
+    "write",
+    "read_index",
+    "lease_keepalive",
+    "lease_ttl",
+    "lease_table",
+    "lease_marks",
+    "membership",
+    "members",
+    "member_list",
+    "removed",
+    "app",
+    "probe",
+];
+
+/// One counter per forwarded kind, taken from the family once: counting a forwarded request
+/// is an atomic add, with no label set built and no lock taken on the family.
+#[derive(Clone)]
+pub(crate) struct ForwardedCounters(std::sync::Arc<[Counter]>);
+
+impl ForwardedCounters {
+    fn new(family: &KindCounters) -> Self {
+        ForwardedCounters(FORWARDED_KINDS.iter().map(|k| family.get_or_create(&vec![("kind", *k)]).clone()).collect())
+    }
+
+    /// Count one request of kind `FORWARDED_KINDS[kind]`.
+    pub(crate) fn inc(&self, kind: usize) {
+        self.0[kind].inc();
+    }
+}
+
 impl Default for ConsensusMetrics {
     fn default() -> Self {
+        let forwarded = KindCounters::default();
         // Every reason has a series from the start, zero included, so a rate over it is defined.
         let elections_lost = KindCounters::default();
         for r in crate::flight::LostReason::ALL {
@@ -111,7 +147,8 @@ impl Default for ConsensusMetrics {
             proposals_pending: Gauge::default(),
             proposals_failed: Counter::default(),
             leader_changes: Counter::default(),
-            forwarded: Family::default(),
+            forwarded_by_kind: ForwardedCounters::new(&forwarded),
+            forwarded,
             elections_started: Counter::default(),
             elections_won: Counter::default(),
             elections_lost,
@@ -146,6 +183,41 @@ impl Drop for PendingGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts this thread's allocations, so a test can assert a path makes none.
+    struct CountingAlloc;
+
+    thread_local! {
+        static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: CountingAlloc = CountingAlloc;
+
+    /// Every kind has its series from the start, and counting a forwarded request allocates
+    /// nothing (it built a label set per request once).
+    #[test]
+    fn counting_a_forwarded_request_allocates_nothing() {
+        let m = ConsensusMetrics::default();
+        let before = ALLOCATIONS.with(|n| n.get());
+        for i in 0..1200 {
+            m.forwarded_by_kind.inc(i % FORWARDED_KINDS.len());
+        }
+        assert_eq!(ALLOCATIONS.with(|n| n.get()), before, "allocations while counting 1200 forwarded requests");
+        for kind in FORWARDED_KINDS {
+            assert_eq!(m.forwarded.get_or_create(&vec![("kind", kind)]).get(), 100, "{kind}");
+        }
+    }
 
     #[test]
     fn a_pending_proposal_is_counted_until_it_ends() {
