@@ -7,12 +7,13 @@
 //!   must tell it: the majority's election with its votes granted, the old leader stepping
 //!   down, its pre-votes refused because a leader is alive, and no term above the new leader's.
 //! - A restart: the events from before a kill -9 are still listed after it.
+//! - A full quota and snapshots: NOSPACE raised and disarmed, snapshots built, in the timeline.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quorate_drill::net::Net;
-use quorate_tests::{http_at, quorate_bin, Cluster, Flavor};
+use quorate_tests::{etcdctl, http_at, quorate_bin, Cluster, Flavor};
 use serde_json::Value;
 
 /// How long one ctl run may take: its own timeouts (dial 2s, command 5s) bound it well below.
@@ -298,4 +299,31 @@ fn events_from_before_a_restart_are_still_listed() {
     // Events and the cut-off: `--since` keeps only what is newer.
     let recent = timeline_json(&endpoints, &["--since", "1ms"]);
     assert!(recent["events"].as_array().unwrap().len() < after["events"].as_array().unwrap().len());
+}
+
+#[test]
+fn an_alarm_raised_and_disarmed_and_the_snapshots_built_are_in_the_timeline() {
+    let args = ["--quota-backend-bytes", "200000", "--snapshot-count", "50"];
+    let c = Cluster::start_with(Flavor::Quorate, 1, &args).unwrap();
+    let endpoints = c.endpoints();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let refused = rt.block_on(async {
+        let mut client = etcd_client::Client::connect([endpoints.as_str()], None).await.unwrap();
+        for i in 0..400 {
+            if client.put(format!("big/{i}"), vec![b'x'; 1024], None).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    });
+    assert!(refused, "writes past the quota are refused");
+    let out = etcdctl(&endpoints, &["alarm", "disarm"]);
+    assert!(out.ok, "{}", out.stderr);
+    let tl = timeline_json(&endpoints, &[]);
+    let alarms = events(&tl, "m1", "alarm");
+    let raised = alarms.iter().find(|e| e["detail"]["raised"] == true).unwrap_or_else(|| panic!("raised: {tl}"));
+    assert_eq!(raised["detail"]["alarm"], "NOSPACE");
+    assert!(alarms.iter().any(|e| e["detail"]["raised"] == false), "disarmed: {tl}");
+    assert!(!events(&tl, "m1", "snapshot_built").is_empty(), "a snapshot every 50 entries: {tl}");
 }
