@@ -231,9 +231,17 @@ async fn probe_once(target: &str, timeout: Duration) -> Result<(), String> {
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: quorate-ctl-audit\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
-        let mut head = vec![0u8; 64];
-        let n = s.read(&mut head).await.map_err(|e| e.to_string())?;
-        let line = String::from_utf8_lossy(&head[..n]).lines().next().unwrap_or_default().to_string();
+        // The status line may come in pieces: read until it is whole (or 1 KiB, or the end).
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 256];
+        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 1024 {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
         let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("malformed HTTP reply")?;
         if quorate_registry::http_outcome(code) != Health::Critical {
             Ok(())
