@@ -304,7 +304,7 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
     let views: Vec<(String, View)> =
         read.iter().filter_map(|(n, _, v)| v.as_ref().ok().map(|(v, _)| (n.clone(), v.clone()))).collect();
     let differing: BTreeMap<String, usize> = compare_views(&views).into_iter().collect();
-    let member_audits: Vec<MemberAudit> = read
+    let mut member_audits: Vec<MemberAudit> = read
         .iter()
         .map(|(name, endpoint, v)| MemberAudit {
             name: name.clone(),
@@ -314,6 +314,7 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
             error: v.as_ref().err().map(|e| e.to_string()),
         })
         .collect();
+    member_audits.sort_by(|a, b| a.name.cmp(&b.name));
     // The instances as most members hold them.
     let majority: View = views
         .iter()
