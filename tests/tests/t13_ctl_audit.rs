@@ -135,3 +135,89 @@ fn audit_finds_ghosts_zombies_and_flapping_instances_against_real_endpoints() {
     // in several writes).
     assert!(table.lines().any(|l| l.contains("fails-1") && l.ends_with("HTTP 500")), "{table}");
 }
+
+fn audit_repair(c: &Cluster, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["--repair"];
+    args.extend_from_slice(extra);
+    audit(c, &args)
+}
+
+fn instance_ids(c: &Cluster, svc: &str) -> Vec<String> {
+    let r = http(&c.nodes[0], "GET", &format!("/api/v1/ns/default/services/{svc}/instances"), None).unwrap();
+    let v = r.json();
+    let list = v.as_array().cloned().or_else(|| v["instances"].as_array().cloned()).unwrap_or_default();
+    let mut ids: Vec<String> = list.iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
+    let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let alive = serve(Arc::new(AtomicU8::new(OK)));
+    let zombie_mode = Arc::new(AtomicU8::new(FAIL));
+    let zombie = serve(zombie_mode.clone());
+    let in_zone = |zone: &str, port: u16| {
+        format!(r#"{{"address":"127.0.0.1","port":{port},"zone":"{zone}","ttl_s":120,"heartbeat_interval_s":30}}"#)
+    };
+    // Zone a: six alive, one ghost, one zombie. Zone b: all four dead, a storm the brake holds.
+    for n in 0..6 {
+        register(&c, "web", &format!("a-alive-{n}"), &in_zone("a", alive));
+    }
+    register(&c, "web", "a-ghost", &in_zone("a", closed_port()));
+    for n in 0..4 {
+        register(&c, "web", &format!("b-dead-{n}"), &in_zone("b", closed_port()));
+    }
+    register(
+        &c,
+        "web",
+        "a-zombie",
+        &format!(
+            r#"{{"address":"127.0.0.1","port":{zombie},"zone":"a","kind":"persistent","check":{{"http":"http://127.0.0.1:{zombie}/health","interval_s":1,"timeout_s":1,"failures_before_critical":1,"successes_before_passing":100}}}}"#
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(&c.nodes[0], "GET", "/api/v1/ns/default/services/web/instances/a-zombie", None).unwrap().json()["health"]
+        != "critical"
+    {
+        assert!(Instant::now() < deadline, "the check never marked it critical");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    zombie_mode.store(OK, Ordering::SeqCst);
+    let before = instance_ids(&c, "web");
+    assert_eq!(before.len(), 12, "{before:?}");
+
+    // A dry run plans and changes nothing.
+    let (code, report) = audit_repair(&c, &[]);
+    assert_eq!(code, 1, "{report:#}");
+    let planned = report["repair"]["planned"].as_array().unwrap();
+    assert_eq!(planned.iter().filter(|p| p["action"] == "deregister").count(), 5, "{report:#}");
+    assert_eq!(planned.iter().filter(|p| p["action"] == "mark-passing").count(), 1, "{report:#}");
+    assert!(report["repair"]["applied"].is_null(), "{report:#}");
+    assert_eq!(instance_ids(&c, "web"), before, "a dry run changed the registry");
+
+    // Carried out: the ghost goes, the zombie is passing, zone b's storm is held whole.
+    let (code, report) = audit_repair(&c, &["--yes"]);
+    assert_eq!(code, 1, "not every repair was done: {report:#}");
+    let results = report["repair"]["applied"]["results"].as_array().unwrap().clone();
+    let outcome = |key_end: &str| {
+        let r = results.iter().find(|r| r["key"].as_str().unwrap().ends_with(key_end));
+        r.unwrap_or_else(|| panic!("{key_end}: {report:#}"))["outcome"].as_str().unwrap().to_string()
+    };
+    assert_eq!(outcome("/a-ghost"), "done");
+    assert_eq!(outcome("/a-zombie"), "done");
+    for n in 0..4 {
+        assert_eq!(outcome(&format!("/b-dead-{n}")), "held", "{report:#}");
+    }
+    assert!(results.iter().filter(|r| r["outcome"] == "held").all(|r| r["detail"].as_str().unwrap().contains("eviction brake")));
+    let after = instance_ids(&c, "web");
+    assert!(!after.contains(&"a-ghost".to_string()), "{after:?}");
+    assert!((0..4).all(|n| after.contains(&format!("b-dead-{n}"))), "the brake kept zone b: {after:?}");
+    let z = http(&c.nodes[1], "GET", "/api/v1/ns/default/services/web/instances/a-zombie", None).unwrap().json();
+    assert_eq!(z["health"], "passing", "{z:#}");
+
+    // What is left: zone b's ghosts only.
+    let (_, report) = audit(&c, &[]);
+    assert_eq!(verdict_of(&report, "a-zombie"), "agrees");
+    assert_eq!(report["ghosts"].as_u64(), Some(4), "{report:#}");
+}

@@ -131,6 +131,15 @@ struct AuditArgs {
     /// Instances probed at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     concurrency: u64,
+    /// Plan the repairs: deregister ghosts, mark zombies their check marked critical passing.
+    /// A dry run unless --yes is given too; then the leader carries them out through the
+    /// registry's rules (term-fenced, only if unchanged since the audit, and through the
+    /// eviction brake: a zone whose removals would be a storm is left alone, and says so).
+    #[arg(long)]
+    repair: bool,
+    /// With --repair: carry the repairs out.
+    #[arg(long, requires = "repair")]
+    yes: bool,
 }
 
 /// `--since`: etcdctl's durations, and hours.
@@ -597,6 +606,7 @@ fn run() -> anyhow::Result<()> {
                         quorate_ctl::timeline(&opts, &t).await?
                     }
                     CtlCommand::Audit(a) => {
+                        let (repair, yes) = (a.repair, a.yes);
                         let a = quorate_ctl::audit::AuditOptions {
                             namespace: a.namespace,
                             service: a.service,
@@ -606,7 +616,7 @@ fn run() -> anyhow::Result<()> {
                             probe_timeout: a.probe_timeout,
                             concurrency: a.concurrency as usize,
                         };
-                        quorate_ctl::audit(&opts, &a).await?
+                        quorate_ctl::audit(&opts, &a, repair, yes).await?
                     }
                     CtlCommand::Verify { probe_duration, load_duration, load_clients } => {
                         let v = quorate_ctl::verify::VerifyOptions {

@@ -105,6 +105,10 @@ pub struct AuditedInstance {
     pub id: String,
     pub address: String,
     pub zone: String,
+    /// Its registry key, and its mod revision when the audit read it (a repair acts only on an
+    /// instance still at that revision).
+    pub key: String,
+    pub mod_revision: i64,
     /// passing, warning or critical; `suspect` when the brake holds it after its lease expired.
     pub registered: String,
     /// What was probed: `http://…` or `tcp://host:port`.
@@ -136,6 +140,122 @@ pub struct AuditReport {
     pub ghosts: usize,
     pub zombies: usize,
     pub flapping: usize,
+    /// With `--repair`: what would be (or was) done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairReport>,
+}
+
+/// One repair: deregister a ghost, or mark a zombie its check marked critical passing again.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PlannedRepair {
+    pub key: String,
+    pub mod_revision: i64,
+    /// `deregister` or `mark-passing` (the leader's `/v1/registry/repair` actions).
+    pub action: &'static str,
+    pub instance: String,
+    pub verdict: InstanceVerdict,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RepairReport {
+    pub planned: Vec<PlannedRepair>,
+    /// Instances the audit flagged that no repair can fix (flapping ones, suspect zombies), why.
+    pub skipped: Vec<(String, String)>,
+    /// The leader's answer, one result per action (`done`, `changed`, `held`, `refused`,
+    /// `failed`); absent on a dry run.
+    pub applied: Option<serde_json::Value>,
+}
+
+impl RepairReport {
+    /// Applied, and every action done.
+    pub fn complete(&self) -> bool {
+        self.applied
+            .as_ref()
+            .and_then(|a| a["results"].as_array())
+            .is_some_and(|r| r.len() == self.planned.len() && r.iter().all(|x| x["outcome"] == "done"))
+    }
+}
+
+/// The repairs an audit calls for: the pure half of `--repair`.
+pub fn plan_repairs(r: &AuditReport) -> RepairReport {
+    let mut planned = Vec::new();
+    let mut skipped = Vec::new();
+    for i in &r.instances {
+        let name = format!("{}/{}/{}", i.namespace, i.service, i.id);
+        let action = match (i.verdict, i.registered.as_str()) {
+            (InstanceVerdict::Agrees, _) => continue,
+            (InstanceVerdict::Ghost, _) => "deregister",
+            (InstanceVerdict::Zombie, "critical") => "mark-passing",
+            (InstanceVerdict::Zombie, _) => {
+                skipped.push((name, "suspect: its own heartbeat or re-registration brings it back".into()));
+                continue;
+            }
+            (InstanceVerdict::Flapping, _) => {
+                skipped.push((name, "flapping: look at the instance before trusting either answer".into()));
+                continue;
+            }
+        };
+        planned.push(PlannedRepair {
+            key: i.key.clone(),
+            mod_revision: i.mod_revision,
+            action,
+            instance: name,
+            verdict: i.verdict,
+        });
+    }
+    RepairReport { planned, skipped, applied: None }
+}
+
+/// POST `body` to `path` at `addr` (plain HTTP/1.1); the status code and the body.
+async fn http_post(addr: &str, path: &str, body: &str, limit: Duration) -> anyhow::Result<(u16, String)> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let raw = bounded(limit, fetch).await?;
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
+    Ok((code, body.to_string()))
+}
+
+/// Send the plan to the leader, which carries it out through the registry's rules.
+pub async fn apply_repairs(opts: &Options, plan: &mut RepairReport) -> anyhow::Result<()> {
+    if plan.planned.is_empty() {
+        plan.applied = Some(serde_json::json!({"results": []}));
+        return Ok(());
+    }
+    let view = crate::collect::collect(opts).await;
+    let leader = view
+        .members
+        .iter()
+        .find(|m| m.role.as_deref() == Some("leader") && m.http_addr.is_some())
+        .ok_or_else(|| anyhow::anyhow!("no reachable leader to repair through"))?;
+    let addr = leader.http_addr.clone().expect("checked");
+    let actions: Vec<serde_json::Value> = plan
+        .planned
+        .iter()
+        .map(|p| serde_json::json!({"key": p.key, "mod_revision": p.mod_revision, "action": p.action}))
+        .collect();
+    let body = serde_json::json!({ "actions": actions }).to_string();
+    let (code, reply) = http_post(&addr, "/v1/registry/repair", &body, opts.command_timeout * 4).await?;
+    let reply: serde_json::Value = serde_json::from_str(&reply)
+        .map_err(|e| anyhow::anyhow!("leader {} answered {code}: {e}: {reply}", leader.name))?;
+    if code != 200 {
+        anyhow::bail!("leader {} refused the repair ({code}): {}", leader.name, reply["error"]);
+    }
+    plan.applied = Some(reply);
+    Ok(())
 }
 
 impl AuditReport {
@@ -166,7 +286,15 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-async fn read_view(endpoint: &str, prefix: &[u8], revision: i64, opts: &Options) -> anyhow::Result<(View, i64)> {
+/// Each key's mod revision, as one member read them.
+type Revisions = BTreeMap<Vec<u8>, i64>;
+
+async fn read_view(
+    endpoint: &str,
+    prefix: &[u8],
+    revision: i64,
+    opts: &Options,
+) -> anyhow::Result<(View, Revisions, i64)> {
     let ch = bounded(opts.dial_timeout, dial(endpoint, opts)).await?;
     let mut kv = pb::kv_client::KvClient::new(ch).max_decoding_message_size(usize::MAX);
     let req = pb::RangeRequest {
@@ -183,7 +311,8 @@ async fn read_view(endpoint: &str, prefix: &[u8], revision: i64, opts: &Options)
             Ok(resp) => {
                 let resp = resp.into_inner();
                 let rev = resp.header.map_or(0, |h| h.revision);
-                return Ok((resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(), rev));
+                let revs = resp.kvs.iter().map(|kv| (kv.key.clone(), kv.mod_revision)).collect();
+                return Ok((resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(), revs, rev));
             }
             Err(e) if e.to_string().contains("future revision") => {
                 last = Some(e);
@@ -282,7 +411,7 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
     let mut errors = Vec::new();
     for e in &opts.endpoints {
         match read_view(e, prefix.as_bytes(), 0, opts).await {
-            Ok((_, rev)) => {
+            Ok((_, _, rev)) => {
                 revision = Some(rev);
                 break;
             }
@@ -302,7 +431,7 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
     });
     let read = futures::future::join_all(reads).await;
     let views: Vec<(String, View)> =
-        read.iter().filter_map(|(n, _, v)| v.as_ref().ok().map(|(v, _)| (n.clone(), v.clone()))).collect();
+        read.iter().filter_map(|(n, _, v)| v.as_ref().ok().map(|(v, _, _)| (n.clone(), v.clone()))).collect();
     let differing: BTreeMap<String, usize> = compare_views(&views).into_iter().collect();
     let mut member_audits: Vec<MemberAudit> = read
         .iter()
@@ -316,15 +445,20 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
         .collect();
     member_audits.sort_by(|a, b| a.name.cmp(&b.name));
     // The instances as most members hold them.
-    let majority: View = views
+    let (majority, revs) = read
         .iter()
-        .find(|(n, _)| !differing.contains_key(n))
-        .map(|(_, v)| v.clone())
+        .find_map(|(n, _, v)| v.as_ref().ok().filter(|_| !differing.contains_key(n)).map(|(v, r, _)| (v, r)))
         .ok_or_else(|| anyhow::anyhow!("no member could be read at revision {revision}"))?;
 
-    let instances: Vec<Instance> = majority.values().filter_map(|v| serde_json::from_slice(v).ok()).collect();
+    let instances: Vec<(String, i64, Instance)> = majority
+        .iter()
+        .filter_map(|(k, v)| {
+            let i = serde_json::from_slice(v).ok()?;
+            Some((String::from_utf8_lossy(k).into_owned(), revs.get(k).copied().unwrap_or(0), i))
+        })
+        .collect();
     let limit = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
-    let probes = instances.into_iter().map(|i| {
+    let probes = instances.into_iter().map(|(key, mod_revision, i)| {
         let limit = limit.clone();
         async move {
             let target = probe_target(&i, a.health_path.as_deref());
@@ -338,6 +472,8 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
                 id: i.id,
                 address: format!("{}:{}", i.address, i.port),
                 zone: i.zone,
+                key,
+                mod_revision,
                 probe: target,
                 probes,
                 error,
@@ -348,6 +484,7 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
     let instances = futures::future::join_all(probes).await;
     let count = |v: InstanceVerdict| instances.iter().filter(|i| i.verdict == v).count();
     Ok(AuditReport {
+        repair: None,
         revision,
         agrees: count(InstanceVerdict::Agrees),
         ghosts: count(InstanceVerdict::Ghost),
@@ -410,6 +547,33 @@ pub fn render(r: &AuditReport) -> String {
             (None, false) => format!("DISAGREES: {} keys differ from the majority's view", m.differing_keys),
         };
         let _ = writeln!(out, "member {} ({}): {what}", m.name, m.endpoint);
+    }
+    if let Some(rep) = &r.repair {
+        match &rep.applied {
+            None if rep.planned.is_empty() => {
+                let _ = writeln!(out, "repair: nothing to repair");
+            }
+            None => {
+                let _ = writeln!(out, "repair plan (dry run; add --yes to carry it out):");
+                for p in &rep.planned {
+                    let _ = writeln!(out, "  {} {} ({:?})", p.action, p.instance, p.verdict);
+                }
+            }
+            Some(applied) => {
+                let _ = writeln!(out, "repair carried out by the leader (term {}):", applied["term"]);
+                for res in applied["results"].as_array().into_iter().flatten() {
+                    let key = res["key"].as_str().unwrap_or_default();
+                    let name = rep.planned.iter().find(|p| p.key == key).map_or(key, |p| p.instance.as_str());
+                    let detail = res["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!(": {d}"));
+                    let (outcome, action) =
+                        (res["outcome"].as_str().unwrap_or("?"), res["action"].as_str().unwrap_or("?"));
+                    let _ = writeln!(out, "  {outcome} {action} {name}{}", detail.unwrap_or_default());
+                }
+            }
+        }
+        for (name, why) in &rep.skipped {
+            let _ = writeln!(out, "  not repaired: {name}: {why}");
+        }
     }
     out
 }

@@ -40,14 +40,26 @@ pub async fn status(opts: &Options) -> anyhow::Result<i32> {
 
 /// `quorate ctl audit`: prints the audit; exit 0 when the registry agrees with what answers
 /// and every member holds the same registry, 1 otherwise.
-pub async fn audit(opts: &Options, a: &audit::AuditOptions) -> anyhow::Result<i32> {
-    let report = audit::audit(opts, a).await?;
+///
+/// With `repair`, the repairs the audit calls for are planned (and printed); with `yes` as well,
+/// the leader carries them out, and the exit code is 0 only when every one was done.
+pub async fn audit(opts: &Options, a: &audit::AuditOptions, repair: bool, yes: bool) -> anyhow::Result<i32> {
+    let mut report = audit::audit(opts, a).await?;
+    let mut code = if report.clean() { 0 } else { 1 };
+    if repair {
+        let mut plan = audit::plan_repairs(&report);
+        if yes {
+            audit::apply_repairs(opts, &mut plan).await?;
+            code = if plan.complete() { 0 } else { 1 };
+        }
+        report.repair = Some(plan);
+    }
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", audit::render(&report));
     }
-    Ok(if report.clean() { 0 } else { 1 })
+    Ok(code)
 }
 
 /// `quorate ctl verify`: prints each check; exit 0 only when every one passed.

@@ -16,6 +16,7 @@ pub struct HttpState {
     cluster_id: u64,
     metrics: Arc<crate::metrics::Metrics>,
     failpoints: bool,
+    brake: Arc<crate::brake_state::SharedBrake>,
 }
 
 impl HttpState {
@@ -23,8 +24,19 @@ impl HttpState {
         &self.member
     }
 
-    pub fn new(member: Member, cluster_id: u64, metrics: Arc<crate::metrics::Metrics>, failpoints: bool) -> Self {
-        HttpState { member, cluster_id, metrics, failpoints }
+    pub fn new(
+        member: Member,
+        cluster_id: u64,
+        metrics: Arc<crate::metrics::Metrics>,
+        failpoints: bool,
+        brake: Arc<crate::brake_state::SharedBrake>,
+    ) -> Self {
+        HttpState { member, cluster_id, metrics, failpoints, brake }
+    }
+
+    /// The eviction brake the leader's registry workers share (repairs go through it).
+    pub fn brake(&self) -> &crate::brake_state::SharedBrake {
+        &self.brake
     }
 }
 
@@ -39,6 +51,7 @@ pub async fn serve(
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .route("/v1/member/status", get(member_status))
+        .route("/v1/registry/repair", axum::routing::post(crate::repair::repair))
         .route("/v1/member/timeline", get(crate::timeline::member_timeline))
         .route("/debug/failpoints/fsync-delay-ms", axum::routing::put(set_fsync_delay))
         .route("/debug/failpoints/diverge-put-key", axum::routing::put(set_diverge_put_key))

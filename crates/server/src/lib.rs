@@ -15,6 +15,7 @@ mod reaper;
 mod registry_counts;
 mod registry_view;
 mod removed_gate;
+mod repair;
 mod timeline;
 
 use std::future::Future;
@@ -170,9 +171,10 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     let brake = Arc::new(brake_state::SharedBrake::new(cfg.brake.clone()));
     let checks = metrics.checks.clone();
     tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip, brake.clone(), checks, registry_counts.clone()));
-    tokio::spawn(reaper::run(member.clone(), brake, reaper_stats, registry_counts));
+    tokio::spawn(reaper::run(member.clone(), brake.clone(), reaper_stats, registry_counts));
 
-    let http_state = Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints));
+    let http_state =
+        Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints, brake));
     let http_task = tokio::spawn(http::serve(listeners.http, http_state, profiling));
     info!("member ready to serve clients");
 

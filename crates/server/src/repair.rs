@@ -1,0 +1,216 @@
+//! `POST /v1/registry/repair`: what `quorate ctl audit --repair --yes` asks of the leader.
+//! Each action names an instance by key and the `mod_revision` the audit saw: `deregister` (a
+//! ghost) or `mark-passing` (a zombie its check marked critical). The leader carries them out
+//! through the registry's own rules: every write is term-fenced and conditional on the
+//! instance being unchanged since the audit, and the deregistrations of each zone go through
+//! the eviction brake together: when removing them would be a storm (more than the brake's
+//! threshold of the zone), none of that zone's is done, and the answer says why.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use quorate_kv::{Command, RangeRequest};
+use quorate_registry::{CheckChange, Health, Instance, Verdict, REGISTRY_PREFIX};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::http::HttpState;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Deregister,
+    MarkPassing,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepairAction {
+    pub key: String,
+    pub mod_revision: i64,
+    pub action: Action,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RepairRequest {
+    pub actions: Vec<RepairAction>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Done,
+    /// The instance changed (or went) since the audit read it: nothing done.
+    Changed,
+    /// The eviction brake holds the zone: nothing of it removed.
+    Held,
+    /// Not a repair the registry's rules allow.
+    Refused,
+    /// The write failed (leadership lost, timeout).
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RepairResult {
+    pub key: String,
+    pub action: Action,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+/// What can be done, before the brake and the writes: the pure half. `current` holds the
+/// registry as the leader has it now (key -> (instance, mod_revision)).
+pub fn precheck(a: &RepairAction, current: &HashMap<String, (Instance, i64)>) -> Result<Instance, (Outcome, String)> {
+    let Some((instance, rev)) = current.get(&a.key) else {
+        return Err((Outcome::Changed, "no longer registered".into()));
+    };
+    if *rev != a.mod_revision {
+        return Err((
+            Outcome::Changed,
+            format!("changed since the audit (revision {rev}, audit saw {})", a.mod_revision),
+        ));
+    }
+    match a.action {
+        Action::Deregister => Ok(instance.clone()),
+        Action::MarkPassing if instance.suspect => Err((
+            Outcome::Refused,
+            "suspect (its lease expired while the brake held): its own heartbeat or re-registration brings it back"
+                .into(),
+        )),
+        Action::MarkPassing if instance.health != Health::Critical => {
+            Err((Outcome::Refused, format!("not critical (registered {:?})", instance.health).to_lowercase()))
+        }
+        Action::MarkPassing => Ok(instance.clone()),
+    }
+}
+
+pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairRequest>) -> impl IntoResponse {
+    let member = s.member();
+    let status = member.status();
+    if status.state != "leader" {
+        let leader = status.leader.map(|l| format!("{l:x}"));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "not leader: repairs are made by the leader", "leader": leader})),
+        );
+    }
+    let term = status.term;
+    let brake = s.brake();
+    if let Err(e) = brake.take_over(member, term).await {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": format!("cannot take over the brake: {e}")})));
+    }
+
+    let prefix = REGISTRY_PREFIX.as_bytes().to_vec();
+    let all = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
+    let kvs = member.read(|store| store.range(&all).map(|r| r.kvs).unwrap_or_default());
+    let mut current = HashMap::new();
+    let mut zone_totals: BTreeMap<String, usize> = BTreeMap::new();
+    for kv in kvs {
+        if let Ok(i) = serde_json::from_slice::<Instance>(&kv.value) {
+            *zone_totals.entry(i.zone.clone()).or_default() += 1;
+            current.insert(String::from_utf8_lossy(&kv.key).into_owned(), (i, kv.mod_revision));
+        }
+    }
+
+    let mut results = Vec::new();
+    let mut ready = Vec::new();
+    for a in req.actions {
+        match precheck(&a, &current) {
+            Ok(instance) => ready.push((a, instance)),
+            Err((outcome, detail)) => results.push(RepairResult { key: a.key, action: a.action, outcome, detail }),
+        }
+    }
+    // The brake judges each zone's removals together: a storm is refused whole.
+    let mut removals: BTreeMap<String, usize> = BTreeMap::new();
+    for (a, i) in &ready {
+        if a.action == Action::Deregister {
+            *removals.entry(i.zone.clone()).or_default() += 1;
+        }
+    }
+    let now = std::time::Instant::now();
+    let mut held: BTreeMap<String, String> = BTreeMap::new();
+    for (zone, n) in &removals {
+        let total = zone_totals.get(zone).copied().unwrap_or(*n);
+        match brake.with(term, |b| b.judge_check(zone, CheckChange::MarkCritical, *n, total, now)) {
+            Some(Verdict::Evict) => {}
+            Some(Verdict::Hold { reason }) => {
+                held.insert(zone.clone(), reason);
+            }
+            None => {
+                held.insert(zone.clone(), "leadership changed during the repair".into());
+            }
+        }
+    }
+    if !held.is_empty() {
+        brake.checkpoint(member, term).await;
+    }
+
+    for (a, instance) in ready {
+        if let Some(reason) = held.get(&instance.zone).filter(|_| a.action == Action::Deregister) {
+            results.push(RepairResult {
+                key: a.key,
+                action: a.action,
+                outcome: Outcome::Held,
+                detail: format!("eviction brake: {reason}"),
+            });
+            continue;
+        }
+        let txn = match a.action {
+            Action::Deregister => quorate_registry::delete_if_unchanged(a.key.as_bytes(), a.mod_revision),
+            Action::MarkPassing => {
+                let passing = Instance { health: Health::Passing, brake_hold: None, ..instance };
+                quorate_registry::replace_if_unchanged(a.key.as_bytes(), a.mod_revision, &passing)
+            }
+        };
+        let cmd = Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) };
+        let (outcome, detail) = match member.write(cmd).await {
+            Ok(r) if matches!(r.result, Some(Ok(quorate_kv::CommandResponse::Txn(ref t))) if t.succeeded) => {
+                (Outcome::Done, String::new())
+            }
+            Ok(_) => (Outcome::Changed, "changed while the repair ran".into()),
+            Err(e) => (Outcome::Failed, e.to_string()),
+        };
+        if outcome == Outcome::Done {
+            tracing::info!(key = %a.key, action = ?a.action, "registry repaired (ctl audit --repair)");
+        }
+        results.push(RepairResult { key: a.key, action: a.action, outcome, detail });
+    }
+    (StatusCode::OK, Json(json!({"term": term, "results": results})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(health: Health, suspect: bool) -> Instance {
+        let mut i: Instance = serde_json::from_value(serde_json::json!({
+            "namespace": "default", "service": "web", "id": "w1", "address": "127.0.0.1", "port": 8080,
+            "zone": "z1", "weight": 100, "tags": [], "meta": {}, "kind": "ephemeral", "health": "passing",
+            "heartbeat_interval_s": 5, "ttl_s": 15, "lease": 0
+        }))
+        .unwrap();
+        i.health = health;
+        i.suspect = suspect;
+        i
+    }
+
+    #[test]
+    fn only_an_unchanged_instance_is_repaired_and_only_a_critical_one_re_marked() {
+        let current: HashMap<String, (Instance, i64)> = [
+            ("k-passing".to_string(), (instance(Health::Passing, false), 5)),
+            ("k-critical".to_string(), (instance(Health::Critical, false), 6)),
+            ("k-suspect".to_string(), (instance(Health::Passing, true), 7)),
+        ]
+        .into();
+        let act = |key: &str, rev: i64, action: Action| RepairAction { key: key.into(), mod_revision: rev, action };
+        assert!(precheck(&act("k-passing", 5, Action::Deregister), &current).is_ok());
+        assert_eq!(precheck(&act("k-passing", 4, Action::Deregister), &current).unwrap_err().0, Outcome::Changed);
+        assert_eq!(precheck(&act("gone", 1, Action::Deregister), &current).unwrap_err().0, Outcome::Changed);
+        assert!(precheck(&act("k-critical", 6, Action::MarkPassing), &current).is_ok());
+        assert_eq!(precheck(&act("k-passing", 5, Action::MarkPassing), &current).unwrap_err().0, Outcome::Refused);
+        assert_eq!(precheck(&act("k-suspect", 7, Action::MarkPassing), &current).unwrap_err().0, Outcome::Refused);
+    }
+}
