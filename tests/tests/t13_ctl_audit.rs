@@ -165,6 +165,14 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
         register(&c, "web", &format!("a-alive-{n}"), &in_zone("a", alive));
     }
     register(&c, "web", "a-ghost", &in_zone("a", closed_port()));
+    // Persistent: lives until its owner deregisters it; a repair never removes it.
+    let persistent = closed_port();
+    register(
+        &c,
+        "web",
+        "a-persistent",
+        &format!(r#"{{"address":"127.0.0.1","port":{persistent},"zone":"a","kind":"persistent"}}"#),
+    );
     for n in 0..4 {
         register(&c, "web", &format!("b-dead-{n}"), &in_zone("b", closed_port()));
     }
@@ -185,7 +193,7 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
     }
     zombie_mode.store(OK, Ordering::SeqCst);
     let before = instance_ids(&c, "web");
-    assert_eq!(before.len(), 12, "{before:?}");
+    assert_eq!(before.len(), 13, "{before:?}");
 
     // A dry run plans and changes nothing.
     let (code, report) = audit_repair(&c, &[]);
@@ -194,6 +202,8 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
     assert_eq!(planned.iter().filter(|p| p["action"] == "deregister").count(), 5, "{report:#}");
     assert_eq!(planned.iter().filter(|p| p["action"] == "mark-passing").count(), 1, "{report:#}");
     assert!(report["repair"]["applied"].is_null(), "{report:#}");
+    let skipped = report["repair"]["skipped"].to_string();
+    assert!(skipped.contains("a-persistent") && skipped.contains("persistent"), "{report:#}");
     assert_eq!(instance_ids(&c, "web"), before, "a dry run changed the registry");
 
     // Carried out: the ghost goes, the zombie is passing, zone b's storm is held whole.
@@ -209,15 +219,31 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
     for n in 0..4 {
         assert_eq!(outcome(&format!("/b-dead-{n}")), "held", "{report:#}");
     }
-    assert!(results.iter().filter(|r| r["outcome"] == "held").all(|r| r["detail"].as_str().unwrap().contains("eviction brake")));
+    assert!(results
+        .iter()
+        .filter(|r| r["outcome"] == "held")
+        .all(|r| r["detail"].as_str().unwrap().contains("eviction brake")));
     let after = instance_ids(&c, "web");
     assert!(!after.contains(&"a-ghost".to_string()), "{after:?}");
+    assert!(after.contains(&"a-persistent".to_string()), "a persistent instance is never repaired away: {after:?}");
     assert!((0..4).all(|n| after.contains(&format!("b-dead-{n}"))), "the brake kept zone b: {after:?}");
     let z = http(&c.nodes[1], "GET", "/api/v1/ns/default/services/web/instances/a-zombie", None).unwrap().json();
     assert_eq!(z["health"], "passing", "{z:#}");
 
-    // What is left: zone b's ghosts only.
+    // A held repair engages nothing: the brake does not hold zone b for its leases or checks
+    // (one outside vantage point is not a storm the registry saw).
+    let doctor = Command::new(quorate_bin())
+        .args(["ctl", "--endpoints", &c.endpoints(), "-w", "json", "doctor"])
+        .output()
+        .unwrap();
+    let doctor: Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    assert!(
+        doctor["findings"].as_array().unwrap().iter().all(|f| f["code"] != "brake-engaged"),
+        "a refused repair engaged the brake: {doctor:#}"
+    );
+
+    // What is left: zone b's ghosts and the persistent one.
     let (_, report) = audit(&c, &[]);
     assert_eq!(verdict_of(&report, "a-zombie"), "agrees");
-    assert_eq!(report["ghosts"].as_u64(), Some(4), "{report:#}");
+    assert_eq!(report["ghosts"].as_u64(), Some(5), "{report:#}");
 }

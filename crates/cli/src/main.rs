@@ -145,7 +145,10 @@ struct AuditArgs {
 /// `--since`: etcdctl's durations, and hours.
 fn parse_since(s: &str) -> Result<std::time::Duration, String> {
     match s.trim().strip_suffix('h') {
-        Some(h) => h.parse::<f64>().map(|h| std::time::Duration::from_secs_f64(h * 3600.0)).map_err(|e| e.to_string()),
+        Some(h) => {
+            let hours = h.parse::<f64>().map_err(|e| format!("bad duration {s:?}: {e}"))?;
+            quorate_ctl::seconds(hours * 3600.0).map_err(|e| format!("bad duration {s:?}: {e}"))
+        }
         None => quorate_ctl::parse_duration(s),
     }
 }

@@ -60,10 +60,15 @@ pub enum InstanceVerdict {
     Zombie,
     /// Answered some probes and not others.
     Flapping,
+    /// Nothing to probe: no check, and no port (a Consul service registered without one).
+    Unprobeable,
 }
 
 /// The registry's word on an instance and what the probes found: the pure core.
 pub fn judge_instance(instance: &Instance, probes: &[bool]) -> InstanceVerdict {
+    if probes.is_empty() {
+        return InstanceVerdict::Unprobeable;
+    }
     let alive = probes.iter().filter(|p| **p).count();
     if alive > 0 && alive < probes.len() {
         return InstanceVerdict::Flapping;
@@ -105,6 +110,10 @@ pub struct AuditedInstance {
     pub id: String,
     pub address: String,
     pub zone: String,
+    /// `ephemeral` (lives while heartbeats arrive) or `persistent` (until deregistered).
+    pub kind: String,
+    /// The members probe it themselves (its health comes from their check, not its owner).
+    pub active_check: bool,
     /// Its registry key, and its mod revision when the audit read it (a repair acts only on an
     /// instance still at that revision).
     pub key: String,
@@ -140,6 +149,7 @@ pub struct AuditReport {
     pub ghosts: usize,
     pub zombies: usize,
     pub flapping: usize,
+    pub unprobeable: usize,
     /// With `--repair`: what would be (or was) done.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repair: Option<RepairReport>,
@@ -183,9 +193,20 @@ pub fn plan_repairs(r: &AuditReport) -> RepairReport {
     for i in &r.instances {
         let name = format!("{}/{}/{}", i.namespace, i.service, i.id);
         let action = match (i.verdict, i.registered.as_str()) {
-            (InstanceVerdict::Agrees, _) => continue,
+            (InstanceVerdict::Agrees | InstanceVerdict::Unprobeable, _) => continue,
+            (InstanceVerdict::Ghost, _) if i.kind == "persistent" => {
+                skipped.push((name, "persistent: lives until its owner deregisters it".into()));
+                continue;
+            }
             (InstanceVerdict::Ghost, _) => "deregister",
-            (InstanceVerdict::Zombie, "critical") => "mark-passing",
+            (InstanceVerdict::Zombie, "critical") if i.active_check => "mark-passing",
+            (InstanceVerdict::Zombie, "critical") => {
+                skipped.push((
+                    name,
+                    "its owner marked it critical (no active check of the members'): not overridden".into(),
+                ));
+                continue;
+            }
             (InstanceVerdict::Zombie, _) => {
                 skipped.push((name, "suspect: its own heartbeat or re-registration brings it back".into()));
                 continue;
@@ -462,8 +483,12 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
         let limit = limit.clone();
         async move {
             let target = probe_target(&i, a.health_path.as_deref());
-            let _permit = limit.acquire().await.expect("never closed");
-            let (probes, error) = probe_instance(target.clone(), a).await;
+            let (probes, error) = if i.port == 0 && i.check.is_none() {
+                (Vec::new(), Some("no port and no check: nothing to probe".to_string()))
+            } else {
+                let _permit = limit.acquire().await.expect("never closed");
+                probe_instance(target.clone(), a).await
+            };
             let verdict = judge_instance(&i, &probes);
             AuditedInstance {
                 registered: if i.suspect { "suspect".into() } else { health_name(i.health).into() },
@@ -472,6 +497,8 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
                 id: i.id,
                 address: format!("{}:{}", i.address, i.port),
                 zone: i.zone,
+                kind: format!("{:?}", i.kind).to_lowercase(),
+                active_check: i.check.is_some(),
                 key,
                 mod_revision,
                 probe: target,
@@ -490,6 +517,7 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
         ghosts: count(InstanceVerdict::Ghost),
         zombies: count(InstanceVerdict::Zombie),
         flapping: count(InstanceVerdict::Flapping),
+        unprobeable: count(InstanceVerdict::Unprobeable),
         instances,
         members: member_audits,
     })

@@ -112,7 +112,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60.0,
         _ => return Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    seconds(secs).map_err(|e| format!("bad duration {s:?}: {e}"))
+}
+
+/// A number of seconds as a `Duration`: finite, not negative, and at most 100 years.
+pub fn seconds(secs: f64) -> Result<Duration, String> {
+    const MAX_S: f64 = 100.0 * 365.0 * 86_400.0;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err("must be a finite, non-negative number".into());
+    }
+    if secs > MAX_S {
+        return Err("longer than 100 years".into());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -127,6 +139,9 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("2h").is_err());
+        for bad in ["-1s", "infs", "NaNs", "99999999999999999999999", "1e300ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
         assert!(parse_duration("x").is_err());
     }
 }

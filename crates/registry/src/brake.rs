@@ -213,6 +213,36 @@ impl Brake {
         }
     }
 
+    /// An operator's repair asks to deregister `removals` instances of `zone` (of `zone_total`)
+    /// at once (`quorate ctl audit --repair`). Judged against the same threshold and window as
+    /// evictions, but one outside vantage point is not a signal to act on: a refusal engages no
+    /// hold and sets no flag (so it changes nothing for the zone's leases and checks), and a zone
+    /// the brake already holds is refused whole. When allowed, every removal counts in the
+    /// window, so that expiries right after it are judged with it.
+    pub fn judge_repair(&mut self, zone: &str, removals: usize, zone_total: usize, now: Instant) -> Verdict {
+        let cfg = self.cfg.clone();
+        let z = self.zones.entry(zone.to_string()).or_default();
+        while z.evictions.front().is_some_and(|t| now.duration_since(*t) > cfg.window) {
+            z.evictions.pop_front();
+        }
+        if let Some(e) = &z.engaged {
+            return Verdict::Hold { reason: format!("the brake holds zone {zone}: {}", e.reason) };
+        }
+        let would_be = z.evictions.len() + removals;
+        if would_be as f64 > cfg.threshold * zone_total as f64 && would_be >= cfg.min_evictions {
+            return Verdict::Hold {
+                reason: format!(
+                    "removing {removals} of {zone_total} instances in zone {zone} would make {would_be} removals within {} s \
+                     (threshold {}%); deregister them one by one if the zone is really gone",
+                    cfg.window.as_secs(),
+                    (cfg.threshold * 100.0).round()
+                ),
+            };
+        }
+        z.evictions.extend(std::iter::repeat_n(now, removals));
+        Verdict::Evict
+    }
+
     /// One instance of `zone` whose active check asks for `change`. For `MarkCritical`,
     /// `failing` of the zone's `zone_total` checked instances (this one included) fail their
     /// checks now; for `Remove`, `failing` of them are due for removal at once. `Evict` means:
@@ -589,5 +619,31 @@ mod tests {
         assert_eq!(b.export(t0), BrakeState::default());
         assert_eq!(b.judge("z", 1, 10, LONG, TTL, t0), Verdict::Evict);
         assert_eq!(b.export(t0 + s(61)).zones["z"].window, vec![(61_000, 1)]);
+    }
+    #[test]
+    fn a_repair_is_judged_by_the_threshold_without_engaging_anything_and_counts_every_removal() {
+        let cfg = BrakeConfig::default(); // 25%, 60 s window, at least 3
+        let mut b = Brake::new(cfg.clone());
+        let t0 = Instant::now();
+        // A storm: refused, and nothing engaged or latched for the zone.
+        assert!(matches!(b.judge_repair("b", 4, 4, t0), Verdict::Hold { .. }));
+        assert!(b.engaged().is_empty(), "a refused repair engages no hold");
+        assert!(b.take_transitions().is_empty());
+        // Leases in that zone are still judged as usual: one expiry of 24 is evicted.
+        assert_eq!(b.judge("b", 1, 24, Duration::from_secs(600), Duration::from_secs(15), t0), Verdict::Evict);
+        // Allowed removals count one each in the window: 2 of 20 now, then 4 expiring of 20
+        // would make 1 + 2 + 4 = 7 > 5: held.
+        assert_eq!(b.judge_repair("a", 2, 20, t0), Verdict::Evict);
+        assert!(matches!(
+            b.judge("a", 4, 20, Duration::from_secs(600), Duration::from_secs(15), t0),
+            Verdict::Hold { .. }
+        ));
+        // A zone the brake holds refuses repairs whole.
+        assert!(matches!(b.judge_repair("a", 1, 20, t0), Verdict::Hold { .. }));
+        // Outside the window, a later repair of the same size is judged afresh.
+        let mut b = Brake::new(cfg.clone());
+        assert!(matches!(b.judge_repair("c", 4, 4, t0), Verdict::Hold { .. }));
+        let later = t0 + Duration::from_secs(3600);
+        assert!(matches!(b.judge_repair("c", 4, 4, later), Verdict::Hold { .. }), "no latch lets it through later");
     }
 }

@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use quorate_kv::{Command, RangeRequest};
-use quorate_registry::{CheckChange, Health, Instance, Verdict, REGISTRY_PREFIX};
+use quorate_registry::{Health, Instance, Kind, Verdict, REGISTRY_PREFIX};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -74,6 +74,10 @@ pub fn precheck(a: &RepairAction, current: &HashMap<String, (Instance, i64)>) ->
         ));
     }
     match a.action {
+        Action::Deregister if instance.kind == Kind::Persistent => Err((
+            Outcome::Refused,
+            "persistent: it lives until its owner deregisters it (its active check marks it critical)".into(),
+        )),
         Action::Deregister => Ok(instance.clone()),
         Action::MarkPassing if instance.suspect => Err((
             Outcome::Refused,
@@ -83,11 +87,35 @@ pub fn precheck(a: &RepairAction, current: &HashMap<String, (Instance, i64)>) ->
         Action::MarkPassing if instance.health != Health::Critical => {
             Err((Outcome::Refused, format!("not critical (registered {:?})", instance.health).to_lowercase()))
         }
+        // Critical without an active check of the members' own: its owner said so (Eureka
+        // OUT_OF_SERVICE or DOWN, Consul check fail). A probe answering does not overrule that.
+        Action::MarkPassing if instance.check.is_none() => Err((
+            Outcome::Refused,
+            "its owner marked it critical (no active check of the members' own): not overridden".into(),
+        )),
         Action::MarkPassing => Ok(instance.clone()),
     }
 }
 
+/// At most this many actions per request: each is one Raft write, made in turn.
+pub const ACTIONS_MAX: usize = 1000;
+
 pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairRequest>) -> impl IntoResponse {
+    if req.actions.len() > ACTIONS_MAX {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(json!({"error": format!("{} actions; at most {ACTIONS_MAX} per request", req.actions.len())})),
+        );
+    }
+    if let Some(a) = req.actions.iter().find(|a| !a.key.starts_with(REGISTRY_PREFIX)) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("{:?} is not a registry instance key (under {REGISTRY_PREFIX})", a.key)})),
+        );
+    }
+    if req.actions.is_empty() {
+        return (StatusCode::OK, Json(json!({"term": s.member().status().term, "results": []})));
+    }
     let member = s.member();
     let status = member.status();
     if status.state != "leader" {
@@ -103,17 +131,26 @@ pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairReque
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": format!("cannot take over the brake: {e}")})));
     }
 
-    let prefix = REGISTRY_PREFIX.as_bytes().to_vec();
-    let all = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
-    let kvs = member.read(|store| store.range(&all).map(|r| r.kvs).unwrap_or_default());
-    let mut current = HashMap::new();
-    let mut zone_totals: BTreeMap<String, usize> = BTreeMap::new();
-    for kv in kvs {
-        if let Ok(i) = serde_json::from_slice::<Instance>(&kv.value) {
-            *zone_totals.entry(i.zone.clone()).or_default() += 1;
-            current.insert(String::from_utf8_lossy(&kv.key).into_owned(), (i, kv.mod_revision));
+    // The registry as the leader has it now, read and decoded off the runtime's workers.
+    let reader = member.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let prefix = REGISTRY_PREFIX.as_bytes().to_vec();
+        let all = RangeRequest { range_end: quorate_kv::prefix_end(&prefix), key: prefix, ..Default::default() };
+        let kvs = reader.read(|store| store.range(&all).map(|r| r.kvs).unwrap_or_default());
+        let mut current = HashMap::new();
+        let mut zone_totals: BTreeMap<String, usize> = BTreeMap::new();
+        for kv in kvs {
+            if let Ok(i) = serde_json::from_slice::<Instance>(&kv.value) {
+                *zone_totals.entry(i.zone.clone()).or_default() += 1;
+                current.insert(String::from_utf8_lossy(&kv.key).into_owned(), (i, kv.mod_revision));
+            }
         }
-    }
+        (current, zone_totals)
+    })
+    .await;
+    let Ok((current, zone_totals)) = read else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": "reading the registry failed"})));
+    };
 
     let mut results = Vec::new();
     let mut ready = Vec::new();
@@ -134,7 +171,7 @@ pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairReque
     let mut held: BTreeMap<String, String> = BTreeMap::new();
     for (zone, n) in &removals {
         let total = zone_totals.get(zone).copied().unwrap_or(*n);
-        match brake.with(term, |b| b.judge_check(zone, CheckChange::MarkCritical, *n, total, now)) {
+        match brake.with(term, |b| b.judge_repair(zone, *n, total, now)) {
             Some(Verdict::Evict) => {}
             Some(Verdict::Hold { reason }) => {
                 held.insert(zone.clone(), reason);
@@ -143,9 +180,6 @@ pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairReque
                 held.insert(zone.clone(), "leadership changed during the repair".into());
             }
         }
-    }
-    if !held.is_empty() {
-        brake.checkpoint(member, term).await;
     }
 
     for (a, instance) in ready {
@@ -167,10 +201,13 @@ pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairReque
         };
         let cmd = Command::TermFenced { term, cmd: Box::new(Command::Txn(txn)) };
         let (outcome, detail) = match member.write(cmd).await {
-            Ok(r) if matches!(r.result, Some(Ok(quorate_kv::CommandResponse::Txn(ref t))) if t.succeeded) => {
-                (Outcome::Done, String::new())
-            }
-            Ok(_) => (Outcome::Changed, "changed while the repair ran".into()),
+            Ok(r) => match r.result {
+                Some(Ok(quorate_kv::CommandResponse::Txn(t))) if t.succeeded => (Outcome::Done, String::new()),
+                Some(Ok(_)) => (Outcome::Changed, "changed while the repair ran".into()),
+                // A term-fenced write refused: leadership moved on since the repair began.
+                Some(Err(e)) => (Outcome::Failed, format!("refused: {e} (leadership changed? audit again)")),
+                None => (Outcome::Failed, "no answer from the state machine".into()),
+            },
             Err(e) => (Outcome::Failed, e.to_string()),
         };
         if outcome == Outcome::Done {
@@ -197,11 +234,18 @@ mod tests {
         i
     }
 
+    fn checked(mut i: Instance) -> Instance {
+        i.check = Some(serde_json::from_value(serde_json::json!({"http": "http://127.0.0.1:8080/health"})).unwrap());
+        i
+    }
+
     #[test]
     fn only_an_unchanged_instance_is_repaired_and_only_a_critical_one_re_marked() {
         let current: HashMap<String, (Instance, i64)> = [
             ("k-passing".to_string(), (instance(Health::Passing, false), 5)),
-            ("k-critical".to_string(), (instance(Health::Critical, false), 6)),
+            ("k-critical".to_string(), (checked(instance(Health::Critical, false)), 6)),
+            ("k-owner-down".to_string(), (instance(Health::Critical, false), 8)),
+            ("k-persistent".to_string(), (Instance { kind: Kind::Persistent, ..instance(Health::Passing, false) }, 9)),
             ("k-suspect".to_string(), (instance(Health::Passing, true), 7)),
         ]
         .into();
@@ -212,5 +256,7 @@ mod tests {
         assert!(precheck(&act("k-critical", 6, Action::MarkPassing), &current).is_ok());
         assert_eq!(precheck(&act("k-passing", 5, Action::MarkPassing), &current).unwrap_err().0, Outcome::Refused);
         assert_eq!(precheck(&act("k-suspect", 7, Action::MarkPassing), &current).unwrap_err().0, Outcome::Refused);
+        assert_eq!(precheck(&act("k-owner-down", 8, Action::MarkPassing), &current).unwrap_err().0, Outcome::Refused);
+        assert_eq!(precheck(&act("k-persistent", 9, Action::Deregister), &current).unwrap_err().0, Outcome::Refused);
     }
 }
