@@ -370,6 +370,11 @@ impl Metrics {
 
     /// Read what a scrape reads, then encode every metric in Prometheus text format.
     pub fn scrape(&self) -> Result<String, std::fmt::Error> {
+        // One scrape at a time (three listeners serve /metrics, and HA Prometheus pairs scrape
+        // together): the brake and held-instance families are cleared and refilled, and a scrape
+        // encoding in between would miss their series and reset alerts' `for:` timers.
+        static SCRAPING: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = SCRAPING.lock().unwrap_or_else(|e| e.into_inner());
         let st = self.member.status();
         self.term.set(st.term as i64);
         self.commit_index.set(st.commit_index as i64);
