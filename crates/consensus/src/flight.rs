@@ -145,8 +145,8 @@ pub enum Event {
         voter_term: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         voter_leader: Option<String>,
-        /// Requests to this peer that went unanswered since the last one recorded, and were not
-        /// recorded (`votes::UNANSWERED_RECORD_INTERVAL`).
+        /// Requests to this peer that went unanswered (or, for a refused one, were refused) since
+        /// the last one recorded, and were not recorded (`votes::UNANSWERED_RECORD_INTERVAL`).
         #[serde(default, skip_serializing_if = "is_zero")]
         unrecorded_before: u64,
     },
@@ -259,6 +259,9 @@ fn outcome_text(
             format!("no answer ({unrecorded_before} more unanswered since the last one recorded)")
         }
         (Outcome::Unreachable, _) => "no answer".to_string(),
+        (Outcome::Refused, Some(r)) if unrecorded_before > 0 => {
+            format!("refused: {} ({unrecorded_before} more refused since the last one recorded)", refusal_text(r))
+        }
         (Outcome::Refused, Some(r)) => format!("refused: {}", refusal_text(r)),
         (Outcome::Refused, None) => "refused".to_string(),
     };
@@ -464,6 +467,8 @@ struct Inner {
     vote_refused_term: AtomicU64,
     /// Per peer, which unanswered (pre-)votes to it are recorded.
     unanswered: Mutex<std::collections::BTreeMap<NodeId, crate::votes::Unanswered>>,
+    /// Per (peer, whether this member answered), which refused pre-votes are recorded.
+    refused_pre_votes: Mutex<std::collections::BTreeMap<(NodeId, bool), crate::votes::Unanswered>>,
     /// The member's name, until `Started` is recorded: in the term Raft restored, once the
     /// watcher first reads it, so that a restart sorts where it happened.
     start: Mutex<Option<String>>,
@@ -493,6 +498,7 @@ impl Recorder {
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
                 unanswered: Mutex::default(),
+                refused_pre_votes: Mutex::default(),
                 start: Mutex::default(),
                 dropped: Counter::default(),
             }),
@@ -528,6 +534,7 @@ impl Recorder {
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
                 unanswered: Mutex::default(),
+                refused_pre_votes: Mutex::default(),
                 start: Mutex::default(),
                 dropped: Counter::default(),
             }),
@@ -574,6 +581,14 @@ impl Recorder {
     /// recorded (`votes::UNANSWERED_RECORD_INTERVAL`).
     pub(crate) fn admit_unanswered(&self, to: NodeId, now: std::time::Instant) -> Option<u64> {
         self.inner.unanswered.lock().unwrap().entry(to).or_default().admit(now)
+    }
+
+    /// A refused pre-vote exchanged with `peer` at `now` (`answered`: this member refused it):
+    /// `Some(unrecorded before it)` if it is to be recorded. A partial partition makes a cut-off
+    /// member ask, and be refused, every election timeout for as long as it lasts: recording each
+    /// would push the start of the incident out of the ring.
+    pub(crate) fn admit_refused_pre_vote(&self, peer: NodeId, answered: bool, now: std::time::Instant) -> Option<u64> {
+        self.inner.refused_pre_votes.lock().unwrap().entry((peer, answered)).or_default().admit(now)
     }
 
     pub(crate) fn vote_refused_in(&self, term: u64) -> bool {
@@ -727,6 +742,30 @@ mod tests {
     }
 
     #[test]
+    fn refused_pre_votes_are_recorded_once_per_interval_per_peer_and_side() {
+        let r = Recorder::off(1);
+        let t0 = std::time::Instant::now();
+        let s = std::time::Duration::from_secs;
+        assert_eq!(r.admit_refused_pre_vote(2, false, t0), Some(0));
+        assert_eq!(r.admit_refused_pre_vote(2, false, t0 + s(1)), None);
+        assert_eq!(r.admit_refused_pre_vote(2, true, t0 + s(1)), Some(0), "the voter's side on its own");
+        assert_eq!(r.admit_refused_pre_vote(3, false, t0 + s(1)), Some(0), "another peer on its own");
+        assert_eq!(r.admit_refused_pre_vote(2, false, t0 + s(2)), None);
+        assert_eq!(r.admit_refused_pre_vote(2, false, t0 + s(10)), Some(2), "the two in between are counted");
+        let text = Event::PreVoteSent {
+            to: "m3".into(),
+            for_term: 3,
+            outcome: Outcome::Refused,
+            reason: Some(Refusal::LeaderAlive),
+            voter_term: Some(2),
+            voter_leader: None,
+            unrecorded_before: 2,
+        }
+        .text();
+        assert!(text.contains("2 more refused since the last one recorded"), "{text}");
+    }
+
+    #[test]
     fn a_full_queue_drops_and_counts_instead_of_waiting() {
         let (tx, _rx) = sync_channel::<Record>(1);
         let r = Recorder {
@@ -737,6 +776,7 @@ mod tests {
                 term: AtomicU64::new(0),
                 vote_refused_term: AtomicU64::new(0),
                 unanswered: Mutex::default(),
+                refused_pre_votes: Mutex::default(),
                 start: Mutex::default(),
                 dropped: Counter::default(),
             }),

@@ -97,13 +97,12 @@ pub(crate) fn record_sent(
     if !pre_vote && outcome == Outcome::Refused {
         metrics.flight.note_vote_refused(for_term);
     }
-    let unrecorded_before = match outcome {
-        Outcome::Unreachable => match metrics.flight.admit_unanswered(to, Instant::now()) {
-            Some(n) => n,
-            None => return,
-        },
-        _ => 0,
+    let admitted = match outcome {
+        Outcome::Unreachable => metrics.flight.admit_unanswered(to, Instant::now()),
+        Outcome::Refused if pre_vote => metrics.flight.admit_refused_pre_vote(to, false, Instant::now()),
+        _ => Some(0),
     };
+    let Some(unrecorded_before) = admitted else { return };
     // A pre-vote is asked from the current term for the next; a vote in the term it asks for.
     let term = if pre_vote { for_term.saturating_sub(1) } else { for_term };
     let to = hex(to);
@@ -130,6 +129,12 @@ pub(crate) fn record_answered(
     let granted = reason.is_none();
     if let (true, Some(r)) = (pre_vote, reason) {
         metrics.pre_votes_refused.get_or_create(&vec![("reason", r.label())]).inc();
+    }
+    if pre_vote
+        && !granted
+        && metrics.flight.admit_refused_pre_vote(req.vote.leader_id.node_id, true, Instant::now()).is_none()
+    {
+        return;
     }
     let event = match pre_vote {
         true => Event::PreVoteAnswered { from, for_term, granted, reason },
