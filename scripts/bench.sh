@@ -15,6 +15,8 @@
 #        BENCH_READER_NICE (1: the reading client runs at nice 19, as if on another host),
 #        BENCH_BIN (a quorate binary already built, for load generator and members alike; skips
 #        the build: to measure while the tree is being edited),
+#        BENCH_BASELINE_BIN (a quorate binary run in etcd's place, on etcd's ports: the
+#        "etcd" columns are then that build, for a same-run before/after of a change),
 #        BENCH_SERVER_BIN (the quorate binary the members run, default the one built here: to
 #        measure an older build with today's load generator)
 set -euo pipefail
@@ -48,6 +50,8 @@ start_cluster() { # flavor
       --listen-peer-urls http://127.0.0.1:$p${i}380 --initial-advertise-peer-urls http://127.0.0.1:$p${i}380)
     if [ "$flavor" = quorate ]; then
       "$SERVER_BIN" server "${common[@]}" --listen-http 127.0.0.1:$p${i}500 >"$OUT/$flavor-m$i.log" 2>&1 &
+    elif [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+      "$BENCH_BASELINE_BIN" server "${common[@]}" --listen-http 127.0.0.1:$p${i}500 >"$OUT/$flavor-m$i.log" 2>&1 &
     else
       etcd "${common[@]}" >"$OUT/$flavor-m$i.log" 2>&1 &
     fi
@@ -114,6 +118,9 @@ if [ -n "$READERS" ]; then
   done
 fi
 
+if [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+  echo "BASELINE: the 'etcd' columns below are quorate built as $BENCH_BASELINE_BIN, not etcd"
+fi
 python3 - "$OUT" "$ROUNDS" "$OPS" "$READERS" <<'PY'
 import json, statistics, sys
 out, rounds, ops = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()

@@ -160,8 +160,16 @@ async fn a_zone_going_quiet_is_held_not_evicted() {
     let held = silenced_at.elapsed();
     eprintln!("the brake released and evicted the rest {held:?} after they went silent");
     assert!(held >= Duration::from_secs(MAX_HOLD_S), "released too early");
-    assert!(c.log(leader).contains("eviction brake released"));
-    assert!(metric(&c.nodes[leader], "quorate_registry_evictions_total").unwrap() >= 8.0);
+    // The member that leads when the hold runs out releases it and evicts: the one that engaged
+    // it, unless leadership moved meanwhile (a loaded CI machine can cause an election; the new
+    // leader restores the hold from the replicated state and its maximum counts from then).
+    let released: Vec<usize> = (0..c.nodes.len()).filter(|i| c.log(*i).contains("eviction brake released")).collect();
+    assert!(!released.is_empty(), "no member logged the brake's release");
+    if !released.contains(&leader) {
+        eprintln!("leadership moved during the hold: released by {released:?}, engaged by {leader}");
+    }
+    let evicted: f64 = c.nodes.iter().map(|n| metric(n, "quorate_registry_evictions_total").unwrap_or(0.0)).sum();
+    assert!(evicted >= 8.0, "evictions counted across the members: {evicted}");
 
     stop.store(true, Ordering::Relaxed);
     for b in beats {
