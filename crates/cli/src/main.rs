@@ -44,7 +44,8 @@ enum Command {
     /// The drill's peer-link proxy (the drill starts it in each member's namespace).
     #[command(hide = true)]
     DrillProxy(DrillProxyArgs),
-    /// The operator's commands (etcdctl's global flags): status, doctor, timeline. See docs/ctl.md.
+    /// The operator's commands (etcdctl's global flags): status, doctor, timeline, audit, verify.
+    /// See docs/ctl.md.
     Ctl(CtlArgs),
 }
 
@@ -131,9 +132,10 @@ struct AuditArgs {
     /// Instances probed at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     concurrency: u64,
-    /// Plan the repairs: deregister ghosts, mark zombies their check marked critical passing.
-    /// A dry run unless --yes is given too; then the leader carries them out through the
-    /// registry's rules (term-fenced, only if unchanged since the audit, and through the
+    /// Plan the repairs: deregister ephemeral ghosts, mark passing the zombies the members' own
+    /// active check marked critical (never an instance its owner took out, never a persistent
+    /// one). A dry run unless --yes is given too; then the leader carries them out through the
+    /// registry's rules (term-fenced, only if unchanged since the audit, and judged against the
     /// eviction brake: a zone whose removals would be a storm is left alone, and says so).
     #[arg(long)]
     repair: bool,
