@@ -17,6 +17,9 @@ use serde_json::Value;
 const OK: u8 = 0;
 const FAIL: u8 = 1;
 const ALTERNATE: u8 = 2;
+/// 500 to 127.0.0.1 (where ctl probes from), 200 to anyone else (the members, which probe
+/// from 127.0.1.<n>): dead from the operator's host, alive from the cluster's side.
+const FAILS_FOR_CTL_ONLY: u8 = 3;
 
 /// An endpoint an instance "is": 200, 500, or each in turn, as `mode` says.
 fn serve(mode: Arc<AtomicU8>) -> u16 {
@@ -29,9 +32,11 @@ fn serve(mode: Arc<AtomicU8>) -> u16 {
             let mut buf = [0u8; 1024];
             let _ = conn.read(&mut buf);
             let n = served.fetch_add(1, Ordering::SeqCst);
+            let from_ctl = conn.peer_addr().is_ok_and(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST);
             let ok = match mode.load(Ordering::SeqCst) {
                 OK => true,
                 FAIL => false,
+                FAILS_FOR_CTL_ONLY => !from_ctl,
                 _ => n.is_multiple_of(2),
             };
             let code = if ok { "200 OK" } else { "500 Internal Server Error" };
@@ -153,7 +158,7 @@ fn instance_ids(c: &Cluster, svc: &str) -> Vec<String> {
 
 #[test]
 fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
-    let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    let c = Cluster::start_with(Flavor::Quorate, 3, &["--probe-source-ip", "127.0.1.{n}"]).expect("cluster");
     let alive = serve(Arc::new(AtomicU8::new(OK)));
     let zombie_mode = Arc::new(AtomicU8::new(FAIL));
     let zombie = serve(zombie_mode.clone());
@@ -165,6 +170,8 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
         register(&c, "web", &format!("a-alive-{n}"), &in_zone("a", alive));
     }
     register(&c, "web", "a-ghost", &in_zone("a", closed_port()));
+    // Dead from here, alive from the members: the leader's own probe keeps it.
+    register(&c, "web", "a-split", &in_zone("a", serve(Arc::new(AtomicU8::new(FAILS_FOR_CTL_ONLY)))));
     // Persistent: lives until its owner deregisters it; a repair never removes it.
     let persistent = closed_port();
     register(
@@ -193,13 +200,13 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
     }
     zombie_mode.store(OK, Ordering::SeqCst);
     let before = instance_ids(&c, "web");
-    assert_eq!(before.len(), 13, "{before:?}");
+    assert_eq!(before.len(), 14, "{before:?}");
 
     // A dry run plans and changes nothing.
     let (code, report) = audit_repair(&c, &[]);
     assert_eq!(code, 1, "{report:#}");
     let planned = report["repair"]["planned"].as_array().unwrap();
-    assert_eq!(planned.iter().filter(|p| p["action"] == "deregister").count(), 5, "{report:#}");
+    assert_eq!(planned.iter().filter(|p| p["action"] == "deregister").count(), 6, "{report:#}");
     assert_eq!(planned.iter().filter(|p| p["action"] == "mark-passing").count(), 1, "{report:#}");
     assert!(report["repair"]["applied"].is_null(), "{report:#}");
     let skipped = report["repair"]["skipped"].to_string();
@@ -215,6 +222,7 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
         r.unwrap_or_else(|| panic!("{key_end}: {report:#}"))["outcome"].as_str().unwrap().to_string()
     };
     assert_eq!(outcome("/a-ghost"), "done");
+    assert_eq!(outcome("/a-split"), "refused", "the leader reaches it: {report:#}");
     assert_eq!(outcome("/a-zombie"), "done");
     for n in 0..4 {
         assert_eq!(outcome(&format!("/b-dead-{n}")), "held", "{report:#}");
@@ -226,6 +234,7 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
     let after = instance_ids(&c, "web");
     assert!(!after.contains(&"a-ghost".to_string()), "{after:?}");
     assert!(after.contains(&"a-persistent".to_string()), "a persistent instance is never repaired away: {after:?}");
+    assert!(after.contains(&"a-split".to_string()), "an instance the leader reaches is kept: {after:?}");
     assert!((0..4).all(|n| after.contains(&format!("b-dead-{n}"))), "the brake kept zone b: {after:?}");
     let z = http(&c.nodes[1], "GET", "/api/v1/ns/default/services/web/instances/a-zombie", None).unwrap().json();
     assert_eq!(z["health"], "passing", "{z:#}");
@@ -245,5 +254,5 @@ fn audit_repair_deregisters_ghosts_and_remarks_zombies_through_the_brake() {
     // What is left: zone b's ghosts and the persistent one.
     let (_, report) = audit(&c, &[]);
     assert_eq!(verdict_of(&report, "a-zombie"), "agrees");
-    assert_eq!(report["ghosts"].as_u64(), Some(5), "{report:#}");
+    assert_eq!(report["ghosts"].as_u64(), Some(6), "{report:#}");
 }

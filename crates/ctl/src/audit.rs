@@ -251,7 +251,8 @@ async fn http_post(addr: &str, path: &str, body: &str, limit: Duration) -> anyho
 }
 
 /// Send the plan to the leader, which carries it out through the registry's rules.
-pub async fn apply_repairs(opts: &Options, plan: &mut RepairReport) -> anyhow::Result<()> {
+/// `health_path` is the audit's, so that the leader confirms each ghost with the same probe.
+pub async fn apply_repairs(opts: &Options, plan: &mut RepairReport, health_path: Option<&str>) -> anyhow::Result<()> {
     if plan.planned.is_empty() {
         plan.applied = Some(serde_json::json!({"results": []}));
         return Ok(());
@@ -268,7 +269,7 @@ pub async fn apply_repairs(opts: &Options, plan: &mut RepairReport) -> anyhow::R
         .iter()
         .map(|p| serde_json::json!({"key": p.key, "mod_revision": p.mod_revision, "action": p.action}))
         .collect();
-    let body = serde_json::json!({ "actions": actions }).to_string();
+    let body = serde_json::json!({ "actions": actions, "health_path": health_path }).to_string();
     let (code, reply) = http_post(&addr, "/v1/registry/repair", &body, opts.command_timeout * 4).await?;
     let reply: serde_json::Value = serde_json::from_str(&reply)
         .map_err(|e| anyhow::anyhow!("leader {} answered {code}: {e}: {reply}", leader.name))?;

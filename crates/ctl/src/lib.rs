@@ -49,7 +49,7 @@ pub async fn audit(opts: &Options, a: &audit::AuditOptions, repair: bool, yes: b
     if repair {
         let mut plan = audit::plan_repairs(&report);
         if yes {
-            audit::apply_repairs(opts, &mut plan).await?;
+            audit::apply_repairs(opts, &mut plan, a.health_path.as_deref()).await?;
             code = if plan.complete() { 0 } else { 1 };
         }
         report.repair = Some(plan);

@@ -17,6 +17,7 @@ pub struct HttpState {
     metrics: Arc<crate::metrics::Metrics>,
     failpoints: bool,
     brake: Arc<crate::brake_state::SharedBrake>,
+    probe_source: Option<std::net::IpAddr>,
 }
 
 impl HttpState {
@@ -31,7 +32,17 @@ impl HttpState {
         failpoints: bool,
         brake: Arc<crate::brake_state::SharedBrake>,
     ) -> Self {
-        HttpState { member, cluster_id, metrics, failpoints, brake }
+        HttpState { member, cluster_id, metrics, failpoints, brake, probe_source: None }
+    }
+
+    /// Probes this member makes for the HTTP API (a repair's confirmation) leave from here.
+    pub fn with_probe_source(mut self, ip: Option<std::net::IpAddr>) -> Self {
+        self.probe_source = ip;
+        self
+    }
+
+    pub fn probe_source(&self) -> Option<std::net::IpAddr> {
+        self.probe_source
     }
 
     /// The eviction brake the leader's registry workers share (repairs go through it).

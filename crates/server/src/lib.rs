@@ -173,8 +173,10 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     tokio::spawn(prober::run(member.clone(), cfg.probe_source_ip, brake.clone(), checks, registry_counts.clone()));
     tokio::spawn(reaper::run(member.clone(), brake.clone(), reaper_stats, registry_counts));
 
-    let http_state =
-        Arc::new(http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints, brake));
+    let http_state = Arc::new(
+        http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints, brake)
+            .with_probe_source(cfg.probe_source_ip),
+    );
     let http_task = tokio::spawn(http::serve(listeners.http, http_state, profiling));
     info!("member ready to serve clients");
 

@@ -37,6 +37,32 @@ pub struct RepairAction {
 #[derive(Debug, Deserialize)]
 pub struct RepairRequest {
     pub actions: Vec<RepairAction>,
+    /// The audit's `--health-path`: the leader probes an instance without a check there too.
+    #[serde(default)]
+    pub health_path: Option<String>,
+}
+
+/// A health path fit for a request line: absolute, short, visible ASCII without spaces.
+fn valid_health_path(p: &str) -> bool {
+    p.starts_with('/') && p.len() <= 256 && p.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// What the leader probes to confirm a ghost before deregistering it: the instance's own check,
+/// else `health_path` over HTTP on its address, else a TCP connect. Built from the registered
+/// instance only, never from what the request names (no probing of arbitrary addresses).
+pub fn confirm_spec(i: &Instance, health_path: Option<&str>) -> quorate_registry::CheckSpec {
+    let host = if i.address.contains(':') { format!("[{}]", i.address) } else { i.address.clone() };
+    let mut spec = i.check.clone().unwrap_or_else(|| quorate_registry::CheckSpec {
+        http: health_path.map(|p| format!("http://{host}:{}{p}", i.port)),
+        tcp: health_path.is_none().then(|| format!("{host}:{}", i.port)),
+        interval_s: 10,
+        timeout_s: 2,
+        failures_before_critical: 1,
+        successes_before_passing: 1,
+        deregister_critical_after_s: None,
+    });
+    spec.timeout_s = spec.timeout_s.clamp(1, 5);
+    spec
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -113,6 +139,14 @@ pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairReque
             Json(json!({"error": format!("{:?} is not a registry instance key (under {REGISTRY_PREFIX})", a.key)})),
         );
     }
+    if let Some(p) = req.health_path.as_deref().filter(|p| !valid_health_path(p)) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": format!("health_path {p:?}: an absolute path of at most 256 visible ASCII characters")}),
+            ),
+        );
+    }
     if req.actions.is_empty() {
         return (StatusCode::OK, Json(json!({"term": s.member().status().term, "results": []})));
     }
@@ -160,6 +194,39 @@ pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairReque
             Err((outcome, detail)) => results.push(RepairResult { key: a.key, action: a.action, outcome, detail }),
         }
     }
+    // One outside vantage point is not enough to remove an instance: the leader probes each
+    // ghost itself (from its --probe-source-ip), and one that answers it is kept.
+    let source = s.probe_source();
+    let confirms = ready.iter().map(|(a, i)| {
+        let spec = (a.action == Action::Deregister).then(|| confirm_spec(i, req.health_path.as_deref()));
+        async move {
+            match spec {
+                Some(spec) => Some((crate::prober::probe(&spec, source).await, spec)),
+                None => None,
+            }
+        }
+    });
+    let confirmed = futures::future::join_all(confirms).await;
+    let mut still = Vec::new();
+    for ((a, i), c) in ready.into_iter().zip(confirmed) {
+        match c {
+            Some((health, spec)) if health != Health::Critical => {
+                let target = spec.http.or(spec.tcp.map(|t| format!("tcp://{t}"))).unwrap_or_default();
+                results.push(RepairResult {
+                    key: a.key,
+                    action: a.action,
+                    outcome: Outcome::Refused,
+                    detail: format!(
+                        "the leader reaches it ({target} answers {health:?}): not dead from the cluster's side"
+                    )
+                    .replace("Passing", "passing")
+                    .replace("Warning", "warning"),
+                });
+            }
+            _ => still.push((a, i)),
+        }
+    }
+    let ready = still;
     // The brake judges each zone's removals together: a storm is refused whole.
     let mut removals: BTreeMap<String, usize> = BTreeMap::new();
     for (a, i) in &ready {
@@ -237,6 +304,21 @@ mod tests {
     fn checked(mut i: Instance) -> Instance {
         i.check = Some(serde_json::from_value(serde_json::json!({"http": "http://127.0.0.1:8080/health"})).unwrap());
         i
+    }
+
+    #[test]
+    fn the_leader_confirms_with_the_instances_own_check_or_its_address_never_a_requested_url() {
+        let i = instance(Health::Passing, false);
+        let tcp = confirm_spec(&i, None);
+        assert_eq!((tcp.tcp.as_deref(), tcp.http.as_deref()), (Some("127.0.0.1:8080"), None));
+        let http = confirm_spec(&i, Some("/health"));
+        assert_eq!(http.http.as_deref(), Some("http://127.0.0.1:8080/health"));
+        let own = confirm_spec(&checked(Instance { ..i.clone() }), Some("/other"));
+        assert_eq!(own.http.as_deref(), Some("http://127.0.0.1:8080/health"), "its own check wins");
+        assert!(valid_health_path("/health") && valid_health_path("/a/b?c=d"));
+        for bad in ["health", "/a b", "/a\r\nX-Injected: 1", &format!("/{}", "a".repeat(300))] {
+            assert!(!valid_health_path(bad), "{bad:?}");
+        }
     }
 
     #[test]
