@@ -290,6 +290,7 @@ impl Member {
         tokio::spawn(member.clone().promote_caught_up());
         tokio::spawn(observe::watch(raft.clone(), member.id(), member.metrics().clone()));
         tokio::spawn(member.clone().probe_peers());
+        tokio::spawn(member.clone().track_freshness());
         let service =
             PeerService { id: member.id(), raft, forward: Arc::new(member.clone()), metrics: member.metrics().clone() };
         Ok((member, service))
@@ -359,6 +360,8 @@ impl Member {
                 continue;
             };
             *self.inner.last_leader_contact.lock().unwrap() = Some(asked_at);
+            // A new contact is news for freshness too (`track_freshness` sees Raft's changes).
+            let _ = self.staleness_ms();
             // Counted from when the answer arrived, after the leader read its clock: the copy
             // stays an upper bound on the leader's deadline. Only for the decisions we hold: a
             // table read before a renewal we already applied would shorten its promise.
@@ -881,6 +884,17 @@ impl Member {
         let now = tokio::time::Instant::now();
         let fresh = fresh_as_of(member, contact_age.and_then(|age| now.checked_sub(age)), caught_up);
         fresh.map(|t| now.saturating_duration_since(t).as_millis() as u64)
+    }
+
+    /// Record, at every change of Raft's metrics (each commit, apply and leader contact), whether
+    /// this member's data is as new as the leader's commit (`fresh_as_of`). Freshness recorded
+    /// only when a stale read asked for it left a member that was behind at every such read, but
+    /// caught up in between, answering "unknown" (t81 saw it under a slow follower's fsyncs).
+    async fn track_freshness(self) {
+        let mut metrics = self.inner.raft.metrics();
+        while metrics.changed().await.is_ok() {
+            let _ = self.staleness_ms();
+        }
     }
 
     /// The current Raft term, cheaply (every response header carries it).
