@@ -4,23 +4,30 @@
 //! an HTTP/1 request only ever reaches the small HTTP/1 router, whose fallback is a JSON 404.
 //! tonic would otherwise serve every gRPC method over HTTP/1.1 to whoever framed one (a Put
 //! included), past everything that assumes gRPC arrives over HTTP/2.
+//!
+//! It is also where a member that knows it has been removed refuses every gRPC request with
+//! etcd's `UNAVAILABLE` ("etcdserver: the member has been permanently removed from the
+//! cluster"), so that a client with other endpoints moves on to them (`crate::removed_gate`
+//! does the same for the HTTP APIs).
 
 use std::task::{Context, Poll};
 
 use axum::response::IntoResponse;
 use http::{Request, Response, StatusCode, Version};
+use quorate_consensus::{ConsensusError, Member};
 use tower::ServiceExt;
 
 /// Wraps the gRPC service of a client port; `http1` answers every request not made over HTTP/2.
 #[derive(Clone)]
 pub struct Http1SplitLayer {
     http1: axum::Router,
+    member: Member,
 }
 
 impl Http1SplitLayer {
-    /// `http1`'s routes and, for any other path, a JSON 404.
-    pub fn new(http1: axum::Router) -> Self {
-        Http1SplitLayer { http1: http1.fallback(not_found) }
+    /// `http1`'s routes and, for any other path, a JSON 404; gRPC refused once `member` is removed.
+    pub fn new(http1: axum::Router, member: Member) -> Self {
+        Http1SplitLayer { http1: http1.fallback(not_found), member }
     }
 }
 
@@ -35,13 +42,14 @@ async fn not_found(uri: http::Uri) -> impl IntoResponse {
 impl<S> tower::Layer<S> for Http1SplitLayer {
     type Service = Http1Split<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Http1Split { http1: self.http1.clone(), inner }
+        Http1Split { http1: self.http1.clone(), member: self.member.clone(), inner }
     }
 }
 
 #[derive(Clone)]
 pub struct Http1Split<S> {
     http1: axum::Router,
+    member: Member,
     inner: S,
 }
 
@@ -73,6 +81,10 @@ where
                 };
                 Ok(resp.map(tonic::body::Body::new))
             });
+        }
+        if self.member.is_removed() {
+            let status = quorate_api_grpc::consensus_status(ConsensusError::Removed);
+            return Box::pin(futures::future::ready(Ok(status.into_http())));
         }
         let fut = self.inner.call(req);
         Box::pin(async move { Ok(fut.await?.map(tonic::body::Body::new)) })

@@ -150,9 +150,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         let http1 = metrics::router(metrics.clone()).merge(pprof::router(profiling.clone()));
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
-            .layer(client_port::Http1SplitLayer::new(http1))
+            .layer(client_port::Http1SplitLayer::new(http1, member.clone()))
             .layer(metrics.grpc.layer())
-            .layer(removed_gate::RemovedGateLayer(member.clone()))
             .add_routes(routes);
         client_tasks.push(tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))));
     }
