@@ -620,3 +620,74 @@ pub fn drill_namespaces_left(tag: u32) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// How long one `quorate ctl` run may take: its own timeouts (dial 2s, command 5s) bound it well
+/// below.
+pub const CTL_RUN_MAX: Duration = Duration::from_secs(30);
+/// How long a situation may take to show in the doctor's verdict.
+pub const DOCTOR_SETTLE_MAX: Duration = Duration::from_secs(30);
+
+/// What one `quorate ctl` run printed, and its exit code.
+pub struct CtlRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlRun {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+/// `quorate ctl --endpoints <endpoints> <args>` as an operator runs it, killed if it outlives
+/// `CTL_RUN_MAX`.
+pub fn ctl(endpoints: &str, args: &[&str]) -> CtlRun {
+    let mut child = Command::new(quorate_bin())
+        .args(["ctl", "--endpoints", endpoints])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn quorate ctl");
+    let deadline = Instant::now() + CTL_RUN_MAX;
+    while child.try_wait().expect("wait for ctl").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("quorate ctl {args:?} did not finish within {CTL_RUN_MAX:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("ctl output");
+    CtlRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `ctl doctor -w json` until `done` accepts its report, or panics with the last one.
+pub fn doctor_until(
+    endpoints: &str,
+    what: &str,
+    done: impl Fn(&CtlRun, &serde_json::Value) -> bool,
+) -> (CtlRun, serde_json::Value) {
+    let deadline = Instant::now() + DOCTOR_SETTLE_MAX;
+    loop {
+        let run = ctl(endpoints, &["doctor", "-w", "json"]);
+        let report = run.json();
+        if done(&run, &report) {
+            return (run, report);
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: not seen within {DOCTOR_SETTLE_MAX:?}; last exit {}: {report:#}\n{}", run.code, run.stderr);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The doctor's findings with `code`.
+pub fn findings<'a>(report: &'a serde_json::Value, code: &str) -> Vec<&'a serde_json::Value> {
+    report["findings"].as_array().unwrap().iter().filter(|f| f["code"] == code).collect()
+}

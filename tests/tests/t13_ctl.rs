@@ -3,78 +3,11 @@
 //! a fresh cluster, a member killed with SIGKILL, two of three killed, a member's disk slowed
 //! with the fsync failpoint, and the backend quota filled.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
-use quorate_tests::{http, quorate_bin, Cluster, Flavor};
+use quorate_tests::{ctl, doctor_until, findings, http, Cluster, Flavor};
 use serde_json::Value;
-
-/// How long one ctl run may take: its own timeouts (dial 2s, command 5s) bound it well below.
-const CTL_RUN_MAX: Duration = Duration::from_secs(30);
-/// How long a situation may take to show in the doctor's verdict.
-const SETTLE_MAX: Duration = Duration::from_secs(30);
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
-    }
-}
-
-/// `quorate ctl --endpoints <endpoints> <args>`, killed if it outlives `CTL_RUN_MAX`.
-fn ctl(endpoints: &str, args: &[&str]) -> Run {
-    let mut child = Command::new(quorate_bin())
-        .args(["ctl", "--endpoints", endpoints])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn quorate ctl");
-    let deadline = Instant::now() + CTL_RUN_MAX;
-    loop {
-        if child.try_wait().expect("wait for ctl").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("quorate ctl {args:?} did not finish within {CTL_RUN_MAX:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("ctl output");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Runs `doctor -w json` until `done` accepts its report, or panics with the last one.
-fn doctor_until(endpoints: &str, what: &str, done: impl Fn(&Run, &Value) -> bool) -> (Run, Value) {
-    let deadline = Instant::now() + SETTLE_MAX;
-    loop {
-        let run = ctl(endpoints, &["doctor", "-w", "json"]);
-        let report = run.json();
-        if done(&run, &report) {
-            return (run, report);
-        }
-        if Instant::now() > deadline {
-            panic!("{what}: not seen within {SETTLE_MAX:?}; last exit {}: {report:#}\n{}", run.code, run.stderr);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn findings<'a>(report: &'a Value, code: &str) -> Vec<&'a Value> {
-    report["findings"].as_array().unwrap().iter().filter(|f| f["code"] == code).collect()
-}
 
 fn names(f: &Value) -> Vec<String> {
     f["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect()

@@ -16,31 +16,11 @@ use quorate_drill::net::Net;
 use quorate_tests::{etcdctl, http_at, quorate_bin, Cluster, Flavor};
 use serde_json::Value;
 
-/// How long one ctl run may take: its own timeouts (dial 2s, command 5s) bound it well below.
-const CTL_RUN_MAX: Duration = Duration::from_secs(30);
-
-/// `quorate ctl --endpoints <endpoints> <args>`: (exit code, stdout), killed if it outlives
-/// `CTL_RUN_MAX`.
+/// `quorate ctl --endpoints <endpoints> <args>`: (exit code, stdout); stderr only on failure.
 fn ctl(endpoints: &str, args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(quorate_bin())
-        .args(["ctl", "--endpoints", endpoints])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn quorate ctl");
-    let deadline = Instant::now() + CTL_RUN_MAX;
-    while child.try_wait().expect("wait for ctl").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("quorate ctl {args:?} did not finish within {CTL_RUN_MAX:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("ctl output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.is_empty() || out.status.success(), "ctl {args:?}: {stderr}");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    let run = quorate_tests::ctl(endpoints, args);
+    assert!(run.stderr.is_empty() || run.code == 0, "ctl {args:?}: {}", run.stderr);
+    (run.code, run.stdout)
 }
 
 fn timeline_json(endpoints: &str, extra: &[&str]) -> Value {
