@@ -202,7 +202,13 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         let st = self.ctx.member.status();
         let size = db_size(&self.ctx);
         let (in_use, alarms) = self.ctx.member.read(|s| (s.bytes_in_use() as i64, s.alarms()));
-        let errors = alarms.iter().map(|(m, a)| format!("memberID:{} alarm:{}", m, alarm_name(*a))).collect();
+        let mut errors: Vec<String> =
+            alarms.iter().map(|(m, a)| format!("memberID:{} alarm:{}", m, alarm_name(*a))).collect();
+        // Status is the one RPC an isolated member answers (so that `etcdctl endpoint status`
+        // and `quorate ctl status` show why it refuses everything else).
+        if let Some(isolation) = self.ctx.member.isolation() {
+            errors.push(isolation.describe());
+        }
         let mut resp = Response::new(pb::StatusResponse {
             header: Some(self.ctx.header()),
             version: ETCD_API_VERSION.into(),

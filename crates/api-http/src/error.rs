@@ -49,6 +49,7 @@ impl From<ConsensusError> for ApiError {
             ConsensusError::Learner => (StatusCode::SERVICE_UNAVAILABLE, "learner"),
             ConsensusError::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "stopped"),
             ConsensusError::Removed => (StatusCode::SERVICE_UNAVAILABLE, "removed"),
+            ConsensusError::Isolated(_) => (StatusCode::SERVICE_UNAVAILABLE, "isolated"),
             _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, e.to_string())

@@ -44,7 +44,8 @@ enum Command {
     /// The drill's peer-link proxy (the drill starts it in each member's namespace).
     #[command(hide = true)]
     DrillProxy(DrillProxyArgs),
-    /// The operator's commands (etcdctl's global flags): status, doctor, timeline, audit, verify.
+    /// The operator's commands (etcdctl's global flags): status, doctor, timeline, audit, verify,
+    /// isolate, unisolate.
     /// See docs/ctl.md.
     Ctl(CtlArgs),
 }
@@ -105,6 +106,23 @@ enum CtlCommand {
         /// Clients of the write load.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
         load_clients: u64,
+    },
+    /// Take a member out of service (recorded through Raft): it serves no client request (each
+    /// is refused naming the isolation), and the leader demotes it to a learner that keeps
+    /// replicating. Refused when the other voters would be left without a healthy quorum, or
+    /// when it is the last voter. Exit 0 when recorded, 1 when refused.
+    Isolate {
+        /// The member's name or hex id.
+        member: String,
+        /// Why (shown to every client it refuses, in status and in the timeline).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Put an isolated member back in service: it serves clients again, and the leader promotes
+    /// it back to a voter once it has caught up.
+    Unisolate {
+        /// The member's name or hex id.
+        member: String,
     },
 }
 
@@ -605,6 +623,10 @@ fn run() -> anyhow::Result<()> {
                 };
                 let code = match args.command {
                     CtlCommand::Status => quorate_ctl::status(&opts).await?,
+                    CtlCommand::Isolate { member, reason } => {
+                        quorate_ctl::isolate::isolate(&opts, &member, &reason).await
+                    }
+                    CtlCommand::Unisolate { member } => quorate_ctl::isolate::unisolate(&opts, &member).await,
                     CtlCommand::Doctor => quorate_ctl::doctor(&opts).await?,
                     CtlCommand::Timeline { since, member } => {
                         let t = quorate_ctl::timeline::TimelineOptions { since, member };

@@ -49,4 +49,8 @@ pub enum ConsensusError {
     /// nothing more and exits.
     #[error("the member has been permanently removed from the cluster")]
     Removed,
+    /// An operator isolated this member (`quorate ctl isolate`): it serves no client request.
+    /// The text says since when, by whom and why.
+    #[error("{0}")]
+    Isolated(String),
 }

@@ -44,6 +44,20 @@ pub(crate) fn diverge_put(cmd: &Command) -> Option<Command> {
     Some(Command::Put(p))
 }
 
+/// DRILL ONLY: while set, this member's leader loop does not act on isolation records (no
+/// hand-over, no demotion), so that a test can kill a leader between an isolation's commit and
+/// its demotion and see the next leader finish it. In memory only.
+static HOLD_ISOLATION: AtomicBool = AtomicBool::new(false);
+
+pub fn hold_isolation(hold: bool) {
+    tracing::warn!(hold, "DRILL ONLY: failpoint: isolation reconciler held");
+    HOLD_ISOLATION.store(hold, Ordering::Release);
+}
+
+pub(crate) fn isolation_held() -> bool {
+    HOLD_ISOLATION.load(Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

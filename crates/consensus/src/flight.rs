@@ -240,6 +240,19 @@ pub enum Event {
         zone: String,
         why: String,
     },
+    /// An operator's isolation of a member was applied here (`quorate ctl isolate`).
+    Isolated {
+        /// The isolated member (hex id); the record's own `member` is the leader that committed it.
+        target: String,
+        reason: String,
+        by: String,
+        log_index: u64,
+    },
+    /// A member's isolation was lifted (`quorate ctl unisolate`).
+    Unisolated {
+        target: String,
+        log_index: u64,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -338,6 +351,10 @@ impl Event {
             Event::Alarm { alarm, raised: false, detail } => format!("alarm {alarm} disarmed: {detail}"),
             Event::BrakeEngaged { zone, reason } => format!("eviction brake engaged in zone {zone}: {reason}"),
             Event::BrakeReleased { zone, why } => format!("eviction brake released in zone {zone}: {why}"),
+            Event::Isolated { target, reason, by, log_index } => {
+                format!("member {target} isolated by {by}: {reason} (log index {log_index})")
+            }
+            Event::Unisolated { target, log_index } => format!("member {target} unisolated (log index {log_index})"),
         }
     }
 }

@@ -11,6 +11,7 @@ mod diagnostics;
 mod error;
 pub mod failpoint;
 pub mod flight;
+pub mod isolation;
 mod lease;
 mod log_store;
 mod membership;
@@ -40,6 +41,7 @@ use tracing::{info, warn};
 
 pub use error::ConsensusError;
 pub use flight::{Event as FlightEvent, Record as FlightRecord, Recorder as FlightRecorder};
+pub use isolation::Isolation;
 pub use lease::core::ANSWER_WINDOW as LEASE_ANSWER_WINDOW;
 pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
@@ -928,18 +930,20 @@ impl Member {
         let m = self.inner.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let published = self.inner.shared.members.read().unwrap();
+        let isolated = self.inner.shared.isolated.read().unwrap();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         membership
             .nodes()
             .map(|(id, node)| {
-                // A member added as a voter shows as one while it catches up as a learner.
+                // A member added as a voter shows as one while it catches up as a learner; an
+                // isolated one shows as the learner it is (or is about to be).
                 let p = published.get(id);
                 MemberInfo {
                     id: *id,
                     name: p.map(|p| p.name.clone()).unwrap_or_else(|| node.name.clone()),
                     peer_urls: vec![node.peer_url.clone()],
                     client_urls: p.map(|p| p.client_urls.clone()).unwrap_or_default(),
-                    is_learner: !voters.contains(id) && !node.promote,
+                    is_learner: !voters.contains(id) && (!node.promote || isolated.contains_key(id)),
                 }
             })
             .collect()

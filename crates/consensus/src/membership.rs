@@ -27,6 +27,8 @@ pub(crate) enum Change {
     Remove(NodeId),
     Update { id: NodeId, peer_url: String },
     Promote(NodeId),
+    Isolate { id: NodeId, isolation: crate::isolation::Isolation },
+    Unisolate(NodeId),
 }
 
 fn check_peer_url(url: &str) -> Result<(), ConsensusError> {
@@ -69,7 +71,7 @@ impl Member {
     /// Run a change at the leader, forwarding it there if needed. Changes go one at a time
     /// (joint consensus); one that arrives while another, such as a learner's promotion, is
     /// still in flight waits for it (up to 5 s), as etcd queues them through its log.
-    async fn change(&self, change: Change) -> Result<Option<NodeId>, ConsensusError> {
+    pub(crate) async fn change(&self, change: Change) -> Result<Option<NodeId>, ConsensusError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             match self.change_once(change.clone()).await {
@@ -176,12 +178,19 @@ impl Member {
                 if voters.contains(&id) {
                     return Err(ConsensusError::MemberNotLearner);
                 }
+                if self.isolated_members().contains_key(&id) {
+                    return Err(ConsensusError::Membership(format!(
+                        "member {id:x} is isolated: `quorate ctl unisolate` it, and it is promoted once caught up"
+                    )));
+                }
                 if !learner_ready(matched[&id], commit) {
                     return Err(ConsensusError::LearnerNotReady);
                 }
                 info!(member = %format!("{id:x}"), "promoting learner");
                 raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true).await.map_err(change_err)
             }
+            Change::Isolate { id, isolation } => return self.propose_isolation(&m, id, isolation).await.map(|()| None),
+            Change::Unisolate(id) => return self.propose_unisolation(&m, id).await.map(|()| None),
         };
         result.map(|_| None)
     }
@@ -200,7 +209,8 @@ impl Member {
         }
     }
 
-    /// At the leader, forever: promote learners that were added as voters once they catch up.
+    /// At the leader, forever: make the membership follow the isolation records
+    /// (`crate::isolation`), and promote learners that were added as voters once they catch up.
     pub(crate) async fn promote_caught_up(self) {
         let mut tick = tokio::time::interval(PROMOTE_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -218,11 +228,19 @@ impl Member {
             if membership.get_joint_config().len() > 1 {
                 continue;
             }
+            if self.reconcile_isolation(&m).await {
+                continue;
+            }
             let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let isolated = self.isolated_members();
             let commit = m.cluster_committed.as_ref().or(m.local_committed.as_ref()).map(|l| l.index).unwrap_or(0);
             let ready = membership.nodes().find(|(id, node)| {
                 let matched = matched_index(&m, **id);
-                node.promote && !voters.contains(id) && matched > 0 && learner_ready(matched, commit)
+                node.promote
+                    && !voters.contains(id)
+                    && !isolated.contains_key(id)
+                    && matched > 0
+                    && learner_ready(matched, commit)
             });
             if let Some((id, _)) = ready {
                 let id = *id;
@@ -366,7 +384,7 @@ fn change_err(
 }
 
 /// The last log index the leader knows `id` has replicated.
-fn matched_index(m: &openraft::RaftMetrics<crate::TypeConfig>, id: NodeId) -> u64 {
+pub(crate) fn matched_index(m: &openraft::RaftMetrics<crate::TypeConfig>, id: NodeId) -> u64 {
     m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index).unwrap_or(0)
 }
 

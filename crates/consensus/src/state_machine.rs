@@ -64,9 +64,53 @@ struct SmSnapshotRef<'a, S: Serialize> {
     members: &'a BTreeMap<u64, PublishedMember>,
 }
 
+/// State added to snapshots after their first format: appended after the `SmSnapshot` image,
+/// then its length (u64, little-endian) and `EXTRAS_MAGIC`. bincode 1.x decodes positionally
+/// and allows trailing bytes, so an older member decodes the image and ignores what follows,
+/// and a snapshot without the trailer (an older member's) decodes with empty extras. Fields are
+/// only ever appended here, each with a default, behind a new magic when the shape changes.
+#[derive(Default, Serialize, Deserialize)]
+struct Extras {
+    isolated: BTreeMap<u64, crate::isolation::Isolation>,
+}
+
+/// Ends a snapshot that carries `Extras`. 0xfe never occurs in UTF-8 and the bytes before it
+/// are not a plausible length, so no older image (which ends in a string or a count) ends so.
+const EXTRAS_MAGIC: [u8; 8] = [0xfe, b'q', b'x', b't', 0xfe, 0x01, 0x00, 0xfe];
+
+/// The whole snapshot: the image, then the extras trailer.
+fn encode_snapshot<S: Serialize>(image: &SmSnapshotRef<'_, S>, extras: &Extras) -> io::Result<Vec<u8>> {
+    let mut data = bincode::serialize(image).map_err(io_err)?;
+    let extra = bincode::serialize(extras).map_err(io_err)?;
+    data.extend_from_slice(&extra);
+    data.extend_from_slice(&(extra.len() as u64).to_le_bytes());
+    data.extend_from_slice(&EXTRAS_MAGIC);
+    Ok(data)
+}
+
+/// Split a snapshot into its image and its extras (empty for an older member's snapshot).
+fn decode_snapshot(data: &[u8]) -> io::Result<(SmSnapshot, Extras)> {
+    let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+    let (image, extras) = match data.strip_suffix(&EXTRAS_MAGIC) {
+        Some(rest) if rest.len() >= 8 => {
+            let (rest, len) = rest.split_at(rest.len() - 8);
+            let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
+            if len > rest.len() {
+                return Err(bad(format!("snapshot extras of {len} bytes in a snapshot of {} bytes", data.len())));
+            }
+            let (image, extra) = rest.split_at(rest.len() - len);
+            (image, bincode::deserialize::<Extras>(extra).map_err(|e| bad(e.to_string()))?)
+        }
+        _ => (data, Extras::default()),
+    };
+    Ok((bincode::deserialize(image).map_err(|e| bad(e.to_string()))?, extras))
+}
+
 pub struct Shared {
     pub store: RwLock<Store>,
     pub members: RwLock<BTreeMap<u64, PublishedMember>>,
+    /// Members an operator isolated (`crate::isolation`), by id.
+    pub isolated: RwLock<BTreeMap<u64, crate::isolation::Isolation>>,
     applied: RwLock<(Option<LogId>, StoredMembership)>,
     /// Every lease's deadline as this member knows it, and the leader's lease decisions
     /// (`crate::lease`). Taken after `store` whenever both are held.
@@ -171,6 +215,7 @@ impl StateMachine {
         let shared = Shared {
             store: RwLock::new(Store::new()),
             members: RwLock::new(BTreeMap::new()),
+            isolated: RwLock::new(BTreeMap::new()),
             applied: RwLock::new((None, StoredMembership::default())),
             leases: Mutex::new(LeaseCore::new(grace)),
             events,
@@ -199,7 +244,7 @@ impl StateMachine {
     pub(crate) fn save_image(&self, meta: &SnapshotMeta, store: &Store) -> io::Result<()> {
         let members = BTreeMap::new();
         let data =
-            bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members }).map_err(io_err)?;
+            encode_snapshot(&SmSnapshotRef { store: store.snapshot_view(), members: &members }, &Extras::default())?;
         match self.save_snapshot(meta, &data)? {
             Saved::Stored | Saved::AlreadyStored => Ok(()),
             Saved::KeptNewer { .. } => Err(io_err("the state file already holds a newer snapshot")),
@@ -251,14 +296,14 @@ impl StateMachine {
     /// A build's first half: copy the state under the store lock (so the image and the applied
     /// position agree; values are shared, not copied) and encode it outside the lock.
     fn copy_for_snapshot(&self) -> io::Result<(SnapshotMeta, Vec<u8>)> {
-        let (store, members, meta) = {
+        let (store, members, extras, meta) = {
             let store = self.shared.store.read().unwrap();
             let members = self.shared.members.read().unwrap().clone();
+            let extras = Extras { isolated: self.shared.isolated.read().unwrap().clone() };
             let (last, membership) = self.shared.applied.read().unwrap().clone();
-            (store.clone(), members, SnapshotMeta { last_log_id: last, last_membership: membership })
+            (store.clone(), members, extras, SnapshotMeta { last_log_id: last, last_membership: membership })
         };
-        let data =
-            bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members }).map_err(io_err)?;
+        let data = encode_snapshot(&SmSnapshotRef { store: store.snapshot_view(), members: &members }, &extras)?;
         Ok((meta, data))
     }
 
@@ -296,6 +341,14 @@ impl StateMachine {
             EntryPayload::Normal(Request::PublishMember { id, name, client_urls }) => {
                 let m = PublishedMember { name: name.clone(), client_urls: client_urls.clone() };
                 self.shared.members.write().unwrap().insert(*id, m);
+                Response::empty(store.revision())
+            }
+            EntryPayload::Normal(Request::Isolate { id, isolation }) => {
+                self.shared.isolated.write().unwrap().insert(*id, isolation.clone());
+                Response::empty(store.revision())
+            }
+            EntryPayload::Normal(Request::Unisolate { id }) => {
+                self.shared.isolated.write().unwrap().remove(id);
                 Response::empty(store.revision())
             }
             EntryPayload::Normal(Request::Kv(cmd)) => {
@@ -422,8 +475,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Self::SnapshotData) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
         let bytes = data.len() as u64;
-        let snap: SmSnapshot =
-            bincode::deserialize(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let (snap, extras) = decode_snapshot(&data)?;
         let sm = self.clone();
         let meta2 = meta.clone();
         let saved = tokio::task::spawn_blocking(move || sm.save_snapshot(&meta2, &data)).await.map_err(io_err)??;
@@ -439,6 +491,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut store = self.shared.store.write().unwrap();
             *store = Store::from_snapshot(snap.store);
             *self.shared.members.write().unwrap() = snap.members;
+            *self.shared.isolated.write().unwrap() = extras.isolated;
             *self.shared.applied.write().unwrap() = (meta.last_log_id, meta.last_membership.clone());
             self.reset_lease_marks(&store);
             if let Some(o) = self.shared.observer.get() {
@@ -487,8 +540,42 @@ mod tests {
             store.apply(&Command::Put(put), LogPosition { index: i, term: 1 });
         }
         let members = BTreeMap::new();
-        let data = bincode::serialize(&SmSnapshotRef { store: store.snapshot_view(), members: &members }).unwrap();
-        data
+        let image = SmSnapshotRef { store: store.snapshot_view(), members: &members };
+        encode_snapshot(&image, &Extras::default()).unwrap()
+    }
+
+    /// Snapshots written before the extras trailer still install, and an older member (which
+    /// decodes `SmSnapshot` alone) still reads the image of one that has the trailer.
+    #[test]
+    fn snapshots_stay_readable_across_the_extras_trailer() {
+        let mut store = Store::new();
+        store.apply(
+            &Command::Put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), ..Default::default() }),
+            LogPosition { index: 1, term: 1 },
+        );
+        let members =
+            BTreeMap::from([(7, PublishedMember { name: "m".into(), client_urls: vec!["http://x:1".into()] })]);
+        let image = SmSnapshotRef { store: store.snapshot_view(), members: &members };
+        let isolation = crate::isolation::Isolation { reason: "disk".into(), since_unix_ms: 5, by: "op".into() };
+        let extras = Extras { isolated: BTreeMap::from([(7, isolation.clone())]) };
+
+        let old = bincode::serialize(&image).unwrap();
+        let (snap, got) = decode_snapshot(&old).unwrap();
+        assert_eq!(snap.members, members);
+        assert!(got.isolated.is_empty());
+
+        let new = encode_snapshot(&image, &extras).unwrap();
+        let (snap, got) = decode_snapshot(&new).unwrap();
+        assert_eq!(snap.members, members);
+        assert_eq!(Store::from_snapshot(snap.store).revision(), store.revision());
+        assert_eq!(got.isolated[&7], isolation);
+        let older_reader: SmSnapshot = bincode::deserialize(&new).unwrap();
+        assert_eq!(older_reader.members, members);
+
+        let mut torn = new.clone();
+        let at = torn.len() - 12;
+        torn[at] = 0xff;
+        assert!(decode_snapshot(&torn).is_err(), "a damaged extras length is an error, never a silent default");
     }
 
     #[test]

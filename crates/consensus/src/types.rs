@@ -31,6 +31,16 @@ pub enum Request {
         name: String,
         client_urls: Vec<String>,
     },
+    /// An operator isolated a member (`quorate ctl isolate`, ADR 0009): it serves no client,
+    /// and the leader demotes it to a learner that keeps replicating.
+    Isolate {
+        id: u64,
+        isolation: crate::isolation::Isolation,
+    },
+    /// The member's isolation is lifted; the leader promotes it again once it has caught up.
+    Unisolate {
+        id: u64,
+    },
 }
 
 impl fmt::Display for Request {
@@ -38,6 +48,8 @@ impl fmt::Display for Request {
         match self {
             Request::Kv(c) => write!(f, "{}", command_name(c)),
             Request::PublishMember { id, name, .. } => write!(f, "publish-member({id:x}, {name})"),
+            Request::Isolate { id, .. } => write!(f, "isolate({id:x})"),
+            Request::Unisolate { id } => write!(f, "unisolate({id:x})"),
         }
     }
 }

@@ -227,29 +227,6 @@ pub fn plan_repairs(r: &AuditReport) -> RepairReport {
     RepairReport { planned, skipped, applied: None }
 }
 
-/// POST `body` to `path` at `addr` (plain HTTP/1.1); the status code and the body.
-async fn http_post(addr: &str, path: &str, body: &str, limit: Duration) -> anyhow::Result<(u16, String)> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let raw = bounded(limit, fetch).await?;
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
-    Ok((code, body.to_string()))
-}
-
 /// Send the plan to the leader, which carries it out through the registry's rules.
 /// `health_path` is the audit's, so that the leader confirms each ghost with the same probe.
 pub async fn apply_repairs(opts: &Options, plan: &mut RepairReport, health_path: Option<&str>) -> anyhow::Result<()> {
@@ -270,7 +247,8 @@ pub async fn apply_repairs(opts: &Options, plan: &mut RepairReport, health_path:
         .map(|p| serde_json::json!({"key": p.key, "mod_revision": p.mod_revision, "action": p.action}))
         .collect();
     let body = serde_json::json!({ "actions": actions, "health_path": health_path }).to_string();
-    let (code, reply) = http_post(&addr, "/v1/registry/repair", &body, opts.command_timeout * 4).await?;
+    let (code, reply) =
+        crate::collect::http_post(&addr, "/v1/registry/repair", &body, opts.command_timeout * 4).await?;
     let reply: serde_json::Value = serde_json::from_str(&reply)
         .map_err(|e| anyhow::anyhow!("leader {} answered {code}: {e}: {reply}", leader.name))?;
     if code != 200 {

@@ -30,7 +30,34 @@ pub struct QuorateStatus {
     pub fsync_p99_us: Option<u64>,
     pub fsync_samples: usize,
     pub version: String,
+    /// This member's isolation (`quorate ctl isolate`), if any.
+    pub isolated: Option<Isolation>,
+    /// Every isolated member this member knows of.
+    pub isolated_members: Vec<IsolatedMember>,
     pub wall_clock_unix_ms: u64,
+}
+
+/// An isolation as `/v1/member/status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Isolation {
+    pub reason: String,
+    /// UTC, RFC 3339.
+    pub since: String,
+    pub by: String,
+}
+
+/// An isolated member in another member's view.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IsolatedMember {
+    /// Hex.
+    pub id: String,
+    #[serde(flatten)]
+    pub isolation: Isolation,
+    /// Still a voter: the leader has yet to demote it (it waits while the demotion would cost
+    /// the quorum).
+    pub demotion_pending: bool,
 }
 
 /// One member as `ctl status` shows it.
@@ -71,6 +98,12 @@ pub struct MemberView {
     /// Where its HTTP endpoints answer (from the Status metadata `quorate-http-addr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_addr: Option<String>,
+    /// Set when an operator isolated this member: it answers only Status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolated: Option<Isolation>,
+    /// The isolated members this member knows of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolated_members: Vec<IsolatedMember>,
 }
 
 /// A zone where the eviction brake holds, from the replicated brake state.
@@ -141,6 +174,29 @@ pub(crate) async fn member_list(opts: &Options) -> Result<Vec<pb::Member>, Strin
         }
     }
     Err(errors.join("; "))
+}
+
+/// POST `body` to `path` at `addr` (plain HTTP/1.1); the status code and the body.
+pub(crate) async fn http_post(addr: &str, path: &str, body: &str, limit: Duration) -> anyhow::Result<(u16, String)> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let raw = bounded(limit, fetch).await?;
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
+    Ok((code, body.to_string()))
 }
 
 /// A plain HTTP/1.1 GET (the member's JSON endpoint); returns the body of a 200.
@@ -258,6 +314,8 @@ async fn ask(m: &pb::Member, opts: &Options) -> (MemberView, Option<Channel>) {
                     v.fsync_p99_ms = q.fsync_p99_us.map(|us| us as f64 / 1000.0);
                     v.fsync_samples = Some(q.fsync_samples);
                     v.version = Some(q.version);
+                    v.isolated = q.isolated;
+                    v.isolated_members = q.isolated_members;
                 }
                 Err(e) => v.error = Some(format!("{http}/v1/member/status: {e}")),
             }
@@ -297,7 +355,10 @@ pub async fn collect(opts: &Options) -> ClusterView {
             v.hash = h;
         }
     }
-    if let Some(ch) = channels.iter().flatten().next() {
+    // An isolated member refuses reads: ask one that is not.
+    let mut readable =
+        views.iter().zip(&channels).filter(|(v, _)| v.isolated.is_none()).filter_map(|(_, c)| c.as_ref());
+    if let Some(ch) = readable.next() {
         view.brake = read_brake(ch.clone(), opts.command_timeout).await.unwrap_or_default();
     }
     view.members = views;

@@ -519,6 +519,38 @@ pub fn judge(v: &ClusterView, t: &Thresholds) -> Report {
         ));
     }
 
+    // isolated: an operator took the member out of service. Every member knows; the member
+    // itself says so even when no other answers.
+    let mut isolated: std::collections::BTreeMap<String, (crate::collect::Isolation, bool)> = Default::default();
+    for m in v.members.iter().filter(|m| m.reachable) {
+        for i in &m.isolated_members {
+            let pending = i.demotion_pending && m.role.as_deref() == Some("leader");
+            let e = isolated.entry(i.id.clone()).or_insert((i.isolation.clone(), false));
+            e.1 |= pending;
+        }
+        if let Some(i) = &m.isolated {
+            isolated.entry(m.id.clone()).or_insert((i.clone(), false));
+        }
+    }
+    for (id, (i, pending)) in isolated {
+        let name = v.members.iter().find(|m| m.id == id).map_or(id.clone(), label);
+        let mut evidence = format!("isolated since {} by {}: {}", i.since, i.by, i.reason);
+        if pending {
+            evidence
+                .push_str("; still a voter: the leader demotes it once that leaves the other voters a healthy quorum");
+        }
+        findings.push(finding(
+            "isolated",
+            Severity::Degraded,
+            vec![name.clone()],
+            evidence,
+            vec![
+                "It serves no client request (clients must list other endpoints); its data stays and it keeps replicating".to_string(),
+                format!("When it is fit to serve again: `quorate ctl --endpoints={eps} unisolate {name}` (it is promoted back once caught up)"),
+            ],
+        ));
+    }
+
     let verdict = match findings.iter().map(|f| f.severity).max() {
         None => Verdict::Healthy,
         Some(Severity::Degraded) => Verdict::Degraded,
@@ -813,6 +845,27 @@ mod tests {
                 },
                 Verdict::Degraded,
                 vec![("brake-engaged", Degraded, vec!["a"])],
+            ),
+            (
+                "a member isolated, as the leader and the member itself say",
+                |v| {
+                    let i = crate::collect::Isolation { reason: "disk".into(), since: "t".into(), by: "op@h".into() };
+                    v.members[2].isolated = Some(i.clone());
+                    v.members[2].is_learner = true;
+                    v.members[0].isolated_members =
+                        vec![crate::collect::IsolatedMember { id: "c3".into(), isolation: i, demotion_pending: false }];
+                },
+                Verdict::Degraded,
+                vec![("isolated", Degraded, vec!["c"])],
+            ),
+            (
+                "an isolated member only the member itself reports",
+                |v| {
+                    let i = crate::collect::Isolation { reason: "disk".into(), since: "t".into(), by: "op@h".into() };
+                    v.members[1].isolated = Some(i);
+                },
+                Verdict::Degraded,
+                vec![("isolated", Degraded, vec!["b"])],
             ),
             (
                 "a learner far behind",

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod collect;
+pub mod isolate;
 pub mod judge;
 pub mod render;
 pub mod timeline;

@@ -37,10 +37,21 @@ fn row(v: &ClusterView, m: &MemberView) -> Vec<String> {
         },
         m.fsync_p99_ms.map_or("-".into(), |p| format!("{p:.1}ms")),
         opt(&m.version),
+        isolated_cell(v, m),
     ]
 }
 
-const HEADERS: [&str; 17] = [
+/// `yes` for an isolated member (by its own word or any other member's), else `-`.
+fn isolated_cell(v: &ClusterView, m: &MemberView) -> String {
+    let known = v.members.iter().flat_map(|o| &o.isolated_members).any(|i| i.id == m.id);
+    if m.isolated.is_some() || known {
+        "yes".into()
+    } else {
+        "-".into()
+    }
+}
+
+const HEADERS: [&str; 18] = [
     "NAME",
     "ID",
     "ENDPOINT",
@@ -58,6 +69,7 @@ const HEADERS: [&str; 17] = [
     "CLOCK OFFSET",
     "FSYNC P99",
     "VERSION",
+    "ISOLATED",
 ];
 
 /// One row per member, columns aligned; then the hash revision and any member's error.

@@ -203,25 +203,7 @@ pub async fn gather(opts: &Options, t: &TimelineOptions) -> Timeline {
     Timeline { since_unix_ms: since, members, events, member_list_error: view.member_list_error, no_such_member }
 }
 
-/// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds, and the date `YYYY-MM-DD`.
-fn utc(ms: i64) -> (String, String) {
-    let secs = ms.div_euclid(1000);
-    let (days, day_s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    (
-        format!("{:02}:{:02}:{:02}.{:03}", day_s / 3600, day_s % 3600 / 60, day_s % 60, ms.rem_euclid(1000)),
-        format!("{y:04}-{m:02}-{d:02}"),
-    )
-}
+use quorate_consensus::isolation::utc_parts as utc;
 
 fn offset_text(m: &TimelineMember) -> String {
     match (m.clock_offset_ms, m.clock_offset_error_ms) {

@@ -8,7 +8,8 @@
 //! It is also where a member that knows it has been removed refuses every gRPC request with
 //! etcd's `UNAVAILABLE` ("etcdserver: the member has been permanently removed from the
 //! cluster"), so that a client with other endpoints moves on to them (`crate::removed_gate`
-//! does the same for the HTTP APIs).
+//! does the same for the HTTP APIs). An isolated member (`quorate ctl isolate`) refuses the
+//! same way, naming its isolation, except `Maintenance.Status`, which says why in its errors.
 
 use std::task::{Context, Poll};
 
@@ -16,6 +17,9 @@ use axum::response::IntoResponse;
 use http::{Request, Response, StatusCode, Version};
 use quorate_consensus::{ConsensusError, Member};
 use tower::ServiceExt;
+
+/// The one gRPC method an isolated member still answers.
+const STATUS_PATH: &str = "/etcdserverpb.Maintenance/Status";
 
 /// Wraps the gRPC service of a client port; `http1` answers every request not made over HTTP/2.
 #[derive(Clone)]
@@ -82,8 +86,16 @@ where
                 Ok(resp.map(tonic::body::Body::new))
             });
         }
-        if self.member.is_removed() {
-            let status = quorate_api_grpc::consensus_status(ConsensusError::Removed);
+        let refusal = if self.member.is_removed() {
+            Some(ConsensusError::Removed)
+        } else {
+            self.member
+                .isolation()
+                .filter(|_| req.uri().path() != STATUS_PATH)
+                .map(|i| ConsensusError::Isolated(i.describe()))
+        };
+        if let Some(e) = refusal {
+            let status = quorate_api_grpc::consensus_status(e);
             return Box::pin(futures::future::ready(Ok(status.into_http())));
         }
         let fut = self.inner.call(req);

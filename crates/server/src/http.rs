@@ -64,8 +64,11 @@ pub async fn serve(
         .route("/v1/member/status", get(member_status))
         .route("/v1/registry/repair", axum::routing::post(crate::repair::repair))
         .route("/v1/member/timeline", get(crate::timeline::member_timeline))
+        .route("/v1/member/isolate", axum::routing::post(crate::isolate::isolate))
+        .route("/v1/member/unisolate", axum::routing::post(crate::isolate::unisolate))
         .route("/debug/failpoints/fsync-delay-ms", axum::routing::put(set_fsync_delay))
         .route("/debug/failpoints/diverge-put-key", axum::routing::put(set_diverge_put_key))
+        .route("/debug/failpoints/hold-isolation", axum::routing::put(set_hold_isolation))
         .with_state(state.clone())
         .merge(
             quorate_api_http::router(Arc::new(quorate_api_http::Api {
@@ -106,6 +109,21 @@ async fn set_diverge_put_key(State(s): State<Arc<HttpState>>, body: String) -> i
     (StatusCode::OK, Json(json!({"diverge_put_key": body})))
 }
 
+/// Drill failpoint: `true` holds this member's isolation reconciler (as leader it neither hands
+/// over nor demotes an isolated member), `false` releases it.
+async fn set_hold_isolation(State(s): State<Arc<HttpState>>, body: String) -> impl IntoResponse {
+    if !s.failpoints {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "failpoints are off (start with --drill-failpoints)"})));
+    }
+    match body.trim().parse::<bool>() {
+        Ok(hold) => {
+            quorate_consensus::failpoint::hold_isolation(hold);
+            (StatusCode::OK, Json(json!({"hold_isolation": hold})))
+        }
+        Err(_) => (StatusCode::BAD_REQUEST, Json(json!({"error": "body must be true or false"}))),
+    }
+}
+
 async fn health(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     crate::metrics::health(&s.member).await
 }
@@ -141,6 +159,7 @@ async fn member_status(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     let d = s.member.diagnostics();
     let st = &d.raft;
     let revision = s.member.read(|store| store.revision());
+    let (isolated, isolated_members) = crate::isolate::status_fields(&s.member);
     let wall_clock_unix_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis() as u64);
     Json(json!({
@@ -157,6 +176,8 @@ async fn member_status(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         "fsync_p99_us": d.fsync_p99_us,
         "fsync_samples": d.fsync_samples,
         "version": env!("CARGO_PKG_VERSION"),
+        "isolated": isolated,
+        "isolated_members": isolated_members,
         "wall_clock_unix_ms": wall_clock_unix_ms,
     }))
 }

@@ -6,6 +6,7 @@ mod client_port;
 mod config;
 mod grpc_metrics;
 mod http;
+mod isolate;
 pub mod log_context;
 mod metrics;
 mod pprof;
