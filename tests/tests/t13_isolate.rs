@@ -59,11 +59,32 @@ fn isolating_a_follower_then_the_leader_keeps_writes_going_and_unisolating_bring
     let (f_name, l_name, t_name) =
         (c.nodes[follower].name.clone(), c.nodes[leader].name.clone(), c.nodes[third].name.clone());
 
-    // A follower.
+    // A follower. A watch opened on it before is ended with the isolation, not left running.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_client, mut watch) = rt.block_on(async {
+        let mut client = etcd_client::Client::connect([c.nodes[follower].endpoint()], None).await.expect("connect");
+        let stream = client.watch("k", None).await.expect("watch");
+        (client, stream)
+    });
     let run = ctl(&all, &["isolate", &f_name, "--reason", "disk errors on sdb"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("isolated since"), "{}", run.stdout);
+    assert!(run.stdout.contains("isolated since 20"), "the time it was recorded: {}", run.stdout);
     assert_refuses(&c, follower, "disk errors on sdb");
+    let ended = rt.block_on(async {
+        tokio::time::timeout(SETTLE, async {
+            loop {
+                match watch.message().await {
+                    Ok(Some(r)) if r.created() && r.events().is_empty() => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+    });
+    match ended {
+        Ok(Err(e)) => assert!(e.to_string().contains("isolated"), "the watch ends naming the isolation: {e}"),
+        other => panic!("the watch opened before the isolation was not ended: {other:?}"),
+    }
     wait_learner(&others(&c, &[follower]), &f_name, true);
     let put = etcdctl(&others(&c, &[follower]), &["put", "while-isolated", "1"]);
     assert!(put.ok, "writes go on: {}", put.stderr);
@@ -194,4 +215,27 @@ fn an_isolation_outlives_the_leader_that_recorded_it_a_restart_and_a_snapshot() 
         assert!(Instant::now() < deadline, "the unisolated member serves again");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Three isolations asked at once, one per member, through three members: each alone passes the
+/// quorum check, together they would take every voter. The leader takes them one at a time,
+/// each checked against those committed before it: the last voter is never isolated.
+#[test]
+fn isolations_asked_at_once_never_take_the_last_voter() {
+    let c = Cluster::start(Flavor::Quorate, 3).expect("cluster");
+    c.wait_leader(SETTLE).expect("leader");
+    let runs: Vec<_> = (0..3)
+        .map(|i| {
+            let (endpoint, name) = (c.nodes[i].endpoint(), c.nodes[i].name.clone());
+            std::thread::spawn(move || ctl(&endpoint, &["isolate", &name, "--reason", "all at once"]))
+        })
+        .map(|t| t.join().unwrap())
+        .collect();
+    let done = runs.iter().filter(|r| r.code == 0).count();
+    assert!(done <= 2, "every voter isolated: {:?}", runs.iter().map(|r| &r.stdout).collect::<Vec<_>>());
+    let refused: Vec<&str> = runs.iter().filter(|r| r.code != 0).map(|r| r.stderr.as_str()).collect();
+    assert!(refused.iter().all(|e| e.contains("last voter") || e.contains("quorum")), "{refused:?}");
+    let status = http(&c.nodes[0], "GET", "/v1/member/status", None).expect("status");
+    let isolated = status.json()["isolated_members"].as_array().map_or(0, |a| a.len());
+    assert!(isolated < 3, "{}", status.body);
 }

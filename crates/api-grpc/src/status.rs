@@ -79,6 +79,8 @@ pub fn consensus_status(e: ConsensusError) -> Status {
         ConsensusError::Removed => {
             Status::unavailable("etcdserver: the member has been permanently removed from the cluster")
         }
-        ConsensusError::Isolated(why) => Status::unavailable(format!("etcdserver: {why}")),
+        ConsensusError::Isolated(why) | ConsensusError::Fenced(why) => {
+            Status::unavailable(format!("etcdserver: {why}"))
+        }
     }
 }

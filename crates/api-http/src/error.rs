@@ -50,6 +50,7 @@ impl From<ConsensusError> for ApiError {
             ConsensusError::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "stopped"),
             ConsensusError::Removed => (StatusCode::SERVICE_UNAVAILABLE, "removed"),
             ConsensusError::Isolated(_) => (StatusCode::SERVICE_UNAVAILABLE, "isolated"),
+            ConsensusError::Fenced(_) => (StatusCode::SERVICE_UNAVAILABLE, "stale_incarnation"),
             _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, e.to_string())

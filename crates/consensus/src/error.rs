@@ -53,4 +53,8 @@ pub enum ConsensusError {
     /// The text says since when, by whom and why.
     #[error("{0}")]
     Isolated(String),
+    /// A recovery dropped this member (`crate::incarnation`): it serves nothing until its data
+    /// directory is wiped and it is added again. The text says so.
+    #[error("{0}")]
+    Fenced(String),
 }

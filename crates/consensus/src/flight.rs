@@ -253,6 +253,14 @@ pub enum Event {
         target: String,
         log_index: u64,
     },
+    /// `quorate ctl recover --apply` was applied here: the cluster's incarnation was raised.
+    Recovered {
+        plan: String,
+        by: String,
+        incarnation: u64,
+        kept_up_to: u64,
+        dropped: Vec<String>,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -354,6 +362,10 @@ impl Event {
             Event::Isolated { target, reason, by, log_index } => {
                 format!("member {target} isolated by {by}: {reason} (log index {log_index})")
             }
+            Event::Recovered { plan, by, incarnation, kept_up_to, dropped } => format!(
+                "recovery {plan} by {by}: incarnation {incarnation}, log kept up to index {kept_up_to}, dropped [{}]",
+                dropped.join(",")
+            ),
             Event::Unisolated { target, log_index } => format!("member {target} unisolated (log index {log_index})"),
         }
     }

@@ -27,6 +27,23 @@ pub struct Isolation {
 
 /// The longest reason kept (longer ones are refused: it is shown in every refusal).
 pub const REASON_BYTES_MAX: usize = 512;
+/// The longest `by` kept (longer ones are cut).
+pub const BY_BYTES_MAX: usize = 128;
+
+/// Control characters (newlines included) become spaces: the text goes into gRPC headers and
+/// single-line logs.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
 
 impl Isolation {
     /// What every refused client request is told.
@@ -105,6 +122,28 @@ pub fn quorum_refusal(
     None
 }
 
+/// Why demoting `target` now would leave the joint change without a healthy quorum, if it
+/// would: the configuration openraft commits is the voters now and the voters without `target`
+/// (isolated members still waiting for their own demotion count in it), and both halves need a
+/// healthy majority.
+pub fn demotion_refusal(voters: &BTreeSet<NodeId>, target: NodeId, healthy: &BTreeSet<NodeId>) -> Option<String> {
+    let after: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != target).collect();
+    if after.is_empty() {
+        return Some("it is the last voter".into());
+    }
+    for (which, set) in [("the voters now", voters), ("the voters after", &after)] {
+        let up = set.intersection(healthy).count();
+        if up < majority(set.len()) {
+            return Some(format!(
+                "{which} would have {up} of {} answering: a quorum needs {}",
+                set.len(),
+                majority(set.len())
+            ));
+        }
+    }
+    None
+}
+
 /// What the leader does next to make the membership follow the isolation records, given the
 /// voters, the members waiting for promotion (`promote` set) and the records. One step at a
 /// time; `None` when the membership already follows them.
@@ -119,17 +158,22 @@ pub enum Step {
     Demote(NodeId),
 }
 
+/// The isolated voters are taken in this order: the ones that do not answer first (removing one
+/// raises the share of healthy voters), then by id; the first whose demotion keeps a healthy
+/// quorum in both halves of the joint change is the one.
 pub fn next_step(
     leader: NodeId,
     voters: &BTreeSet<NodeId>,
     marked: &BTreeSet<NodeId>,
     isolated: &BTreeSet<NodeId>,
+    healthy: &BTreeSet<NodeId>,
 ) -> Option<Step> {
-    let mut pending = voters.intersection(isolated).copied();
     if isolated.contains(&leader) && voters.contains(&leader) {
         return Some(Step::HandOver);
     }
-    let id = pending.next()?;
+    let mut pending: Vec<NodeId> = voters.intersection(isolated).copied().collect();
+    pending.sort_by_key(|id| (healthy.contains(id), *id));
+    let id = pending.into_iter().find(|id| demotion_refusal(voters, *id, healthy).is_none())?;
     Some(if marked.contains(&id) { Step::Demote(id) } else { Step::MarkForPromotion(id) })
 }
 
@@ -149,8 +193,10 @@ impl Member {
 
     /// Isolate member `id` (forwarded to the leader, which refuses when it would cost the
     /// quorum). Isolating an isolated member again changes nothing.
-    pub async fn isolate(&self, id: NodeId, isolation: Isolation) -> Result<(), ConsensusError> {
-        if isolation.reason.trim().is_empty() {
+    pub async fn isolate(&self, id: NodeId, mut isolation: Isolation) -> Result<(), ConsensusError> {
+        isolation.reason = printable(isolation.reason.trim());
+        isolation.by = cut(&printable(isolation.by.trim()), BY_BYTES_MAX);
+        if isolation.reason.is_empty() {
             return Err(ConsensusError::Membership("an isolation needs a reason".into()));
         }
         if isolation.reason.len() > REASON_BYTES_MAX {
@@ -165,22 +211,31 @@ impl Member {
     }
 
     /// At the leader: record an isolation, after the quorum check.
-    pub(crate) async fn propose_isolation(
-        &self,
-        m: &openraft::RaftMetrics<crate::TypeConfig>,
-        id: NodeId,
-        isolation: Isolation,
-    ) -> Result<(), ConsensusError> {
+    pub(crate) async fn propose_isolation(&self, id: NodeId, isolation: Isolation) -> Result<(), ConsensusError> {
+        // One isolation at a time, checked against every one committed before it: two at once
+        // would each pass the check alone.
+        let _one = self.inner.isolating.lock().await;
+        self.inner.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex).await.map_err(|e| {
+            if e.forward_to_leader().is_some() {
+                ConsensusError::NotLeader
+            } else {
+                crate::raft_err(e)
+            }
+        })?;
+        let m = self.inner.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         if membership.get_node(&id).is_none() {
             return Err(ConsensusError::MemberNotFound);
+        }
+        if isolation.reason.len() > REASON_BYTES_MAX || isolation.by.len() > BY_BYTES_MAX {
+            return Err(ConsensusError::Membership("the reason or the operator is too long".into()));
         }
         let isolated: BTreeSet<NodeId> = self.isolated_members().into_keys().collect();
         if isolated.contains(&id) {
             return Ok(());
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        if let Some(why) = quorum_refusal(&voters, &isolated, id, &self.healthy(m)) {
+        if let Some(why) = quorum_refusal(&voters, &isolated, id, &self.healthy(&m)) {
             return Err(ConsensusError::Membership(format!("cannot isolate member {id:x}: {why}")));
         }
         info!(member = %format!("{id:x}"), reason = %isolation.reason, by = %isolation.by, "isolating member");
@@ -242,11 +297,16 @@ impl Member {
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let marked: BTreeSet<NodeId> = membership.nodes().filter(|(_, n)| n.promote).map(|(id, _)| *id).collect();
-        let Some(step) = next_step(self.id(), &voters, &marked, &isolated) else { return false };
+        let healthy = self.healthy(m);
+        let Some(step) = next_step(self.id(), &voters, &marked, &isolated, &healthy) else {
+            if voters.iter().any(|v| isolated.contains(v)) {
+                warn!("isolated members wait for their demotion: it would cost the quorum now");
+            }
+            return false;
+        };
         let raft = &self.inner.raft;
         match step {
             Step::HandOver => {
-                let healthy = self.healthy(m);
                 let target = voters
                     .iter()
                     .copied()
@@ -259,11 +319,18 @@ impl Member {
                             warn!(to = %format!("{to:x}"), error = %e, "handing leadership over failed; will retry");
                         }
                     }
-                    None => warn!("this member is isolated but no other healthy voter can lead; it keeps leading"),
+                    None => {
+                        warn!("this member is isolated but no other healthy voter can lead; it keeps leading");
+                        // Nothing done: the promoter may still promote a learner that can lead.
+                        return false;
+                    }
                 }
             }
             Step::MarkForPromotion(id) => {
-                let Some(node) = membership.get_node(&id) else { return false };
+                // Read the node now, not from the start of the tick: a `member update` committed
+                // meanwhile must not be undone.
+                let now = raft.metrics().borrow_watched().membership_config.clone();
+                let Some(node) = now.membership().get_node(&id) else { return false };
                 let node = crate::MemberNode { promote: true, ..node.clone() };
                 let change = ChangeMembers::SetNodes(BTreeMap::from([(id, node)]));
                 if let Err(e) = raft.change_membership(change, true).await {
@@ -271,10 +338,6 @@ impl Member {
                 }
             }
             Step::Demote(id) => {
-                if let Some(why) = quorum_refusal(&voters, &isolated, id, &self.healthy(m)) {
-                    warn!(member = %format!("{id:x}"), %why, "isolated member not demoted yet");
-                    return false;
-                }
                 info!(member = %format!("{id:x}"), "demoting isolated member to a learner");
                 let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
                 if let Err(e) = raft.change_membership(change, true).await {
@@ -283,6 +346,23 @@ impl Member {
             }
         }
         true
+    }
+
+    /// Why this member must refuse client requests now, if it must: it was removed, it was
+    /// dropped by a recovery (fenced), or an operator isolated it.
+    pub fn refusal(&self) -> Option<ConsensusError> {
+        if self.is_removed() {
+            return Some(ConsensusError::Removed);
+        }
+        if let Some(why) = crate::incarnation::fenced() {
+            return Some(ConsensusError::Fenced(why));
+        }
+        self.isolation().map(|i| ConsensusError::Isolated(i.describe()))
+    }
+
+    /// Changes whenever `refusal` may have changed.
+    pub fn serving_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.shared.serving.subscribe()
     }
 
     /// The voters in this member's view of the membership.
@@ -335,13 +415,33 @@ mod tests {
     #[test]
     fn the_leader_hands_over_first_and_marks_before_it_demotes() {
         let voters = set(&[1, 2, 3]);
-        assert_eq!(next_step(1, &voters, &set(&[]), &set(&[])), None);
-        assert_eq!(next_step(1, &voters, &set(&[]), &set(&[1])), Some(Step::HandOver));
-        assert_eq!(next_step(1, &voters, &set(&[]), &set(&[1, 2])), Some(Step::HandOver));
-        assert_eq!(next_step(1, &voters, &set(&[]), &set(&[2])), Some(Step::MarkForPromotion(2)));
-        assert_eq!(next_step(1, &voters, &set(&[2]), &set(&[2])), Some(Step::Demote(2)));
+        let all = set(&[1, 2, 3]);
+        assert_eq!(next_step(1, &voters, &set(&[]), &set(&[]), &all), None);
+        assert_eq!(next_step(1, &voters, &set(&[]), &set(&[1]), &all), Some(Step::HandOver));
+        assert_eq!(next_step(1, &voters, &set(&[]), &set(&[1, 2]), &all), Some(Step::HandOver));
+        assert_eq!(next_step(1, &voters, &set(&[]), &set(&[2]), &all), Some(Step::MarkForPromotion(2)));
+        assert_eq!(next_step(1, &voters, &set(&[2]), &set(&[2]), &all), Some(Step::Demote(2)));
         // Demoted already: nothing left to do, promotion flag or not.
-        assert_eq!(next_step(1, &set(&[1, 3]), &set(&[2]), &set(&[2])), None);
+        assert_eq!(next_step(1, &set(&[1, 3]), &set(&[2]), &set(&[2]), &all), None);
+    }
+
+    /// The review's case: 5 voters, 4 and 5 dead, 3 4 5 isolated. Demoting 3 first would leave
+    /// the joint's second half {1,2,4,5} with 2 of 4 answering; the dead ones go first, and 3
+    /// only once it is safe.
+    #[test]
+    fn demotions_never_leave_either_half_of_the_joint_change_without_a_quorum() {
+        let v5 = set(&[1, 2, 3, 4, 5]);
+        let healthy = set(&[1, 2, 3]);
+        let marked = set(&[3, 4, 5]);
+        let isolated = set(&[3, 4, 5]);
+        assert!(demotion_refusal(&v5, 3, &healthy).is_some());
+        assert_eq!(next_step(1, &v5, &marked, &isolated, &healthy), Some(Step::Demote(4)));
+        let v4 = set(&[1, 2, 3, 5]);
+        assert_eq!(next_step(1, &v4, &marked, &isolated, &healthy), Some(Step::Demote(5)));
+        let v3 = set(&[1, 2, 3]);
+        assert_eq!(next_step(1, &v3, &marked, &isolated, &healthy), Some(Step::Demote(3)));
+        // With 2 down of 3, no demotion is safe: nothing is done.
+        assert_eq!(next_step(1, &v3, &marked, &set(&[3]), &set(&[1])), None);
     }
 
     #[test]

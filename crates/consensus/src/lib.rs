@@ -11,6 +11,7 @@ mod diagnostics;
 mod error;
 pub mod failpoint;
 pub mod flight;
+pub mod incarnation;
 pub mod isolation;
 mod lease;
 mod log_store;
@@ -18,6 +19,7 @@ mod membership;
 pub mod metrics;
 mod network;
 mod observe;
+pub mod recovery;
 mod state_machine;
 mod status_watch;
 mod types;
@@ -81,6 +83,8 @@ pub struct MemberConfig {
     pub snapshot_entries: u64,
     /// The cluster's id, as every response header carries it.
     pub cluster_id: u64,
+    /// A member joining an existing cluster starts at the incarnation its peers told it.
+    pub join_incarnation: Option<u64>,
 }
 
 /// A member's view of consensus, as `Status` and `ctl status` report it.
@@ -188,6 +192,8 @@ struct Inner {
     last_leader_contact: Mutex<Option<tokio::time::Instant>>,
     app_handler: Mutex<Option<Arc<dyn AppHandler>>>,
     metrics: ConsensusMetrics,
+    /// Held by the leader from an isolation's quorum check to its commit (`crate::isolation`).
+    isolating: tokio::sync::Mutex<()>,
 }
 
 /// Answers application calls from other members (`Member::call_member`).
@@ -218,10 +224,16 @@ impl Member {
         let log = LogStore::open(&cfg.data_dir.join("raft.redb")).map_err(|e| {
             format!("open raft log in {}: {e} (is another member using this data directory?)", cfg.data_dir.display())
         })?;
+        if let Some(n) = cfg.join_incarnation.filter(|n| *n > 1 && log.is_fresh()) {
+            info!(incarnation = n, "joining a recovered cluster: starting at its incarnation");
+            log.set_incarnation(n).await.map_err(|e| format!("write incarnation: {e}"))?;
+        }
+        incarnation::set(log.incarnation());
         let grace = Duration::from_millis(cfg.election_timeout_ms);
         let mut sm =
             StateMachine::open(&cfg.data_dir.join("state.redb"), grace).map_err(|e| format!("open state: {e}"))?;
         let shared = sm.shared.clone();
+        incarnation::on_fence(shared.serving.clone());
         let flight_dir = cfg.data_dir.join("flight");
         let flight =
             flight::Recorder::open(&flight_dir, cfg.id, &cfg.name, flight::SEGMENT_BYTES_MAX).unwrap_or_else(|e| {
@@ -283,6 +295,7 @@ impl Member {
                 last_leader_contact: Mutex::new(None),
                 app_handler: Mutex::new(None),
                 metrics,
+                isolating: tokio::sync::Mutex::new(()),
             }),
         };
         tokio::spawn(clock.run(raft.clone(), shared, member.metrics().clone()));
@@ -608,7 +621,8 @@ impl Member {
         };
         let mut request = tonic::Request::new(pb::Frame { data: encode(req) });
         request.set_timeout(timeout);
-        let reply = client.forward(request).await.map_err(|s| match s.code() {
+        incarnation::stamp(&mut request);
+        let reply = client.forward(request).await.inspect_err(incarnation::note).map_err(|s| match s.code() {
             tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
             // The leader this member knows of cannot be reached: as far as clients here can
             // tell, there is no leader.
@@ -965,6 +979,9 @@ impl Member {
             if !m.membership_config.membership().voter_ids().any(|v| v == target) {
                 return Err(ConsensusError::BadTransferee);
             }
+            if self.inner.shared.isolated.read().unwrap().contains_key(&target) {
+                return Err(ConsensusError::BadTransferee);
+            }
             let last = m.last_log_index.unwrap_or(0);
             let matched =
                 m.replication.as_ref().and_then(|r| r.get(&target).cloned().flatten()).map(|l| l.index).unwrap_or(0);
@@ -992,14 +1009,20 @@ impl Member {
 }
 
 impl network::ForwardHandler for Member {
-    fn handle(&self, req: Vec<u8>) -> futures::future::BoxFuture<'static, Vec<u8>> {
+    fn handle(
+        &self,
+        req: Vec<u8>,
+        refused: Option<tonic::Status>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, tonic::Status>> {
         let me = self.clone();
         Box::pin(async move {
             let resp = match decode::<ForwardReq>(&req) {
+                Ok(ForwardReq::Members) => me.serve_forward(ForwardReq::Members).await,
+                Ok(_) if refused.is_some() => return Err(refused.expect("checked")),
                 Ok(req) => me.serve_forward(req).await,
                 Err(e) => ForwardResp::Err(ConsensusError::Unavailable(e)),
             };
-            encode(&resp)
+            Ok(encode(&resp))
         })
     }
 }

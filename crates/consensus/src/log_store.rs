@@ -28,6 +28,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_VOTE: &str = "vote";
 const META_COMMITTED: &str = "committed";
 const META_PURGED: &str = "last_purged";
+/// The cluster's incarnation (`crate::incarnation`); absent means 1.
+const META_INCARNATION: &str = "incarnation";
+/// The id of the recovery plan that raised it, if one did.
+const META_RECOVERY_PLAN: &str = "recovery_plan";
 
 /// redb's page cache for the log. Entries are also held in memory, so reads rarely need it;
 /// redb's default (1 GiB) would dominate a member's footprint.
@@ -46,13 +50,29 @@ struct Mem {
     vote: Option<Vote>,
     committed: Option<LogId>,
     last_purged: Option<LogId>,
+    incarnation: u64,
+    recovery_plan: Option<String>,
 }
 
 enum Op {
     Append(Vec<(u64, Vec<u8>)>, IOFlushed<TypeConfig>),
     TruncateFrom(u64),
-    Purge { upto: u64, log_id: Vec<u8> },
-    Meta { key: &'static str, value: Vec<u8>, done: Option<tokio::sync::oneshot::Sender<io::Result<()>>> },
+    Purge {
+        upto: u64,
+        log_id: Vec<u8>,
+    },
+    Meta {
+        key: &'static str,
+        value: Vec<u8>,
+        done: Option<tokio::sync::oneshot::Sender<io::Result<()>>>,
+    },
+    /// A recovery's writes (`crate::recovery`), in one durable transaction: an entry appended,
+    /// and meta values.
+    Recovery {
+        entry: Option<(u64, Vec<u8>)>,
+        meta: Vec<(&'static str, Vec<u8>)>,
+        done: tokio::sync::oneshot::Sender<io::Result<()>>,
+    },
 }
 
 /// The newest commit index not yet written, as (log index, encoded value), handed to the writer
@@ -69,6 +89,7 @@ fn last_index_after(mut last: u64, ops: &[Op]) -> u64 {
             Op::TruncateFrom(from) => last = last.min(from.saturating_sub(1)),
             Op::Purge { upto, .. } => last = last.max(*upto),
             Op::Meta { .. } => {}
+            Op::Recovery { entry, .. } => last = entry.as_ref().map_or(last, |(i, _)| *i),
         }
     }
     last
@@ -148,6 +169,13 @@ impl LogStore {
             if let Some(v) = meta.get(META_PURGED).map_err(io_err)? {
                 mem.last_purged = Some(decode(v.value())?);
             }
+            mem.incarnation = match meta.get(META_INCARNATION).map_err(io_err)? {
+                Some(v) => decode(v.value())?,
+                None => 1,
+            };
+            if let Some(v) = meta.get(META_RECOVERY_PLAN).map_err(io_err)? {
+                mem.recovery_plan = Some(decode(v.value())?);
+            }
             let log = r.open_table(LOG).map_err(io_err)?;
             for item in log.iter().map_err(io_err)? {
                 let (k, v) = item.map_err(io_err)?;
@@ -183,6 +211,69 @@ impl LogStore {
             meta.insert(META_COMMITTED, encode(&Some(upto))?.as_slice()).map_err(io_err)?;
         }
         w.commit().map_err(io_err)
+    }
+
+    /// The cluster's incarnation as this log store holds it (1 unless a recovery raised it).
+    pub fn incarnation(&self) -> u64 {
+        self.mem.lock().unwrap().incarnation
+    }
+
+    /// The recovery plan that set the incarnation, if one did.
+    pub fn recovery_plan(&self) -> Option<String> {
+        self.mem.lock().unwrap().recovery_plan.clone()
+    }
+
+    /// Nothing was ever written here: no vote, no entry, nothing purged.
+    pub fn is_fresh(&self) -> bool {
+        let mem = self.mem.lock().unwrap();
+        mem.vote.is_none() && mem.entries.is_empty() && mem.last_purged.is_none()
+    }
+
+    /// The last log id, the vote and the entries from `from` on, as stored.
+    pub(crate) fn state(&self, from: u64) -> (Option<LogId>, Option<Vote>, Option<LogId>, Vec<Entry>) {
+        let mem = self.mem.lock().unwrap();
+        let last = mem.entries.values().next_back().map(|e| e.log_id()).or(mem.last_purged);
+        (last, mem.vote, mem.committed, mem.entries.range(from..).map(|(_, e)| e.clone()).collect())
+    }
+
+    /// Durably write a recovery (`crate::recovery`): `entry` appended after the last one, `vote`
+    /// saved, the incarnation and the plan id set. Only while Raft is stopped.
+    pub(crate) async fn write_recovery(
+        &self,
+        entry: Option<Entry>,
+        vote: Option<Vote>,
+        incarnation: u64,
+        plan_id: &str,
+    ) -> io::Result<()> {
+        let mut meta =
+            vec![(META_INCARNATION, encode(&incarnation)?), (META_RECOVERY_PLAN, encode(&plan_id.to_string())?)];
+        if let Some(v) = &vote {
+            meta.push((META_VOTE, encode(v)?));
+        }
+        let encoded = match &entry {
+            Some(e) => Some((e.index(), encode(e)?)),
+            None => None,
+        };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(Op::Recovery { entry: encoded, meta, done })?;
+        wait.await.map_err(|_| io_err("log writer thread has stopped"))??;
+        let mut mem = self.mem.lock().unwrap();
+        if let Some(e) = entry {
+            mem.entries.insert(e.index(), e);
+        }
+        if vote.is_some() {
+            mem.vote = vote;
+        }
+        mem.incarnation = incarnation;
+        mem.recovery_plan = Some(plan_id.to_string());
+        Ok(())
+    }
+
+    /// A member joining a recovered cluster starts at the cluster's incarnation.
+    pub(crate) async fn set_incarnation(&self, incarnation: u64) -> io::Result<()> {
+        self.put_meta(META_INCARNATION, encode(&incarnation)?).await?;
+        self.mem.lock().unwrap().incarnation = incarnation;
+        Ok(())
     }
 
     /// Failpoint for fault drills: stall every fsync by `ms` milliseconds.
@@ -257,7 +348,7 @@ fn writer(
             let r = result.as_ref().map(|_| ()).map_err(io_err);
             match op {
                 Op::Append(_, cb) => cb.io_completed(r),
-                Op::Meta { done: Some(done), .. } => {
+                Op::Meta { done: Some(done), .. } | Op::Recovery { done, .. } => {
                     let _ = done.send(r);
                 }
                 _ => {}
@@ -296,6 +387,15 @@ fn write_batch(
                     let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
                     meta.insert(META_PURGED, log_id.as_slice()).map_err(|e| e.to_string())?;
                     log.retain_in(..=*upto, |_, _| false).map_err(|e| e.to_string())?;
+                }
+                Op::Recovery { entry, meta: values, .. } => {
+                    if let Some((i, bytes)) = entry {
+                        log.insert(*i, bytes.as_slice()).map_err(|e| e.to_string())?;
+                    }
+                    let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
+                    for (key, value) in values {
+                        meta.insert(*key, value.as_slice()).map_err(|e| e.to_string())?;
+                    }
                 }
                 Op::Meta { key, value, .. } => {
                     // Opened per use: most batches are appends alone, and opening a table

@@ -144,7 +144,12 @@ impl Member {
                 }
                 if id == self.id() {
                     let me = self.id();
-                    let target = voters.iter().copied().filter(|v| *v != me).max_by_key(|v| matched[v]);
+                    let isolated = self.isolated_members();
+                    let target = voters
+                        .iter()
+                        .copied()
+                        .filter(|v| *v != me && !isolated.contains_key(v))
+                        .max_by_key(|v| matched[v]);
                     return self.remove_self(target).await.map(|()| None);
                 }
                 info!(member = %format!("{id:x}"), "removing member");
@@ -189,7 +194,7 @@ impl Member {
                 info!(member = %format!("{id:x}"), "promoting learner");
                 raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true).await.map_err(change_err)
             }
-            Change::Isolate { id, isolation } => return self.propose_isolation(&m, id, isolation).await.map(|()| None),
+            Change::Isolate { id, isolation } => return self.propose_isolation(id, isolation).await.map(|()| None),
             Change::Unisolate(id) => return self.propose_unisolation(&m, id).await.map(|()| None),
         };
         result.map(|_| None)
@@ -214,6 +219,7 @@ impl Member {
     pub(crate) async fn promote_caught_up(self) {
         let mut tick = tokio::time::interval(PROMOTE_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut joint_seen = None;
         loop {
             tick.tick().await;
             let m = self.inner.raft.metrics().borrow_watched().clone();
@@ -221,13 +227,27 @@ impl Member {
                 return;
             }
             if m.state != ServerState::Leader {
+                joint_seen = None;
                 continue;
             }
             let membership = m.membership_config.membership();
             // One change at a time: openraft refuses a change while another is in flight.
             if membership.get_joint_config().len() > 1 {
+                // A joint config committed and still joint a tick later was left by a leader
+                // that died between the two halves of a change: nothing else finishes it.
+                let committed = m.committed_membership_config.log_id() == m.membership_config.log_id();
+                let log_id = *m.membership_config.log_id();
+                if committed && joint_seen == Some(log_id) {
+                    info!("finishing a membership change its leader left joint");
+                    let finish = ChangeMembers::AddVoterIds(BTreeSet::new());
+                    if let Err(e) = self.inner.raft.change_membership(finish, true).await {
+                        warn!(error = %e, "finishing a joint membership failed; will retry");
+                    }
+                }
+                joint_seen = committed.then_some(log_id);
                 continue;
             }
+            joint_seen = None;
             if self.reconcile_isolation(&m).await {
                 continue;
             }
@@ -254,12 +274,13 @@ impl Member {
     }
 
     /// Ask the peers at `peer_urls` which member id the cluster gave `my_peer_url` (a member
-    /// joining with `--initial-cluster-state existing`). Returns (member id, cluster id).
+    /// joining with `--initial-cluster-state existing`). Returns (member id, cluster id, the
+    /// cluster's incarnation).
     pub async fn discover_id(
         peer_urls: &[String],
         my_peer_url: &str,
         timeout: Duration,
-    ) -> Result<(NodeId, u64), String> {
+    ) -> Result<(NodeId, u64, u64), String> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::from("no peer answered");
         while tokio::time::Instant::now() < deadline {
@@ -268,16 +289,20 @@ impl Member {
                 let mut client = network::new_client(ch);
                 let mut request = tonic::Request::new(pb::Frame { data: encode(&ForwardReq::Members) });
                 request.set_timeout(Duration::from_secs(3));
-                match client.forward(request).await.map(|r| decode::<ForwardResp>(&r.into_inner().data)) {
-                    Ok(Ok(ForwardResp::Members(cluster_id, members))) => {
+                let answer = client.forward(request).await.map(|r| {
+                    let incarnation = crate::incarnation::of(r.metadata()).unwrap_or(1);
+                    (incarnation, decode::<ForwardResp>(&r.into_inner().data))
+                });
+                match answer.map(|(incarnation, r)| r.map(|r| (incarnation, r))) {
+                    Ok(Ok((incarnation, ForwardResp::Members(cluster_id, members)))) => {
                         if let Some((id, _)) = members.iter().find(|(_, u)| u == my_peer_url) {
-                            return Ok((*id, cluster_id));
+                            return Ok((*id, cluster_id, incarnation));
                         }
                         last = format!(
                             "{url} knows no member with peer URL {my_peer_url}: add it first with `etcdctl member add`"
                         );
                     }
-                    Ok(Ok(ForwardResp::Err(e))) => last = format!("{url}: cannot answer for the cluster now: {e}"),
+                    Ok(Ok((_, ForwardResp::Err(e)))) => last = format!("{url}: cannot answer for the cluster now: {e}"),
                     Ok(Ok(_)) | Ok(Err(_)) => last = format!("{url}: unexpected reply"),
                     Err(s) => last = format!("{url}: {}", s.message()),
                 }
@@ -365,6 +390,7 @@ impl Member {
         }
         warn!("this member has been removed from the cluster; it stops serving now");
         let _ = self.inner.removed.send(true);
+        self.inner.shared.serving.send_modify(|n| *n += 1);
     }
 }
 
@@ -395,6 +421,7 @@ async fn tell_removed(id: NodeId, node: MemberNode) {
     for _ in 0..5 {
         let mut request = tonic::Request::new(pb::Frame { data: encode(&ForwardReq::Removed(id)) });
         request.set_timeout(Duration::from_secs(1));
+        crate::incarnation::stamp(&mut request);
         if client.forward(request).await.is_ok() {
             return;
         }

@@ -175,7 +175,7 @@ impl PeerNetwork {
             Rpc::PreVote => client.pre_vote(request).await,
             Rpc::TransferLeader => client.transfer_leader(request).await,
         };
-        let frame = reply.map_err(|s| match s.code() {
+        let frame = reply.inspect_err(crate::incarnation::note).map_err(|s| match s.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                 RPCError::Unreachable(Unreachable::from_string(format!("member {:x}: {}", self.target, s.message())))
             }
@@ -335,7 +335,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         };
         // Every failure backs off (unreachable) rather than retrying at once: a refused image
         // (too large, damaged) would otherwise be sent again and again without a pause.
-        let frame = reply.map_err(|s| unreachable(format!("{:?}: {}", s.code(), s.message())))?;
+        let frame = reply
+            .inspect_err(crate::incarnation::note)
+            .map_err(|s| unreachable(format!("{:?}: {}", s.code(), s.message())))?;
         let res: Result<SnapshotResponse<TypeConfig>, String> =
             decode(&frame.into_inner().data).map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?;
         res.map_err(|e| unreachable(e).into())
@@ -526,12 +528,19 @@ const TO_HEADER: &str = "quorate-to";
 
 fn addressed<T>(mut req: tonic::Request<T>, target: NodeId) -> tonic::Request<T> {
     req.metadata_mut().insert(TO_HEADER, format!("{target:x}").parse().expect("hex is valid metadata"));
+    crate::incarnation::stamp(&mut req);
     req
 }
 
 /// Receives a forwarded client request at the member that believes it leads.
 pub trait ForwardHandler: Send + Sync + 'static {
-    fn handle(&self, req: Vec<u8>) -> futures::future::BoxFuture<'static, Vec<u8>>;
+    /// `refused` is set when the sender is of another incarnation: only a joining member's
+    /// lookup of its own id may then be answered (it learns the incarnation from the reply).
+    fn handle(
+        &self,
+        req: Vec<u8>,
+        refused: Option<tonic::Status>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, tonic::Status>>;
 }
 
 /// The gRPC service every member runs on its peer URL.
@@ -577,7 +586,9 @@ impl PeerService {
         });
     }
 
+    /// A Raft message is for this member, and of this member's incarnation.
     fn check_addressee<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        crate::incarnation::check(req.metadata())?;
         let to = req.metadata().get(TO_HEADER).and_then(|v| v.to_str().ok());
         match to.map(|t| u64::from_str_radix(t, 16)) {
             Some(Ok(id)) if id == self.id => Ok(()),
@@ -658,8 +669,14 @@ impl crate::pb::peer_server::Peer for PeerService {
     }
 
     async fn forward(&self, req: tonic::Request<Frame>) -> Reply {
-        let data = self.forward.handle(req.into_inner().data).await;
-        Ok(tonic::Response::new(Frame { data }))
+        let refused = crate::incarnation::check(req.metadata()).err();
+        let data = self.forward.handle(req.into_inner().data, refused).await?;
+        let mut resp = tonic::Response::new(Frame { data });
+        resp.metadata_mut().insert(
+            crate::incarnation::HEADER,
+            crate::incarnation::current().to_string().parse().expect("a number is valid metadata"),
+        );
+        Ok(resp)
     }
 }
 

@@ -101,6 +101,11 @@ fn decode_snapshot(data: &[u8]) -> io::Result<(SmSnapshot, Extras)> {
             let (image, extra) = rest.split_at(rest.len() - len);
             (image, bincode::deserialize::<Extras>(extra).map_err(|e| bad(e.to_string()))?)
         }
+        // A tail that starts like the magic but is not it: a damaged or newer trailer, never
+        // to be read as "no extras" (the records in it would be lost without a word).
+        _ if data.len() >= 8 && data[data.len() - 8..].starts_with(&EXTRAS_MAGIC[..4]) => {
+            return Err(bad("snapshot extras trailer damaged or of a newer format".into()));
+        }
         _ => (data, Extras::default()),
     };
     Ok((bincode::deserialize(image).map_err(|e| bad(e.to_string()))?, extras))
@@ -111,6 +116,10 @@ pub struct Shared {
     pub members: RwLock<BTreeMap<u64, PublishedMember>>,
     /// Members an operator isolated (`crate::isolation`), by id.
     pub isolated: RwLock<BTreeMap<u64, crate::isolation::Isolation>>,
+    /// Bumped whenever whether this member may serve clients can have changed (an isolation
+    /// applied or lifted, a snapshot installed, a removal, a fence): open client streams
+    /// re-check then.
+    pub serving: tokio::sync::watch::Sender<u64>,
     applied: RwLock<(Option<LogId>, StoredMembership)>,
     /// Every lease's deadline as this member knows it, and the leader's lease decisions
     /// (`crate::lease`). Taken after `store` whenever both are held.
@@ -216,6 +225,7 @@ impl StateMachine {
             store: RwLock::new(Store::new()),
             members: RwLock::new(BTreeMap::new()),
             isolated: RwLock::new(BTreeMap::new()),
+            serving: tokio::sync::watch::Sender::new(0),
             applied: RwLock::new((None, StoredMembership::default())),
             leases: Mutex::new(LeaseCore::new(grace)),
             events,
@@ -238,6 +248,11 @@ impl StateMachine {
         };
         let meta: SnapshotMeta = bincode::deserialize(meta.value()).map_err(io_err)?;
         Ok(Some((meta, data.value().to_vec())))
+    }
+
+    /// The membership the stored snapshot holds (a stopped member's, for `ctl recover`).
+    pub(crate) fn stored_membership(&self) -> io::Result<Option<StoredMembership>> {
+        Ok(self.load_snapshot()?.map(|(meta, _)| meta.last_membership))
     }
 
     /// Store `store` as this state machine's snapshot at `meta` (a restored data directory).
@@ -344,11 +359,21 @@ impl StateMachine {
                 Response::empty(store.revision())
             }
             EntryPayload::Normal(Request::Isolate { id, isolation }) => {
-                self.shared.isolated.write().unwrap().insert(*id, isolation.clone());
+                // The leader checks the quorum before proposing; this is the last word, alike on
+                // every member: an isolation that would leave no voter unisolated is void.
+                let voters: Vec<u64> = self.shared.applied.read().unwrap().1.membership().voter_ids().collect();
+                let mut isolated = self.shared.isolated.write().unwrap();
+                if voters.iter().any(|v| v != id && !isolated.contains_key(v)) {
+                    isolated.insert(*id, isolation.clone());
+                    self.shared.serving.send_modify(|n| *n += 1);
+                } else {
+                    tracing::warn!(member = %format!("{id:x}"), "isolation void: it would leave no voter in service");
+                }
                 Response::empty(store.revision())
             }
             EntryPayload::Normal(Request::Unisolate { id }) => {
                 self.shared.isolated.write().unwrap().remove(id);
+                self.shared.serving.send_modify(|n| *n += 1);
                 Response::empty(store.revision())
             }
             EntryPayload::Normal(Request::Kv(cmd)) => {
@@ -492,6 +517,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             *store = Store::from_snapshot(snap.store);
             *self.shared.members.write().unwrap() = snap.members;
             *self.shared.isolated.write().unwrap() = extras.isolated;
+            self.shared.serving.send_modify(|n| *n += 1);
             *self.shared.applied.write().unwrap() = (meta.last_log_id, meta.last_membership.clone());
             self.reset_lease_marks(&store);
             if let Some(o) = self.shared.observer.get() {
@@ -576,6 +602,10 @@ mod tests {
         let at = torn.len() - 12;
         torn[at] = 0xff;
         assert!(decode_snapshot(&torn).is_err(), "a damaged extras length is an error, never a silent default");
+        let mut newer = new.clone();
+        let last = newer.len() - 1;
+        newer[last] = 0xfd;
+        assert!(decode_snapshot(&newer).is_err(), "a trailer of another version is an error too");
     }
 
     #[test]

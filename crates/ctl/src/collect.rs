@@ -279,7 +279,9 @@ async fn ask(m: &pb::Member, opts: &Options) -> (MemberView, Option<Channel>) {
     v.revision = st.header.map(|h| h.revision);
     v.db_size_bytes = Some(st.db_size);
     v.version = Some(st.version.clone());
-    v.alarms = st.errors.clone();
+    // Only etcd's alarm lines: an isolated member's Status also names its isolation, whose
+    // reason is free text (it must never read as an alarm).
+    v.alarms = st.errors.iter().filter(|e| e.starts_with("memberID:") && e.contains(" alarm:")).cloned().collect();
     v.apply_lag_entries = Some(st.raft_index.saturating_sub(st.raft_applied_index));
     v.role = Some(
         if st.is_learner {

@@ -18,15 +18,20 @@ pub fn operator() -> String {
 /// POST `body` to `path` on a member that serves; the exit code (0 done, 1 refused or failed).
 async fn ask(opts: &Options, path: &str, body: serde_json::Value, done: impl Fn(&serde_json::Value) -> String) -> i32 {
     let view = collect(opts).await;
-    let serving = |m: &&crate::MemberView| m.reachable && m.isolated.is_none() && m.http_addr.is_some();
+    // The leader if it answers, else any member that serves, else any that answers at all (an
+    // isolated member hands the request to the leader too: the way back when every member
+    // that answers is isolated).
+    let answers = |m: &&crate::MemberView| m.reachable && m.http_addr.is_some();
+    let serving = |m: &&crate::MemberView| answers(m) && m.isolated.is_none();
     let via = view
         .members
         .iter()
         .filter(serving)
         .find(|m| m.role.as_deref() == Some("leader"))
-        .or_else(|| view.members.iter().find(serving));
+        .or_else(|| view.members.iter().find(serving))
+        .or_else(|| view.members.iter().find(answers));
     let Some(via) = via else {
-        eprintln!("Error: no member that serves answers (endpoints: {})", opts.endpoints.join(","));
+        eprintln!("Error: no member answers (endpoints: {})", opts.endpoints.join(","));
         return 1;
     };
     let addr = via.http_addr.clone().expect("filtered");

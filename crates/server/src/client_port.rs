@@ -18,6 +18,69 @@ use http::{Request, Response, StatusCode, Version};
 use quorate_consensus::{ConsensusError, Member};
 use tower::ServiceExt;
 
+/// A response body that ends, with the refusal as its gRPC status, as soon as the member stops
+/// serving clients: a stream opened before (a watch, a keep-alive) must not outlive that.
+struct CutOff<B> {
+    inner: std::pin::Pin<Box<B>>,
+    member: Member,
+    changed: Option<futures::future::BoxFuture<'static, ()>>,
+    exempt: bool,
+    done: bool,
+}
+
+impl<B> CutOff<B> {
+    fn new(inner: B, member: Member, exempt: bool) -> Self {
+        CutOff { inner: Box::pin(inner), member, changed: None, exempt, done: false }
+    }
+
+    fn watch(&self) -> futures::future::BoxFuture<'static, ()> {
+        let mut changes = self.member.serving_changes();
+        Box::pin(async move {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+}
+
+impl<B> http_body::Body for CutOff<B>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if !self.exempt {
+            if self.changed.is_none() {
+                let w = self.watch();
+                self.changed = Some(w);
+            }
+            while let Some(Poll::Ready(())) = self.changed.as_mut().map(|f| f.as_mut().poll(cx)) {
+                let w = self.watch();
+                self.changed = Some(w);
+                if let Some(e) = self.member.refusal() {
+                    self.done = true;
+                    let mut trailers = http::HeaderMap::new();
+                    let _ = quorate_api_grpc::consensus_status(e).add_header(&mut trailers);
+                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+                }
+            }
+        }
+        self.inner.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+}
+
 /// The one gRPC method an isolated member still answers.
 const STATUS_PATH: &str = "/etcdserverpb.Maintenance/Status";
 
@@ -86,19 +149,36 @@ where
                 Ok(resp.map(tonic::body::Body::new))
             });
         }
-        let refusal = if self.member.is_removed() {
-            Some(ConsensusError::Removed)
-        } else {
-            self.member
-                .isolation()
-                .filter(|_| req.uri().path() != STATUS_PATH)
-                .map(|i| ConsensusError::Isolated(i.describe()))
+        let status_call = req.uri().path() == STATUS_PATH;
+        let refusal = move |member: &Member| match member.refusal() {
+            Some(ConsensusError::Removed) => Some(ConsensusError::Removed),
+            Some(_) if status_call => None,
+            other => other,
         };
-        if let Some(e) = refusal {
+        if let Some(e) = refusal(&self.member) {
             let status = quorate_api_grpc::consensus_status(e);
             return Box::pin(futures::future::ready(Ok(status.into_http())));
         }
+        // A call already running when the member stops serving (a lock or a campaign waiting, a
+        // watch or keep-alive stream) is ended with the refusal, not left to run on.
+        let member = self.member.clone();
+        let mut changes = member.serving_changes();
         let fut = self.inner.call(req);
-        Box::pin(async move { Ok(fut.await?.map(tonic::body::Body::new)) })
+        Box::pin(async move {
+            let stopped = async {
+                loop {
+                    if changes.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                    if let Some(e) = refusal(&member) {
+                        return e;
+                    }
+                }
+            };
+            tokio::select! {
+                resp = fut => Ok(resp?.map(|body| tonic::body::Body::new(CutOff::new(body, member, status_call)))),
+                e = stopped => Ok(quorate_api_grpc::consensus_status(e).into_http()),
+            }
+        })
     }
 }

@@ -139,6 +139,7 @@ impl ServerConfig {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             election_timeout_ms: self.election_timeout_ms,
             snapshot_entries: self.snapshot_count,
+            join_incarnation: None,
             cluster_id: self.cluster_id(),
         })
     }

@@ -32,11 +32,17 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 /// The member named `name` (its name or hex id), or the 404 that says which names exist.
 fn resolve(member: &Member, name: &str) -> Result<NodeId, quorate_api_http::ApiError> {
     let members = member.members();
+    let known = || members.iter().map(|m| format!("{} ({:x})", m.name, m.id)).collect::<Vec<_>>().join(", ");
     let by_id = u64::from_str_radix(name, 16).ok().filter(|id| members.iter().any(|m| m.id == *id));
-    let by_name = members.iter().find(|m| !m.name.is_empty() && m.name == name).map(|m| m.id);
-    by_name.or(by_id).ok_or_else(|| {
-        let known: Vec<String> = members.iter().map(|m| format!("{} ({:x})", m.name, m.id)).collect();
-        let message = format!("no member {name:?}; members: {}", known.join(", "));
+    let mut by_name = members.iter().filter(|m| !m.name.is_empty() && m.name == name).map(|m| m.id);
+    let named = by_name.next();
+    let ambiguous = by_name.next().is_some() || matches!((named, by_id), (Some(a), Some(b)) if a != b);
+    if ambiguous {
+        let message = format!("{name:?} names more than one member: use the hex id; members: {}", known());
+        return Err(quorate_api_http::ApiError::new(StatusCode::CONFLICT, "ambiguous_member", message));
+    }
+    named.or(by_id).ok_or_else(|| {
+        let message = format!("no member {name:?}; members: {}", known());
         quorate_api_http::ApiError::not_found("member_not_found", message)
     })
 }
@@ -68,7 +74,7 @@ pub async fn isolate(State(s): State<Arc<HttpState>>, Json(body): Json<IsolateBo
         Ok(()) => {
             // Committed at the leader; read it back once applied here too.
             let _ = member.linearize().await;
-            let recorded = member.isolated_members().get(&id).cloned();
+            let recorded = member.isolated_members().get(&id).map(describe);
             Json(json!({"member": format!("{id:x}"), "isolated": recorded.is_some(), "isolation": recorded}))
                 .into_response()
         }

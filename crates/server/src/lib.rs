@@ -65,7 +65,8 @@ impl Listeners {
 pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut member_cfg = cfg.member_config()?;
-    (member_cfg.id, member_cfg.cluster_id) = resolve_ids(&cfg, member_cfg.id, member_cfg.cluster_id).await?;
+    (member_cfg.id, member_cfg.cluster_id, member_cfg.join_incarnation) =
+        resolve_ids(&cfg, member_cfg.id, member_cfg.cluster_id).await?;
     log_context::set_member(&cfg.name, member_cfg.id);
     info!(
         name = %cfg.name,
@@ -247,34 +248,51 @@ pub const IDS_FILE: &str = "member.id";
 
 /// Write the ids file of a data directory: member id and cluster id, in hex, one per line.
 pub fn write_ids(data_dir: &std::path::Path, member: u64, cluster: u64) -> anyhow::Result<()> {
+    write_ids_joined(data_dir, member, cluster, None)
+}
+
+/// `write_ids`, with (third line, decimal) the incarnation a joining member starts at.
+fn write_ids_joined(
+    data_dir: &std::path::Path,
+    member: u64,
+    cluster: u64,
+    incarnation: Option<u64>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
     let path = data_dir.join(IDS_FILE);
-    std::fs::write(&path, format!("{member:x}\n{cluster:x}\n")).with_context(|| format!("write {}", path.display()))
+    let joined = incarnation.map_or(String::new(), |n| format!("{n}\n"));
+    std::fs::write(&path, format!("{member:x}\n{cluster:x}\n{joined}"))
+        .with_context(|| format!("write {}", path.display()))
 }
 
 /// This member's id and its cluster's id: recorded in the data directory on the first start.
 /// A member joining an existing cluster (`--initial-cluster-state existing`, empty data
-/// directory) asks its peers which id `member add` gave its peer URL, as etcd does.
-async fn resolve_ids(cfg: &ServerConfig, member: u64, cluster: u64) -> anyhow::Result<(u64, u64)> {
+/// directory) asks its peers which id `member add` gave its peer URL, as etcd does, and the
+/// cluster's incarnation (a recovered cluster's is above 1), which it starts at.
+async fn resolve_ids(cfg: &ServerConfig, member: u64, cluster: u64) -> anyhow::Result<(u64, u64, Option<u64>)> {
     let path = cfg.data_dir.join(IDS_FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
         let corrupt = || anyhow::anyhow!("{} is corrupt", path.display());
-        let mut lines = text.lines().map(|l| u64::from_str_radix(l.trim(), 16));
-        let member = lines.next().and_then(Result::ok).ok_or_else(corrupt)?;
-        let cluster = lines.next().and_then(Result::ok).ok_or_else(corrupt)?;
-        return Ok((member, cluster));
+        let mut lines = text.lines();
+        let mut hex = || lines.next().and_then(|l| u64::from_str_radix(l.trim(), 16).ok());
+        let member = hex().ok_or_else(corrupt)?;
+        let cluster = hex().ok_or_else(corrupt)?;
+        let incarnation = text.lines().nth(2).and_then(|l| l.trim().parse::<u64>().ok());
+        return Ok((member, cluster, incarnation));
     }
     let fresh = !cfg.data_dir.join("raft.redb").exists();
     let ids = if cfg.initial_cluster_state == ClusterState::Existing && fresh {
         let peers: Vec<String> = cfg.initial_cluster.iter().map(|(_, url)| url.clone()).collect();
         info!("joining an existing cluster: asking {} for this member's id", peers.join(","));
-        Member::discover_id(&peers, &cfg.advertise_peer_url, std::time::Duration::from_secs(30))
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot join the existing cluster: {e}"))?
+        let (member, cluster, incarnation) =
+            Member::discover_id(&peers, &cfg.advertise_peer_url, std::time::Duration::from_secs(30))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot join the existing cluster: {e}"))?;
+        (member, cluster, Some(incarnation))
     } else {
-        (member, cluster)
+        (member, cluster, None)
     };
-    write_ids(&cfg.data_dir, ids.0, ids.1)?;
+    write_ids_joined(&cfg.data_dir, ids.0, ids.1, ids.2)?;
     Ok(ids)
 }
 

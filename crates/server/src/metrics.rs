@@ -510,6 +510,10 @@ async fn serve_health(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 
 /// Healthy means a leader is known and a linearizable read goes through, as etcd's /health.
 pub async fn health(member: &Member) -> (StatusCode, Json<serde_json::Value>) {
+    // A member that serves no client is not healthy for a load balancer's purpose.
+    if let Some(e) = member.refusal() {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"health": "false", "reason": e.to_string()})));
+    }
     let result = tokio::time::timeout(std::time::Duration::from_secs(5), member.linearize()).await;
     match result {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({"health": "true", "reason": ""}))),

@@ -15,8 +15,8 @@ pub async fn refuse_http(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if member.is_removed() {
-        return quorate_api_http::ApiError::from(ConsensusError::Removed).into_response();
+    if let Some(e @ (ConsensusError::Removed | ConsensusError::Fenced(_))) = member.refusal() {
+        return quorate_api_http::ApiError::from(e).into_response();
     }
     if let Some(i) = member.isolation() {
         let body = serde_json::json!({"error": {
