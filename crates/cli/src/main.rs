@@ -45,7 +45,7 @@ enum Command {
     #[command(hide = true)]
     DrillProxy(DrillProxyArgs),
     /// The operator's commands (etcdctl's global flags): status, doctor, timeline, audit, verify,
-    /// isolate, unisolate.
+    /// isolate, unisolate, recover.
     /// See docs/ctl.md.
     Ctl(CtlArgs),
 }
@@ -123,6 +123,21 @@ enum CtlCommand {
     Unisolate {
         /// The member's name or hex id.
         member: String,
+    },
+    /// After losing a quorum for good: the survivors (every member that answers at --endpoints,
+    /// and the stopped ones given by --data-dir) become the cluster. A dry run prints the plan:
+    /// the survivor whose log is the most recent, what is kept and what may be lost, who is
+    /// dropped. With --apply every survivor applies it (running ones restart in place), and the
+    /// cluster's incarnation is raised, so that the dropped members, restarted on their old
+    /// data, are refused by every member. Refused while a majority of the voters answers, or
+    /// while a member it would drop answers. Exit 0 for a plan or a recovery done, 1 otherwise.
+    Recover {
+        /// The data directory of a stopped survivor (repeat for each); stop it first.
+        #[arg(long)]
+        data_dir: Vec<std::path::PathBuf>,
+        /// Carry the plan out.
+        #[arg(long)]
+        apply: bool,
     },
 }
 
@@ -627,6 +642,10 @@ fn run() -> anyhow::Result<()> {
                         quorate_ctl::isolate::isolate(&opts, &member, &reason).await
                     }
                     CtlCommand::Unisolate { member } => quorate_ctl::isolate::unisolate(&opts, &member).await,
+                    CtlCommand::Recover { data_dir, apply } => {
+                        let r = quorate_ctl::recover::RecoverOptions { data_dirs: data_dir, apply };
+                        quorate_ctl::recover(&opts, &r).await?
+                    }
                     CtlCommand::Doctor => quorate_ctl::doctor(&opts).await?,
                     CtlCommand::Timeline { since, member } => {
                         let t = quorate_ctl::timeline::TimelineOptions { since, member };

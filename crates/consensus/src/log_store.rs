@@ -218,7 +218,7 @@ impl LogStore {
         self.mem.lock().unwrap().incarnation
     }
 
-    /// The recovery plan that set the incarnation, if one did.
+    /// The recovery plan (JSON) that set the incarnation, if one did.
     pub fn recovery_plan(&self) -> Option<String> {
         self.mem.lock().unwrap().recovery_plan.clone()
     }
@@ -243,10 +243,10 @@ impl LogStore {
         entry: Option<Entry>,
         vote: Option<Vote>,
         incarnation: u64,
-        plan_id: &str,
+        plan_json: &str,
     ) -> io::Result<()> {
         let mut meta =
-            vec![(META_INCARNATION, encode(&incarnation)?), (META_RECOVERY_PLAN, encode(&plan_id.to_string())?)];
+            vec![(META_INCARNATION, encode(&incarnation)?), (META_RECOVERY_PLAN, encode(&plan_json.to_string())?)];
         if let Some(v) = &vote {
             meta.push((META_VOTE, encode(v)?));
         }
@@ -265,7 +265,7 @@ impl LogStore {
             mem.vote = vote;
         }
         mem.incarnation = incarnation;
-        mem.recovery_plan = Some(plan_id.to_string());
+        mem.recovery_plan = Some(plan_json.to_string());
         Ok(())
     }
 

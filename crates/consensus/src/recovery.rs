@@ -51,7 +51,7 @@ pub struct RecoveryInfo {
     pub name: String,
     pub incarnation: u64,
     /// The plan that raised the incarnation to what it is, if one did.
-    pub recovery_plan: Option<String>,
+    pub recovery_plan: Option<RecoveryPlan>,
     pub last_log: Option<LogPos>,
     pub committed: u64,
     pub applied: u64,
@@ -82,6 +82,9 @@ pub struct RecoveryPlan {
     /// The highest commit index any survivor knew of.
     pub highest_commit_seen: u64,
     pub by: String,
+    /// When it was applied (set by `ctl recover --apply`; not part of the plan id).
+    #[serde(default)]
+    pub at_unix_ms: u64,
 }
 
 fn hex(id: u64) -> String {
@@ -141,6 +144,7 @@ pub fn plan(survivors: &[RecoveryInfo], by: &str) -> Result<RecoveryPlan, String
         kept_up_to: last.map_or(0, |l| l.index),
         highest_commit_seen: survivors.iter().map(|s| s.committed).max().unwrap_or(0),
         by: by.to_string(),
+        at_unix_ms: 0,
     })
 }
 
@@ -234,6 +238,16 @@ pub enum Applied {
 }
 
 impl Member {
+    /// The recovery that set this member's incarnation, if one did.
+    pub fn recovered_by(&self) -> Option<RecoveryPlan> {
+        self.inner.log.recovery_plan().and_then(|j| serde_json::from_str(&j).ok())
+    }
+
+    /// This member's incarnation (`crate::incarnation`).
+    pub fn incarnation(&self) -> u64 {
+        self.inner.log.incarnation()
+    }
+
     /// What this member holds, for `ctl recover`.
     pub async fn recovery_info(&self) -> RecoveryInfo {
         let m = self.inner.raft.metrics().borrow_watched().clone();
@@ -244,7 +258,7 @@ impl Member {
             id: self.id(),
             name: self.inner.cfg.name.clone(),
             incarnation: self.inner.log.incarnation(),
-            recovery_plan: self.inner.log.recovery_plan(),
+            recovery_plan: self.recovered_by(),
             last_log: last.map(|l| LogPos::of(&l)),
             committed: committed.map_or(0, |l| l.index).max(m.last_applied.map_or(0, |l| l.index)),
             applied: m.last_applied.map_or(0, |l| l.index),
@@ -258,7 +272,7 @@ impl Member {
     /// the caller must re-execute the process (this member serves nothing more meanwhile).
     pub async fn apply_recovery(&self, plan: &RecoveryPlan) -> Result<Applied, ConsensusError> {
         let refuse = ConsensusError::Membership;
-        if self.inner.log.recovery_plan().as_deref() == Some(plan.plan_id.as_str()) {
+        if self.recovered_by().is_some_and(|p| p.plan_id == plan.plan_id) {
             return Ok(Applied::Already);
         }
         if let Some(leader) = self.live_leader() {
@@ -281,7 +295,7 @@ impl Member {
         let (entry, vote) = writes(self.id(), plan, last, vote, &nodes).map_err(refuse)?;
         self.inner
             .log
-            .write_recovery(entry, vote, plan.incarnation, &plan.plan_id)
+            .write_recovery(entry, vote, plan.incarnation, &serde_json::to_string(plan).expect("a plan serializes"))
             .await
             .map_err(|e| ConsensusError::Stopped(format!("recovery write failed: {e}")))?;
         self.flight().record(crate::flight::Event::Recovered {
@@ -305,52 +319,66 @@ fn dir_member_id(dir: &Path) -> Result<NodeId, String> {
         .ok_or_else(|| format!("{} is corrupt", path.display()))
 }
 
-fn open_stopped(dir: &Path) -> Result<(LogStore, Option<crate::types::StoredMembership>), String> {
-    let log = LogStore::open(&dir.join("raft.redb")).map_err(|e| {
-        format!("open {}: {e} (is the member still running? stop it first)", dir.join("raft.redb").display())
-    })?;
-    let sm = crate::state_machine::StateMachine::open(&dir.join("state.redb"), std::time::Duration::ZERO)
-        .map_err(|e| format!("open {}: {e}", dir.join("state.redb").display()))?;
-    Ok((log, sm.stored_membership().map_err(|e| e.to_string())?))
+/// A stopped member's data directory, opened for `ctl recover --data-dir` (its log store is
+/// held open, so the member cannot be started meanwhile).
+pub struct Stopped {
+    dir: std::path::PathBuf,
+    id: NodeId,
+    log: LogStore,
+    snapshot_membership: Option<crate::types::StoredMembership>,
 }
 
-/// What a stopped member's data directory holds, for `ctl recover --data-dir`.
-pub fn offline_info(dir: &Path) -> Result<RecoveryInfo, String> {
-    let id = dir_member_id(dir)?;
-    let (log, snapshot_membership) = open_stopped(dir)?;
-    let (last, vote, committed, entries) = log.state(0);
-    let membership = membership_of(&entries, snapshot_membership)
-        .ok_or_else(|| format!("{}: no membership in the log or the snapshot", dir.display()))?;
-    let members = known_members(&membership, &BTreeMap::new());
-    let name = members.iter().find(|m| m.id == id).map(|m| m.name.clone()).unwrap_or_default();
-    Ok(RecoveryInfo {
-        id,
-        name,
-        incarnation: log.incarnation(),
-        recovery_plan: log.recovery_plan(),
-        last_log: last.map(|l| LogPos::of(&l)),
-        committed: committed.map_or(0, |l| l.index),
-        applied: 0,
-        term: vote.map_or(0, |v| v.leader_id().term),
-        members,
-        live_leader: None,
-    })
-}
-
-/// Apply a plan to a stopped member's data directory.
-pub async fn offline_apply(dir: &Path, plan: &RecoveryPlan) -> Result<Applied, String> {
-    let id = dir_member_id(dir)?;
-    let (log, snapshot_membership) = open_stopped(dir)?;
-    if log.recovery_plan().as_deref() == Some(plan.plan_id.as_str()) {
-        return Ok(Applied::Already);
+impl Stopped {
+    pub fn open(dir: &Path) -> Result<Stopped, String> {
+        let id = dir_member_id(dir)?;
+        let log = LogStore::open(&dir.join("raft.redb")).map_err(|e| {
+            format!("open {}: {e} (is the member still running? stop it first)", dir.join("raft.redb").display())
+        })?;
+        let sm = crate::state_machine::StateMachine::open(&dir.join("state.redb"), std::time::Duration::ZERO)
+            .map_err(|e| format!("open {}: {e}", dir.join("state.redb").display()))?;
+        let snapshot_membership = sm.stored_membership().map_err(|e| e.to_string())?;
+        Ok(Stopped { dir: dir.to_path_buf(), id, log, snapshot_membership })
     }
-    let (last, vote, _, entries) = log.state(0);
-    check(id, plan, log.incarnation(), last)?;
-    let membership = membership_of(&entries, snapshot_membership).ok_or("no membership in the log or the snapshot")?;
-    let nodes: BTreeMap<NodeId, MemberNode> = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
-    let (entry, vote) = writes(id, plan, last, vote, &nodes)?;
-    log.write_recovery(entry, vote, plan.incarnation, &plan.plan_id).await.map_err(|e| e.to_string())?;
-    Ok(Applied::Written)
+
+    fn membership(&self) -> Result<Membership<NodeId, MemberNode>, String> {
+        let (_, _, _, entries) = self.log.state(0);
+        membership_of(&entries, self.snapshot_membership.clone())
+            .ok_or_else(|| format!("{}: no membership in the log or the snapshot", self.dir.display()))
+    }
+
+    /// What the data directory holds.
+    pub fn info(&self) -> Result<RecoveryInfo, String> {
+        let (last, vote, committed, _) = self.log.state(u64::MAX);
+        let members = known_members(&self.membership()?, &BTreeMap::new());
+        let name = members.iter().find(|m| m.id == self.id).map(|m| m.name.clone()).unwrap_or_default();
+        Ok(RecoveryInfo {
+            id: self.id,
+            name,
+            incarnation: self.log.incarnation(),
+            recovery_plan: self.log.recovery_plan().and_then(|j| serde_json::from_str(&j).ok()),
+            last_log: last.map(|l| LogPos::of(&l)),
+            committed: committed.map_or(0, |l| l.index),
+            applied: 0,
+            term: vote.map_or(0, |v| v.leader_id().term),
+            members,
+            live_leader: None,
+        })
+    }
+
+    /// Apply a plan to the data directory.
+    pub async fn apply(&self, plan: &RecoveryPlan) -> Result<Applied, String> {
+        let applied: Option<RecoveryPlan> = self.log.recovery_plan().and_then(|j| serde_json::from_str(&j).ok());
+        if applied.is_some_and(|p| p.plan_id == plan.plan_id) {
+            return Ok(Applied::Already);
+        }
+        let (last, vote, _, _) = self.log.state(u64::MAX);
+        check(self.id, plan, self.log.incarnation(), last)?;
+        let nodes: BTreeMap<NodeId, MemberNode> = self.membership()?.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let (entry, vote) = writes(self.id, plan, last, vote, &nodes)?;
+        let json = serde_json::to_string(plan).map_err(|e| e.to_string())?;
+        self.log.write_recovery(entry, vote, plan.incarnation, &json).await.map_err(|e| e.to_string())?;
+        Ok(Applied::Written)
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,12 @@ pub struct QuorateStatus {
     pub isolated: Option<Isolation>,
     /// Every isolated member this member knows of.
     pub isolated_members: Vec<IsolatedMember>,
+    /// The cluster's incarnation as this member has it (raised by `ctl recover`).
+    pub incarnation: Option<u64>,
+    /// Set when a member of a newer incarnation refused this one: it was dropped by a recovery.
+    pub fenced: Option<String>,
+    /// The recovery that set the incarnation, if one did.
+    pub recovery: Option<serde_json::Value>,
     pub wall_clock_unix_ms: u64,
 }
 
@@ -104,6 +110,14 @@ pub struct MemberView {
     /// The isolated members this member knows of.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isolated_members: Vec<IsolatedMember>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<u64>,
+    /// Why this member was fenced (dropped by a recovery), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<String>,
+    /// The recovery that set its incarnation (`ctl recover`'s plan), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<serde_json::Value>,
 }
 
 /// A zone where the eviction brake holds, from the replicated brake state.
@@ -318,6 +332,9 @@ async fn ask(m: &pb::Member, opts: &Options) -> (MemberView, Option<Channel>) {
                     v.version = Some(q.version);
                     v.isolated = q.isolated;
                     v.isolated_members = q.isolated_members;
+                    v.incarnation = q.incarnation;
+                    v.fenced = q.fenced;
+                    v.recovery = q.recovery.filter(|r| !r.is_null());
                 }
                 Err(e) => v.error = Some(format!("{http}/v1/member/status: {e}")),
             }

@@ -519,6 +519,58 @@ pub fn judge(v: &ClusterView, t: &Thresholds) -> Report {
         ));
     }
 
+    // stale-incarnation: a member dropped by a recovery came back on its old data.
+    for m in v.members.iter().filter(|m| m.fenced.is_some()) {
+        findings.push(finding(
+            "stale-incarnation",
+            Severity::Critical,
+            vec![label(m)],
+            m.fenced.clone().unwrap_or_default(),
+            vec![
+                format!("Stop {}: it was dropped by `quorate ctl recover` and serves nothing; its data is of the old cluster", label(m)),
+                "Wipe its data directory (keep a copy if its writes after the recovery point matter to you)".to_string(),
+                format!("Add it again: `etcdctl --endpoints=<a member of the recovered cluster> member add {} --peer-urls=<its peer URL>`, then start it with `--initial-cluster-state existing`", label(m)),
+            ],
+        ));
+    }
+    // recovered: the cluster runs on a recovery from quorum loss (shown for an hour after it).
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let recent = v
+        .members
+        .iter()
+        .filter(|m| m.fenced.is_none())
+        .filter_map(|m| m.recovery.as_ref())
+        .find(|r| r["at_unix_ms"].as_u64().is_some_and(|at| now_ms.saturating_sub(at) < 3_600_000));
+    if let Some(r) = recent {
+        let at = r["at_unix_ms"].as_u64().unwrap_or(0);
+        let dropped: Vec<String> = r["dropped"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_u64())
+            .map(|d| format!("{d:x}"))
+            .collect();
+        findings.push(finding(
+            "recovered",
+            Severity::Degraded,
+            Vec::new(),
+            format!(
+                "recovered from quorum loss by {} at {} (plan {}, incarnation {}): kept the log up to index {}, dropped [{}]; writes the dropped members acknowledged after that index may be lost",
+                r["by"].as_str().unwrap_or("?"),
+                quorate_consensus::isolation::utc_text(at),
+                r["plan_id"].as_str().unwrap_or("?"),
+                r["incarnation"],
+                r["kept_up_to"],
+                dropped.join(",")
+            ),
+            vec![
+                format!("Check the cluster is fit: `quorate ctl --endpoints={eps} verify`"),
+                "Keep the dropped members down; to bring one back, wipe its data directory and `etcdctl member add` it".to_string(),
+                "Restore the fault tolerance you had: add members until there are as many voters as before".to_string(),
+            ],
+        ));
+    }
+
     // isolated: an operator took the member out of service. Every member knows; the member
     // itself says so even when no other answers.
     let mut isolated: std::collections::BTreeMap<String, (crate::collect::Isolation, bool)> = Default::default();

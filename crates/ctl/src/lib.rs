@@ -9,6 +9,7 @@ pub mod audit;
 pub mod collect;
 pub mod isolate;
 pub mod judge;
+pub mod recover;
 pub mod render;
 pub mod timeline;
 pub mod verify;
@@ -61,6 +62,18 @@ pub async fn audit(opts: &Options, a: &audit::AuditOptions, repair: bool, yes: b
         print!("{}", audit::render(&report));
     }
     Ok(code)
+}
+
+/// `quorate ctl recover`: prints the survivors and the plan (and, with `--apply`, what each
+/// survivor did); exit 0 for a plan or a recovery done, 1 when refused or failed.
+pub async fn recover(opts: &Options, r: &recover::RecoverOptions) -> anyhow::Result<i32> {
+    let report = recover::recover(opts, r).await;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", recover::render(&report));
+    }
+    Ok(report.exit_code())
 }
 
 /// `quorate ctl verify`: prints each check; exit 0 only when every one passed.

@@ -66,6 +66,8 @@ pub async fn serve(
         .route("/v1/member/timeline", get(crate::timeline::member_timeline))
         .route("/v1/member/isolate", axum::routing::post(crate::isolate::isolate))
         .route("/v1/member/unisolate", axum::routing::post(crate::isolate::unisolate))
+        .route("/v1/member/recovery", get(crate::recover::info))
+        .route("/v1/member/recover", axum::routing::post(crate::recover::recover))
         .route("/debug/failpoints/fsync-delay-ms", axum::routing::put(set_fsync_delay))
         .route("/debug/failpoints/diverge-put-key", axum::routing::put(set_diverge_put_key))
         .route("/debug/failpoints/hold-isolation", axum::routing::put(set_hold_isolation))
@@ -178,6 +180,9 @@ async fn member_status(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         "version": env!("CARGO_PKG_VERSION"),
         "isolated": isolated,
         "isolated_members": isolated_members,
+        "incarnation": s.member.incarnation(),
+        "fenced": quorate_consensus::incarnation::fenced(),
+        "recovery": s.member.recovered_by(),
         "wall_clock_unix_ms": wall_clock_unix_ms,
     }))
 }

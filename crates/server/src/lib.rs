@@ -13,6 +13,7 @@ mod pprof;
 mod prober;
 mod process_metrics;
 mod reaper;
+mod recover;
 mod registry_counts;
 mod registry_view;
 mod removed_gate;
