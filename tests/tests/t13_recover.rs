@@ -160,3 +160,47 @@ fn a_stopped_survivor_is_recovered_offline_on_its_data_directory() {
     assert_keys_kept(&endpoint);
     assert_eq!(status(&c, survivor)["incarnation"], 2);
 }
+
+/// An `--apply` cut short (here: the plan applied by hand to one survivor only) is finished by
+/// running the command again: the same plan, not a new one, and the survivor still to apply it
+/// is told so by the other, not fenced.
+#[test]
+fn a_recovery_cut_short_is_finished_by_running_it_again() {
+    let mut c = Cluster::start(Flavor::Quorate, 5).expect("cluster");
+    let leader = c.wait_leader(SETTLE).expect("leader");
+    write_keys(&c.endpoints());
+    let lost: Vec<usize> = (0..3).map(|k| (leader + k) % 5).collect();
+    let survivors: Vec<usize> = (0..5).filter(|i| !lost.contains(i)).collect();
+    for i in &lost {
+        c.kill(*i);
+    }
+    let eps = survivors.iter().map(|i| c.nodes[*i].endpoint()).collect::<Vec<_>>().join(",");
+    let deadline = Instant::now() + SETTLE;
+    let plan = loop {
+        let dry = ctl(&eps, &["recover", "-w", "json"]);
+        if dry.code == 0 {
+            break dry.json()["plan"].clone();
+        }
+        assert!(Instant::now() < deadline, "no plan: {}", dry.stdout);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let chosen = format!("{:x}", plan["chosen"].as_u64().unwrap());
+    let ids: Vec<String> = survivors.iter().map(|i| status(&c, *i)["id"].as_str().unwrap().to_string()).collect();
+    let other = survivors[ids.iter().position(|id| *id != chosen).unwrap()];
+    let chosen_slot = survivors[ids.iter().position(|id| *id == chosen).unwrap()];
+
+    let applied = http(&c.nodes[other], "POST", "/v1/member/recover", Some(&plan.to_string())).expect("apply one");
+    assert_eq!(applied.status, 200, "{}", applied.body);
+    std::thread::sleep(Duration::from_secs(3));
+    let st = status(&c, chosen_slot);
+    assert!(st["fenced"].is_null(), "a survivor yet to apply the plan is not fenced: {st}");
+
+    let finish = ctl(&eps, &["recover", "--apply", "-w", "json"]);
+    assert_eq!(finish.code, 0, "{}{}", finish.stdout, finish.stderr);
+    assert_eq!(finish.json()["plan"]["plan_id"], plan["plan_id"], "the same plan, finished");
+    put_within(&eps, Duration::from_secs(10)).expect("writes resume");
+    for i in &survivors {
+        assert_keys_kept(&c.nodes[*i].endpoint());
+        assert_eq!(status(&c, *i)["incarnation"], 2);
+    }
+}

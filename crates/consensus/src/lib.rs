@@ -192,8 +192,12 @@ struct Inner {
     last_leader_contact: Mutex<Option<tokio::time::Instant>>,
     app_handler: Mutex<Option<Arc<dyn AppHandler>>>,
     metrics: ConsensusMetrics,
-    /// Held by the leader from an isolation's quorum check to its commit (`crate::isolation`).
+    /// Held by the leader from an isolation's quorum check to its commit (`crate::isolation`),
+    /// and while a recovery plan is applied (`crate::recovery`).
     isolating: tokio::sync::Mutex<()>,
+    /// Set once every other member has been probed once (answered, refused or timed out): a
+    /// member a recovery dropped learns it from those refusals before it serves any client.
+    probed: tokio::sync::watch::Sender<bool>,
 }
 
 /// Answers application calls from other members (`Member::call_member`).
@@ -229,6 +233,11 @@ impl Member {
             log.set_incarnation(n).await.map_err(|e| format!("write incarnation: {e}"))?;
         }
         incarnation::set(log.incarnation());
+        let survivors = log
+            .recovery_plan()
+            .and_then(|j| serde_json::from_str::<recovery::RecoveryPlan>(&j).ok())
+            .map_or_else(Vec::new, |p| p.voters);
+        incarnation::set_identity(cfg.id, survivors);
         let grace = Duration::from_millis(cfg.election_timeout_ms);
         let mut sm =
             StateMachine::open(&cfg.data_dir.join("state.redb"), grace).map_err(|e| format!("open state: {e}"))?;
@@ -296,6 +305,7 @@ impl Member {
                 app_handler: Mutex::new(None),
                 metrics,
                 isolating: tokio::sync::Mutex::new(()),
+                probed: tokio::sync::watch::Sender::new(false),
             }),
         };
         tokio::spawn(clock.run(raft.clone(), shared, member.metrics().clone()));
@@ -340,7 +350,12 @@ impl Member {
 
     /// Wait until this member's client URLs are in the replicated member list, as etcd does
     /// before it serves clients.
+    ///
+    /// And until every other member has been probed once: a member that a recovery dropped
+    /// (restarted on its old data, perhaps with enough old members to elect a leader among
+    /// them) learns it from the newer members' refusals before it serves anyone.
     pub async fn wait_published(&self) {
+        let _ = self.inner.probed.subscribe().wait_for(|p| *p).await;
         while !self.is_published() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -598,6 +613,7 @@ impl Member {
                 }
             });
             futures::future::join_all(probes).await;
+            self.inner.probed.send_replace(true);
         }
     }
 
@@ -906,10 +922,19 @@ impl Member {
     /// this member's data is as new as the leader's commit (`fresh_as_of`). Freshness recorded
     /// only when a stale read asked for it left a member that was behind at every such read, but
     /// caught up in between, answering "unknown" (t81 saw it under a slow follower's fsyncs).
+    ///
+    /// Also stops a fenced member (one a recovery dropped) from campaigning: it serves nothing,
+    /// and its elections could only disturb the old members it still reaches.
     async fn track_freshness(self) {
         let mut metrics = self.inner.raft.metrics();
+        let mut elections_off = false;
         while metrics.changed().await.is_ok() {
             let _ = self.staleness_ms();
+            if !elections_off && incarnation::fenced().is_some() {
+                elections_off = true;
+                warn!("fenced: elections off until this member is wiped and added again");
+                self.inner.raft.runtime_config().elect(false);
+            }
         }
     }
 
@@ -1019,6 +1044,11 @@ impl network::ForwardHandler for Member {
             let resp = match decode::<ForwardReq>(&req) {
                 Ok(ForwardReq::Members) => me.serve_forward(ForwardReq::Members).await,
                 Ok(_) if refused.is_some() => return Err(refused.expect("checked")),
+                // A fenced member (dropped by a recovery) commits nothing for anyone.
+                Ok(ForwardReq::Probe) => me.serve_forward(ForwardReq::Probe).await,
+                Ok(_) if incarnation::fenced().is_some() => {
+                    ForwardResp::Err(ConsensusError::Fenced(incarnation::fenced().unwrap_or_default()))
+                }
                 Ok(req) => me.serve_forward(req).await,
                 Err(e) => ForwardResp::Err(ConsensusError::Unavailable(e)),
             };

@@ -181,6 +181,8 @@ impl PeerNetwork {
             }
             _ => RPCError::Network(NetworkError::from_string(format!("member {:x}: {}", self.target, s.message()))),
         })?;
+        crate::incarnation::check_answer(frame.metadata())
+            .map_err(|e| RPCError::Unreachable(Unreachable::from_string(format!("member {:x}: {e}", self.target))))?;
         let res: Result<Resp, String> =
             decode(&frame.into_inner().data).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         res.map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
@@ -238,6 +240,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 {
                     Ok(Ok(resp)) => resp.into_inner(),
                     Ok(Err(status)) => {
+                        crate::incarnation::note(&status);
                         // openraft retries a failed stream setup at once, without its backoff: pace
                         // it here, or an unreachable peer (a member added but not yet started) costs
                         // a busy loop and a flood of log lines.
@@ -555,7 +558,9 @@ pub struct PeerService {
 type Reply = Result<tonic::Response<Frame>, tonic::Status>;
 
 fn reply<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Reply {
-    Ok(tonic::Response::new(Frame { data: encode(&r.map_err(|e| e.to_string())) }))
+    let mut resp = tonic::Response::new(Frame { data: encode(&r.map_err(|e| e.to_string())) });
+    crate::incarnation::stamp_response(&mut resp);
+    Ok(resp)
 }
 
 fn bad_frame(e: String) -> tonic::Status {
@@ -672,10 +677,7 @@ impl crate::pb::peer_server::Peer for PeerService {
         let refused = crate::incarnation::check(req.metadata()).err();
         let data = self.forward.handle(req.into_inner().data, refused).await?;
         let mut resp = tonic::Response::new(Frame { data });
-        resp.metadata_mut().insert(
-            crate::incarnation::HEADER,
-            crate::incarnation::current().to_string().parse().expect("a number is valid metadata"),
-        );
+        crate::incarnation::stamp_response(&mut resp);
         Ok(resp)
     }
 }

@@ -59,6 +59,9 @@ pub struct RecoveryInfo {
     pub term: u64,
     /// The membership in this member's log (the last membership entry), every member in it.
     pub members: Vec<KnownMember>,
+    /// Its voter sets: one, or two while a joint change is under way.
+    #[serde(default)]
+    pub configs: Vec<Vec<u64>>,
     /// The leader this member hears from now (none: the quorum is lost, or it is cut off).
     pub live_leader: Option<u64>,
 }
@@ -97,11 +100,14 @@ fn hex(id: u64) -> String {
 pub fn plan(survivors: &[RecoveryInfo], by: &str) -> Result<RecoveryPlan, String> {
     let chosen =
         survivors.iter().max_by_key(|s| (s.last_log, s.committed)).ok_or_else(|| "no survivor answered".to_string())?;
+    if let Some(p) = unfinished(survivors) {
+        return Ok(p);
+    }
     let incarnations: BTreeSet<u64> = survivors.iter().map(|s| s.incarnation).collect();
     if incarnations.len() > 1 {
         return Err(format!(
-            "the survivors are at different incarnations {incarnations:?}: a recovery was applied to some of them \
-             only; re-run it with the survivors still at the lowest one"
+            "the survivors are at different incarnations {incarnations:?}, and not as one recovery left them \
+             half done: recover only members of one incarnation"
         ));
     }
     let from_incarnation = chosen.incarnation;
@@ -114,8 +120,14 @@ pub fn plan(survivors: &[RecoveryInfo], by: &str) -> Result<RecoveryPlan, String
     if let Some(s) = survivors.iter().find(|s| !known.contains_key(&s.id)) {
         return Err(format!("survivor {} ({:x}) is not in the membership of the most recent log", s.name, s.id));
     }
-    let answering = voters.intersection(&ids).count();
-    if answering > voters.len() / 2 {
+    // A joint membership elects with a majority of each half: survivors that are a majority of
+    // every half need no recovery.
+    let halves: Vec<BTreeSet<u64>> = match chosen.configs.is_empty() {
+        true => vec![voters.clone()],
+        false => chosen.configs.iter().map(|c| c.iter().copied().collect()).collect(),
+    };
+    if halves.iter().all(|h| h.intersection(&ids).count() > h.len() / 2) {
+        let answering = voters.intersection(&ids).count();
         return Err(format!(
             "{answering} of the {} voters answer, a majority: the cluster can elect a leader without a recovery \
              (check `quorate ctl doctor`)",
@@ -146,6 +158,22 @@ pub fn plan(survivors: &[RecoveryInfo], by: &str) -> Result<RecoveryPlan, String
         by: by.to_string(),
         at_unix_ms: 0,
     })
+}
+
+/// A plan some survivors applied and others not yet (an `--apply` cut short): the same plan,
+/// to finish. Every survivor that moved on must carry it, and every other must be one of its
+/// survivors still at its starting incarnation.
+fn unfinished(survivors: &[RecoveryInfo]) -> Option<RecoveryPlan> {
+    let top = survivors.iter().map(|s| s.incarnation).max()?;
+    let applied: Vec<&RecoveryInfo> = survivors.iter().filter(|s| s.incarnation == top).collect();
+    let plan = applied.first()?.recovery_plan.clone()?;
+    let same = applied.iter().all(|s| s.recovery_plan.as_ref().is_some_and(|p| p.plan_id == plan.plan_id));
+    let rest_pending = survivors
+        .iter()
+        .filter(|s| s.incarnation != top)
+        .all(|s| s.incarnation == plan.from_incarnation && plan.voters.contains(&s.id));
+    let some_pending = survivors.iter().any(|s| s.incarnation != top);
+    (plan.incarnation == top && same && rest_pending && some_pending).then_some(plan)
 }
 
 /// What the chosen survivor writes: one membership entry after its last, whose voters are the
@@ -264,6 +292,13 @@ impl Member {
             applied: m.last_applied.map_or(0, |l| l.index),
             term: vote.map_or(m.current_term, |v| v.leader_id().term),
             members,
+            configs: m
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .iter()
+                .map(|c| c.iter().copied().collect())
+                .collect(),
             live_leader: self.live_leader(),
         }
     }
@@ -271,6 +306,7 @@ impl Member {
     /// Apply a recovery plan on this running member: check it, stop Raft, write. On `Written`
     /// the caller must re-execute the process (this member serves nothing more meanwhile).
     pub async fn apply_recovery(&self, plan: &RecoveryPlan) -> Result<Applied, ConsensusError> {
+        let _one = self.inner.isolating.lock().await;
         let refuse = ConsensusError::Membership;
         if self.recovered_by().is_some_and(|p| p.plan_id == plan.plan_id) {
             return Ok(Applied::Already);
@@ -289,10 +325,13 @@ impl Member {
         check(self.id(), plan, self.inner.log.incarnation(), last).map_err(refuse)?;
         tracing::warn!(plan = %plan.plan_id, incarnation = plan.incarnation, "recovery: stopping Raft to apply the plan");
         self.shutdown().await;
+        // From here Raft is stopped: every failure is `Stopped`, on which the server restarts
+        // the process (as it was, when nothing was written).
+        let stopped = |e: String| ConsensusError::Stopped(format!("recovery not applied: {e}"));
         // Raft may have appended between the check and the stop: check again on what is final.
         let (last, vote, _, _) = self.inner.log.state(u64::MAX);
-        check(self.id(), plan, self.inner.log.incarnation(), last).map_err(refuse)?;
-        let (entry, vote) = writes(self.id(), plan, last, vote, &nodes).map_err(refuse)?;
+        check(self.id(), plan, self.inner.log.incarnation(), last).map_err(stopped)?;
+        let (entry, vote) = writes(self.id(), plan, last, vote, &nodes).map_err(stopped)?;
         self.inner
             .log
             .write_recovery(entry, vote, plan.incarnation, &serde_json::to_string(plan).expect("a plan serializes"))
@@ -349,7 +388,9 @@ impl Stopped {
     /// What the data directory holds.
     pub fn info(&self) -> Result<RecoveryInfo, String> {
         let (last, vote, committed, _) = self.log.state(u64::MAX);
-        let members = known_members(&self.membership()?, &BTreeMap::new());
+        let membership = self.membership()?;
+        let members = known_members(&membership, &BTreeMap::new());
+        let configs = membership.get_joint_config().iter().map(|c| c.iter().copied().collect()).collect();
         let name = members.iter().find(|m| m.id == self.id).map(|m| m.name.clone()).unwrap_or_default();
         Ok(RecoveryInfo {
             id: self.id,
@@ -361,6 +402,7 @@ impl Stopped {
             applied: 0,
             term: vote.map_or(0, |v| v.leader_id().term),
             members,
+            configs,
             live_leader: None,
         })
     }
@@ -405,6 +447,7 @@ mod tests {
             applied: committed,
             term: 3,
             members,
+            configs: vec![],
             live_leader: None,
         }
     }
@@ -425,6 +468,30 @@ mod tests {
         other.incarnation = 2;
         assert!(plan(&[info(4, Some((3, 70)), 60), other], "op").unwrap_err().contains("incarnations"));
         assert!(plan(&[info(9, Some((3, 70)), 60)], "op").unwrap_err().contains("not in the membership"));
+        // A joint membership: a majority of one half only cannot elect; of both, it can.
+        let mut joint = info(4, Some((3, 70)), 60);
+        joint.configs = vec![vec![1, 2, 3], vec![1, 2, 4, 5, 6]];
+        let mut j5 = info(5, Some((3, 70)), 60);
+        j5.configs = joint.configs.clone();
+        assert!(plan(&[joint.clone(), j5.clone()], "op").is_ok(), "4,5: no majority of either half");
+        let mut j1 = info(1, Some((3, 70)), 60);
+        j1.configs = joint.configs.clone();
+        let mut j2 = info(2, Some((3, 70)), 60);
+        j2.configs = joint.configs.clone();
+        assert!(plan(&[j1, j2, joint], "op").unwrap_err().contains("majority"), "1,2,4: both halves");
+    }
+
+    #[test]
+    fn a_plan_cut_short_is_finished_not_planned_anew() {
+        let p = plan(&[info(4, Some((2, 90)), 80), info(5, Some((3, 70)), 60)], "op").unwrap();
+        let mut done = info(4, Some((2, 90)), 80);
+        done.incarnation = 2;
+        done.recovery_plan = Some(p.clone());
+        let again = plan(&[done.clone(), info(5, Some((3, 70)), 60)], "op").unwrap();
+        assert_eq!(again, p, "the same plan, to finish");
+        let mut stranger = info(3, Some((3, 70)), 60);
+        stranger.incarnation = 1;
+        assert!(plan(&[done, stranger], "op").is_err(), "a member the plan does not keep cannot join it");
     }
 
     #[test]

@@ -76,8 +76,9 @@ async fn gather(opts: &Options, r: &RecoverOptions) -> Result<Vec<Survivor>, Str
 
 /// A dropped member that still answers on one of its client URLs: the plan must not drop it.
 async fn answering_dropped(plan: &RecoveryPlan, survivors: &[Survivor], limit: Duration) -> Option<String> {
-    let members = survivors.iter().find(|s| s.info.id == plan.chosen)?.info.members.clone();
-    for m in members.iter().filter(|m| plan.dropped.contains(&m.id)) {
+    // Every survivor's view: a stopped one knows no client URLs.
+    let members: Vec<_> = survivors.iter().flat_map(|s| s.info.members.iter()).collect();
+    for m in members.into_iter().filter(|m| plan.dropped.contains(&m.id)) {
         for url in &m.client_urls {
             let hostport = url.split("://").nth(1).unwrap_or(url).trim_end_matches('/').to_string();
             if let Ok(Ok(_)) = tokio::time::timeout(limit, tokio::net::TcpStream::connect(&hostport)).await {
@@ -153,7 +154,19 @@ pub async fn recover(opts: &Options, r: &RecoverOptions) -> RecoverReport {
     report.applied = applied;
     report.leader = wait_leader(opts, &report.survivors, plan.incarnation).await;
     if report.leader.is_none() && !report.survivors.iter().all(|s| matches!(s.via, Via::DataDir(_))) {
-        report.error = Some(format!("no leader of incarnation {} within {LEADER_WAIT:?}", plan.incarnation));
+        let stopped: Vec<String> = report
+            .survivors
+            .iter()
+            .filter(|s| matches!(s.via, Via::DataDir(_)))
+            .map(|s| name_of(&report, s.info.id))
+            .collect();
+        let hint = match stopped.is_empty() {
+            true => String::new(),
+            false => {
+                format!(": start the stopped survivors ({}) if the others alone are no majority", stopped.join(", "))
+            }
+        };
+        report.error = Some(format!("no leader of incarnation {} within {LEADER_WAIT:?}{hint}", plan.incarnation));
     }
     report.plan = Some(plan);
     report
@@ -226,14 +239,15 @@ pub fn render(r: &RecoverReport) -> String {
         );
         let _ = writeln!(
             out,
-            "  kept: every entry up to log index {} (the chosen survivor's last), uncommitted ones included",
-            p.kept_up_to
+            "  kept: everything committed up to log index {} (the highest commit a survivor knew of), and the chosen \
+             survivor's log up to index {}, uncommitted entries included",
+            p.highest_commit_seen, p.kept_up_to
         );
         let _ = writeln!(
             out,
-            "  may be lost: writes the dropped members acknowledged after log index {} (the survivors knew of \
-             commits up to {})",
-            p.kept_up_to, p.highest_commit_seen
+            "  may be lost: writes acknowledged after log index {}: the dropped members may have committed other \
+             entries than the survivors hold there",
+            p.highest_commit_seen
         );
     }
     for (name, outcome) in &r.applied {
