@@ -221,7 +221,9 @@ struct DrillArgs {
     duration_s: Option<u64>,
     /// Faults to use, comma-separated [default: all]: partition-leader, majority-minority,
     /// bridge, one-way-loss, delay-spike, pause, kill, clock-jump, slow-disk, membership,
-    /// leader-transfer.
+    /// leader-transfer; and, only when named, quorum-loss (a majority with the leader killed
+    /// for good, the survivors recovered with `ctl recover`, the dropped restarted on old data
+    /// and checked fenced, then re-added). `all,quorum-loss`: every fault.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
     /// Seconds each fault is held before it is healed.
@@ -690,7 +692,15 @@ async fn drill(args: DrillArgs) -> anyhow::Result<()> {
     let faults: Vec<FaultKind> = if args.faults.is_empty() {
         quorate_drill::faults::ALL.to_vec()
     } else {
-        args.faults.iter().map(|f| FaultKind::parse(f)).collect::<anyhow::Result<_>>()?
+        // `all` stands for the default set (to add an opt-in fault to it: `all,quorum-loss`).
+        let mut out = Vec::new();
+        for f in &args.faults {
+            match f.as_str() {
+                "all" => out.extend(quorate_drill::faults::ALL),
+                f => out.push(FaultKind::parse(f)?),
+            }
+        }
+        out
     };
     let members = args.members.unwrap_or(if args.short { 3 } else { 5 });
     let hold = args.hold_s.unwrap_or(if args.short { 6 } else { 8 });

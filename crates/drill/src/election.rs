@@ -67,6 +67,7 @@ pub async fn run_candidate(index: usize, url: String, seed: u64, rec: Arc<Record
         holder_seen: None,
     };
     while !stop.load(Ordering::Relaxed) {
+        c.rec.wait_while_held().await;
         let pause_ms = c.campaign(&stop).await;
         sleep_unless_stopped(Duration::from_millis(pause_ms), &stop).await;
     }
@@ -176,6 +177,8 @@ impl Candidate {
         let mut promised_until = Instant::now() + Duration::from_secs(ttl_s.max(0) as u64);
         loop {
             sleep_unless_stopped(period, stop).await;
+            // A held primary behaves as a paused one: no renewal, no work.
+            self.rec.wait_while_held().await;
             if stop.load(Ordering::Relaxed) {
                 self.revoke(win.lease).await;
                 return 0;

@@ -27,6 +27,8 @@ pub enum FaultKind {
     SlowDisk,
     Membership,
     LeaderTransfer,
+    /// Opt-in (`--faults quorum-loss`), quorate only: a majority lost for good, then recovered.
+    QuorumLoss,
 }
 
 pub const ALL: [FaultKind; 11] = [
@@ -57,16 +59,20 @@ impl FaultKind {
             FaultKind::SlowDisk => "slow-disk",
             FaultKind::Membership => "membership",
             FaultKind::LeaderTransfer => "leader-transfer",
+            FaultKind::QuorumLoss => "quorum-loss",
         }
     }
 
     pub fn parse(s: &str) -> anyhow::Result<FaultKind> {
-        ALL.into_iter().find(|f| f.name() == s).with_context(|| {
-            let names: Vec<&str> = ALL.iter().map(|f| f.name()).collect();
+        ALL.into_iter().chain(OPT_IN).find(|f| f.name() == s).with_context(|| {
+            let names: Vec<&str> = ALL.iter().chain(&OPT_IN).map(|f| f.name()).collect();
             format!("unknown fault {s:?}; faults are: {}", names.join(", "))
         })
     }
 }
+
+/// Faults run only when named in `--faults`.
+pub const OPT_IN: [FaultKind; 1] = [FaultKind::QuorumLoss];
 
 /// The order faults run in: every selected kind once (shuffled), then, for longer drills,
 /// kinds drawn at random, until `count` faults.
@@ -130,7 +136,12 @@ pub fn skipped(what: &str) -> bool {
     what.starts_with("skipped") || what.starts_with("not applicable") || what.starts_with("could not inject")
 }
 
-pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(Active, String)> {
+pub async fn inject(
+    kind: FaultKind,
+    hosts: &mut Hosts,
+    rng: &mut StdRng,
+    rec: &crate::workload::Recorder,
+) -> anyhow::Result<(Active, String)> {
     let n = hosts.members.len();
     let name = |h: &Hosts, s: usize| h.members[s].name.clone();
     Ok(match kind {
@@ -217,6 +228,12 @@ pub async fn inject(kind: FaultKind, hosts: &mut Hosts, rng: &mut StdRng) -> any
             let desc = replace_member(hosts, s).await?;
             (Active::Nothing, desc)
         }
+        FaultKind::QuorumLoss => {
+            if hosts.target != Target::Quorate {
+                return Ok((Active::Nothing, "not applicable: needs `quorate ctl recover`".into()));
+            }
+            (Active::Nothing, crate::quorum_loss::inject(hosts, rng, rec).await?)
+        }
         FaultKind::LeaderTransfer => {
             let Some(l) = leader(hosts).await else {
                 return Ok((Active::Nothing, "skipped: no leader to transfer from".into()));
@@ -289,6 +306,14 @@ async fn replace_member(hosts: &mut Hosts, slot: usize) -> anyhow::Result<String
         .await
         .context("member remove timed out")??;
     hosts.renew(slot)?;
+    let new_name = add_fresh(hosts, slot, via).await?;
+    Ok(format!("removed {old_name}, added a fresh {new_name} in its place"))
+}
+
+/// Add member `slot` (renewed: new name, empty data directory) to the cluster through member
+/// `via`, and start it joining; its name.
+pub(crate) async fn add_fresh(hosts: &mut Hosts, slot: usize, via: usize) -> anyhow::Result<String> {
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel(&hosts.client_url(via)));
     let peer = hosts.peer_url(slot);
     // etcd refuses membership changes while it considers the cluster unhealthy (a member
     // reconnecting after the previous fault): an operator retries, and so does the drill.
@@ -301,8 +326,8 @@ async fn replace_member(hosts: &mut Hosts, slot: usize) -> anyhow::Result<String
                 eprintln!("drill: member add refused ({}); retrying", s.message());
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Ok(Err(s)) => bail!("removed {old_name} but could not add its replacement: {}", s.message()),
-            Err(_) => bail!("removed {old_name} but adding its replacement timed out"),
+            Ok(Err(s)) => bail!("could not add {}: {}", hosts.members[slot].name, s.message()),
+            Err(_) => bail!("adding {} timed out", hosts.members[slot].name),
         }
     };
     let new_name = hosts.members[slot].name.clone();
@@ -315,5 +340,5 @@ async fn replace_member(hosts: &mut Hosts, slot: usize) -> anyhow::Result<String
         .collect();
     ic.push(format!("{new_name}={peer}"));
     hosts.spawn(slot, &ic.join(","), true)?;
-    Ok(format!("removed {old_name}, added a fresh {new_name} in its place"))
+    Ok(new_name)
 }

@@ -10,6 +10,7 @@ pub mod hosts;
 pub mod http;
 pub mod net;
 pub mod proxy;
+pub mod quorum_loss;
 pub mod registry;
 pub mod report;
 pub mod run;

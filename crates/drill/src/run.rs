@@ -138,7 +138,7 @@ pub async fn run(cfg: DrillConfig) -> anyhow::Result<Report> {
     let mut windows = Vec::new();
     for kind in plan {
         let start_ms = rec.now_ms();
-        let (active, what) = match faults::inject(kind, &mut hosts, &mut rng).await {
+        let (active, what) = match faults::inject(kind, &mut hosts, &mut rng, &rec).await {
             Ok(a) => a,
             Err(e) => (faults::Active::Nothing, format!("could not inject: {e:#}")),
         };
@@ -355,6 +355,18 @@ async fn judge(
             ),
             history: vec![],
         });
+    }
+
+    if r.recoveries > 0 || !r.recovery_failures.is_empty() {
+        let result = format!("{} ({} recoveries)", r.recovery_failures.len(), r.recoveries);
+        safety.push(row(
+            "quorum-loss recoveries that went wrong (plan, fencing, term)",
+            result,
+            r.recovery_failures.is_empty(),
+        ));
+        for f in &r.recovery_failures {
+            anomalies.push(Anomaly { check: "quorum-loss recovery", detail: f.clone(), history: vec![] });
+        }
     }
 
     let revs = check::revisions::check(&r.acked);

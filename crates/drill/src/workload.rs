@@ -78,16 +78,31 @@ pub struct Recorded {
     pub primary_wins: Vec<Win>,
     /// The primaries' fenced writes: accepted, refused (compare failed), unknown.
     pub primary_work: [u64; 3],
+    /// What went wrong in `quorum-loss` recoveries (a refused plan, a dropped member not
+    /// fenced, the survivors' term moved by one): each is an anomaly.
+    pub recovery_failures: Vec<String>,
+    /// `quorum-loss` recoveries carried out.
+    pub recoveries: usize,
 }
 
 pub struct Recorder {
     pub start: Instant,
     pub rec: Mutex<Recorded>,
+    /// Set while a fault needs the cluster quiet (`quorum-loss`): every writer waits before its
+    /// next operation (watchers go on).
+    pub hold: std::sync::atomic::AtomicBool,
 }
 
 impl Recorder {
     pub fn new() -> Arc<Recorder> {
-        Arc::new(Recorder { start: Instant::now(), rec: Mutex::default() })
+        Arc::new(Recorder { start: Instant::now(), rec: Mutex::default(), hold: Default::default() })
+    }
+
+    /// Wait while a fault holds the writers.
+    pub async fn wait_while_held(&self) {
+        while self.hold.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn now_ns(&self) -> u64 {
@@ -171,6 +186,7 @@ pub async fn run_client(cfg: ClientCfg, rec: Arc<Recorder>, stop: Arc<AtomicBool
         last_read: HashMap::new(),
     };
     while !stop.load(Ordering::Relaxed) {
+        c.rec.wait_while_held().await;
         let roll = c.rng.random_range(0..100);
         let unknown = match roll {
             0..35 => c.register(Input::Read).await,
@@ -196,6 +212,19 @@ pub async fn run_client(cfg: ClientCfg, rec: Arc<Recorder>, stop: Arc<AtomicBool
         let pause = if unknown { 300 } else { c.rng.random_range(5..25) };
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
+}
+
+/// A refusal a quorate member gives before anything reaches Raft (its client gate: removed,
+/// isolated, fenced by a recovery): the operation certainly did not happen.
+fn refused_at_the_door(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        && [
+            "permanently removed from the cluster",
+            "this member is isolated since",
+            "this member belongs to incarnation",
+        ]
+        .iter()
+        .any(|m| s.message().contains(m))
 }
 
 impl Client {
@@ -292,7 +321,7 @@ impl Client {
                 self.rec.stat(kind, self.cfg.id, invoke, Outcome::Ok);
                 false
             }
-            Err(_) if input == Input::Read => {
+            Err(s) if input == Input::Read || refused_at_the_door(&s) => {
                 self.rec.stat(kind, self.cfg.id, invoke, Outcome::Failed);
                 false
             }
