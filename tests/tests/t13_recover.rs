@@ -93,6 +93,15 @@ fn three_of_five_lost_the_survivors_recover_and_the_dropped_are_fenced_then_re_a
     }
     let list = etcdctl(&eps, &["member", "list"]);
     assert_eq!(list.stdout.lines().count(), 2, "the survivors are the cluster: {}", list.stdout);
+    // The doctor and the timeline say who recovered, when, and what was dropped.
+    let doctor = ctl(&eps, &["doctor", "-w", "json"]);
+    let report = doctor.json();
+    let recovered = quorate_tests::findings(&report, "recovered");
+    assert_eq!(recovered.len(), 1, "{report:#}");
+    let evidence = recovered[0]["evidence"].as_str().unwrap();
+    assert!(evidence.contains("recovered from quorum loss by ") && evidence.contains("incarnation 2"), "{evidence}");
+    let timeline = ctl(&eps, &["timeline"]);
+    assert!(timeline.stdout.contains("recovery ") && timeline.stdout.contains("dropped ["), "{}", timeline.stdout);
 
     // The dropped restarted on their old data: refused, and the survivors' term stays.
     let term_before = status(&c, survivors[0])["term"].as_u64().unwrap();
