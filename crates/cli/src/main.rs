@@ -414,6 +414,12 @@ struct ServerArgs {
     /// Send health-check probes from this local address (multi-homed hosts).
     #[arg(long)]
     probe_source_ip: Option<std::net::IpAddr>,
+    /// Active health checks (HTTP and TCP) may probe only addresses in these CIDR blocks,
+    /// comma-separated (10.0.0.0/8,fd00::/8), checked on the address a check's host resolves to
+    /// at each probe; a check outside them is critical and never connected. Default: any
+    /// address, as Consul.
+    #[arg(long, value_delimiter = ',')]
+    check_allowed_cidrs: Vec<quorate_server::cidr::Cidr>,
     /// Serve CPU profiles, as etcd's flag: GET /debug/pprof/profile?seconds=N (1 to 60,
     /// default 30) on the client URLs and --listen-http answers with a gzipped pprof protobuf
     /// (`go tool pprof -top http://HOST:2379/debug/pprof/profile?seconds=10`); add
@@ -469,6 +475,24 @@ fn first_url(list: &str) -> String {
 
 impl ServerArgs {
     fn into_config(self) -> anyhow::Result<ServerConfig> {
+        // quorate does not serve TLS yet: an https:// URL must not be served as plaintext.
+        let urls = [
+            ("--listen-client-urls", Some(&self.listen_client_urls)),
+            ("--advertise-client-urls", self.advertise_client_urls.as_ref()),
+            ("--listen-peer-urls", Some(&self.listen_peer_urls)),
+            ("--initial-advertise-peer-urls", self.initial_advertise_peer_urls.as_ref()),
+            ("--listen-http", Some(&self.listen_http)),
+            ("--initial-cluster", self.initial_cluster.as_ref()),
+        ];
+        for (flag, list) in urls {
+            if let Some(url) = list.into_iter().flat_map(|l| l.split(',')).find(|u| u.contains("https://")) {
+                anyhow::bail!(
+                    "{flag} {}: https:// needs a certificate (--cert-file, --key-file), and this version of quorate \
+                     does not serve TLS yet; use http://, on a network you trust",
+                    url.trim()
+                );
+            }
+        }
         let listen_client_addrs = self
             .listen_client_urls
             .split(',')
@@ -522,6 +546,7 @@ impl ServerArgs {
             max_txn_ops: self.max_txn_ops,
             max_request_bytes: self.max_request_bytes,
             probe_source_ip: self.probe_source_ip,
+            check_allowed_cidrs: self.check_allowed_cidrs,
             enable_pprof: self.enable_pprof,
             drill: quorate_server::DrillFlags {
                 unsafe_local_reads: self.drill_unsafe_local_reads,

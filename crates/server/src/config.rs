@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub brake: quorate_registry::BrakeConfig,
     /// The address health-check probes are sent from (default: the system's choice).
     pub probe_source_ip: Option<std::net::IpAddr>,
+    /// `--check-allowed-cidrs`: the only addresses health checks may probe (empty: any).
+    pub check_allowed_cidrs: Vec<crate::cidr::Cidr>,
     /// etcd's `--enable-pprof`: serve CPU profiles at `/debug/pprof/profile` (and a flamegraph).
     pub enable_pprof: bool,
     /// Flags only `quorate drill` sets.

@@ -2,6 +2,7 @@
 //! `/version`, `/metrics`) and shutdown. It wires the libraries together and owns no rules.
 
 mod brake_state;
+pub mod cidr;
 mod client_port;
 mod config;
 mod grpc_metrics;
@@ -169,6 +170,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     }
 
     tokio::spawn(watch_quota(member.clone(), cfg.quota_backend_bytes));
+    cidr::set_allowed(cfg.check_allowed_cidrs.clone());
     member.set_app_handler(Arc::new(prober::ProbeHandler { source: cfg.probe_source_ip }));
     let brake = Arc::new(brake_state::SharedBrake::new(cfg.brake.clone()));
     let checks = metrics.checks.clone();

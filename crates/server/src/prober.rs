@@ -87,6 +87,11 @@ async fn connect(addr: &str, source: Option<IpAddr>) -> std::io::Result<tokio::n
         .await?
         .next()
         .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to nothing")))?;
+    // Checked on the address resolved now, not the name registered: a name may point anywhere.
+    if let Err(why) = crate::cidr::check(target.ip()) {
+        tracing::warn!(%addr, %why, "health check not probed: its target is not allowed");
+        return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
+    }
     let socket = if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     if let Some(ip) = source {
         socket.bind((ip, 0).into())?;
