@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a member. With no flags: a single-member cluster with its data in ./default.quorate.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Load over the etcd v3 API against any endpoints (quorate or etcd): throughput and
     /// latency percentiles per operation and client count.
     Bench(BenchArgs),
@@ -420,6 +420,22 @@ struct ServerArgs {
     /// address, as Consul.
     #[arg(long, value_delimiter = ',')]
     check_allowed_cidrs: Vec<quorate_server::cidr::Cidr>,
+    /// Requests per second each client (source address) may send, on the gRPC client port and
+    /// on the HTTP APIs alike (each counts its own); over it, gRPC RESOURCE_EXHAUSTED "etcdserver:
+    /// too many requests" and HTTP 429 with Retry-After. 0: no limit.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    rate_limit_rps: f64,
+    /// Requests a client may send at once above its rate (0: twice the rate).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    rate_limit_burst: f64,
+    /// The same for liveness traffic, counted apart so that a write storm cannot starve it:
+    /// lease keep-alive streams opened, registry heartbeats, Consul check updates and session
+    /// renewals, Eureka renewals. 0: no limit.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    rate_limit_liveness_rps: f64,
+    /// Liveness requests a client may send at once above its rate (0: twice the rate).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    rate_limit_liveness_burst: f64,
     /// Serve CPU profiles, as etcd's flag: GET /debug/pprof/profile?seconds=N (1 to 60,
     /// default 30) on the client URLs and --listen-http answers with a gzipped pprof protobuf
     /// (`go tool pprof -top http://HOST:2379/debug/pprof/profile?seconds=10`); add
@@ -466,6 +482,14 @@ fn server_worker_threads(requested: usize, cpus: usize) -> usize {
         requested
     } else {
         (cpus / 2).max(1)
+    }
+}
+
+/// A finite number, 0 or more (rates and bursts).
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a finite number of 0 or more")),
     }
 }
 
@@ -547,6 +571,12 @@ impl ServerArgs {
             max_request_bytes: self.max_request_bytes,
             probe_source_ip: self.probe_source_ip,
             check_allowed_cidrs: self.check_allowed_cidrs,
+            rate_limit: quorate_server::RateLimitConfig {
+                rps: self.rate_limit_rps,
+                burst: self.rate_limit_burst,
+                liveness_rps: self.rate_limit_liveness_rps,
+                liveness_burst: self.rate_limit_liveness_burst,
+            },
             enable_pprof: self.enable_pprof,
             drill: quorate_server::DrillFlags {
                 unsafe_local_reads: self.drill_unsafe_local_reads,

@@ -81,6 +81,9 @@ where
     }
 }
 
+/// Opening a lease keep-alive stream: liveness traffic, limited apart from the rest.
+const KEEPALIVE_PATH: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
+
 /// The one gRPC method an isolated member still answers.
 const STATUS_PATH: &str = "/etcdserverpb.Maintenance/Status";
 
@@ -89,12 +92,13 @@ const STATUS_PATH: &str = "/etcdserverpb.Maintenance/Status";
 pub struct Http1SplitLayer {
     http1: axum::Router,
     member: Member,
+    limits: std::sync::Arc<crate::rate_limit::RateLimits>,
 }
 
 impl Http1SplitLayer {
     /// `http1`'s routes and, for any other path, a JSON 404; gRPC refused once `member` is removed.
-    pub fn new(http1: axum::Router, member: Member) -> Self {
-        Http1SplitLayer { http1: http1.fallback(not_found), member }
+    pub fn new(http1: axum::Router, member: Member, limits: std::sync::Arc<crate::rate_limit::RateLimits>) -> Self {
+        Http1SplitLayer { http1: http1.fallback(not_found), member, limits }
     }
 }
 
@@ -109,7 +113,7 @@ async fn not_found(uri: http::Uri) -> impl IntoResponse {
 impl<S> tower::Layer<S> for Http1SplitLayer {
     type Service = Http1Split<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Http1Split { http1: self.http1.clone(), member: self.member.clone(), inner }
+        Http1Split { http1: self.http1.clone(), member: self.member.clone(), limits: self.limits.clone(), inner }
     }
 }
 
@@ -117,6 +121,7 @@ impl<S> tower::Layer<S> for Http1SplitLayer {
 pub struct Http1Split<S> {
     http1: axum::Router,
     member: Member,
+    limits: std::sync::Arc<crate::rate_limit::RateLimits>,
     inner: S,
 }
 
@@ -148,6 +153,15 @@ where
                 };
                 Ok(resp.map(tonic::body::Body::new))
             });
+        }
+        // Over its rate, a client is refused before anything is decoded (etcd's error).
+        let peer = req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|c| c.remote_addr());
+        if let Some(addr) = peer {
+            let liveness = req.uri().path() == KEEPALIVE_PATH;
+            if self.limits.check(addr.ip(), liveness).is_err() {
+                let status = tonic::Status::resource_exhausted("etcdserver: too many requests");
+                return Box::pin(futures::future::ready(Ok(status.into_http())));
+            }
         }
         let status_call = req.uri().path() == STATUS_PATH;
         let refusal = move |member: &Member| match member.refusal() {

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub probe_source_ip: Option<std::net::IpAddr>,
     /// `--check-allowed-cidrs`: the only addresses health checks may probe (empty: any).
     pub check_allowed_cidrs: Vec<crate::cidr::Cidr>,
+    /// Per-client rate limits (`crate::rate_limit`), the same for the gRPC and the HTTP APIs
+    /// (each has its own buckets).
+    pub rate_limit: RateLimitConfig,
     /// etcd's `--enable-pprof`: serve CPU profiles at `/debug/pprof/profile` (and a flamegraph).
     pub enable_pprof: bool,
     /// Flags only `quorate drill` sets.
@@ -88,6 +91,16 @@ pub fn url_to_addr(url: &str) -> anyhow::Result<SocketAddr> {
     let hostport = hostport.trim_end_matches('/');
     let hostport = hostport.replace("localhost", "127.0.0.1");
     hostport.parse().with_context(|| format!("{url:?} is not a URL with an IP address and port"))
+}
+
+/// `--rate-limit-*`: requests per second per client and their burst, and the same for liveness
+/// traffic (keep-alive streams, heartbeats, renewals). A rate of 0 is no limit.
+#[derive(Clone, Debug, Default)]
+pub struct RateLimitConfig {
+    pub rps: f64,
+    pub burst: f64,
+    pub liveness_rps: f64,
+    pub liveness_burst: f64,
 }
 
 impl ServerConfig {

@@ -55,6 +55,7 @@ pub async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
     profiling: Arc<crate::pprof::Profiling>,
+    limits: Arc<crate::rate_limit::RateLimits>,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
@@ -77,10 +78,11 @@ pub async fn serve(
                 member: state.member.clone(),
                 heartbeats: state.metrics.heartbeats.clone(),
             }))
-            .layer(axum::middleware::from_fn_with_state(state.member.clone(), crate::removed_gate::refuse_http)),
+            .layer(axum::middleware::from_fn_with_state(state.member.clone(), crate::removed_gate::refuse_http))
+            .layer(axum::middleware::from_fn_with_state(limits, crate::rate_limit::limit_http)),
         )
         .merge(crate::pprof::router(profiling));
-    axum::serve(listener, app).await
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
 }
 
 /// Drill failpoint: every log fsync on this member stalls this many milliseconds (0: off).

@@ -13,6 +13,7 @@ mod metrics;
 mod pprof;
 mod prober;
 mod process_metrics;
+pub mod rate_limit;
 mod reaper;
 mod recover;
 mod registry_counts;
@@ -32,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
-pub use config::{parse_initial_cluster, url_to_addr, ClusterState, DrillFlags, ServerConfig};
+pub use config::{parse_initial_cluster, url_to_addr, ClusterState, DrillFlags, RateLimitConfig, ServerConfig};
 
 /// Sockets the caller has bound, so tests can bind port 0.
 pub struct Listeners {
@@ -139,6 +140,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         info!("CPU profiles served at /debug/pprof/profile (--enable-pprof)");
     }
     let mut client_tasks = Vec::new();
+    let grpc_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit));
     for l in listeners.client {
         // gRPC and, beside it on the same port, HTTP/1 `/metrics`, `/health` and (with
         // --enable-pprof) `/debug/pprof`, as etcd serves them on 2379.
@@ -154,7 +156,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         let http1 = metrics::router(metrics.clone()).merge(pprof::router(profiling.clone()));
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
-            .layer(client_port::Http1SplitLayer::new(http1, member.clone()))
+            .layer(client_port::Http1SplitLayer::new(http1, member.clone(), grpc_limits.clone()))
             .layer(metrics.grpc.layer())
             .add_routes(routes);
         client_tasks.push(tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))));
@@ -181,7 +183,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints, brake)
             .with_probe_source(cfg.probe_source_ip),
     );
-    let http_task = tokio::spawn(http::serve(listeners.http, http_state, profiling));
+    let http_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit));
+    let http_task = tokio::spawn(http::serve(listeners.http, http_state, profiling, http_limits));
     info!("member ready to serve clients");
 
     tokio::select! {
