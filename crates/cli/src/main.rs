@@ -507,9 +507,12 @@ impl ServerArgs {
             ("--initial-advertise-peer-urls", self.initial_advertise_peer_urls.as_ref()),
             ("--listen-http", Some(&self.listen_http)),
             ("--initial-cluster", self.initial_cluster.as_ref()),
+            ("--listen-metrics-urls", Some(&self.listen_metrics_urls)),
         ];
         for (flag, list) in urls {
-            if let Some(url) = list.into_iter().flat_map(|l| l.split(',')).find(|u| u.contains("https://")) {
+            if let Some(url) =
+                list.into_iter().flat_map(|l| l.split(',')).find(|u| u.to_ascii_lowercase().contains("https://"))
+            {
                 anyhow::bail!(
                     "{flag} {}: https:// needs a certificate (--cert-file, --key-file), and this version of quorate \
                      does not serve TLS yet; use http://, on a network you trust",

@@ -45,6 +45,12 @@ fn default_successes() -> u32 {
 impl CheckSpec {
     pub fn validated(self) -> Result<CheckSpec, RegistryError> {
         let bad = |m: &str| Err(RegistryError::InvalidCheck(m.into()));
+        // The target goes into a request line and a Host header as it is: visible ASCII only
+        // (no space, no CR or LF that would let a registry user write other requests).
+        let visible = |t: &str| t.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        if !self.http.iter().chain(&self.tcp).all(|t| visible(t)) {
+            return bad("the check's target must be visible ASCII, without spaces or control characters");
+        }
         match (&self.http, &self.tcp) {
             (Some(url), None) => {
                 if !url.starts_with("http://") || url.len() <= "http://".len() {
@@ -159,6 +165,16 @@ mod tests {
             let got: Vec<Step> = results.iter().map(|r| step(current, &mut st, *r, &spec(3, 2))).collect();
             assert_eq!(got, expected, "{current:?} then {results:?}");
         }
+    }
+
+    #[test]
+    fn a_check_target_cannot_carry_another_request() {
+        for bad in ["http://a:1/h HTTP/1.1\r\nX: y", "http://a:1/h\nGET /", "http://a b:1/h"] {
+            let c = CheckSpec { http: Some(bad.into()), ..spec(3, 1) };
+            assert!(c.validated().is_err(), "{bad:?}");
+        }
+        let tcp = CheckSpec { http: None, tcp: Some("a\r\n:80".into()), ..spec(3, 1) };
+        assert!(tcp.validated().is_err());
     }
 
     #[test]

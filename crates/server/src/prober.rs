@@ -99,6 +99,24 @@ async fn connect(addr: &str, source: Option<IpAddr>) -> std::io::Result<tokio::n
     socket.connect(target).await
 }
 
+/// The `host:port` a check connects to.
+fn target_addr(spec: &CheckSpec) -> Option<String> {
+    if let Some(addr) = &spec.tcp {
+        return Some(addr.clone());
+    }
+    let url = spec.http.as_deref()?.strip_prefix("http://")?;
+    let authority = url.split('/').next().unwrap_or(url);
+    Some(if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") })
+}
+
+/// Why this member may not probe `spec` (`--check-allowed-cidrs`), if it may not: a check it
+/// cannot probe proves nothing about the instance (a repair must not take it for dead).
+pub async fn not_allowed(spec: &CheckSpec) -> Option<String> {
+    let addr = target_addr(spec)?;
+    let ip = tokio::net::lookup_host(&addr).await.ok()?.next()?.ip();
+    crate::cidr::check(ip).err()
+}
+
 async fn probe_inner(spec: &CheckSpec, source: Option<IpAddr>) -> Health {
     if let Some(addr) = &spec.tcp {
         return match connect(addr, source).await {
@@ -111,7 +129,7 @@ async fn probe_inner(spec: &CheckSpec, source: Option<IpAddr>) -> Health {
         Some(i) => (&url[..i], &url[i..]),
         None => (url, "/"),
     };
-    let addr = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
+    let Some(addr) = target_addr(spec) else { return Health::Critical };
     let Ok(mut conn) = connect(&addr, source).await else { return Health::Critical };
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: quorate-health-check\r\nConnection: close\r\n\r\n"

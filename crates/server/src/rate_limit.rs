@@ -23,12 +23,13 @@ pub struct Bucket {
 pub fn take(b: &mut Bucket, now: Instant, rate: f64, burst: f64) -> Result<(), Duration> {
     let refill = now.saturating_duration_since(b.at).as_secs_f64() * rate;
     b.tokens = (b.tokens + refill).min(burst);
-    b.at = now;
+    b.at = b.at.max(now);
     if b.tokens >= 1.0 {
         b.tokens -= 1.0;
         Ok(())
     } else {
-        Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+        let wait = (1.0 - b.tokens) / rate;
+        Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(3600)).min(Duration::from_secs(3600)))
     }
 }
 
@@ -38,28 +39,62 @@ const BUCKETS_MAX: usize = 65_536;
 pub struct Limiter {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<Buckets>,
 }
+
+#[derive(Default)]
+struct Buckets {
+    by_client: HashMap<IpAddr, Bucket>,
+    /// Shared by every client that arrives while the table is full of active ones.
+    overflow: Option<Bucket>,
+    swept: Option<Instant>,
+}
+
+/// The key of a client: its IPv4 address (IPv4-mapped ones included), or its IPv6 /64 (one
+/// host has a whole /64 to pick fresh addresses from).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+/// The slowest rate accepted, so that a retry time is always a sane duration.
+pub const RATE_MIN: f64 = 0.001;
 
 impl Limiter {
     /// `None` when `rate` is 0 (no limit). `burst` 0 means twice the rate (at least 1).
     pub fn new(rate: f64, burst: f64) -> Option<Limiter> {
         (rate > 0.0).then(|| Limiter {
-            rate,
-            burst: if burst > 0.0 { burst } else { (rate * 2.0).max(1.0) },
+            rate: rate.max(RATE_MIN),
+            burst: if burst > 0.0 { burst.max(1.0) } else { (rate * 2.0).max(1.0) },
             buckets: Mutex::default(),
         })
     }
 
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let now = Instant::now();
+        let key = client_key(ip);
         let mut buckets = self.buckets.lock().unwrap();
-        if buckets.len() >= BUCKETS_MAX && !buckets.contains_key(&ip) {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst);
+        let now = Instant::now();
+        let (rate, burst) = (self.rate, self.burst);
+        let full = |b: &Bucket| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate >= burst;
+        let b = &mut *buckets;
+        if b.by_client.len() >= BUCKETS_MAX && !b.by_client.contains_key(&key) {
+            // Idle clients (buckets back to full) are forgotten, at most once a second.
+            if b.swept.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+                b.by_client.retain(|_, bucket| !full(bucket));
+                b.swept = Some(now);
+            }
+            if b.by_client.len() >= BUCKETS_MAX {
+                let shared = b.overflow.get_or_insert(Bucket { tokens: burst, at: now });
+                return take(shared, now, rate, burst);
+            }
         }
-        let b = buckets.entry(ip).or_insert(Bucket { tokens: self.burst, at: now });
-        take(b, now, self.rate, self.burst)
+        let bucket = b.by_client.entry(key).or_insert(Bucket { tokens: burst, at: now });
+        take(bucket, now, rate, burst)
     }
 }
 
@@ -70,11 +105,14 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
+    /// With a request rate and no liveness rate, liveness gets a budget of the same size (its
+    /// own buckets): never unlimited while requests are limited.
     pub fn new(cfg: &crate::config::RateLimitConfig) -> RateLimits {
-        RateLimits {
-            requests: Limiter::new(cfg.rps, cfg.burst),
-            liveness: Limiter::new(cfg.liveness_rps, cfg.liveness_burst),
-        }
+        let (liveness_rps, liveness_burst) = match cfg.liveness_rps {
+            r if r > 0.0 => (r, cfg.liveness_burst),
+            _ => (cfg.rps, cfg.burst),
+        };
+        RateLimits { requests: Limiter::new(cfg.rps, cfg.burst), liveness: Limiter::new(liveness_rps, liveness_burst) }
     }
 
     /// Check one request from `ip` (a liveness one or not).
@@ -84,13 +122,21 @@ impl RateLimits {
     }
 }
 
-/// Whether an HTTP request keeps something alive: a native heartbeat, a Consul check update or
-/// session renewal, a Eureka renewal (PUT of an instance).
+/// Whether an HTTP request keeps something alive, by the exact shape of its route (a key or an
+/// instance named "heartbeat" is not one): a native heartbeat
+/// (`PUT|POST /api/v1/ns/{ns}/services/{svc}/instances/{id}/heartbeat`), a Consul check update
+/// (`PUT /v1/agent/check/{pass|warn|fail}/{id}`) or session renewal
+/// (`PUT /v1/session/renew/{id}`), a Eureka renewal (`PUT /eureka[/v2]/apps/{app}/{id}`).
 pub fn http_liveness(method: &http::Method, path: &str) -> bool {
-    path.ends_with("/heartbeat")
-        || path.starts_with("/v1/agent/check/")
-        || path.starts_with("/v1/session/renew/")
-        || (method == http::Method::PUT && path.starts_with("/eureka/apps/") && path.split('/').count() == 5)
+    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let put = method == http::Method::PUT;
+    match seg.as_slice() {
+        ["api", "v1", "ns", _, "services", _, "instances", _, "heartbeat"] => put || method == http::Method::POST,
+        ["v1", "agent", "check", "pass" | "warn" | "fail", _] => put,
+        ["v1", "session", "renew", _] => put,
+        ["eureka", "apps", _, _] | ["eureka", "v2", "apps", _, _] => put,
+        _ => false,
+    }
 }
 
 /// The HTTP APIs' middleware: 429 with `Retry-After` over the rate.
@@ -137,13 +183,37 @@ mod tests {
     }
 
     #[test]
+    fn clients_are_keyed_by_ipv4_address_or_ipv6_64() {
+        let k = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(k("10.1.2.3"), k("::ffff:10.1.2.3"));
+        assert_ne!(k("10.1.2.3"), k("10.1.2.4"));
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        // A burst below one would refuse everything forever: it is raised to one.
+        let l = Limiter::new(1.0, 0.5).unwrap();
+        assert!(l.check("10.0.0.1".parse().unwrap()).is_ok());
+        // A rate so slow its retry time overflows is clamped, never a panic.
+        let slow = Limiter::new(1e-20, 1.0).unwrap();
+        assert!(slow.check("10.0.0.1".parse().unwrap()).is_ok());
+        assert!(slow.check("10.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
     fn liveness_requests_are_told_apart() {
         use http::Method;
         assert!(http_liveness(&Method::PUT, "/api/v1/ns/default/services/web/instances/i1/heartbeat"));
         assert!(http_liveness(&Method::PUT, "/v1/agent/check/pass/service:web"));
         assert!(http_liveness(&Method::PUT, "/v1/session/renew/abc"));
         assert!(http_liveness(&Method::PUT, "/eureka/apps/WEB/i1"));
+        assert!(http_liveness(&Method::PUT, "/eureka/v2/apps/WEB/i1"));
         assert!(!http_liveness(&Method::POST, "/eureka/apps/WEB"));
         assert!(!http_liveness(&Method::PUT, "/v1/kv/a"));
+        // Routes that only look like liveness: writes, charged as requests.
+        assert!(!http_liveness(&Method::PUT, "/v1/kv/x/heartbeat"));
+        assert!(!http_liveness(&Method::DELETE, "/v1/kv/x/heartbeat"));
+        assert!(!http_liveness(&Method::PUT, "/api/v1/ns/x/services/y/instances/heartbeat"));
+        assert!(!http_liveness(&Method::POST, "/eureka/apps/heartbeat"));
+        assert!(!http_liveness(&Method::PUT, "/v1/agent/check/register"));
+        assert!(!http_liveness(&Method::PUT, "/eureka/apps/WEB/i1/status"));
     }
 }

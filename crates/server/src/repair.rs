@@ -201,7 +201,10 @@ pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairReque
         let spec = (a.action == Action::Deregister).then(|| confirm_spec(i, req.health_path.as_deref()));
         async move {
             match spec {
-                Some(spec) => Some((crate::prober::probe(&spec, source).await, spec)),
+                Some(spec) => match crate::prober::not_allowed(&spec).await {
+                    Some(why) => Some((Err(why), spec)),
+                    None => Some((Ok(crate::prober::probe(&spec, source).await), spec)),
+                },
                 None => None,
             }
         }
@@ -210,7 +213,13 @@ pub async fn repair(State(s): State<Arc<HttpState>>, Json(req): Json<RepairReque
     let mut still = Vec::new();
     for ((a, i), c) in ready.into_iter().zip(confirmed) {
         match c {
-            Some((health, spec)) if health != Health::Critical => {
+            Some((Err(why), _)) => results.push(RepairResult {
+                key: a.key,
+                action: a.action,
+                outcome: Outcome::Refused,
+                detail: format!("the leader may not probe it ({why}): not confirmed dead"),
+            }),
+            Some((Ok(health), spec)) if health != Health::Critical => {
                 let target = spec.http.or(spec.tcp.map(|t| format!("tcp://{t}"))).unwrap_or_default();
                 results.push(RepairResult {
                     key: a.key,
