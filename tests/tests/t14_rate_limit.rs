@@ -102,3 +102,33 @@ fn the_http_apis_answer_429_with_retry_after() {
         assert_eq!(quorate_tests::http(&c.nodes[0], "GET", "/metrics", None).unwrap().status, 200);
     }
 }
+
+/// One stream holds at most `--max-watchers-per-stream` watchers: a create past it is cancelled
+/// with the reason; another stream has its own allowance.
+#[test]
+fn a_stream_holds_at_most_its_watchers() {
+    let c = Cluster::start_with(Flavor::Quorate, 1, &["--max-watchers-per-stream", "3"]).expect("cluster");
+    let endpoint = c.nodes[0].endpoint();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = etcd_client::Client::connect([endpoint], None).await.expect("connect");
+        let mut stream = client.watch("w0", None).await.expect("watch");
+        for key in ["w1", "w2", "w3"] {
+            stream.watch(key, None).await.expect("another watch on the stream");
+        }
+        let mut created = Vec::new();
+        while created.len() < 4 {
+            let r = stream.message().await.expect("answer").expect("a response");
+            if r.created() {
+                created.push((r.watch_id(), r.canceled(), r.cancel_reason().to_string()));
+            }
+        }
+        let refused: Vec<_> = created.iter().filter(|(_, canceled, _)| *canceled).collect();
+        assert_eq!(refused.len(), 1, "{created:?}");
+        assert!(refused[0].2.contains("too many watchers on this stream"), "{created:?}");
+
+        let mut other = client.watch("v0", None).await.expect("another stream has its own allowance");
+        let r = other.message().await.expect("answer").expect("a response");
+        assert!(r.created() && !r.canceled(), "{r:?}");
+    });
+}

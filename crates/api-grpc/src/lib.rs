@@ -82,6 +82,8 @@ pub struct Ctx {
     pub max_txn_ops: usize,
     /// etcd's `--max-request-bytes`: largest write request proposed.
     pub max_request_bytes: usize,
+    /// `--max-watchers-per-stream`: watchers one Watch stream may hold at once.
+    pub max_watchers_per_stream: usize,
     /// This member's `--listen-http` address; Maintenance.Status names it in the response
     /// metadata `quorate-http-addr`, so `quorate ctl` finds `/v1/member/status` from a client
     /// URL alone.

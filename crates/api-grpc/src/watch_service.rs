@@ -201,6 +201,19 @@ impl Session {
             }
             self.next_id
         };
+        // One client's stream must not hold more watchers than the member can follow for it.
+        let max = self.ctx.max_watchers_per_stream;
+        if self.watchers.len() >= max {
+            let resp = pb::WatchResponse {
+                created: true,
+                canceled: true,
+                cancel_reason: format!(
+                    "etcdserver: too many watchers on this stream (--max-watchers-per-stream {max}): cancel some, or open another stream"
+                ),
+                ..self.response(id, current)
+            };
+            return self.send(resp).await;
+        }
         let filters = c.filters.clone();
         let filter = Filter {
             key: c.key,

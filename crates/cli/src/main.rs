@@ -406,6 +406,10 @@ struct ServerArgs {
     /// Larger Txns get etcd's "too many operations in txn request".
     #[arg(long, default_value_t = 128)]
     max_txn_ops: usize,
+    /// Watchers one Watch stream may hold at once; a create past it is cancelled with the reason
+    /// (etcd has no such limit; 10,000 is far above what its clients open on one stream).
+    #[arg(long, default_value_t = 10_000)]
+    max_watchers_per_stream: usize,
     /// Largest write request proposed, in bytes, as etcd's --max-request-bytes (default 1.5
     /// MiB). Larger requests get etcd's "request is too large"; gRPC refuses messages more than
     /// 512 KiB above it.
@@ -571,6 +575,7 @@ impl ServerArgs {
                 ..Default::default()
             },
             max_txn_ops: self.max_txn_ops,
+            max_watchers_per_stream: self.max_watchers_per_stream,
             max_request_bytes: self.max_request_bytes,
             probe_source_ip: self.probe_source_ip,
             check_allowed_cidrs: self.check_allowed_cidrs,

@@ -35,6 +35,8 @@ pub struct ServerConfig {
     /// etcd's `--max-txn-ops`: most compares, and most ops per list, in one Txn; nested Txns
     /// spend from the same budget.
     pub max_txn_ops: usize,
+    /// `--max-watchers-per-stream`: watchers one Watch stream may hold at once.
+    pub max_watchers_per_stream: usize,
     /// etcd's `--max-request-bytes`: largest write request proposed, in bytes.
     pub max_request_bytes: usize,
     /// The registry's eviction brake (ADR 0005).
@@ -122,6 +124,9 @@ impl ServerConfig {
                 self.election_timeout_ms,
                 self.heartbeat_interval_ms
             );
+        }
+        if self.max_watchers_per_stream == 0 {
+            bail!("--max-watchers-per-stream must be at least 1");
         }
         if self.max_txn_ops == 0 {
             bail!("--max-txn-ops must be at least 1");

@@ -112,6 +112,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         min_lease_ttl_s: ((cfg.election_timeout_ms * 3 / 2) as i64 + 999) / 1000,
         unsafe_local_reads: cfg.drill.unsafe_local_reads,
         max_txn_ops: cfg.max_txn_ops,
+        max_watchers_per_stream: cfg.max_watchers_per_stream,
         max_request_bytes: cfg.max_request_bytes,
         http_addr: Some(cfg.listen_http_addr.to_string()),
     };
