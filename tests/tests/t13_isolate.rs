@@ -44,6 +44,8 @@ fn assert_refuses(c: &Cluster, i: usize, reason: &str) {
     assert_eq!(body["error"]["code"], "isolated", "{body}");
     assert_eq!(body["error"]["reason"], reason, "{body}");
     assert!(body["error"]["by"].as_str().is_some_and(|b| !b.is_empty()), "{body}");
+    // Not healthy for a load balancer, on the HTTP port and on the client port.
+    assert_eq!(http(&c.nodes[i], "GET", "/health", None).expect("health").status, 503);
     // Status still answers, and says why.
     let st = etcdctl(&c.nodes[i].endpoint(), &["endpoint", "status", "-w", "json"]);
     assert!(st.ok && st.stdout.contains(reason), "status names the isolation: {} {}", st.stdout, st.stderr);

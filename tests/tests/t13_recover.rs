@@ -41,18 +41,25 @@ fn status(c: &Cluster, i: usize) -> serde_json::Value {
     http(&c.nodes[i], "GET", "/v1/member/status", None).expect("status").json()
 }
 
-#[test]
-fn three_of_five_lost_the_survivors_recover_and_the_dropped_are_fenced_then_re_added() {
+/// Five members with the keys written, then three killed -9 for good, the leader among them:
+/// (the cluster, the lost, the survivors, the survivors' endpoints).
+fn five_lose_three() -> (Cluster, Vec<usize>, Vec<usize>, String) {
     let mut c = Cluster::start(Flavor::Quorate, 5).expect("cluster");
     let leader = c.wait_leader(SETTLE).expect("leader");
     write_keys(&c.endpoints());
     let lost: Vec<usize> = (0..3).map(|k| (leader + k) % 5).collect();
     let survivors: Vec<usize> = (0..5).filter(|i| !lost.contains(i)).collect();
-    let pids_before: Vec<Option<u32>> = survivors.iter().map(|i| c.nodes[*i].pid()).collect();
     for i in &lost {
         c.kill(*i);
     }
     let eps = survivors.iter().map(|i| c.nodes[*i].endpoint()).collect::<Vec<_>>().join(",");
+    (c, lost, survivors, eps)
+}
+
+#[test]
+fn three_of_five_lost_the_survivors_recover_and_the_dropped_are_fenced_then_re_added() {
+    let (mut c, lost, survivors, eps) = five_lose_three();
+    let pids_before: Vec<Option<u32>> = survivors.iter().map(|i| c.nodes[*i].pid()).collect();
 
     // Refused while a majority of the voters answers: one of the lost back makes three of five.
     c.spawn(lost[1]).expect("restart");
@@ -175,15 +182,7 @@ fn a_stopped_survivor_is_recovered_offline_on_its_data_directory() {
 /// is told so by the other, not fenced.
 #[test]
 fn a_recovery_cut_short_is_finished_by_running_it_again() {
-    let mut c = Cluster::start(Flavor::Quorate, 5).expect("cluster");
-    let leader = c.wait_leader(SETTLE).expect("leader");
-    write_keys(&c.endpoints());
-    let lost: Vec<usize> = (0..3).map(|k| (leader + k) % 5).collect();
-    let survivors: Vec<usize> = (0..5).filter(|i| !lost.contains(i)).collect();
-    for i in &lost {
-        c.kill(*i);
-    }
-    let eps = survivors.iter().map(|i| c.nodes[*i].endpoint()).collect::<Vec<_>>().join(",");
+    let (c, _, survivors, eps) = five_lose_three();
     let deadline = Instant::now() + SETTLE;
     let plan = loop {
         let dry = ctl(&eps, &["recover", "-w", "json"]);

@@ -102,24 +102,15 @@ pub fn quorum_refusal(
     if after.is_empty() {
         return Some("it is the last voter: isolating it would leave the cluster without a quorum".into());
     }
-    let healthy_after = after.intersection(healthy).count();
-    if healthy_after < majority(after.len()) {
-        return Some(format!(
-            "it would leave {} voters of which {} answer the leader: a quorum needs {}",
-            after.len(),
-            healthy_after,
-            majority(after.len())
-        ));
-    }
-    let healthy_now = voters.intersection(healthy).count();
-    if healthy_now < majority(voters.len()) {
-        return Some(format!(
-            "only {healthy_now} of the {} voters answer the leader: demoting one needs {}",
-            voters.len(),
-            majority(voters.len())
-        ));
-    }
-    None
+    short_of_quorum("the voters left", &after, healthy).or_else(|| short_of_quorum("the voters now", voters, healthy))
+}
+
+/// Why `set` has no healthy majority, if it has none (`which` names the set).
+fn short_of_quorum(which: &str, set: &BTreeSet<NodeId>, healthy: &BTreeSet<NodeId>) -> Option<String> {
+    let up = set.intersection(healthy).count();
+    (up < majority(set.len())).then(|| {
+        format!("{which} would have {up} of {} answering the leader: a quorum needs {}", set.len(), majority(set.len()))
+    })
 }
 
 /// Why demoting `target` now would leave the joint change without a healthy quorum, if it
@@ -131,17 +122,7 @@ pub fn demotion_refusal(voters: &BTreeSet<NodeId>, target: NodeId, healthy: &BTr
     if after.is_empty() {
         return Some("it is the last voter".into());
     }
-    for (which, set) in [("the voters now", voters), ("the voters after", &after)] {
-        let up = set.intersection(healthy).count();
-        if up < majority(set.len()) {
-            return Some(format!(
-                "{which} would have {up} of {} answering: a quorum needs {}",
-                set.len(),
-                majority(set.len())
-            ));
-        }
-    }
-    None
+    short_of_quorum("the voters now", voters, healthy).or_else(|| short_of_quorum("the voters after", &after, healthy))
 }
 
 /// What the leader does next to make the membership follow the isolation records, given the

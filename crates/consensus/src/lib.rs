@@ -233,10 +233,7 @@ impl Member {
             log.set_incarnation(n).await.map_err(|e| format!("write incarnation: {e}"))?;
         }
         incarnation::set(log.incarnation());
-        let survivors = log
-            .recovery_plan()
-            .and_then(|j| serde_json::from_str::<recovery::RecoveryPlan>(&j).ok())
-            .map_or_else(Vec::new, |p| p.voters);
+        let survivors = log.recovery_plan().map_or_else(Vec::new, |p| p.voters);
         incarnation::set_identity(cfg.id, survivors);
         let grace = Duration::from_millis(cfg.election_timeout_ms);
         let mut sm =
@@ -316,9 +313,15 @@ impl Member {
         tokio::spawn(observe::watch(raft.clone(), member.id(), member.metrics().clone()));
         tokio::spawn(member.clone().probe_peers());
         tokio::spawn(member.clone().track_freshness());
+        tokio::spawn(member.clone().stop_campaigning_when_fenced());
         let service =
             PeerService { id: member.id(), raft, forward: Arc::new(member.clone()), metrics: member.metrics().clone() };
         Ok((member, service))
+    }
+
+    /// One election timeout.
+    pub(crate) fn election_timeout(&self) -> Duration {
+        Duration::from_millis(self.inner.cfg.election_timeout_ms)
     }
 
     pub fn id(&self) -> NodeId {
@@ -578,11 +581,14 @@ impl Member {
         loop {
             tick.tick().await;
             if *self.inner.removed.borrow() {
+                // Nothing more to learn: let whoever waits for the first round go on.
+                self.inner.probed.send_replace(true);
                 return;
             }
             let peers: Vec<(NodeId, MemberNode)> = {
                 let m = self.inner.raft.metrics().borrow_watched().clone();
                 if m.running_state.is_err() {
+                    self.inner.probed.send_replace(true);
                     return;
                 }
                 let membership = m.membership_config.membership();
@@ -922,20 +928,24 @@ impl Member {
     /// this member's data is as new as the leader's commit (`fresh_as_of`). Freshness recorded
     /// only when a stale read asked for it left a member that was behind at every such read, but
     /// caught up in between, answering "unknown" (t81 saw it under a slow follower's fsyncs).
-    ///
-    /// Also stops a fenced member (one a recovery dropped) from campaigning: it serves nothing,
-    /// and its elections could only disturb the old members it still reaches.
     async fn track_freshness(self) {
         let mut metrics = self.inner.raft.metrics();
-        let mut elections_off = false;
         while metrics.changed().await.is_ok() {
             let _ = self.staleness_ms();
-            if !elections_off && incarnation::fenced().is_some() {
-                elections_off = true;
-                warn!("fenced: elections off until this member is wiped and added again");
-                self.inner.raft.runtime_config().elect(false);
+        }
+    }
+
+    /// Once fenced (a recovery dropped this member), stop campaigning: it serves nothing, and
+    /// its elections could only disturb the old members it still reaches.
+    async fn stop_campaigning_when_fenced(self) {
+        let mut serving = self.serving_changes();
+        while incarnation::fenced().is_none() {
+            if serving.changed().await.is_err() {
+                return;
             }
         }
+        warn!("fenced: elections off until this member is wiped and added again");
+        self.inner.raft.runtime_config().elect(false);
     }
 
     /// The current Raft term, cheaply (every response header carries it).

@@ -51,7 +51,7 @@ struct Mem {
     committed: Option<LogId>,
     last_purged: Option<LogId>,
     incarnation: u64,
-    recovery_plan: Option<String>,
+    recovery_plan: Option<crate::recovery::RecoveryPlan>,
 }
 
 enum Op {
@@ -174,7 +174,8 @@ impl LogStore {
                 None => 1,
             };
             if let Some(v) = meta.get(META_RECOVERY_PLAN).map_err(io_err)? {
-                mem.recovery_plan = Some(decode(v.value())?);
+                let json: String = decode(v.value())?;
+                mem.recovery_plan = Some(serde_json::from_str(&json).map_err(io_err)?);
             }
             let log = r.open_table(LOG).map_err(io_err)?;
             for item in log.iter().map_err(io_err)? {
@@ -218,8 +219,8 @@ impl LogStore {
         self.mem.lock().unwrap().incarnation
     }
 
-    /// The recovery plan (JSON) that set the incarnation, if one did.
-    pub fn recovery_plan(&self) -> Option<String> {
+    /// The recovery plan that set the incarnation, if one did (stored as JSON).
+    pub fn recovery_plan(&self) -> Option<crate::recovery::RecoveryPlan> {
         self.mem.lock().unwrap().recovery_plan.clone()
     }
 
@@ -242,11 +243,10 @@ impl LogStore {
         &self,
         entry: Option<Entry>,
         vote: Option<Vote>,
-        incarnation: u64,
-        plan_json: &str,
+        plan: &crate::recovery::RecoveryPlan,
     ) -> io::Result<()> {
-        let mut meta =
-            vec![(META_INCARNATION, encode(&incarnation)?), (META_RECOVERY_PLAN, encode(&plan_json.to_string())?)];
+        let json = serde_json::to_string(plan).map_err(io_err)?;
+        let mut meta = vec![(META_INCARNATION, encode(&plan.incarnation)?), (META_RECOVERY_PLAN, encode(&json)?)];
         if let Some(v) = &vote {
             meta.push((META_VOTE, encode(v)?));
         }
@@ -264,8 +264,8 @@ impl LogStore {
         if vote.is_some() {
             mem.vote = vote;
         }
-        mem.incarnation = incarnation;
-        mem.recovery_plan = Some(plan_json.to_string());
+        mem.incarnation = plan.incarnation;
+        mem.recovery_plan = Some(plan.clone());
         Ok(())
     }
 

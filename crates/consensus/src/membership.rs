@@ -234,18 +234,31 @@ impl Member {
             let membership = m.membership_config.membership();
             // One change at a time: openraft refuses a change while another is in flight.
             if membership.get_joint_config().len() > 1 {
-                // A joint config committed and still joint a tick later was left by a leader
-                // that died between the two halves of a change: nothing else finishes it.
-                let committed = m.committed_membership_config.log_id() == m.membership_config.log_id();
+                // A joint config committed, applied here, and still joint an election timeout
+                // later was left by a leader that died between the two halves of a change (a
+                // live driver proposes the second half as soon as the first is applied): nothing
+                // else finishes it.
                 let log_id = *m.membership_config.log_id();
-                if committed && joint_seen == Some(log_id) {
-                    info!("finishing a membership change its leader left joint");
+                let settled = m.committed_membership_config.log_id() == m.membership_config.log_id()
+                    && m.last_applied.map(|l| l.index) >= log_id.map(|l| l.index);
+                let seen = match joint_seen {
+                    Some((id, since)) if id == log_id && settled => Some((id, since)),
+                    _ => settled.then(|| (log_id, tokio::time::Instant::now())),
+                };
+                if seen.is_some_and(|(_, since)| since.elapsed() >= self.election_timeout()) {
+                    // Voters leaving keep a place as learners only when they were isolated
+                    // (a demotion); a removal stays a removal.
+                    let halves = membership.get_joint_config();
+                    let leaving: Vec<NodeId> = halves[0].difference(&halves[1]).copied().collect();
+                    let isolated = self.isolated_members();
+                    let retain = !leaving.is_empty() && leaving.iter().all(|id| isolated.contains_key(id));
+                    info!(?leaving, retain, "finishing a membership change its leader left joint");
                     let finish = ChangeMembers::AddVoterIds(BTreeSet::new());
-                    if let Err(e) = self.inner.raft.change_membership(finish, true).await {
+                    if let Err(e) = self.inner.raft.change_membership(finish, retain).await {
                         warn!(error = %e, "finishing a joint membership failed; will retry");
                     }
                 }
-                joint_seen = committed.then_some(log_id);
+                joint_seen = seen;
                 continue;
             }
             joint_seen = None;

@@ -148,7 +148,7 @@ pub fn plan(survivors: &[RecoveryInfo], by: &str) -> Result<RecoveryPlan, String
     Ok(RecoveryPlan {
         plan_id: format!("{:016x}", crate::stable_id(&["recovery", &digest])),
         from_incarnation,
-        incarnation: from_incarnation + 1,
+        incarnation: from_incarnation.checked_add(1).ok_or("the incarnation cannot go higher")?,
         chosen: chosen.id,
         voters: ids.into_iter().collect(),
         dropped,
@@ -236,6 +236,30 @@ fn known_members(
 }
 
 /// Check a plan against what this member holds now.
+/// A plan a member may apply at all, whoever sent it: one incarnation up, the chosen survivor
+/// among the voters, every member named known here, short texts.
+fn well_formed(plan: &RecoveryPlan, known: &BTreeSet<NodeId>) -> Result<(), String> {
+    if plan.from_incarnation.checked_add(1) != Some(plan.incarnation) {
+        return Err(format!(
+            "a plan raises the incarnation by one, not {} to {}",
+            plan.from_incarnation, plan.incarnation
+        ));
+    }
+    if !plan.voters.contains(&plan.chosen) {
+        return Err(format!("the chosen survivor {:x} is not among the plan's voters", plan.chosen));
+    }
+    if let Some(id) = plan.voters.iter().chain(&plan.dropped).find(|id| !known.contains(id)) {
+        return Err(format!("member {id:x} of the plan is not in this member's membership"));
+    }
+    if plan.voters.iter().any(|v| plan.dropped.contains(v)) {
+        return Err("a member is both kept and dropped".into());
+    }
+    if plan.plan_id.len() > 64 || plan.by.len() > crate::isolation::BY_BYTES_MAX {
+        return Err("the plan id or the operator is too long".into());
+    }
+    Ok(())
+}
+
 fn check(me: NodeId, plan: &RecoveryPlan, incarnation: u64, last: Option<LogId>) -> Result<(), String> {
     if !plan.voters.contains(&me) {
         return Err(format!("member {me:x} is not a survivor in plan {}", plan.plan_id));
@@ -268,7 +292,7 @@ pub enum Applied {
 impl Member {
     /// The recovery that set this member's incarnation, if one did.
     pub fn recovered_by(&self) -> Option<RecoveryPlan> {
-        self.inner.log.recovery_plan().and_then(|j| serde_json::from_str(&j).ok())
+        self.inner.log.recovery_plan()
     }
 
     /// This member's incarnation (`crate::incarnation`).
@@ -322,6 +346,7 @@ impl Member {
             m.membership_config.membership().nodes().map(|(id, n)| (*id, n.clone())).collect()
         };
         let (last, _, _, _) = self.inner.log.state(u64::MAX);
+        well_formed(plan, &nodes.keys().copied().collect()).map_err(refuse)?;
         check(self.id(), plan, self.inner.log.incarnation(), last).map_err(refuse)?;
         tracing::warn!(plan = %plan.plan_id, incarnation = plan.incarnation, "recovery: stopping Raft to apply the plan");
         self.shutdown().await;
@@ -334,7 +359,7 @@ impl Member {
         let (entry, vote) = writes(self.id(), plan, last, vote, &nodes).map_err(stopped)?;
         self.inner
             .log
-            .write_recovery(entry, vote, plan.incarnation, &serde_json::to_string(plan).expect("a plan serializes"))
+            .write_recovery(entry, vote, plan)
             .await
             .map_err(|e| ConsensusError::Stopped(format!("recovery write failed: {e}")))?;
         self.flight().record(crate::flight::Event::Recovered {
@@ -396,7 +421,7 @@ impl Stopped {
             id: self.id,
             name,
             incarnation: self.log.incarnation(),
-            recovery_plan: self.log.recovery_plan().and_then(|j| serde_json::from_str(&j).ok()),
+            recovery_plan: self.log.recovery_plan(),
             last_log: last.map(|l| LogPos::of(&l)),
             committed: committed.map_or(0, |l| l.index),
             applied: 0,
@@ -409,16 +434,16 @@ impl Stopped {
 
     /// Apply a plan to the data directory.
     pub async fn apply(&self, plan: &RecoveryPlan) -> Result<Applied, String> {
-        let applied: Option<RecoveryPlan> = self.log.recovery_plan().and_then(|j| serde_json::from_str(&j).ok());
+        let applied = self.log.recovery_plan();
         if applied.is_some_and(|p| p.plan_id == plan.plan_id) {
             return Ok(Applied::Already);
         }
         let (last, vote, _, _) = self.log.state(u64::MAX);
-        check(self.id, plan, self.log.incarnation(), last)?;
         let nodes: BTreeMap<NodeId, MemberNode> = self.membership()?.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        well_formed(plan, &nodes.keys().copied().collect())?;
+        check(self.id, plan, self.log.incarnation(), last)?;
         let (entry, vote) = writes(self.id, plan, last, vote, &nodes)?;
-        let json = serde_json::to_string(plan).map_err(|e| e.to_string())?;
-        self.log.write_recovery(entry, vote, plan.incarnation, &json).await.map_err(|e| e.to_string())?;
+        self.log.write_recovery(entry, vote, plan).await.map_err(|e| e.to_string())?;
         Ok(Applied::Written)
     }
 }
@@ -514,5 +539,18 @@ mod tests {
         assert!(check(5, &p, 2, last).is_err(), "another incarnation");
         assert!(check(5, &p, 1, Some(openraft::LogId::new(leader(3, 1), 71))).is_err(), "the log moved");
         assert!(check(3, &p, 1, last).is_err(), "not a survivor");
+        let known: BTreeSet<NodeId> = (1..=5).collect();
+        assert!(well_formed(&p, &known).is_ok());
+        let bad = |f: fn(&mut RecoveryPlan)| {
+            let mut q = p.clone();
+            f(&mut q);
+            well_formed(&q, &known).is_err()
+        };
+        assert!(bad(|q| q.incarnation = q.from_incarnation), "no fence");
+        assert!(bad(|q| q.incarnation = u64::MAX), "a jump");
+        assert!(bad(|q| q.chosen = 1), "the chosen one dropped");
+        assert!(bad(|q| q.voters.push(9)), "an unknown member");
+        assert!(bad(|q| q.dropped.push(4)), "kept and dropped");
+        assert!(bad(|q| q.by = "x".repeat(1000)), "a long text");
     }
 }

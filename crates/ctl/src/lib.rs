@@ -29,14 +29,20 @@ pub struct Options {
     pub command_timeout: Duration,
 }
 
+/// Print `value` as `-w json` asks, or as `text` renders it.
+fn emit<T: serde::Serialize>(opts: &Options, value: &T, text: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text(value));
+    }
+    Ok(())
+}
+
 /// `quorate ctl status`: prints the view; exit 0 when at least one member answered, else 1.
 pub async fn status(opts: &Options) -> anyhow::Result<i32> {
     let view = collect::collect(opts).await;
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
-    } else {
-        print!("{}", render::status_table(&view));
-    }
+    emit(opts, &view, render::status_table)?;
     Ok(if view.members.iter().any(|m| m.reachable) { 0 } else { 1 })
 }
 
@@ -56,11 +62,7 @@ pub async fn audit(opts: &Options, a: &audit::AuditOptions, repair: bool, yes: b
         }
         report.repair = Some(plan);
     }
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", audit::render(&report));
-    }
+    emit(opts, &report, audit::render)?;
     Ok(code)
 }
 
@@ -68,22 +70,14 @@ pub async fn audit(opts: &Options, a: &audit::AuditOptions, repair: bool, yes: b
 /// survivor did); exit 0 for a plan or a recovery done, 1 when refused or failed.
 pub async fn recover(opts: &Options, r: &recover::RecoverOptions) -> anyhow::Result<i32> {
     let report = recover::recover(opts, r).await;
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", recover::render(&report));
-    }
+    emit(opts, &report, recover::render)?;
     Ok(report.exit_code())
 }
 
 /// `quorate ctl verify`: prints each check; exit 0 only when every one passed.
 pub async fn verify(opts: &Options, v: &verify::VerifyOptions) -> anyhow::Result<i32> {
     let report = verify::verify(opts, v).await;
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", verify::render(&report));
-    }
+    emit(opts, &report, verify::render)?;
     Ok(if report.fit { 0 } else { 1 })
 }
 
@@ -92,11 +86,7 @@ pub async fn verify(opts: &Options, v: &verify::VerifyOptions) -> anyhow::Result
 pub async fn doctor(opts: &Options) -> anyhow::Result<i32> {
     let view = collect::collect(opts).await;
     let report = judge(&view, &Thresholds::default());
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", render::doctor_text(&report));
-    }
+    emit(opts, &report, render::doctor_text)?;
     Ok(report.verdict.exit_code())
 }
 
@@ -104,11 +94,7 @@ pub async fn doctor(opts: &Options) -> anyhow::Result<i32> {
 /// member's events were read, else 1.
 pub async fn timeline(opts: &Options, t: &timeline::TimelineOptions) -> anyhow::Result<i32> {
     let tl = timeline::gather(opts, t).await;
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(&tl)?);
-    } else {
-        print!("{}", timeline::render_table(&tl));
-    }
+    emit(opts, &tl, timeline::render_table)?;
     Ok(if tl.members.iter().any(|m| m.reachable) { 0 } else { 1 })
 }
 

@@ -67,7 +67,8 @@ pub async fn run_candidate(index: usize, url: String, seed: u64, rec: Arc<Record
         holder_seen: None,
     };
     while !stop.load(Ordering::Relaxed) {
-        c.rec.wait_while_held().await;
+        // Not kept over the campaign: it holds a primary's serving loop, which waits on its own.
+        drop(c.rec.wait_while_held().await);
         let pause_ms = c.campaign(&stop).await;
         sleep_unless_stopped(Duration::from_millis(pause_ms), &stop).await;
     }
@@ -178,7 +179,8 @@ impl Candidate {
         loop {
             sleep_unless_stopped(period, stop).await;
             // A held primary behaves as a paused one: no renewal, no work.
-            self.rec.wait_while_held().await;
+            let rec = self.rec.clone();
+            let _busy = rec.wait_while_held().await;
             if stop.load(Ordering::Relaxed) {
                 self.revoke(win.lease).await;
                 return 0;

@@ -74,29 +74,48 @@ async fn converged(hosts: &Hosts) -> Option<u64> {
 }
 
 pub async fn inject(hosts: &mut Hosts, rng: &mut StdRng, rec: &Recorder) -> anyhow::Result<String> {
-    rec.hold.store(true, std::sync::atomic::Ordering::Relaxed);
-    let result = run(hosts, rng).await;
-    rec.hold.store(false, std::sync::atomic::Ordering::Relaxed);
-    let (what, failures) = result?;
+    use std::sync::atomic::Ordering::SeqCst;
+    rec.hold.store(true, SeqCst);
+    let (mut failures, mut killed) = (Vec::new(), false);
+    let result = run(hosts, rng, rec, &mut failures, &mut killed).await;
+    rec.hold.store(false, SeqCst);
+    // Once the majority is dead, an error is the recovery's failure too, never a skipped fault.
+    if let (Err(e), true) = (&result, killed) {
+        failures.push(format!("the recovery stopped: {e:#}"));
+    }
     let mut r = rec.rec.lock().unwrap();
-    r.recoveries += 1;
+    r.recoveries += usize::from(killed);
     r.recovery_failures.extend(failures);
-    Ok(what)
+    result
 }
 
-async fn run(hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(String, Vec<String>)> {
+async fn run(
+    hosts: &mut Hosts,
+    rng: &mut StdRng,
+    rec: &Recorder,
+    failures: &mut Vec<String>,
+    killed_any: &mut bool,
+) -> anyhow::Result<String> {
     let n = hosts.members.len();
     let name = |h: &Hosts, s: usize| h.members[s].name.clone();
-    // Quiet: every operation in flight has finished (or timed out), and every member has
-    // everything the leader committed.
-    tokio::time::sleep(OP_TIMEOUT + Duration::from_millis(500)).await;
+    // Quiet: every writer's operation under way has ended (a lock session takes seconds), a
+    // candidate's grant and campaign (two operations started just before the hold) too, and
+    // every member has everything the leader committed.
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while rec.busy.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        if tokio::time::Instant::now() > deadline {
+            return Ok("skipped: the writers did not finish while held".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(OP_TIMEOUT * 2 + Duration::from_millis(500)).await;
     let deadline = tokio::time::Instant::now() + SETTLE;
     let commit = loop {
         if let Some(c) = converged(hosts).await {
             break c;
         }
         if tokio::time::Instant::now() > deadline {
-            return Ok(("skipped: the cluster did not converge while quiet".into(), Vec::new()));
+            return Ok("skipped: the cluster did not converge while quiet".into());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -109,7 +128,7 @@ async fn run(hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(String, Vec
     for s in &dropped {
         hosts.kill9(*s);
     }
-    let mut failures = Vec::new();
+    *killed_any = true;
     let names = |h: &Hosts, v: &[usize]| v.iter().map(|s| name(h, *s)).collect::<Vec<_>>().join(",");
     let killed = names(hosts, &dropped);
 
@@ -137,13 +156,13 @@ async fn run(hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(String, Vec
             "the survivors [{}] kept hearing from a leader after [{killed}] died",
             names(hosts, &survivors)
         ));
-        return Ok((format!("killed [{killed}]; no recovery"), failures));
+        return Ok(format!("killed [{killed}]; no recovery"));
     }
     let mut plan: RecoveryPlan = match recovery::plan(&infos, "drill") {
         Ok(p) => p,
         Err(e) => {
             failures.push(format!("the recovery plan was refused: {e}"));
-            return Ok((format!("killed [{killed}]; plan refused"), failures));
+            return Ok(format!("killed [{killed}]; plan refused"));
         }
     };
     if plan.highest_commit_seen < commit {
@@ -152,8 +171,7 @@ async fn run(hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(String, Vec
             plan.highest_commit_seen
         ));
     }
-    plan.at_unix_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    plan.at_unix_ms = quorate_consensus::flight::unix_ms() as u64;
     // The chosen survivor last, as `ctl recover` does.
     let mut order = survivors.clone();
     order.sort_by_key(|s| infos.iter().find(|i| i.name == hosts.members[*s].name).is_some_and(|i| i.id == plan.chosen));
@@ -176,7 +194,7 @@ async fn run(hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(String, Vec
     .await;
     if !recovered {
         failures.push(format!("no leader of incarnation {} among [{}]", plan.incarnation, names(hosts, &survivors)));
-        return Ok((format!("killed [{killed}]; recovery applied, no leader"), failures));
+        return Ok(format!("killed [{killed}]; recovery applied, no leader"));
     }
     // The dropped, restarted on their old data: refused, and the survivors' term stays.
     let term = |v: &serde_json::Value| v["term"].as_u64().unwrap_or(0);
@@ -205,8 +223,7 @@ async fn run(hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(String, Vec
         crate::faults::add_fresh(hosts, *s, survivors[0]).await?;
         added.push(name(hosts, *s));
     }
-    Ok((
-        format!(
+    Ok(format!(
             "killed [{killed}] (the leader among them) for good; recovered [{}] (plan {}, incarnation {}, kept up to index {}); the dropped restarted on old data: {}; re-added fresh as [{}]",
             names(hosts, &survivors),
             plan.plan_id,
@@ -214,7 +231,5 @@ async fn run(hosts: &mut Hosts, rng: &mut StdRng) -> anyhow::Result<(String, Vec
             plan.highest_commit_seen,
             if failures.is_empty() { "fenced, term unchanged" } else { "see the failures" },
             added.join(",")
-        ),
-        failures,
     ))
 }

@@ -75,7 +75,7 @@ pub async fn run(addrs: Vec<String>, rec: Arc<Recorder>, stop: Arc<AtomicBool>, 
             let beat = format!("{path}/heartbeat");
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                rec.wait_while_held().await;
+                let _busy = rec.wait_while_held().await;
                 if instances.lock().unwrap()[slot].stopped_ms.is_some() {
                     return;
                 }

@@ -91,16 +91,38 @@ pub struct Recorder {
     /// Set while a fault needs the cluster quiet (`quorum-loss`): every writer waits before its
     /// next operation (watchers go on).
     pub hold: std::sync::atomic::AtomicBool,
+    /// Writers between `wait_while_held` and the end of their operation (`Busy`).
+    pub busy: std::sync::atomic::AtomicUsize,
+}
+
+/// A writer's operation under way: counted in `Recorder::busy` until dropped.
+pub struct Busy<'a>(&'a Recorder);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Recorder {
     pub fn new() -> Arc<Recorder> {
-        Arc::new(Recorder { start: Instant::now(), rec: Mutex::default(), hold: Default::default() })
+        Arc::new(Recorder {
+            start: Instant::now(),
+            rec: Mutex::default(),
+            hold: Default::default(),
+            busy: Default::default(),
+        })
     }
 
-    /// Wait while a fault holds the writers.
-    pub async fn wait_while_held(&self) {
-        while self.hold.load(Ordering::Relaxed) {
+    /// Wait while a fault holds the writers; the operation that follows is `Busy` until the
+    /// guard is dropped, so a fault that holds them can wait for every one under way to end.
+    pub async fn wait_while_held(&self) -> Busy<'_> {
+        loop {
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            if !self.hold.load(Ordering::SeqCst) {
+                return Busy(self);
+            }
+            self.busy.fetch_sub(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -186,7 +208,8 @@ pub async fn run_client(cfg: ClientCfg, rec: Arc<Recorder>, stop: Arc<AtomicBool
         last_read: HashMap::new(),
     };
     while !stop.load(Ordering::Relaxed) {
-        c.rec.wait_while_held().await;
+        let rec = c.rec.clone();
+        let _busy = rec.wait_while_held().await;
         let roll = c.rng.random_range(0..100);
         let unknown = match roll {
             0..35 => c.register(Input::Read).await,

@@ -24,17 +24,17 @@ struct CutOff<B> {
     inner: std::pin::Pin<Box<B>>,
     member: Member,
     changed: Option<futures::future::BoxFuture<'static, ()>>,
-    exempt: bool,
     done: bool,
 }
 
 impl<B> CutOff<B> {
-    fn new(inner: B, member: Member, exempt: bool) -> Self {
-        CutOff { inner: Box::pin(inner), member, changed: None, exempt, done: false }
+    /// `changes` was subscribed before the call passed the gate, so a refusal that lands while
+    /// the call starts is seen on the first poll.
+    fn new(inner: B, member: Member, changes: tokio::sync::watch::Receiver<u64>) -> Self {
+        CutOff { inner: Box::pin(inner), member, changed: Some(Self::wait(changes)), done: false }
     }
 
-    fn watch(&self) -> futures::future::BoxFuture<'static, ()> {
-        let mut changes = self.member.serving_changes();
+    fn wait(mut changes: tokio::sync::watch::Receiver<u64>) -> futures::future::BoxFuture<'static, ()> {
         Box::pin(async move {
             if changes.changed().await.is_err() {
                 std::future::pending::<()>().await;
@@ -57,20 +57,13 @@ where
         if self.done {
             return Poll::Ready(None);
         }
-        if !self.exempt {
-            if self.changed.is_none() {
-                let w = self.watch();
-                self.changed = Some(w);
-            }
-            while let Some(Poll::Ready(())) = self.changed.as_mut().map(|f| f.as_mut().poll(cx)) {
-                let w = self.watch();
-                self.changed = Some(w);
-                if let Some(e) = self.member.refusal() {
-                    self.done = true;
-                    let mut trailers = http::HeaderMap::new();
-                    let _ = quorate_api_grpc::consensus_status(e).add_header(&mut trailers);
-                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
-                }
+        while let Some(Poll::Ready(())) = self.changed.as_mut().map(|f| f.as_mut().poll(cx)) {
+            self.changed = Some(Self::wait(self.member.serving_changes()));
+            if let Some(e) = self.member.refusal() {
+                self.done = true;
+                let mut trailers = http::HeaderMap::new();
+                let _ = quorate_api_grpc::consensus_status(e).add_header(&mut trailers);
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
             }
         }
         self.inner.as_mut().poll_frame(cx)
@@ -83,6 +76,10 @@ where
 
 /// Opening a lease keep-alive stream: liveness traffic, limited apart from the rest.
 const KEEPALIVE_PATH: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
+
+/// The streaming calls that can outlive a member's decision to stop serving.
+const STREAMS: [&str; 3] =
+    ["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive", "/v3electionpb.Election/Observe"];
 
 /// The one gRPC method an isolated member still answers.
 const STATUS_PATH: &str = "/etcdserverpb.Maintenance/Status";
@@ -163,36 +160,29 @@ where
                 return Box::pin(futures::future::ready(Ok(status.into_http())));
             }
         }
-        let status_call = req.uri().path() == STATUS_PATH;
-        let refusal = move |member: &Member| match member.refusal() {
+        let path = req.uri().path().to_string();
+        let status_call = path == STATUS_PATH;
+        let changes = self.member.serving_changes();
+        let refusal = match self.member.refusal() {
             Some(ConsensusError::Removed) => Some(ConsensusError::Removed),
             Some(_) if status_call => None,
             other => other,
         };
-        if let Some(e) = refusal(&self.member) {
+        if let Some(e) = refusal {
             let status = quorate_api_grpc::consensus_status(e);
             return Box::pin(futures::future::ready(Ok(status.into_http())));
         }
-        // A call already running when the member stops serving (a lock or a campaign waiting, a
-        // watch or keep-alive stream) is ended with the refusal, not left to run on.
-        let member = self.member.clone();
-        let mut changes = member.serving_changes();
+        // A stream already open when the member stops serving (a watch, a keep-alive, an
+        // observe) is ended with the refusal. A unary call accepted before runs to its end: a
+        // write cut off mid-way may still commit, and must not be answered as refused.
         let fut = self.inner.call(req);
+        let member = (!status_call && STREAMS.contains(&path.as_str())).then(|| (self.member.clone(), changes));
         Box::pin(async move {
-            let stopped = async {
-                loop {
-                    if changes.changed().await.is_err() {
-                        return std::future::pending().await;
-                    }
-                    if let Some(e) = refusal(&member) {
-                        return e;
-                    }
-                }
-            };
-            tokio::select! {
-                resp = fut => Ok(resp?.map(|body| tonic::body::Body::new(CutOff::new(body, member, status_call)))),
-                e = stopped => Ok(quorate_api_grpc::consensus_status(e).into_http()),
-            }
+            let resp = fut.await?;
+            Ok(match member {
+                Some((member, changes)) => resp.map(|body| tonic::body::Body::new(CutOff::new(body, member, changes))),
+                None => resp.map(tonic::body::Body::new),
+            })
         })
     }
 }

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use quorate_api_http::ApiError;
 use quorate_consensus::{ConsensusError, Isolation, Member, NodeId};
 use serde::Deserialize;
 use serde_json::json;
@@ -25,12 +26,8 @@ pub struct IsolateBody {
     by: String,
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message.into()}}))).into_response()
-}
-
 /// The member named `name` (its name or hex id), or the 404 that says which names exist.
-fn resolve(member: &Member, name: &str) -> Result<NodeId, quorate_api_http::ApiError> {
+fn resolve(member: &Member, name: &str) -> Result<NodeId, ApiError> {
     let members = member.members();
     let known = || members.iter().map(|m| format!("{} ({:x})", m.name, m.id)).collect::<Vec<_>>().join(", ");
     let by_id = u64::from_str_radix(name, 16).ok().filter(|id| members.iter().any(|m| m.id == *id));
@@ -39,24 +36,22 @@ fn resolve(member: &Member, name: &str) -> Result<NodeId, quorate_api_http::ApiE
     let ambiguous = by_name.next().is_some() || matches!((named, by_id), (Some(a), Some(b)) if a != b);
     if ambiguous {
         let message = format!("{name:?} names more than one member: use the hex id; members: {}", known());
-        return Err(quorate_api_http::ApiError::new(StatusCode::CONFLICT, "ambiguous_member", message));
+        return Err(ApiError::new(StatusCode::CONFLICT, "ambiguous_member", message));
     }
     named.or(by_id).ok_or_else(|| {
         let message = format!("no member {name:?}; members: {}", known());
-        quorate_api_http::ApiError::not_found("member_not_found", message)
+        ApiError::not_found("member_not_found", message)
     })
 }
 
-fn refused(e: ConsensusError) -> Response {
+/// A refusal from consensus as the member endpoints answer it: a refused change is a 409 that
+/// says why (shared with `crate::recover`).
+pub(crate) fn refused(e: ConsensusError) -> Response {
     match e {
-        ConsensusError::MemberNotFound => error(StatusCode::NOT_FOUND, "member_not_found", e.to_string()),
-        ConsensusError::Membership(m) => error(StatusCode::CONFLICT, "refused", m),
-        e => quorate_api_http::ApiError::from(e).into_response(),
+        ConsensusError::MemberNotFound => ApiError::not_found("member_not_found", e.to_string()).into_response(),
+        ConsensusError::Membership(m) => ApiError::new(StatusCode::CONFLICT, "refused", m).into_response(),
+        e => ApiError::from(e).into_response(),
     }
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub async fn isolate(State(s): State<Arc<HttpState>>, Json(body): Json<IsolateBody>) -> Response {
@@ -66,10 +61,10 @@ pub async fn isolate(State(s): State<Arc<HttpState>>, Json(body): Json<IsolateBo
         Err(e) => return e.into_response(),
     };
     if body.reason.trim().is_empty() {
-        return error(StatusCode::BAD_REQUEST, "reason_required", "an isolation needs a reason (--reason)");
+        return ApiError::bad_request("reason_required", "an isolation needs a reason (--reason)").into_response();
     }
     let by = if body.by.trim().is_empty() { "unknown".to_string() } else { body.by };
-    let isolation = Isolation { reason: body.reason, since_unix_ms: now_unix_ms(), by };
+    let isolation = Isolation { reason: body.reason, since_unix_ms: quorate_consensus::flight::unix_ms() as u64, by };
     match member.isolate(id, isolation).await {
         Ok(()) => {
             // Committed at the leader; read it back once applied here too.

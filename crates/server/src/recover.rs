@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use quorate_consensus::recovery::{Applied, RecoveryPlan};
@@ -27,27 +26,26 @@ pub async fn recover(State(s): State<Arc<HttpState>>, Json(plan): Json<RecoveryP
         Ok(Applied::Already) => Json(json!({"applied": false, "already": true, "plan": plan.plan_id})).into_response(),
         Ok(Applied::Written) => {
             tracing::warn!(plan = %plan.plan_id, incarnation = plan.incarnation, "recovery written: restarting in place");
-            tokio::spawn(async {
-                tokio::time::sleep(ANSWER_GRACE).await;
-                reexec();
-            });
+            reexec_after_answer();
             Json(json!({"applied": true, "restarting": true, "plan": plan.plan_id, "incarnation": plan.incarnation}))
                 .into_response()
         }
-        Err(ConsensusError::Membership(why)) => {
-            (StatusCode::CONFLICT, Json(json!({"error": {"code": "refused", "message": why}}))).into_response()
-        }
         Err(e) => {
-            // Raft may be stopped: restart in place so the member serves again as it was.
+            // Raft is stopped once the apply got that far: restart in place, unchanged.
             if matches!(e, ConsensusError::Stopped(_)) {
-                tokio::spawn(async {
-                    tokio::time::sleep(ANSWER_GRACE).await;
-                    reexec();
-                });
+                reexec_after_answer();
             }
-            quorate_api_http::ApiError::from(e).into_response()
+            crate::isolate::refused(e)
         }
     }
+}
+
+/// Re-execute once the answer has had time to leave.
+fn reexec_after_answer() {
+    tokio::spawn(async {
+        tokio::time::sleep(ANSWER_GRACE).await;
+        reexec();
+    });
 }
 
 /// Replace this process with a fresh run of the same binary and arguments (`execve`). Every
