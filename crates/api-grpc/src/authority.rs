@@ -311,6 +311,14 @@ impl tonic::transport::server::Connected for AuthorityFix<tokio::net::TcpStream>
     }
 }
 
+/// Over TLS, requests see the TCP addresses as over plaintext (rate limits key on them).
+impl tonic::transport::server::Connected for AuthorityFix<quorate_tls::ServerConn> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo { local_addr: self.inner.local, remote_addr: self.inner.remote }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

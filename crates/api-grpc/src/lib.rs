@@ -57,6 +57,16 @@ pub fn incoming(
     })
 }
 
+/// `incoming`, over TLS: connections whose handshake `acceptor` completed (each in a task of
+/// its own, so a slow client holds up no other).
+pub fn incoming_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: std::sync::Arc<quorate_tls::Acceptor>,
+) -> impl futures::Stream<Item = std::io::Result<AuthorityFix<quorate_tls::ServerConn>>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::ReceiverStream::new(acceptor.serve(listener)).map(|conn| Ok(AuthorityFix::new(conn)))
+}
+
 /// Largest request proposed by default (etcd's `--max-request-bytes` default), in bytes.
 pub const REQUEST_BYTES_MAX: usize = 1536 * 1024;
 /// How far gRPC's own message limit sits above `--max-request-bytes` (etcd's

@@ -448,6 +448,50 @@ struct ServerArgs {
     /// a profile is taken.
     #[arg(long)]
     enable_pprof: bool,
+    /// Client TLS (etcd's flag): the certificate served on the https:// entries of
+    /// --listen-client-urls (PEM; re-read when the file changes).
+    #[arg(long)]
+    cert_file: Option<PathBuf>,
+    /// The key of --cert-file (PEM).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// The CA that client certificates must chain to (PEM).
+    #[arg(long)]
+    trusted_ca_file: Option<PathBuf>,
+    /// Require every client on the https:// client URLs to present a certificate signed by
+    /// --trusted-ca-file (etcd's flag).
+    #[arg(long)]
+    client_cert_auth: bool,
+    /// Peer TLS (etcd's flag): this member's certificate, served on its https:// peer URL and
+    /// offered when it dials other members. Every peer URL must then be https://.
+    #[arg(long)]
+    peer_cert_file: Option<PathBuf>,
+    /// The key of --peer-cert-file (PEM).
+    #[arg(long)]
+    peer_key_file: Option<PathBuf>,
+    /// The CA that other members' certificates must chain to (PEM); required with peer TLS.
+    #[arg(long)]
+    peer_trusted_ca_file: Option<PathBuf>,
+    /// Refuse a peer connection without a certificate signed by --peer-trusted-ca-file, before
+    /// any Raft message is read, and believe a message only when the certificate names the
+    /// member it says it is from (its CN is the member's name, or a SAN its peer URL's host).
+    #[arg(long)]
+    peer_client_cert_auth: bool,
+    /// A peer certificate's common name must be exactly this (etcd's flag).
+    #[arg(long)]
+    peer_cert_allowed_cn: Option<String>,
+    /// TLS for an https:// --listen-http: its certificate [default: --cert-file].
+    #[arg(long)]
+    http_cert_file: Option<PathBuf>,
+    /// The key of --http-cert-file [default: --key-file].
+    #[arg(long)]
+    http_key_file: Option<PathBuf>,
+    /// The CA HTTP client certificates must chain to [default: --trusted-ca-file].
+    #[arg(long)]
+    http_trusted_ca_file: Option<PathBuf>,
+    /// Require HTTP clients to present a certificate [default: --client-cert-auth].
+    #[arg(long)]
+    http_client_cert_auth: Option<bool>,
     /// Lowest level logged: error, warn, info or debug [default: info]. When given, it wins
     /// over a QUORATE_LOG filter (tracing's syntax, e.g. info,quorate_consensus=debug), which
     /// wins over the default. openraft's own lines are one level quieter at info and debug.
@@ -503,27 +547,7 @@ fn first_url(list: &str) -> String {
 
 impl ServerArgs {
     fn into_config(self) -> anyhow::Result<ServerConfig> {
-        // quorate does not serve TLS yet: an https:// URL must not be served as plaintext.
-        let urls = [
-            ("--listen-client-urls", Some(&self.listen_client_urls)),
-            ("--advertise-client-urls", self.advertise_client_urls.as_ref()),
-            ("--listen-peer-urls", Some(&self.listen_peer_urls)),
-            ("--initial-advertise-peer-urls", self.initial_advertise_peer_urls.as_ref()),
-            ("--listen-http", Some(&self.listen_http)),
-            ("--initial-cluster", self.initial_cluster.as_ref()),
-            ("--listen-metrics-urls", Some(&self.listen_metrics_urls)),
-        ];
-        for (flag, list) in urls {
-            if let Some(url) =
-                list.into_iter().flat_map(|l| l.split(',')).find(|u| u.to_ascii_lowercase().contains("https://"))
-            {
-                anyhow::bail!(
-                    "{flag} {}: https:// needs a certificate (--cert-file, --key-file), and this version of quorate \
-                     does not serve TLS yet; use http://, on a network you trust",
-                    url.trim()
-                );
-            }
-        }
+        let tls = self.tls_config()?;
         let listen_client_addrs = self
             .listen_client_urls
             .split(',')
@@ -586,6 +610,7 @@ impl ServerArgs {
                 liveness_burst: self.rate_limit_liveness_burst,
             },
             enable_pprof: self.enable_pprof,
+            tls,
             drill: quorate_server::DrillFlags {
                 unsafe_local_reads: self.drill_unsafe_local_reads,
                 failpoints: self.drill_failpoints,
@@ -593,6 +618,148 @@ impl ServerArgs {
                 snapshot_chunk_bytes: self.drill_snapshot_chunk_bytes,
             },
         })
+    }
+}
+
+fn is_https(url: &str) -> bool {
+    url.trim().get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
+impl ServerArgs {
+    /// TLS from etcd's flags, checked against the URLs: an https:// URL is served with a
+    /// certificate or refused at start, never served as plaintext; a certificate no https://
+    /// URL uses is a mistake said out loud.
+    fn tls_config(&self) -> anyhow::Result<quorate_server::TlsConfig> {
+        use anyhow::bail;
+        use quorate_tls::{Files, ServerSettings};
+        let h2_and_http1 = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if self.listen_metrics_urls.split(',').any(is_https) {
+            bail!("--listen-metrics-urls: https:// is not served; /metrics and /health are served over TLS on the client URLs");
+        }
+
+        // Client URLs.
+        let client_https: Vec<bool> = self.listen_client_urls.split(',').map(is_https).collect();
+        let advertised_https = self.advertise_client_urls.as_deref().unwrap_or("").split(',').any(is_https);
+        let client = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                if !client_https.contains(&true) {
+                    bail!("--cert-file is given but no --listen-client-urls entry is https://");
+                }
+                if self.client_cert_auth && self.trusted_ca_file.is_none() {
+                    bail!("--client-cert-auth needs --trusted-ca-file (the CA client certificates must chain to)");
+                }
+                Some(ServerSettings {
+                    files: Files {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        ca: self.trusted_ca_file.clone(),
+                        flags: ["--cert-file", "--key-file", "--trusted-ca-file"],
+                    },
+                    client_cert_auth: self.client_cert_auth,
+                    allowed_cn: None,
+                    alpn: h2_and_http1.clone(),
+                    name: "client",
+                })
+            }
+            (None, None) if client_https.contains(&true) || advertised_https => {
+                bail!("--listen-client-urls or --advertise-client-urls has an https:// URL: it needs --cert-file and --key-file")
+            }
+            (None, None) if self.client_cert_auth || self.trusted_ca_file.is_some() => {
+                bail!(
+                    "--client-cert-auth and --trusted-ca-file need --cert-file, --key-file and an https:// client URL"
+                )
+            }
+            (None, None) => None,
+            _ => bail!("--cert-file and --key-file go together"),
+        };
+        if advertised_https && !client_https.contains(&true) {
+            bail!("--advertise-client-urls has an https:// URL but no --listen-client-urls entry is https://");
+        }
+
+        // The HTTP port: its own flags, or the client's.
+        let http = if is_https(&self.listen_http) {
+            let cert = self.http_cert_file.clone().or_else(|| self.cert_file.clone());
+            let key = self.http_key_file.clone().or_else(|| self.key_file.clone());
+            let (Some(cert), Some(key)) = (cert, key) else {
+                bail!(
+                    "--listen-http {} needs --http-cert-file and --http-key-file (or --cert-file and --key-file)",
+                    self.listen_http
+                )
+            };
+            let ca = self.http_trusted_ca_file.clone().or_else(|| self.trusted_ca_file.clone());
+            let client_cert_auth = self.http_client_cert_auth.unwrap_or(self.client_cert_auth);
+            if client_cert_auth && ca.is_none() {
+                bail!("HTTP client certificates are required but no CA is given (--http-trusted-ca-file)");
+            }
+            Some(ServerSettings {
+                files: Files {
+                    cert,
+                    key,
+                    ca,
+                    flags: ["--http-cert-file", "--http-key-file", "--http-trusted-ca-file"],
+                },
+                client_cert_auth,
+                allowed_cn: None,
+                alpn: h2_and_http1,
+                name: "http",
+            })
+        } else {
+            if self.http_cert_file.is_some() || self.http_key_file.is_some() || self.http_trusted_ca_file.is_some() {
+                bail!("--http-cert-file, --http-key-file and --http-trusted-ca-file need an https:// --listen-http");
+            }
+            None
+        };
+
+        // Peer URLs: all https:// (with the peer flags) or none.
+        let mut peer_urls: Vec<(&str, &str)> =
+            self.listen_peer_urls.split(',').map(|u| ("--listen-peer-urls", u)).collect();
+        if let Some(a) = &self.initial_advertise_peer_urls {
+            peer_urls.extend(a.split(',').map(|u| ("--initial-advertise-peer-urls", u)));
+        }
+        if let Some(c) = &self.initial_cluster {
+            peer_urls.extend(c.split(',').filter_map(|e| e.split_once('=')).map(|(_, u)| ("--initial-cluster", u)));
+        }
+        let peer_https = is_https(&first_url(&self.listen_peer_urls));
+        if let Some((flag, url)) = peer_urls.iter().find(|(_, u)| is_https(u) != peer_https) {
+            bail!(
+                "{flag} {}: peer URLs are all https:// (peer TLS) or all http://, and --listen-peer-urls is {}",
+                url.trim(),
+                first_url(&self.listen_peer_urls)
+            );
+        }
+        let peer = match (&self.peer_cert_file, &self.peer_key_file, &self.peer_trusted_ca_file) {
+            (Some(cert), Some(key), Some(ca)) if peer_https => {
+                let files = Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: Some(ca.clone()),
+                    flags: ["--peer-cert-file", "--peer-key-file", "--peer-trusted-ca-file"],
+                };
+                Some(quorate_server::PeerTls {
+                    server: ServerSettings {
+                        files: files.clone(),
+                        client_cert_auth: self.peer_client_cert_auth,
+                        allowed_cn: self.peer_cert_allowed_cn.clone(),
+                        alpn: vec![b"h2".to_vec()],
+                        name: "peer",
+                    },
+                    client: files,
+                })
+            }
+            (None, None, None) if peer_https => {
+                bail!("https:// peer URLs need --peer-cert-file, --peer-key-file and --peer-trusted-ca-file")
+            }
+            (None, None, None) if self.peer_client_cert_auth || self.peer_cert_allowed_cn.is_some() => {
+                bail!("--peer-client-cert-auth and --peer-cert-allowed-cn need peer TLS (https:// peer URLs and --peer-cert-file)")
+            }
+            (None, None, None) => None,
+            _ if !peer_https => bail!("--peer-cert-file and its key and CA need https:// peer URLs"),
+            _ => bail!("peer TLS needs all three of --peer-cert-file, --peer-key-file and --peer-trusted-ca-file"),
+        };
+        if self.peer_cert_allowed_cn.is_some() && !self.peer_client_cert_auth {
+            bail!("--peer-cert-allowed-cn needs --peer-client-cert-auth (without it, peers need offer no certificate)");
+        }
+        Ok(quorate_server::TlsConfig { client, client_https, http, peer })
     }
 }
 

@@ -112,10 +112,15 @@ pub(crate) fn of(meta: &tonic::metadata::MetadataMap) -> Result<u64, tonic::Stat
     }
 }
 
+/// The member a message says it is from.
+pub(crate) fn sender(meta: &tonic::metadata::MetadataMap) -> Option<u64> {
+    meta.get(FROM_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| u64::from_str_radix(v, 16).ok())
+}
+
 /// On receipt, before anything reaches Raft: a message from another incarnation is refused.
 pub(crate) fn check(meta: &tonic::metadata::MetadataMap) -> Result<(), tonic::Status> {
     let (theirs, ours) = (of(meta)?, current());
-    let from = meta.get(FROM_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| u64::from_str_radix(v, 16).ok());
+    let from = sender(meta);
     match theirs.cmp(&ours) {
         std::cmp::Ordering::Equal => Ok(()),
         std::cmp::Ordering::Less if from.is_some_and(|f| SURVIVORS.lock().unwrap().contains(&f)) => {

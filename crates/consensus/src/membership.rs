@@ -31,9 +31,11 @@ pub(crate) enum Change {
     Unisolate(NodeId),
 }
 
-/// An `http://host:port` peer URL (no TLS yet: an `https://` one would be dialled in plaintext).
+/// A `scheme://host:port` peer URL, `https://` in a cluster whose peers speak TLS and `http://`
+/// in one whose peers do not (a member is never dialled in plaintext by one that speaks TLS).
 fn check_peer_url(url: &str) -> Result<(), ConsensusError> {
-    let ok = url.strip_prefix("http://").is_some_and(|rest| {
+    let scheme = if crate::network::peer_tls() { "https://" } else { "http://" };
+    let ok = url.strip_prefix(scheme).is_some_and(|rest| {
         rest.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
     });
     if ok {

@@ -83,15 +83,47 @@ pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
     bincode::deserialize(b).map_err(|e| format!("undecodable peer frame: {e}"))
 }
 
+/// Peer TLS (`https://` peer URLs), set once at start: one member runs per process.
+struct PeerTls {
+    connector: Arc<quorate_tls::Connector>,
+    /// `--peer-client-cert-auth`: a message must come over a connection whose certificate
+    /// names the member it says it is from (when this member knows that member).
+    check_identity: bool,
+}
+
+static PEER_TLS: std::sync::OnceLock<PeerTls> = std::sync::OnceLock::new();
+
+/// Dial every peer over TLS with `connector` (this member's peer URLs are `https://`); with
+/// `check_identity`, a message is believed only from a connection whose certificate names its
+/// sender. Set once, before the member starts.
+pub fn set_peer_tls(connector: Arc<quorate_tls::Connector>, check_identity: bool) {
+    let _ = PEER_TLS.set(PeerTls { connector, check_identity });
+}
+
+/// Whether this member speaks TLS to its peers (its peer URLs are `https://`).
+pub fn peer_tls() -> bool {
+    PEER_TLS.get().is_some()
+}
+
 /// Builds a channel to a peer's URL. Connection happens on first use and is retried by tonic.
+/// A member whose peers speak TLS dials only `https://` URLs, and a plaintext one only
+/// `http://`: a peer URL of the other kind is an error, never a downgrade.
 pub fn channel_to(peer_url: &str) -> Result<Channel, String> {
     let ep = Endpoint::from_shared(peer_url.to_string()).map_err(|e| format!("bad peer url {peer_url}: {e}"))?;
-    Ok(ep
+    let ep = ep
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .keep_alive_timeout(Duration::from_secs(5));
+    let https = peer_url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    match (https, PEER_TLS.get()) {
+        (true, Some(tls)) => Ok(quorate_tls::channel(&ep, tls.connector.clone())),
+        (false, None) => Ok(ep.connect_lazy()),
+        (true, None) => {
+            Err(format!("peer URL {peer_url} is https:// but this member has no peer TLS (--peer-cert-file)"))
+        }
+        (false, Some(_)) => Err(format!("peer URL {peer_url} is not https:// and this member speaks TLS to its peers")),
+    }
 }
 
 #[derive(Clone)]
@@ -591,8 +623,38 @@ impl PeerService {
         });
     }
 
-    /// A Raft message is for this member, and of this member's incarnation.
+    /// Under `--peer-client-cert-auth`, the connection's certificate must name the member the
+    /// message says it is from (its common name is the member's name, or a subject alternative
+    /// name its peer URL's host), when this member knows that member. A member it does not
+    /// know yet (it is joining, or the sender was just added) is let in on the CA's word alone.
+    fn check_sender<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        if !PEER_TLS.get().is_some_and(|t| t.check_identity) {
+            return Ok(());
+        }
+        let identity = req.extensions().get::<quorate_tls::ConnInfo>().and_then(|c| c.identity.clone());
+        let Some(identity) = identity else {
+            return Err(tonic::Status::unauthenticated("peer messages need a client certificate"));
+        };
+        let Some(from) = crate::incarnation::sender(req.metadata()) else { return Ok(()) };
+        use openraft::rt::WatchReceiver as _;
+        let node = self.raft.metrics().borrow_watched().membership_config.membership().get_node(&from).cloned();
+        match node {
+            Some(node) if !identity.names_member(&node.name, &node.peer_url) => {
+                Err(tonic::Status::permission_denied(format!(
+                    "the certificate (CN {:?}) does not name member {} ({from:x}, {})",
+                    identity.common_name.as_deref().unwrap_or(""),
+                    node.name,
+                    node.peer_url
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A Raft message is for this member, from whom its certificate says, and of this
+    /// member's incarnation.
     fn check_addressee<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        self.check_sender(req)?;
         crate::incarnation::check(req.metadata())?;
         let to = req.metadata().get(TO_HEADER).and_then(|v| v.to_str().ok());
         match to.map(|t| u64::from_str_radix(t, 16)) {
@@ -674,6 +736,7 @@ impl crate::pb::peer_server::Peer for PeerService {
     }
 
     async fn forward(&self, req: tonic::Request<Frame>) -> Reply {
+        self.check_sender(&req)?;
         let refused = crate::incarnation::check(req.metadata()).err();
         let data = self.forward.handle(req.into_inner().data, refused).await?;
         let mut resp = tonic::Response::new(Frame { data });

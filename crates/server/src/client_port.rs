@@ -84,7 +84,8 @@ const STREAMS: [&str; 3] =
 /// The one gRPC method an isolated member still answers.
 const STATUS_PATH: &str = "/etcdserverpb.Maintenance/Status";
 
-/// Wraps the gRPC service of a client port; `http1` answers every request not made over HTTP/2.
+/// Wraps the gRPC service of a client port; `http1` answers every request that is not gRPC over
+/// HTTP/2.
 #[derive(Clone)]
 pub struct Http1SplitLayer {
     http1: axum::Router,
@@ -141,7 +142,13 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if req.version() != Version::HTTP_2 {
+        // Over TLS, ALPN puts curl and browsers on HTTP/2 too: what is not gRPC goes to the
+        // HTTP/1 routes (as etcd's port dispatches on the content type).
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if req.version() != Version::HTTP_2 || !grpc {
             let answer = self.http1.clone().oneshot(req.map(axum::body::Body::new));
             return Box::pin(async move {
                 let resp = match answer.await {

@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub rate_limit: RateLimitConfig,
     /// etcd's `--enable-pprof`: serve CPU profiles at `/debug/pprof/profile` (and a flamegraph).
     pub enable_pprof: bool,
+    /// TLS on each port (none by default).
+    pub tls: TlsConfig,
     /// Flags only `quorate drill` sets.
     pub drill: DrillFlags,
 }
@@ -93,6 +95,27 @@ pub fn url_to_addr(url: &str) -> anyhow::Result<SocketAddr> {
     let hostport = hostport.trim_end_matches('/');
     let hostport = hostport.replace("localhost", "127.0.0.1");
     hostport.parse().with_context(|| format!("{url:?} is not a URL with an IP address and port"))
+}
+
+/// TLS on the ports that serve it, as etcd's flags set it.
+#[derive(Clone, Debug, Default)]
+pub struct TlsConfig {
+    /// `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`: for the
+    /// `https://` entries of `--listen-client-urls`.
+    pub client: Option<quorate_tls::ServerSettings>,
+    /// Which of `listen_client_addrs` serve TLS (`https://`).
+    pub client_https: Vec<bool>,
+    /// `--listen-http https://...`: the HTTP APIs over TLS (`--http-*` flags, or the client's).
+    pub http: Option<quorate_tls::ServerSettings>,
+    /// `https://` peer URLs: the peer port serves TLS and every peer is dialled over TLS.
+    pub peer: Option<PeerTls>,
+}
+
+/// Peer TLS: what the peer port serves, and what this member offers when it dials a peer.
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub server: quorate_tls::ServerSettings,
+    pub client: quorate_tls::Files,
 }
 
 /// `--rate-limit-*`: requests per second per client and their burst, and the same for liveness

@@ -53,6 +53,7 @@ impl HttpState {
 
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<quorate_tls::Acceptor>>,
     state: Arc<HttpState>,
     profiling: Arc<crate::pprof::Profiling>,
     limits: Arc<crate::rate_limit::RateLimits>,
@@ -82,7 +83,43 @@ pub async fn serve(
             .layer(axum::middleware::from_fn_with_state(limits, crate::rate_limit::limit_http)),
         )
         .merge(crate::pprof::router(profiling));
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    match tls {
+        Some(tls) => {
+            use axum::serve::ListenerExt;
+            let listener = TlsListener { local: listener.local_addr()?, accepted: tls.serve(listener) };
+            axum::serve(listener.tap_io(|_| {}), app).await
+        }
+        None => axum::serve(listener, app).await,
+    }
+}
+
+/// The HTTP listener over TLS: connections whose handshake is done.
+struct TlsListener {
+    local: std::net::SocketAddr,
+    accepted: tokio::sync::mpsc::Receiver<quorate_tls::ServerConn>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = quorate_tls::ServerConn;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.accepted.recv().await {
+                Some(conn) => {
+                    let remote = conn.remote.unwrap_or(([0, 0, 0, 0], 0).into());
+                    return (conn, remote);
+                }
+                // The accept task ended (it never does while this receiver lives).
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 /// Drill failpoint: every log fsync on this member stalls this many milliseconds (0: off).

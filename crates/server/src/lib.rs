@@ -33,7 +33,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
-pub use config::{parse_initial_cluster, url_to_addr, ClusterState, DrillFlags, RateLimitConfig, ServerConfig};
+pub use config::{
+    parse_initial_cluster, url_to_addr, ClusterState, DrillFlags, PeerTls, RateLimitConfig, ServerConfig, TlsConfig,
+};
 
 /// Sockets the caller has bound, so tests can bind port 0.
 pub struct Listeners {
@@ -68,6 +70,17 @@ impl Listeners {
 pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut member_cfg = cfg.member_config()?;
+    // Certificates are read now: a missing or unusable file stops the start, naming its flag.
+    let acceptor = |s: &Option<quorate_tls::ServerSettings>| s.clone().map(quorate_tls::Acceptor::new).transpose();
+    let client_tls = acceptor(&cfg.tls.client)?;
+    let http_tls = acceptor(&cfg.tls.http)?;
+    let peer_tls = acceptor(&cfg.tls.peer.as_ref().map(|p| p.server.clone()))?;
+    if let Some(peer) = &cfg.tls.peer {
+        quorate_consensus::set_peer_tls(
+            quorate_tls::Connector::new(peer.client.clone())?,
+            peer.server.client_cert_auth,
+        );
+    }
     (member_cfg.id, member_cfg.cluster_id, member_cfg.join_incarnation) =
         resolve_ids(&cfg, member_cfg.id, member_cfg.cluster_id).await?;
     log_context::set_member(&cfg.name, member_cfg.id);
@@ -87,13 +100,23 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
     );
-    // Raft messages are small and latency-bound: no Nagle on peer connections.
-    let peer_incoming = TcpListenerStream::new(listeners.peer).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(conn)
-    });
-    let peer_task = tokio::spawn(peer_router.serve_with_incoming(peer_incoming));
+    // Raft messages are small and latency-bound: no Nagle on peer connections. Over TLS, a
+    // connection is served only once its handshake (and certificate) passed.
+    let peer_task = match peer_tls {
+        Some(tls) => {
+            let incoming =
+                tokio_stream::wrappers::ReceiverStream::new(tls.serve(listeners.peer)).map(Ok::<_, std::io::Error>);
+            tokio::spawn(peer_router.serve_with_incoming(incoming))
+        }
+        None => {
+            let incoming = TcpListenerStream::new(listeners.peer).map(|conn| {
+                let conn = conn?;
+                conn.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(conn)
+            });
+            tokio::spawn(peer_router.serve_with_incoming(incoming))
+        }
+    };
 
     info!("waiting for the cluster to record this member's client URLs");
     tokio::select! {
@@ -142,7 +165,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     }
     let mut client_tasks = Vec::new();
     let grpc_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit));
-    for l in listeners.client {
+    for (i, l) in listeners.client.into_iter().enumerate() {
         // gRPC and, beside it on the same port, HTTP/1 `/metrics`, `/health` and (with
         // --enable-pprof) `/debug/pprof`, as etcd serves them on 2379.
         let routes = tonic::service::Routes::new(services.kv.clone())
@@ -160,7 +183,11 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .layer(client_port::Http1SplitLayer::new(http1, member.clone(), grpc_limits.clone()))
             .layer(metrics.grpc.layer())
             .add_routes(routes);
-        client_tasks.push(tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))));
+        let tls = client_tls.clone().filter(|_| cfg.tls.client_https.get(i).copied().unwrap_or(false));
+        client_tasks.push(match tls {
+            Some(tls) => tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming_tls(l, tls))),
+            None => tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))),
+        });
     }
     for l in listeners.metrics {
         let app = metrics::router(metrics.clone());
@@ -185,7 +212,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .with_probe_source(cfg.probe_source_ip),
     );
     let http_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit));
-    let http_task = tokio::spawn(http::serve(listeners.http, http_state, profiling, http_limits));
+    let http_task = tokio::spawn(http::serve(listeners.http, http_tls, http_state, profiling, http_limits));
     info!("member ready to serve clients");
 
     tokio::select! {
