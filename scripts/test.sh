@@ -7,14 +7,15 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # etcdctl and etcd 3.4 (real clients and a real etcd to compare against), protoc (the Rust
-# etcd-client crate compiles its protos with it), iproute2/nftables for fault tests, and
-# libfaketime for the drill's wall-clock jumps.
+# etcd-client crate compiles its protos with it), iproute2/nftables for fault tests, curl (a
+# real HTTPS client for the TLS tests), and libfaketime for the drill's wall-clock jumps.
 need=()
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
+command -v curl >/dev/null || need+=(curl)
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -e /usr/lib/faketime/libfaketime.so.1 ] || need+=(faketime)
 if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq

@@ -42,6 +42,8 @@ pub struct Node {
     pub join: Option<String>,
     /// Extra environment for this member's process (e.g. libfaketime), applied at each spawn.
     pub env: Vec<(String, String)>,
+    /// `https` when the cluster's peers speak TLS (`Cluster::use_peer_tls`).
+    pub peer_scheme: &'static str,
     child: Option<Child>,
 }
 
@@ -57,6 +59,7 @@ impl Node {
             http_port: free_port(),
             join: None,
             env: Vec::new(),
+            peer_scheme: "http",
             child: None,
         }
     }
@@ -72,6 +75,7 @@ impl Node {
             log_path: PathBuf::new(),
             join: None,
             env: Vec::new(),
+            peer_scheme: "http",
             child: None,
         }
     }
@@ -83,7 +87,7 @@ impl Node {
         format!("http://127.0.0.1:{}", self.client_port)
     }
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer_port)
     }
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -138,6 +142,21 @@ impl Cluster {
         Ok(Cluster { flavor, nodes, initial_cluster, extra_args: Vec::new(), dir })
     }
 
+    /// Every member's peer URL `https://` (members added later too); the test gives the
+    /// certificates in `extra_args`.
+    pub fn use_peer_tls(&mut self) {
+        for n in &mut self.nodes {
+            n.peer_scheme = "https";
+        }
+        self.initial_cluster =
+            self.nodes.iter().map(|n| format!("{}={}", n.name, n.peer_url())).collect::<Vec<_>>().join(",");
+    }
+
+    /// The directory this cluster's files live in (removed with the cluster).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Start every member and wait until the cluster serves writes.
     pub fn start_all(&mut self) -> anyhow::Result<()> {
         for i in 0..self.nodes.len() {
@@ -186,7 +205,9 @@ impl Cluster {
     /// A new member slot (ports, data directory) for `member add`; not started. Returns its index.
     pub fn new_node(&mut self) -> usize {
         let name = format!("m{}", self.nodes.len() + 1);
-        self.nodes.push(Node::new(self.dir.path(), name));
+        let mut node = Node::new(self.dir.path(), name);
+        node.peer_scheme = self.nodes.first().map_or("http", |n| n.peer_scheme);
+        self.nodes.push(node);
         self.nodes.len() - 1
     }
 

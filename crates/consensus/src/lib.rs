@@ -48,7 +48,9 @@ pub use lease::core::ANSWER_WINDOW as LEASE_ANSWER_WINDOW;
 pub use lease::plant_early_lease_expiry;
 pub use membership::learner_ready;
 pub use metrics::ConsensusMetrics;
-pub use network::{peer_tls, set_peer_tls, set_snapshot_chunk_bytes, PeerService, PEER_MESSAGE_BYTES_MAX};
+pub use network::{
+    channel_to, peer_tls, set_peer_tls, set_snapshot_chunk_bytes, vote_frame, PeerService, PEER_MESSAGE_BYTES_MAX,
+};
 pub use state_machine::{Applied, ApplyObserver, PublishedMember};
 pub use types::{MemberNode, NodeId, Request, Response, TypeConfig};
 

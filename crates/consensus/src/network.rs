@@ -105,6 +105,12 @@ pub fn peer_tls() -> bool {
     PEER_TLS.get().is_some()
 }
 
+/// The body of a Raft vote request (`Peer/Vote`) from `candidate` at `term`: what a stranger on
+/// the peer port would send to take the cluster over (tests of the port's gate build it here).
+pub fn vote_frame(candidate: NodeId, term: u64) -> Frame {
+    Frame { data: encode(&VoteRequest::<TypeConfig>::new(Vote::new(term, candidate), None)) }
+}
+
 /// Builds a channel to a peer's URL. Connection happens on first use and is retried by tonic.
 /// A member whose peers speak TLS dials only `https://` URLs, and a plaintext one only
 /// `http://`: a peer URL of the other kind is an error, never a downgrade.
