@@ -18,7 +18,10 @@
 #        BENCH_BASELINE_BIN (a quorate binary run in etcd's place, on etcd's ports: the
 #        "etcd" columns are then that build, for a same-run before/after of a change),
 #        BENCH_SERVER_BIN (the quorate binary the members run, default the one built here: to
-#        measure an older build with today's load generator)
+#        measure an older build with today's load generator),
+#        BENCH_TLS=1 (the cost of TLS: the "quorate" columns are quorate with mutual TLS on the
+#        client and peer ports, the "etcd" columns the same build in plaintext; certificates
+#        made here with openssl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
@@ -39,17 +42,40 @@ trap cleanup EXIT
 rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $((t / $#)); }
 
 # Ports: quorate on 4{1,2,3}379/380, etcd on 5{1,2,3}379/380.
-declare -A PORT=([quorate]=4 [etcd]=5) MEMBER_PIDS=() EPS=()
+declare -A PORT=([quorate]=4 [etcd]=5) MEMBER_PIDS=() EPS=() SCHEME=([quorate]=http [etcd]=http)
+declare -A CLIENT_TLS=([quorate]="" [etcd]="") SERVER_TLS=([quorate]="" [etcd]="")
+if [ "${BENCH_TLS:-}" = 1 ]; then
+  # One CA; one certificate for every member (SAN 127.0.0.1, server and client use) and one
+  # for the load generator.
+  T=$OUT/tls && mkdir -p "$T"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$T/ca.key" \
+    -out "$T/ca.pem" -days 2 -subj /CN=bench-ca 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' >"$T/ext.cnf"
+  for n in member client; do
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$T/$n.key" \
+      -out "$T/$n.csr" -subj "/CN=$n" 2>/dev/null
+    openssl x509 -req -in "$T/$n.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" -CAcreateserial \
+      -out "$T/$n.pem" -days 2 -extfile "$T/ext.cnf" 2>/dev/null
+  done
+  SCHEME[quorate]=https
+  CLIENT_TLS[quorate]="--cacert $T/ca.pem --cert $T/client.pem --key $T/client.key"
+  SERVER_TLS[quorate]="--cert-file $T/member.pem --key-file $T/member.key --trusted-ca-file $T/ca.pem
+    --client-cert-auth --peer-cert-file $T/member.pem --peer-key-file $T/member.key
+    --peer-trusted-ca-file $T/ca.pem --peer-client-cert-auth"
+  BENCH_BASELINE_BIN=$SERVER_BIN
+fi
 start_cluster() { # flavor
-  local flavor=$1 p=${PORT[$1]} ic="" i pids=()
-  for i in 1 2 3; do ic="$ic,m$i=http://127.0.0.1:$p${i}380"; done
+  local flavor=$1 p=${PORT[$1]} ic="" i pids=() s=${SCHEME[$1]}
+  for i in 1 2 3; do ic="$ic,m$i=$s://127.0.0.1:$p${i}380"; done
   ic=${ic#,}
   for i in 1 2 3; do
     local common=(--name m$i --data-dir "$OUT/$flavor-m$i" --initial-cluster "$ic"
-      --listen-client-urls http://127.0.0.1:$p${i}379 --advertise-client-urls http://127.0.0.1:$p${i}379
-      --listen-peer-urls http://127.0.0.1:$p${i}380 --initial-advertise-peer-urls http://127.0.0.1:$p${i}380)
+      --listen-client-urls $s://127.0.0.1:$p${i}379 --advertise-client-urls $s://127.0.0.1:$p${i}379
+      --listen-peer-urls $s://127.0.0.1:$p${i}380 --initial-advertise-peer-urls $s://127.0.0.1:$p${i}380)
     if [ "$flavor" = quorate ]; then
-      "$SERVER_BIN" server "${common[@]}" --listen-http 127.0.0.1:$p${i}500 >"$OUT/$flavor-m$i.log" 2>&1 &
+      # shellcheck disable=SC2086
+      "$SERVER_BIN" server "${common[@]}" --listen-http 127.0.0.1:$p${i}500 ${SERVER_TLS[$flavor]} \
+        >"$OUT/$flavor-m$i.log" 2>&1 &
     elif [ -n "${BENCH_BASELINE_BIN:-}" ]; then
       "$BENCH_BASELINE_BIN" server "${common[@]}" --listen-http 127.0.0.1:$p${i}500 >"$OUT/$flavor-m$i.log" 2>&1 &
     else
@@ -59,12 +85,15 @@ start_cluster() { # flavor
     pids+=($!)
   done
   MEMBER_PIDS[$flavor]="${pids[*]}"
-  local all=127.0.0.1:${p}1379,127.0.0.1:${p}2379,127.0.0.1:${p}3379
+  local all=$s://127.0.0.1:${p}1379,$s://127.0.0.1:${p}2379,$s://127.0.0.1:${p}3379
+  local tls=${CLIENT_TLS[$flavor]}
   for _ in $(seq 100); do
-    ETCDCTL_API=3 etcdctl --endpoints=$all endpoint health >/dev/null 2>&1 && break
+    # shellcheck disable=SC2086
+    ETCDCTL_API=3 etcdctl --endpoints=$all $tls endpoint health >/dev/null 2>&1 && break
     sleep 0.2
   done
-  ETCDCTL_API=3 etcdctl --endpoints=$all endpoint health >/dev/null 2>&1 || {
+  # shellcheck disable=SC2086
+  ETCDCTL_API=3 etcdctl --endpoints=$all $tls endpoint health >/dev/null 2>&1 || {
     echo "$flavor cluster did not become healthy" >&2
     exit 1
   }
@@ -72,7 +101,8 @@ start_cluster() { # flavor
   # leads (quorate's bootstrap and etcd's election pick different ones) would otherwise decide
   # half the result. The 64-client runs spread their connections over all three either way.
   local leader eps
-  leader=$(ETCDCTL_API=3 etcdctl --endpoints=$all endpoint status | awk -F', ' '$5 == "true" {print $1}')
+  # shellcheck disable=SC2086
+  leader=$(ETCDCTL_API=3 etcdctl --endpoints=$all $tls endpoint status | awk -F', ' '$5 == "true" {print $1}')
   eps=$leader
   for ep in ${all//,/ }; do [ "$ep" = "$leader" ] || eps="$eps,$ep"; done
   EPS[$flavor]=$eps
@@ -88,13 +118,15 @@ sleep 2
 for flavor in quorate etcd; do
   # shellcheck disable=SC2086
   echo "rss_idle_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee "$OUT/$flavor.rss"
-  "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 64 --keys 100000 --seconds 1 --preload >/dev/null
+  # shellcheck disable=SC2086
+  "$BIN" bench --endpoints "${EPS[$flavor]}" ${CLIENT_TLS[$flavor]} --ops put --clients 64 --keys 100000 --seconds 1 --preload >/dev/null
   # shellcheck disable=SC2086
   echo "rss_after_100k_puts_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee -a "$OUT/$flavor.rss"
 done
 
 run() { # flavor op clients round
-  "$BIN" bench --endpoints "${EPS[$1]}" --ops "$2" --clients "$3" --seconds "$SECS" --json \
+  # shellcheck disable=SC2086
+  "$BIN" bench --endpoints "${EPS[$1]}" ${CLIENT_TLS[$1]} --ops "$2" --clients "$3" --seconds "$SECS" --json \
     >"$OUT/runs/$1-$2-$3-$4.json"
 }
 for op in $OPS; do
@@ -111,14 +143,17 @@ if [ -n "$READERS" ]; then
   for round in $(seq "$ROUNDS"); do
     if [ $((round % 2)) = 1 ]; then order="quorate etcd"; else order="etcd quorate"; fi
     for flavor in $order; do
-      "$BIN" bench --endpoints "${EPS[$flavor]}" --ops put --clients 1 --seconds "$SECS" --json \
+      # shellcheck disable=SC2086
+      "$BIN" bench --endpoints "${EPS[$flavor]}" ${CLIENT_TLS[$flavor]} --ops put --clients 1 --seconds "$SECS" --json \
         --readers "none,${READERS// /,}" ${BENCH_READER_NICE:+--readers-niced} >"$OUT/runs/$flavor-readers-$round.json"
     done
     echo "done: readers round $round"
   done
 fi
 
-if [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+if [ "${BENCH_TLS:-}" = 1 ]; then
+  echo "TLS: the 'quorate' columns are quorate with mutual TLS (client and peer ports), the 'etcd' columns the same build in plaintext; ratio = TLS / plaintext"
+elif [ -n "${BENCH_BASELINE_BIN:-}" ]; then
   echo "BASELINE: the 'etcd' columns below are quorate built as $BENCH_BASELINE_BIN, not etcd"
 fi
 python3 - "$OUT" "$ROUNDS" "$OPS" "$READERS" <<'PY'

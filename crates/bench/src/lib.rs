@@ -102,6 +102,9 @@ pub struct BenchConfig {
     pub reader_niced: bool,
     /// Every key the load touches starts with this (`bench/` by default).
     pub key_prefix: String,
+    /// For `https://` endpoints: the CA their certificates chain to, and this client's
+    /// certificate (etcdctl's `--cacert`, `--cert`, `--key`).
+    pub tls: Option<std::sync::Arc<quorate_tls::Connector>>,
 }
 
 /// The key prefix `quorate bench` writes under.
@@ -122,16 +125,23 @@ pub struct Row {
     pub max_ms: f64,
 }
 
-async fn connect(endpoints: &[String], n: usize) -> anyhow::Result<Vec<Channel>> {
+async fn connect(
+    endpoints: &[String],
+    n: usize,
+    tls: Option<&std::sync::Arc<quorate_tls::Connector>>,
+) -> anyhow::Result<Vec<Channel>> {
     let mut chans = Vec::new();
     for i in 0..n {
         let ep = &endpoints[i % endpoints.len()];
         let url = if ep.contains("://") { ep.clone() } else { format!("http://{ep}") };
-        let ch = Endpoint::from_shared(url.clone())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("connect {url}"))?;
+        let endpoint = Endpoint::from_shared(url.clone())?.tcp_nodelay(true);
+        let ch = match (url.starts_with("https://"), tls) {
+            (true, Some(tls)) => {
+                quorate_tls::connect(&endpoint, tls.clone()).await.with_context(|| format!("connect {url}"))?
+            }
+            (true, None) => anyhow::bail!("{url} is https://: give --cacert"),
+            (false, _) => endpoint.connect().await.with_context(|| format!("connect {url}"))?,
+        };
         chans.push(ch);
     }
     Ok(chans)
@@ -240,7 +250,7 @@ async fn keepalive_client(
 
 /// Fill the key space so reads find values.
 pub async fn preload(cfg: &BenchConfig) -> anyhow::Result<()> {
-    let chans = connect(&cfg.endpoints, cfg.conns.max(1)).await?;
+    let chans = connect(&cfg.endpoints, cfg.conns.max(1), cfg.tls.as_ref()).await?;
     let value = vec![b'v'; cfg.value_bytes];
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -337,21 +347,22 @@ fn burn(d: Duration) {
 }
 
 pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) -> anyhow::Result<Row> {
-    let chans = connect(&cfg.endpoints, cfg.conns.min(clients).max(1)).await?;
+    let chans = connect(&cfg.endpoints, cfg.conns.min(clients).max(1), cfg.tls.as_ref()).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let reading = match reader {
         Reader::None => None,
         // On a thread and runtime of its own, as another process would be: decoding a 30 MB
         // answer must not hold up the measured clients' tasks in this one.
         _ => {
-            let (endpoint, stop, niced) = (cfg.endpoints[0].clone(), stop.clone(), cfg.reader_niced);
+            let (endpoint, stop, niced, tls) =
+                (cfg.endpoints[0].clone(), stop.clone(), cfg.reader_niced, cfg.tls.clone());
             Some(std::thread::spawn(move || -> anyhow::Result<u64> {
                 if niced {
                     quorate_api_grpc::lane::lower_this_thread();
                 }
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
-                    let ch = connect(&[endpoint], 1).await?.remove(0);
+                    let ch = connect(&[endpoint], 1, tls.as_ref()).await?.remove(0);
                     Ok(long_reads(ch, reader, stop).await?)
                 })
             }))

@@ -335,6 +335,31 @@ struct BenchArgs {
     /// Print JSON rows instead of a Markdown table.
     #[arg(long)]
     json: bool,
+    /// For https:// endpoints: the CA their certificates chain to (etcdctl's flag).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// This client's certificate, for members that require one (etcdctl's flag).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<quorate_tls::Connector>>> {
+        Ok(match (&self.cacert, &self.cert, &self.key) {
+            (None, None, None) => None,
+            (None, _, _) => anyhow::bail!("--cert and --key need --cacert"),
+            (Some(ca), Some(cert), Some(key)) => Some(quorate_tls::Connector::new(quorate_tls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: Some(ca.clone()),
+                flags: ["--cert", "--key", "--cacert"],
+            })?),
+            (Some(ca), _, _) => Some(quorate_tls::Connector::anonymous(ca.clone(), "--cacert")?),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -812,6 +837,7 @@ fn run() -> anyhow::Result<()> {
                     readers: args.readers.split(',').map(|s| s.trim().parse()).collect::<anyhow::Result<_>>()?,
                     reader_niced: args.readers_niced,
                     key_prefix: quorate_bench::KEY_PREFIX.to_string(),
+                    tls: args.tls()?,
                 };
                 if args.preload {
                     quorate_bench::preload(&cfg).await?;

@@ -251,6 +251,7 @@ async fn load(endpoints: &[String], prefix: &str, v: &VerifyOptions) -> Check {
         readers: vec![quorate_bench::Reader::None],
         reader_niced: false,
         key_prefix: format!("{prefix}load/"),
+        tls: None,
     };
     match quorate_bench::run_one(&cfg, quorate_bench::Op::Put, v.load_clients, quorate_bench::Reader::None).await {
         Ok(r) => check(

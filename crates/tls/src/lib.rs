@@ -393,7 +393,14 @@ pub struct Connector {
     config: Reloading<rustls::ClientConfig>,
 }
 
-fn build_client(files: &Files) -> Result<rustls::ClientConfig, TlsError> {
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").field("files", &self.config.paths).finish()
+    }
+}
+
+/// `identity`: offer `files`' certificate and key; without, offer none.
+fn build_client(files: &Files, identity: bool) -> Result<rustls::ClientConfig, TlsError> {
     let [cert_flag, key_flag, ca_flag] = files.flags;
     let Some(ca) = &files.ca else {
         return Err(TlsError::Config(format!("{ca_flag} is required to check the other side's certificate")));
@@ -402,19 +409,29 @@ fn build_client(files: &Files) -> Result<rustls::ClientConfig, TlsError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(read_roots(ca_flag, ca)?);
-    let mut config = builder
-        .with_client_auth_cert(read_certs(cert_flag, &files.cert)?, read_key(key_flag, &files.key)?)
-        .map_err(|e| TlsError::Config(format!("{} and {}: {e}", files.cert.display(), files.key.display())))?;
+    let mut config = match identity {
+        true => builder
+            .with_client_auth_cert(read_certs(cert_flag, &files.cert)?, read_key(key_flag, &files.key)?)
+            .map_err(|e| TlsError::Config(format!("{} and {}: {e}", files.cert.display(), files.key.display())))?,
+        false => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
 
 impl Connector {
+    /// Check servers against `files.ca`; offer `files`' certificate to those that ask.
     pub fn new(files: Files) -> Result<Arc<Connector>, TlsError> {
         let mut paths = vec![files.cert.clone(), files.key.clone()];
         paths.extend(files.ca.clone());
         let f = files.clone();
-        Ok(Arc::new(Connector { config: Reloading::new(paths, "peer client", move || build_client(&f))? }))
+        Ok(Arc::new(Connector { config: Reloading::new(paths, "peer client", move || build_client(&f, true))? }))
+    }
+
+    /// Check servers against the CA in `ca` (flag name `ca_flag` in errors); offer no certificate.
+    pub fn anonymous(ca: PathBuf, ca_flag: &'static str) -> Result<Arc<Connector>, TlsError> {
+        let files = Files { cert: PathBuf::new(), key: PathBuf::new(), ca: Some(ca.clone()), flags: ["", "", ca_flag] };
+        Ok(Arc::new(Connector { config: Reloading::new(vec![ca], "client", move || build_client(&files, false))? }))
     }
 
     /// Connect to `host:port` and complete a handshake that checks the server's certificate
@@ -586,10 +603,19 @@ mod tests {
     }
 }
 
-/// A lazily connected gRPC channel to `endpoint` over TLS through `connector` (the endpoint's
-/// connect timeout bounds the TCP connection and the handshake together).
-pub fn channel(endpoint: &tonic::transport::Endpoint, connector: Arc<Connector>) -> tonic::transport::Channel {
-    let connect = tower::service_fn(move |uri: http::Uri| {
+/// What tonic dials through: TCP to the URI's host and port, then the handshake.
+fn dialer(
+    connector: Arc<Connector>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Error = io::Error,
+    Future = impl std::future::Future<
+        Output = io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>,
+    > + Send,
+> + Send
+       + 'static {
+    tower::service_fn(move |uri: http::Uri| {
         let connector = connector.clone();
         async move {
             let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in the URL"))?;
@@ -598,6 +624,19 @@ pub fn channel(endpoint: &tonic::transport::Endpoint, connector: Arc<Connector>)
             let tls = connector.connect(&host, port).await?;
             Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
-    });
-    endpoint.connect_with_connector_lazy(connect)
+    })
+}
+
+/// A lazily connected gRPC channel to `endpoint` over TLS through `connector` (the endpoint's
+/// connect timeout bounds the TCP connection and the handshake together).
+pub fn channel(endpoint: &tonic::transport::Endpoint, connector: Arc<Connector>) -> tonic::transport::Channel {
+    endpoint.connect_with_connector_lazy(dialer(connector))
+}
+
+/// `channel`, connected now: a refused handshake is an error here.
+pub async fn connect(
+    endpoint: &tonic::transport::Endpoint,
+    connector: Arc<Connector>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    endpoint.connect_with_connector(dialer(connector)).await
 }
