@@ -197,11 +197,20 @@ fn etcdctl_over_tls_and_mutual_tls_a_client_without_a_valid_certificate_refused_
     assert!(e.contains("--client-cert-auth needs --trusted-ca-file"), "{e}");
 }
 
-/// `Peer/Vote` with a huge term through `channel`, addressed to member `to`.
-async fn huge_vote(channel: tonic::transport::Channel, to: u64) -> Result<(), tonic::Status> {
+/// `Peer/Vote` with a huge term through `channel`, addressed to member `to`, for candidate
+/// `candidate`, saying it is from `from`.
+async fn huge_vote(
+    channel: tonic::transport::Channel,
+    to: u64,
+    from: Option<u64>,
+    candidate: u64,
+) -> Result<(), tonic::Status> {
     use quorate_consensus::pb::peer_client::PeerClient;
-    let mut req = tonic::Request::new(quorate_consensus::vote_frame(0xbad, u64::MAX / 4));
+    let mut req = tonic::Request::new(quorate_consensus::vote_frame(candidate, u64::MAX / 4));
     req.metadata_mut().insert("quorate-to", format!("{to:x}").parse().unwrap());
+    if let Some(from) = from {
+        req.metadata_mut().insert("quorate-from", format!("{from:x}").parse().unwrap());
+    }
     req.set_timeout(Duration::from_secs(3));
     tokio::time::timeout(Duration::from_secs(5), PeerClient::new(channel).vote(req))
         .await
@@ -216,13 +225,10 @@ fn endpoint(url: &str) -> tonic::transport::Endpoint {
 /// (member id, raft term, leader) as member `i` reports them.
 fn status(c: &Cluster, i: usize) -> (u64, u64, u64) {
     let out = etcdctl(&c.nodes[i].endpoint(), &["endpoint", "status", "-w", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("endpoint status answers");
     let s = &v[0]["Status"];
-    (
-        s["header"]["member_id"].as_u64().unwrap_or(0),
-        s["raft_term"].as_u64().unwrap_or(0),
-        s["leader"].as_u64().unwrap_or(0),
-    )
+    let field = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("endpoint status: {}", out.stdout));
+    (field(&s["header"]["member_id"]), field(&s["raftTerm"]), field(&s["leader"]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,14 +262,36 @@ async fn peer_mutual_tls_refuses_strangers_before_raft_and_keeps_out_a_member_of
         flags: ["--peer-cert-file", "--peer-key-file", "--peer-trusted-ca-file"],
     };
     let forger = quorate_tls::Connector::new(forged_files).unwrap();
+    let (m1, m3) = (status(&c, 0).0, status(&c, 2).0);
     for i in 0..3 {
         let (id, _, _) = status(&c, i);
         let https = c.nodes[i].peer_url();
-        let plain = huge_vote(endpoint(&https.replace("https://", "http://")).connect_lazy(), id).await;
+        let plain = huge_vote(endpoint(&https.replace("https://", "http://")).connect_lazy(), id, Some(m1), m1).await;
         assert!(plain.is_err(), "a plaintext vote reached member {i}");
-        let forged = huge_vote(quorate_tls::channel(&endpoint(&https), forger.clone()), id).await;
+        let forged = huge_vote(quorate_tls::channel(&endpoint(&https), forger.clone()), id, Some(m1), m1).await;
         assert!(forged.is_err(), "a vote over a certificate of another CA reached member {i}");
     }
+    // Certificates of the right CA that do not name the member they speak for. Members share a
+    // host here, so these name another host: only the common name can name a member.
+    let elsewhere = |name: &str, cn: &str| {
+        let issued = ca.issue_files_for(&d, name, cn, &["elsewhere.example"]);
+        let files =
+            quorate_tls::Files { cert: issued.cert, key: issued.key, ca: Some(ca_pem.clone()), flags: ["", "", ""] };
+        quorate_tls::Connector::new(files).unwrap()
+    };
+    let (intruder, as_m3) = (elsewhere("intruder", "intruder"), elsewhere("as-m3", "m3"));
+    let follower = (leader + 1) % 3;
+    let (fid, _, _) = status(&c, follower);
+    let url = c.nodes[follower].peer_url();
+    let vote = |via: &std::sync::Arc<quorate_tls::Connector>, from: Option<u64>, candidate: u64| {
+        huge_vote(quorate_tls::channel(&endpoint(&url), via.clone()), fid, from, candidate)
+    };
+    let e = vote(&intruder, Some(m1), m1).await.expect_err("a certificate naming no member spoke for m1");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = vote(&intruder, None, m1).await.expect_err("a message that says nothing of its sender got in");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = vote(&as_m3, Some(m3), m1).await.expect_err("m3's certificate spoke for m1");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..3 {
         let (_, t, l) = status(&c, i);
@@ -273,15 +301,10 @@ async fn peer_mutual_tls_refuses_strangers_before_raft_and_keeps_out_a_member_of
     let log = c.log(leader);
     assert!(log.contains("rejected TLS connection") && log.contains("listener=\"peer\""), "{log}");
 
-    // A control: the same vote over a valid certificate is read and answered by Raft, so the
-    // refusals above are the gate's, not a malformed message's.
-    let valid = ca.issue_files(&d, "valid", "m3");
-    let valid_files =
-        quorate_tls::Files { cert: valid.cert, key: valid.key, ca: Some(ca_pem.clone()), flags: ["", "", ""] };
-    let holder = quorate_tls::Connector::new(valid_files).unwrap();
-    let follower = (leader + 1) % 3;
-    let (fid, _, _) = status(&c, follower);
-    let answered = huge_vote(quorate_tls::channel(&endpoint(&c.nodes[follower].peer_url()), holder), fid).await;
+    // A control: m3's certificate speaking for m3 is read and answered by Raft (which refuses
+    // a candidate with an empty log), so the refusals above are the gate's, not a malformed
+    // message's.
+    let answered = vote(&as_m3, Some(m3), m3).await;
     assert!(answered.is_ok(), "the control vote was not answered: {answered:?}");
 
     // A member whose certificate is of another CA cannot join; one with a valid one can.

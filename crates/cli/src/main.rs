@@ -697,6 +697,20 @@ impl ServerArgs {
             (None, None) => None,
             _ => bail!("--cert-file and --key-file go together"),
         };
+        // Said at start, as etcd does not: a client certificate is then asked only on the
+        // https:// entries, and the HTTP APIs ask for none unless their port is https:// too.
+        if self.client_cert_auth && client_https.contains(&false) {
+            tracing::warn!(
+                "--client-cert-auth: the http:// entries of --listen-client-urls serve every client without a certificate"
+            );
+        }
+        if self.client_cert_auth && !is_https(&self.listen_http) {
+            tracing::warn!(
+                listen_http = %self.listen_http,
+                "--client-cert-auth: --listen-http is plaintext and serves the registry, Consul, Eureka and /v1/member/* \
+                 without a certificate (make it https://, or keep it on loopback)"
+            );
+        }
         if advertised_https && !client_https.contains(&true) {
             bail!("--advertise-client-urls has an https:// URL but no --listen-client-urls entry is https://");
         }

@@ -83,6 +83,9 @@ pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
     bincode::deserialize(b).map_err(|e| format!("undecodable peer frame: {e}"))
 }
 
+/// How long a peer connection over TLS may take to set up (TCP and the handshake).
+const TLS_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// Peer TLS (`https://` peer URLs), set once at start: one member runs per process.
 struct PeerTls {
     connector: Arc<quorate_tls::Connector>,
@@ -123,7 +126,8 @@ pub fn channel_to(peer_url: &str) -> Result<Channel, String> {
         .keep_alive_timeout(Duration::from_secs(5));
     let https = peer_url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"));
     match (https, PEER_TLS.get()) {
-        (true, Some(tls)) => Ok(quorate_tls::channel(&ep, tls.connector.clone())),
+        // TCP and the handshake within the connect timeout: 2-3 round trips, not one.
+        (true, Some(tls)) => Ok(quorate_tls::channel(&ep.connect_timeout(TLS_CONNECT_TIMEOUT), tls.connector.clone())),
         (false, None) => Ok(ep.connect_lazy()),
         (true, None) => {
             Err(format!("peer URL {peer_url} is https:// but this member has no peer TLS (--peer-cert-file)"))
@@ -149,7 +153,10 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerNetwork {
             target,
             url: node.peer_url.clone(),
-            client: channel_to(&node.peer_url).ok().map(new_client),
+            client: channel_to(&node.peer_url)
+                .inspect_err(|e| tracing::warn!(peer = %format!("{target:x}"), error = %e, "cannot dial this peer"))
+                .ok()
+                .map(new_client),
             stall_timeout: self.stall_timeout,
             sent_failures: self.metrics.peer_sent_failures.get_or_create(&crate::metrics::to_peer(target)).clone(),
             metrics: self.metrics.clone(),
@@ -629,20 +636,25 @@ impl PeerService {
         });
     }
 
-    /// Under `--peer-client-cert-auth`, the connection's certificate must name the member the
-    /// message says it is from (its common name is the member's name, or a subject alternative
-    /// name its peer URL's host), when this member knows that member. A member it does not
-    /// know yet (it is joining, or the sender was just added) is let in on the CA's word alone.
-    fn check_sender<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+    /// Under `--peer-client-cert-auth`, who a message is from: the connection must carry a
+    /// certificate (of the peer CA: the handshake checked that), the message must say which
+    /// member sent it (`quorate-from`), and when this member knows that member, the certificate
+    /// must name it (its common name is the member's name, or a subject alternative name its
+    /// peer URL's host). A sender this member does not know yet (it was added while this one
+    /// was away, or this one is joining) is let in on the CA's word: peers need a CA that signs
+    /// nothing else. Returns the sender, when the check is on.
+    fn check_sender<T>(&self, req: &tonic::Request<T>) -> Result<Option<NodeId>, tonic::Status> {
+        use openraft::rt::WatchReceiver as _;
         if !PEER_TLS.get().is_some_and(|t| t.check_identity) {
-            return Ok(());
+            return Ok(None);
         }
         let identity = req.extensions().get::<quorate_tls::ConnInfo>().and_then(|c| c.identity.clone());
         let Some(identity) = identity else {
-            return Err(tonic::Status::unauthenticated("peer messages need a client certificate"));
+            return Err(tonic::Status::unauthenticated("peer messages need a client certificate of the peer CA"));
         };
-        let Some(from) = crate::incarnation::sender(req.metadata()) else { return Ok(()) };
-        use openraft::rt::WatchReceiver as _;
+        let Some(from) = crate::incarnation::sender(req.metadata()) else {
+            return Err(tonic::Status::unauthenticated("a peer message must say which member sent it"));
+        };
         let node = self.raft.metrics().borrow_watched().membership_config.membership().get_node(&from).cloned();
         match node {
             Some(node) if !identity.names_member(&node.name, &node.peer_url) => {
@@ -653,14 +665,21 @@ impl PeerService {
                     node.peer_url
                 )))
             }
-            _ => Ok(()),
+            _ => Ok(Some(from)),
         }
     }
 
-    /// A Raft message is for this member, from whom its certificate says, and of this
-    /// member's incarnation.
-    fn check_addressee<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
-        self.check_sender(req)?;
+    /// A Raft message is for this member, from the member its certificate names (the member the
+    /// message itself speaks for: `leader`, its candidate or leader), and of this member's
+    /// incarnation.
+    fn check_addressee<T>(&self, req: &tonic::Request<T>, leader: Option<NodeId>) -> Result<(), tonic::Status> {
+        if let (Some(from), Some(leader)) = (self.check_sender(req)?, leader) {
+            if from != leader {
+                return Err(tonic::Status::permission_denied(format!(
+                    "a message from member {from:x} speaks for member {leader:x}"
+                )));
+            }
+        }
         crate::incarnation::check(req.metadata())?;
         let to = req.metadata().get(TO_HEADER).and_then(|v| v.to_str().ok());
         match to.map(|t| u64::from_str_radix(t, 16)) {
@@ -677,8 +696,8 @@ impl PeerService {
 #[tonic::async_trait]
 impl crate::pb::peer_server::Peer for PeerService {
     async fn append(&self, req: tonic::Request<Frame>) -> Reply {
-        self.check_addressee(&req)?;
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
+        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id))?;
         reply(self.raft.append_entries(rpc).await)
     }
 
@@ -689,12 +708,15 @@ impl crate::pb::peer_server::Peer for PeerService {
         req: tonic::Request<tonic::Streaming<Frame>>,
     ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
         use futures::StreamExt;
-        self.check_addressee(&req)?;
-        // The stream ends at the first frame that cannot be read: skipping one would misalign
-        // requests and results.
+        let from = self.check_sender(&req)?;
+        self.check_addressee(&req, None)?;
+        // The stream ends at the first frame that cannot be read, or that speaks for a leader
+        // other than the member its certificate names: skipping one would misalign requests
+        // and results.
         let requests = req
             .into_inner()
             .map(|f| f.ok().and_then(|f| decode::<AppendEntriesRequest<TypeConfig>>(&f.data).ok()))
+            .map(move |r| r.filter(|r| from.is_none_or(|from| r.vote.leader_id.node_id == from)))
             .take_while(|r| futures::future::ready(r.is_some()))
             .map(|r| r.expect("take_while keeps only Some"));
         let results =
@@ -703,8 +725,8 @@ impl crate::pb::peer_server::Peer for PeerService {
     }
 
     async fn vote(&self, req: tonic::Request<Frame>) -> Reply {
-        self.check_addressee(&req)?;
-        let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
+        let rpc: VoteRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
+        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id))?;
         let result = self.raft.vote(rpc.clone()).await;
         if let Ok(resp) = &result {
             let reason = (!crate::votes::granted(false, &rpc, resp)).then(|| crate::votes::refusal(&rpc, resp));
@@ -714,8 +736,8 @@ impl crate::pb::peer_server::Peer for PeerService {
     }
 
     async fn pre_vote(&self, req: tonic::Request<Frame>) -> Reply {
-        self.check_addressee(&req)?;
-        let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
+        let rpc: VoteRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
+        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id))?;
         let result = self.raft.pre_vote(rpc.clone()).await;
         if let Ok(resp) = &result {
             self.record_pre_vote_answer(rpc, resp.clone());
@@ -724,11 +746,15 @@ impl crate::pb::peer_server::Peer for PeerService {
     }
 
     async fn snapshot_stream(&self, req: tonic::Request<tonic::Streaming<Frame>>) -> Reply {
-        self.check_addressee(&req)?;
+        let from = self.check_sender(&req)?;
+        self.check_addressee(&req, None)?;
         let mut frames = req.into_inner();
         let (vote, meta, image, chunks) = receive_snapshot(&mut frames).await.inspect_err(|e| {
             tracing::warn!(error = %e.message(), "snapshot transfer dropped");
         })?;
+        if from.is_some_and(|from| from != vote.leader_id.node_id) {
+            return Err(tonic::Status::permission_denied("a snapshot from one member speaking for another"));
+        }
         tracing::info!(bytes = image.len(), chunks, "snapshot received");
         let snapshot =
             openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> { meta, snapshot: Cursor::new(image) };
@@ -736,14 +762,15 @@ impl crate::pb::peer_server::Peer for PeerService {
     }
 
     async fn transfer_leader(&self, req: tonic::Request<Frame>) -> Reply {
-        self.check_addressee(&req)?;
-        let rpc: TransferLeaderRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_frame)?;
+        let rpc: TransferLeaderRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
+        self.check_addressee(&req, Some(rpc.from_leader().leader_id.node_id))?;
         reply(self.raft.handle_transfer_leader(rpc).await)
     }
 
     async fn forward(&self, req: tonic::Request<Frame>) -> Reply {
-        self.check_sender(&req)?;
-        let refused = crate::incarnation::check(req.metadata()).err();
+        // A sender its certificate does not vouch for gets what one of another incarnation
+        // gets: only a joining member's lookup of its own id is answered.
+        let refused = self.check_sender(&req).err().or_else(|| crate::incarnation::check(req.metadata()).err());
         let data = self.forward.handle(req.into_inner().data, refused).await?;
         let mut resp = tonic::Response::new(Frame { data });
         crate::incarnation::stamp_response(&mut resp);

@@ -35,6 +35,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections whose handshake is done, waiting for the server to take them.
 const ACCEPTED_QUEUE: usize = 256;
 
+/// Handshakes in progress at once on one listener.
+const HANDSHAKES_MAX: usize = 512;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{flag} {path}: {error}")]
@@ -82,10 +85,21 @@ fn stamp(paths: &[&Path]) -> Stamp {
 /// A configuration built from files, rebuilt when they change.
 struct Reloading<C> {
     paths: Vec<PathBuf>,
-    current: Mutex<(Stamp, Arc<C>)>,
+    current: Mutex<Current<C>>,
     build: Box<dyn Fn() -> Result<C, TlsError> + Send + Sync>,
     what: &'static str,
 }
+
+struct Current<C> {
+    stamp: Stamp,
+    config: Arc<C>,
+    /// The files as they were when they last failed to load, and when: a broken rotation is
+    /// retried at most once a second, not on every connection.
+    failed: Option<(Stamp, std::time::Instant)>,
+}
+
+/// How often files that failed to load are tried again while they stay unchanged.
+const RELOAD_RETRY: Duration = Duration::from_secs(1);
 
 impl<C> Reloading<C> {
     fn new(
@@ -93,29 +107,50 @@ impl<C> Reloading<C> {
         what: &'static str,
         build: impl Fn() -> Result<C, TlsError> + Send + Sync + 'static,
     ) -> Result<Self, TlsError> {
-        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-        let s = stamp(&refs);
-        let config = build()?;
-        Ok(Reloading { paths, current: Mutex::new((s, Arc::new(config))), build: Box::new(build), what })
+        let stamp = stamp(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        let config = Arc::new(build()?);
+        Ok(Reloading {
+            paths,
+            current: Mutex::new(Current { stamp, config, failed: None }),
+            build: Box::new(build),
+            what,
+        })
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current<C>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configuration for a new connection: the files are looked at (three `stat`s), and
+    /// read again, outside the lock, only when they changed.
     fn get(&self) -> Arc<C> {
-        let refs: Vec<&Path> = self.paths.iter().map(PathBuf::as_path).collect();
-        let now = stamp(&refs);
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current.0 != now {
-            match (self.build)() {
-                Ok(config) => {
-                    tracing::info!(listener = self.what, "TLS certificate files changed: reloaded");
-                    *current = (now, Arc::new(config));
-                }
-                Err(e) => {
-                    // Keep serving with what worked; the next connection tries again.
-                    tracing::warn!(listener = self.what, error = %e, "TLS certificate files changed but cannot be loaded; keeping the ones in use");
-                }
+        let now = stamp(&self.paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        {
+            let current = self.lock();
+            let retry_later = current.failed.as_ref().is_some_and(|(s, at)| *s == now && at.elapsed() < RELOAD_RETRY);
+            if current.stamp == now || retry_later {
+                return current.config.clone();
             }
         }
-        current.1.clone()
+        let built = (self.build)();
+        let mut current = self.lock();
+        match built {
+            Ok(config) => {
+                tracing::info!(listener = self.what, "TLS certificate files changed: reloaded");
+                current.stamp = now;
+                current.config = Arc::new(config);
+                current.failed = None;
+            }
+            Err(e) => {
+                // Keep serving with what worked; tried again once the files change or a
+                // second has passed.
+                if current.failed.as_ref().is_none_or(|(s, _)| *s != now) {
+                    tracing::warn!(listener = self.what, error = %e, "TLS certificate files changed but cannot be loaded; keeping the ones in use");
+                }
+                current.failed = Some((now, std::time::Instant::now()));
+            }
+        }
+        current.config.clone()
     }
 }
 
@@ -227,14 +262,25 @@ impl Identity {
     /// Whether this certificate may speak for the member named `name` at `peer_url`: its common
     /// name is the member's name, or a subject alternative name is the URL's host.
     pub fn names_member(&self, name: &str, peer_url: &str) -> bool {
-        if self.common_name.as_deref() == Some(name) {
+        if !name.is_empty() && self.common_name.as_deref() == Some(name) {
             return true;
         }
         let Some(host) = url_host(peer_url) else { return false };
         match host.parse::<IpAddr>() {
             Ok(ip) => self.ip_addresses.contains(&ip),
-            Err(_) => self.dns_names.iter().any(|d| d.eq_ignore_ascii_case(&host)),
+            Err(_) => self.dns_names.iter().any(|d| dns_matches(d, &host)),
         }
+    }
+}
+
+/// A certificate's DNS name against a host, as TLS clients match them: exactly (any case), or
+/// a `*.` wildcard standing for exactly one leftmost label.
+fn dns_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(rest) => {
+            host.split_once('.').is_some_and(|(label, tail)| !label.is_empty() && tail.eq_ignore_ascii_case(rest))
+        }
+        None => pattern.eq_ignore_ascii_case(host),
     }
 }
 
@@ -298,7 +344,11 @@ impl Acceptor {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if self.last_logged.swap(now, Ordering::Relaxed) != now {
             let from = remote.map_or("?".to_string(), |a| a.to_string());
-            tracing::warn!(listener = self.settings.name, from = %from, error = %e, "rejected TLS connection");
+            let mut error = e.to_string();
+            if error.contains("InvalidContentType") {
+                error = "not a TLS handshake: a plaintext client (http://) on a TLS port?".into();
+            }
+            tracing::warn!(listener = self.settings.name, from = %from, error = %error, "rejected TLS connection");
         }
     }
 
@@ -306,8 +356,12 @@ impl Acceptor {
     /// completed it come out of the returned receiver. Ends when the receiver is dropped.
     pub fn serve(self: Arc<Self>, listener: TcpListener) -> tokio::sync::mpsc::Receiver<ServerConn> {
         let (tx, rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
         tokio::spawn(async move {
             loop {
+                // At most HANDSHAKES_MAX at once: past that, new connections wait in the
+                // kernel's backlog rather than take descriptors and tasks here.
+                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
                 let (tcp, remote) = tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok(a) => a,
@@ -323,9 +377,12 @@ impl Acceptor {
                 let _ = tcp.set_nodelay(true);
                 let (me, tx) = (self.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match me.accept(tcp).await {
                         Ok(conn) => {
-                            let _ = tx.send(conn).await;
+                            // A server that takes no connection for this long is stuck or
+                            // gone: drop this one rather than hold it.
+                            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, tx.send(conn)).await;
                         }
                         Err(e) => me.log_refusal(Some(remote), &e),
                     }
@@ -448,6 +505,44 @@ impl Connector {
     }
 }
 
+/// What tonic dials through: TCP to the URI's host and port, then the handshake.
+fn dialer(
+    connector: Arc<Connector>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Error = io::Error,
+    Future = impl std::future::Future<
+        Output = io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>,
+    > + Send,
+> + Send
+       + 'static {
+    tower::service_fn(move |uri: http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in the URL"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let tls = connector.connect(&host, port).await?;
+            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    })
+}
+
+/// A lazily connected gRPC channel to `endpoint` over TLS through `connector` (the endpoint's
+/// connect timeout bounds the TCP connection and the handshake together).
+pub fn channel(endpoint: &tonic::transport::Endpoint, connector: Arc<Connector>) -> tonic::transport::Channel {
+    endpoint.connect_with_connector_lazy(dialer(connector))
+}
+
+/// `channel`, connected now: a refused handshake is an error here.
+pub async fn connect(
+    endpoint: &tonic::transport::Endpoint,
+    connector: Arc<Connector>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    endpoint.connect_with_connector(dialer(connector)).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::testing::{Ca, Issued};
@@ -532,11 +627,14 @@ mod tests {
             tls.read_exact(&mut buf).await
         };
         assert!(result.await.is_err(), "a client without a certificate got in");
+        // Plaintext: the server answers with a TLS alert record (type 21) at most, and closes.
         let mut plain = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         plain.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-        let mut buf = [0u8; 16];
-        assert!(!matches!(plain.read(&mut buf).await, Ok(n) if n > 0 && buf.starts_with(b"hello")));
-        assert!(seen.try_recv().is_err(), "a refused connection reached the server");
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await.unwrap();
+        assert!(answer.is_empty() || answer[0] == 21, "a plaintext client got {answer:?}");
+        let nothing = tokio::time::timeout(Duration::from_millis(300), seen.recv()).await;
+        assert!(nothing.is_err(), "a refused connection reached the server");
 
         // An allowed common name: the CA's word is not enough.
         let (port, mut seen) = echo(Acceptor::new(settings(&server, &ca_pem, true, Some("m2"))).unwrap()).await;
@@ -544,7 +642,8 @@ mod tests {
         assert!(seen.recv().await.unwrap().is_some());
         let other_client = Connector::new(files(&other_name, Some(ca_pem.clone()))).unwrap();
         assert!(round_trip(&other_client, port).await.is_err(), "a certificate with another CN got in");
-        assert!(seen.try_recv().is_err());
+        let nothing = tokio::time::timeout(Duration::from_millis(300), seen.recv()).await;
+        assert!(nothing.is_err(), "a certificate with another CN reached the server");
     }
 
     #[tokio::test]
@@ -600,43 +699,13 @@ mod tests {
         assert!(!id.names_member("m2", "https://10.0.0.2:2380"));
         assert!(!id.names_member("m2", "https://m2.example:2380"));
         assert!(!Identity::default().names_member("m1", "https://10.0.0.1:2380"));
+        // A member added but not started yet has no name: an empty CN names nobody.
+        let blank = Identity { common_name: Some(String::new()), ..Identity::default() };
+        assert!(!blank.names_member("", "https://10.0.0.9:2380"));
+        // Wildcards stand for one label, as in TLS.
+        let wild = Identity { dns_names: vec!["*.etcd.ns.svc".into()], ..Identity::default() };
+        assert!(wild.names_member("m1", "https://m1.etcd.ns.svc:2380"));
+        assert!(!wild.names_member("m1", "https://a.m1.etcd.ns.svc:2380"));
+        assert!(!wild.names_member("m1", "https://etcd.ns.svc:2380"));
     }
-}
-
-/// What tonic dials through: TCP to the URI's host and port, then the handshake.
-fn dialer(
-    connector: Arc<Connector>,
-) -> impl tower::Service<
-    http::Uri,
-    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-    Error = io::Error,
-    Future = impl std::future::Future<
-        Output = io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>,
-    > + Send,
-> + Send
-       + 'static {
-    tower::service_fn(move |uri: http::Uri| {
-        let connector = connector.clone();
-        async move {
-            let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in the URL"))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-            let port = uri.port_u16().unwrap_or(443);
-            let tls = connector.connect(&host, port).await?;
-            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
-        }
-    })
-}
-
-/// A lazily connected gRPC channel to `endpoint` over TLS through `connector` (the endpoint's
-/// connect timeout bounds the TCP connection and the handshake together).
-pub fn channel(endpoint: &tonic::transport::Endpoint, connector: Arc<Connector>) -> tonic::transport::Channel {
-    endpoint.connect_with_connector_lazy(dialer(connector))
-}
-
-/// `channel`, connected now: a refused handshake is an error here.
-pub async fn connect(
-    endpoint: &tonic::transport::Endpoint,
-    connector: Arc<Connector>,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    endpoint.connect_with_connector(dialer(connector)).await
 }

@@ -44,9 +44,14 @@ impl Ca {
 
     /// A certificate with common name `cn` for loopback, as PEM (certificate, key).
     pub fn issue(&self, cn: &str) -> (String, String) {
+        self.issue_for(cn, &["localhost"], &[[127, 0, 0, 1].into()])
+    }
+
+    /// A certificate with common name `cn` and these subject alternative names.
+    pub fn issue_for(&self, cn: &str, dns: &[&str], ips: &[std::net::IpAddr]) -> (String, String) {
         let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+        let mut params = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).expect("params");
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.distinguished_name.push(DnType::CommonName, cn);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -57,6 +62,16 @@ impl Ca {
     /// `issue`, written to `dir/NAME.pem` and `dir/NAME.key`.
     pub fn issue_files(&self, dir: &Path, name: &str, cn: &str) -> Issued {
         let (cert, key) = self.issue(cn);
+        Self::write_pair(dir, name, cert, key)
+    }
+
+    /// `issue_for`, written to `dir/NAME.pem` and `dir/NAME.key`.
+    pub fn issue_files_for(&self, dir: &Path, name: &str, cn: &str, dns: &[&str]) -> Issued {
+        let (cert, key) = self.issue_for(cn, dns, &[]);
+        Self::write_pair(dir, name, cert, key)
+    }
+
+    fn write_pair(dir: &Path, name: &str, cert: String, key: String) -> Issued {
         let issued = Issued { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
         std::fs::write(&issued.cert, cert).expect("write cert");
         std::fs::write(&issued.key, key).expect("write key");
