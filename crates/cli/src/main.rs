@@ -440,6 +440,15 @@ struct ServerArgs {
     /// 512 KiB above it.
     #[arg(long, default_value_t = 1_572_864)]
     max_request_bytes: usize,
+    /// Connections one client (an IPv4 address, or an IPv6 /64) may hold open at once on the
+    /// client port, and apart on the HTTP port; one past it is closed as soon as it is accepted
+    /// (0: no limit).
+    #[arg(long, default_value_t = 1024)]
+    max_connections_per_client: usize,
+    /// HTTP/2 streams (concurrent calls, watches and keep-alives) one client connection may
+    /// have open, as etcd's flag; clients queue past it (0: no limit).
+    #[arg(long, default_value_t = 1000)]
+    max_concurrent_streams: u32,
     /// Send health-check probes from this local address (multi-homed hosts).
     #[arg(long)]
     probe_source_ip: Option<std::net::IpAddr>,
@@ -626,6 +635,12 @@ impl ServerArgs {
             max_txn_ops: self.max_txn_ops,
             max_watchers_per_stream: self.max_watchers_per_stream,
             max_request_bytes: self.max_request_bytes,
+            max_connections_per_client: self.max_connections_per_client,
+            max_concurrent_streams: if self.max_concurrent_streams == 0 {
+                u32::MAX
+            } else {
+                self.max_concurrent_streams
+            },
             probe_source_ip: self.probe_source_ip,
             check_allowed_cidrs: self.check_allowed_cidrs,
             rate_limit: quorate_server::RateLimitConfig {

@@ -7,6 +7,7 @@
 //! deterministic: every member applying the same commands in the same order reaches the same
 //! state, which is what `hash` checks.
 
+pub mod auth;
 mod error;
 mod lease;
 mod store;

@@ -39,6 +39,11 @@ pub struct ServerConfig {
     pub max_watchers_per_stream: usize,
     /// etcd's `--max-request-bytes`: largest write request proposed, in bytes.
     pub max_request_bytes: usize,
+    /// `--max-connections-per-client`: connections one client may hold open on the client port
+    /// and on the HTTP port (each counted apart); 0: no limit.
+    pub max_connections_per_client: usize,
+    /// etcd's `--max-concurrent-streams`: HTTP/2 streams one client connection may have open.
+    pub max_concurrent_streams: u32,
     /// The registry's eviction brake (ADR 0005).
     pub brake: quorate_registry::BrakeConfig,
     /// The address health-check probes are sent from (default: the system's choice).

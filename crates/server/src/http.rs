@@ -54,6 +54,7 @@ impl HttpState {
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<quorate_tls::Acceptor>>,
+    conns: Option<Arc<crate::conn_limit::ConnLimit>>,
     state: Arc<HttpState>,
     profiling: Arc<crate::pprof::Profiling>,
     limits: Arc<crate::rate_limit::RateLimits>,
@@ -83,14 +84,47 @@ pub async fn serve(
             .layer(axum::middleware::from_fn_with_state(limits, crate::rate_limit::limit_http)),
         )
         .merge(crate::pprof::router(profiling));
+    use axum::serve::ListenerExt;
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     match tls {
         Some(tls) => {
-            use axum::serve::ListenerExt;
             let listener = TlsListener { local: listener.local_addr()?, accepted: tls.serve(listener) };
-            axum::serve(listener.tap_io(|_| {}), app).await
+            axum::serve(LimitedListener { inner: listener, limit: conns }.tap_io(|_| {}), app).await
         }
-        None => axum::serve(listener, app).await,
+        None => axum::serve(LimitedListener { inner: listener, limit: conns }.tap_io(|_| {}), app).await,
+    }
+}
+
+/// A listener whose connections past `--max-connections-per-client` are closed at once.
+struct LimitedListener<L> {
+    inner: L,
+    limit: Option<Arc<crate::conn_limit::ConnLimit>>,
+}
+
+impl<L> axum::serve::Listener for LimitedListener<L>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    type Io = crate::conn_limit::Limited<L::Io>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use crate::conn_limit::Limited;
+        loop {
+            let (io, addr) = self.inner.accept().await;
+            match &self.limit {
+                None => return (Limited::new(io, None), addr),
+                Some(limit) => {
+                    if let Some(guard) = limit.admit(addr) {
+                        return (Limited::new(io, Some(guard)), addr);
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
     }
 }
 

@@ -5,6 +5,7 @@ mod brake_state;
 pub mod cidr;
 mod client_port;
 mod config;
+pub mod conn_limit;
 mod grpc_metrics;
 mod http;
 mod isolate;
@@ -165,6 +166,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     }
     let mut client_tasks = Vec::new();
     let grpc_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit));
+    // One count for all the client URLs, one for the HTTP port.
+    let client_conns = conn_limit::ConnLimit::new(cfg.max_connections_per_client, "client");
     for (i, l) in listeners.client.into_iter().enumerate() {
         // gRPC and, beside it on the same port, HTTP/1 `/metrics`, `/health` and (with
         // --enable-pprof) `/debug/pprof`, as etcd serves them on 2379.
@@ -179,14 +182,22 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         // counted as gRPC either.
         let http1 = metrics::router(metrics.clone()).merge(pprof::router(profiling.clone()));
         let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(cfg.max_concurrent_streams)
             .accept_http1(true)
             .layer(client_port::Http1SplitLayer::new(http1, member.clone(), grpc_limits.clone()))
             .layer(metrics.grpc.layer())
             .add_routes(routes);
         let tls = client_tls.clone().filter(|_| cfg.tls.client_https.get(i).copied().unwrap_or(false));
+        let limit = client_conns.clone();
         client_tasks.push(match tls {
-            Some(tls) => tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming_tls(l, tls))),
-            None => tokio::spawn(router.serve_with_incoming(quorate_api_grpc::incoming(l))),
+            Some(tls) => {
+                let incoming = conn_limit::admit_all(quorate_api_grpc::incoming_tls(l, tls), limit);
+                tokio::spawn(router.serve_with_incoming(incoming))
+            }
+            None => {
+                let incoming = conn_limit::admit_all(quorate_api_grpc::incoming(l), limit);
+                tokio::spawn(router.serve_with_incoming(incoming))
+            }
         });
     }
     for l in listeners.metrics {
@@ -212,7 +223,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .with_probe_source(cfg.probe_source_ip),
     );
     let http_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit));
-    let http_task = tokio::spawn(http::serve(listeners.http, http_tls, http_state, profiling, http_limits));
+    let http_conns = conn_limit::ConnLimit::new(cfg.max_connections_per_client, "http");
+    let http_task = tokio::spawn(http::serve(listeners.http, http_tls, http_conns, http_state, profiling, http_limits));
     info!("member ready to serve clients");
 
     tokio::select! {
