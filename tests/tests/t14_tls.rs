@@ -292,6 +292,10 @@ async fn peer_mutual_tls_refuses_strangers_before_raft_and_keeps_out_a_member_of
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let e = vote(&as_m3, Some(m3), m1).await.expect_err("m3's certificate spoke for m1");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A stranger (a removed member, a client certificate of the CA) speaking for itself under
+    // an id no member has: no vote from it is read either.
+    let e = vote(&intruder, Some(0xbad), 0xbad).await.expect_err("a stranger's vote reached Raft");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..3 {
         let (_, t, l) = status(&c, i);

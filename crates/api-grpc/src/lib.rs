@@ -53,6 +53,7 @@ pub fn incoming(
     tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
         let conn = conn?;
         conn.set_nodelay(true)?;
+        quorate_tls::keep_alive(&conn);
         Ok(AuthorityFix::new(conn))
     })
 }

@@ -441,13 +441,13 @@ struct ServerArgs {
     #[arg(long, default_value_t = 1_572_864)]
     max_request_bytes: usize,
     /// Connections one client (an IPv4 address, or an IPv6 /64) may hold open at once on the
-    /// client port, and apart on the HTTP port; one past it is closed as soon as it is accepted
-    /// (0: no limit).
-    #[arg(long, default_value_t = 1024)]
+    /// client port, and apart on the HTTP port; one past it is closed as soon as it is accepted.
+    /// 0 (the default): no limit. Clients behind one NAT or proxy count as one.
+    #[arg(long, default_value_t = 0)]
     max_connections_per_client: usize,
     /// HTTP/2 streams (concurrent calls, watches and keep-alives) one client connection may
-    /// have open, as etcd's flag; clients queue past it (0: no limit).
-    #[arg(long, default_value_t = 1000)]
+    /// have open, as etcd's flag; clients queue past it. 0 (the default): no limit, as etcd.
+    #[arg(long, default_value_t = 0)]
     max_concurrent_streams: u32,
     /// Send health-check probes from this local address (multi-homed hosts).
     #[arg(long)]
@@ -636,11 +636,7 @@ impl ServerArgs {
             max_watchers_per_stream: self.max_watchers_per_stream,
             max_request_bytes: self.max_request_bytes,
             max_connections_per_client: self.max_connections_per_client,
-            max_concurrent_streams: if self.max_concurrent_streams == 0 {
-                u32::MAX
-            } else {
-                self.max_concurrent_streams
-            },
+            max_concurrent_streams: (self.max_concurrent_streams > 0).then_some(self.max_concurrent_streams),
             probe_source_ip: self.probe_source_ip,
             check_allowed_cidrs: self.check_allowed_cidrs,
             rate_limit: quorate_server::RateLimitConfig {
@@ -702,7 +698,16 @@ impl ServerArgs {
                 })
             }
             (None, None) if client_https.contains(&true) || advertised_https => {
-                bail!("--listen-client-urls or --advertise-client-urls has an https:// URL: it needs --cert-file and --key-file")
+                let listed = [
+                    ("--listen-client-urls", Some(&self.listen_client_urls)),
+                    ("--advertise-client-urls", self.advertise_client_urls.as_ref()),
+                ];
+                let (flag, url) = listed
+                    .iter()
+                    .filter_map(|(f, l)| l.and_then(|l| l.split(',').find(|u| is_https(u))).map(|u| (f, u.trim())))
+                    .next()
+                    .unwrap_or((&"--listen-client-urls", ""));
+                bail!("{flag} {url}: an https:// URL needs --cert-file and --key-file (quorate never serves it as plaintext)")
             }
             (None, None) if self.client_cert_auth || self.trusted_ca_file.is_some() => {
                 bail!(

@@ -638,12 +638,13 @@ impl PeerService {
 
     /// Under `--peer-client-cert-auth`, who a message is from: the connection must carry a
     /// certificate (of the peer CA: the handshake checked that), the message must say which
-    /// member sent it (`quorate-from`), and when this member knows that member, the certificate
-    /// must name it (its common name is the member's name, or a subject alternative name its
-    /// peer URL's host). A sender this member does not know yet (it was added while this one
-    /// was away, or this one is joining) is let in on the CA's word: peers need a CA that signs
-    /// nothing else. Returns the sender, when the check is on.
-    fn check_sender<T>(&self, req: &tonic::Request<T>) -> Result<Option<NodeId>, tonic::Status> {
+    /// member sent it (`quorate-from`), that member must be one this member knows, and the
+    /// certificate must name it (its common name is the member's name, or a subject alternative
+    /// name its peer URL's host). The one exception: a member that knows no member at all (it
+    /// is joining) takes appends and snapshots from its first leader on the CA's word
+    /// (`joining_ok`); a vote, a leadership transfer or a forwarded request from a stranger is
+    /// refused everywhere. Returns the sender, when the check is on.
+    fn check_sender<T>(&self, req: &tonic::Request<T>, joining_ok: bool) -> Result<Option<NodeId>, tonic::Status> {
         use openraft::rt::WatchReceiver as _;
         if !PEER_TLS.get().is_some_and(|t| t.check_identity) {
             return Ok(None);
@@ -655,25 +656,37 @@ impl PeerService {
         let Some(from) = crate::incarnation::sender(req.metadata()) else {
             return Err(tonic::Status::unauthenticated("a peer message must say which member sent it"));
         };
-        let node = self.raft.metrics().borrow_watched().membership_config.membership().get_node(&from).cloned();
-        match node {
-            Some(node) if !identity.names_member(&node.name, &node.peer_url) => {
-                Err(tonic::Status::permission_denied(format!(
-                    "the certificate (CN {:?}) does not name member {} ({from:x}, {})",
-                    identity.common_name.as_deref().unwrap_or(""),
-                    node.name,
-                    node.peer_url
-                )))
-            }
-            _ => Ok(Some(from)),
+        // Decided under the metrics' read guard: no copy of them per message.
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let membership = metrics.membership_config.membership();
+        match membership.get_node(&from) {
+            Some(node) if identity.names_member(&node.name, &node.peer_url) => Ok(Some(from)),
+            Some(node) => Err(tonic::Status::permission_denied(format!(
+                "the certificate (CN {:?}) does not name member {} ({from:x}, {})",
+                identity.common_name.as_deref().unwrap_or(""),
+                node.name,
+                node.peer_url
+            ))),
+            None if joining_ok && membership.nodes().next().is_none() => Ok(Some(from)),
+            None => Err(tonic::Status::permission_denied(format!(
+                "member {from:x} is not a member of this cluster as member {:x} knows it",
+                self.id
+            ))),
         }
     }
 
     /// A Raft message is for this member, from the member its certificate names (the member the
     /// message itself speaks for: `leader`, its candidate or leader), and of this member's
-    /// incarnation.
-    fn check_addressee<T>(&self, req: &tonic::Request<T>, leader: Option<NodeId>) -> Result<(), tonic::Status> {
-        if let (Some(from), Some(leader)) = (self.check_sender(req)?, leader) {
+    /// incarnation. Returns the sender, when the certificate check is on.
+    fn check_addressee<T>(
+        &self,
+        req: &tonic::Request<T>,
+        leader: Option<NodeId>,
+        joining_ok: bool,
+    ) -> Result<Option<NodeId>, tonic::Status> {
+        let from = self.check_sender(req, joining_ok)?;
+        if let (Some(from), Some(leader)) = (from, leader) {
             if from != leader {
                 return Err(tonic::Status::permission_denied(format!(
                     "a message from member {from:x} speaks for member {leader:x}"
@@ -683,7 +696,7 @@ impl PeerService {
         crate::incarnation::check(req.metadata())?;
         let to = req.metadata().get(TO_HEADER).and_then(|v| v.to_str().ok());
         match to.map(|t| u64::from_str_radix(t, 16)) {
-            Some(Ok(id)) if id == self.id => Ok(()),
+            Some(Ok(id)) if id == self.id => Ok(from),
             _ => Err(tonic::Status::failed_precondition(format!(
                 "this is member {:x}; the message was addressed to {}",
                 self.id,
@@ -697,7 +710,7 @@ impl PeerService {
 impl crate::pb::peer_server::Peer for PeerService {
     async fn append(&self, req: tonic::Request<Frame>) -> Reply {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
-        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id))?;
+        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id), true)?;
         reply(self.raft.append_entries(rpc).await)
     }
 
@@ -708,8 +721,7 @@ impl crate::pb::peer_server::Peer for PeerService {
         req: tonic::Request<tonic::Streaming<Frame>>,
     ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
         use futures::StreamExt;
-        let from = self.check_sender(&req)?;
-        self.check_addressee(&req, None)?;
+        let from = self.check_addressee(&req, None, true)?;
         // The stream ends at the first frame that cannot be read, or that speaks for a leader
         // other than the member its certificate names: skipping one would misalign requests
         // and results.
@@ -726,7 +738,7 @@ impl crate::pb::peer_server::Peer for PeerService {
 
     async fn vote(&self, req: tonic::Request<Frame>) -> Reply {
         let rpc: VoteRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
-        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id))?;
+        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id), false)?;
         let result = self.raft.vote(rpc.clone()).await;
         if let Ok(resp) = &result {
             let reason = (!crate::votes::granted(false, &rpc, resp)).then(|| crate::votes::refusal(&rpc, resp));
@@ -737,7 +749,7 @@ impl crate::pb::peer_server::Peer for PeerService {
 
     async fn pre_vote(&self, req: tonic::Request<Frame>) -> Reply {
         let rpc: VoteRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
-        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id))?;
+        self.check_addressee(&req, Some(rpc.vote.leader_id.node_id), false)?;
         let result = self.raft.pre_vote(rpc.clone()).await;
         if let Ok(resp) = &result {
             self.record_pre_vote_answer(rpc, resp.clone());
@@ -746,8 +758,7 @@ impl crate::pb::peer_server::Peer for PeerService {
     }
 
     async fn snapshot_stream(&self, req: tonic::Request<tonic::Streaming<Frame>>) -> Reply {
-        let from = self.check_sender(&req)?;
-        self.check_addressee(&req, None)?;
+        let from = self.check_addressee(&req, None, true)?;
         let mut frames = req.into_inner();
         let (vote, meta, image, chunks) = receive_snapshot(&mut frames).await.inspect_err(|e| {
             tracing::warn!(error = %e.message(), "snapshot transfer dropped");
@@ -763,14 +774,14 @@ impl crate::pb::peer_server::Peer for PeerService {
 
     async fn transfer_leader(&self, req: tonic::Request<Frame>) -> Reply {
         let rpc: TransferLeaderRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
-        self.check_addressee(&req, Some(rpc.from_leader().leader_id.node_id))?;
+        self.check_addressee(&req, Some(rpc.from_leader().leader_id.node_id), false)?;
         reply(self.raft.handle_transfer_leader(rpc).await)
     }
 
     async fn forward(&self, req: tonic::Request<Frame>) -> Reply {
         // A sender its certificate does not vouch for gets what one of another incarnation
         // gets: only a joining member's lookup of its own id is answered.
-        let refused = self.check_sender(&req).err().or_else(|| crate::incarnation::check(req.metadata()).err());
+        let refused = self.check_sender(&req, false).err().or_else(|| crate::incarnation::check(req.metadata()).err());
         let data = self.forward.handle(req.into_inner().data, refused).await?;
         let mut resp = tonic::Response::new(Frame { data });
         crate::incarnation::stamp_response(&mut resp);

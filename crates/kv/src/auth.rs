@@ -300,6 +300,12 @@ impl AuthStore {
         if !self.enabled {
             return Ok(());
         }
+        // Both, each by the union of the grants that allow it (a read grant and a write grant
+        // on the same keys together allow reading and writing them).
+        if want == PermType::ReadWrite {
+            self.check(user, key, range_end, PermType::Read)?;
+            return self.check(user, key, range_end, PermType::Write);
+        }
         let name = user.filter(|u| !u.is_empty()).ok_or(AuthError::UserEmpty)?;
         let u = self.users.get(name).ok_or(AuthError::PermissionDenied)?;
         if self.has_root_role(u) {
@@ -465,6 +471,17 @@ mod tests {
         assert_eq!(a.check_admin(alice), Err(AuthError::PermissionDenied));
         assert_eq!(a.check_admin(Some("root")), Ok(()));
         assert_eq!(a.check_admin(None), Err(AuthError::UserEmpty));
+    }
+
+    #[test]
+    fn read_and_write_grants_together_allow_both() {
+        let mut a = store();
+        use PermType::{Read, ReadWrite, Write};
+        a.apply(&RoleGrantPermission { role: s("app"), perm: perm(Read, "both/", b"both0") }).unwrap();
+        assert!(a.check(Some("alice"), b"both/x", b"", ReadWrite).is_err(), "read alone");
+        a.apply(&RoleGrantPermission { role: s("app"), perm: perm(Write, "both/a", b"both0") }).unwrap();
+        assert!(a.check(Some("alice"), b"both/b", b"", ReadWrite).is_ok());
+        assert!(a.check(Some("alice"), b"both/", b"", ReadWrite).is_err(), "written only from both/a");
     }
 
     #[test]

@@ -42,8 +42,9 @@ pub struct ServerConfig {
     /// `--max-connections-per-client`: connections one client may hold open on the client port
     /// and on the HTTP port (each counted apart); 0: no limit.
     pub max_connections_per_client: usize,
-    /// etcd's `--max-concurrent-streams`: HTTP/2 streams one client connection may have open.
-    pub max_concurrent_streams: u32,
+    /// etcd's `--max-concurrent-streams`: HTTP/2 streams one client connection may have open
+    /// (`None`: no limit).
+    pub max_concurrent_streams: Option<u32>,
     /// The registry's eviction brake (ADR 0005).
     pub brake: quorate_registry::BrakeConfig,
     /// The address health-check probes are sent from (default: the system's choice).

@@ -91,7 +91,10 @@ pub async fn serve(
             let listener = TlsListener { local: listener.local_addr()?, accepted: tls.serve(listener) };
             axum::serve(LimitedListener { inner: listener, limit: conns }.tap_io(|_| {}), app).await
         }
-        None => axum::serve(LimitedListener { inner: listener, limit: conns }.tap_io(|_| {}), app).await,
+        None => {
+            let listener = listener.tap_io(|tcp| quorate_tls::keep_alive(tcp));
+            axum::serve(LimitedListener { inner: listener, limit: conns }.tap_io(|_| {}), app).await
+        }
     }
 }
 

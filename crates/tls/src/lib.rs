@@ -294,6 +294,60 @@ pub fn url_host(url: &str) -> Option<String> {
     Some(hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string())
 }
 
+/// TCP keep-alive on an accepted connection (first probe after a minute idle, then every 10
+/// s): a client that vanished without closing (a host gone, a NAT that forgot the flow) is
+/// noticed in minutes, and what it held (a connection slot, a watch) is let go.
+pub fn keep_alive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+}
+
+/// Handshakes in progress at once from one client (an IPv4 address or an IPv6 /64): one client
+/// opening connections and sending nothing cannot take every handshake slot of a listener.
+const HANDSHAKES_PER_CLIENT: usize = 16;
+
+/// The key of a client for `HANDSHAKES_PER_CLIENT`.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+/// Handshakes in progress by client; a slot is given back when its guard drops.
+#[derive(Default)]
+struct InFlight(Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+struct InFlightGuard(Arc<InFlight>, IpAddr);
+
+impl InFlight {
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<InFlightGuard> {
+        let key = client_key(ip);
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key).or_insert(0);
+        if *n >= HANDSHAKES_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightGuard(self.clone(), key))
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut map = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Accepts TLS on a listener, with the certificates of `ServerSettings`, re-read on change.
 pub struct Acceptor {
     settings: ServerSettings,
@@ -357,6 +411,7 @@ impl Acceptor {
     pub fn serve(self: Arc<Self>, listener: TcpListener) -> tokio::sync::mpsc::Receiver<ServerConn> {
         let (tx, rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+        let by_client = Arc::new(InFlight::default());
         tokio::spawn(async move {
             loop {
                 // At most HANDSHAKES_MAX at once: past that, new connections wait in the
@@ -374,10 +429,21 @@ impl Acceptor {
                     },
                     _ = tx.closed() => return,
                 };
+                let Some(slot) = by_client.enter(remote.ip()) else {
+                    self.log_refusal(
+                        Some(remote),
+                        &io::Error::other(format!(
+                            "{HANDSHAKES_PER_CLIENT} handshakes from this client in progress already"
+                        )),
+                    );
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
+                keep_alive(&tcp);
                 let (me, tx) = (self.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let _slot = slot;
                     match me.accept(tcp).await {
                         Ok(conn) => {
                             // A server that takes no connection for this long is stuck or
