@@ -132,6 +132,22 @@ fn etcdctl_over_tls_and_mutual_tls_a_client_without_a_valid_certificate_refused_
     );
     let (ok, body) = curl(&format!("{}/health", m.client), &ca_pem, Some(&client));
     assert!(ok && body.contains("\"health\":\"true\""), "/health over TLS on the client port: {body}");
+    // The operator's tool, with etcdctl's TLS flags: gRPC and the HTTP port, both over TLS.
+    let (ca_s, cert_s, key_s) = (ca_pem.to_str().unwrap(), client.cert.to_str().unwrap(), client.key.to_str().unwrap());
+    let run =
+        quorate_tests::ctl(&m.client, &["status", "-w", "json", "--cacert", ca_s, "--cert", cert_s, "--key", key_s]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let row = run.json()["members"][0].clone();
+    assert!(row["http_addr"].as_str().is_some_and(|a| a.starts_with("https://")), "{row:#}");
+    assert!(row["error"].is_null() && row["fsync_samples"].is_u64(), "read over TLS from the HTTP port: {row:#}");
+    let run = quorate_tests::ctl(&m.client, &["status", "-w", "json"]);
+    assert_ne!(run.code, 0, "ctl reached an https:// endpoint without --cacert");
+    assert!(
+        run.stderr.contains("give --cacert") || run.stdout.contains("give --cacert"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
     drop(m);
 
     // TLS without client certificates: the server's certificate is checked, no client's asked.

@@ -64,6 +64,15 @@ struct CtlArgs {
     /// Time for each request to a member.
     #[arg(long, global = true, default_value = "5s", value_parser = quorate_ctl::parse_duration)]
     command_timeout: std::time::Duration,
+    /// The CA of https:// endpoints and HTTP ports (etcdctl's flag).
+    #[arg(long, global = true)]
+    cacert: Option<PathBuf>,
+    /// A client certificate, for members that require one (etcdctl's flag).
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// The key of --cert.
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -348,17 +357,9 @@ struct BenchArgs {
 
 impl BenchArgs {
     fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<quorate_tls::Connector>>> {
-        Ok(match (&self.cacert, &self.cert, &self.key) {
-            (None, None, None) => None,
-            (None, _, _) => anyhow::bail!("--cert and --key need --cacert"),
-            (Some(ca), Some(cert), Some(key)) => Some(quorate_tls::Connector::new(quorate_tls::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: Some(ca.clone()),
-                flags: ["--cert", "--key", "--cacert"],
-            })?),
-            (Some(ca), _, _) => Some(quorate_tls::Connector::anonymous(ca.clone(), "--cacert")?),
-        })
+        let tls =
+            quorate_ctl::ClientTls::from_flags(self.cacert.as_deref(), self.cert.as_deref(), self.key.as_deref())?;
+        Ok(tls.map(|t| t.grpc))
     }
 }
 
@@ -927,6 +928,11 @@ fn run() -> anyhow::Result<()> {
                     json: args.write_out == "json",
                     dial_timeout: args.dial_timeout,
                     command_timeout: args.command_timeout,
+                    tls: quorate_ctl::ClientTls::from_flags(
+                        args.cacert.as_deref(),
+                        args.cert.as_deref(),
+                        args.key.as_deref(),
+                    )?,
                 };
                 let code = match args.command {
                     CtlCommand::Status => quorate_ctl::status(&opts).await?,

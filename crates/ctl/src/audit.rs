@@ -248,7 +248,7 @@ pub async fn apply_repairs(opts: &Options, plan: &mut RepairReport, health_path:
         .collect();
     let body = serde_json::json!({ "actions": actions, "health_path": health_path }).to_string();
     let (code, reply) =
-        crate::collect::http_post(&addr, "/v1/registry/repair", &body, opts.command_timeout * 4).await?;
+        crate::collect::http_post(opts, &addr, "/v1/registry/repair", &body, opts.command_timeout * 4).await?;
     let reply: serde_json::Value = serde_json::from_str(&reply)
         .map_err(|e| anyhow::anyhow!("leader {} answered {code}: {e}: {reply}", leader.name))?;
     if code != 200 {

@@ -152,12 +152,43 @@ fn host_port(endpoint: &str) -> String {
 }
 
 pub(crate) async fn dial(endpoint: &str, opts: &Options) -> anyhow::Result<Channel> {
-    let ch = Endpoint::from_shared(url_of(endpoint))?
-        .connect_timeout(opts.dial_timeout)
-        .timeout(opts.command_timeout)
-        .connect()
-        .await?;
-    Ok(ch)
+    let url = url_of(endpoint);
+    let ep = Endpoint::from_shared(url.clone())?.connect_timeout(opts.dial_timeout).timeout(opts.command_timeout);
+    if url.starts_with("https://") {
+        let tls = opts.tls.as_ref().ok_or_else(|| anyhow::anyhow!("{url} is https://: give --cacert"))?;
+        return Ok(quorate_tls::connect(&ep, tls.grpc.clone()).await?);
+    }
+    Ok(ep.connect().await?)
+}
+
+/// One HTTP/1.1 exchange with `addr` (`host:port`, `http://host:port` or `https://host:port`):
+/// `request` gets the `host:port` for its Host header; the whole raw reply.
+async fn http_exchange(opts: &Options, addr: &str, request: impl FnOnce(&str) -> String) -> anyhow::Result<String> {
+    let (https, hostport) = match addr.strip_prefix("https://") {
+        Some(h) => (true, h),
+        None => (false, addr.strip_prefix("http://").unwrap_or(addr)),
+    };
+    let hostport = hostport.trim_end_matches('/');
+    let req = request(hostport);
+    let mut buf = Vec::new();
+    if https {
+        let tls = opts.tls.as_ref().ok_or_else(|| anyhow::anyhow!("{addr} is https://: give --cacert"))?;
+        let (host, port) = hostport.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("{addr}: no port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let mut s = tls.http.connect(host, port.parse()?).await?;
+        s.write_all(req.as_bytes()).await?;
+        // A server that closes without TLS's close_notify has still said all it had to say.
+        if let Err(e) = s.read_to_end(&mut buf).await {
+            if e.kind() != std::io::ErrorKind::UnexpectedEof || buf.is_empty() {
+                return Err(e.into());
+            }
+        }
+    } else {
+        let mut s = tokio::net::TcpStream::connect(hostport).await?;
+        s.write_all(req.as_bytes()).await?;
+        s.read_to_end(&mut buf).await?;
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 pub(crate) async fn bounded<T, E: std::fmt::Display>(
@@ -190,19 +221,21 @@ pub(crate) async fn member_list(opts: &Options) -> Result<Vec<pb::Member>, Strin
     Err(errors.join("; "))
 }
 
-/// POST `body` to `path` at `addr` (plain HTTP/1.1); the status code and the body.
-pub(crate) async fn http_post(addr: &str, path: &str, body: &str, limit: Duration) -> anyhow::Result<(u16, String)> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+/// POST `body` to `path` at `addr` (HTTP/1.1, over TLS for `https://`); the status code and the
+/// body.
+pub(crate) async fn http_post(
+    opts: &Options,
+    addr: &str,
+    path: &str,
+    body: &str,
+    limit: Duration,
+) -> anyhow::Result<(u16, String)> {
+    let fetch = http_exchange(opts, addr, |host| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
+        )
+    });
     let raw = bounded(limit, fetch).await?;
     let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
     let code = head
@@ -213,16 +246,11 @@ pub(crate) async fn http_post(addr: &str, path: &str, body: &str, limit: Duratio
     Ok((code, body.to_string()))
 }
 
-/// A plain HTTP/1.1 GET (the member's JSON endpoint); returns the body of a 200.
-pub(crate) async fn http_get(addr: &str, path: &str, limit: Duration) -> anyhow::Result<String> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
+/// An HTTP/1.1 GET (the member's JSON endpoint, over TLS for `https://`); returns the body of
+/// a 200.
+pub(crate) async fn http_get(opts: &Options, addr: &str, path: &str, limit: Duration) -> anyhow::Result<String> {
+    let fetch =
+        http_exchange(opts, addr, |host| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
     let raw = bounded(limit, fetch).await?;
     let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
     if !head.starts_with("HTTP/1.1 200") {
@@ -234,7 +262,12 @@ pub(crate) async fn http_get(addr: &str, path: &str, limit: Duration) -> anyhow:
 /// The member's HTTP address from the Status metadata, with an unspecified host replaced by
 /// the host its client endpoint was reached at.
 pub fn http_addr_for(advertised: &str, client_endpoint: &str) -> String {
-    let Ok(addr) = advertised.parse::<std::net::SocketAddr>() else {
+    // `https://host:port` when the member serves its HTTP port over TLS.
+    let (scheme, bare) = match advertised.strip_prefix("https://") {
+        Some(rest) => ("https://", rest),
+        None => ("", advertised),
+    };
+    let Ok(addr) = bare.parse::<std::net::SocketAddr>() else {
         return advertised.to_string();
     };
     if !addr.ip().is_unspecified() {
@@ -242,7 +275,7 @@ pub fn http_addr_for(advertised: &str, client_endpoint: &str) -> String {
     }
     let client = host_port(client_endpoint);
     let host = client.rsplit_once(':').map_or(client.as_str(), |(h, _)| h);
-    format!("{host}:{}", addr.port())
+    format!("{scheme}{host}:{}", addr.port())
 }
 
 fn unix_ms(t: SystemTime) -> f64 {
@@ -314,7 +347,7 @@ async fn ask(m: &pb::Member, opts: &Options) -> (MemberView, Option<Channel>) {
     v.http_addr = Some(http.clone());
     let sent_at = SystemTime::now();
     let started = Instant::now();
-    match http_get(&http, "/v1/member/status", opts.command_timeout).await {
+    match http_get(opts, &http, "/v1/member/status", opts.command_timeout).await {
         Ok(body) => {
             let rtt_ms = started.elapsed().as_secs_f64() * 1000.0;
             match serde_json::from_str::<QuorateStatus>(&body) {
@@ -412,5 +445,7 @@ mod tests {
         assert_eq!(http_addr_for("127.0.0.1:8500", "http://10.0.0.5:2379"), "127.0.0.1:8500");
         assert_eq!(http_addr_for("0.0.0.0:8500", "http://10.0.0.5:2379"), "10.0.0.5:8500");
         assert_eq!(http_addr_for("0.0.0.0:8500", "10.0.0.5:2379"), "10.0.0.5:8500");
+        assert_eq!(http_addr_for("https://0.0.0.0:8500", "https://10.0.0.5:2379"), "https://10.0.0.5:8500");
+        assert_eq!(http_addr_for("https://127.0.0.1:8500", "10.0.0.5:2379"), "https://127.0.0.1:8500");
     }
 }

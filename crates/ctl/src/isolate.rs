@@ -35,7 +35,7 @@ async fn ask(opts: &Options, path: &str, body: serde_json::Value, done: impl Fn(
         return 1;
     };
     let addr = via.http_addr.clone().expect("filtered");
-    let (code, reply) = match http_post(&addr, path, &body.to_string(), opts.command_timeout * 3).await {
+    let (code, reply) = match http_post(opts, &addr, path, &body.to_string(), opts.command_timeout * 3).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("Error: {addr}{path}: {e}");

@@ -27,6 +27,40 @@ pub struct Options {
     pub json: bool,
     pub dial_timeout: Duration,
     pub command_timeout: Duration,
+    /// TLS toward `https://` endpoints and HTTP ports (`--cacert`, `--cert`, `--key`).
+    pub tls: Option<ClientTls>,
+}
+
+/// One CA and client certificate, for gRPC (ALPN `h2`) and for the HTTP port (`http/1.1`).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub grpc: std::sync::Arc<quorate_tls::Connector>,
+    pub http: std::sync::Arc<quorate_tls::Connector>,
+}
+
+impl ClientTls {
+    /// etcdctl's `--cacert`, `--cert`, `--key`: `None` when none is given.
+    pub fn from_flags(
+        cacert: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<ClientTls>> {
+        let (ca, identity) = match (cacert, cert, key) {
+            (None, None, None) => return Ok(None),
+            (None, _, _) => anyhow::bail!("--cert and --key need --cacert"),
+            (Some(ca), Some(cert), Some(key)) => (ca, Some((cert, key))),
+            (Some(ca), None, None) => (ca, None),
+            _ => anyhow::bail!("--cert and --key go together"),
+        };
+        let files = quorate_tls::Files {
+            cert: identity.map(|(c, _)| c.to_path_buf()).unwrap_or_default(),
+            key: identity.map(|(_, k)| k.to_path_buf()).unwrap_or_default(),
+            ca: Some(ca.to_path_buf()),
+            flags: ["--cert", "--key", "--cacert"],
+        };
+        let build = |alpn: &[&[u8]]| quorate_tls::Connector::build(files.clone(), identity.is_some(), alpn);
+        Ok(Some(ClientTls { grpc: build(&[b"h2"])?, http: build(&[b"http/1.1"])? }))
+    }
 }
 
 /// Print `value` as `-w json` asks, or as `text` renders it.

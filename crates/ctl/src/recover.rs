@@ -57,7 +57,7 @@ async fn gather(opts: &Options, r: &RecoverOptions) -> Result<Vec<Survivor>, Str
     let view = collect(opts).await;
     for m in view.members.iter().filter(|m| m.reachable) {
         let Some(addr) = &m.http_addr else { continue };
-        let body = http_get(addr, "/v1/member/recovery", opts.command_timeout)
+        let body = http_get(opts, addr, "/v1/member/recovery", opts.command_timeout)
             .await
             .map_err(|e| format!("{}: {addr}/v1/member/recovery: {e}", m.name))?;
         let info: RecoveryInfo = serde_json::from_str(&body).map_err(|e| format!("{addr}: {e}"))?;
@@ -132,7 +132,7 @@ pub async fn recover(opts: &Options, r: &RecoverOptions) -> RecoverReport {
             },
             Via::Http(addr) => {
                 let body = serde_json::to_string(&plan).expect("a plan serializes");
-                match http_post(addr, "/v1/member/recover", &body, opts.command_timeout * 3).await {
+                match http_post(opts, addr, "/v1/member/recover", &body, opts.command_timeout * 3).await {
                     Ok((200, reply)) => Ok(reply),
                     Ok((code, reply)) => Err(format!("{code}: {reply}")),
                     Err(e) => Err(e.to_string()),
@@ -182,7 +182,7 @@ async fn wait_leader(opts: &Options, survivors: &[Survivor], incarnation: u64) -
     let deadline = Instant::now() + LEADER_WAIT;
     while Instant::now() < deadline {
         for a in &addrs {
-            let Ok(body) = http_get(a, "/v1/member/status", opts.command_timeout).await else { continue };
+            let Ok(body) = http_get(opts, a, "/v1/member/status", opts.command_timeout).await else { continue };
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else { continue };
             if v["role"] == "leader" && v["incarnation"] == incarnation {
                 return Some(format!("{} in term {}", v["id"].as_str().unwrap_or("?"), v["term"]));

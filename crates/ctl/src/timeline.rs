@@ -169,8 +169,9 @@ pub async fn gather(opts: &Options, t: &TimelineOptions) -> Timeline {
             Some(s) => format!("/v1/member/timeline?since_unix_ms={}", s + m.clock_offset_ms.unwrap_or(0)),
             None => "/v1/member/timeline".to_string(),
         };
-        let body =
-            collect::http_get(http, &path, opts.command_timeout).await.map_err(|e| format!("{http}{path}: {e}"))?;
+        let body = collect::http_get(opts, http, &path, opts.command_timeout)
+            .await
+            .map_err(|e| format!("{http}{path}: {e}"))?;
         serde_json::from_str::<Answer>(&body).map_err(|e| format!("{http}{path}: {e}"))
     }))
     .await;

@@ -239,7 +239,7 @@ async fn probe(opts: &Options, endpoints: &[String], prefix: &str, v: &VerifyOpt
     }
 }
 
-async fn load(endpoints: &[String], prefix: &str, v: &VerifyOptions) -> Check {
+async fn load(opts: &Options, endpoints: &[String], prefix: &str, v: &VerifyOptions) -> Check {
     let cfg = quorate_bench::BenchConfig {
         endpoints: endpoints.to_vec(),
         ops: vec![quorate_bench::Op::Put],
@@ -251,7 +251,7 @@ async fn load(endpoints: &[String], prefix: &str, v: &VerifyOptions) -> Check {
         readers: vec![quorate_bench::Reader::None],
         reader_niced: false,
         key_prefix: format!("{prefix}load/"),
-        tls: None,
+        tls: opts.tls.as_ref().map(|t| t.grpc.clone()),
     };
     match quorate_bench::run_one(&cfg, quorate_bench::Op::Put, v.load_clients, quorate_bench::Reader::None).await {
         Ok(r) => check(
@@ -277,7 +277,7 @@ pub async fn verify(opts: &Options, v: &VerifyOptions) -> VerifyReport {
         let prefix = run_id();
         checks.push(probe(opts, &endpoints, &prefix, v).await);
         if !v.load_duration.is_zero() {
-            checks.push(load(&endpoints, &prefix, v).await);
+            checks.push(load(opts, &endpoints, &prefix, v).await);
         }
         if let Ok(ch) = bounded(opts.dial_timeout, dial(&endpoints[0], opts)).await {
             delete_prefix(ch, &prefix).await;

@@ -138,7 +138,11 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         max_txn_ops: cfg.max_txn_ops,
         max_watchers_per_stream: cfg.max_watchers_per_stream,
         max_request_bytes: cfg.max_request_bytes,
-        http_addr: Some(cfg.listen_http_addr.to_string()),
+        // What `Status` tells `quorate ctl` of the HTTP port (with its scheme when TLS).
+        http_addr: Some(match cfg.tls.http {
+            Some(_) => format!("https://{}", cfg.listen_http_addr),
+            None => cfg.listen_http_addr.to_string(),
+        }),
     };
     if cfg.drill.early_lease_expiry {
         quorate_consensus::plant_early_lease_expiry();

@@ -523,7 +523,7 @@ impl std::fmt::Debug for Connector {
 }
 
 /// `identity`: offer `files`' certificate and key; without, offer none.
-fn build_client(files: &Files, identity: bool) -> Result<rustls::ClientConfig, TlsError> {
+fn build_client(files: &Files, identity: bool, alpn: &[Vec<u8>]) -> Result<rustls::ClientConfig, TlsError> {
     let [cert_flag, key_flag, ca_flag] = files.flags;
     let Some(ca) = &files.ca else {
         return Err(TlsError::Config(format!("{ca_flag} is required to check the other side's certificate")));
@@ -538,23 +538,34 @@ fn build_client(files: &Files, identity: bool) -> Result<rustls::ClientConfig, T
             .map_err(|e| TlsError::Config(format!("{} and {}: {e}", files.cert.display(), files.key.display())))?,
         false => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.to_vec();
     Ok(config)
 }
 
+/// ALPN for gRPC.
+const H2: &[&[u8]] = &[b"h2"];
+
 impl Connector {
-    /// Check servers against `files.ca`; offer `files`' certificate to those that ask.
-    pub fn new(files: Files) -> Result<Arc<Connector>, TlsError> {
-        let mut paths = vec![files.cert.clone(), files.key.clone()];
+    /// Check servers against `files.ca`; offer `files`' certificate (with `identity`) to those
+    /// that ask; speak the first of `alpn` the server takes (`http/1.1` for a plain HTTP client).
+    pub fn build(files: Files, identity: bool, alpn: &[&[u8]]) -> Result<Arc<Connector>, TlsError> {
+        let mut paths = if identity { vec![files.cert.clone(), files.key.clone()] } else { vec![] };
         paths.extend(files.ca.clone());
-        let f = files.clone();
-        Ok(Arc::new(Connector { config: Reloading::new(paths, "peer client", move || build_client(&f, true))? }))
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        let what = if identity { "peer client" } else { "client" };
+        Ok(Arc::new(Connector { config: Reloading::new(paths, what, move || build_client(&files, identity, &alpn))? }))
     }
 
-    /// Check servers against the CA in `ca` (flag name `ca_flag` in errors); offer no certificate.
+    /// gRPC: check servers against `files.ca`; offer `files`' certificate to those that ask.
+    pub fn new(files: Files) -> Result<Arc<Connector>, TlsError> {
+        Self::build(files, true, H2)
+    }
+
+    /// gRPC: check servers against the CA in `ca` (flag name `ca_flag` in errors); offer no
+    /// certificate.
     pub fn anonymous(ca: PathBuf, ca_flag: &'static str) -> Result<Arc<Connector>, TlsError> {
-        let files = Files { cert: PathBuf::new(), key: PathBuf::new(), ca: Some(ca.clone()), flags: ["", "", ca_flag] };
-        Ok(Arc::new(Connector { config: Reloading::new(vec![ca], "client", move || build_client(&files, false))? }))
+        let files = Files { cert: PathBuf::new(), key: PathBuf::new(), ca: Some(ca), flags: ["", "", ca_flag] };
+        Self::build(files, false, H2)
     }
 
     /// Connect to `host:port` and complete a handshake that checks the server's certificate
