@@ -258,7 +258,9 @@ fn check_perf_small_load_passes() {
         .map(|l| format!("{l}\n"))
         .collect();
     eprintln!("{report}");
-    assert!(out.ok, "check perf failed:\n{report}\n{}", out.stderr);
+    // The verdict lines can hide inside the progress bar's escapes: on failure, show the raw end.
+    let tail: String = out.stdout.chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
+    assert!(out.ok, "check perf failed:\n{report}\n{}\n--- raw end of stdout ---\n{tail:?}", out.stderr);
     assert!(report.lines().last() == Some("PASS"), "{report}");
     assert!(!report.contains("FAIL"), "{report}");
 }
