@@ -97,6 +97,16 @@ impl Node {
     }
 }
 
+/// A child process killed (and reaped) when this is dropped.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Cluster {
     pub flavor: Flavor,
     pub nodes: Vec<Node>,

@@ -11,7 +11,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quorate_tests::{etcdctl, free_port, http, Cluster, Flavor};
@@ -22,16 +22,9 @@ fn repo_root() -> PathBuf {
 
 /// A running Prometheus, killed on drop.
 struct Prometheus {
-    child: Child,
+    _child: quorate_tests::Reaped,
     port: u16,
     log: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Prometheus {
@@ -56,7 +49,7 @@ impl Prometheus {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("prometheus not runnable ({e}); scripts/test.sh installs it"));
-        let p = Prometheus { child, port, log };
+        let p = Prometheus { _child: quorate_tests::Reaped(child), port, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         while p.get("/-/ready").map(|(s, _)| s != 200).unwrap_or(true) {
             assert!(Instant::now() < deadline, "prometheus not ready in 30 s:\n{}", p.log());

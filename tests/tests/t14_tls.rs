@@ -7,10 +7,10 @@
 //! certificate can.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quorate_tests::{etcdctl, free_port, quorate_bin, Cluster, Flavor};
+use quorate_tests::{etcdctl, free_port, quorate_bin, Cluster, Flavor, Reaped};
 use quorate_tls::testing::{Ca, Issued};
 
 /// etcdctl's TLS flags.
@@ -39,17 +39,10 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 struct Member {
-    child: Child,
+    child: Reaped,
     client: String,
     http: String,
     log: PathBuf,
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A single-member cluster with an `https://` client URL and an `https://` HTTP port.
@@ -69,7 +62,7 @@ fn start(dir: &Path, data: &str, client_port: u16, http_port: u16, tls: &[String
         .stderr(out)
         .spawn()
         .unwrap();
-    Member { child, client, http: format!("https://127.0.0.1:{http_port}"), log }
+    Member { child: Reaped(child), client, http: format!("https://127.0.0.1:{http_port}"), log }
 }
 
 /// `curl` over TLS to the HTTP port: (ok, body).
@@ -158,7 +151,7 @@ fn etcdctl_over_tls_and_mutual_tls_a_client_without_a_valid_certificate_refused_
     });
     let got = ctl(&m.client, &server_only, &["get", "k", "--print-value-only"]);
     assert_eq!(got.stdout.trim(), "v1", "the write before the restart: {}", got.stderr);
-    let pid = m.child.id();
+    let pid = m.child.0.id();
 
     // Rotation: a certificate of the next CA written over the files; new connections get it,
     // without a restart (same process).
@@ -171,7 +164,7 @@ fn etcdctl_over_tls_and_mutual_tls_a_client_without_a_valid_certificate_refused_
     });
     assert!(!ctl(&m.client, &server_only, &["get", "k"]).ok, "the old certificate is still served");
     assert!(curl(&format!("{}/health", m.http), &next_pem, None).0, "the HTTP port serves the rotated certificate");
-    assert_eq!(m.child.id(), pid);
+    assert_eq!(m.child.0.id(), pid);
     drop(m);
 
     // Start-up errors: an https:// URL without a certificate, a missing certificate file.

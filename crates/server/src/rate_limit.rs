@@ -50,17 +50,7 @@ struct Buckets {
     swept: Option<Instant>,
 }
 
-/// The key of a client: its IPv4 address (IPv4-mapped ones included), or its IPv6 /64 (one
-/// host has a whole /64 to pick fresh addresses from).
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        },
-        v4 => v4,
-    }
-}
+pub use quorate_tls::client_key;
 
 /// The slowest rate accepted, so that a retry time is always a sane duration.
 pub const RATE_MIN: f64 = 0.001;

@@ -306,8 +306,10 @@ pub fn keep_alive(tcp: &TcpStream) {
 /// opening connections and sending nothing cannot take every handshake slot of a listener.
 const HANDSHAKES_PER_CLIENT: usize = 16;
 
-/// The key of a client for `HANDSHAKES_PER_CLIENT`.
-fn client_key(ip: IpAddr) -> IpAddr {
+/// The key of a client (for handshakes here, and for the server's rate and connection limits):
+/// its IPv4 address (IPv4-mapped ones included), or its IPv6 /64 (one host has a whole /64 to
+/// pick fresh addresses from).
+pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
