@@ -235,10 +235,11 @@ fn known_members(
         .collect()
 }
 
-/// Check a plan against what this member holds now.
-/// A plan a member may apply at all, whoever sent it: one incarnation up, the chosen survivor
-/// among the voters, every member named known here, short texts.
-fn well_formed(plan: &RecoveryPlan, known: &BTreeSet<NodeId>) -> Result<(), String> {
+/// A plan member `me` may apply at all, whoever sent it: one incarnation up, the chosen survivor
+/// among the voters, short texts, and, on the chosen survivor (which writes the new membership
+/// from its own), every member named known here. Another survivor may be behind the chosen one
+/// (it missed a `member add`): it takes the membership from the chosen one's log.
+fn well_formed(plan: &RecoveryPlan, me: NodeId, known: &BTreeSet<NodeId>) -> Result<(), String> {
     if plan.from_incarnation.checked_add(1) != Some(plan.incarnation) {
         return Err(format!(
             "a plan raises the incarnation by one, not {} to {}",
@@ -248,7 +249,8 @@ fn well_formed(plan: &RecoveryPlan, known: &BTreeSet<NodeId>) -> Result<(), Stri
     if !plan.voters.contains(&plan.chosen) {
         return Err(format!("the chosen survivor {:x} is not among the plan's voters", plan.chosen));
     }
-    if let Some(id) = plan.voters.iter().chain(&plan.dropped).find(|id| !known.contains(id)) {
+    let unknown = plan.voters.iter().chain(&plan.dropped).find(|id| !known.contains(id));
+    if let Some(id) = unknown.filter(|_| me == plan.chosen) {
         return Err(format!("member {id:x} of the plan is not in this member's membership"));
     }
     if plan.voters.iter().any(|v| plan.dropped.contains(v)) {
@@ -346,7 +348,7 @@ impl Member {
             m.membership_config.membership().nodes().map(|(id, n)| (*id, n.clone())).collect()
         };
         let (last, _, _, _) = self.inner.log.state(u64::MAX);
-        well_formed(plan, &nodes.keys().copied().collect()).map_err(refuse)?;
+        well_formed(plan, self.id(), &nodes.keys().copied().collect()).map_err(refuse)?;
         check(self.id(), plan, self.inner.log.incarnation(), last).map_err(refuse)?;
         tracing::warn!(plan = %plan.plan_id, incarnation = plan.incarnation, "recovery: stopping Raft to apply the plan");
         self.shutdown().await;
@@ -440,7 +442,7 @@ impl Stopped {
         }
         let (last, vote, _, _) = self.log.state(u64::MAX);
         let nodes: BTreeMap<NodeId, MemberNode> = self.membership()?.nodes().map(|(id, n)| (*id, n.clone())).collect();
-        well_formed(plan, &nodes.keys().copied().collect())?;
+        well_formed(plan, self.id, &nodes.keys().copied().collect())?;
         check(self.id, plan, self.log.incarnation(), last)?;
         let (entry, vote) = writes(self.id, plan, last, vote, &nodes)?;
         self.log.write_recovery(entry, vote, plan).await.map_err(|e| e.to_string())?;
@@ -540,11 +542,16 @@ mod tests {
         assert!(check(5, &p, 1, Some(openraft::LogId::new(leader(3, 1), 71))).is_err(), "the log moved");
         assert!(check(3, &p, 1, last).is_err(), "not a survivor");
         let known: BTreeSet<NodeId> = (1..=5).collect();
-        assert!(well_formed(&p, &known).is_ok());
+        assert!(well_formed(&p, p.chosen, &known).is_ok());
+        // A survivor that missed a member's addition takes the plan; the chosen one does not.
+        let other = *p.voters.iter().find(|v| **v != p.chosen).unwrap();
+        let behind: BTreeSet<NodeId> = known.iter().copied().filter(|id| *id != p.dropped[0]).collect();
+        assert!(well_formed(&p, other, &behind).is_ok(), "a survivor behind the chosen one");
+        assert!(well_formed(&p, p.chosen, &behind).is_err(), "the chosen one must know every member");
         let bad = |f: fn(&mut RecoveryPlan)| {
             let mut q = p.clone();
             f(&mut q);
-            well_formed(&q, &known).is_err()
+            well_formed(&q, q.chosen, &known).is_err()
         };
         assert!(bad(|q| q.incarnation = q.from_incarnation), "no fence");
         assert!(bad(|q| q.incarnation = u64::MAX), "a jump");
