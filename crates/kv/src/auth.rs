@@ -50,7 +50,11 @@ pub struct Role {
 /// A change to the auth store, as a log entry carries it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuthCommand {
-    Enable,
+    /// Turn auth on. `token_key` (random, chosen by the member that took the request) signs
+    /// the tokens `Authenticate` issues from now on; enabling again keeps the key in use.
+    Enable {
+        token_key: Vec<u8>,
+    },
     Disable,
     UserAdd { name: String, password_hash: Option<String> },
     UserDelete { name: String },
@@ -110,11 +114,13 @@ pub struct AuthStore {
     revision: u64,
     users: BTreeMap<String, User>,
     roles: BTreeMap<String, Role>,
+    /// Signs tokens (HMAC-SHA256); set when auth is first enabled.
+    token_key: Vec<u8>,
 }
 
 impl Default for AuthStore {
     fn default() -> Self {
-        AuthStore { enabled: false, revision: 1, users: BTreeMap::new(), roles: BTreeMap::new() }
+        AuthStore { enabled: false, revision: 1, users: BTreeMap::new(), roles: BTreeMap::new(), token_key: Vec::new() }
     }
 }
 
@@ -172,13 +178,16 @@ impl AuthStore {
     pub fn apply(&mut self, cmd: &AuthCommand) -> Result<(), AuthError> {
         use AuthCommand::*;
         match cmd {
-            Enable => {
+            Enable { token_key } => {
                 if self.enabled {
                     return Ok(());
                 }
                 let root = self.users.get(ROOT).ok_or(AuthError::RootUserNotExist)?;
                 if !root.roles.contains(ROOT) {
                     return Err(AuthError::RootRoleNotExist);
+                }
+                if self.token_key.is_empty() {
+                    self.token_key = token_key.clone();
                 }
                 self.enabled = true;
                 return Ok(());
@@ -278,6 +287,15 @@ impl AuthStore {
         user.roles.contains(ROOT)
     }
 
+    /// With auth on, `user` must be someone this store knows (etcd: any authenticated user).
+    pub fn check_user(&self, user: Option<&str>) -> Result<(), AuthError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let name = user.filter(|u| !u.is_empty()).ok_or(AuthError::UserEmpty)?;
+        self.users.get(name).map(|_| ()).ok_or(AuthError::PermissionDenied)
+    }
+
     /// etcd's `IsAdminPermitted`: with auth on, only a user with the root role.
     pub fn check_admin(&self, user: Option<&str>) -> Result<(), AuthError> {
         if !self.enabled {
@@ -352,6 +370,94 @@ impl AuthStore {
     }
 }
 
+/// Hash a password for storage: Argon2id with the crate's default cost (19 MiB, 2 passes), as a
+/// PHC string that names its parameters, so they can be raised later without a migration.
+/// `salt` must be random and new for every hash.
+pub fn hash_password(password: &str, salt: &[u8; 16]) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::encode_b64(salt).expect("16 bytes is a valid salt");
+    argon2::Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 with default parameters").to_string()
+}
+
+/// Whether `password` is the one `hash` was made from. Slow by design (tens of milliseconds):
+/// run it off the async runtime.
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let Ok(parsed) = PasswordHash::new(hash) else { return false };
+    argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// Longest token accepted for checking; anything longer is not one of ours.
+const TOKEN_BYTES_MAX: usize = 1024;
+
+impl AuthStore {
+    /// What a token's signature covers: the user, its expiry, and the user's password hash, so
+    /// that changing the password (or deleting and re-adding the user) voids every token issued
+    /// before, as etcd invalidates a user's tokens.
+    fn token_mac(&self, user: &str, expires_unix_ms: u64, password_hash: &str) -> Option<ring::hmac::Tag> {
+        if self.token_key.is_empty() {
+            return None;
+        }
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.token_key);
+        let mut ctx = ring::hmac::Context::with_key(&key);
+        ctx.update(user.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&expires_unix_ms.to_be_bytes());
+        ctx.update(password_hash.as_bytes());
+        Some(ctx.sign())
+    }
+
+    /// A token for `user`, valid on every member until `expires_unix_ms` (wall clock) or until
+    /// the user's password changes or the user is deleted. The caller checked the password.
+    pub fn issue_token(&self, user: &str, expires_unix_ms: u64) -> Result<String, AuthError> {
+        if !self.enabled {
+            return Err(AuthError::AuthNotEnabled);
+        }
+        let hash = self.users.get(user).and_then(|u| u.password_hash.as_deref()).ok_or(AuthError::AuthFailed)?;
+        let tag = self.token_mac(user, expires_unix_ms, hash).ok_or(AuthError::AuthFailed)?;
+        Ok(format!("{}.{expires_unix_ms}.{}", hex(user.as_bytes()), hex(tag.as_ref())))
+    }
+
+    /// The user a token names, if it is one this store signed, has not expired at `now_unix_ms`,
+    /// and its user still exists with the same password. Otherwise etcd's `invalid auth token`.
+    pub fn verify_token(&self, token: &str, now_unix_ms: u64) -> Result<String, AuthError> {
+        let bad = AuthError::InvalidAuthToken;
+        if token.len() > TOKEN_BYTES_MAX {
+            return Err(bad);
+        }
+        let mut parts = token.split('.');
+        let (Some(user), Some(expires), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad);
+        };
+        let user = String::from_utf8(unhex(user).ok_or(bad.clone())?).map_err(|_| bad.clone())?;
+        let expires: u64 = expires.parse().map_err(|_| bad.clone())?;
+        let tag = unhex(tag).ok_or(bad.clone())?;
+        if expires <= now_unix_ms {
+            return Err(bad);
+        }
+        let hash = self.users.get(&user).and_then(|u| u.password_hash.as_deref()).ok_or(bad.clone())?;
+        let key = if self.token_key.is_empty() { return Err(bad) } else { &self.token_key };
+        let mut msg = user.as_bytes().to_vec();
+        msg.push(0);
+        msg.extend_from_slice(&expires.to_be_bytes());
+        msg.extend_from_slice(hash.as_bytes());
+        ring::hmac::verify(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), &msg, &tag).map_err(|_| bad)?;
+        Ok(user)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::AuthCommand::*;
@@ -359,6 +465,10 @@ mod tests {
 
     fn s(x: &str) -> String {
         x.to_string()
+    }
+
+    fn enable() -> AuthCommand {
+        Enable { token_key: b"key".to_vec() }
     }
 
     fn perm(perm: PermType, key: &str, end: &[u8]) -> Permission {
@@ -378,7 +488,7 @@ mod tests {
             RoleGrantPermission { role: s("app"), perm: perm(PermType::Write, "zlogs/", &[0]) },
             UserGrantRole { user: s("alice"), role: s("app") },
             UserGrantRole { user: s("root"), role: s("root") },
-            Enable,
+            Enable { token_key: b"key".to_vec() },
         ] {
             a.apply(&cmd).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         }
@@ -388,12 +498,12 @@ mod tests {
     #[test]
     fn enabling_needs_root_with_the_root_role_and_root_cannot_be_taken_away_while_on() {
         let mut a = AuthStore::default();
-        assert_eq!(a.apply(&Enable), Err(AuthError::RootUserNotExist));
+        assert_eq!(a.apply(&enable()), Err(AuthError::RootUserNotExist));
         a.apply(&UserAdd { name: s("root"), password_hash: Some(s("h")) }).unwrap();
-        assert_eq!(a.apply(&Enable), Err(AuthError::RootRoleNotExist));
+        assert_eq!(a.apply(&enable()), Err(AuthError::RootRoleNotExist));
         a.apply(&UserGrantRole { user: s("root"), role: s("root") }).unwrap();
         let rev = a.revision();
-        a.apply(&Enable).unwrap();
+        a.apply(&enable()).unwrap();
         assert!(a.enabled());
         assert_eq!(a.revision(), rev, "enabling moves no revision (etcd)");
         assert_eq!(a.apply(&UserDelete { name: s("root") }), Err(AuthError::InvalidAuthMgmt));
@@ -507,5 +617,58 @@ mod tests {
         a.apply(&Disable).unwrap();
         assert!(a.check(None, b"\0", &[0], PermType::Write).is_ok());
         assert!(a.check_admin(None).is_ok());
+    }
+    #[test]
+    fn passwords_hash_with_argon2id_and_verify() {
+        let h = hash_password("s3cret", &[7; 16]);
+        assert!(h.starts_with("$argon2id$"), "{h}");
+        assert!(verify_password(&h, "s3cret"));
+        assert!(!verify_password(&h, "s3cret "));
+        assert!(!verify_password("not a hash", "s3cret"));
+        assert_ne!(h, hash_password("s3cret", &[8; 16]), "the salt is in the hash");
+    }
+
+    #[test]
+    fn tokens_name_their_user_until_they_expire_or_the_password_changes() {
+        let mut a = store();
+        let t = a.issue_token("alice", 1_000).unwrap();
+        assert_eq!(a.verify_token(&t, 999), Ok(s("alice")));
+        assert_eq!(a.verify_token(&t, 1_000), Err(AuthError::InvalidAuthToken), "expired");
+        // Tampered: another user's name, a later expiry, a flipped signature, junk.
+        let bob = t.replacen(&hex(b"alice"), &hex(b"root"), 1);
+        assert_eq!(a.verify_token(&bob, 0), Err(AuthError::InvalidAuthToken));
+        let later = t.replacen(".1000.", ".9000.", 1);
+        assert_eq!(a.verify_token(&later, 0), Err(AuthError::InvalidAuthToken));
+        let mut flipped = t.clone().into_bytes();
+        let last = flipped.len() - 1;
+        flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(a.verify_token(std::str::from_utf8(&flipped).unwrap(), 0), Err(AuthError::InvalidAuthToken));
+        for junk in ["", "x", "a.b.c", "..", "61.1.zz", &"a".repeat(5000)] {
+            assert_eq!(a.verify_token(junk, 0), Err(AuthError::InvalidAuthToken), "{junk:?}");
+        }
+        // Another store's key does not verify it.
+        let mut other = AuthStore::default();
+        for cmd in [
+            UserAdd { name: s("root"), password_hash: Some(s("h")) },
+            UserAdd { name: s("alice"), password_hash: Some(s("h")) },
+            UserGrantRole { user: s("root"), role: s("root") },
+            Enable { token_key: b"other".to_vec() },
+        ] {
+            other.apply(&cmd).unwrap();
+        }
+        assert_eq!(other.verify_token(&t, 0), Err(AuthError::InvalidAuthToken));
+        // A new password voids it; so does deleting the user.
+        a.apply(&UserChangePassword { name: s("alice"), password_hash: Some(s("h2")) }).unwrap();
+        assert_eq!(a.verify_token(&t, 0), Err(AuthError::InvalidAuthToken));
+        let t2 = a.issue_token("alice", 1_000).unwrap();
+        assert!(a.verify_token(&t2, 0).is_ok());
+        a.apply(&UserDelete { name: s("alice") }).unwrap();
+        assert_eq!(a.verify_token(&t2, 0), Err(AuthError::InvalidAuthToken));
+        // No token for nobody, for a user without a password, or with auth off.
+        assert_eq!(a.issue_token("nobody", 1), Err(AuthError::AuthFailed));
+        a.apply(&UserAdd { name: s("cn-only"), password_hash: None }).unwrap();
+        assert_eq!(a.issue_token("cn-only", 1), Err(AuthError::AuthFailed));
+        a.apply(&Disable).unwrap();
+        assert_eq!(a.issue_token("root", 1), Err(AuthError::AuthNotEnabled));
     }
 }

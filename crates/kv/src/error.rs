@@ -33,4 +33,7 @@ pub enum KvError {
     /// Only Put, DeleteRange and Txn can be fenced.
     #[error("only put, delete and txn can carry a fence")]
     FenceNotAllowed,
+    /// Refused by the auth store (etcd's auth errors, with their messages).
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthError),
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lease::{Lease, LEASE_MAX_TTL_S};
 use crate::txn_check::{check_key, check_put_shape, check_txn_writes};
+use crate::auth::{AuthError, AuthStore, PermType};
 use crate::types::*;
 use crate::KvError;
 
@@ -45,6 +46,9 @@ pub struct Store {
     alarms: BTreeSet<(u64, AlarmType)>,
     /// Approximate bytes held by every version of every key (what the quota measures).
     bytes: u64,
+    /// Users, roles and whether auth is on (ADR 0010). Not part of `StoreSnapshot` (snapshots
+    /// carry it beside the image) nor of `hash_kv` (etcd hashes the keyspace only).
+    auth: AuthStore,
 }
 
 /// Bytes counted for one stored version beyond its key and value.
@@ -99,6 +103,68 @@ impl Store {
         self.alarms.iter().copied().collect()
     }
 
+    pub fn auth(&self) -> &AuthStore {
+        &self.auth
+    }
+
+    /// Replace the auth store (a snapshot's, installed beside its image).
+    pub fn set_auth(&mut self, auth: AuthStore) {
+        self.auth = auth;
+    }
+
+    /// May `user` (`None`: nobody authenticated) have `cmd` applied? etcd's rules (ADR 0010):
+    /// writes need write permission on every key they may touch (a Txn's ops in both branches,
+    /// whichever runs, nested Txns too), `prev_kv` and a Txn's compares and reads need read,
+    /// revoking a lease needs write on every key attached to it, granting or renewing one needs
+    /// an authenticated user, and everything else (compaction, alarms, auth changes, the
+    /// leader's lease decisions) needs the root role. Anything goes with auth off.
+    pub fn authorize(&self, user: Option<&str>, cmd: &Command) -> Result<(), AuthError> {
+        let a = &self.auth;
+        if !a.enabled() {
+            return Ok(());
+        }
+        match cmd {
+            Command::Put(p) => authorize_write(a, user, &p.key, &[], p.prev_kv),
+            Command::DeleteRange(d) => authorize_write(a, user, &d.key, &d.range_end, d.prev_kv),
+            Command::Txn(t) => self.authorize_txn(user, t),
+            Command::Fenced { fence, cmd } => {
+                a.check(user, &fence.key, &[], PermType::Read)?;
+                self.authorize(user, cmd)
+            }
+            Command::TermFenced { cmd, .. } | Command::Authorized { cmd, .. } => self.authorize(user, cmd),
+            Command::LeaseGrant { .. } | Command::LeaseRenew { .. } => a.check_user(user),
+            Command::LeaseRevoke { id } => {
+                a.check_user(user)?;
+                match self.leases.get(id) {
+                    Some(l) => l.keys.iter().try_for_each(|k| a.check(user, k, &[], PermType::Write)),
+                    None => Ok(()),
+                }
+            }
+            Command::Compact { .. }
+            | Command::Alarm { .. }
+            | Command::Auth(_)
+            | Command::LeaseExpire { .. }
+            | Command::LeaseExpireAt { .. }
+            | Command::LeaseCheckpoint(_) => a.check_admin(user),
+        }
+    }
+
+    fn authorize_txn(&self, user: Option<&str>, t: &TxnRequest) -> Result<(), AuthError> {
+        let a = &self.auth;
+        for c in &t.compare {
+            a.check(user, &c.key, &c.range_end, PermType::Read)?;
+        }
+        for op in t.success.iter().chain(&t.failure) {
+            match op {
+                RequestOp::Range(r) => a.check(user, &r.key, &r.range_end, PermType::Read)?,
+                RequestOp::Put(p) => authorize_write(a, user, &p.key, &[], p.prev_kv)?,
+                RequestOp::DeleteRange(d) => authorize_write(a, user, &d.key, &d.range_end, d.prev_kv)?,
+                RequestOp::Txn(inner) => self.authorize_txn(user, inner)?,
+            }
+        }
+        Ok(())
+    }
+
     fn no_space(&self) -> bool {
         self.alarms.iter().any(|(_, a)| *a == AlarmType::NoSpace)
     }
@@ -116,6 +182,14 @@ impl Store {
 
     fn exec(&mut self, cmd: &Command, pos: LogPosition, w: &mut WriteCtx) -> Result<CommandResponse, KvError> {
         match cmd {
+            Command::Authorized { user, cmd } => {
+                self.authorize(user.as_deref(), cmd).map_err(KvError::from)?;
+                self.exec(cmd, pos, w)
+            }
+            Command::Auth(c) => {
+                self.auth.apply(c)?;
+                Ok(CommandResponse::Auth { revision: self.auth.revision() })
+            }
             Command::Fenced { fence, cmd } => self.check_fence(fence, cmd).and_then(|()| self.exec(cmd, pos, w)),
             Command::TermFenced { term, .. } if *term != pos.term => Ok(CommandResponse::StaleTerm),
             Command::TermFenced { cmd, .. } => self.exec(cmd, pos, w),
@@ -560,6 +634,7 @@ impl Store {
             leases: s.leases.into_iter().map(|l| (l.id, l)).collect(),
             alarms: s.alarms.into_iter().collect(),
             bytes: 0,
+            auth: AuthStore::default(),
         };
         store.bytes = count_bytes(&store.keys);
         store
@@ -611,6 +686,21 @@ fn count_bytes(keys: &BTreeMap<Key, Vec<Rec>>) -> u64 {
                 .sum::<u64>()
         })
         .sum()
+}
+
+/// Write on the keys, and read too when the previous values are asked for.
+fn authorize_write(
+    a: &AuthStore,
+    user: Option<&str>,
+    key: &[u8],
+    range_end: &[u8],
+    prev_kv: bool,
+) -> Result<(), AuthError> {
+    a.check(user, key, range_end, PermType::Write)?;
+    if prev_kv {
+        a.check(user, key, range_end, PermType::Read)?;
+    }
+    Ok(())
 }
 
 /// Whether a Txn writes in any branch, nested Txns included.

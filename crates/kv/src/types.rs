@@ -223,6 +223,15 @@ pub enum Command {
         leases: Vec<(i64, u64)>,
         term: u64,
     },
+    /// A change to users, roles or whether auth is on (etcd's auth API, ADR 0010).
+    Auth(crate::auth::AuthCommand),
+    /// A client's command, with the user the member that took it authenticated (`None`:
+    /// nobody). Checked again at apply against the auth store as it is then, so that no write
+    /// is applied under a permission revoked (or with auth enabled) before it in the log.
+    Authorized {
+        user: Option<String>,
+        cmd: Box<Command>,
+    },
 }
 
 /// A guard on a write: the lock or election key `key` must exist with
@@ -292,6 +301,10 @@ pub enum CommandResponse {
     /// Which of the leases named in a `LeaseRenew` existed and were renewed.
     LeaseRenew {
         renewed: Vec<i64>,
+    },
+    /// An auth change applied; the auth revision after it.
+    Auth {
+        revision: u64,
     },
 }
 

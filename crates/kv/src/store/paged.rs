@@ -379,6 +379,7 @@ pub struct SnapshotScan {
     compact_revision: i64,
     leases: Vec<Lease>,
     alarms: Vec<(u64, AlarmType)>,
+    auth: crate::auth::AuthStore,
     keys: Vec<(Key, Vec<Rec>)>,
     cursor: Cursor,
 }
@@ -399,6 +400,7 @@ impl SnapshotScan {
             compact_revision: store.compact_revision,
             leases,
             alarms: store.alarms.iter().copied().collect(),
+            auth: store.auth.clone(),
             keys: Vec::new(),
             cursor: Cursor::default(),
         }
@@ -431,6 +433,7 @@ impl SnapshotScan {
             leases,
             alarms: self.alarms.into_iter().collect(),
             bytes,
+            auth: self.auth,
         }
     }
 }

@@ -531,3 +531,118 @@ fn term_fenced_commands_apply_only_in_their_own_term() {
     assert!(matches!(current.result, Ok(CommandResponse::DeleteRange(_))));
     assert!(get(&s, "registry/a").is_none());
 }
+
+mod authorized {
+    use super::*;
+    use crate::auth::{AuthCommand as A, AuthError, PermType, Permission};
+
+    fn as_user(user: &str, cmd: Command) -> Command {
+        Command::Authorized { user: Some(user.into()), cmd: Box::new(cmd) }
+    }
+
+    fn auth(s: &mut Store, cmd: A) {
+        s.apply(&Command::Auth(cmd.clone()), POS).result.unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    }
+
+    /// root, and alice with readwrite on the prefix `app/`; auth on.
+    fn store() -> Store {
+        let mut s = Store::new();
+        auth(&mut s, A::UserAdd { name: "root".into(), password_hash: Some("h".into()) });
+        auth(&mut s, A::UserGrantRole { user: "root".into(), role: "root".into() });
+        auth(&mut s, A::UserAdd { name: "alice".into(), password_hash: Some("h".into()) });
+        auth(&mut s, A::RoleAdd { name: "app".into() });
+        let perm = Permission { perm: PermType::ReadWrite, key: b"app/".to_vec(), range_end: b"app0".to_vec() };
+        auth(&mut s, A::RoleGrantPermission { role: "app".into(), perm });
+        auth(&mut s, A::UserGrantRole { user: "alice".into(), role: "app".into() });
+        auth(&mut s, A::Enable { token_key: b"k".to_vec() });
+        s
+    }
+
+    fn refused(s: &mut Store, cmd: Command) -> KvError {
+        let rev = s.revision();
+        let a = s.apply(&cmd, POS);
+        assert_eq!(a.revision, rev, "a refused command moved the revision");
+        assert!(a.events.is_empty());
+        a.result.expect_err("refused")
+    }
+
+    #[test]
+    fn writes_apply_only_under_a_permission_held_when_they_are_applied() {
+        let mut s = store();
+        assert!(s.apply(&as_user("alice", put_cmd("app/x", "1")), POS).result.is_ok());
+        assert_eq!(refused(&mut s, as_user("alice", put_cmd("other", "1"))), KvError::Auth(AuthError::PermissionDenied));
+        assert_eq!(
+            refused(&mut s, Command::Authorized { user: None, cmd: Box::new(put_cmd("app/x", "2")) }),
+            KvError::Auth(AuthError::UserEmpty)
+        );
+        assert!(s.apply(&as_user("root", put_cmd("other", "1")), POS).result.is_ok(), "root writes anywhere");
+        // A revocation that lands before the write in the log wins, whatever the door saw.
+        auth(&mut s, A::RoleRevokePermission { role: "app".into(), key: b"app/".to_vec(), range_end: b"app0".to_vec() });
+        assert_eq!(refused(&mut s, as_user("alice", put_cmd("app/x", "3"))), KvError::Auth(AuthError::PermissionDenied));
+        assert_eq!(get(&s, "app/x").unwrap().value, b"1");
+        // The member's own commands (evictions, lease decisions) are not a client's: unwrapped.
+        assert!(s.apply(&put_cmd("internal", "1"), POS).result.is_ok());
+        // Auth changes and compaction are root's.
+        let grant = Command::Auth(A::RoleAdd { name: "x".into() });
+        assert_eq!(refused(&mut s, as_user("alice", grant.clone())), KvError::Auth(AuthError::PermissionDenied));
+        assert!(s.apply(&as_user("root", grant), POS).result.is_ok());
+        assert_eq!(
+            refused(&mut s, as_user("alice", Command::Compact { revision: 2, physical: false })),
+            KvError::Auth(AuthError::PermissionDenied)
+        );
+    }
+
+    #[test]
+    fn a_txn_needs_every_branch_permitted_whichever_runs() {
+        let mut s = store();
+        let txn = |failure_key: &str| {
+            Command::Txn(TxnRequest {
+                compare: vec![Compare {
+                    result: CompareResult::Equal,
+                    target: CompareTarget::Version(0),
+                    key: b"app/c".to_vec(),
+                    range_end: vec![],
+                }],
+                success: vec![RequestOp::Put(PutRequest { key: b"app/ok".to_vec(), value: b"1".to_vec(), ..Default::default() })],
+                failure: vec![RequestOp::Txn(TxnRequest {
+                    compare: vec![],
+                    success: vec![RequestOp::DeleteRange(DeleteRangeRequest { key: failure_key.into(), ..Default::default() })],
+                    failure: vec![],
+                })],
+            })
+        };
+        // The success branch would run (app/c does not exist), yet the nested delete outside
+        // the prefix in the failure branch refuses the whole Txn.
+        assert_eq!(refused(&mut s, as_user("alice", txn("secret"))), KvError::Auth(AuthError::PermissionDenied));
+        assert!(s.apply(&as_user("alice", txn("app/gone")), POS).result.is_ok());
+        // A compare reads: comparing a key outside the prefix is refused too.
+        let peek = Command::Txn(TxnRequest {
+            compare: vec![Compare {
+                result: CompareResult::Equal,
+                target: CompareTarget::Value(b"guess".to_vec()),
+                key: b"secret".to_vec(),
+                range_end: vec![],
+            }],
+            success: vec![RequestOp::Put(PutRequest { key: b"app/y".to_vec(), ..Default::default() })],
+            failure: vec![],
+        });
+        assert_eq!(refused(&mut s, as_user("alice", peek)), KvError::Auth(AuthError::PermissionDenied));
+    }
+
+    #[test]
+    fn revoking_a_lease_needs_write_on_its_keys_and_auth_survives_a_snapshot_scan() {
+        let mut s = store();
+        s.apply(&as_user("root", Command::LeaseGrant { id: 7, ttl_s: 60 }), POS).result.unwrap();
+        let p = PutRequest { key: b"other".to_vec(), value: b"v".to_vec(), lease: 7, ..Default::default() };
+        s.apply(&as_user("root", Command::Put(p)), POS).result.unwrap();
+        assert_eq!(refused(&mut s, as_user("alice", Command::LeaseRevoke { id: 7 })), KvError::Auth(AuthError::PermissionDenied));
+        assert!(s.apply(&as_user("alice", Command::LeaseGrant { id: 8, ttl_s: 60 }), POS).result.is_ok());
+        assert_eq!(
+            refused(&mut s, as_user("mallory", Command::LeaseGrant { id: 9, ttl_s: 60 })),
+            KvError::Auth(AuthError::PermissionDenied)
+        );
+        let mut scan = SnapshotScan::new(&s);
+        while s.snapshot_step(&mut scan, 10).is_ok() && !scan.is_done() {}
+        assert_eq!(scan.finish().auth(), s.auth());
+    }
+}
