@@ -304,18 +304,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     }
 }
 
+/// Requests learn the client's address (rate and connection limits key on it) and, over TLS,
+/// its verified certificate (whose common name is a user under `--client-cert-auth`).
 impl tonic::transport::server::Connected for AuthorityFix<tokio::net::TcpStream> {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = quorate_tls::ConnInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        quorate_tls::ConnInfo { remote: self.inner.peer_addr().ok(), identity: None }
     }
 }
 
-/// Over TLS, requests see the TCP addresses as over plaintext (rate limits key on them).
 impl tonic::transport::server::Connected for AuthorityFix<quorate_tls::ServerConn> {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = quorate_tls::ConnInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        tonic::transport::server::TcpConnectInfo { local_addr: self.inner.local, remote_addr: self.inner.remote }
+        quorate_tls::ConnInfo { remote: self.inner.remote, identity: self.inner.identity.clone() }
     }
 }
 

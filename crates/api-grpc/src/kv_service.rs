@@ -30,6 +30,7 @@ impl KvService {
     /// after it.
     async fn write(
         &self,
+        user: Option<String>,
         cmd: Command,
         fence: Option<Fence>,
         size: usize,
@@ -41,7 +42,8 @@ impl KvService {
             return Err(registry_read_only(&refused));
         }
         self.ctx.refuse_learner()?;
-        let resp = self.ctx.member.write(cmd.fenced(fence)).await.map_err(consensus_status)?;
+        let cmd = self.ctx.as_user(user, cmd.fenced(fence))?;
+        let resp = self.ctx.member.write(cmd).await.map_err(consensus_status)?;
         let header = self.ctx.header_at(resp.revision);
         let result = resp.kv_result().map_err(kv_status)?;
         Ok((result, header))
@@ -51,6 +53,7 @@ impl KvService {
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
     async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let user = self.ctx.caller(&req)?;
         let req = req.into_inner();
         if req.key.is_empty() {
             return Err(kv_status(quorate_kv::KvError::EmptyKey));
@@ -61,6 +64,9 @@ impl pb::kv_server::Kv for KvService {
                 self.ctx.member.linearize().await.map_err(consensus_status)?;
             }
         }
+        // Checked after the read index: against the auth store as of the read, so a revocation
+        // committed before it is seen.
+        self.ctx.permit_read(user.as_deref(), &req.key, &req.range_end)?;
         let range = convert::range_in(req);
         // In pages: a Range over the whole keyspace must not hold the store while it reads.
         // The header is made here, not in the slow lane: it reads Raft's state, whose lock the
@@ -73,9 +79,10 @@ impl pb::kv_server::Kv for KvService {
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let fence = fence_of(req.metadata())?;
+        let user = self.ctx.caller(&req)?;
         let req = req.into_inner();
         let size = req.encoded_len();
-        match self.write(Command::Put(convert::put_in(req)), fence, size).await? {
+        match self.write(user, Command::Put(convert::put_in(req)), fence, size).await? {
             (CommandResponse::Put(p), h) => Ok(Response::new(convert::put_out(p, h))),
             other => Err(Status::internal(format!("unexpected put result {other:?}"))),
         }
@@ -86,9 +93,10 @@ impl pb::kv_server::Kv for KvService {
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let fence = fence_of(req.metadata())?;
+        let user = self.ctx.caller(&req)?;
         let req = req.into_inner();
         let size = req.encoded_len();
-        match self.write(Command::DeleteRange(convert::delete_in(req)), fence, size).await? {
+        match self.write(user, Command::DeleteRange(convert::delete_in(req)), fence, size).await? {
             (CommandResponse::DeleteRange(d), h) => Ok(Response::new(convert::delete_out(d, h))),
             other => Err(Status::internal(format!("unexpected delete result {other:?}"))),
         }
@@ -96,6 +104,7 @@ impl pb::kv_server::Kv for KvService {
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let fence = fence_of(req.metadata())?;
+        let user = self.ctx.caller(&req)?;
         let req = req.into_inner();
         let size = req.encoded_len();
         if convert::has_empty_op(&req) {
@@ -110,6 +119,8 @@ impl pb::kv_server::Kv for KvService {
         if !quorate_kv::txn_writes(&txn) && fence.is_none() {
             self.ctx.refuse_learner()?;
             self.ctx.member.linearize().await.map_err(consensus_status)?;
+            // Every compare and every read of both branches, as for a write.
+            self.ctx.authorize(|s| s.authorize_txn(user.as_deref(), &txn))?;
             // Branches chosen under the lock; then each Range read in pages at the Txn's
             // revision, so a Txn of 128 whole-keyspace Ranges does not hold the store either.
             let path = self.ctx.member.read(|s| s.read_only_txn_path(&txn));
@@ -121,16 +132,17 @@ impl pb::kv_server::Kv for KvService {
             let result = quorate_kv::read_only_txn_response(&txn, &path, ranges);
             return Ok(Response::new(convert::txn_out(result, &self.ctx.header_at(rev))));
         }
-        match self.write(Command::Txn(txn), fence, size).await? {
+        match self.write(user, Command::Txn(txn), fence, size).await? {
             (CommandResponse::Txn(t), h) => Ok(Response::new(convert::txn_out(t, &h))),
             other => Err(Status::internal(format!("unexpected txn result {other:?}"))),
         }
     }
 
     async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
+        let user = self.ctx.caller(&req)?;
         let req = req.into_inner();
         let cmd = Command::Compact { revision: req.revision, physical: req.physical };
-        let (_, h) = self.write(cmd, None, 0).await?;
+        let (_, h) = self.write(user, cmd, None, 0).await?;
         Ok(Response::new(pb::CompactionResponse { header: Some(h) }))
     }
 }

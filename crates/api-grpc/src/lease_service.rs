@@ -25,9 +25,11 @@ impl pb::lease_server::Lease for LeaseService {
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let asked_at = std::time::Instant::now();
+        let user = self.ctx.caller(&req)?;
         let req = req.into_inner();
         let ttl_s = req.ttl.max(self.ctx.min_lease_ttl_s);
-        let resp = self.ctx.member.write(Command::LeaseGrant { id: req.id, ttl_s }).await.map_err(consensus_status)?;
+        let cmd = self.ctx.as_user(user, Command::LeaseGrant { id: req.id, ttl_s })?;
+        let resp = self.ctx.member.write(cmd).await.map_err(consensus_status)?;
         let revision = resp.revision;
         match resp.kv_result().map_err(kv_status)? {
             CommandResponse::LeaseGrant { id, ttl_s } => Ok(Response::new(pb::LeaseGrantResponse {
@@ -44,8 +46,10 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let user = self.ctx.caller(&req)?;
         let id = req.into_inner().id;
-        let resp = self.ctx.member.write(Command::LeaseRevoke { id }).await.map_err(consensus_status)?;
+        let cmd = self.ctx.as_user(user, Command::LeaseRevoke { id })?;
+        let resp = self.ctx.member.write(cmd).await.map_err(consensus_status)?;
         let revision = resp.revision;
         resp.kv_result().map_err(kv_status)?;
         Ok(Response::new(pb::LeaseRevokeResponse { header: Some(self.ctx.header_at(revision)) }))
@@ -57,6 +61,7 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        self.ctx.authenticated(&req)?;
         let ctx = self.ctx.clone();
         let input = req.into_inner();
         let out = input.then(move |r| {
@@ -75,12 +80,19 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let user = self.ctx.authenticated(&req)?;
         let req = req.into_inner();
         let remaining = self.ctx.member.lease_remaining_s(req.id).await.map_err(consensus_status)?;
         // Granted TTL and keys come from the local store: bring it up to the leader's first, or
         // a lagging follower could call a just-granted lease expired.
         self.ctx.member.linearize().await.map_err(consensus_status)?;
         let lease = self.ctx.member.read(|s| s.lease(req.id).cloned());
+        if let (true, Some(lease)) = (req.keys, &lease) {
+            // Its keys are shown only to a user who may read every one of them.
+            self.ctx.permit(|a| {
+                lease.keys.iter().try_for_each(|k| a.check(user.as_deref(), k, &[], quorate_kv::auth::PermType::Read))
+            })?;
+        }
         let header = Some(self.ctx.header());
         let (Some(ttl), Some(lease)) = (remaining, lease) else {
             // etcd answers a missing lease with TTL -1 rather than an error.
@@ -103,8 +115,9 @@ impl pb::lease_server::Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _req: Request<pb::LeaseLeasesRequest>,
+        req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        self.ctx.authenticated(&req)?;
         self.ctx.member.linearize().await.map_err(consensus_status)?;
         let leases = self.ctx.member.read(|s| s.leases().map(|l| pb::LeaseStatus { id: l.id }).collect());
         Ok(Response::new(pb::LeaseLeasesResponse { header: Some(self.ctx.header()), leases }))

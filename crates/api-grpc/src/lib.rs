@@ -4,6 +4,8 @@
 //! This crate translates and checks requests; every rule about what a command does lives in
 //! `quorate-kv`, and every decision about ordering and leadership in `quorate-consensus`.
 
+mod access;
+mod auth_service;
 mod authority;
 pub mod codec;
 mod convert;
@@ -40,10 +42,11 @@ use std::sync::Arc;
 use pb::etcdserverpb as etcd;
 use quorate_consensus::Member;
 
+pub use access::TOKEN_METADATA;
 pub use authority::AuthorityFix;
 pub use kv_service::FENCE_HEADER;
 pub use maintenance_service::HTTP_ADDR_METADATA;
-pub use status::{consensus_status, kv_status};
+pub use status::{auth_status, consensus_status, kv_status};
 
 /// Accepted client connections, each wrapped so etcd Go clients' `:authority` is tolerated.
 pub fn incoming(
@@ -99,6 +102,11 @@ pub struct Ctx {
     /// metadata `quorate-http-addr`, so `quorate ctl` finds `/v1/member/status` from a client
     /// URL alone.
     pub http_addr: Option<String>,
+    /// How long a token from `Authenticate` is good for (etcd's `--auth-token-ttl`).
+    pub auth_token_ttl: std::time::Duration,
+    /// Under `--client-cert-auth`, a request without a token is the user its certificate's
+    /// common name names (etcd's rule).
+    pub cn_is_user: bool,
 }
 
 impl Ctx {
@@ -135,6 +143,7 @@ pub struct EtcdServices {
     pub maintenance: etcd::maintenance_server::MaintenanceServer<maintenance_service::MaintenanceService>,
     pub lock: pb::v3lockpb::lock_server::LockServer<lock_service::LockService>,
     pub election: pb::v3electionpb::election_server::ElectionServer<lock_service::ElectionService>,
+    pub auth: etcd::auth_server::AuthServer<auth_service::AuthService>,
 }
 
 impl EtcdServices {
@@ -153,7 +162,8 @@ impl EtcdServices {
                 ctx: ctx.clone(),
             }),
             lock: lock_service::lock_server(ctx.clone()).max_decoding_message_size(decoding_max),
-            election: lock_service::election_server(ctx).max_decoding_message_size(decoding_max),
+            election: lock_service::election_server(ctx.clone()).max_decoding_message_size(decoding_max),
+            auth: etcd::auth_server::AuthServer::new(auth_service::AuthService { ctx }),
         }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quorate_consensus::Applied;
+use quorate_kv::auth::PermType;
 use quorate_kv::{
     prefix_end, Command, CommandResponse, Compare, CompareResult, CompareTarget, KeyValue, PutRequest, RangeRequest,
     RequestOp, ResponseOp, SortOrder, SortTarget, TxnRequest,
@@ -59,6 +60,20 @@ fn queue_key(name: &[u8], lease: i64) -> (Vec<u8>, Vec<u8>) {
     let mut key = prefix.clone();
     key.extend_from_slice(format!("{lease:x}").as_bytes());
     (prefix, key)
+}
+
+/// With auth on, `want` on every key of lock or election `name` (`name/` and below). These
+/// calls' writes are the member's own Txns, so they are checked here, at the door, only.
+fn permit_name<T>(ctx: &Ctx, req: &Request<T>, name: &[u8], want: PermType) -> Result<(), Status> {
+    let user = ctx.caller(req)?;
+    let (prefix, _) = queue_key(name, 0);
+    ctx.permit(|a| a.check(user.as_deref(), &prefix, &prefix_end(&prefix), want))
+}
+
+/// With auth on, `want` on one key (an unlock's, a leader's).
+fn permit_key<T>(ctx: &Ctx, req: &Request<T>, key: &[u8], want: PermType) -> Result<(), Status> {
+    let user = ctx.caller(req)?;
+    ctx.permit(|a| a.check(user.as_deref(), key, &[], want))
 }
 
 fn create_rev_is(key: &[u8], rev: i64) -> Compare {
@@ -205,6 +220,7 @@ pub struct LockService {
 #[tonic::async_trait]
 impl lk::lock_server::Lock for LockService {
     async fn lock(&self, req: Request<lk::LockRequest>) -> Result<Response<lk::LockResponse>, Status> {
+        permit_name(&self.ctx, &req, &req.get_ref().name, PermType::ReadWrite)?;
         let req = req.into_inner();
         refuse_too_large(&self.ctx, &req)?;
         let (ticket, revision) = acquire(&self.ctx, &req.name, req.lease, b"").await?;
@@ -213,6 +229,7 @@ impl lk::lock_server::Lock for LockService {
     }
 
     async fn unlock(&self, req: Request<lk::UnlockRequest>) -> Result<Response<lk::UnlockResponse>, Status> {
+        permit_key(&self.ctx, &req, &req.get_ref().key, PermType::Write)?;
         let key = req.into_inner().key;
         if key.is_empty() {
             return Err(kv_status(quorate_kv::KvError::EmptyKey));
@@ -254,6 +271,7 @@ type ObserveStream = tokio_stream::wrappers::ReceiverStream<Result<el::LeaderRes
 #[tonic::async_trait]
 impl el::election_server::Election for ElectionService {
     async fn campaign(&self, req: Request<el::CampaignRequest>) -> Result<Response<el::CampaignResponse>, Status> {
+        permit_name(&self.ctx, &req, &req.get_ref().name, PermType::ReadWrite)?;
         let req = req.into_inner();
         refuse_too_large(&self.ctx, &req)?;
         let (ticket, mut revision) = acquire(&self.ctx, &req.name, req.lease, &req.value).await?;
@@ -266,6 +284,8 @@ impl el::election_server::Election for ElectionService {
     }
 
     async fn proclaim(&self, req: Request<el::ProclaimRequest>) -> Result<Response<el::ProclaimResponse>, Status> {
+        let key = req.get_ref().leader.as_ref().map(|l| l.key.clone()).unwrap_or_default();
+        permit_key(&self.ctx, &req, &key, PermType::Write)?;
         let req = req.into_inner();
         refuse_too_large(&self.ctx, &req)?;
         let leader = req.leader.ok_or_else(|| Status::unknown(ERR_NOT_LEADER))?;
@@ -274,6 +294,7 @@ impl el::election_server::Election for ElectionService {
     }
 
     async fn leader(&self, req: Request<el::LeaderRequest>) -> Result<Response<el::LeaderResponse>, Status> {
+        permit_name(&self.ctx, &req, &req.get_ref().name, PermType::Read)?;
         let name = req.into_inner().name;
         self.ctx.member.linearize().await.map_err(consensus_status)?;
         match leader_of(&self.ctx, &name)? {
@@ -288,6 +309,7 @@ impl el::election_server::Election for ElectionService {
     type ObserveStream = ObserveStream;
 
     async fn observe(&self, req: Request<el::LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
+        permit_name(&self.ctx, &req, &req.get_ref().name, PermType::Read)?;
         let name = req.into_inner().name;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let ctx = self.ctx.clone();
@@ -301,6 +323,8 @@ impl el::election_server::Election for ElectionService {
     }
 
     async fn resign(&self, req: Request<el::ResignRequest>) -> Result<Response<el::ResignResponse>, Status> {
+        let key = req.get_ref().leader.as_ref().map(|l| l.key.clone()).unwrap_or_default();
+        permit_key(&self.ctx, &req, &key, PermType::Write)?;
         let leader = req.into_inner().leader.ok_or_else(|| Status::unknown(ERR_NOT_LEADER))?;
         let t = TxnRequest {
             compare: vec![create_rev_is(&leader.key, leader.rev)],

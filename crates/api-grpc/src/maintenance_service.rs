@@ -69,6 +69,7 @@ fn to_pb(members: Vec<quorate_consensus::MemberInfo>) -> Vec<pb::Member> {
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
     async fn member_add(&self, req: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+        self.ctx.admin(&req)?;
         let req = req.into_inner();
         let url = one_peer_url(req.peer_ur_ls)?;
         let member = &self.ctx.member;
@@ -81,6 +82,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        self.ctx.admin(&req)?;
         let id = req.into_inner().id;
         self.ctx.member.remove_member(id).await.map_err(consensus_status)?;
         let members = if id == self.ctx.member.id() {
@@ -95,6 +97,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        self.ctx.admin(&req)?;
         let req = req.into_inner();
         let url = one_peer_url(req.peer_ur_ls)?;
         self.ctx.member.update_member(req.id, url).await.map_err(consensus_status)?;
@@ -115,6 +118,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        self.ctx.admin(&req)?;
         let id = req.into_inner().id;
         self.ctx.member.promote_member(id).await.map_err(consensus_status)?;
         let members = self.settled_member_list().await?;
@@ -157,6 +161,7 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Sta
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        let user = self.ctx.admin(&req)?;
         let req = req.into_inner();
         let action =
             pb::alarm_request::AlarmAction::try_from(req.action).unwrap_or(pb::alarm_request::AlarmAction::Get);
@@ -176,7 +181,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
                 let resp = self
                     .ctx
                     .member
-                    .write(Command::Alarm { activate, member: req.member_id, alarm })
+                    .write(self.ctx.as_user(user, Command::Alarm { activate, member: req.member_id, alarm })?)
                     .await
                     .map_err(consensus_status)?;
                 if !activate {
@@ -232,16 +237,19 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     /// redb reuses freed pages itself; there is nothing to defragment. Answering success keeps
     /// `etcdctl defrag` and `check perf` working.
-    async fn defragment(&self, _: Request<pb::DefragmentRequest>) -> Result<Response<pb::DefragmentResponse>, Status> {
+    async fn defragment(&self, req: Request<pb::DefragmentRequest>) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.ctx.admin(&req)?;
         Ok(Response::new(pb::DefragmentResponse { header: Some(self.ctx.header()) }))
     }
 
-    async fn hash(&self, _: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+    async fn hash(&self, req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        self.ctx.admin(&req)?;
         let (hash, _, _) = crate::paged::hash_kv(&self.ctx.member, 0).await.map_err(kv_status)?;
         Ok(Response::new(pb::HashResponse { header: Some(self.ctx.header()), hash }))
     }
 
     async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.ctx.admin(&req)?;
         let rev = req.into_inner().revision;
         // In pages: hashing the whole keyspace must not hold the store while it reads.
         let (hash, hash_revision, compact_revision) =
@@ -251,7 +259,8 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(&self, _: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.ctx.admin(&req)?;
         // The image is taken at one revision (copied in pages, so apply never waits for more
         // than one), encoded off the runtime's threads, then streamed.
         let (file, revision) = crate::paged::snapshot_file(&self.ctx.member).await.map_err(crate::kv_status)?;
@@ -276,6 +285,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         &self,
         req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        self.ctx.admin(&req)?;
         let target = req.into_inner().target_id;
         match self.ctx.member.transfer_leader(target).await {
             Ok(()) => Ok(Response::new(pb::MoveLeaderResponse { header: Some(self.ctx.header()) })),

@@ -2,6 +2,7 @@
 //! messages (clients match on the message text).
 
 use quorate_consensus::ConsensusError;
+use quorate_kv::auth::AuthError;
 use quorate_kv::KvError;
 use tonic::{Code, Status};
 
@@ -28,8 +29,33 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::KeyNotFound => (Code::InvalidArgument, "etcdserver: key not found"),
         KvError::ValueProvided => (Code::InvalidArgument, "etcdserver: value is provided"),
         KvError::LeaseProvided => (Code::InvalidArgument, "etcdserver: lease is provided"),
+        KvError::Auth(e) => return auth_status(e),
     };
     Status::new(code, msg)
+}
+
+/// etcd's auth errors with etcd's codes (`rpctypes`); clients match on the message.
+pub fn auth_status(e: AuthError) -> Status {
+    let code = match e {
+        AuthError::UserEmpty
+        | AuthError::RoleEmpty
+        | AuthError::AuthFailed
+        | AuthError::PermissionNotGiven
+        | AuthError::InvalidAuthMgmt
+        | AuthError::AuthOldRevision => Code::InvalidArgument,
+        AuthError::PermissionDenied => Code::PermissionDenied,
+        AuthError::InvalidAuthToken => Code::Unauthenticated,
+        AuthError::RootUserNotExist
+        | AuthError::RootRoleNotExist
+        | AuthError::UserAlreadyExist
+        | AuthError::UserNotFound
+        | AuthError::RoleAlreadyExist
+        | AuthError::RoleNotFound
+        | AuthError::RoleNotGranted
+        | AuthError::PermissionNotGranted
+        | AuthError::AuthNotEnabled => Code::FailedPrecondition,
+    };
+    Status::new(code, e.to_string())
 }
 
 /// A KV write into the registry's records (issue 11): etcd's permission-denied code and

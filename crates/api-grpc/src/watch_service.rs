@@ -49,8 +49,10 @@ impl pb::watch_server::Watch for WatchService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<Streaming<pb::WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        // The stream's user is who opened it (etcd's rule): each create is checked for it.
+        let user = self.ctx.caller(&req)?;
         let (tx, rx) = mpsc::channel(WATCH_STREAM_QUEUED_MAX);
-        let session = Session { ctx: self.ctx.clone(), tx, watchers: BTreeMap::new(), next_id: 0 };
+        let session = Session { ctx: self.ctx.clone(), user, tx, watchers: BTreeMap::new(), next_id: 0 };
         tokio::spawn(session.run(req.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -122,6 +124,7 @@ fn next_batch(events: &[Event], next: &mut usize, filter: &Filter) -> Option<(i6
 
 struct Session {
     ctx: Arc<Ctx>,
+    user: Option<String>,
     tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
@@ -211,6 +214,17 @@ impl Session {
                     "etcdserver: too many watchers on this stream (--max-watchers-per-stream {max}): cancel some, or open another stream"
                 ),
                 ..self.response(id, current)
+            };
+            return self.send(resp).await;
+        }
+        // Read permission on every key the watch covers, as etcd: refused as etcd refuses it
+        // (created and cancelled at once, watch id -1, the gRPC error as the reason).
+        if let Err(e) = self.ctx.permit_read(self.user.as_deref(), &c.key, &c.range_end) {
+            let resp = pb::WatchResponse {
+                created: true,
+                canceled: true,
+                cancel_reason: format!("rpc error: code = {:?} desc = {}", e.code(), e.message()),
+                ..self.response(-1, current)
             };
             return self.send(resp).await;
         }

@@ -436,6 +436,11 @@ struct ServerArgs {
     /// (etcd has no such limit; 10,000 is far above what its clients open on one stream).
     #[arg(long, default_value_t = 10_000)]
     max_watchers_per_stream: usize,
+    /// Seconds a token from Authenticate (etcdctl --user) is good for, as etcd's
+    /// --auth-token-ttl. Tokens are signed with a key replicated with the users, so any member
+    /// accepts them; changing a user's password or deleting the user voids its tokens.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400 * 365))]
+    auth_token_ttl: u64,
     /// Largest write request proposed, in bytes, as etcd's --max-request-bytes (default 1.5
     /// MiB). Larger requests get etcd's "request is too large"; gRPC refuses messages more than
     /// 512 KiB above it.
@@ -635,6 +640,7 @@ impl ServerArgs {
             },
             max_txn_ops: self.max_txn_ops,
             max_watchers_per_stream: self.max_watchers_per_stream,
+            auth_token_ttl: std::time::Duration::from_secs(self.auth_token_ttl),
             max_request_bytes: self.max_request_bytes,
             max_connections_per_client: self.max_connections_per_client,
             max_concurrent_streams: (self.max_concurrent_streams > 0).then_some(self.max_concurrent_streams),

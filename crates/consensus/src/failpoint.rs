@@ -31,7 +31,7 @@ pub(crate) fn diverge_put(cmd: &Command) -> Option<Command> {
     if !ARMED.load(Ordering::Relaxed) {
         return None;
     }
-    let Command::Put(p) = cmd else { return None };
+    let Command::Put(p) = cmd.unwrapped() else { return None };
     let mut key = KEY.lock().unwrap();
     if key.as_deref() != Some(p.key.as_slice()) {
         return None;

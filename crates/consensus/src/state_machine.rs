@@ -72,11 +72,21 @@ struct SmSnapshotRef<'a, S: Serialize> {
 #[derive(Default, Serialize, Deserialize)]
 struct Extras {
     isolated: BTreeMap<u64, crate::isolation::Isolation>,
+    /// Users, roles and whether auth is on (ADR 0010); since `EXTRAS_MAGIC` version 2.
+    auth: quorate_kv::auth::AuthStore,
+}
+
+/// The extras of version 1 (before auth).
+#[derive(Deserialize)]
+struct ExtrasV1 {
+    isolated: BTreeMap<u64, crate::isolation::Isolation>,
 }
 
 /// Ends a snapshot that carries `Extras`. 0xfe never occurs in UTF-8 and the bytes before it
 /// are not a plausible length, so no older image (which ends in a string or a count) ends so.
-const EXTRAS_MAGIC: [u8; 8] = [0xfe, b'q', b'x', b't', 0xfe, 0x01, 0x00, 0xfe];
+/// The sixth byte is the extras' version.
+const EXTRAS_MAGIC: [u8; 8] = [0xfe, b'q', b'x', b't', 0xfe, 0x02, 0x00, 0xfe];
+const EXTRAS_MAGIC_V1: [u8; 8] = [0xfe, b'q', b'x', b't', 0xfe, 0x01, 0x00, 0xfe];
 
 /// The whole snapshot: the image, then the extras trailer.
 fn encode_snapshot<S: Serialize>(image: &SmSnapshotRef<'_, S>, extras: &Extras) -> io::Result<Vec<u8>> {
@@ -91,15 +101,26 @@ fn encode_snapshot<S: Serialize>(image: &SmSnapshotRef<'_, S>, extras: &Extras) 
 /// Split a snapshot into its image and its extras (empty for an older member's snapshot).
 fn decode_snapshot(data: &[u8]) -> io::Result<(SmSnapshot, Extras)> {
     let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
-    let (image, extras) = match data.strip_suffix(&EXTRAS_MAGIC) {
-        Some(rest) if rest.len() >= 8 => {
+    let trailer = match (data.strip_suffix(&EXTRAS_MAGIC), data.strip_suffix(&EXTRAS_MAGIC_V1)) {
+        (Some(rest), _) => Some((rest, 2)),
+        (None, Some(rest)) => Some((rest, 1)),
+        (None, None) => None,
+    };
+    let (image, extras) = match trailer {
+        Some((rest, version)) if rest.len() >= 8 => {
             let (rest, len) = rest.split_at(rest.len() - 8);
             let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
             if len > rest.len() {
                 return Err(bad(format!("snapshot extras of {len} bytes in a snapshot of {} bytes", data.len())));
             }
             let (image, extra) = rest.split_at(rest.len() - len);
-            (image, bincode::deserialize::<Extras>(extra).map_err(|e| bad(e.to_string()))?)
+            let extras = match version {
+                1 => bincode::deserialize::<ExtrasV1>(extra)
+                    .map(|v1| Extras { isolated: v1.isolated, ..Extras::default() })
+                    .map_err(|e| bad(e.to_string()))?,
+                _ => bincode::deserialize::<Extras>(extra).map_err(|e| bad(e.to_string()))?,
+            };
+            (image, extras)
         }
         // A tail that starts like the magic but is not it: a damaged or newer trailer, never
         // to be read as "no extras" (the records in it would be lost without a word).
@@ -314,7 +335,8 @@ impl StateMachine {
         let (store, members, extras, meta) = {
             let store = self.shared.store.read().unwrap();
             let members = self.shared.members.read().unwrap().clone();
-            let extras = Extras { isolated: self.shared.isolated.read().unwrap().clone() };
+            let extras =
+                Extras { isolated: self.shared.isolated.read().unwrap().clone(), auth: store.auth().clone() };
             let (last, membership) = self.shared.applied.read().unwrap().clone();
             (store.clone(), members, extras, SnapshotMeta { last_log_id: last, last_membership: membership })
         };
@@ -404,6 +426,7 @@ impl StateMachine {
     fn track_leases(&self, store: &Store, cmd: &Command, result: &Result<CommandResponse, quorate_kv::KvError>) {
         let now = Instant::now();
         let mut core = self.shared.leases.lock().unwrap();
+        let cmd = cmd.unwrapped();
         let applied = |core: &mut LeaseCore, id: i64, remaining_ms: Option<i64>| {
             if let Some(l) = store.lease(id) {
                 core.applied_deadline(now, id, l.ttl_s, remaining_ms.unwrap_or(l.ttl_s.saturating_mul(1000)), l.set_at);
@@ -515,6 +538,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let revision = {
             let mut store = self.shared.store.write().unwrap();
             *store = Store::from_snapshot(snap.store);
+            store.set_auth(extras.auth);
             *self.shared.members.write().unwrap() = snap.members;
             *self.shared.isolated.write().unwrap() = extras.isolated;
             self.shared.serving.send_modify(|n| *n += 1);
@@ -583,7 +607,9 @@ mod tests {
             BTreeMap::from([(7, PublishedMember { name: "m".into(), client_urls: vec!["http://x:1".into()] })]);
         let image = SmSnapshotRef { store: store.snapshot_view(), members: &members };
         let isolation = crate::isolation::Isolation { reason: "disk".into(), since_unix_ms: 5, by: "op".into() };
-        let extras = Extras { isolated: BTreeMap::from([(7, isolation.clone())]) };
+        let mut auth = quorate_kv::auth::AuthStore::default();
+        auth.apply(&quorate_kv::auth::AuthCommand::RoleAdd { name: "app".into() }).unwrap();
+        let extras = Extras { isolated: BTreeMap::from([(7, isolation.clone())]), auth: auth.clone() };
 
         let old = bincode::serialize(&image).unwrap();
         let (snap, got) = decode_snapshot(&old).unwrap();
@@ -595,6 +621,23 @@ mod tests {
         assert_eq!(snap.members, members);
         assert_eq!(Store::from_snapshot(snap.store).revision(), store.revision());
         assert_eq!(got.isolated[&7], isolation);
+        assert_eq!(got.auth, auth, "the auth store rides in the trailer");
+        // A trailer of version 1 (before auth) still reads, with no users or roles.
+        let v1 = {
+            #[derive(Serialize)]
+            struct V1<'a> {
+                isolated: &'a BTreeMap<u64, crate::isolation::Isolation>,
+            }
+            let mut data = bincode::serialize(&image).unwrap();
+            let extra = bincode::serialize(&V1 { isolated: &extras.isolated }).unwrap();
+            data.extend_from_slice(&extra);
+            data.extend_from_slice(&(extra.len() as u64).to_le_bytes());
+            data.extend_from_slice(&EXTRAS_MAGIC_V1);
+            data
+        };
+        let (_, got) = decode_snapshot(&v1).unwrap();
+        assert_eq!(got.isolated[&7], isolation);
+        assert_eq!(got.auth, quorate_kv::auth::AuthStore::default());
         let older_reader: SmSnapshot = bincode::deserialize(&new).unwrap();
         assert_eq!(older_reader.members, members);
 

@@ -69,6 +69,8 @@ fn command_name(c: &Command) -> &'static str {
         Command::Alarm { .. } => "alarm",
         Command::Fenced { .. } => "fenced",
         Command::TermFenced { .. } => "term-fenced",
+        Command::Auth(_) => "auth",
+        Command::Authorized { cmd, .. } => command_name(cmd),
     }
 }
 

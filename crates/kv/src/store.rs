@@ -149,7 +149,8 @@ impl Store {
         }
     }
 
-    fn authorize_txn(&self, user: Option<&str>, t: &TxnRequest) -> Result<(), AuthError> {
+    /// `authorize` for a Txn (a read-only one too, which is never logged).
+    pub fn authorize_txn(&self, user: Option<&str>, t: &TxnRequest) -> Result<(), AuthError> {
         let a = &self.auth;
         for c in &t.compare {
             a.check(user, &c.key, &c.range_end, PermType::Read)?;

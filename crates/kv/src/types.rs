@@ -243,6 +243,19 @@ pub struct Fence {
 }
 
 impl Command {
+    /// The command a client's `Authorized` wrapper carries (the command itself otherwise).
+    pub fn unwrapped(&self) -> &Command {
+        match self {
+            Command::Authorized { cmd, .. } => cmd.unwrapped(),
+            other => other,
+        }
+    }
+
+    /// This command as `user`'s (`None`: nobody authenticated), to be checked again at apply.
+    pub fn authorized(self, user: Option<String>) -> Command {
+        Command::Authorized { user, cmd: Box::new(self) }
+    }
+
     /// This command, guarded by `fence` when there is one.
     pub fn fenced(self, fence: Option<Fence>) -> Command {
         match fence {

@@ -72,7 +72,9 @@ fn first_write_where(cmd: &Command, protected: Protected) -> Option<Refused> {
     let mut cmd = cmd;
     loop {
         match cmd {
-            Command::Fenced { cmd: inner, .. } | Command::TermFenced { cmd: inner, .. } => cmd = inner,
+            Command::Fenced { cmd: inner, .. }
+            | Command::TermFenced { cmd: inner, .. }
+            | Command::Authorized { cmd: inner, .. } => cmd = inner,
             Command::Put(p) => return refused(&p.key, &[], protected),
             Command::DeleteRange(d) => return refused(&d.key, &d.range_end, protected),
             Command::Txn(t) => return txn_first_write(t, protected),

@@ -159,7 +159,7 @@ where
             });
         }
         // Over its rate, a client is refused before anything is decoded (etcd's error).
-        let peer = req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|c| c.remote_addr());
+        let peer = req.extensions().get::<quorate_tls::ConnInfo>().and_then(|c| c.remote);
         if let Some(addr) = peer {
             let liveness = req.uri().path() == KEEPALIVE_PATH;
             if self.limits.check(addr.ip(), liveness).is_err() {

@@ -131,13 +131,13 @@ pub fn admit_all<S, E>(
     limit: Option<Arc<ConnLimit>>,
 ) -> impl futures::Stream<Item = Result<Limited<S>, E>>
 where
-    S: tonic::transport::server::Connected<ConnectInfo = tonic::transport::server::TcpConnectInfo>,
+    S: tonic::transport::server::Connected<ConnectInfo = quorate_tls::ConnInfo>,
 {
     use futures::StreamExt;
     incoming.filter_map(move |conn| {
         let admitted = match conn {
             Err(e) => Some(Err(e)),
-            Ok(conn) => match (&limit, conn.connect_info().remote_addr()) {
+            Ok(conn) => match (&limit, conn.connect_info().remote) {
                 (Some(limit), Some(addr)) => limit.admit(addr).map(|g| Ok(Limited::new(conn, Some(g)))),
                 _ => Some(Ok(Limited::new(conn, None))),
             },

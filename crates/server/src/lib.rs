@@ -137,6 +137,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         unsafe_local_reads: cfg.drill.unsafe_local_reads,
         max_txn_ops: cfg.max_txn_ops,
         max_watchers_per_stream: cfg.max_watchers_per_stream,
+        auth_token_ttl: cfg.auth_token_ttl,
+        cn_is_user: cfg.tls.client.as_ref().is_some_and(|c| c.client_cert_auth),
         max_request_bytes: cfg.max_request_bytes,
         // What `Status` tells `quorate ctl` of the HTTP port (with its scheme when TLS).
         http_addr: Some(match cfg.tls.http {
@@ -181,7 +183,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .add_service(services.cluster.clone())
             .add_service(services.maintenance.clone())
             .add_service(services.lock.clone())
-            .add_service(services.election.clone());
+            .add_service(services.election.clone())
+            .add_service(services.auth.clone());
         // HTTP/1 is split off before gRPC's routes (`client_port`): outermost, so it is not
         // counted as gRPC either.
         let http1 = metrics::router(metrics.clone()).merge(pprof::router(profiling.clone()));
