@@ -578,11 +578,33 @@ impl HttpReply {
 }
 
 fn http_request(method: &str, path: &str, body: Option<&str>) -> String {
+    http_request_with(method, path, &[], body)
+}
+
+fn http_request_with(method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> String {
     let body = body.unwrap_or("");
+    let extra: String = headers.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
     format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// `http` with extra request headers (credentials, say).
+pub fn http_with(
+    node: &Node,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> anyhow::Result<HttpReply> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(http_request_with(method, path, headers, body).as_bytes())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    Ok(parse_reply(&buf))
 }
 
 /// One HTTP/1.1 request to a member's `--listen-http`, connection closed after the answer.

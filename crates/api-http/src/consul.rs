@@ -239,6 +239,9 @@ async fn check_update(State(api): State<Arc<Api>>, Path((verb, check)): Path<(St
     let Some((instance, mod_revision)) = found else {
         return Err(ApiError::not_found("unknown_check", format!("CheckID {check:?} does not have associated TTL")));
     };
+    // A check update is a heartbeat: the caller must be allowed to write its service.
+    let key = instance_key(NS, &instance.service, &instance.id);
+    crate::access::permit(&api.member, quorate_kv::auth::PermType::Write, key.as_bytes(), &[])?;
     if api.member.lease_keepalive(instance.lease).await?.is_none() {
         return Err(ApiError::not_found(
             "lease_expired",

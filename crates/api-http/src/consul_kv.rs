@@ -20,7 +20,9 @@ use quorate_kv::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::ops::{consistency, prefix_range, write};
+// Consul KV writes carry lock records the caller does not name: checked at the door (by key,
+// `access::need`), proposed as the member.
+use crate::ops::{consistency, prefix_range, write_as_member as write};
 use crate::{Api, ApiError, Consistency};
 
 /// Where session records live (attached to the session's lease, so they end with it).

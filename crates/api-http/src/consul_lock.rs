@@ -319,7 +319,7 @@ pub(crate) async fn acquire(api: &Api, key: &[u8], value: &[u8], holder: &Holder
     let Some(txn) = acquire_txn(api, key, value, holder).await else {
         return Ok((false, api.member.read(|s| s.revision())));
     };
-    let (resp, revision) = crate::ops::write(api, Command::Txn(txn)).await?;
+    let (resp, revision) = crate::ops::write_as_member(api, Command::Txn(txn)).await?;
     let took = matches!(resp, quorate_kv::CommandResponse::Txn(t) if t.succeeded);
     Ok((took, revision))
 }

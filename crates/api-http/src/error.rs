@@ -66,6 +66,7 @@ impl From<quorate_kv::KvError> for ApiError {
             KvError::FutureRevision { .. } => (StatusCode::BAD_REQUEST, "future_revision"),
             KvError::FenceRejected { .. } => (StatusCode::CONFLICT, "fence_rejected"),
             KvError::LeaseNotFound { .. } => (StatusCode::NOT_FOUND, "lease_not_found"),
+            KvError::Auth(a) => return crate::access::refusal(a),
             _ => (StatusCode::BAD_REQUEST, "bad_request"),
         };
         ApiError::new(status, code, e.to_string())

@@ -5,6 +5,7 @@
 //! `quorate-registry`, ordering and leadership in `quorate-consensus`. Every answer says who
 //! served it, at which revision and term, and whether it may be stale.
 
+pub mod access;
 mod consul;
 mod consul_kv;
 mod consul_lock;

@@ -14,7 +14,14 @@ const BLOCKING_WAIT_DEFAULT: Duration = Duration::from_secs(300);
 /// Consul's `JitterFraction`: a wait gets up to 1/16 more, at random.
 const BLOCKING_WAIT_JITTER_FRACTION: u32 = 16;
 
+/// Propose a client's write, as the request's caller: checked again where it is applied.
 pub async fn write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
+    write_as_member(api, cmd.authorized(crate::access::caller())).await
+}
+
+/// Propose a write as the member itself (records a client does not name: Consul's sessions and
+/// lock records); the route's check at the door is all the caller gets.
+pub async fn write_as_member(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
     let resp = api.member.write(cmd).await?;
     let revision = resp.revision;
     Ok((resp.kv_result()?, revision))
@@ -143,6 +150,7 @@ pub async fn store_fenced(
     fence: Option<quorate_kv::Fence>,
 ) -> Result<(Instance, i64), ApiError> {
     let key = quorate_registry::instance_key(&instance.namespace, &instance.service, &instance.id);
+    instance.registered_by = crate::access::caller();
     api.member.linearize().await?;
     let mut replaced_lease = None;
     if instance.kind == Kind::Ephemeral {

@@ -441,6 +441,12 @@ struct ServerArgs {
     /// accepts them; changing a user's password or deleting the user voids its tokens.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400 * 365))]
     auth_token_ttl: u64,
+    /// A file of `<token> <user>` lines: tokens for agents that cannot log in (Consul's
+    /// X-Consul-Token, ?token=, or a bearer token on the HTTP port), each bound to a user of the
+    /// auth store, whose roles decide what it may do. Re-read when it changes. Tokens shorter
+    /// than 16 characters are refused at start.
+    #[arg(long)]
+    auth_static_tokens_file: Option<std::path::PathBuf>,
     /// Largest write request proposed, in bytes, as etcd's --max-request-bytes (default 1.5
     /// MiB). Larger requests get etcd's "request is too large"; gRPC refuses messages more than
     /// 512 KiB above it.
@@ -641,6 +647,7 @@ impl ServerArgs {
             max_txn_ops: self.max_txn_ops,
             max_watchers_per_stream: self.max_watchers_per_stream,
             auth_token_ttl: std::time::Duration::from_secs(self.auth_token_ttl),
+            auth_static_tokens_file: self.auth_static_tokens_file.clone(),
             max_request_bytes: self.max_request_bytes,
             max_connections_per_client: self.max_connections_per_client,
             max_concurrent_streams: (self.max_concurrent_streams > 0).then_some(self.max_concurrent_streams),

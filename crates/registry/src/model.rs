@@ -63,6 +63,9 @@ pub struct Instance {
     pub ttl_s: u64,
     /// The lease an ephemeral instance's heartbeats renew; 0 for persistent instances.
     pub lease: i64,
+    /// Who registered it (the authenticated user, with auth on): shown wherever it is listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_by: Option<String>,
     /// The id of its TTL check when registered through Consul (`service:<id>` if unnamed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_id: Option<String>,
@@ -228,6 +231,7 @@ impl RegisterRequest {
             heartbeat_interval_s,
             ttl_s,
             lease: if self.kind == Kind::Ephemeral { lease } else { 0 },
+            registered_by: None,
             check_id: None,
             check: match self.check {
                 Some(c) => Some(c.validated()?),

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub max_watchers_per_stream: usize,
     /// etcd's `--auth-token-ttl`: how long a token from `Authenticate` is good for.
     pub auth_token_ttl: std::time::Duration,
+    /// `--auth-static-tokens-file`: `<token> <user>` lines for the HTTP APIs.
+    pub auth_static_tokens_file: Option<PathBuf>,
     /// etcd's `--max-request-bytes`: largest write request proposed, in bytes.
     pub max_request_bytes: usize,
     /// `--max-connections-per-client`: connections one client may hold open on the client port

@@ -58,6 +58,7 @@ pub async fn serve(
     state: Arc<HttpState>,
     profiling: Arc<crate::pprof::Profiling>,
     limits: Arc<crate::rate_limit::RateLimits>,
+    auth: Arc<quorate_api_http::access::HttpAuth>,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
@@ -83,7 +84,9 @@ pub async fn serve(
             .layer(axum::middleware::from_fn_with_state(state.member.clone(), crate::removed_gate::refuse_http))
             .layer(axum::middleware::from_fn_with_state(limits, crate::rate_limit::limit_http)),
         )
-        .merge(crate::pprof::router(profiling));
+        .merge(crate::pprof::router(profiling))
+        // Outermost: with auth on, every route is checked against `access::need`'s table.
+        .layer(axum::middleware::from_fn_with_state(auth, quorate_api_http::access::guard));
     use axum::serve::ListenerExt;
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     match tls {

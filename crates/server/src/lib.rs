@@ -156,6 +156,11 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         tracing::warn!("DRILL ONLY: linearizable reads are served from local state; this member is unsafe");
     }
     let services = EtcdServices::new(ctx);
+    let static_tokens = match &cfg.auth_static_tokens_file {
+        Some(path) => Some(quorate_api_http::access::StaticTokens::load(path.clone()).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let http_auth = Arc::new(quorate_api_http::access::HttpAuth::new(member.clone(), static_tokens));
     let reaper_stats = Arc::new(reaper::ReaperStats::default());
     let registry_counts = Arc::new(registry_counts::RegistryCounts::default());
     member.set_apply_observer(registry_counts.clone());
@@ -187,7 +192,10 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
             .add_service(services.auth.clone());
         // HTTP/1 is split off before gRPC's routes (`client_port`): outermost, so it is not
         // counted as gRPC either.
-        let http1 = metrics::router(metrics.clone()).merge(pprof::router(profiling.clone()));
+        // With auth on, profiles are root's; /metrics and /health stay open (as etcd's).
+        let http1 = metrics::router(metrics.clone())
+            .merge(pprof::router(profiling.clone()))
+            .layer(axum::middleware::from_fn_with_state(http_auth.clone(), quorate_api_http::access::guard));
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .accept_http1(true)
@@ -231,7 +239,8 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
     );
     let http_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit));
     let http_conns = conn_limit::ConnLimit::new(cfg.max_connections_per_client, "http");
-    let http_task = tokio::spawn(http::serve(listeners.http, http_tls, http_conns, http_state, profiling, http_limits));
+    let http_task =
+        tokio::spawn(http::serve(listeners.http, http_tls, http_conns, http_state, profiling, http_limits, http_auth));
     info!("member ready to serve clients");
 
     tokio::select! {
