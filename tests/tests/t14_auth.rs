@@ -78,9 +78,21 @@ async fn etcd_auth_guards_every_api_on_every_member() {
     // alice: her prefix, both ways; nothing else.
     ok(etcdctl(&m2, &with(&alice, &["put", "app/x", "1"])), "alice puts under app/");
     assert!(ok(etcdctl(&m1, &with(&alice, &["get", "app/x"])), "alice reads app/x").contains("app/x\n1"));
-    refused(etcdctl(&m2, &with(&alice, &["put", "other", "1"])), "alice writes outside app/", "etcdserver: permission denied");
-    refused(etcdctl(&m1, &with(&alice, &["get", "--prefix", "ap"])), "alice reads past app/", "etcdserver: permission denied");
-    refused(etcdctl(&m1, &with(&alice, &["del", "--prefix", "app"])), "alice deletes past app/", "etcdserver: permission denied");
+    refused(
+        etcdctl(&m2, &with(&alice, &["put", "other", "1"])),
+        "alice writes outside app/",
+        "etcdserver: permission denied",
+    );
+    refused(
+        etcdctl(&m1, &with(&alice, &["get", "--prefix", "ap"])),
+        "alice reads past app/",
+        "etcdserver: permission denied",
+    );
+    refused(
+        etcdctl(&m1, &with(&alice, &["del", "--prefix", "app"])),
+        "alice deletes past app/",
+        "etcdserver: permission denied",
+    );
 
     // A Txn whose success branch would run (app/c does not exist) but whose failure branch
     // writes outside the prefix: refused whole, as etcd checks every branch.

@@ -66,11 +66,17 @@ async fn http_apis_answer_to_the_same_users_and_roles() {
     let r = call(&c, "PUT", orders, alice(), Some(NATIVE));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(status_code(&call(&c, "PUT", payments, alice(), Some(NATIVE))), (403, "permission_denied".into()));
-    assert_eq!(status_code(&call(&c, "PUT", orders, Some(bearer(BOB_TOKEN)), Some(NATIVE))), (403, "permission_denied".into()));
+    assert_eq!(
+        status_code(&call(&c, "PUT", orders, Some(bearer(BOB_TOKEN)), Some(NATIVE))),
+        (403, "permission_denied".into())
+    );
     let r = call(&c, "PUT", orders, None, Some(NATIVE));
     assert_eq!(status_code(&r), (401, "user_name_empty".into()));
     assert!(r.header("www-authenticate").is_some_and(|v| v.contains("Bearer")), "{:?}", r.headers);
-    assert_eq!(status_code(&call(&c, "PUT", orders, Some(bearer("not-a-token")), Some(NATIVE))), (401, "invalid_auth_token".into()));
+    assert_eq!(
+        status_code(&call(&c, "PUT", orders, Some(bearer("not-a-token")), Some(NATIVE))),
+        (401, "invalid_auth_token".into())
+    );
     assert_eq!(call(&c, "PUT", &format!("{orders}/heartbeat"), alice(), None).status, 200);
 
     // root, with a token from etcd's Authenticate, registers payments; alice may neither renew
@@ -100,7 +106,10 @@ async fn http_apis_answer_to_the_same_users_and_roles() {
     assert_eq!(r.status, 204, "{}", r.body);
     let body = EUREKA.replace("ID", "p2").replace("APP", "PAYMENTS");
     assert_eq!(status_code(&call(&c, "POST", "/eureka/apps/PAYMENTS", basic("alice:alicepw"), Some(&body))).0, 403);
-    assert_eq!(status_code(&call(&c, "POST", "/eureka/apps/ORDERS", basic("alice:wrong"), Some(&body))), (401, "auth_failed".into()));
+    assert_eq!(
+        status_code(&call(&c, "POST", "/eureka/apps/ORDERS", basic("alice:wrong"), Some(&body))),
+        (401, "auth_failed".into())
+    );
     assert_eq!(call(&c, "PUT", "/eureka/apps/ORDERS/o2", basic("alice:alicepw"), None).status, 200);
 
     // Consul KV: alice has no keys there; ?token= is read like the header.
@@ -117,7 +126,11 @@ async fn http_apis_answer_to_the_same_users_and_roles() {
         .expect("scripts/test.sh creates target/py with py-consul");
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprint!("{stdout}");
-    assert!(out.status.success() && stdout.trim_end().ends_with("OK"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("OK"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Operators' endpoints are root's; health and status are open.
     for (method, path) in [

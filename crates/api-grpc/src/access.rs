@@ -42,7 +42,10 @@ impl Ctx {
     }
 
     /// Check `rule` against the store (keys, leases and auth) as this member knows it now.
-    pub(crate) fn authorize(&self, rule: impl FnOnce(&quorate_kv::Store) -> Result<(), AuthError>) -> Result<(), Status> {
+    pub(crate) fn authorize(
+        &self,
+        rule: impl FnOnce(&quorate_kv::Store) -> Result<(), AuthError>,
+    ) -> Result<(), Status> {
         self.member.read(rule).map_err(auth_status)
     }
 

@@ -59,7 +59,11 @@ impl AuthService {
     }
 
     /// A read of the auth store, after a read index (a user just added at the leader is seen).
-    async fn read<T, R>(&self, req: &Request<T>, f: impl FnOnce(Option<&str>, &quorate_kv::auth::AuthStore) -> Result<R, AuthError>) -> Result<(R, pb::ResponseHeader), Status> {
+    async fn read<T, R>(
+        &self,
+        req: &Request<T>,
+        f: impl FnOnce(Option<&str>, &quorate_kv::auth::AuthStore) -> Result<R, AuthError>,
+    ) -> Result<(R, pb::ResponseHeader), Status> {
         self.ctx.member.linearize().await.map_err(consensus_status)?;
         let user = self.ctx.caller(req)?;
         let out = self.ctx.member.read(|s| f(user.as_deref(), s.auth())).map_err(auth_status)?;
@@ -78,22 +82,34 @@ fn perm_out(p: &Permission) -> authpb::Permission {
 
 #[tonic::async_trait]
 impl pb::auth_server::Auth for AuthService {
-    async fn auth_enable(&self, req: Request<pb::AuthEnableRequest>) -> Result<Response<pb::AuthEnableResponse>, Status> {
+    async fn auth_enable(
+        &self,
+        req: Request<pb::AuthEnableRequest>,
+    ) -> Result<Response<pb::AuthEnableResponse>, Status> {
         let header = self.change(&req, AuthCommand::Enable { token_key: random_key()? }).await?;
         Ok(Response::new(pb::AuthEnableResponse { header: Some(header) }))
     }
 
-    async fn auth_disable(&self, req: Request<pb::AuthDisableRequest>) -> Result<Response<pb::AuthDisableResponse>, Status> {
+    async fn auth_disable(
+        &self,
+        req: Request<pb::AuthDisableRequest>,
+    ) -> Result<Response<pb::AuthDisableResponse>, Status> {
         let header = self.change(&req, AuthCommand::Disable).await?;
         Ok(Response::new(pb::AuthDisableResponse { header: Some(header) }))
     }
 
-    async fn auth_status(&self, req: Request<pb::AuthStatusRequest>) -> Result<Response<pb::AuthStatusResponse>, Status> {
+    async fn auth_status(
+        &self,
+        req: Request<pb::AuthStatusRequest>,
+    ) -> Result<Response<pb::AuthStatusResponse>, Status> {
         let ((enabled, auth_revision), header) = self.read(&req, |_, a| Ok((a.enabled(), a.revision()))).await?;
         Ok(Response::new(pb::AuthStatusResponse { header: Some(header), enabled, auth_revision }))
     }
 
-    async fn authenticate(&self, req: Request<pb::AuthenticateRequest>) -> Result<Response<pb::AuthenticateResponse>, Status> {
+    async fn authenticate(
+        &self,
+        req: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let r = req.get_ref();
         let (name, password) = (r.name.clone(), r.password.clone());
         let (stored, header) = self
@@ -123,7 +139,10 @@ impl pb::auth_server::Auth for AuthService {
         Ok(Response::new(pb::AuthenticateResponse { header: Some(header), token }))
     }
 
-    async fn user_add(&self, req: Request<pb::AuthUserAddRequest>) -> Result<Response<pb::AuthUserAddResponse>, Status> {
+    async fn user_add(
+        &self,
+        req: Request<pb::AuthUserAddRequest>,
+    ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
         let r = req.get_ref();
         let no_password = r.options.as_ref().is_some_and(|o| o.no_password);
         if !r.hashed_password.is_empty() {
@@ -137,7 +156,10 @@ impl pb::auth_server::Auth for AuthService {
         Ok(Response::new(pb::AuthUserAddResponse { header: Some(header) }))
     }
 
-    async fn user_get(&self, req: Request<pb::AuthUserGetRequest>) -> Result<Response<pb::AuthUserGetResponse>, Status> {
+    async fn user_get(
+        &self,
+        req: Request<pb::AuthUserGetRequest>,
+    ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
         let name = req.get_ref().name.clone();
         let (roles, header) = self
             .read(&req, |caller, a| {
@@ -151,7 +173,10 @@ impl pb::auth_server::Auth for AuthService {
         Ok(Response::new(pb::AuthUserGetResponse { header: Some(header), roles }))
     }
 
-    async fn user_list(&self, req: Request<pb::AuthUserListRequest>) -> Result<Response<pb::AuthUserListResponse>, Status> {
+    async fn user_list(
+        &self,
+        req: Request<pb::AuthUserListRequest>,
+    ) -> Result<Response<pb::AuthUserListResponse>, Status> {
         let (users, header) = self
             .read(&req, |caller, a| {
                 a.check_admin(caller)?;
@@ -161,7 +186,10 @@ impl pb::auth_server::Auth for AuthService {
         Ok(Response::new(pb::AuthUserListResponse { header: Some(header), users }))
     }
 
-    async fn user_delete(&self, req: Request<pb::AuthUserDeleteRequest>) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
+    async fn user_delete(
+        &self,
+        req: Request<pb::AuthUserDeleteRequest>,
+    ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
         let name = req.get_ref().name.clone();
         let header = self.change(&req, AuthCommand::UserDelete { name }).await?;
         Ok(Response::new(pb::AuthUserDeleteResponse { header: Some(header) }))
@@ -203,13 +231,19 @@ impl pb::auth_server::Auth for AuthService {
         Ok(Response::new(pb::AuthUserRevokeRoleResponse { header: Some(header) }))
     }
 
-    async fn role_add(&self, req: Request<pb::AuthRoleAddRequest>) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
+    async fn role_add(
+        &self,
+        req: Request<pb::AuthRoleAddRequest>,
+    ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
         let name = req.get_ref().name.clone();
         let header = self.change(&req, AuthCommand::RoleAdd { name }).await?;
         Ok(Response::new(pb::AuthRoleAddResponse { header: Some(header) }))
     }
 
-    async fn role_get(&self, req: Request<pb::AuthRoleGetRequest>) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
+    async fn role_get(
+        &self,
+        req: Request<pb::AuthRoleGetRequest>,
+    ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
         let name = req.get_ref().role.clone();
         let (perm, header) = self
             .read(&req, |caller, a| {
@@ -231,7 +265,10 @@ impl pb::auth_server::Auth for AuthService {
         Ok(Response::new(pb::AuthRoleGetResponse { header: Some(header), perm }))
     }
 
-    async fn role_list(&self, req: Request<pb::AuthRoleListRequest>) -> Result<Response<pb::AuthRoleListResponse>, Status> {
+    async fn role_list(
+        &self,
+        req: Request<pb::AuthRoleListRequest>,
+    ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
         let (roles, header) = self
             .read(&req, |caller, a| {
                 a.check_admin(caller)?;
@@ -241,7 +278,10 @@ impl pb::auth_server::Auth for AuthService {
         Ok(Response::new(pb::AuthRoleListResponse { header: Some(header), roles }))
     }
 
-    async fn role_delete(&self, req: Request<pb::AuthRoleDeleteRequest>) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
+    async fn role_delete(
+        &self,
+        req: Request<pb::AuthRoleDeleteRequest>,
+    ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
         let name = req.get_ref().role.clone();
         let header = self.change(&req, AuthCommand::RoleDelete { name }).await?;
         Ok(Response::new(pb::AuthRoleDeleteResponse { header: Some(header) }))
@@ -269,7 +309,11 @@ impl pb::auth_server::Auth for AuthService {
         req: Request<pb::AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
         let r = req.get_ref();
-        let cmd = AuthCommand::RoleRevokePermission { role: r.role.clone(), key: r.key.clone(), range_end: r.range_end.clone() };
+        let cmd = AuthCommand::RoleRevokePermission {
+            role: r.role.clone(),
+            key: r.key.clone(),
+            range_end: r.range_end.clone(),
+        };
         let header = self.change(&req, cmd).await?;
         Ok(Response::new(pb::AuthRoleRevokePermissionResponse { header: Some(header) }))
     }

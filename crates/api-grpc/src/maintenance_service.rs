@@ -237,7 +237,10 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     /// redb reuses freed pages itself; there is nothing to defragment. Answering success keeps
     /// `etcdctl defrag` and `check perf` working.
-    async fn defragment(&self, req: Request<pb::DefragmentRequest>) -> Result<Response<pb::DefragmentResponse>, Status> {
+    async fn defragment(
+        &self,
+        req: Request<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
         self.ctx.admin(&req)?;
         Ok(Response::new(pb::DefragmentResponse { header: Some(self.ctx.header()) }))
     }

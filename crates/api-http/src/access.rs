@@ -91,7 +91,8 @@ pub fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
         // Consul KV: the key, or every key under it with `recurse` or `keys`.
         ["v1", "kv", rest @ ..] => {
             let key = decoded(&rest.join("/")).into_bytes();
-            let whole = query.is_some_and(|q| q.split('&').any(|p| matches!(p.split('=').next(), Some("recurse" | "keys"))));
+            let whole =
+                query.is_some_and(|q| q.split('&').any(|p| matches!(p.split('=').next(), Some("recurse" | "keys"))));
             let perm = if get { Read } else { Write };
             match (key.is_empty(), whole) {
                 (true, _) => Need::Keys { perm, key: vec![0], range_end: vec![0] },
@@ -108,9 +109,10 @@ pub fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
         {
             on_prefix(Read, namespace_prefix(DEFAULT_NAMESPACE))
         }
-        ["eureka", "apps", app, ..] => {
-            on_prefix(if get { Read } else { Write }, service_prefix(DEFAULT_NAMESPACE, &decoded(app).to_ascii_lowercase()))
-        }
+        ["eureka", "apps", app, ..] => on_prefix(
+            if get { Read } else { Write },
+            service_prefix(DEFAULT_NAMESPACE, &decoded(app).to_ascii_lowercase()),
+        ),
         // Everything else: operators' (isolate, recover, repair, failpoints, profiles).
         _ => Need::Root,
     }
@@ -154,8 +156,8 @@ impl StaticTokens {
 
     fn read(path: &PathBuf) -> Result<(Option<SystemTime>, HashMap<String, String>), String> {
         let stamp = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--auth-static-tokens-file {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("--auth-static-tokens-file {}: {e}", path.display()))?;
         let mut map = HashMap::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -203,13 +205,18 @@ impl StaticTokens {
     }
 }
 
+/// A password found right: the stored hash it matched (a new password voids it) and when.
+type CheckedPassword = (String, Instant);
+
 /// What the guard needs: the member (its auth store), the static tokens, and passwords already
 /// checked (Argon2 is slow by design; a Eureka client sends its password with every request).
 pub struct HttpAuth {
     pub member: Member,
     pub static_tokens: Option<StaticTokens>,
-    checked: Mutex<HashMap<(String, [u8; 32]), (String, Instant)>>,
+    checked: Mutex<HashMap<(String, [u8; 32]), CheckedPassword>>,
 }
+
+static PASSWORD_CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// How long a checked password is remembered (while its user's stored hash is unchanged).
 const CHECKED_PASSWORD_TTL: Duration = Duration::from_secs(300);
@@ -250,10 +257,8 @@ impl HttpAuth {
         let (user, password) = raw.split_once(':').ok_or(AuthError::AuthFailed)?;
         let stored = self.member.read(|s| s.auth().user(user).and_then(|u| u.password_hash.clone()));
         let Some(stored) = stored else { return Err(AuthError::AuthFailed) };
-        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, password.as_bytes())
-            .as_ref()
-            .try_into()
-            .expect("32 bytes");
+        let digest: [u8; 32] =
+            ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref().try_into().expect("32 bytes");
         let key = (user.to_string(), digest);
         if let Some((hash, at)) = self.checked.lock().unwrap().get(&key) {
             if *hash == stored && at.elapsed() < CHECKED_PASSWORD_TTL {
@@ -261,6 +266,8 @@ impl HttpAuth {
             }
         }
         let (h, p) = (stored.clone(), password.to_string());
+        // Few Argon2 checks at once: a client guessing passwords slows itself, not the member.
+        let _slot = PASSWORD_CHECKS.acquire().await.map_err(|_| AuthError::AuthFailed)?;
         let ok = tokio::task::spawn_blocking(move || quorate_kv::auth::verify_password(&h, &p))
             .await
             .map_err(|_| AuthError::AuthFailed)?;
@@ -344,8 +351,10 @@ pub async fn guard(State(auth): State<Arc<HttpAuth>>, req: Request, next: Next) 
 /// 401s name the schemes a client may answer with.
 fn with_challenge(mut resp: Response) -> Response {
     if resp.status() == StatusCode::UNAUTHORIZED {
-        resp.headers_mut()
-            .insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer realm=\"quorate\", Basic realm=\"quorate\""));
+        resp.headers_mut().insert(
+            "www-authenticate",
+            axum::http::HeaderValue::from_static("Bearer realm=\"quorate\", Basic realm=\"quorate\""),
+        );
     }
     resp
 }
@@ -371,20 +380,55 @@ mod tests {
             (&put, "/debug/failpoints/fsync-delay-ms", None, Need::Root),
             (&get, "/debug/pprof/profile", None, Need::Root),
             (&get, "/something/new", None, Need::Root),
-            (&put, "/api/v1/ns/prod/services/orders/instances/i1", None, keys(Write, "/quorate/registry/prod/orders/", b"/quorate/registry/prod/orders0")),
-            (&put, "/api/v1/ns/prod/services/orders/instances/i1/heartbeat", None, keys(Write, "/quorate/registry/prod/orders/", b"/quorate/registry/prod/orders0")),
-            (&get, "/api/v1/ns/prod/services/orders/instances", None, keys(Read, "/quorate/registry/prod/orders/", b"/quorate/registry/prod/orders0")),
+            (
+                &put,
+                "/api/v1/ns/prod/services/orders/instances/i1",
+                None,
+                keys(Write, "/quorate/registry/prod/orders/", b"/quorate/registry/prod/orders0"),
+            ),
+            (
+                &put,
+                "/api/v1/ns/prod/services/orders/instances/i1/heartbeat",
+                None,
+                keys(Write, "/quorate/registry/prod/orders/", b"/quorate/registry/prod/orders0"),
+            ),
+            (
+                &get,
+                "/api/v1/ns/prod/services/orders/instances",
+                None,
+                keys(Read, "/quorate/registry/prod/orders/", b"/quorate/registry/prod/orders0"),
+            ),
             (&get, "/api/v1/ns/prod/services", None, keys(Read, "/quorate/registry/prod/", b"/quorate/registry/prod0")),
-            (&get, "/v1/health/service/web", None, keys(Read, "/quorate/registry/default/web/", b"/quorate/registry/default/web0")),
-            (&get, "/v1/catalog/services", None, keys(Read, "/quorate/registry/default/", b"/quorate/registry/default0")),
+            (
+                &get,
+                "/v1/health/service/web",
+                None,
+                keys(Read, "/quorate/registry/default/web/", b"/quorate/registry/default/web0"),
+            ),
+            (
+                &get,
+                "/v1/catalog/services",
+                None,
+                keys(Read, "/quorate/registry/default/", b"/quorate/registry/default0"),
+            ),
             (&put, "/v1/agent/service/register", None, Need::User),
             (&get, "/v1/kv/app/a%2Fb", None, keys(Read, "app/a/b", b"")),
             (&get, "/v1/kv/app/", Some("recurse=true"), keys(Read, "app/", b"app0")),
             (&get, "/v1/kv/app", Some("keys"), keys(Read, "app", b"apq")),
             (&put, "/v1/kv/app/x", Some("cas=3"), keys(Write, "app/x", b"")),
             (&del, "/v1/kv/", Some("recurse"), keys(Write, "\0", &[0])),
-            (&post, "/eureka/apps/ORDERS", None, keys(Write, "/quorate/registry/default/orders/", b"/quorate/registry/default/orders0")),
-            (&put, "/eureka/apps/ORDERS/i1", None, keys(Write, "/quorate/registry/default/orders/", b"/quorate/registry/default/orders0")),
+            (
+                &post,
+                "/eureka/apps/ORDERS",
+                None,
+                keys(Write, "/quorate/registry/default/orders/", b"/quorate/registry/default/orders0"),
+            ),
+            (
+                &put,
+                "/eureka/apps/ORDERS/i1",
+                None,
+                keys(Write, "/quorate/registry/default/orders/", b"/quorate/registry/default/orders0"),
+            ),
             (&get, "/eureka/apps", None, keys(Read, "/quorate/registry/default/", b"/quorate/registry/default0")),
         ];
         for (method, path, query, want) in table {
@@ -411,7 +455,7 @@ mod tests {
         assert_eq!(t.user("abcdefghijklmnop0001"), Some("alice".into()));
         assert_eq!(t.user("nope"), None);
         std::fs::write(dir.path().join("short"), "abc alice\n").unwrap();
-        assert!(StaticTokens::load(dir.path().join("short")).unwrap_err().contains("line 1"));
+        assert!(StaticTokens::load(dir.path().join("short")).err().unwrap().contains("line 1"));
         std::fs::write(dir.path().join("three"), "abcdefghijklmnop0001 alice extra\n").unwrap();
         assert!(StaticTokens::load(dir.path().join("three")).is_err());
         assert!(StaticTokens::load(dir.path().join("missing")).is_err());

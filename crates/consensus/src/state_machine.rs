@@ -335,8 +335,7 @@ impl StateMachine {
         let (store, members, extras, meta) = {
             let store = self.shared.store.read().unwrap();
             let members = self.shared.members.read().unwrap().clone();
-            let extras =
-                Extras { isolated: self.shared.isolated.read().unwrap().clone(), auth: store.auth().clone() };
+            let extras = Extras { isolated: self.shared.isolated.read().unwrap().clone(), auth: store.auth().clone() };
             let (last, membership) = self.shared.applied.read().unwrap().clone();
             (store.clone(), members, extras, SnapshotMeta { last_log_id: last, last_membership: membership })
         };

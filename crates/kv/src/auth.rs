@@ -56,15 +56,40 @@ pub enum AuthCommand {
         token_key: Vec<u8>,
     },
     Disable,
-    UserAdd { name: String, password_hash: Option<String> },
-    UserDelete { name: String },
-    UserChangePassword { name: String, password_hash: Option<String> },
-    UserGrantRole { user: String, role: String },
-    UserRevokeRole { user: String, role: String },
-    RoleAdd { name: String },
-    RoleDelete { name: String },
-    RoleGrantPermission { role: String, perm: Permission },
-    RoleRevokePermission { role: String, key: Vec<u8>, range_end: Vec<u8> },
+    UserAdd {
+        name: String,
+        password_hash: Option<String>,
+    },
+    UserDelete {
+        name: String,
+    },
+    UserChangePassword {
+        name: String,
+        password_hash: Option<String>,
+    },
+    UserGrantRole {
+        user: String,
+        role: String,
+    },
+    UserRevokeRole {
+        user: String,
+        role: String,
+    },
+    RoleAdd {
+        name: String,
+    },
+    RoleDelete {
+        name: String,
+    },
+    RoleGrantPermission {
+        role: String,
+        perm: Permission,
+    },
+    RoleRevokePermission {
+        role: String,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+    },
 }
 
 /// etcd's auth errors, with the messages its clients match on.
@@ -376,7 +401,10 @@ impl AuthStore {
 pub fn hash_password(password: &str, salt: &[u8; 16]) -> String {
     use argon2::password_hash::{PasswordHasher, SaltString};
     let salt = SaltString::encode_b64(salt).expect("16 bytes is a valid salt");
-    argon2::Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 with default parameters").to_string()
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters")
+        .to_string()
 }
 
 /// Whether `password` is the one `hash` was made from. Slow by design (tens of milliseconds):
@@ -392,7 +420,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{AuthError, AuthStore, PermType};
 use crate::lease::{Lease, LEASE_MAX_TTL_S};
 use crate::txn_check::{check_key, check_put_shape, check_txn_writes};
-use crate::auth::{AuthError, AuthStore, PermType};
 use crate::types::*;
 use crate::KvError;
 

@@ -570,15 +570,24 @@ mod authorized {
     fn writes_apply_only_under_a_permission_held_when_they_are_applied() {
         let mut s = store();
         assert!(s.apply(&as_user("alice", put_cmd("app/x", "1")), POS).result.is_ok());
-        assert_eq!(refused(&mut s, as_user("alice", put_cmd("other", "1"))), KvError::Auth(AuthError::PermissionDenied));
+        assert_eq!(
+            refused(&mut s, as_user("alice", put_cmd("other", "1"))),
+            KvError::Auth(AuthError::PermissionDenied)
+        );
         assert_eq!(
             refused(&mut s, Command::Authorized { user: None, cmd: Box::new(put_cmd("app/x", "2")) }),
             KvError::Auth(AuthError::UserEmpty)
         );
         assert!(s.apply(&as_user("root", put_cmd("other", "1")), POS).result.is_ok(), "root writes anywhere");
         // A revocation that lands before the write in the log wins, whatever the door saw.
-        auth(&mut s, A::RoleRevokePermission { role: "app".into(), key: b"app/".to_vec(), range_end: b"app0".to_vec() });
-        assert_eq!(refused(&mut s, as_user("alice", put_cmd("app/x", "3"))), KvError::Auth(AuthError::PermissionDenied));
+        auth(
+            &mut s,
+            A::RoleRevokePermission { role: "app".into(), key: b"app/".to_vec(), range_end: b"app0".to_vec() },
+        );
+        assert_eq!(
+            refused(&mut s, as_user("alice", put_cmd("app/x", "3"))),
+            KvError::Auth(AuthError::PermissionDenied)
+        );
         assert_eq!(get(&s, "app/x").unwrap().value, b"1");
         // The member's own commands (evictions, lease decisions) are not a client's: unwrapped.
         assert!(s.apply(&put_cmd("internal", "1"), POS).result.is_ok());
@@ -603,10 +612,17 @@ mod authorized {
                     key: b"app/c".to_vec(),
                     range_end: vec![],
                 }],
-                success: vec![RequestOp::Put(PutRequest { key: b"app/ok".to_vec(), value: b"1".to_vec(), ..Default::default() })],
+                success: vec![RequestOp::Put(PutRequest {
+                    key: b"app/ok".to_vec(),
+                    value: b"1".to_vec(),
+                    ..Default::default()
+                })],
                 failure: vec![RequestOp::Txn(TxnRequest {
                     compare: vec![],
-                    success: vec![RequestOp::DeleteRange(DeleteRangeRequest { key: failure_key.into(), ..Default::default() })],
+                    success: vec![RequestOp::DeleteRange(DeleteRangeRequest {
+                        key: failure_key.into(),
+                        ..Default::default()
+                    })],
                     failure: vec![],
                 })],
             })
@@ -635,7 +651,10 @@ mod authorized {
         s.apply(&as_user("root", Command::LeaseGrant { id: 7, ttl_s: 60 }), POS).result.unwrap();
         let p = PutRequest { key: b"other".to_vec(), value: b"v".to_vec(), lease: 7, ..Default::default() };
         s.apply(&as_user("root", Command::Put(p)), POS).result.unwrap();
-        assert_eq!(refused(&mut s, as_user("alice", Command::LeaseRevoke { id: 7 })), KvError::Auth(AuthError::PermissionDenied));
+        assert_eq!(
+            refused(&mut s, as_user("alice", Command::LeaseRevoke { id: 7 })),
+            KvError::Auth(AuthError::PermissionDenied)
+        );
         assert!(s.apply(&as_user("alice", Command::LeaseGrant { id: 8, ttl_s: 60 }), POS).result.is_ok());
         assert_eq!(
             refused(&mut s, as_user("mallory", Command::LeaseGrant { id: 9, ttl_s: 60 })),
