@@ -48,9 +48,12 @@ async fn put(endpoint: &str, token: Option<&str>, key: &str) -> Result<i64, toni
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_auth_guards_every_api_on_every_member() {
     let mut c = Cluster::start_with(Flavor::Quorate, 3, &["--snapshot-count", "200"]).expect("cluster");
-    let (m1, m2, m3) = (c.nodes[0].endpoint(), c.nodes[1].endpoint(), c.nodes[2].endpoint());
-    // m3 misses every auth change: it will learn them from a snapshot.
-    c.kill(2);
+    // "m3" is a follower that misses every auth change: it will learn them from a snapshot.
+    // "m1" leads when this starts; "m2" is the other follower.
+    let leader = c.wait_leader(Duration::from_secs(10)).expect("a leader");
+    let (lag, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    let (m1, m2, m3) = (c.nodes[leader].endpoint(), c.nodes[other].endpoint(), c.nodes[lag].endpoint());
+    c.kill(lag);
 
     for args in [
         &["user", "add", "root:rootpw"][..],
@@ -141,17 +144,25 @@ async fn etcd_auth_guards_every_api_on_every_member() {
 
     // Enough writes to purge the log past every auth change, then m3 comes back: only a
     // snapshot can tell it about users, roles and that auth is on.
+    // Written until the leader has given up on the log for m3 and tries to send it a snapshot
+    // (it says so in its log), however fast the writes went.
     let root_token = authenticate(&m1, "root", "rootpw").await;
-    for i in 0..500 {
-        put(&m1, Some(&root_token), &format!("load/{i}")).await.expect("root's load");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    while ![leader, other].iter().any(|&m| c.log(m).contains("sending snapshot")) {
+        assert!(Instant::now() < deadline, "no snapshot for m3 after {i} writes");
+        for _ in 0..100 {
+            put(&m1, Some(&root_token), &format!("load/{i}")).await.expect("root's load");
+            i += 1;
+        }
     }
-    c.spawn(2).expect("restart m3");
+    c.spawn(lag).expect("restart m3");
     let deadline = Instant::now() + Duration::from_secs(30);
     while put(&m3, Some(&token), "app/at-m3").await.is_err() {
-        assert!(Instant::now() < deadline, "m3 never accepted alice's token:\n{}", c.log(2));
+        assert!(Instant::now() < deadline, "m3 never accepted alice's token:\n{}", c.log(lag));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(c.log(2).contains("installed snapshot"), "m3 caught up without a snapshot:\n{}", c.log(2));
+    assert!(c.log(lag).contains("installed snapshot"), "m3 caught up without a snapshot:\n{}", c.log(lag));
     refused(etcdctl(&m3, &["put", "app/x", "2"]), "unauthenticated put at m3", "etcdserver: user name is empty");
     refused(etcdctl(&m3, &with(&alice, &["put", "other", "1"])), "alice outside app/ at m3", "permission denied");
 
@@ -169,15 +180,15 @@ async fn etcd_auth_guards_every_api_on_every_member() {
     }
 
     // Restarted, every member still has auth on and root's password.
-    for i in [0, 1] {
+    for i in [leader, other] {
         c.stop(i);
     }
-    for i in [0, 1] {
+    for i in [leader, other] {
         c.spawn(i).expect("restart");
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !etcdctl(&m2, &with(&root, &["--command-timeout=2s", "put", "after-restart", "1"])).ok {
-        assert!(Instant::now() < deadline, "root cannot write after a restart:\n{}", c.log(1));
+        assert!(Instant::now() < deadline, "root cannot write after a restart:\n{}", c.log(other));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     refused(etcdctl(&m1, &["put", "k", "v"]), "unauthenticated put after a restart", "user name is empty");

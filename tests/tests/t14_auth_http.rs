@@ -132,6 +132,34 @@ async fn http_apis_answer_to_the_same_users_and_roles() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A Consul session is its creator's: alice may not destroy root's, and an id that names an
+    // instance's lease (not a session) revokes nothing.
+    let r = call(&c, "PUT", "/v1/session/create", Some(bearer(&root_token)), Some("{}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let session = r.json()["ID"].as_str().unwrap().to_string();
+    let r = call(&c, "PUT", &format!("/v1/session/destroy/{session}"), alice(), None);
+    assert_eq!(status_code(&r).0, 403, "{}", r.body);
+    let lease = call(&c, "GET", orders, alice(), None).json()["lease"].as_i64().unwrap() as u64;
+    let fake = format!("{:08x}-{:04x}-{:04x}-8000-000000000000", lease >> 32, (lease >> 16) & 0xffff, lease & 0xffff);
+    assert_eq!(call(&c, "PUT", &format!("/v1/session/destroy/{fake}"), alice(), None).status, 200);
+    assert_eq!(
+        call(&c, "PUT", &format!("{orders}/heartbeat"), alice(), None).status,
+        200,
+        "the instance's lease lives"
+    );
+    assert_eq!(call(&c, "PUT", &format!("/v1/session/destroy/{session}"), Some(bearer(&root_token)), None).status, 200);
+
+    // quorate ctl with --user: the operator's view needs root; without it, what is open only.
+    let ep = c.nodes[0].endpoint();
+    let run = quorate_tests::ctl(&ep, &["status"]);
+    assert_eq!(run.code, 0, "ctl status with auth on and no user: {}{}", run.stdout, run.stderr);
+    let run = quorate_tests::ctl(&ep, &["audit"]);
+    assert_ne!(run.code, 0, "ctl audit with no user read the registry: {}", run.stdout);
+    let run = quorate_tests::ctl(&ep, &["--user", "root:rootpw", "audit"]);
+    assert_eq!(run.code, 0, "ctl audit as root: {}{}", run.stdout, run.stderr);
+    let run = quorate_tests::ctl(&ep, &["--user", "root:wrong", "status"]);
+    assert!(run.code != 0 && run.stderr.contains("authentication failed"), "{}", run.stderr);
+
     // Operators' endpoints are root's; health and status are open.
     for (method, path) in [
         ("POST", "/v1/member/isolate"),

@@ -74,6 +74,9 @@ impl Ctx {
     }
 
     /// `cmd` checked at the door for `user`, and wrapped so that it is checked again at apply.
+    /// Wrapped with auth off too: a member that has not yet applied `auth enable` (one that
+    /// lags, or restarted from an old snapshot) must not let a write through unchecked, and
+    /// the state machine refuses nobody's write once auth is on.
     pub(crate) fn as_user(&self, user: Option<String>, cmd: Command) -> Result<Command, Status> {
         self.member.read(|s| s.authorize(user.as_deref(), &cmd)).map_err(auth_status)?;
         Ok(cmd.authorized(user))

@@ -58,14 +58,17 @@ impl AuthService {
         }
     }
 
-    /// A read of the auth store, after a read index (a user just added at the leader is seen).
+    /// A read of the auth store, after a read index (a user just added at the leader is seen),
+    /// as the caller (`None` for `Authenticate` and `AuthStatus`, which ignore any token sent, as
+    /// etcd does: a client re-authenticates with its expired token still attached).
     async fn read<T, R>(
         &self,
         req: &Request<T>,
+        as_caller: bool,
         f: impl FnOnce(Option<&str>, &quorate_kv::auth::AuthStore) -> Result<R, AuthError>,
     ) -> Result<(R, pb::ResponseHeader), Status> {
         self.ctx.member.linearize().await.map_err(consensus_status)?;
-        let user = self.ctx.caller(req)?;
+        let user = if as_caller { self.ctx.caller(req)? } else { None };
         let out = self.ctx.member.read(|s| f(user.as_deref(), s.auth())).map_err(auth_status)?;
         Ok((out, self.ctx.header()))
     }
@@ -102,7 +105,7 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         req: Request<pb::AuthStatusRequest>,
     ) -> Result<Response<pb::AuthStatusResponse>, Status> {
-        let ((enabled, auth_revision), header) = self.read(&req, |_, a| Ok((a.enabled(), a.revision()))).await?;
+        let ((enabled, auth_revision), header) = self.read(&req, false, |_, a| Ok((a.enabled(), a.revision()))).await?;
         Ok(Response::new(pb::AuthStatusResponse { header: Some(header), enabled, auth_revision }))
     }
 
@@ -113,15 +116,19 @@ impl pb::auth_server::Auth for AuthService {
         let r = req.get_ref();
         let (name, password) = (r.name.clone(), r.password.clone());
         let (stored, header) = self
-            .read(&req, |_, a| {
+            .read(&req, false, |_, a| {
                 if !a.enabled() {
                     return Err(AuthError::AuthNotEnabled);
                 }
                 Ok(a.user(&name).and_then(|u| u.password_hash.clone()))
             })
             .await?;
-        // An unknown user costs a hash too, so that timing does not tell which names exist.
-        let _slot = PASSWORD_CHECKS.acquire().await.map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        // No queue: past the slots, etcd's "too many requests", so that password guessing
+        // cannot hold the member's threads. An unknown user costs a hash too, so that timing
+        // does not tell which names exist.
+        let _slot =
+            PASSWORD_CHECKS.try_acquire().map_err(|_| Status::resource_exhausted("etcdserver: too many requests"))?;
+        let verified = stored.clone();
         let ok = tokio::task::spawn_blocking(move || match stored {
             Some(h) => quorate_kv::auth::verify_password(&h, &password),
             None => {
@@ -135,7 +142,8 @@ impl pb::auth_server::Auth for AuthService {
             return Err(auth_status(AuthError::AuthFailed));
         }
         let expires = crate::access::now_unix_ms().saturating_add(self.ctx.auth_token_ttl.as_millis() as u64);
-        let token = self.ctx.member.read(|s| s.auth().issue_token(&name, expires)).map_err(auth_status)?;
+        let verified = verified.unwrap_or_default();
+        let token = self.ctx.member.read(|s| s.auth().issue_token(&name, &verified, expires)).map_err(auth_status)?;
         Ok(Response::new(pb::AuthenticateResponse { header: Some(header), token }))
     }
 
@@ -150,6 +158,8 @@ impl pb::auth_server::Auth for AuthService {
                 "quorate: hashedPassword (a client-side bcrypt hash) is not accepted; send the password over TLS",
             ));
         }
+        // Root's, before any hashing: nobody else may make the member spend a hash.
+        self.ctx.admin(&req)?;
         let name = r.name.clone();
         let password_hash = if no_password { None } else { Some(hash(r.password.clone()).await?) };
         let header = self.change(&req, AuthCommand::UserAdd { name, password_hash }).await?;
@@ -162,7 +172,7 @@ impl pb::auth_server::Auth for AuthService {
     ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
         let name = req.get_ref().name.clone();
         let (roles, header) = self
-            .read(&req, |caller, a| {
+            .read(&req, true, |caller, a| {
                 // A user may read itself; anyone else needs root.
                 if caller != Some(name.as_str()) {
                     a.check_admin(caller)?;
@@ -178,7 +188,7 @@ impl pb::auth_server::Auth for AuthService {
         req: Request<pb::AuthUserListRequest>,
     ) -> Result<Response<pb::AuthUserListResponse>, Status> {
         let (users, header) = self
-            .read(&req, |caller, a| {
+            .read(&req, true, |caller, a| {
                 a.check_admin(caller)?;
                 Ok(a.users().map(|(n, _)| n.clone()).collect())
             })
@@ -205,6 +215,7 @@ impl pb::auth_server::Auth for AuthService {
                 "quorate: hashedPassword (a client-side bcrypt hash) is not accepted; send the password over TLS",
             ));
         }
+        self.ctx.admin(&req)?;
         let name = r.name.clone();
         let password_hash = Some(hash(r.password.clone()).await?);
         let header = self.change(&req, AuthCommand::UserChangePassword { name, password_hash }).await?;
@@ -246,7 +257,7 @@ impl pb::auth_server::Auth for AuthService {
     ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
         let name = req.get_ref().role.clone();
         let (perm, header) = self
-            .read(&req, |caller, a| {
+            .read(&req, true, |caller, a| {
                 // A user may read the roles it has; anyone else needs root.
                 let has = caller.and_then(|c| a.user(c)).is_some_and(|u| u.roles.contains(&name));
                 if !has {
@@ -270,7 +281,7 @@ impl pb::auth_server::Auth for AuthService {
         req: Request<pb::AuthRoleListRequest>,
     ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
         let (roles, header) = self
-            .read(&req, |caller, a| {
+            .read(&req, true, |caller, a| {
                 a.check_admin(caller)?;
                 Ok(a.roles().map(|(n, _)| n.clone()).collect())
             })

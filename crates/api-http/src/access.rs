@@ -91,8 +91,12 @@ pub fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
         // Consul KV: the key, or every key under it with `recurse` or `keys`.
         ["v1", "kv", rest @ ..] => {
             let key = decoded(&rest.join("/")).into_bytes();
-            let whole =
-                query.is_some_and(|q| q.split('&').any(|p| matches!(p.split('=').next(), Some("recurse" | "keys"))));
+            let whole = query.is_some_and(|q| {
+                q.split('&').any(|p| {
+                    let name = percent_decode(&p.split('=').next().unwrap_or_default().replace('+', " "));
+                    matches!(name.as_str(), "recurse" | "keys")
+                })
+            });
             let perm = if get { Read } else { Write };
             match (key.is_empty(), whole) {
                 (true, _) => Need::Keys { perm, key: vec![0], range_end: vec![0] },
@@ -103,7 +107,11 @@ pub fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
                 (false, false) => Need::Keys { perm, key, range_end: vec![] },
             }
         }
-        // Eureka, by application (names are kept lower-case).
+        // Eureka (served at /eureka and /eureka/v2), by application (names kept lower-case).
+        ["eureka", "v2", rest @ ..] => {
+            let path = format!("/eureka/{}", rest.join("/"));
+            need(method, &path, query)
+        }
         ["eureka", "apps"] | ["eureka", "apps", ""] | ["eureka", "apps", "delta"] | ["eureka", "instances", _]
             if get =>
         {
@@ -267,7 +275,9 @@ impl HttpAuth {
         }
         let (h, p) = (stored.clone(), password.to_string());
         // Few Argon2 checks at once: a client guessing passwords slows itself, not the member.
-        let _slot = PASSWORD_CHECKS.acquire().await.map_err(|_| AuthError::AuthFailed)?;
+        // No queue: past the slots a password is not checked (401), so a client guessing
+        // passwords cannot hold the member's threads.
+        let _slot = PASSWORD_CHECKS.try_acquire().map_err(|_| AuthError::AuthFailed)?;
         let ok = tokio::task::spawn_blocking(move || quorate_kv::auth::verify_password(&h, &p))
             .await
             .map_err(|_| AuthError::AuthFailed)?;
@@ -336,6 +346,10 @@ pub async fn guard(State(auth): State<Arc<HttpAuth>>, req: Request, next: Next) 
     }
     let query = req.uri().query().map(str::to_string);
     let need = need(req.method(), req.uri().path(), query.as_deref());
+    if need == Need::Open {
+        // Health, metrics and status answer whatever credentials come with them.
+        return CALLER.scope(None, next.run(req)).await;
+    }
     let user = match auth.resolve(req.headers(), query.as_deref()).await {
         Ok(user) => user,
         // Bad credentials are refused even where none are needed: a client must learn that its
@@ -430,6 +444,14 @@ mod tests {
                 keys(Write, "/quorate/registry/default/orders/", b"/quorate/registry/default/orders0"),
             ),
             (&get, "/eureka/apps", None, keys(Read, "/quorate/registry/default/", b"/quorate/registry/default0")),
+            (
+                &put,
+                "/eureka/v2/apps/ORDERS/i1",
+                None,
+                keys(Write, "/quorate/registry/default/orders/", b"/quorate/registry/default/orders0"),
+            ),
+            (&get, "/v1/kv/app", Some("%72ecurse"), keys(Read, "app", b"apq")),
+            (&get, "/v1/kv/app", Some("k%65ys=1"), keys(Read, "app", b"apq")),
         ];
         for (method, path, query, want) in table {
             assert_eq!(need(method, path, query), want, "{method} {path}?{query:?}");

@@ -374,7 +374,7 @@ async fn session_create(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
         (other, _) => return Err(ApiError::bad_request("internal", format!("{other:?}"))),
     };
     let id = session_id(lease);
-    let record = json!({"ID": id, "Name": req.name.unwrap_or_default(), "TTL": req.ttl.unwrap_or_default(),
+    let record = json!({"ID": id, "Name": req.name.unwrap_or_default(), "TTL": req.ttl.unwrap_or_default(), "User": crate::access::caller(),
                         "Behavior": behavior, "LockDelay": lock_delay.as_nanos() as u64, "Node": "quorate", "NodeChecks": [], "ServiceChecks": []});
     let put = PutRequest {
         key: format!("{SESSION_PREFIX}{id}").into_bytes(),
@@ -398,10 +398,28 @@ fn session_record(api: &Api, id: &str) -> Option<(Value, i64)> {
     })
 }
 
+/// With auth on, only a session's creator (or root) may renew or destroy it: its id names a
+/// lease, and a lease is not anyone's to keep alive or revoke.
+fn permit_session(api: &Api, record: &Value) -> Result<(), ApiError> {
+    let caller = crate::access::caller();
+    api.member
+        .read(|s| {
+            let auth = s.auth();
+            if !auth.enabled() || (caller.is_some() && record["User"].as_str() == caller.as_deref()) {
+                return Ok(());
+            }
+            auth.check_admin(caller.as_deref())
+        })
+        .map_err(crate::access::refusal)
+}
+
 async fn session_renew(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
     let lease = lease_of(&id)?;
     api.member.linearize().await?;
     let missing = || ApiError::not_found("unknown_session", format!("Session id '{id}' not found"));
+    // Only a session's own lease: an id that names another lease is no session.
+    let (record, _) = session_record(&api, &id).ok_or_else(missing)?;
+    permit_session(&api, &record)?;
     if api.member.lease_keepalive(lease).await?.is_none() {
         return Err(missing());
     }
@@ -411,8 +429,16 @@ async fn session_renew(State(api): State<Arc<Api>>, Path(id): Path<String>) -> A
 
 async fn session_destroy(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
     let lease = lease_of(&id)?;
+    api.member.linearize().await?;
+    // Only a session's own lease is revoked: an id that names another lease (an instance's, a
+    // lock's) is no session, and is gone already as far as Consul is concerned.
+    let Some((record, rev)) = session_record(&api, &id) else {
+        return Ok((consul_headers(&api, api.member.read(|s| s.revision()), Consistency::Linearizable), Json(true))
+            .into_response());
+    };
+    permit_session(&api, &record)?;
     let resp = api.member.write(Command::LeaseRevoke { id: lease }).await?;
-    let rev = resp.revision;
+    let rev = resp.revision.max(rev);
     // Destroying a session that is already gone succeeds, as in Consul.
     Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(true)).into_response())
 }

@@ -16,6 +16,8 @@ const BLOCKING_WAIT_JITTER_FRACTION: u32 = 16;
 
 /// Propose a client's write, as the request's caller: checked again where it is applied.
 pub async fn write(api: &Api, cmd: Command) -> Result<(CommandResponse, i64), ApiError> {
+    // Wrapped with auth off too: a member that lags behind `auth enable` must not let a write
+    // through unchecked.
     write_as_member(api, cmd.authorized(crate::access::caller())).await
 }
 

@@ -73,6 +73,10 @@ struct CtlArgs {
     /// The key of --cert.
     #[arg(long, global = true)]
     key: Option<PathBuf>,
+    /// With auth on: `name:password` (etcdctl's flag; without `:password`, QUORATE_PASSWORD).
+    /// ctl logs in once and sends the token to every member, over gRPC and to the HTTP ports.
+    #[arg(long, global = true)]
+    user: Option<String>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -936,7 +940,7 @@ fn run() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Ctl(args) => {
-                let opts = quorate_ctl::Options {
+                let mut opts = quorate_ctl::Options {
                     endpoints: args.endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect(),
                     json: args.write_out == "json",
                     dial_timeout: args.dial_timeout,
@@ -946,7 +950,22 @@ fn run() -> anyhow::Result<()> {
                         args.cert.as_deref(),
                         args.key.as_deref(),
                     )?,
+                    token: None,
                 };
+                if let Some(user) = &args.user {
+                    let (name, password) = match user.split_once(':') {
+                        Some((n, p)) => (n.to_string(), p.to_string()),
+                        None => (
+                            user.clone(),
+                            std::env::var("QUORATE_PASSWORD").map_err(|_| {
+                                anyhow::anyhow!(
+                                    "--user {user}: give name:password, or the password in QUORATE_PASSWORD"
+                                )
+                            })?,
+                        ),
+                    };
+                    opts.token = Some(quorate_ctl::login(&opts, &name, &password).await?);
+                }
                 let code = match args.command {
                     CtlCommand::Status => quorate_ctl::status(&opts).await?,
                     CtlCommand::Isolate { member, reason } => {

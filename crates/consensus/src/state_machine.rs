@@ -279,8 +279,8 @@ impl StateMachine {
     /// Store `store` as this state machine's snapshot at `meta` (a restored data directory).
     pub(crate) fn save_image(&self, meta: &SnapshotMeta, store: &Store) -> io::Result<()> {
         let members = BTreeMap::new();
-        let data =
-            encode_snapshot(&SmSnapshotRef { store: store.snapshot_view(), members: &members }, &Extras::default())?;
+        let extras = Extras { auth: store.auth().clone(), ..Extras::default() };
+        let data = encode_snapshot(&SmSnapshotRef { store: store.snapshot_view(), members: &members }, &extras)?;
         match self.save_snapshot(meta, &data)? {
             Saved::Stored | Saved::AlreadyStored => Ok(()),
             Saved::KeptNewer { .. } => Err(io_err("the state file already holds a newer snapshot")),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use quorate_api_grpc::pb::etcdserverpb as pb;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::Options;
 
@@ -151,14 +151,39 @@ fn host_port(endpoint: &str) -> String {
     s.trim_end_matches('/').to_string()
 }
 
+/// A connection to a member whose calls carry the `--user` token (if any).
+pub(crate) type Channel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WithToken>;
+
+/// Puts the token in each call's metadata, where etcd's clients put it.
+#[derive(Clone)]
+pub(crate) struct WithToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for WithToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert(quorate_api_grpc::TOKEN_METADATA, t.clone());
+        }
+        Ok(req)
+    }
+}
+
 pub(crate) async fn dial(endpoint: &str, opts: &Options) -> anyhow::Result<Channel> {
     let url = url_of(endpoint);
     let ep = Endpoint::from_shared(url.clone())?.connect_timeout(opts.dial_timeout).timeout(opts.command_timeout);
-    if url.starts_with("https://") {
+    let token =
+        opts.token.as_deref().map(str::parse).transpose().map_err(|_| anyhow::anyhow!("a token that is not ASCII"))?;
+    let ch = if url.starts_with("https://") {
         let tls = opts.tls.as_ref().ok_or_else(|| anyhow::anyhow!("{url} is https://: give --cacert"))?;
-        return Ok(quorate_tls::connect(&ep, tls.grpc.clone()).await?);
-    }
-    Ok(ep.connect().await?)
+        quorate_tls::connect(&ep, tls.grpc.clone()).await?
+    } else {
+        ep.connect().await?
+    };
+    Ok(tonic::service::interceptor::InterceptedService::new(ch, WithToken(token)))
+}
+
+/// The `Authorization` header line of `--user`'s token, or nothing.
+fn auth_header(opts: &Options) -> String {
+    opts.token.as_deref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default()
 }
 
 /// One HTTP/1.1 exchange with `addr` (`host:port`, `http://host:port` or `https://host:port`):
@@ -232,7 +257,8 @@ pub(crate) async fn http_post(
 ) -> anyhow::Result<(u16, String)> {
     let fetch = http_exchange(opts, addr, |host| {
         format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            auth_header(opts),
             body.len()
         )
     });
@@ -249,8 +275,9 @@ pub(crate) async fn http_post(
 /// An HTTP/1.1 GET (the member's JSON endpoint, over TLS for `https://`); returns the body of
 /// a 200.
 pub(crate) async fn http_get(opts: &Options, addr: &str, path: &str, limit: Duration) -> anyhow::Result<String> {
-    let fetch =
-        http_exchange(opts, addr, |host| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+    let fetch = http_exchange(opts, addr, |host| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{}Connection: close\r\n\r\n", auth_header(opts))
+    });
     let raw = bounded(limit, fetch).await?;
     let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
     if !head.starts_with("HTTP/1.1 200") {

@@ -29,6 +29,34 @@ pub struct Options {
     pub command_timeout: Duration,
     /// TLS toward `https://` endpoints and HTTP ports (`--cacert`, `--cert`, `--key`).
     pub tls: Option<ClientTls>,
+    /// With auth on (`--user`): the token from `login`, sent with every gRPC call and as a bearer
+    /// token to the HTTP ports.
+    pub token: Option<String>,
+}
+
+/// etcd's `Authenticate` at the first endpoint that answers: a token every member accepts.
+pub async fn login(opts: &Options, name: &str, password: &str) -> anyhow::Result<String> {
+    let mut errors = Vec::new();
+    for e in &opts.endpoints {
+        let attempt = async {
+            let ch = collect::bounded(opts.dial_timeout, collect::dial(e, opts)).await?;
+            let mut auth = quorate_api_grpc::pb::etcdserverpb::auth_client::AuthClient::new(ch);
+            let req = quorate_api_grpc::pb::etcdserverpb::AuthenticateRequest {
+                name: name.to_string(),
+                password: password.to_string(),
+            };
+            match tokio::time::timeout(opts.command_timeout, auth.authenticate(req)).await {
+                Ok(Ok(r)) => anyhow::Ok(r.into_inner().token),
+                Ok(Err(s)) => Err(anyhow::anyhow!("{}", s.message())),
+                Err(_) => Err(anyhow::anyhow!("timed out after {:?}", opts.command_timeout)),
+            }
+        };
+        match attempt.await {
+            Ok(token) => return Ok(token),
+            Err(err) => errors.push(format!("{e}: {err}")),
+        }
+    }
+    anyhow::bail!("--user {name}: could not log in: {}", errors.join("; "))
 }
 
 /// One CA and client certificate, for gRPC (ALPN `h2`) and for the HTTP port (`http/1.1`).

@@ -7,10 +7,10 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::collect::Channel;
 use quorate_api_grpc::pb::etcdserverpb as pb;
 use quorate_drill::history::{Input, Op, Output};
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::collect::{bounded, dial, ClusterView};
 use crate::{judge, Options, Thresholds, Verdict};

@@ -211,9 +211,8 @@ impl AuthStore {
                 if !root.roles.contains(ROOT) {
                     return Err(AuthError::RootRoleNotExist);
                 }
-                if self.token_key.is_empty() {
-                    self.token_key = token_key.clone();
-                }
+                // A new key each time auth is turned on: tokens from before a disable stay void.
+                self.token_key = token_key.clone();
                 self.enabled = true;
                 return Ok(());
             }
@@ -433,28 +432,46 @@ impl AuthStore {
     /// What a token's signature covers: the user, its expiry, and the user's password hash, so
     /// that changing the password (or deleting and re-adding the user) voids every token issued
     /// before, as etcd invalidates a user's tokens.
-    fn token_mac(&self, user: &str, expires_unix_ms: u64, password_hash: &str) -> Option<ring::hmac::Tag> {
-        if self.token_key.is_empty() {
-            return None;
-        }
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.token_key);
-        let mut ctx = ring::hmac::Context::with_key(&key);
-        ctx.update(user.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(&expires_unix_ms.to_be_bytes());
-        ctx.update(password_hash.as_bytes());
-        Some(ctx.sign())
+    /// Every field length-prefixed, so no two (user, expiry, hash) sign the same bytes.
+    fn token_message(user: &str, expires_unix_ms: u64, password_hash: &str) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(24 + user.len() + password_hash.len());
+        msg.extend_from_slice(&(user.len() as u64).to_be_bytes());
+        msg.extend_from_slice(user.as_bytes());
+        msg.extend_from_slice(&expires_unix_ms.to_be_bytes());
+        msg.extend_from_slice(&(password_hash.len() as u64).to_be_bytes());
+        msg.extend_from_slice(password_hash.as_bytes());
+        msg
+    }
+
+    fn token_key(&self) -> Option<ring::hmac::Key> {
+        (!self.token_key.is_empty()).then(|| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.token_key))
     }
 
     /// A token for `user`, valid on every member until `expires_unix_ms` (wall clock) or until
-    /// the user's password changes or the user is deleted. The caller checked the password.
-    pub fn issue_token(&self, user: &str, expires_unix_ms: u64) -> Result<String, AuthError> {
+    /// the user's password changes or the user is deleted. `verified_hash` is the stored hash
+    /// the caller checked the password against: if the password changed meanwhile, no token.
+    pub fn issue_token(&self, user: &str, verified_hash: &str, expires_unix_ms: u64) -> Result<String, AuthError> {
         if !self.enabled {
             return Err(AuthError::AuthNotEnabled);
         }
         let hash = self.users.get(user).and_then(|u| u.password_hash.as_deref()).ok_or(AuthError::AuthFailed)?;
-        let tag = self.token_mac(user, expires_unix_ms, hash).ok_or(AuthError::AuthFailed)?;
+        if hash != verified_hash {
+            return Err(AuthError::AuthFailed);
+        }
+        let key = self.token_key().ok_or(AuthError::AuthFailed)?;
+        let tag = ring::hmac::sign(&key, &Self::token_message(user, expires_unix_ms, hash));
         Ok(format!("{}.{expires_unix_ms}.{}", hex(user.as_bytes()), hex(tag.as_ref())))
+    }
+
+    /// This store without its token key, for a backup file: a restored cluster signs with a key
+    /// of its own (`set_token_key`), so a backup never lets anyone forge tokens for the cluster
+    /// it came from.
+    pub fn without_token_key(&self) -> AuthStore {
+        AuthStore { token_key: Vec::new(), ..self.clone() }
+    }
+
+    pub fn set_token_key(&mut self, key: Vec<u8>) {
+        self.token_key = key;
     }
 
     /// The user a token names, if it is one this store signed, has not expired at `now_unix_ms`,
@@ -476,12 +493,8 @@ impl AuthStore {
             return Err(bad);
         }
         let hash = self.users.get(&user).and_then(|u| u.password_hash.as_deref()).ok_or(bad.clone())?;
-        let key = if self.token_key.is_empty() { return Err(bad) } else { &self.token_key };
-        let mut msg = user.as_bytes().to_vec();
-        msg.push(0);
-        msg.extend_from_slice(&expires.to_be_bytes());
-        msg.extend_from_slice(hash.as_bytes());
-        ring::hmac::verify(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), &msg, &tag).map_err(|_| bad)?;
+        let key = self.token_key().ok_or(bad.clone())?;
+        ring::hmac::verify(&key, &Self::token_message(&user, expires, hash), &tag).map_err(|_| bad)?;
         Ok(user)
     }
 }
@@ -659,7 +672,7 @@ mod tests {
     #[test]
     fn tokens_name_their_user_until_they_expire_or_the_password_changes() {
         let mut a = store();
-        let t = a.issue_token("alice", 1_000).unwrap();
+        let t = a.issue_token("alice", "h", 1_000).unwrap();
         assert_eq!(a.verify_token(&t, 999), Ok(s("alice")));
         assert_eq!(a.verify_token(&t, 1_000), Err(AuthError::InvalidAuthToken), "expired");
         // Tampered: another user's name, a later expiry, a flipped signature, junk.
@@ -688,15 +701,23 @@ mod tests {
         // A new password voids it; so does deleting the user.
         a.apply(&UserChangePassword { name: s("alice"), password_hash: Some(s("h2")) }).unwrap();
         assert_eq!(a.verify_token(&t, 0), Err(AuthError::InvalidAuthToken));
-        let t2 = a.issue_token("alice", 1_000).unwrap();
+        assert_eq!(a.issue_token("alice", "h", 1_000), Err(AuthError::AuthFailed), "checked against the old hash");
+        let t2 = a.issue_token("alice", "h2", 1_000).unwrap();
         assert!(a.verify_token(&t2, 0).is_ok());
         a.apply(&UserDelete { name: s("alice") }).unwrap();
         assert_eq!(a.verify_token(&t2, 0), Err(AuthError::InvalidAuthToken));
         // No token for nobody, for a user without a password, or with auth off.
-        assert_eq!(a.issue_token("nobody", 1), Err(AuthError::AuthFailed));
+        assert_eq!(a.issue_token("nobody", "h", 1), Err(AuthError::AuthFailed));
         a.apply(&UserAdd { name: s("cn-only"), password_hash: None }).unwrap();
-        assert_eq!(a.issue_token("cn-only", 1), Err(AuthError::AuthFailed));
+        assert_eq!(a.issue_token("cn-only", "h", 1), Err(AuthError::AuthFailed));
         a.apply(&Disable).unwrap();
-        assert_eq!(a.issue_token("root", 1), Err(AuthError::AuthNotEnabled));
+        assert_eq!(a.issue_token("root", "h", 1), Err(AuthError::AuthNotEnabled));
+        // Enabling again signs with the new key: tokens from before are void.
+        let before = a.clone();
+        a.apply(&Enable { token_key: b"rotated".to_vec() }).unwrap();
+        let t3 = a.issue_token("root", "h", 1_000).unwrap();
+        assert!(a.verify_token(&t3, 0).is_ok());
+        assert_eq!(before.token_key, b"key");
+        assert_ne!(a.token_key, before.token_key);
     }
 }

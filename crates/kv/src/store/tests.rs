@@ -596,7 +596,7 @@ mod authorized {
         assert_eq!(refused(&mut s, as_user("alice", grant.clone())), KvError::Auth(AuthError::PermissionDenied));
         assert!(s.apply(&as_user("root", grant), POS).result.is_ok());
         assert_eq!(
-            refused(&mut s, as_user("alice", Command::Compact { revision: 2, physical: false })),
+            refused(&mut s, as_user("alice", Command::Alarm { activate: true, member: 1, alarm: AlarmType::NoSpace })),
             KvError::Auth(AuthError::PermissionDenied)
         );
     }
