@@ -132,3 +132,78 @@ fn a_stream_holds_at_most_its_watchers() {
         assert!(r.created() && !r.canceled(), "{r:?}");
     });
 }
+
+/// With auth on, the bucket is the user's, not the address's: two users behind one address (a
+/// NAT, a sidecar) are limited apart, so one of them flooding leaves the other served.
+#[test]
+fn with_auth_on_each_user_has_its_own_bucket_whatever_its_address() {
+    let c = Cluster::start_with(Flavor::Quorate, 1, &["--rate-limit-rps", RATE, "--rate-limit-burst", RATE])
+        .expect("cluster");
+    let endpoint = c.nodes[0].endpoint();
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "k"],
+        &["role", "grant-permission", "k", "--prefix=true", "readwrite", "k"],
+        &["user", "add", "alice:alicepw"],
+        &["user", "grant-role", "alice", "k"],
+        &["user", "add", "bob:bobpw"],
+        &["user", "grant-role", "bob", "k"],
+        &["auth", "enable"],
+    ] {
+        // The setup is limited too (by address, until auth is on): a refused step waits.
+        let mut out = quorate_tests::etcdctl(&endpoint, args);
+        for _ in 0..10 {
+            if out.ok || !out.stderr.contains("too many requests") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            out = quorate_tests::etcdctl(&endpoint, args);
+        }
+        assert!(out.ok, "{args:?}: {}", out.stderr);
+    }
+    // The setup spent this address's bucket; let it refill before the users' turn.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let token = |name: &'static str, pw: &'static str| {
+            let endpoint = endpoint.clone();
+            async move {
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut auth = pb::auth_client::AuthClient::new(ch);
+                let req = pb::AuthenticateRequest { name: name.into(), password: pw.into() };
+                auth.authenticate(req).await.expect("authenticate").into_inner().token
+            }
+        };
+        let (alice, bob) = (token("alice", "alicepw").await, token("bob", "bobpw").await);
+        let mut kv = kv_from(&endpoint, "127.0.0.1").await;
+        let mut put_as = |t: String, i: usize| {
+            let mut req = tonic::Request::new(pb::PutRequest {
+                key: format!("k{i}").into_bytes(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            });
+            req.metadata_mut().insert(quorate_api_grpc::TOKEN_METADATA, t.parse().unwrap());
+            let mut kv = kv.clone();
+            async move { kv.put(req).await }
+        };
+        let mut limited = 0;
+        for i in 0..40 {
+            match put_as(alice.clone(), i).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => limited += 1,
+                Err(s) => panic!("alice: {s:?}"),
+            }
+        }
+        assert!(limited > 0, "40 puts at once from alice, none refused");
+        // bob, from the same address and connection, is served at once.
+        for i in 0..3 {
+            put_as(bob.clone(), i).await.expect("bob was limited by alice's flood");
+        }
+        let _ = &mut kv;
+    });
+}

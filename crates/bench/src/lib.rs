@@ -67,6 +67,11 @@ pub enum Reader {
     /// (decoding 30 MB, the kernel copying it over loopback) does to write latency on two
     /// cores, whatever the server does.
     Burn,
+    /// Not a reader: another client flooding the first endpoint with puts on 16 streams, as fast
+    /// as it is answered, from another source address (127.0.0.2 toward a loopback endpoint), so
+    /// that a per-client rate limit sees two clients. Its "long reads" are its requests refused
+    /// with "too many requests". Measures whether a client over its rate costs the others.
+    Flood,
 }
 
 impl std::str::FromStr for Reader {
@@ -79,7 +84,8 @@ impl std::str::FromStr for Reader {
             "snapshot" => Reader::Snapshot,
             "hashkv" | "hash-kv" => Reader::HashKv,
             "burn" => Reader::Burn,
-            other => bail!("unknown reader {other:?} (none, range, watch, snapshot, hashkv, burn)"),
+            "flood" => Reader::Flood,
+            other => bail!("unknown reader {other:?} (none, range, watch, snapshot, hashkv, burn, flood)"),
         })
     }
 }
@@ -330,10 +336,53 @@ async fn long_reads(ch: Channel, reader: Reader, stop: Arc<AtomicBool>) -> Resul
                 maint.hash_kv(pb::HashKvRequest { revision: 0 }).await?;
             }
             Reader::Burn => burn(Duration::from_millis(100)),
+            Reader::Flood => unreachable!("the flood runs in `flood`"),
         }
         reads += 1;
     }
     Ok(reads)
+}
+
+/// Streams of the flooding client.
+const FLOOD_STREAMS: usize = 16;
+
+/// Puts on `FLOOD_STREAMS` streams from another source address until `stop`; how many were
+/// refused with etcd's "too many requests" (anything else refused counts too: it is a flood).
+async fn flood(
+    endpoint: &str,
+    prefix: &str,
+    tls: Option<&Arc<quorate_tls::Connector>>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<u64> {
+    let url = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let mut ep = Endpoint::from_shared(url.clone())?.tcp_nodelay(true);
+    let host = url.split("://").nth(1).and_then(|r| r.rsplit_once(':')).map(|(h, _)| h.to_string()).unwrap_or_default();
+    if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+        ep = ep.local_address(Some("127.0.0.2".parse().expect("an address")));
+    }
+    let ch = match (url.starts_with("https://"), tls) {
+        (true, Some(tls)) => quorate_tls::connect(&ep, tls.clone()).await?,
+        (true, None) => bail!("{url} is https://: give --cacert"),
+        (false, _) => ep.connect().await.with_context(|| format!("connect {url} from 127.0.0.2"))?,
+    };
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..FLOOD_STREAMS {
+        let (ch, stop, refused, key) = (ch.clone(), stop.clone(), refused.clone(), format!("{prefix}flood/{t}"));
+        tasks.push(tokio::spawn(async move {
+            let mut kv = pb::kv_client::KvClient::new(ch);
+            while !stop.load(Ordering::Relaxed) {
+                let put = pb::PutRequest { key: key.clone().into_bytes(), value: b"f".to_vec(), ..Default::default() };
+                if kv.put(put).await.is_err() {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(refused.load(Ordering::Relaxed))
 }
 
 /// Computes for `d` without yielding: a "read" of the CPU-only reader.
@@ -356,12 +405,16 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) 
         _ => {
             let (endpoint, stop, niced, tls) =
                 (cfg.endpoints[0].clone(), stop.clone(), cfg.reader_niced, cfg.tls.clone());
+            let prefix = cfg.key_prefix.clone();
             Some(std::thread::spawn(move || -> anyhow::Result<u64> {
                 if niced {
                     quorate_api_grpc::lane::lower_this_thread();
                 }
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
+                    if reader == Reader::Flood {
+                        return flood(&endpoint, &prefix, tls.as_ref(), stop).await;
+                    }
                     let ch = connect(&[endpoint], 1, tls.as_ref()).await?.remove(0);
                     Ok(long_reads(ch, reader, stop).await?)
                 })

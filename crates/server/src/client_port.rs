@@ -91,12 +91,19 @@ pub struct Http1SplitLayer {
     http1: axum::Router,
     member: Member,
     limits: std::sync::Arc<crate::rate_limit::RateLimits>,
+    cn_is_user: bool,
 }
 
 impl Http1SplitLayer {
     /// `http1`'s routes and, for any other path, a JSON 404; gRPC refused once `member` is removed.
-    pub fn new(http1: axum::Router, member: Member, limits: std::sync::Arc<crate::rate_limit::RateLimits>) -> Self {
-        Http1SplitLayer { http1: http1.fallback(not_found), member, limits }
+    /// `cn_is_user`: `--client-cert-auth`, under which a certificate's common name is a user.
+    pub fn new(
+        http1: axum::Router,
+        member: Member,
+        limits: std::sync::Arc<crate::rate_limit::RateLimits>,
+        cn_is_user: bool,
+    ) -> Self {
+        Http1SplitLayer { http1: http1.fallback(not_found), member, limits, cn_is_user }
     }
 }
 
@@ -111,7 +118,13 @@ async fn not_found(uri: http::Uri) -> impl IntoResponse {
 impl<S> tower::Layer<S> for Http1SplitLayer {
     type Service = Http1Split<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Http1Split { http1: self.http1.clone(), member: self.member.clone(), limits: self.limits.clone(), inner }
+        Http1Split {
+            http1: self.http1.clone(),
+            member: self.member.clone(),
+            limits: self.limits.clone(),
+            cn_is_user: self.cn_is_user,
+            inner,
+        }
     }
 }
 
@@ -120,7 +133,31 @@ pub struct Http1Split<S> {
     http1: axum::Router,
     member: Member,
     limits: std::sync::Arc<crate::rate_limit::RateLimits>,
+    cn_is_user: bool,
     inner: S,
+}
+
+impl<S> Http1Split<S> {
+    /// With auth on, the user a request speaks for, as the services will resolve it (a valid
+    /// `token`, else under `--client-cert-auth` the certificate's common name): rate limits are
+    /// per user then. A bad token counts against its address (it is refused further in).
+    fn user_of<B>(&self, req: &Request<B>, info: Option<&quorate_tls::ConnInfo>) -> Option<String> {
+        let token = req.headers().get(quorate_api_grpc::TOKEN_METADATA).and_then(|v| v.to_str().ok());
+        let cn = || {
+            let cn = info?.identity.as_ref()?.common_name.clone()?;
+            (self.cn_is_user && !cn.is_empty()).then_some(cn)
+        };
+        self.member.read(|s| {
+            let auth = s.auth();
+            if !auth.enabled() {
+                return None;
+            }
+            match token {
+                Some(t) => auth.verify_token(t, quorate_api_http::access::now_unix_ms()).ok(),
+                None => cn(),
+            }
+        })
+    }
 }
 
 impl<S, B, RB> tower::Service<Request<B>> for Http1Split<S>
@@ -159,10 +196,11 @@ where
             });
         }
         // Over its rate, a client is refused before anything is decoded (etcd's error).
-        let peer = req.extensions().get::<quorate_tls::ConnInfo>().and_then(|c| c.remote);
-        if let Some(addr) = peer {
+        let info = req.extensions().get::<quorate_tls::ConnInfo>();
+        if let (true, Some(addr)) = (self.limits.enabled(), info.and_then(|c| c.remote)) {
             let liveness = req.uri().path() == KEEPALIVE_PATH;
-            if self.limits.check(addr.ip(), liveness).is_err() {
+            let user = self.user_of(&req, info);
+            if self.limits.check(crate::rate_limit::ClientKey::of(user, addr.ip()), liveness).is_err() {
                 let status = tonic::Status::resource_exhausted("etcdserver: too many requests");
                 return Box::pin(futures::future::ready(Ok(status.into_http())));
             }

@@ -199,7 +199,12 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .accept_http1(true)
-            .layer(client_port::Http1SplitLayer::new(http1, member.clone(), grpc_limits.clone()))
+            .layer(client_port::Http1SplitLayer::new(
+                http1,
+                member.clone(),
+                grpc_limits.clone(),
+                cfg.tls.client.as_ref().is_some_and(|c| c.client_cert_auth),
+            ))
             .layer(metrics.grpc.layer())
             .add_routes(routes);
         let tls = client_tls.clone().filter(|_| cfg.tls.client_https.get(i).copied().unwrap_or(false));

@@ -1,5 +1,6 @@
-//! Per-client rate limits (issue 14 §3): a token bucket per source address (per user, once auth
-//! exists), one set for the gRPC client port and one for the HTTP APIs. Liveness traffic
+//! Per-client rate limits (issue 14 §3): a token bucket per authenticated user with auth on (a
+//! client that presents a valid token, or a certificate whose common name is its user), else per
+//! source address; one set for the gRPC client port and one for the HTTP APIs. Liveness traffic
 //! (opening a lease keep-alive stream, registry heartbeats and session renewals) has buckets of
 //! its own, so that a write storm from a client cannot starve its own leases and instances, and
 //! a heartbeat storm cannot take the write budget. Over its rate, a request is refused at once,
@@ -42,9 +43,36 @@ pub struct Limiter {
     buckets: Mutex<Buckets>,
 }
 
+/// Who a bucket belongs to: an authenticated user, or (auth off, or nobody authenticated) a
+/// source address as `client_key` groups them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    User(String),
+    Addr(IpAddr),
+}
+
+impl ClientKey {
+    /// The user when there is one, else the address.
+    pub fn of(user: Option<String>, ip: IpAddr) -> ClientKey {
+        match user {
+            Some(u) => ClientKey::User(u),
+            None => ClientKey::Addr(client_key(ip)),
+        }
+    }
+}
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientKey::User(u) => write!(f, "user {u}"),
+            ClientKey::Addr(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Buckets {
-    by_client: HashMap<IpAddr, Bucket>,
+    by_client: HashMap<ClientKey, Bucket>,
     /// Shared by every client that arrives while the table is full of active ones.
     overflow: Option<Bucket>,
     swept: Option<Instant>,
@@ -65,8 +93,7 @@ impl Limiter {
         })
     }
 
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let key = client_key(ip);
+    pub fn check(&self, key: ClientKey) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap();
         let now = Instant::now();
         let (rate, burst) = (self.rate, self.burst);
@@ -105,10 +132,14 @@ impl RateLimits {
         RateLimits { requests: Limiter::new(cfg.rps, cfg.burst), liveness: Limiter::new(liveness_rps, liveness_burst) }
     }
 
-    /// Check one request from `ip` (a liveness one or not).
-    pub fn check(&self, ip: IpAddr, liveness: bool) -> Result<(), Duration> {
+    /// Check one request from `key` (a liveness one or not).
+    pub fn check(&self, key: ClientKey, liveness: bool) -> Result<(), Duration> {
         let limiter = if liveness { &self.liveness } else { &self.requests };
-        limiter.as_ref().map_or(Ok(()), |l| l.check(ip))
+        limiter.as_ref().map_or(Ok(()), |l| l.check(key))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.requests.is_some() || self.liveness.is_some()
     }
 }
 
@@ -138,11 +169,13 @@ pub async fn limit_http(
     use axum::response::IntoResponse;
     let ip = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     if let Some(ip) = ip {
-        if let Err(wait) = limits.check(ip, http_liveness(req.method(), req.uri().path())) {
+        // The user the auth guard (outside this layer) established, if any.
+        let key = ClientKey::of(quorate_api_http::access::caller(), ip);
+        if let Err(wait) = limits.check(key.clone(), http_liveness(req.method(), req.uri().path())) {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             let body = serde_json::json!({"error": {
                 "code": "too_many_requests",
-                "message": format!("too many requests from {ip}: retry in {secs} s"),
+                "message": format!("too many requests from {key}: retry in {secs} s"),
             }});
             let mut resp = (http::StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
             resp.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
@@ -180,12 +213,24 @@ mod tests {
         assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
         assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
         // A burst below one would refuse everything forever: it is raised to one.
+        let addr = |s: &str| ClientKey::of(None, s.parse().unwrap());
         let l = Limiter::new(1.0, 0.5).unwrap();
-        assert!(l.check("10.0.0.1".parse().unwrap()).is_ok());
+        assert!(l.check(addr("10.0.0.1")).is_ok());
         // A rate so slow its retry time overflows is clamped, never a panic.
         let slow = Limiter::new(1e-20, 1.0).unwrap();
-        assert!(slow.check("10.0.0.1".parse().unwrap()).is_ok());
-        assert!(slow.check("10.0.0.1".parse().unwrap()).is_err());
+        assert!(slow.check(addr("10.0.0.1")).is_ok());
+        assert!(slow.check(addr("10.0.0.1")).is_err());
+    }
+
+    #[test]
+    fn authenticated_users_have_buckets_of_their_own_whatever_their_address() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let l = Limiter::new(1.0, 1.0).unwrap();
+        assert!(l.check(ClientKey::of(Some("alice".into()), ip)).is_ok());
+        assert!(l.check(ClientKey::of(Some("alice".into()), ip)).is_err(), "alice spent hers");
+        assert!(l.check(ClientKey::of(Some("bob".into()), ip)).is_ok(), "bob, same address, has his own");
+        assert!(l.check(ClientKey::of(None, ip)).is_ok(), "nobody at that address, its own too");
+        assert_eq!(ClientKey::of(Some("u".into()), ip).to_string(), "user u");
     }
 
     #[test]
