@@ -123,11 +123,14 @@ impl pb::auth_server::Auth for AuthService {
                 Ok(a.user(&name).and_then(|u| u.password_hash.clone()))
             })
             .await?;
-        // No queue: past the slots, etcd's "too many requests", so that password guessing
-        // cannot hold the member's threads. An unknown user costs a hash too, so that timing
-        // does not tell which names exist.
-        let _slot =
-            PASSWORD_CHECKS.try_acquire().map_err(|_| Status::resource_exhausted("etcdserver: too many requests"))?;
+        // A short wait for a slot, then etcd's "too many requests" (clients retry it): never an
+        // unbounded queue that password guessing could hold the member's threads with. An
+        // unknown user costs a hash too, so that timing does not tell which names exist.
+        let busy = || Status::resource_exhausted("etcdserver: too many requests");
+        let _slot = tokio::time::timeout(std::time::Duration::from_secs(1), PASSWORD_CHECKS.acquire())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| busy())?;
         let verified = stored.clone();
         let ok = tokio::task::spawn_blocking(move || match stored {
             Some(h) => quorate_kv::auth::verify_password(&h, &password),
@@ -143,6 +146,12 @@ impl pb::auth_server::Auth for AuthService {
         }
         let expires = crate::access::now_unix_ms().saturating_add(self.ctx.auth_token_ttl.as_millis() as u64);
         let verified = verified.unwrap_or_default();
+        if !self.ctx.member.read(|s| s.auth().has_token_key()) {
+            // A restored cluster: the first token needs a key every member shares. The
+            // member's own command (not a client's); a no-op if another member's came first.
+            let cmd = Command::Auth(AuthCommand::SetTokenKey { token_key: random_key()? });
+            self.ctx.member.write(cmd).await.map_err(consensus_status)?;
+        }
         let token = self.ctx.member.read(|s| s.auth().issue_token(&name, &verified, expires)).map_err(auth_status)?;
         Ok(Response::new(pb::AuthenticateResponse { header: Some(header), token }))
     }

@@ -63,7 +63,11 @@ fn on_prefix(perm: PermType, p: String) -> Need {
 pub fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
     use PermType::{Read, Write};
     let get = method == Method::GET || method == Method::HEAD;
-    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Eureka is served at /eureka and /eureka/v2: one `v2` is the same route (a second is not).
+    if seg.len() >= 2 && seg[0] == "eureka" && seg[1] == "v2" {
+        seg.remove(1);
+    }
     let decoded = |s: &str| percent_decode(s);
     match seg.as_slice() {
         ["health" | "ready" | "version" | "metrics"] => Need::Open,
@@ -107,11 +111,7 @@ pub fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
                 (false, false) => Need::Keys { perm, key, range_end: vec![] },
             }
         }
-        // Eureka (served at /eureka and /eureka/v2), by application (names kept lower-case).
-        ["eureka", "v2", rest @ ..] => {
-            let path = format!("/eureka/{}", rest.join("/"));
-            need(method, &path, query)
-        }
+        // Eureka, by application (names kept lower-case).
         ["eureka", "apps"] | ["eureka", "apps", ""] | ["eureka", "apps", "delta"] | ["eureka", "instances", _]
             if get =>
         {
@@ -213,6 +213,23 @@ impl StaticTokens {
     }
 }
 
+/// Why credentials were not taken: they do not hold, or the member is checking as many
+/// passwords as it will at once.
+#[derive(Debug)]
+enum Refused {
+    Auth(AuthError),
+    Busy,
+}
+
+impl From<AuthError> for Refused {
+    fn from(e: AuthError) -> Self {
+        Refused::Auth(e)
+    }
+}
+
+/// How long a basic-auth request waits for a password check slot before it is told to retry.
+const PASSWORD_SLOT_WAIT: Duration = Duration::from_secs(1);
+
 /// A password found right: the stored hash it matched (a new password voids it) and when.
 type CheckedPassword = (String, Instant);
 
@@ -237,7 +254,7 @@ impl HttpAuth {
 
     /// The caller named by `headers` and `query`, with auth on. `Err` for credentials that do
     /// not hold (etcd's errors).
-    async fn resolve(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, AuthError> {
+    async fn resolve(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, Refused> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
         let authz = header("authorization");
         let token = header("x-consul-token")
@@ -250,7 +267,7 @@ impl HttpAuth {
                 return Ok(Some(user));
             }
             let now = crate::access::now_unix_ms();
-            return self.member.read(|s| s.auth().verify_token(&token, now)).map(Some);
+            return Ok(self.member.read(|s| s.auth().verify_token(&token, now)).map(Some)?);
         }
         if let Some(basic) = authz.and_then(|a| strip_scheme(a, "basic")) {
             return self.basic(basic).await.map(Some);
@@ -258,32 +275,40 @@ impl HttpAuth {
         Ok(None)
     }
 
-    async fn basic(&self, encoded: &str) -> Result<String, AuthError> {
+    async fn basic(&self, encoded: &str) -> Result<String, Refused> {
         use base64::Engine;
         let raw = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|_| AuthError::AuthFailed)?;
         let raw = String::from_utf8(raw).map_err(|_| AuthError::AuthFailed)?;
         let (user, password) = raw.split_once(':').ok_or(AuthError::AuthFailed)?;
         let stored = self.member.read(|s| s.auth().user(user).and_then(|u| u.password_hash.clone()));
-        let Some(stored) = stored else { return Err(AuthError::AuthFailed) };
         let digest: [u8; 32] =
             ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref().try_into().expect("32 bytes");
         let key = (user.to_string(), digest);
         if let Some((hash, at)) = self.checked.lock().unwrap().get(&key) {
-            if *hash == stored && at.elapsed() < CHECKED_PASSWORD_TTL {
+            if stored.as_deref() == Some(hash.as_str()) && at.elapsed() < CHECKED_PASSWORD_TTL {
                 return Ok(user.to_string());
             }
         }
-        let (h, p) = (stored.clone(), password.to_string());
-        // Few Argon2 checks at once: a client guessing passwords slows itself, not the member.
-        // No queue: past the slots a password is not checked (401), so a client guessing
-        // passwords cannot hold the member's threads.
-        let _slot = PASSWORD_CHECKS.try_acquire().map_err(|_| AuthError::AuthFailed)?;
-        let ok = tokio::task::spawn_blocking(move || quorate_kv::auth::verify_password(&h, &p))
+        // Few Argon2 checks at once, each waited for briefly, then "busy" (503): never a queue
+        // that holds the member's threads, nor a 401 that reads as a wrong password.
+        let _slot = tokio::time::timeout(PASSWORD_SLOT_WAIT, PASSWORD_CHECKS.acquire())
             .await
-            .map_err(|_| AuthError::AuthFailed)?;
-        if !ok {
-            return Err(AuthError::AuthFailed);
-        }
+            .map_err(|_| Refused::Busy)?
+            .map_err(|_| Refused::Busy)?;
+        let (h, p) = (stored.clone(), password.to_string());
+        // An unknown user costs a hash too, so that timing does not tell which names exist.
+        let ok = tokio::task::spawn_blocking(move || match h {
+            Some(h) => quorate_kv::auth::verify_password(&h, &p),
+            None => {
+                quorate_kv::auth::hash_password(&p, &[0; 16]);
+                false
+            }
+        })
+        .await
+        .map_err(|_| AuthError::AuthFailed)?;
+        let Some(stored) = stored.filter(|_| ok) else {
+            return Err(AuthError::AuthFailed.into());
+        };
         let mut checked = self.checked.lock().unwrap();
         if checked.len() >= CHECKED_PASSWORDS_MAX {
             checked.clear();
@@ -354,7 +379,17 @@ pub async fn guard(State(auth): State<Arc<HttpAuth>>, req: Request, next: Next) 
         Ok(user) => user,
         // Bad credentials are refused even where none are needed: a client must learn that its
         // token expired before it matters.
-        Err(e) => return with_challenge(refusal(e).into_response()),
+        Err(Refused::Auth(e)) => return with_challenge(refusal(e).into_response()),
+        Err(Refused::Busy) => {
+            let e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_busy",
+                "too many password checks at once on this member: retry",
+            );
+            let mut resp = e.into_response();
+            resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            return resp;
+        }
     };
     if let Err(e) = auth.member.read(|s| allowed(s.auth(), user.as_deref(), &need)) {
         return with_challenge(refusal(e).into_response());
@@ -451,6 +486,7 @@ mod tests {
                 keys(Write, "/quorate/registry/default/orders/", b"/quorate/registry/default/orders0"),
             ),
             (&get, "/v1/kv/app", Some("%72ecurse"), keys(Read, "app", b"apq")),
+            (&put, "/eureka/v2/v2/apps/ORDERS/i1", None, Need::Root),
             (&get, "/v1/kv/app", Some("k%65ys=1"), keys(Read, "app", b"apq")),
         ];
         for (method, path, query, want) in table {

@@ -386,6 +386,15 @@ async fn session_create(State(api): State<Arc<Api>>, body: Bytes) -> ApiResult {
     Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(json!({"ID": id}))).into_response())
 }
 
+/// The lease session `id`'s record is bound to: the session's own, whatever the id claims.
+fn session_lease(api: &Api, id: &str) -> Option<i64> {
+    api.member.read(|s| {
+        let r =
+            s.range(&RangeRequest { key: format!("{SESSION_PREFIX}{id}").into_bytes(), ..Default::default() }).ok()?;
+        r.kvs.first().map(|kv| kv.lease).filter(|l| *l != 0)
+    })
+}
+
 fn session_record(api: &Api, id: &str) -> Option<(Value, i64)> {
     api.member.read(|s| {
         let r =
@@ -405,21 +414,28 @@ fn permit_session(api: &Api, record: &Value) -> Result<(), ApiError> {
     api.member
         .read(|s| {
             let auth = s.auth();
-            if !auth.enabled() || (caller.is_some() && record["User"].as_str() == caller.as_deref()) {
+            if !auth.enabled() {
                 return Ok(());
             }
-            auth.check_admin(caller.as_deref())
+            // A session made while auth was off has no owner: any user may keep it alive (a
+            // leader's lock must survive `auth enable`).
+            match record["User"].as_str() {
+                None => auth.check_user(caller.as_deref()),
+                Some(owner) if caller.as_deref() == Some(owner) => auth.check_user(caller.as_deref()),
+                Some(_) => auth.check_admin(caller.as_deref()),
+            }
         })
         .map_err(crate::access::refusal)
 }
 
 async fn session_renew(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
-    let lease = lease_of(&id)?;
+    lease_of(&id)?;
     api.member.linearize().await?;
     let missing = || ApiError::not_found("unknown_session", format!("Session id '{id}' not found"));
-    // Only a session's own lease: an id that names another lease is no session.
+    // Only a session's own lease (its record's): an id that names another lease is no session.
     let (record, _) = session_record(&api, &id).ok_or_else(missing)?;
     permit_session(&api, &record)?;
+    let lease = session_lease(&api, &id).ok_or_else(missing)?;
     if api.member.lease_keepalive(lease).await?.is_none() {
         return Err(missing());
     }
@@ -428,7 +444,7 @@ async fn session_renew(State(api): State<Arc<Api>>, Path(id): Path<String>) -> A
 }
 
 async fn session_destroy(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
-    let lease = lease_of(&id)?;
+    lease_of(&id)?;
     api.member.linearize().await?;
     // Only a session's own lease is revoked: an id that names another lease (an instance's, a
     // lock's) is no session, and is gone already as far as Consul is concerned.
@@ -437,6 +453,9 @@ async fn session_destroy(State(api): State<Arc<Api>>, Path(id): Path<String>) ->
             .into_response());
     };
     permit_session(&api, &record)?;
+    let Some(lease) = session_lease(&api, &id) else {
+        return Ok((consul_headers(&api, rev, Consistency::Linearizable), Json(true)).into_response());
+    };
     let resp = api.member.write(Command::LeaseRevoke { id: lease }).await?;
     let rev = resp.revision.max(rev);
     // Destroying a session that is already gone succeeds, as in Consul.

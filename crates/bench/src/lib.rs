@@ -68,7 +68,8 @@ pub enum Reader {
     /// cores, whatever the server does.
     Burn,
     /// Not a reader: another client flooding the first endpoint with puts on 16 streams, as fast
-    /// as it is answered, from another source address (127.0.0.2 toward a loopback endpoint), so
+    /// as it is answered, from another source address (127.0.0.2 toward an IPv4 loopback or
+    /// `localhost` endpoint; elsewhere, from wherever the system picks), so
     /// that a per-client rate limit sees two clients. Its "long reads" are its requests refused
     /// with "too many requests". Measures whether a client over its rate costs the others.
     Flood,
@@ -357,7 +358,7 @@ async fn flood(
     let url = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
     let mut ep = Endpoint::from_shared(url.clone())?.tcp_nodelay(true);
     let host = url.split("://").nth(1).and_then(|r| r.rsplit_once(':')).map(|(h, _)| h.to_string()).unwrap_or_default();
-    if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+    if host == "localhost" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback()) {
         ep = ep.local_address(Some("127.0.0.2".parse().expect("an address")));
     }
     let ch = match (url.starts_with("https://"), tls) {

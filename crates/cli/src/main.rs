@@ -338,7 +338,10 @@ struct BenchArgs {
     preload: bool,
     /// Long readers, comma-separated; each (op, clients) pair runs once per reader, with one more
     /// client repeating that read on the first endpoint: none (idle), range (the whole keyspace),
-    /// watch (from revision 1), snapshot (Maintenance.Snapshot), hashkv.
+    /// watch (from revision 1), snapshot (Maintenance.Snapshot), hashkv, burn (one core of pure
+    /// computation, the control), flood (another client putting on 16 streams as fast as it is
+    /// answered, from 127.0.0.2: its "long reads" are its requests refused, e.g. by
+    /// --rate-limit-rps).
     #[arg(long, default_value = "none")]
     readers: String,
     /// Run the reader at nice 19, so that on one machine its own decoding competes little with
@@ -964,7 +967,7 @@ fn run() -> anyhow::Result<()> {
                             })?,
                         ),
                     };
-                    opts.token = Some(quorate_ctl::login(&opts, &name, &password).await?);
+                    opts.token = quorate_ctl::login(&opts, &name, &password).await?;
                 }
                 let code = match args.command {
                     CtlCommand::Status => quorate_ctl::status(&opts).await?,

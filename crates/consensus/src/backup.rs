@@ -110,10 +110,9 @@ pub fn restore(bytes: &[u8], data_dir: &Path, members: &BTreeMap<NodeId, MemberN
         return Err(format!("data directory {} is not empty; restore needs a fresh one", data_dir.display()));
     }
     std::fs::create_dir_all(data_dir).map_err(|e| format!("create {}: {e}", data_dir.display()))?;
+    // With no token key: every member of the restored cluster must sign with the same one, so
+    // the first to sign a token proposes it through the log (`AuthCommand::SetTokenKey`).
     let mut store = Store::from_snapshot(snapshot);
-    let mut auth = auth;
-    // The restored cluster signs its tokens with a key of its own.
-    auth.set_token_key(rand::random::<[u8; 32]>().to_vec());
     store.set_auth(auth);
     let revision = store.revision();
 

@@ -181,7 +181,8 @@ pub(crate) async fn dial(endpoint: &str, opts: &Options) -> anyhow::Result<Chann
     Ok(tonic::service::interceptor::InterceptedService::new(ch, WithToken(token)))
 }
 
-/// The `Authorization` header line of `--user`'s token, or nothing.
+/// The `Authorization` header line of `--user`'s token, or nothing. Sent only with the POSTs
+/// (isolate, unisolate, recover: root's routes); the GETs ctl makes are open ones.
 fn auth_header(opts: &Options) -> String {
     opts.token.as_deref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default()
 }
@@ -275,9 +276,8 @@ pub(crate) async fn http_post(
 /// An HTTP/1.1 GET (the member's JSON endpoint, over TLS for `https://`); returns the body of
 /// a 200.
 pub(crate) async fn http_get(opts: &Options, addr: &str, path: &str, limit: Duration) -> anyhow::Result<String> {
-    let fetch = http_exchange(opts, addr, |host| {
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{}Connection: close\r\n\r\n", auth_header(opts))
-    });
+    let fetch =
+        http_exchange(opts, addr, |host| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
     let raw = bounded(limit, fetch).await?;
     let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP reply"))?;
     if !head.starts_with("HTTP/1.1 200") {

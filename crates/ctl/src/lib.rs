@@ -35,7 +35,8 @@ pub struct Options {
 }
 
 /// etcd's `Authenticate` at the first endpoint that answers: a token every member accepts.
-pub async fn login(opts: &Options, name: &str, password: &str) -> anyhow::Result<String> {
+/// `None` when auth is off (etcdctl carries on then too).
+pub async fn login(opts: &Options, name: &str, password: &str) -> anyhow::Result<Option<String>> {
     let mut errors = Vec::new();
     for e in &opts.endpoints {
         let attempt = async {
@@ -46,7 +47,8 @@ pub async fn login(opts: &Options, name: &str, password: &str) -> anyhow::Result
                 password: password.to_string(),
             };
             match tokio::time::timeout(opts.command_timeout, auth.authenticate(req)).await {
-                Ok(Ok(r)) => anyhow::Ok(r.into_inner().token),
+                Ok(Ok(r)) => anyhow::Ok(Some(r.into_inner().token)),
+                Ok(Err(s)) if s.message() == "etcdserver: authentication is not enabled" => Ok(None),
                 Ok(Err(s)) => Err(anyhow::anyhow!("{}", s.message())),
                 Err(_) => Err(anyhow::anyhow!("timed out after {:?}", opts.command_timeout)),
             }

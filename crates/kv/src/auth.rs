@@ -51,8 +51,13 @@ pub struct Role {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuthCommand {
     /// Turn auth on. `token_key` (random, chosen by the member that took the request) signs
-    /// the tokens `Authenticate` issues from now on; enabling again keeps the key in use.
+    /// the tokens `Authenticate` issues from now on; each enable brings a new key.
     Enable {
+        token_key: Vec<u8>,
+    },
+    /// A key for a store that has none (a cluster restored from a backup, which never carries
+    /// one): proposed by the member that first needs to sign a token; a no-op once there is one.
+    SetTokenKey {
         token_key: Vec<u8>,
     },
     Disable,
@@ -221,6 +226,12 @@ impl AuthStore {
                     return Ok(());
                 }
                 self.enabled = false;
+            }
+            SetTokenKey { token_key } => {
+                if self.token_key.is_empty() {
+                    self.token_key = token_key.clone();
+                }
+                return Ok(());
             }
             UserAdd { name, password_hash } => {
                 if name.is_empty() {
@@ -470,8 +481,9 @@ impl AuthStore {
         AuthStore { token_key: Vec::new(), ..self.clone() }
     }
 
-    pub fn set_token_key(&mut self, key: Vec<u8>) {
-        self.token_key = key;
+    /// Whether tokens can be signed (a restored store has no key until one is proposed).
+    pub fn has_token_key(&self) -> bool {
+        !self.token_key.is_empty()
     }
 
     /// The user a token names, if it is one this store signed, has not expired at `now_unix_ms`,
@@ -719,5 +731,19 @@ mod tests {
         assert!(a.verify_token(&t3, 0).is_ok());
         assert_eq!(before.token_key, b"key");
         assert_ne!(a.token_key, before.token_key);
+    }
+
+    #[test]
+    fn a_restored_store_signs_nothing_until_a_key_is_set_once() {
+        let restored = store().without_token_key();
+        let mut a = restored.clone();
+        assert!(!a.has_token_key());
+        assert_eq!(a.issue_token("alice", "h", 1_000), Err(AuthError::AuthFailed));
+        a.apply(&SetTokenKey { token_key: b"first".to_vec() }).unwrap();
+        let t = a.issue_token("alice", "h", 1_000).unwrap();
+        // A second member's proposal, applied after, changes nothing: every member keeps one key.
+        a.apply(&SetTokenKey { token_key: b"second".to_vec() }).unwrap();
+        assert_eq!(a.verify_token(&t, 0), Ok(s("alice")));
+        assert_eq!(a.revision(), restored.revision(), "no auth revision for a key");
     }
 }
