@@ -112,6 +112,10 @@ pub struct BenchConfig {
     /// For `https://` endpoints: the CA their certificates chain to, and this client's
     /// certificate (etcdctl's `--cacert`, `--cert`, `--key`).
     pub tls: Option<std::sync::Arc<quorate_tls::Connector>>,
+    /// Each measured client sends this many requests a second, on a fixed schedule, instead of
+    /// the next as soon as the last is answered (`None`): a well-behaved client's latency, not
+    /// the most a closed loop can push.
+    pub pace: Option<f64>,
 }
 
 /// The key prefix `quorate bench` writes under.
@@ -436,10 +440,20 @@ pub async fn run_one(cfg: &BenchConfig, op: Op, clients: usize, reader: Reader) 
             }));
             continue;
         }
+        let pace = cfg.pace.filter(|p| *p > 0.0).map(|p| Duration::from_secs_f64(1.0 / p));
         tasks.push(tokio::spawn(async move {
             let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 14);
             let mut errors = 0u64;
+            let mut next = tokio::time::Instant::now();
             while !stop.load(Ordering::Relaxed) {
+                if let Some(every) = pace {
+                    // On schedule: a late answer does not push the next request back.
+                    tokio::time::sleep_until(next).await;
+                    next += every;
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
                 let t = Instant::now();
                 match one(op, &ch, &prefix, keys, &value).await {
                     Ok(()) => lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32),

@@ -348,6 +348,10 @@ struct BenchArgs {
     /// the members (as a reader on another host would).
     #[arg(long)]
     readers_niced: bool,
+    /// Requests a second each client sends, on a fixed schedule (a well-behaved client: its
+    /// latency under someone else's load), instead of as fast as they are answered.
+    #[arg(long)]
+    pace: Option<f64>,
     /// Print JSON rows instead of a Markdown table.
     #[arg(long)]
     json: bool,
@@ -893,6 +897,7 @@ fn run() -> anyhow::Result<()> {
                     reader_niced: args.readers_niced,
                     key_prefix: quorate_bench::KEY_PREFIX.to_string(),
                     tls: args.tls()?,
+                    pace: args.pace,
                 };
                 if args.preload {
                     quorate_bench::preload(&cfg).await?;

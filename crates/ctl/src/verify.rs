@@ -252,6 +252,7 @@ async fn load(opts: &Options, endpoints: &[String], prefix: &str, v: &VerifyOpti
         reader_niced: false,
         key_prefix: format!("{prefix}load/"),
         tls: opts.tls.as_ref().map(|t| t.grpc.clone()),
+        pace: None,
     };
     match quorate_bench::run_one(&cfg, quorate_bench::Op::Put, v.load_clients, quorate_bench::Reader::None).await {
         Ok(r) => check(

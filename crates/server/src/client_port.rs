@@ -202,7 +202,11 @@ where
             let user = self.user_of(&req, info);
             if self.limits.check(crate::rate_limit::ClientKey::of(user, addr.ip()), liveness).is_err() {
                 let status = tonic::Status::resource_exhausted("etcdserver: too many requests");
-                return Box::pin(futures::future::ready(Ok(status.into_http())));
+                let slowed = crate::rate_limit::Slowed::enter();
+                return Box::pin(async move {
+                    slowed.wait().await;
+                    Ok(status.into_http())
+                });
             }
         }
         let path = req.uri().path().to_string();

@@ -143,6 +143,46 @@ impl RateLimits {
     }
 }
 
+/// How long a refusal is held before it is sent. A client that retries at once (a closed loop,
+/// a flood) then sends a handful of requests a second per stream instead of tens of thousands,
+/// each of which costs the member a request to parse and refuse; a client that backs off, as
+/// `Retry-After` asks, never notices.
+pub const REFUSAL_DELAY: Duration = Duration::from_millis(250);
+
+/// Most refusals held at once on a member; past it they are sent at once (a client with
+/// unbounded concurrency must not make the member hold unbounded timers).
+const HELD_REFUSALS_MAX: usize = 4096;
+
+static HELD_REFUSALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One refusal, held for `REFUSAL_DELAY` while there is room (`wait`).
+pub struct Slowed(bool);
+
+impl Slowed {
+    pub fn enter() -> Slowed {
+        use std::sync::atomic::Ordering::Relaxed;
+        let held = HELD_REFUSALS.fetch_add(1, Relaxed) < HELD_REFUSALS_MAX;
+        if !held {
+            HELD_REFUSALS.fetch_sub(1, Relaxed);
+        }
+        Slowed(held)
+    }
+
+    pub async fn wait(self) {
+        if self.0 {
+            tokio::time::sleep(REFUSAL_DELAY).await;
+        }
+    }
+}
+
+impl Drop for Slowed {
+    fn drop(&mut self) {
+        if self.0 {
+            HELD_REFUSALS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Whether an HTTP request keeps something alive, by the exact shape of its route (a key or an
 /// instance named "heartbeat" is not one): a native heartbeat
 /// (`PUT|POST /api/v1/ns/{ns}/services/{svc}/instances/{id}/heartbeat`), a Consul check update
@@ -179,6 +219,7 @@ pub async fn limit_http(
             }});
             let mut resp = (http::StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
             resp.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+            Slowed::enter().wait().await;
             return resp;
         }
     }
