@@ -197,3 +197,44 @@ async fn etcd_auth_guards_every_api_on_every_member() {
     assert!(ok(etcdctl(&m1, &with(&root, &["auth", "disable"])), "auth disable").contains("Authentication Disabled"));
     ok(etcdctl(&m1, &["put", "k", "v"]), "a put with auth off");
 }
+
+/// etcd's `--auth-token jwt`: members share the key files, so a JWT issued by one is taken by the
+/// others; a forged or a deleted
+/// user's JWT is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_tokens_from_one_member_are_taken_by_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (public, private) = quorate_tls::testing::jwt_keys(dir.path());
+    let (public, private) = (public.display().to_string(), private.display().to_string());
+    let spec = format!("jwt,pub-key={public},priv-key={private},sign-method=ES256,ttl=10m");
+    let c = Cluster::start_with(Flavor::Quorate, 2, &["--auth-token", &spec]).expect("cluster");
+    let (m1, m2) = (c.nodes[0].endpoint(), c.nodes[1].endpoint());
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "app"],
+        &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
+        &["user", "add", "alice:alicepw"],
+        &["user", "grant-role", "alice", "app"],
+        &["auth", "enable"],
+    ] {
+        ok(etcdctl(&m1, args), &args.join(" "));
+    }
+    ok(etcdctl(&m2, &with(&["--user", "alice:alicepw"], &["put", "app/x", "1"])), "etcdctl --user with JWTs");
+    let token = authenticate(&m1, "alice", "alicepw").await;
+    assert!(token.starts_with("eyJ") && token.matches('.').count() == 2, "not a JWT: {token}");
+    put(&m2, Some(&token), "app/jwt-from-m1").await.expect("m1's JWT at m2");
+    let e = put(&m2, Some(&token), "other").await.expect_err("outside her prefix");
+    assert_eq!(e.message(), "etcdserver: permission denied");
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let e = put(&m2, Some(&forged), "app/forged").await.expect_err("a forged JWT");
+    assert_eq!(e.message(), "etcdserver: invalid auth token");
+    ok(etcdctl(&m1, &with(&["--user", "root:rootpw"], &["user", "delete", "alice"])), "delete alice");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while put(&m2, Some(&token), "app/after").await.is_ok() {
+        assert!(Instant::now() < deadline, "a deleted user's JWT still writes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -146,6 +146,13 @@ impl pb::auth_server::Auth for AuthService {
         }
         let expires = crate::access::now_unix_ms().saturating_add(self.ctx.auth_token_ttl.as_millis() as u64);
         let verified = verified.unwrap_or_default();
+        if let Some(jwt) = quorate_tls::jwt::installed().filter(|j| j.signs()) {
+            // etcd's `--auth-token jwt`: signed here, verified by any member with the public key.
+            let revision = self.ctx.member.read(|s| s.auth().revision());
+            let exp = (crate::access::now_unix_ms() / 1000).saturating_add(jwt.ttl.as_secs());
+            let token = jwt.sign(&name, revision, exp).ok_or_else(|| Status::internal("could not sign a token"))?;
+            return Ok(Response::new(pb::AuthenticateResponse { header: Some(header), token }));
+        }
         if !self.ctx.member.read(|s| s.auth().has_token_key()) {
             // A restored cluster: the first token needs a key every member shares. The
             // member's own command (not a client's); a no-op if another member's came first.

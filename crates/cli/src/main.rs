@@ -458,6 +458,12 @@ struct ServerArgs {
     /// than 16 characters are refused at start.
     #[arg(long)]
     auth_static_tokens_file: Option<std::path::PathBuf>,
+    /// Tokens from Authenticate: `simple` (signed with a key replicated with the users; every
+    /// member accepts them), or etcd's `jwt,pub-key=PATH,priv-key=PATH,sign-method=ES256|RS256
+    /// [,ttl=5m]` (JSON Web Tokens any member verifies with the public key; a member without
+    /// priv-key verifies and does not issue). Keys in PEM; the private key PKCS#8 (RSA: or PKCS#1).
+    #[arg(long, default_value = "simple")]
+    auth_token: String,
     /// Largest write request proposed, in bytes, as etcd's --max-request-bytes (default 1.5
     /// MiB). Larger requests get etcd's "request is too large"; gRPC refuses messages more than
     /// 512 KiB above it.
@@ -659,6 +665,7 @@ impl ServerArgs {
             max_watchers_per_stream: self.max_watchers_per_stream,
             auth_token_ttl: std::time::Duration::from_secs(self.auth_token_ttl),
             auth_static_tokens_file: self.auth_static_tokens_file.clone(),
+            auth_token: self.auth_token.clone(),
             max_request_bytes: self.max_request_bytes,
             max_connections_per_client: self.max_connections_per_client,
             max_concurrent_streams: (self.max_concurrent_streams > 0).then_some(self.max_concurrent_streams),

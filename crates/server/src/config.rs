@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub auth_token_ttl: std::time::Duration,
     /// `--auth-static-tokens-file`: `<token> <user>` lines for the HTTP APIs.
     pub auth_static_tokens_file: Option<PathBuf>,
+    /// etcd's `--auth-token`: `simple`, or `jwt,pub-key=...,priv-key=...,sign-method=...`.
+    pub auth_token: String,
     /// etcd's `--max-request-bytes`: largest write request proposed, in bytes.
     pub max_request_bytes: usize,
     /// `--max-connections-per-client`: connections one client may hold open on the client port

@@ -161,6 +161,11 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         None => None,
     };
     let http_auth = Arc::new(quorate_api_http::access::HttpAuth::new(member.clone(), static_tokens));
+    if let Some(jwt) = quorate_tls::jwt::Jwt::from_flag(&cfg.auth_token).map_err(anyhow::Error::msg)? {
+        info!(signs = jwt.signs(), "auth tokens are JWTs (--auth-token jwt)");
+        quorate_tls::jwt::install(jwt);
+        quorate_kv::auth::set_external_tokens(Box::new(JwtTokens));
+    }
     let reaper_stats = Arc::new(reaper::ReaperStats::default());
     let registry_counts = Arc::new(registry_counts::RegistryCounts::default());
     member.set_apply_observer(registry_counts.clone());
@@ -385,5 +390,15 @@ async fn watch_quota(member: quorate_consensus::Member, quota_bytes: u64) {
                 tracing::warn!(error = %e, "could not raise NOSPACE alarm");
             }
         }
+    }
+}
+
+/// `--auth-token jwt`: the installed keys vouch for a token's user.
+struct JwtTokens;
+
+impl quorate_kv::auth::ExternalTokens for JwtTokens {
+    fn user_of(&self, token: &str, now_unix_ms: u64) -> Option<String> {
+        let jwt = quorate_tls::jwt::installed()?;
+        quorate_tls::jwt::Jwt::looks_like(token).then(|| jwt.verify(token, now_unix_ms / 1000)).flatten()
     }
 }

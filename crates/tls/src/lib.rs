@@ -10,6 +10,7 @@
 //! A TLS handshake happens in a task of its own, bounded by `HANDSHAKE_TIMEOUT`: a client that
 //! connects and sends nothing holds neither the accept loop nor a server slot.
 
+pub mod jwt;
 #[cfg(feature = "testing")]
 pub mod testing;
 

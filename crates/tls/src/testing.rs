@@ -78,3 +78,13 @@ impl Ca {
         issued
     }
 }
+
+/// A P-256 key pair for `--auth-token jwt,...,sign-method=ES256`, written as `dir/jwt.pub.pem`
+/// (SPKI) and `dir/jwt.pem` (PKCS#8): (public, private).
+pub fn jwt_keys(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let (public, private) = (dir.join("jwt.pub.pem"), dir.join("jwt.pem"));
+    std::fs::write(&public, key.public_key_pem()).expect("write public key");
+    std::fs::write(&private, key.serialize_pem()).expect("write private key");
+    (public, private)
+}
