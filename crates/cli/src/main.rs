@@ -487,9 +487,10 @@ struct ServerArgs {
     /// address, as Consul.
     #[arg(long, value_delimiter = ',')]
     check_allowed_cidrs: Vec<quorate_server::cidr::Cidr>,
-    /// Requests per second each client (source address) may send, on the gRPC client port and
-    /// on the HTTP APIs alike (each counts its own); over it, gRPC RESOURCE_EXHAUSTED "etcdserver:
-    /// too many requests" and HTTP 429 with Retry-After. 0: no limit.
+    /// Requests per second each client (the authenticated user with auth on, else the source
+    /// address) may send, on the gRPC client port and on the HTTP APIs alike (each counts its
+    /// own; --rate-limit-http-rps sets the HTTP APIs apart); over it, gRPC RESOURCE_EXHAUSTED
+    /// "etcdserver: too many requests" and HTTP 429 with Retry-After. 0: no limit.
     #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     rate_limit_rps: f64,
     /// Requests a client may send at once above its rate (0: twice the rate).
@@ -503,6 +504,13 @@ struct ServerArgs {
     /// Liveness requests a client may send at once above its rate (0: twice the rate).
     #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     rate_limit_liveness_burst: f64,
+    /// The request rate for the HTTP APIs (registry, Consul, Eureka) when it should differ from
+    /// the gRPC port's --rate-limit-rps (unset: the same). Liveness limits are shared.
+    #[arg(long, value_parser = non_negative)]
+    rate_limit_http_rps: Option<f64>,
+    /// The HTTP APIs' burst when --rate-limit-http-rps is given (0: twice that rate).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative, requires = "rate_limit_http_rps")]
+    rate_limit_http_burst: f64,
     /// Serve CPU profiles, as etcd's flag: GET /debug/pprof/profile?seconds=N (1 to 60,
     /// default 30) on the client URLs and --listen-http answers with a gzipped pprof protobuf
     /// (`go tool pprof -top http://HOST:2379/debug/pprof/profile?seconds=10`); add
@@ -676,6 +684,7 @@ impl ServerArgs {
                 burst: self.rate_limit_burst,
                 liveness_rps: self.rate_limit_liveness_rps,
                 liveness_burst: self.rate_limit_liveness_burst,
+                http: self.rate_limit_http_rps.map(|rps| (rps, self.rate_limit_http_burst)),
             },
             enable_pprof: self.enable_pprof,
             tls,

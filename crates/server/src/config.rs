@@ -138,6 +138,18 @@ pub struct RateLimitConfig {
     pub burst: f64,
     pub liveness_rps: f64,
     pub liveness_burst: f64,
+    /// The HTTP APIs' request rate and burst, when they differ from the gRPC port's.
+    pub http: Option<(f64, f64)>,
+}
+
+impl RateLimitConfig {
+    /// The limits of the HTTP APIs: the gRPC port's, with `http`'s request rate if given.
+    pub fn for_http(&self) -> RateLimitConfig {
+        match self.http {
+            Some((rps, burst)) => RateLimitConfig { rps, burst, http: None, ..self.clone() },
+            None => self.clone(),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -197,5 +209,19 @@ impl ServerConfig {
             join_incarnation: None,
             cluster_id: self.cluster_id(),
         })
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::RateLimitConfig;
+
+    #[test]
+    fn the_http_apis_take_their_own_request_rate_and_share_the_liveness_one() {
+        let grpc = RateLimitConfig { rps: 100.0, burst: 200.0, liveness_rps: 5.0, liveness_burst: 10.0, http: None };
+        let same = grpc.for_http();
+        assert_eq!((same.rps, same.burst, same.liveness_rps), (100.0, 200.0, 5.0));
+        let apart = RateLimitConfig { http: Some((7.0, 0.0)), ..grpc }.for_http();
+        assert_eq!((apart.rps, apart.burst, apart.liveness_rps, apart.liveness_burst), (7.0, 0.0, 5.0, 10.0));
     }
 }

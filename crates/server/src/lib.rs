@@ -247,7 +247,7 @@ pub async fn run(cfg: ServerConfig, listeners: Listeners, shutdown: impl Future<
         http::HttpState::new(member.clone(), member.cluster_id(), metrics, cfg.drill.failpoints, brake)
             .with_probe_source(cfg.probe_source_ip),
     );
-    let http_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit));
+    let http_limits = Arc::new(rate_limit::RateLimits::new(&cfg.rate_limit.for_http()));
     let http_conns = conn_limit::ConnLimit::new(cfg.max_connections_per_client, "http");
     let http_task =
         tokio::spawn(http::serve(listeners.http, http_tls, http_conns, http_state, profiling, http_limits, http_auth));
