@@ -406,6 +406,20 @@ pub fn etcdctl_stdin(endpoints: &str, args: &[&str], stdin: Option<&str>) -> Out
     }
 }
 
+/// Run `etcdctl` steps in order at `endpoint`, each of which must succeed (an auth setup, say).
+/// A step refused with "too many requests" (a rate-limited member) is retried for up to 5 s.
+pub fn etcdctl_steps(endpoint: &str, steps: &[&[&str]]) {
+    for args in steps {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut out = etcdctl(endpoint, args);
+        while !out.ok && out.stderr.contains("too many requests") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(300));
+            out = etcdctl(endpoint, args);
+        }
+        assert!(out.ok, "etcdctl {}: {}{}", args.join(" "), out.stdout, out.stderr);
+    }
+}
+
 /// Replace values that legitimately differ between two clusters (ids, timings) so outputs
 /// can be compared line by line.
 pub fn normalize(s: &str) -> String {

@@ -55,16 +55,17 @@ async fn etcd_auth_guards_every_api_on_every_member() {
     let (m1, m2, m3) = (c.nodes[leader].endpoint(), c.nodes[other].endpoint(), c.nodes[lag].endpoint());
     c.kill(lag);
 
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "app"],
-        &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
-        &["user", "add", "alice:alicepw"],
-        &["user", "grant-role", "alice", "app"],
-    ] {
-        ok(etcdctl(&m1, args), &args.join(" "));
-    }
+    quorate_tests::etcdctl_steps(
+        &m1,
+        &[
+            &["user", "add", "root:rootpw"][..],
+            &["user", "grant-role", "root", "root"],
+            &["role", "add", "app"],
+            &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
+            &["user", "add", "alice:alicepw"],
+            &["user", "grant-role", "alice", "app"],
+        ],
+    );
     // Enabling needs root with the root role (etcd's rule) — checked above; now on.
     assert!(ok(etcdctl(&m1, &["auth", "enable"]), "auth enable").contains("Authentication Enabled"));
 
@@ -209,17 +210,18 @@ async fn jwt_tokens_from_one_member_are_taken_by_the_others() {
     let spec = format!("jwt,pub-key={public},priv-key={private},sign-method=ES256,ttl=10m");
     let c = Cluster::start_with(Flavor::Quorate, 2, &["--auth-token", &spec]).expect("cluster");
     let (m1, m2) = (c.nodes[0].endpoint(), c.nodes[1].endpoint());
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "app"],
-        &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
-        &["user", "add", "alice:alicepw"],
-        &["user", "grant-role", "alice", "app"],
-        &["auth", "enable"],
-    ] {
-        ok(etcdctl(&m1, args), &args.join(" "));
-    }
+    quorate_tests::etcdctl_steps(
+        &m1,
+        &[
+            &["user", "add", "root:rootpw"][..],
+            &["user", "grant-role", "root", "root"],
+            &["role", "add", "app"],
+            &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
+            &["user", "add", "alice:alicepw"],
+            &["user", "grant-role", "alice", "app"],
+            &["auth", "enable"],
+        ],
+    );
     ok(etcdctl(&m2, &with(&["--user", "alice:alicepw"], &["put", "app/x", "1"])), "etcdctl --user with JWTs");
     let token = authenticate(&m1, "alice", "alicepw").await;
     assert!(token.starts_with("eyJ") && token.matches('.').count() == 2, "not a JWT: {token}");

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use quorate_api_grpc::pb::etcdserverpb as pb;
-use quorate_tests::{etcdctl, http_with, Cluster, Flavor, HttpReply};
+use quorate_tests::{http_with, Cluster, Flavor, HttpReply};
 
 const ALICE_TOKEN: &str = "alice-static-token-0001";
 const BOB_TOKEN: &str = "bob-static-token-000001";
@@ -45,19 +45,19 @@ async fn http_apis_answer_to_the_same_users_and_roles() {
     let c = Cluster::start_with(Flavor::Quorate, 1, &["--auth-static-tokens-file", tokens.to_str().unwrap()])
         .expect("cluster");
     let m = c.nodes[0].endpoint();
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "orders"],
-        &["role", "grant-permission", "orders", "--prefix=true", "readwrite", "/quorate/registry/default/orders/"],
-        &["user", "add", "alice:alicepw"],
-        &["user", "grant-role", "alice", "orders"],
-        &["user", "add", "bob:bobpw"],
-        &["auth", "enable"],
-    ] {
-        let out = etcdctl(&m, args);
-        assert!(out.ok, "{args:?}: {}", out.stderr);
-    }
+    quorate_tests::etcdctl_steps(
+        &m,
+        &[
+            &["user", "add", "root:rootpw"][..],
+            &["user", "grant-role", "root", "root"],
+            &["role", "add", "orders"],
+            &["role", "grant-permission", "orders", "--prefix=true", "readwrite", "/quorate/registry/default/orders/"],
+            &["user", "add", "alice:alicepw"],
+            &["user", "grant-role", "alice", "orders"],
+            &["user", "add", "bob:bobpw"],
+            &["auth", "enable"],
+        ],
+    );
     let alice = || Some(bearer(ALICE_TOKEN));
     let orders = "/api/v1/ns/default/services/orders/instances/o1";
     let payments = "/api/v1/ns/default/services/payments/instances/p1";

@@ -140,28 +140,20 @@ fn with_auth_on_each_user_has_its_own_bucket_whatever_its_address() {
     let c = Cluster::start_with(Flavor::Quorate, 1, &["--rate-limit-rps", RATE, "--rate-limit-burst", RATE])
         .expect("cluster");
     let endpoint = c.nodes[0].endpoint();
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "k"],
-        &["role", "grant-permission", "k", "--prefix=true", "readwrite", "k"],
-        &["user", "add", "alice:alicepw"],
-        &["user", "grant-role", "alice", "k"],
-        &["user", "add", "bob:bobpw"],
-        &["user", "grant-role", "bob", "k"],
-        &["auth", "enable"],
-    ] {
-        // The setup is limited too (by address, until auth is on): a refused step waits.
-        let mut out = quorate_tests::etcdctl(&endpoint, args);
-        for _ in 0..10 {
-            if out.ok || !out.stderr.contains("too many requests") {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            out = quorate_tests::etcdctl(&endpoint, args);
-        }
-        assert!(out.ok, "{args:?}: {}", out.stderr);
-    }
+    quorate_tests::etcdctl_steps(
+        &endpoint,
+        &[
+            &["user", "add", "root:rootpw"][..],
+            &["user", "grant-role", "root", "root"],
+            &["role", "add", "k"],
+            &["role", "grant-permission", "k", "--prefix=true", "readwrite", "k"],
+            &["user", "add", "alice:alicepw"],
+            &["user", "grant-role", "alice", "k"],
+            &["user", "add", "bob:bobpw"],
+            &["user", "grant-role", "bob", "k"],
+            &["auth", "enable"],
+        ],
+    );
     // The setup spent this address's bucket; let it refill before the users' turn.
     std::thread::sleep(std::time::Duration::from_secs(2));
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -180,8 +172,8 @@ fn with_auth_on_each_user_has_its_own_bucket_whatever_its_address() {
             }
         };
         let (alice, bob) = (token("alice", "alicepw").await, token("bob", "bobpw").await);
-        let mut kv = kv_from(&endpoint, "127.0.0.1").await;
-        let mut put_as = |t: String, i: usize| {
+        let kv = kv_from(&endpoint, "127.0.0.1").await;
+        let put_as = |t: String, i: usize| {
             let mut req = tonic::Request::new(pb::PutRequest {
                 key: format!("k{i}").into_bytes(),
                 value: b"v".to_vec(),
@@ -204,6 +196,5 @@ fn with_auth_on_each_user_has_its_own_bucket_whatever_its_address() {
         for i in 0..3 {
             put_as(bob.clone(), i).await.expect("bob was limited by alice's flood");
         }
-        let _ = &mut kv;
     });
 }

@@ -132,15 +132,9 @@ impl pb::auth_server::Auth for AuthService {
             .map_err(|_| busy())?
             .map_err(|_| busy())?;
         let verified = stored.clone();
-        let ok = tokio::task::spawn_blocking(move || match stored {
-            Some(h) => quorate_kv::auth::verify_password(&h, &password),
-            None => {
-                quorate_kv::auth::hash_password(&password, &[0; 16]);
-                false
-            }
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        let ok = tokio::task::spawn_blocking(move || quorate_kv::auth::check_password(stored.as_deref(), &password))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         if !ok {
             return Err(auth_status(AuthError::AuthFailed));
         }

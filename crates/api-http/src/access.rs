@@ -297,15 +297,9 @@ impl HttpAuth {
             .map_err(|_| Refused::Busy)?;
         let (h, p) = (stored.clone(), password.to_string());
         // An unknown user costs a hash too, so that timing does not tell which names exist.
-        let ok = tokio::task::spawn_blocking(move || match h {
-            Some(h) => quorate_kv::auth::verify_password(&h, &p),
-            None => {
-                quorate_kv::auth::hash_password(&p, &[0; 16]);
-                false
-            }
-        })
-        .await
-        .map_err(|_| AuthError::AuthFailed)?;
+        let ok = tokio::task::spawn_blocking(move || quorate_kv::auth::check_password(h.as_deref(), &p))
+            .await
+            .map_err(|_| AuthError::AuthFailed)?;
         let Some(stored) = stored.filter(|_| ok) else {
             return Err(AuthError::AuthFailed.into());
         };

@@ -425,6 +425,19 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
 }
 
+/// `verify_password` against a user's stored hash, or (no such user, or one without a
+/// password) a hash spent for nothing and `false`: the answer takes as long either way, so its
+/// timing does not tell which names exist.
+pub fn check_password(stored: Option<&str>, password: &str) -> bool {
+    match stored {
+        Some(hash) => verify_password(hash, password),
+        None => {
+            hash_password(password, &[0; 16]);
+            false
+        }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
