@@ -155,8 +155,11 @@ async fn http_apis_answer_to_the_same_users_and_roles() {
     assert_eq!(run.code, 0, "ctl status with auth on and no user: {}{}", run.stdout, run.stderr);
     let run = quorate_tests::ctl(&ep, &["audit"]);
     assert_ne!(run.code, 0, "ctl audit with no user read the registry: {}", run.stdout);
-    let run = quorate_tests::ctl(&ep, &["--user", "root:rootpw", "audit"]);
-    assert_eq!(run.code, 0, "ctl audit as root: {}{}", run.stdout, run.stderr);
+    let run = quorate_tests::ctl(&ep, &["--user", "root:rootpw", "audit", "-w", "json"]);
+    assert!(run.stdout.contains("\"instances\""), "ctl audit as root: {}{}", run.stdout, run.stderr);
+    let audit = run.json();
+    let o1 = audit["instances"].as_array().unwrap().iter().find(|i| i["id"] == "o1").expect("o1 audited").clone();
+    assert_eq!(o1["registered_by"], "alice", "who registered it, in the audit: {o1:#}");
     let run = quorate_tests::ctl(&ep, &["--user", "root:wrong", "status"]);
     assert!(run.code != 0 && run.stderr.contains("authentication failed"), "{}", run.stderr);
 

@@ -349,3 +349,49 @@ async fn peer_mutual_tls_refuses_strangers_before_raft_and_keeps_out_a_member_of
         etcdctl(&m5_endpoint, &["--command-timeout=2s", "get", "after", "--print-value-only"]).stdout.trim() == "1"
     });
 }
+
+/// Under `--client-cert-auth`, a request without a token is the user its certificate's common
+/// name names (etcd's rule): with auth on, alice's certificate writes under her prefix and
+/// nowhere else, root's certificate may do what root may, all without `--user`.
+#[test]
+fn a_client_certificates_common_name_is_its_user_under_client_cert_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("ca");
+    let ca_pem = ca.write(d, "ca");
+    let server = ca.issue_files(d, "server", "m1");
+    let (root, alice) = (ca.issue_files(d, "root", "root"), ca.issue_files(d, "alice", "alice"));
+    let files = vec![
+        format!("--cert-file={}", server.cert.display()),
+        format!("--key-file={}", server.key.display()),
+        format!("--trusted-ca-file={}", ca_pem.display()),
+        "--client-cert-auth".into(),
+    ];
+    let m = start(d, "data", free_port(), free_port(), &files);
+    let (as_root, as_alice) = (tls_flags(&ca_pem, Some(&root)), tls_flags(&ca_pem, Some(&alice)));
+    wait_until("the member answers over mutual TLS", Duration::from_secs(20), || {
+        ctl(&m.client, &as_root, &["endpoint", "health"]).ok
+    });
+    for args in [
+        &["user", "add", "root:unused-password"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "app"],
+        &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
+        &["user", "add", "alice:unused-password"],
+        &["user", "grant-role", "alice", "app"],
+        &["auth", "enable"],
+    ] {
+        let out = ctl(&m.client, &as_root, args);
+        assert!(out.ok, "{args:?}: {}", out.stderr);
+    }
+    let out = ctl(&m.client, &as_alice, &["put", "app/x", "1"]);
+    assert!(out.ok, "alice's certificate under her prefix: {}", out.stderr);
+    let out = ctl(&m.client, &as_alice, &["put", "other", "1"]);
+    assert!(!out.ok && out.stderr.contains("etcdserver: permission denied"), "{}", out.stderr);
+    let out = ctl(&m.client, &as_alice, &["endpoint", "hashkv"]);
+    assert!(!out.ok && out.stderr.contains("permission denied"), "alice's certificate hashed: {}", out.stdout);
+    let out = ctl(&m.client, &as_root, &["endpoint", "hashkv"]);
+    assert!(out.ok, "root's certificate is root: {}", out.stderr);
+    let out = ctl(&m.client, &as_root, &["put", "other", "1"]);
+    assert!(out.ok, "{}", out.stderr);
+}

@@ -120,6 +120,8 @@ pub struct AuditedInstance {
     pub mod_revision: i64,
     /// passing, warning or critical; `suspect` when the brake holds it after its lease expired.
     pub registered: String,
+    /// The user that registered it (with auth on; `-` otherwise).
+    pub registered_by: String,
     /// What was probed: `http://…` or `tcp://host:port`.
     pub probe: String,
     /// Each probe's answer (true: alive).
@@ -471,6 +473,7 @@ pub async fn audit(opts: &Options, a: &AuditOptions) -> anyhow::Result<AuditRepo
             let verdict = judge_instance(&i, &probes);
             AuditedInstance {
                 registered: if i.suspect { "suspect".into() } else { health_name(i.health).into() },
+                registered_by: i.registered_by.clone().unwrap_or_else(|| "-".into()),
                 namespace: i.namespace,
                 service: i.service,
                 id: i.id,
@@ -524,10 +527,20 @@ pub fn render(r: &AuditReport) -> String {
         r.zombies,
         r.flapping
     );
-    let mut rows =
-        vec![["VERDICT", "NAMESPACE", "SERVICE", "INSTANCE", "ADDRESS", "ZONE", "REGISTERED", "PROBES", "DETAIL"]
-            .map(String::from)
-            .to_vec()];
+    let mut rows = vec![[
+        "VERDICT",
+        "NAMESPACE",
+        "SERVICE",
+        "INSTANCE",
+        "ADDRESS",
+        "ZONE",
+        "REGISTERED",
+        "BY",
+        "PROBES",
+        "DETAIL",
+    ]
+    .map(String::from)
+    .to_vec()];
     for i in &r.instances {
         let probes: String = i.probes.iter().map(|p| if *p { '+' } else { '-' }).collect();
         rows.push(vec![
@@ -538,6 +551,7 @@ pub fn render(r: &AuditReport) -> String {
             i.address.clone(),
             i.zone.clone(),
             i.registered.clone(),
+            i.registered_by.clone(),
             probes,
             format!("{}{}", i.probe, i.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()),
         ]);
