@@ -143,7 +143,9 @@ async fn a_zone_going_quiet_is_held_not_evicted() {
         silent_a[..6].iter().all(|id| list.get(id).is_some_and(|(_, s)| !*s)),
         "returned instances are healthy: {list:?}"
     );
-    let mut still_held = silent_a[6..].iter().filter(|id| *id != DEAD);
+    // The others that the brake held (up to its threshold may have been evicted before it engaged:
+    // which ones depends on timing) are held still.
+    let mut still_held = silent_a[6..].iter().filter(|id| *id != DEAD && held.contains(id));
     assert!(still_held.all(|id| list.get(id).is_some_and(|(_, s)| *s)), "the others are still held: {list:?}");
 
     let deadline = silenced_at + Duration::from_secs(3 + MAX_HOLD_S + 5);
