@@ -20,6 +20,16 @@ fn refused(out: Output, what: &str, message: &str) {
     assert!(out.stderr.contains(message), "{what}: expected {message:?}, got {}", out.stderr);
 }
 
+/// root (with the root role), and alice with readwrite on the prefix `app/`.
+const USERS: &[&[&str]] = &[
+    &["user", "add", "root:rootpw"],
+    &["user", "grant-role", "root", "root"],
+    &["role", "add", "app"],
+    &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
+    &["user", "add", "alice:alicepw"],
+    &["user", "grant-role", "alice", "app"],
+];
+
 fn with<'a>(user: &[&'a str], args: &[&'a str]) -> Vec<&'a str> {
     [user, args].concat()
 }
@@ -55,17 +65,7 @@ async fn etcd_auth_guards_every_api_on_every_member() {
     let (m1, m2, m3) = (c.nodes[leader].endpoint(), c.nodes[other].endpoint(), c.nodes[lag].endpoint());
     c.kill(lag);
 
-    quorate_tests::etcdctl_steps(
-        &m1,
-        &[
-            &["user", "add", "root:rootpw"][..],
-            &["user", "grant-role", "root", "root"],
-            &["role", "add", "app"],
-            &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
-            &["user", "add", "alice:alicepw"],
-            &["user", "grant-role", "alice", "app"],
-        ],
-    );
+    quorate_tests::etcdctl_steps(&m1, USERS);
     // Enabling needs root with the root role (etcd's rule) — checked above; now on.
     assert!(ok(etcdctl(&m1, &["auth", "enable"]), "auth enable").contains("Authentication Enabled"));
 
@@ -210,18 +210,8 @@ async fn jwt_tokens_from_one_member_are_taken_by_the_others() {
     let spec = format!("jwt,pub-key={public},priv-key={private},sign-method=ES256,ttl=10m");
     let c = Cluster::start_with(Flavor::Quorate, 2, &["--auth-token", &spec]).expect("cluster");
     let (m1, m2) = (c.nodes[0].endpoint(), c.nodes[1].endpoint());
-    quorate_tests::etcdctl_steps(
-        &m1,
-        &[
-            &["user", "add", "root:rootpw"][..],
-            &["user", "grant-role", "root", "root"],
-            &["role", "add", "app"],
-            &["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"],
-            &["user", "add", "alice:alicepw"],
-            &["user", "grant-role", "alice", "app"],
-            &["auth", "enable"],
-        ],
-    );
+    quorate_tests::etcdctl_steps(&m1, USERS);
+    quorate_tests::etcdctl_steps(&m1, &[&["auth", "enable"]]);
     ok(etcdctl(&m2, &with(&["--user", "alice:alicepw"], &["put", "app/x", "1"])), "etcdctl --user with JWTs");
     let token = authenticate(&m1, "alice", "alicepw").await;
     assert!(token.starts_with("eyJ") && token.matches('.').count() == 2, "not a JWT: {token}");
@@ -239,4 +229,53 @@ async fn jwt_tokens_from_one_member_are_taken_by_the_others() {
         assert!(Instant::now() < deadline, "a deleted user's JWT still writes");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `snapshot save` keeps users, roles and auth on, never the token key; a cluster restored from
+/// it signs with one key every member shares (proposed through the log by the first login, at a
+/// follower here), so a token from one member is taken by the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_cluster_keeps_its_users_and_signs_with_one_key() {
+    let c = Cluster::start_with(Flavor::Quorate, 1, &[]).expect("cluster");
+    let m = c.nodes[0].endpoint();
+    quorate_tests::etcdctl_steps(&m, USERS);
+    quorate_tests::etcdctl_steps(&m, &[&["auth", "enable"]]);
+    let file = c.dir().join("backup.db");
+    let save = etcdctl(&m, &["--user", "root:rootpw", "snapshot", "save", file.to_str().unwrap()]);
+    assert!(save.ok, "snapshot save as root: {}", save.stderr);
+
+    let mut restored = Cluster::unstarted(Flavor::Quorate, 3).unwrap();
+    for i in 0..3 {
+        let n = &restored.nodes[i];
+        let out = std::process::Command::new(quorate_tests::quorate_bin())
+            .args(["snapshot", "restore"])
+            .arg(&file)
+            .args(["--data-dir", n.data_dir.to_str().unwrap(), "--name", &n.name])
+            .args(["--initial-advertise-peer-urls", &n.peer_url(), "--initial-cluster", &restored.initial_cluster])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for i in 0..3 {
+        restored.spawn(i).unwrap();
+    }
+    let leader = restored.wait_leader(Duration::from_secs(20)).expect("the restored cluster elects");
+    let follower = (leader + 1) % 3;
+    let eps: Vec<String> = restored.nodes.iter().map(|n| n.endpoint()).collect();
+    // Auth is still on, with the users of the backup.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let token = loop {
+        let mut auth = pb::auth_client::AuthClient::new(channel(&eps[follower]).await);
+        let req = pb::AuthenticateRequest { name: "alice".into(), password: "alicepw".into() };
+        match auth.authenticate(req).await {
+            Ok(r) => break r.into_inner().token,
+            Err(e) => assert!(Instant::now() < deadline, "alice cannot log in at a follower: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for ep in &eps {
+        put(ep, Some(&token), "app/restored").await.unwrap_or_else(|e| panic!("{ep}: the follower's token: {e:?}"));
+    }
+    let e = put(&eps[leader], None, "app/nobody").await.expect_err("auth is off after a restore");
+    assert_eq!(e.message(), "etcdserver: user name is empty");
 }

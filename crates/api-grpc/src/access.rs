@@ -14,11 +14,6 @@ use crate::Ctx;
 /// The metadata key etcd's clients put their token under.
 pub const TOKEN_METADATA: &str = "token";
 
-/// Milliseconds since the Unix epoch (token expiry is wall-clock time, as etcd's JWTs).
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Ctx {
     /// The user a request speaks for; `None` with auth off or when it names nobody. A token that
     /// does not verify is etcd's `invalid auth token`, even where nobody would be allowed.
@@ -35,7 +30,9 @@ impl Ctx {
                 return Ok(None);
             }
             match token {
-                Some(t) => auth.verify_token(t, now_unix_ms()).map(Some).map_err(auth_status),
+                Some(t) => {
+                    auth.verify_token(t, quorate_consensus::passwords::now_unix_ms()).map(Some).map_err(auth_status)
+                }
                 None => Ok(cn()),
             }
         })

@@ -18,23 +18,9 @@ pub struct AuthService {
     pub ctx: Arc<Ctx>,
 }
 
-/// Most Argon2 checks run at once on a member; past it, `Authenticate` waits. Each costs tens
-/// of milliseconds and 19 MiB, so a password-guessing client slows itself, not the member.
-const PASSWORD_CHECKS_MAX: usize = 2;
-
-static PASSWORD_CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PASSWORD_CHECKS_MAX);
-
-/// Hash a password off the runtime, with a fresh random salt.
-async fn hash(password: String) -> Result<String, Status> {
-    let _slot = PASSWORD_CHECKS.acquire().await.map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
-    tokio::task::spawn_blocking(move || {
-        let mut salt = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
-            .map_err(|_| Status::internal("no randomness for a salt"))?;
-        Ok(quorate_kv::auth::hash_password(&password, &salt))
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?
+/// etcd's answer when the member's password work is all taken (`quorate_consensus::passwords`).
+fn busy(_: quorate_consensus::passwords::Busy) -> Status {
+    Status::resource_exhausted("etcdserver: too many requests")
 }
 
 fn random_key() -> Result<Vec<u8>, Status> {
@@ -123,27 +109,19 @@ impl pb::auth_server::Auth for AuthService {
                 Ok(a.user(&name).and_then(|u| u.password_hash.clone()))
             })
             .await?;
-        // A short wait for a slot, then etcd's "too many requests" (clients retry it): never an
-        // unbounded queue that password guessing could hold the member's threads with. An
-        // unknown user costs a hash too, so that timing does not tell which names exist.
-        let busy = || Status::resource_exhausted("etcdserver: too many requests");
-        let _slot = tokio::time::timeout(std::time::Duration::from_secs(1), PASSWORD_CHECKS.acquire())
-            .await
-            .map_err(|_| busy())?
-            .map_err(|_| busy())?;
+        // The member's bounded password work; "too many requests" past it (clients retry).
         let verified = stored.clone();
-        let ok = tokio::task::spawn_blocking(move || quorate_kv::auth::check_password(stored.as_deref(), &password))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let ok = quorate_consensus::passwords::check(stored, password).await.map_err(busy)?;
         if !ok {
             return Err(auth_status(AuthError::AuthFailed));
         }
-        let expires = crate::access::now_unix_ms().saturating_add(self.ctx.auth_token_ttl.as_millis() as u64);
+        let expires =
+            quorate_consensus::passwords::now_unix_ms().saturating_add(self.ctx.auth_token_ttl.as_millis() as u64);
         let verified = verified.unwrap_or_default();
         if let Some(jwt) = quorate_tls::jwt::installed().filter(|j| j.signs()) {
             // etcd's `--auth-token jwt`: signed here, verified by any member with the public key.
             let revision = self.ctx.member.read(|s| s.auth().revision());
-            let exp = (crate::access::now_unix_ms() / 1000).saturating_add(jwt.ttl.as_secs());
+            let exp = (quorate_consensus::passwords::now_unix_ms() / 1000).saturating_add(jwt.ttl.as_secs());
             let token = jwt.sign(&name, revision, exp).ok_or_else(|| Status::internal("could not sign a token"))?;
             return Ok(Response::new(pb::AuthenticateResponse { header: Some(header), token }));
         }
@@ -152,6 +130,8 @@ impl pb::auth_server::Auth for AuthService {
             // member's own command (not a client's); a no-op if another member's came first.
             let cmd = Command::Auth(AuthCommand::SetTokenKey { token_key: random_key()? });
             self.ctx.member.write(cmd).await.map_err(consensus_status)?;
+            // A follower's write returns once the leader applied it: catch up before signing.
+            self.ctx.member.linearize().await.map_err(consensus_status)?;
         }
         let token = self.ctx.member.read(|s| s.auth().issue_token(&name, &verified, expires)).map_err(auth_status)?;
         Ok(Response::new(pb::AuthenticateResponse { header: Some(header), token }))
@@ -171,7 +151,11 @@ impl pb::auth_server::Auth for AuthService {
         // Root's, before any hashing: nobody else may make the member spend a hash.
         self.ctx.admin(&req)?;
         let name = r.name.clone();
-        let password_hash = if no_password { None } else { Some(hash(r.password.clone()).await?) };
+        let password_hash = if no_password {
+            None
+        } else {
+            Some(quorate_consensus::passwords::hash(r.password.clone()).await.map_err(busy)?)
+        };
         let header = self.change(&req, AuthCommand::UserAdd { name, password_hash }).await?;
         Ok(Response::new(pb::AuthUserAddResponse { header: Some(header) }))
     }
@@ -227,7 +211,7 @@ impl pb::auth_server::Auth for AuthService {
         }
         self.ctx.admin(&req)?;
         let name = r.name.clone();
-        let password_hash = Some(hash(r.password.clone()).await?);
+        let password_hash = Some(quorate_consensus::passwords::hash(r.password.clone()).await.map_err(busy)?);
         let header = self.change(&req, AuthCommand::UserChangePassword { name, password_hash }).await?;
         Ok(Response::new(pb::AuthUserChangePasswordResponse { header: Some(header) }))
     }

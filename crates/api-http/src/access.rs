@@ -227,9 +227,6 @@ impl From<AuthError> for Refused {
     }
 }
 
-/// How long a basic-auth request waits for a password check slot before it is told to retry.
-const PASSWORD_SLOT_WAIT: Duration = Duration::from_secs(1);
-
 /// A password found right: the stored hash it matched (a new password voids it) and when.
 type CheckedPassword = (String, Instant);
 
@@ -240,8 +237,6 @@ pub struct HttpAuth {
     pub static_tokens: Option<StaticTokens>,
     checked: Mutex<HashMap<(String, [u8; 32]), CheckedPassword>>,
 }
-
-static PASSWORD_CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// How long a checked password is remembered (while its user's stored hash is unchanged).
 const CHECKED_PASSWORD_TTL: Duration = Duration::from_secs(300);
@@ -266,7 +261,7 @@ impl HttpAuth {
             if let Some(user) = self.static_tokens.as_ref().and_then(|s| s.user(&token)) {
                 return Ok(Some(user));
             }
-            let now = crate::access::now_unix_ms();
+            let now = quorate_consensus::passwords::now_unix_ms();
             return Ok(self.member.read(|s| s.auth().verify_token(&token, now)).map(Some)?);
         }
         if let Some(basic) = authz.and_then(|a| strip_scheme(a, "basic")) {
@@ -289,17 +284,11 @@ impl HttpAuth {
                 return Ok(user.to_string());
             }
         }
-        // Few Argon2 checks at once, each waited for briefly, then "busy" (503): never a queue
-        // that holds the member's threads, nor a 401 that reads as a wrong password.
-        let _slot = tokio::time::timeout(PASSWORD_SLOT_WAIT, PASSWORD_CHECKS.acquire())
+        // The member's bounded password work ("busy", 503, past it: never a 401 that reads as a
+        // wrong password); an unknown user costs a hash too.
+        let ok = quorate_consensus::passwords::check(stored.clone(), password.to_string())
             .await
-            .map_err(|_| Refused::Busy)?
             .map_err(|_| Refused::Busy)?;
-        let (h, p) = (stored.clone(), password.to_string());
-        // An unknown user costs a hash too, so that timing does not tell which names exist.
-        let ok = tokio::task::spawn_blocking(move || quorate_kv::auth::check_password(h.as_deref(), &p))
-            .await
-            .map_err(|_| AuthError::AuthFailed)?;
         let Some(stored) = stored.filter(|_| ok) else {
             return Err(AuthError::AuthFailed.into());
         };
@@ -322,11 +311,6 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         let (k, v) = p.split_once('=')?;
         (k == name && !v.is_empty()).then(|| percent_decode(v))
     })
-}
-
-/// Milliseconds since the Unix epoch (tokens expire by the wall clock, as etcd's JWTs).
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// An auth refusal over HTTP: 401 when the caller is not established (no or bad credentials),

@@ -19,6 +19,7 @@ mod membership;
 pub mod metrics;
 mod network;
 mod observe;
+pub mod passwords;
 pub mod recovery;
 mod state_machine;
 mod status_watch;

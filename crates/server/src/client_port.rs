@@ -153,7 +153,7 @@ impl<S> Http1Split<S> {
                 return None;
             }
             match token {
-                Some(t) => auth.verify_token(t, quorate_api_http::access::now_unix_ms()).ok(),
+                Some(t) => auth.verify_token(t, quorate_consensus::passwords::now_unix_ms()).ok(),
                 None => cn(),
             }
         })
