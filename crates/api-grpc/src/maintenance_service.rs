@@ -128,11 +128,7 @@ impl pb::cluster_server::Cluster for ClusterService {
 
 /// Bytes the member's data files take on disk.
 fn db_size(ctx: &Ctx) -> i64 {
-    ["raft.redb", "state.redb"]
-        .iter()
-        .filter_map(|f| std::fs::metadata(ctx.data_dir.join(f)).ok())
-        .map(|m| m.len() as i64)
-        .sum()
+    quorate_consensus::data_files_bytes(&ctx.data_dir) as i64
 }
 
 fn alarm_out(a: AlarmType) -> pb::AlarmType {

@@ -124,8 +124,7 @@ pub fn restore(bytes: &[u8], data_dir: &Path, members: &BTreeMap<NodeId, MemberN
     let sm = crate::state_machine::StateMachine::open(&data_dir.join("state.redb"), std::time::Duration::ZERO)
         .map_err(|e| format!("create state: {e}"))?;
     sm.save_image(&meta, &store).map_err(|e| format!("write state: {e}"))?;
-    crate::log_store::LogStore::write_restored(&data_dir.join("raft.redb"), log_id)
-        .map_err(|e| format!("write raft log: {e}"))?;
+    crate::log_store::LogStore::write_restored(data_dir, log_id).map_err(|e| format!("write raft log: {e}"))?;
     Ok(revision)
 }
 

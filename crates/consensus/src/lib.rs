@@ -43,6 +43,17 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 pub use error::ConsensusError;
+
+/// Whether a data directory holds a member's Raft log (of this version or an older one).
+pub fn has_raft_log(data_dir: &std::path::Path) -> bool {
+    log_store::exists(data_dir)
+}
+
+/// Bytes a data directory's database files take on disk (the Raft log and the state file), as
+/// etcd's `db` file size.
+pub fn data_files_bytes(data_dir: &std::path::Path) -> u64 {
+    log_store::disk_bytes(data_dir) + std::fs::metadata(data_dir.join("state.redb")).map_or(0, |m| m.len())
+}
 pub use flight::{Event as FlightEvent, Record as FlightRecord, Recorder as FlightRecorder};
 pub use isolation::Isolation;
 pub use lease::core::ANSWER_WINDOW as LEASE_ANSWER_WINDOW;
@@ -228,7 +239,7 @@ impl Member {
     /// Returns the member and the peer service the caller must serve on its peer listener.
     pub async fn start(cfg: MemberConfig) -> Result<(Member, PeerService), String> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
-        let log = LogStore::open(&cfg.data_dir.join("raft.redb")).map_err(|e| {
+        let log = LogStore::open(&cfg.data_dir).map_err(|e| {
             format!("open raft log in {}: {e} (is another member using this data directory?)", cfg.data_dir.display())
         })?;
         if let Some(n) = cfg.join_incarnation.filter(|n| *n > 1 && log.is_fresh()) {

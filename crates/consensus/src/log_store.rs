@@ -1,52 +1,115 @@
-//! The durable Raft log, vote and commit index, in a redb file.
+//! The durable Raft log, vote and commit index, on raft-engine (ADR 0011).
+//!
+//! raft-engine is TiKV's write-ahead log for Raft: appends go to preallocated files, one
+//! fdatasync per batch, every batch checksummed, a torn or corrupt tail cut on open, files
+//! below the last snapshot deleted. This module is the only code that sees it.
 //!
 //! Every change goes through one writer thread in order. The writer drains whatever is queued,
-//! writes it in one redb transaction and commits with immediate durability (fsync) before it
-//! acknowledges any of it, so concurrent proposals share one fsync (group commit). Raft's own
-//! task never waits on the disk for appends, and timers never share a thread with fsync
-//! (etcd #13527: a disk stall that blocked the ticker produced two leaders).
+//! writes it as one raft-engine batch and syncs before it acknowledges any of it, so concurrent
+//! proposals share one fsync (group commit). Raft's own task never waits on the disk for
+//! appends, and timers never share a thread with fsync (etcd #13527: a disk stall that blocked
+//! the ticker produced two leaders).
 //!
-//! Entries are also kept in memory between the last purge and the tip, so reads never touch the
-//! disk; snapshots bound how many there are.
+//! The newest entries are also kept decoded in memory (at most `CACHE_BYTES`, and always every
+//! entry not yet written), so replication reads rarely touch the disk; older ones are read back
+//! from raft-engine.
+//!
+//! A data directory of an older version keeps its log in `raft.redb`; it is migrated on first
+//! open (`migrate`).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
-use std::ops::RangeBounds;
-use std::path::Path;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use protobuf::well_known_types::BytesValue;
+use raft_engine::{Engine, LogBatch, MessageExt, ReadableSize, RecoveryMode};
 
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const META_VOTE: &str = "vote";
-const META_COMMITTED: &str = "committed";
-const META_PURGED: &str = "last_purged";
+/// The log's directory inside a data directory.
+pub const ENGINE_DIR: &str = "raft-engine";
+/// Where a migration writes before it renames the result to `ENGINE_DIR`.
+const MIGRATING_DIR: &str = "raft-engine.migrating";
+/// The log of data directories written before ADR 0011.
+pub const LEGACY_FILE: &str = "raft.redb";
+
+/// The one Raft group (raft-engine's "region") this engine holds.
+const GROUP: u64 = 1;
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
 /// The cluster's incarnation (`crate::incarnation`); absent means 1.
-const META_INCARNATION: &str = "incarnation";
-/// The id of the recovery plan that raised it, if one did.
-const META_RECOVERY_PLAN: &str = "recovery_plan";
+const KEY_INCARNATION: &[u8] = b"incarnation";
+/// The recovery plan that raised it, if one did (JSON).
+const KEY_RECOVERY_PLAN: &[u8] = b"recovery_plan";
+/// Entries from this index on are void: the log was truncated there and nothing has been
+/// appended since (raft-engine drops a tail only when an append overwrites it).
+const KEY_TRUNCATED_FROM: &[u8] = b"truncated_from";
 
-/// redb's page cache for the log. Entries are also held in memory, so reads rarely need it;
-/// redb's default (1 GiB) would dominate a member's footprint.
-const LOG_CACHE_BYTES: usize = 16 << 20;
+/// Decoded entries kept in memory beyond those not yet written.
+const CACHE_BYTES: usize = 16 << 20;
 
-/// Most queued operations the writer folds into one transaction.
+/// raft-engine's file size: a purge can delete a file once every entry in it is below the
+/// snapshot.
+const ENGINE_FILE_BYTES: u64 = 16 << 20;
+/// Files are deleted once the log's files exceed this (raft-engine's `purge-threshold`).
+const ENGINE_PURGE_BYTES: u64 = 64 << 20;
+
+/// Most queued operations the writer folds into one batch.
 const WRITE_BATCH_OPS_MAX: usize = 4096;
 
 /// How often the (unawaited) commit index is written: adding it to every commit cost a fifth of
-/// each small commit's time (ADR 0007).
+/// each small commit's time with redb (ADR 0007).
 const COMMITTED_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// An entry as raft-engine stores it: a protobuf `BytesValue` of the index (8 bytes,
+/// little-endian) and the entry's bincode encoding.
+struct Stored;
+
+impl MessageExt for Stored {
+    type Entry = BytesValue;
+
+    fn index(e: &BytesValue) -> u64 {
+        e.value.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+    }
+}
+
+fn stored(e: &Entry) -> io::Result<BytesValue> {
+    let mut value = e.index().to_le_bytes().to_vec();
+    bincode::serialize_into(&mut value, e).map_err(io_err)?;
+    Ok(BytesValue { value, ..Default::default() })
+}
+
+fn unstored(v: &BytesValue) -> io::Result<Entry> {
+    let entry: Entry = decode(v.value.get(8..).unwrap_or_default())?;
+    if entry.index() != Stored::index(v) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "log entry and its index disagree: storage is corrupt"));
+    }
+    Ok(entry)
+}
+
+/// A decoded entry kept in memory.
+struct Cached {
+    entry: Entry,
+    /// Its size as stored, for the cache's budget.
+    size: usize,
+    /// raft-engine holds it: it may leave the cache.
+    written: bool,
+}
 
 #[derive(Default)]
 struct Mem {
-    entries: BTreeMap<u64, Entry>,
+    /// A contiguous tail of the log, decoded, holding at least every entry not yet written.
+    cache: BTreeMap<u64, Cached>,
+    cache_bytes: usize,
+    /// The last entry's id, or the purge point when there is none after it.
+    last: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
     last_purged: Option<LogId>,
@@ -54,23 +117,69 @@ struct Mem {
     recovery_plan: Option<crate::recovery::RecoveryPlan>,
 }
 
+impl Mem {
+    fn insert(&mut self, entry: Entry, size: usize, written: bool) {
+        self.last = Some(entry.log_id());
+        self.cache_bytes += size;
+        if let Some(old) = self.cache.insert(entry.index(), Cached { entry, size, written }) {
+            self.cache_bytes -= old.size;
+        }
+    }
+
+    /// Drop cached entries from `from` on.
+    fn drop_from(&mut self, from: u64) {
+        for (_, c) in self.cache.split_off(&from) {
+            self.cache_bytes -= c.size;
+        }
+    }
+
+    /// Drop cached entries up to `upto`, inclusive.
+    fn drop_upto(&mut self, upto: u64) {
+        let keep = self.cache.split_off(&(upto.saturating_add(1)));
+        for (_, c) in std::mem::replace(&mut self.cache, keep) {
+            self.cache_bytes -= c.size;
+        }
+    }
+
+    /// Mark the entry `id` written, if the cache still holds that entry (not one that replaced
+    /// it after a truncation).
+    fn mark_written(&mut self, id: &LogId) {
+        if let Some(c) = self.cache.get_mut(&id.index()).filter(|c| c.entry.log_id() == *id) {
+            c.written = true;
+        }
+    }
+
+    /// Evict the oldest written entries while the cache is over its budget. The cache stays a
+    /// contiguous tail: it stops at the first entry not yet written.
+    fn evict(&mut self) {
+        while self.cache_bytes > CACHE_BYTES {
+            match self.cache.first_entry() {
+                Some(first) if first.get().written => {
+                    self.cache_bytes -= first.remove().size;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
 enum Op {
-    Append(Vec<(u64, Vec<u8>)>, IOFlushed<TypeConfig>),
+    Append(Vec<(LogId, BytesValue)>, IOFlushed<TypeConfig>),
     TruncateFrom(u64),
     Purge {
         upto: u64,
         log_id: Vec<u8>,
     },
     Meta {
-        key: &'static str,
+        key: &'static [u8],
         value: Vec<u8>,
         done: Option<tokio::sync::oneshot::Sender<io::Result<()>>>,
     },
-    /// A recovery's writes (`crate::recovery`), in one durable transaction: an entry appended,
-    /// and meta values.
+    /// A recovery's writes (`crate::recovery`), in one durable batch: an entry appended, and
+    /// meta values.
     Recovery {
-        entry: Option<(u64, Vec<u8>)>,
-        meta: Vec<(&'static str, Vec<u8>)>,
+        entry: Option<BytesValue>,
+        meta: Vec<(&'static [u8], Vec<u8>)>,
         done: tokio::sync::oneshot::Sender<io::Result<()>>,
     },
 }
@@ -85,11 +194,11 @@ type PendingCommitted = Arc<Mutex<Option<(u64, Vec<u8>)>>>;
 fn last_index_after(mut last: u64, ops: &[Op]) -> u64 {
     for op in ops {
         match op {
-            Op::Append(entries, _) => last = entries.last().map_or(last, |(i, _)| *i),
+            Op::Append(entries, _) => last = entries.last().map_or(last, |(id, _)| id.index()),
             Op::TruncateFrom(from) => last = last.min(from.saturating_sub(1)),
             Op::Purge { upto, .. } => last = last.max(*upto),
             Op::Meta { .. } => {}
-            Op::Recovery { entry, .. } => last = entry.as_ref().map_or(last, |(i, _)| *i),
+            Op::Recovery { entry, .. } => last = entry.as_ref().map_or(last, Stored::index),
         }
     }
     last
@@ -100,7 +209,7 @@ fn last_index_after(mut last: u64, ops: &[Op]) -> u64 {
 pub struct LogStats {
     /// How long each commit's fsync took (etcd's WAL fsync).
     pub fsync_seconds: crate::metrics::FsyncHistogram,
-    /// redb transactions committed with fsync.
+    /// Batches written with fsync.
     pub durable_commits: std::sync::atomic::AtomicU64,
     /// Log entries made durable.
     pub entries: std::sync::atomic::AtomicU64,
@@ -128,6 +237,7 @@ impl LogStats {
 #[derive(Clone)]
 pub struct LogStore {
     pub stats: Arc<LogStats>,
+    engine: Arc<Engine>,
     mem: Arc<Mutex<Mem>>,
     tx: mpsc::Sender<Op>,
     committed: PendingCommitted,
@@ -147,71 +257,125 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> io::Result<T> {
     bincode::deserialize(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }
 
+fn engine_config(dir: &Path) -> raft_engine::Config {
+    raft_engine::Config {
+        dir: dir.display().to_string(),
+        // A torn or corrupt last batch is cut on open; anywhere else it stops the open.
+        recovery_mode: RecoveryMode::TolerateTailCorruption,
+        recovery_threads: 2,
+        // Entries are small and written one batch per fsync: compressing them would only add
+        // CPU to the write path.
+        batch_compression_threshold: ReadableSize(0),
+        target_file_size: ReadableSize(ENGINE_FILE_BYTES),
+        purge_threshold: ReadableSize(ENGINE_PURGE_BYTES),
+        ..Default::default()
+    }
+}
+
+fn open_engine(dir: &Path) -> io::Result<Engine> {
+    Engine::open(engine_config(dir)).map_err(|e| io_err(format!("open {}: {e}", dir.display())))
+}
+
+/// Whether `data_dir` holds a Raft log (of this version or an older one).
+pub fn exists(data_dir: &Path) -> bool {
+    data_dir.join(ENGINE_DIR).exists() || data_dir.join(LEGACY_FILE).exists()
+}
+
+/// Bytes the Raft log takes on disk.
+pub fn disk_bytes(data_dir: &Path) -> u64 {
+    let files = std::fs::read_dir(data_dir.join(ENGINE_DIR)).into_iter().flatten().flatten();
+    files.filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum::<u64>()
+        + std::fs::metadata(data_dir.join(LEGACY_FILE)).map_or(0, |m| m.len())
+}
+
+fn get_key(engine: &Engine, key: &[u8]) -> Option<Vec<u8>> {
+    engine.get(GROUP, key)
+}
+
+/// Read entries `[from, to)` back from raft-engine.
+fn read_engine(engine: &Engine, from: u64, to: u64) -> io::Result<Vec<Entry>> {
+    if from >= to {
+        return Ok(Vec::new());
+    }
+    let mut stored = Vec::with_capacity((to - from) as usize);
+    engine.fetch_entries_to::<Stored>(GROUP, from, to, None, &mut stored).map_err(io_err)?;
+    stored.iter().map(unstored).collect()
+}
+
 impl LogStore {
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let db = Database::builder().set_cache_size(LOG_CACHE_BYTES).create(path).map_err(io_err)?;
-        let mut mem = Mem::default();
-        {
-            let w = db.begin_write().map_err(io_err)?;
-            w.open_table(LOG).map_err(io_err)?;
-            w.open_table(META).map_err(io_err)?;
-            w.commit().map_err(io_err)?;
+    /// Open (or create) the log of the data directory `data_dir`, migrating a log of an older
+    /// version first.
+    pub fn open(data_dir: &Path) -> io::Result<Self> {
+        migrate(data_dir)?;
+        let engine = Arc::new(open_engine(&data_dir.join(ENGINE_DIR))?);
+        let mut mem = Mem { incarnation: 1, ..Default::default() };
+        if let Some(v) = get_key(&engine, KEY_VOTE) {
+            mem.vote = Some(decode(&v)?);
         }
-        {
-            let r = db.begin_read().map_err(io_err)?;
-            let meta = r.open_table(META).map_err(io_err)?;
-            if let Some(v) = meta.get(META_VOTE).map_err(io_err)? {
-                mem.vote = Some(decode(v.value())?);
+        if let Some(v) = get_key(&engine, KEY_COMMITTED) {
+            mem.committed = decode(&v)?;
+        }
+        if let Some(v) = get_key(&engine, KEY_PURGED) {
+            mem.last_purged = Some(decode(&v)?);
+        }
+        if let Some(v) = get_key(&engine, KEY_INCARNATION) {
+            mem.incarnation = decode(&v)?;
+        }
+        if let Some(v) = get_key(&engine, KEY_RECOVERY_PLAN) {
+            let json: String = decode(&v)?;
+            mem.recovery_plan = Some(serde_json::from_str(&json).map_err(io_err)?);
+        }
+        let void_from: Option<u64> = get_key(&engine, KEY_TRUNCATED_FROM).map(|v| decode(&v)).transpose()?;
+        let (tail, cut) = load_tail(&engine, mem.committed.map_or(0, |c| c.index()), void_from)?;
+        for (entry, size) in tail {
+            mem.insert(entry, size, true);
+        }
+        if mem.last.is_none() {
+            mem.last = mem.last_purged;
+        }
+        let mut writer_meta = BTreeMap::new();
+        for key in [KEY_VOTE, KEY_COMMITTED, KEY_PURGED, KEY_INCARNATION, KEY_RECOVERY_PLAN, KEY_TRUNCATED_FROM] {
+            if let Some(v) = get_key(&engine, key) {
+                writer_meta.insert(key, v);
             }
-            if let Some(v) = meta.get(META_COMMITTED).map_err(io_err)? {
-                mem.committed = decode(v.value())?;
-            }
-            if let Some(v) = meta.get(META_PURGED).map_err(io_err)? {
-                mem.last_purged = Some(decode(v.value())?);
-            }
-            mem.incarnation = match meta.get(META_INCARNATION).map_err(io_err)? {
-                Some(v) => decode(v.value())?,
-                None => 1,
-            };
-            if let Some(v) = meta.get(META_RECOVERY_PLAN).map_err(io_err)? {
-                let json: String = decode(v.value())?;
-                mem.recovery_plan = Some(serde_json::from_str(&json).map_err(io_err)?);
-            }
-            let log = r.open_table(LOG).map_err(io_err)?;
-            for item in log.iter().map_err(io_err)? {
-                let (k, v) = item.map_err(io_err)?;
-                let entry: Entry = decode(v.value())?;
-                assert_eq!(k.value(), entry.index(), "log key and entry index disagree: storage is corrupt");
-                mem.entries.insert(k.value(), entry);
-            }
+        }
+        if let Some(from) = cut {
+            let mut batch = LogBatch::default();
+            let value = encode(&from)?;
+            batch.put(GROUP, KEY_TRUNCATED_FROM.to_vec(), value.clone()).map_err(io_err)?;
+            engine.write(&mut batch, true).map_err(io_err)?;
+            writer_meta.insert(KEY_TRUNCATED_FROM, value);
         }
         let (tx, rx) = mpsc::channel();
         let fsync_delay = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let delay = fsync_delay.clone();
         let stats = Arc::new(LogStats::default());
-        let writer_stats = stats.clone();
         let committed = PendingCommitted::default();
-        let writer_committed = committed.clone();
-        let last = mem.entries.keys().next_back().copied().max(mem.last_purged.map(|l| l.index())).unwrap_or(0);
-        std::thread::Builder::new()
-            .name("quorate-log-writer".into())
-            .spawn(move || writer(db, rx, last, writer_committed, delay, writer_stats))?;
-        Ok(LogStore { stats, mem: Arc::new(Mutex::new(mem)), tx, committed, fsync_delay })
+        let mem = Arc::new(Mutex::new(mem));
+        let writer = Writer {
+            engine: engine.clone(),
+            mem: mem.clone(),
+            committed: committed.clone(),
+            fsync_delay: fsync_delay.clone(),
+            stats: stats.clone(),
+            meta: writer_meta,
+        };
+        let last = {
+            let m = mem.lock().unwrap();
+            m.last.map_or(0, |l| l.index())
+        };
+        std::thread::Builder::new().name("quorate-log-writer".into()).spawn(move || writer.run(rx, last))?;
+        Ok(LogStore { stats, engine, mem, tx, committed, fsync_delay })
     }
 
     /// A log for a restored data directory: empty, purged up to `upto` (the restored snapshot),
     /// with that as its commit index.
-    pub fn write_restored(path: &Path, upto: LogId) -> io::Result<()> {
-        let db = Database::builder().set_cache_size(LOG_CACHE_BYTES).create(path).map_err(io_err)?;
-        let mut w = db.begin_write().map_err(io_err)?;
-        w.set_two_phase_commit(true);
-        {
-            w.open_table(LOG).map_err(io_err)?;
-            let mut meta = w.open_table(META).map_err(io_err)?;
-            meta.insert(META_PURGED, encode(&upto)?.as_slice()).map_err(io_err)?;
-            meta.insert(META_COMMITTED, encode(&Some(upto))?.as_slice()).map_err(io_err)?;
-        }
-        w.commit().map_err(io_err)
+    pub fn write_restored(data_dir: &Path, upto: LogId) -> io::Result<()> {
+        let engine = open_engine(&data_dir.join(ENGINE_DIR))?;
+        let mut batch = LogBatch::default();
+        batch.put(GROUP, KEY_PURGED.to_vec(), encode(&upto)?).map_err(io_err)?;
+        batch.put(GROUP, KEY_COMMITTED.to_vec(), encode(&Some(upto))?).map_err(io_err)?;
+        engine.write(&mut batch, true).map_err(io_err)?;
+        Ok(())
     }
 
     /// The cluster's incarnation as this log store holds it (1 unless a recovery raised it).
@@ -227,14 +391,42 @@ impl LogStore {
     /// Nothing was ever written here: no vote, no entry, nothing purged.
     pub fn is_fresh(&self) -> bool {
         let mem = self.mem.lock().unwrap();
-        mem.vote.is_none() && mem.entries.is_empty() && mem.last_purged.is_none()
+        mem.vote.is_none() && mem.last.is_none()
     }
 
-    /// The last log id, the vote and the entries from `from` on, as stored.
-    pub(crate) fn state(&self, from: u64) -> (Option<LogId>, Option<Vote>, Option<LogId>, Vec<Entry>) {
+    /// The last log id, the vote and the commit index, as stored.
+    pub(crate) fn state(&self) -> (Option<LogId>, Option<Vote>, Option<LogId>) {
         let mem = self.mem.lock().unwrap();
-        let last = mem.entries.values().next_back().map(|e| e.log_id()).or(mem.last_purged);
-        (last, mem.vote, mem.committed, mem.entries.range(from..).map(|(_, e)| e.clone()).collect())
+        (mem.last, mem.vote, mem.committed)
+    }
+
+    /// The entries from `from` on.
+    pub(crate) fn entries_from(&self, from: u64) -> io::Result<Vec<Entry>> {
+        self.read(from, u64::MAX)
+    }
+
+    /// Entries `[from, to)` that the log holds: older ones from raft-engine, the rest from the
+    /// cache.
+    fn read(&self, from: u64, to: u64) -> io::Result<Vec<Entry>> {
+        let (disk_to, mut cached) = {
+            let mem = self.mem.lock().unwrap();
+            let first = mem.last_purged.map_or(0, |p| p.index() + 1);
+            // raft-engine's first entry: below it (or with none) the cache holds everything.
+            let first = first.max(self.engine.first_index(GROUP).unwrap_or(0));
+            let from = from.max(first);
+            let end = to.min(mem.last.map_or(0, |l| l.index() + 1));
+            if from >= end {
+                return Ok(Vec::new());
+            }
+            let cache_first = mem.cache.keys().next().copied().unwrap_or(end).clamp(from, end);
+            let cached: Vec<Entry> = mem.cache.range(cache_first..end).map(|(_, c)| c.entry.clone()).collect();
+            ((from, cache_first), cached)
+        };
+        // Entries below the cache were written before they were evicted, and the engine holds
+        // them until a purge, which openraft does not run over entries it is reading.
+        let mut entries = read_engine(&self.engine, disk_to.0, disk_to.1)?;
+        entries.append(&mut cached);
+        Ok(entries)
     }
 
     /// Durably write a recovery (`crate::recovery`): `entry` appended after the last one, `vote`
@@ -246,20 +438,21 @@ impl LogStore {
         plan: &crate::recovery::RecoveryPlan,
     ) -> io::Result<()> {
         let json = serde_json::to_string(plan).map_err(io_err)?;
-        let mut meta = vec![(META_INCARNATION, encode(&plan.incarnation)?), (META_RECOVERY_PLAN, encode(&json)?)];
+        let mut meta = vec![(KEY_INCARNATION, encode(&plan.incarnation)?), (KEY_RECOVERY_PLAN, encode(&json)?)];
         if let Some(v) = &vote {
-            meta.push((META_VOTE, encode(v)?));
+            meta.push((KEY_VOTE, encode(v)?));
         }
         let encoded = match &entry {
-            Some(e) => Some((e.index(), encode(e)?)),
+            Some(e) => Some(stored(e)?),
             None => None,
         };
+        let size = encoded.as_ref().map_or(0, |v| v.value.len());
         let (done, wait) = tokio::sync::oneshot::channel();
         self.send(Op::Recovery { entry: encoded, meta, done })?;
         wait.await.map_err(|_| io_err("log writer thread has stopped"))??;
         let mut mem = self.mem.lock().unwrap();
         if let Some(e) = entry {
-            mem.entries.insert(e.index(), e);
+            mem.insert(e, size, true);
         }
         if vote.is_some() {
             mem.vote = vote;
@@ -271,7 +464,7 @@ impl LogStore {
 
     /// A member joining a recovered cluster starts at the cluster's incarnation.
     pub(crate) async fn set_incarnation(&self, incarnation: u64) -> io::Result<()> {
-        self.put_meta(META_INCARNATION, encode(&incarnation)?).await?;
+        self.put_meta(KEY_INCARNATION, encode(&incarnation)?).await?;
         self.mem.lock().unwrap().incarnation = incarnation;
         Ok(())
     }
@@ -285,136 +478,306 @@ impl LogStore {
         self.tx.send(op).map_err(|_| io_err("log writer thread has stopped"))
     }
 
-    async fn put_meta(&self, key: &'static str, value: Vec<u8>) -> io::Result<()> {
+    async fn put_meta(&self, key: &'static [u8], value: Vec<u8>) -> io::Result<()> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.send(Op::Meta { key, value, done: Some(done) })?;
         wait.await.map_err(|_| io_err("log writer thread has stopped"))?
     }
 }
 
-fn writer(
-    db: Database,
-    rx: mpsc::Receiver<Op>,
-    mut last: u64,
+/// The writer thread: the only code that writes to raft-engine once the log is open.
+struct Writer {
+    engine: Arc<Engine>,
+    mem: Arc<Mutex<Mem>>,
     committed: PendingCommitted,
     fsync_delay: Arc<std::sync::atomic::AtomicU64>,
     stats: Arc<LogStats>,
-) {
-    // The commit index rides along with a durable batch at most every
-    // `COMMITTED_WRITE_INTERVAL`, or is written on its own when the log is idle: each write adds
-    // pages to the commit it rides with, and after a crash a lower commit index only means
-    // re-applying more of the log once a leader commits again. It is never written ahead of
-    // the entries it names: `last` is the highest index on disk.
-    let mut committed_written = std::time::Instant::now();
-    loop {
-        let mut ops = Vec::new();
-        match rx.recv_timeout(COMMITTED_WRITE_INTERVAL) {
-            Ok(op) => ops.push(op),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        }
-        while ops.len() < WRITE_BATCH_OPS_MAX {
-            match rx.try_recv() {
+    /// Every key's newest value, written again with each purge so that no old file stays
+    /// alive only for a key last written there.
+    meta: BTreeMap<&'static [u8], Vec<u8>>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Op>, mut last: u64) {
+        // The commit index rides along with a durable batch at most every
+        // `COMMITTED_WRITE_INTERVAL`, or is written on its own when the log is idle: after a
+        // crash a lower commit index only means re-applying more of the log once a leader
+        // commits again. It is never written ahead of the entries it names: `last` is the
+        // highest index on disk.
+        let mut committed_written = std::time::Instant::now();
+        loop {
+            let mut ops = Vec::new();
+            match rx.recv_timeout(COMMITTED_WRITE_INTERVAL) {
                 Ok(op) => ops.push(op),
-                Err(_) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
-        }
-        let batch_last = last_index_after(last, &ops);
-        let due = ops.is_empty() || committed_written.elapsed() >= COMMITTED_WRITE_INTERVAL;
-        let pending = committed.lock().unwrap().take();
-        match pending {
-            Some((index, value)) if due && index <= batch_last => {
-                ops.insert(0, Op::Meta { key: META_COMMITTED, value, done: None });
-                committed_written = std::time::Instant::now();
-            }
-            // Not yet: hand it back unless a newer one has arrived meanwhile.
-            Some(held) => {
-                committed.lock().unwrap().get_or_insert(held);
-            }
-            None => {}
-        }
-        if ops.is_empty() {
-            continue;
-        }
-        let result = write_batch(&db, &ops, &fsync_delay, &stats);
-        last = batch_last;
-        if result.is_ok() {
-            use std::sync::atomic::Ordering::Relaxed;
-            stats.durable_commits.fetch_add(1, Relaxed);
-            let entries: usize = ops.iter().map(|op| if let Op::Append(e, _) = op { e.len() } else { 0 }).sum();
-            stats.entries.fetch_add(entries as u64, Relaxed);
-        }
-        for op in ops {
-            let r = result.as_ref().map(|_| ()).map_err(io_err);
-            match op {
-                Op::Append(_, cb) => cb.io_completed(r),
-                Op::Meta { done: Some(done), .. } | Op::Recovery { done, .. } => {
-                    let _ = done.send(r);
+            while ops.len() < WRITE_BATCH_OPS_MAX {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
                 }
-                _ => {}
+            }
+            let batch_last = last_index_after(last, &ops);
+            let due = ops.is_empty() || committed_written.elapsed() >= COMMITTED_WRITE_INTERVAL;
+            let pending = self.committed.lock().unwrap().take();
+            match pending {
+                Some((index, value)) if due && index <= batch_last => {
+                    ops.insert(0, Op::Meta { key: KEY_COMMITTED, value, done: None });
+                    committed_written = std::time::Instant::now();
+                }
+                // Not yet: hand it back unless a newer one has arrived meanwhile.
+                Some(held) => {
+                    self.committed.lock().unwrap().get_or_insert(held);
+                }
+                None => {}
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            let purged = ops.iter().any(|op| matches!(op, Op::Purge { .. }));
+            let result = self.write_batch(&ops);
+            last = batch_last;
+            if result.is_ok() {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.stats.durable_commits.fetch_add(1, Relaxed);
+                let entries: usize = ops.iter().map(|op| if let Op::Append(e, _) = op { e.len() } else { 0 }).sum();
+                self.stats.entries.fetch_add(entries as u64, Relaxed);
+                self.written(&ops);
+            }
+            for op in ops {
+                let r = result.as_ref().map(|_| ()).map_err(io_err);
+                match op {
+                    Op::Append(_, cb) => cb.io_completed(r),
+                    Op::Meta { done: Some(done), .. } | Op::Recovery { done, .. } => {
+                        let _ = done.send(r);
+                    }
+                    _ => {}
+                }
+            }
+            if let Err(e) = result {
+                // A write that cannot be made durable must stop the member, not just this
+                // thread: continuing would serve a state whose log is not on disk.
+                tracing::error!(error = %e, "raft log write failed; stopping the member");
+                std::process::abort();
+            }
+            if purged {
+                if let Err(e) = self.engine.purge_expired_files() {
+                    tracing::warn!(error = %e, "deleting raft log files below the snapshot failed");
+                }
             }
         }
-        if let Err(e) = result {
-            // A write that cannot be made durable must stop the member, not just this thread:
-            // continuing would serve a state whose log is not on disk.
-            tracing::error!(error = %e, "raft log write failed; stopping the member");
-            std::process::abort();
+    }
+
+    fn put(&mut self, batch: &mut LogBatch, key: &'static [u8], value: Vec<u8>) -> Result<(), String> {
+        batch.put(GROUP, key.to_vec(), value.clone()).map_err(|e| e.to_string())?;
+        self.meta.insert(key, value);
+        Ok(())
+    }
+
+    fn write_batch(&mut self, ops: &[Op]) -> Result<(), String> {
+        let mut batch = LogBatch::default();
+        let truncated_from = |meta: &BTreeMap<&[u8], Vec<u8>>| -> Option<u64> {
+            meta.get(KEY_TRUNCATED_FROM).and_then(|v| decode(v).ok())
+        };
+        for op in ops {
+            let appended = match op {
+                Op::Append(entries, _) => entries.iter().map(|(_, v)| v.clone()).collect(),
+                Op::Recovery { entry: Some(e), .. } => vec![e.clone()],
+                _ => Vec::new(),
+            };
+            if let Some(first) = appended.first().map(Stored::index) {
+                batch.add_entries::<Stored>(GROUP, &appended).map_err(|e| e.to_string())?;
+                // An append starts where a truncation left the log: raft-engine overwrites the
+                // void tail, and the mark goes.
+                if truncated_from(&self.meta).is_some_and(|from| first <= from) {
+                    batch.delete(GROUP, KEY_TRUNCATED_FROM.to_vec());
+                    self.meta.remove(KEY_TRUNCATED_FROM);
+                }
+            }
+            match op {
+                Op::Append(..) => {}
+                Op::TruncateFrom(from) => {
+                    let from = truncated_from(&self.meta).map_or(*from, |old| old.min(*from));
+                    self.put(&mut batch, KEY_TRUNCATED_FROM, encode(&from).map_err(|e| e.to_string())?)?;
+                }
+                Op::Purge { upto, log_id } => {
+                    batch.add_command(GROUP, raft_engine::Command::Compact { index: upto + 1 });
+                    self.put(&mut batch, KEY_PURGED, log_id.clone())?;
+                    // What was void below the purge point is gone; the rest stays void.
+                    if truncated_from(&self.meta).is_some_and(|from| from <= upto + 1) {
+                        self.put(&mut batch, KEY_TRUNCATED_FROM, encode(&(upto + 1)).map_err(|e| e.to_string())?)?;
+                    }
+                    for (key, value) in self.meta.clone() {
+                        batch.put(GROUP, key.to_vec(), value).map_err(|e| e.to_string())?;
+                    }
+                }
+                Op::Recovery { meta, .. } => {
+                    for (key, value) in meta {
+                        self.put(&mut batch, key, value.clone())?;
+                    }
+                }
+                Op::Meta { key, value, .. } => self.put(&mut batch, key, value.clone())?,
+            }
         }
+        // The failpoint's stall counts as fsync time: it stands for a slow disk.
+        let started = std::time::Instant::now();
+        let delay_ms = self.fsync_delay.load(std::sync::atomic::Ordering::Relaxed);
+        if delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        }
+        let written = self.engine.write(&mut batch, true).map(|_| ()).map_err(|e| e.to_string());
+        self.stats.record_fsync(started.elapsed());
+        written
+    }
+
+    /// After a batch is on disk: its entries may leave the cache.
+    fn written(&self, ops: &[Op]) {
+        let mut mem = self.mem.lock().unwrap();
+        for op in ops {
+            if let Op::Append(entries, _) = op {
+                for (id, _) in entries {
+                    mem.mark_written(id);
+                }
+            }
+        }
+        mem.evict();
     }
 }
 
-fn write_batch(
-    db: &Database,
-    ops: &[Op],
-    fsync_delay: &std::sync::atomic::AtomicU64,
-    stats: &LogStats,
-) -> Result<(), String> {
-    let mut w = db.begin_write().map_err(|e| e.to_string())?;
-    w.set_two_phase_commit(true);
-    {
-        let mut log = w.open_table(LOG).map_err(|e| e.to_string())?;
-        for op in ops {
-            match op {
-                Op::Append(entries, _) => {
-                    for (i, bytes) in entries {
-                        log.insert(*i, bytes.as_slice()).map_err(|e| e.to_string())?;
+/// The entries `load_tail` read back (each with its stored size), and where it cut the log.
+type Tail = (Vec<(Entry, usize)>, Option<u64>);
+
+/// Read the log's tail back on open: every entry after the commit index `committed`, and older
+/// ones while they fit the cache. A payload that fails its checksum after the commit index is a
+/// corrupt tail: the log is cut before it (returned as the cut), as raft-engine cuts a torn
+/// batch. Before the commit index it is an error: those entries were acknowledged.
+fn load_tail(engine: &Engine, committed: u64, void_from: Option<u64>) -> io::Result<Tail> {
+    const STEP: u64 = 256;
+    let (Some(first), Some(last)) = (engine.first_index(GROUP), engine.last_index(GROUP)) else {
+        return Ok((Vec::new(), None));
+    };
+    let end = (last + 1).min(void_from.unwrap_or(u64::MAX));
+    let verify_from = first.max(committed + 1);
+    let (mut tail, mut cut, mut bytes) = (Vec::new(), None, 0usize);
+    let mut hi = end;
+    while hi > first && (hi > verify_from || bytes < CACHE_BYTES) {
+        let lo = hi.saturating_sub(STEP).max(first);
+        let mut chunk = Vec::new();
+        let read: io::Result<Vec<Entry>> = match engine.fetch_entries_to::<Stored>(GROUP, lo, hi, None, &mut chunk) {
+            Ok(_) => chunk.iter().map(unstored).collect(),
+            Err(e) => Err(io_err(e)),
+        };
+        match read {
+            Ok(entries) => {
+                for (entry, v) in entries.into_iter().zip(&chunk).rev() {
+                    bytes += v.value.len();
+                    tail.push((entry, v.value.len()));
+                }
+            }
+            // One by one, from the top: the lowest entry that fails is where the log ends.
+            Err(_) => {
+                for i in (lo..hi).rev() {
+                    match engine.get_entry::<Stored>(GROUP, i).map_err(io_err).and_then(|v| {
+                        let v = v.ok_or_else(|| io_err(format!("log entry {i} is missing")))?;
+                        Ok((unstored(&v)?, v.value.len()))
+                    }) {
+                        Ok((entry, size)) => {
+                            bytes += size;
+                            tail.push((entry, size));
+                        }
+                        Err(e) if i >= verify_from => {
+                            tracing::warn!(index = i, error = %e, "the raft log's tail is corrupt; cutting it there");
+                            cut = Some(i);
+                            tail.clear();
+                            bytes = 0;
+                        }
+                        Err(e) => return Err(io_err(format!("raft log entry {i}, committed, is unreadable: {e}"))),
                     }
-                }
-                Op::TruncateFrom(from) => {
-                    log.retain_in(*from.., |_, _| false).map_err(|e| e.to_string())?;
-                }
-                Op::Purge { upto, log_id } => {
-                    let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
-                    meta.insert(META_PURGED, log_id.as_slice()).map_err(|e| e.to_string())?;
-                    log.retain_in(..=*upto, |_, _| false).map_err(|e| e.to_string())?;
-                }
-                Op::Recovery { entry, meta: values, .. } => {
-                    if let Some((i, bytes)) = entry {
-                        log.insert(*i, bytes.as_slice()).map_err(|e| e.to_string())?;
-                    }
-                    let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
-                    for (key, value) in values {
-                        meta.insert(*key, value.as_slice()).map_err(|e| e.to_string())?;
-                    }
-                }
-                Op::Meta { key, value, .. } => {
-                    // Opened per use: most batches are appends alone, and opening a table
-                    // costs about a twentieth of a small commit's CPU.
-                    let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
-                    meta.insert(*key, value.as_slice()).map_err(|e| e.to_string())?;
                 }
             }
         }
+        hi = lo;
     }
-    // The failpoint's stall counts as fsync time: it stands for a slow disk.
-    let started = std::time::Instant::now();
-    let delay_ms = fsync_delay.load(std::sync::atomic::Ordering::Relaxed);
-    if delay_ms > 0 {
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    tail.reverse();
+    Ok((tail, cut))
+}
+
+/// Copy a log of an older version (`raft.redb`) into raft-engine: written to
+/// `MIGRATING_DIR`, synced, renamed to `ENGINE_DIR`, and only then is `raft.redb` removed, so a
+/// crash at any point leaves one whole log to open.
+fn migrate(data_dir: &Path) -> io::Result<()> {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    let legacy = data_dir.join(LEGACY_FILE);
+    let target = data_dir.join(ENGINE_DIR);
+    if !legacy.exists() {
+        return Ok(());
     }
-    let committed = w.commit().map_err(|e| e.to_string());
-    stats.record_fsync(started.elapsed());
-    committed
+    if target.exists() {
+        // The rename happened and the removal did not.
+        return std::fs::remove_file(&legacy);
+    }
+    let staging: PathBuf = data_dir.join(MIGRATING_DIR);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    tracing::info!(from = %legacy.display(), to = %target.display(), "migrating the raft log to raft-engine (ADR 0011)");
+    let db = redb::Database::open(&legacy).map_err(|e| io_err(format!("open {}: {e}", legacy.display())))?;
+    let r = db.begin_read().map_err(io_err)?;
+    let engine = open_engine(&staging)?;
+    let mut batch = LogBatch::default();
+    let mut entries = 0u64;
+    match r.open_table(META) {
+        Ok(meta) => {
+            for (old, new) in [
+                ("vote", KEY_VOTE),
+                ("committed", KEY_COMMITTED),
+                ("last_purged", KEY_PURGED),
+                ("incarnation", KEY_INCARNATION),
+                ("recovery_plan", KEY_RECOVERY_PLAN),
+            ] {
+                if let Some(v) = meta.get(old).map_err(io_err)? {
+                    batch.put(GROUP, new.to_vec(), v.value().to_vec()).map_err(io_err)?;
+                }
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    match r.open_table(LOG) {
+        Ok(log) => {
+            let mut chunk = Vec::new();
+            for item in log.iter().map_err(io_err)? {
+                let (k, v) = item.map_err(io_err)?;
+                let entry: Entry = decode(v.value())?;
+                if entry.index() != k.value() {
+                    return Err(io_err(format!("{}: log key and entry index disagree", legacy.display())));
+                }
+                chunk.push(stored(&entry)?);
+                entries += 1;
+                // Batches as small as live ones: a read decodes its entry's whole batch.
+                if chunk.len() == 64 {
+                    batch.add_entries::<Stored>(GROUP, &chunk).map_err(io_err)?;
+                    engine.write(&mut batch, false).map_err(io_err)?;
+                    chunk.clear();
+                }
+            }
+            batch.add_entries::<Stored>(GROUP, &chunk).map_err(io_err)?;
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    engine.write(&mut batch, true).map_err(io_err)?;
+    drop(engine);
+    std::fs::rename(&staging, &target)?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    drop(r);
+    drop(db);
+    std::fs::remove_file(&legacy)?;
+    tracing::info!(entries, "raft log migrated");
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -422,8 +785,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let mem = self.mem.lock().unwrap();
-        Ok(mem.entries.range(range).map(|(_, e)| e.clone()).collect())
+        let from = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let to = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.read(from, to)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -436,8 +808,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let mem = self.mem.lock().unwrap();
-        let last = mem.entries.values().next_back().map(|e| e.log_id()).or_else(|| mem.last_purged);
-        Ok(LogState { last_purged_log_id: mem.last_purged, last_log_id: last })
+        Ok(LogState { last_purged_log_id: mem.last_purged, last_log_id: mem.last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -445,7 +816,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.put_meta(META_VOTE, encode(vote)?).await?;
+        self.put_meta(KEY_VOTE, encode(vote)?).await?;
         self.mem.lock().unwrap().vote = Some(*vote);
         Ok(())
     }
@@ -472,8 +843,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut mem = self.mem.lock().unwrap();
             for e in entries {
-                encoded.push((e.index(), encode(&e)?));
-                mem.entries.insert(e.index(), e);
+                let v = stored(&e)?;
+                let size = v.value.len();
+                encoded.push((e.log_id(), v));
+                mem.insert(e, size, false);
             }
         }
         self.send(Op::Append(encoded, callback))
@@ -481,7 +854,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
-        self.mem.lock().unwrap().entries.split_off(&from);
+        {
+            let mut mem = self.mem.lock().unwrap();
+            mem.drop_from(from);
+            mem.last = last_log_id.or(mem.last_purged);
+        }
         self.send(Op::TruncateFrom(from))
     }
 
@@ -490,8 +867,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let encoded = encode(&log_id)?;
         {
             let mut mem = self.mem.lock().unwrap();
-            mem.entries = mem.entries.split_off(&(upto + 1));
+            mem.drop_upto(upto);
             mem.last_purged = Some(log_id);
+            if mem.last.is_none_or(|l| l.index() <= upto) {
+                mem.last = Some(log_id);
+            }
         }
         self.send(Op::Purge { upto, log_id: encoded })
     }
@@ -506,7 +886,7 @@ mod tests {
         openraft::LogId::new(openraft::alias::LeaderIdOf::<TypeConfig>::new_committed(1, 1), index)
     }
 
-    /// Reopen a log once the previous handle's writer thread has let go of the file.
+    /// Reopen a log once the previous handle's writer thread has let go of the directory.
     fn reopen(path: &Path) -> LogStore {
         for _ in 0..100 {
             if let Ok(log) = LogStore::open(path) {
@@ -514,13 +894,13 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        panic!("the log file stayed locked");
+        panic!("the log stayed locked");
     }
 
     #[tokio::test]
     async fn the_commit_index_reaches_disk_with_its_entries_once_the_log_is_idle() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.redb");
+        let path = dir.path().to_path_buf();
         {
             let mut log = LogStore::open(&path).unwrap();
             let entries: Vec<Entry> = (1..=3).map(|i| Entry::new_blank(log_id(i))).collect();
@@ -543,7 +923,7 @@ mod tests {
     async fn the_fsync_samples_and_the_fsync_histogram_time_the_same_thing() {
         use std::sync::atomic::Ordering::Relaxed;
         let dir = tempfile::tempdir().unwrap();
-        let mut log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
         const BATCH: u64 = 3000;
         for batch in 0..3 {
             let entries: Vec<Entry> =
@@ -577,7 +957,9 @@ mod tests {
 
     #[test]
     fn the_last_index_on_disk_follows_appends_truncations_and_purges() {
-        let append = |from: u64, to: u64| Op::Append((from..=to).map(|i| (i, Vec::new())).collect(), IOFlushed::noop());
+        let append = |from: u64, to: u64| {
+            Op::Append((from..=to).map(|i| (log_id(i), BytesValue::default())).collect(), IOFlushed::noop())
+        };
         let purge = |upto: u64| Op::Purge { upto, log_id: Vec::new() };
         assert_eq!(last_index_after(0, &[]), 0);
         assert_eq!(last_index_after(0, &[append(1, 3)]), 3);
@@ -593,7 +975,7 @@ mod tests {
         // Entries 1-5 written, the index names 8; with or without entries 6-8 following.
         async fn run(then_append: bool) -> Option<LogId> {
             let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("raft.redb");
+            let path = dir.path().to_path_buf();
             {
                 let mut log = LogStore::open(&path).unwrap();
                 let entries: Vec<Entry> = (1..=5).map(|i| Entry::new_blank(log_id(i))).collect();
@@ -617,7 +999,7 @@ mod tests {
         // writer may pick the index up at any moment. Whatever was on disk when the handle went
         // away, the commit index there never runs ahead of the log.
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.redb");
+        let path = dir.path().to_path_buf();
         {
             let mut log = LogStore::open(&path).unwrap();
             for i in 1..=300 {
@@ -633,5 +1015,276 @@ mod tests {
         let last = log.get_log_state().await.unwrap().last_log_id.unwrap();
         assert!(committed.index >= 250, "written at the last idle pause, got {committed:?}");
         assert!(committed.index <= last.index, "commit index {committed:?} is ahead of the log's last entry {last:?}");
+    }
+
+    fn entry(index: u64, term: u64, body: &str) -> Entry {
+        let leader = openraft::alias::LeaderIdOf::<TypeConfig>::new_committed(term, 1);
+        let request = crate::types::Request::Kv(quorate_kv::Command::Put(quorate_kv::PutRequest {
+            key: format!("k{index}").into_bytes(),
+            value: body.as_bytes().to_vec(),
+            ..Default::default()
+        }));
+        Entry::new_normal(openraft::LogId::new(leader, index), request)
+    }
+
+    /// Append and wait until the writer has made it durable.
+    async fn append_durably(log: &mut LogStore, entries: Vec<Entry>) {
+        use openraft::type_config::TypeConfigExt;
+        let (tx, rx) = TypeConfig::oneshot();
+        let cb = IOFlushed::signal(tx);
+        log.append(entries, cb).await.unwrap();
+        rx.await.unwrap().expect("the append is durable");
+    }
+
+    async fn all(log: &mut LogStore) -> Vec<Entry> {
+        log.try_get_log_entries(..).await.unwrap()
+    }
+
+    async fn last(log: &mut LogStore) -> Option<LogId> {
+        log.get_log_state().await.unwrap().last_log_id
+    }
+
+    /// Wait until the writer has handled everything queued so far (a durable meta write is
+    /// queued behind it).
+    async fn settle(log: &LogStore) {
+        log.put_meta(b"settle", Vec::new()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_truncation_survives_a_restart_until_an_append_overwrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = LogStore::open(dir.path()).unwrap();
+            append_durably(&mut log, (1..=10).map(|i| entry(i, 1, "old")).collect()).await;
+            log.truncate_after(Some(log_id(6))).await.unwrap();
+            settle(&log).await;
+        }
+        let mut log = reopen(dir.path());
+        assert_eq!(last(&mut log).await.map(|l| l.index()), Some(6), "entries 7-10 stay gone after a restart");
+        assert_eq!(all(&mut log).await.len(), 6);
+        append_durably(&mut log, (7..=8).map(|i| entry(i, 2, "new")).collect()).await;
+        drop(log);
+        let mut log = reopen(dir.path());
+        let entries = all(&mut log).await;
+        assert_eq!(
+            entries.iter().map(|e| (e.index(), e.log_id().leader_id.term)).collect::<Vec<_>>().last(),
+            Some(&(8, 2))
+        );
+        assert_eq!(entries.len(), 8, "the new entries replaced the void tail: {entries:?}");
+    }
+
+    #[tokio::test]
+    async fn entries_evicted_from_memory_are_read_back_from_disk_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        let body = "x".repeat(4096);
+        // Past the cache's budget, so the oldest entries are read back from raft-engine.
+        let n = (CACHE_BYTES / 4096) as u64 * 2;
+        for chunk in (1..=n).collect::<Vec<_>>().chunks(64) {
+            append_durably(&mut log, chunk.iter().map(|i| entry(*i, 1, &body)).collect()).await;
+        }
+        assert!(log.mem.lock().unwrap().cache.len() < n as usize, "the cache kept every entry");
+        let entries = all(&mut log).await;
+        assert_eq!(entries.iter().map(|e| e.index()).collect::<Vec<_>>(), (1..=n).collect::<Vec<_>>());
+        let some = log.try_get_log_entries(5..8).await.unwrap();
+        assert_eq!(some.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![5, 6, 7]);
+        assert_eq!(some[0], entry(5, 1, &body));
+    }
+
+    #[tokio::test]
+    async fn a_purge_deletes_the_files_below_it_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = "y".repeat(8192);
+        let n = 4 * ENGINE_PURGE_BYTES / 8192;
+        {
+            let mut log = LogStore::open(dir.path()).unwrap();
+            log.save_vote(&Vote::new(3, 1)).await.unwrap();
+            for chunk in (1..=n).collect::<Vec<_>>().chunks(256) {
+                append_durably(&mut log, chunk.iter().map(|i| entry(*i, 1, &body)).collect()).await;
+            }
+            let before = disk_bytes(dir.path());
+            log.purge(log_id(n - 10)).await.unwrap();
+            settle(&log).await;
+            // Files are deleted by the writer right after the purge's batch is on disk.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let mut after = disk_bytes(dir.path());
+            while after >= before / 2 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                after = disk_bytes(dir.path());
+            }
+            assert!(after < before / 2, "{before} bytes before the purge, {after} after");
+        }
+        let mut log = reopen(dir.path());
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(n - 10)));
+        assert_eq!(state.last_log_id.map(|l| l.index()), Some(n));
+        assert_eq!(all(&mut log).await.len(), 10);
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(Vote::new(3, 1)),
+            "the vote outlived the file it was written in"
+        );
+    }
+
+    /// The log's newest raft-engine file.
+    fn last_file(dir: &Path) -> PathBuf {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(ENGINE_DIR))
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "raftlog"))
+            .collect();
+        files.sort();
+        files.pop().expect("a raft-engine file")
+    }
+
+    /// Entries 1-10 in batches of one, then 11-20 in one batch, the last record on disk; returns
+    /// the file and offset where that record starts.
+    async fn two_batches(dir: &Path) -> (PathBuf, u64) {
+        let mut log = LogStore::open(dir).unwrap();
+        for i in 1..=10 {
+            append_durably(&mut log, vec![entry(i, 1, "first")]).await;
+        }
+        close(log);
+        let (file, len) = (last_file(dir), std::fs::metadata(last_file(dir)).unwrap().len());
+        let mut log = LogStore::open(dir).unwrap();
+        append_durably(&mut log, (11..=20).map(|i| entry(i, 1, "second")).collect()).await;
+        close(log);
+        // raft-engine may have started a new file on reopening.
+        if last_file(dir) == file {
+            (file, len)
+        } else {
+            (last_file(dir), 0)
+        }
+    }
+
+    /// Drop the log and wait until raft-engine has closed its files (the writer thread lets go
+    /// of it once it sees the queue closed).
+    fn close(log: LogStore) {
+        let engine = Arc::downgrade(&log.engine);
+        drop(log);
+        while engine.upgrade().is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Whatever happens to the last record, the log opens with entries 1-10 intact and either
+    /// 11-20 intact too or none of them: never a damaged entry.
+    async fn check_prefix(dir: &Path, what: &str) -> u64 {
+        let mut log = reopen(dir);
+        let entries = all(&mut log).await;
+        let n = entries.len() as u64;
+        assert!(n == 10 || n == 20, "{what}: {n} entries survived");
+        for (i, e) in entries.iter().enumerate() {
+            let i = i as u64 + 1;
+            assert_eq!(*e, entry(i, 1, if i <= 10 { "first" } else { "second" }), "{what}: entry {i}");
+        }
+        assert_eq!(last(&mut log).await.map(|l| l.index()), Some(n));
+        // And it takes new entries after what survived.
+        append_durably(&mut log, vec![entry(n + 1, 2, "after")]).await;
+        close(log);
+        let mut log = reopen(dir);
+        assert_eq!(last(&mut log).await.map(|l| (l.index(), l.leader_id.term)), Some((n + 1, 2)), "{what}");
+        n
+    }
+
+    #[tokio::test]
+    async fn a_torn_or_corrupt_last_record_is_cut_never_read_as_data() {
+        let template = tempfile::tempdir().unwrap();
+        let (file, last_batch) = two_batches(template.path()).await;
+        let len = std::fs::metadata(&file).unwrap().len();
+        let mut rng = rand::rng();
+        use rand::Rng;
+        let mut cut = 0;
+        for round in 0..24 {
+            let dir = tempfile::tempdir().unwrap();
+            copy_dir(template.path(), dir.path());
+            let file = dir.path().join(file.strip_prefix(template.path()).unwrap());
+            let at = rng.random_range(last_batch..len);
+            let what = if round % 2 == 0 {
+                std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(at).unwrap();
+                format!("truncated at {at} of {len}")
+            } else {
+                let mut bytes = std::fs::read(&file).unwrap();
+                bytes[at as usize] ^= 0x5a;
+                std::fs::write(&file, bytes).unwrap();
+                format!("byte {at} of {len} flipped")
+            };
+            if check_prefix(dir.path(), &what).await == 10 {
+                cut += 1;
+            }
+        }
+        assert!(cut > 0, "no round damaged the last record");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        for f in std::fs::read_dir(from).unwrap() {
+            let f = f.unwrap();
+            let target = to.join(f.file_name());
+            if f.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_dir(&f.path(), &target);
+            } else {
+                std::fs::copy(f.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_of_the_previous_version_is_migrated_on_first_open() {
+        use redb::TableDefinition;
+        const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+        const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+        let dir = tempfile::tempdir().unwrap();
+        // Written as the redb log of the previous version wrote it.
+        {
+            let db = redb::Database::create(dir.path().join(LEGACY_FILE)).unwrap();
+            let w = db.begin_write().unwrap();
+            {
+                let mut log = w.open_table(LOG).unwrap();
+                for i in 4..=300 {
+                    log.insert(i, encode(&entry(i, 2, "migrated")).unwrap().as_slice()).unwrap();
+                }
+                let mut meta = w.open_table(META).unwrap();
+                meta.insert("vote", encode(&Vote::new(2, 1)).unwrap().as_slice()).unwrap();
+                meta.insert("committed", encode(&Some(log_id(290))).unwrap().as_slice()).unwrap();
+                meta.insert("last_purged", encode(&log_id(3)).unwrap().as_slice()).unwrap();
+                meta.insert("incarnation", encode(&7u64).unwrap().as_slice()).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert!(!dir.path().join(LEGACY_FILE).exists(), "raft.redb is removed once migrated");
+        assert!(!dir.path().join(MIGRATING_DIR).exists());
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(3)));
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(290)));
+        assert_eq!(log.incarnation(), 7);
+        let entries = all(&mut log).await;
+        assert_eq!(entries.len(), 297);
+        assert!(entries.iter().zip(4..).all(|(e, i)| *e == entry(i, 2, "migrated")));
+        drop(log);
+        // Opened again: nothing to migrate, the same log.
+        let mut log = reopen(dir.path());
+        assert_eq!(all(&mut log).await.len(), 297);
+    }
+
+    #[tokio::test]
+    async fn a_migration_cut_short_is_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = redb::Database::create(dir.path().join(LEGACY_FILE)).unwrap();
+            let w = db.begin_write().unwrap();
+            {
+                let mut log = w.open_table(redb::TableDefinition::<u64, &[u8]>::new("log")).unwrap();
+                log.insert(1, encode(&entry(1, 1, "one")).unwrap().as_slice()).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        // A previous attempt died while writing its staging directory.
+        std::fs::create_dir_all(dir.path().join(MIGRATING_DIR)).unwrap();
+        std::fs::write(dir.path().join(MIGRATING_DIR).join("0000000000000001.raftlog"), b"half").unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(all(&mut log).await, vec![entry(1, 1, "one")]);
     }
 }

@@ -305,7 +305,7 @@ impl Member {
     /// What this member holds, for `ctl recover`.
     pub async fn recovery_info(&self) -> RecoveryInfo {
         let m = self.inner.raft.metrics().borrow_watched().clone();
-        let (last, vote, committed, _) = self.inner.log.state(u64::MAX);
+        let (last, vote, committed) = self.inner.log.state();
         let published = self.inner.shared.members.read().unwrap().clone();
         let members = known_members(m.membership_config.membership(), &published);
         RecoveryInfo {
@@ -347,7 +347,7 @@ impl Member {
             }
             m.membership_config.membership().nodes().map(|(id, n)| (*id, n.clone())).collect()
         };
-        let (last, _, _, _) = self.inner.log.state(u64::MAX);
+        let (last, _, _) = self.inner.log.state();
         well_formed(plan, self.id(), &nodes.keys().copied().collect()).map_err(refuse)?;
         check(self.id(), plan, self.inner.log.incarnation(), last).map_err(refuse)?;
         tracing::warn!(plan = %plan.plan_id, incarnation = plan.incarnation, "recovery: stopping Raft to apply the plan");
@@ -356,7 +356,7 @@ impl Member {
         // the process (as it was, when nothing was written).
         let stopped = |e: String| ConsensusError::Stopped(format!("recovery not applied: {e}"));
         // Raft may have appended between the check and the stop: check again on what is final.
-        let (last, vote, _, _) = self.inner.log.state(u64::MAX);
+        let (last, vote, _) = self.inner.log.state();
         check(self.id(), plan, self.inner.log.incarnation(), last).map_err(stopped)?;
         let (entry, vote) = writes(self.id(), plan, last, vote, &nodes).map_err(stopped)?;
         self.inner
@@ -397,8 +397,8 @@ pub struct Stopped {
 impl Stopped {
     pub fn open(dir: &Path) -> Result<Stopped, String> {
         let id = dir_member_id(dir)?;
-        let log = LogStore::open(&dir.join("raft.redb")).map_err(|e| {
-            format!("open {}: {e} (is the member still running? stop it first)", dir.join("raft.redb").display())
+        let log = LogStore::open(dir).map_err(|e| {
+            format!("open the raft log in {}: {e} (is the member still running? stop it first)", dir.display())
         })?;
         let sm = crate::state_machine::StateMachine::open(&dir.join("state.redb"), std::time::Duration::ZERO)
             .map_err(|e| format!("open {}: {e}", dir.join("state.redb").display()))?;
@@ -407,14 +407,14 @@ impl Stopped {
     }
 
     fn membership(&self) -> Result<Membership<NodeId, MemberNode>, String> {
-        let (_, _, _, entries) = self.log.state(0);
+        let entries = self.log.entries_from(0).map_err(|e| format!("read the raft log: {e}"))?;
         membership_of(&entries, self.snapshot_membership.clone())
             .ok_or_else(|| format!("{}: no membership in the log or the snapshot", self.dir.display()))
     }
 
     /// What the data directory holds.
     pub fn info(&self) -> Result<RecoveryInfo, String> {
-        let (last, vote, committed, _) = self.log.state(u64::MAX);
+        let (last, vote, committed) = self.log.state();
         let membership = self.membership()?;
         let members = known_members(&membership, &BTreeMap::new());
         let configs = membership.get_joint_config().iter().map(|c| c.iter().copied().collect()).collect();
@@ -440,7 +440,7 @@ impl Stopped {
         if applied.is_some_and(|p| p.plan_id == plan.plan_id) {
             return Ok(Applied::Already);
         }
-        let (last, vote, _, _) = self.log.state(u64::MAX);
+        let (last, vote, _) = self.log.state();
         let nodes: BTreeMap<NodeId, MemberNode> = self.membership()?.nodes().map(|(id, n)| (*id, n.clone())).collect();
         well_formed(plan, self.id, &nodes.keys().copied().collect())?;
         check(self.id, plan, self.log.incarnation(), last)?;

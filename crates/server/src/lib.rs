@@ -352,7 +352,7 @@ async fn resolve_ids(cfg: &ServerConfig, member: u64, cluster: u64) -> anyhow::R
         let incarnation = text.lines().nth(2).and_then(|l| l.trim().parse::<u64>().ok());
         return Ok((member, cluster, incarnation));
     }
-    let fresh = !cfg.data_dir.join("raft.redb").exists();
+    let fresh = !quorate_consensus::has_raft_log(&cfg.data_dir);
     let ids = if cfg.initial_cluster_state == ClusterState::Existing && fresh {
         let peers: Vec<String> = cfg.initial_cluster.iter().map(|(_, url)| url.clone()).collect();
         info!("joining an existing cluster: asking {} for this member's id", peers.join(","));

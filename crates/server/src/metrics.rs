@@ -416,11 +416,7 @@ impl Metrics {
     /// Bytes the two database files take on disk (the Raft log and the state file), as etcd's
     /// `db` file size.
     fn db_files_bytes(&self) -> u64 {
-        ["raft.redb", "state.redb"]
-            .iter()
-            .filter_map(|f| std::fs::metadata(self.data_dir.join(f)).ok())
-            .map(|m| m.len())
-            .sum()
+        quorate_consensus::data_files_bytes(&self.data_dir)
     }
 
     /// Export the registry's instance counts, kept up to date as writes apply
