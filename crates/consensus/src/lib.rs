@@ -284,6 +284,11 @@ impl Member {
             // fsync and the followers' run in parallel. The leader still counts itself towards
             // a quorum only once its own write is durable.
             broadcast_submitted_on_append: Some(true),
+            // A member whose log's tail was torn or corrupt comes back with a shorter log than
+            // it had acknowledged (ADR 0011). The leader must replicate to it again from where
+            // it really is, not stop: without this openraft treats the shorter log as a bug
+            // (t31_wal_tails caught a leader's core panicking on it).
+            allow_log_reversion: Some(true),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_entries),
             max_in_snapshot_log_to_keep: cfg.snapshot_entries / 5,
             replication_lag_threshold: cfg.snapshot_entries * 2,
