@@ -42,7 +42,7 @@ fn damage_tail(data_dir: &Path, round: usize, rng: &mut Rng) -> String {
     // A batch of a few puts under this load is a few hundred bytes.
     let from = end.saturating_sub(256);
     let at = from + (rng.next() as usize) % (end - from).max(1);
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         bytes.truncate(at);
         std::fs::write(&file, &bytes).unwrap();
         format!("{} truncated at {at} (written part ended at {end})", file.display())
@@ -64,7 +64,7 @@ async fn a_killed_members_torn_or_corrupt_tail_is_cut_and_nothing_acknowledged_i
     for round in 0..4 {
         // Followers and leaders alike: the member that goes is the leader every other round.
         let leader = cluster.wait_leader(Duration::from_secs(10)).expect("leader");
-        let victim = if round % 2 == 0 { (leader + 1) % 3 } else { leader };
+        let victim = if round.is_multiple_of(2) { (leader + 1) % 3 } else { leader };
         let before = load.acked();
         let deadline = Instant::now() + Duration::from_secs(20);
         while load.acked() < before + 200 {
