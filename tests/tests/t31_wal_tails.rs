@@ -61,7 +61,7 @@ async fn a_killed_members_torn_or_corrupt_tail_is_cut_and_nothing_acknowledged_i
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     eprintln!("damage offsets from seed {seed}");
     let mut rng = Rng(seed);
-    for round in 0..4 {
+    for round in 0..4usize {
         // Followers and leaders alike: the member that goes is the leader every other round.
         let leader = cluster.wait_leader(Duration::from_secs(10)).expect("leader");
         let victim = if round.is_multiple_of(2) { (leader + 1) % 3 } else { leader };
