@@ -48,6 +48,8 @@ const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_INCARNATION: &[u8] = b"incarnation";
 /// The recovery plan that raised it, if one did (JSON).
 const KEY_RECOVERY_PLAN: &[u8] = b"recovery_plan";
+/// The fingerprint of the `raft.redb` a migration copied (`legacy_fingerprint`).
+const KEY_MIGRATED_FROM: &[u8] = b"migrated_from";
 /// Entries from this index on are void: the log was truncated there and nothing has been
 /// appended since (raft-engine drops a tail only when an append overwrites it).
 const KEY_TRUNCATED_FROM: &[u8] = b"truncated_from";
@@ -108,6 +110,8 @@ struct Mem {
     /// A contiguous tail of the log, decoded, holding at least every entry not yet written.
     cache: BTreeMap<u64, Cached>,
     cache_bytes: usize,
+    /// Raised by every truncation and purge: a read from raft-engine that spans one is redone.
+    generation: u64,
     /// The last entry's id, or the purge point when there is none after it.
     last: Option<LogId>,
     vote: Option<Vote>,
@@ -184,10 +188,19 @@ enum Op {
     },
 }
 
-/// The newest commit index not yet written, as (log index, encoded value), handed to the writer
-/// without waking it: it is advisory and written at most every `COMMITTED_WRITE_INTERVAL`, so a
-/// queue message per commit would wake the writer thread once per write for nothing (ADR 0007).
-type PendingCommitted = Arc<Mutex<Option<(u64, Vec<u8>)>>>;
+/// The newest commit index not yet written, handed to the writer without waking it: it is
+/// advisory and written at most every `COMMITTED_WRITE_INTERVAL`, so a queue message per commit
+/// would wake the writer thread once per write for nothing (ADR 0007).
+#[derive(Clone, Default)]
+struct PendingCommitted {
+    /// (log index, encoded value, how many ops had been queued when it was set).
+    value: Arc<Mutex<Option<(u64, Vec<u8>, u64)>>>,
+    /// Ops queued to the writer so far. The index is written only with a batch that includes
+    /// every op queued before it was set: those ops put its entry on disk, and a truncation
+    /// among them may have replaced what the same index held before (a commit index written
+    /// with the old entry still on disk would name an entry never committed).
+    queued: Arc<std::sync::atomic::AtomicU64>,
+}
 
 /// The highest log index on disk once `ops` are written after a log whose highest was `last`
 /// (entries or the purge point, whichever is higher).
@@ -202,6 +215,14 @@ fn last_index_after(mut last: u64, ops: &[Op]) -> u64 {
         }
     }
     last
+}
+
+/// Whether a commit index set when `queued` ops had been queued may be written with a batch
+/// that leaves `batch_last` as the highest index on disk, `handled` ops having been received:
+/// its entry must be on disk, and every op queued before it (a truncation that replaced what
+/// the same index held before, say) must be in this batch or an earlier one.
+fn commit_is_covered(index: u64, queued: u64, batch_last: u64, handled: u64) -> bool {
+    index <= batch_last && queued <= handled
 }
 
 /// What the writer thread has done, for metrics and for checking group commit.
@@ -272,8 +293,26 @@ fn engine_config(dir: &Path) -> raft_engine::Config {
     }
 }
 
+/// Open (or create) raft-engine in `dir`, with `dir` and its parent synced: raft-engine does
+/// not sync the directory entries of a new log, and its first file holds the vote.
 fn open_engine(dir: &Path) -> io::Result<Engine> {
-    Engine::open(engine_config(dir)).map_err(|e| io_err(format!("open {}: {e}", dir.display())))
+    let engine = Engine::open(engine_config(dir)).map_err(|e| io_err(format!("open {}: {e}", dir.display())))?;
+    sync_dir(dir)?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(engine)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// What identifies the `raft.redb` a migration copied: its length and modification time.
+fn legacy_fingerprint(legacy: &Path) -> io::Result<Vec<u8>> {
+    let m = std::fs::metadata(legacy)?;
+    let modified = m.modified()?.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    encode(&(m.len(), modified.as_nanos() as u64))
 }
 
 /// Whether `data_dir` holds a Raft log (of this version or an older one).
@@ -334,7 +373,15 @@ impl LogStore {
             mem.last = mem.last_purged;
         }
         let mut writer_meta = BTreeMap::new();
-        for key in [KEY_VOTE, KEY_COMMITTED, KEY_PURGED, KEY_INCARNATION, KEY_RECOVERY_PLAN, KEY_TRUNCATED_FROM] {
+        for key in [
+            KEY_VOTE,
+            KEY_COMMITTED,
+            KEY_PURGED,
+            KEY_INCARNATION,
+            KEY_RECOVERY_PLAN,
+            KEY_TRUNCATED_FROM,
+            KEY_MIGRATED_FROM,
+        ] {
             if let Some(v) = get_key(&engine, key) {
                 writer_meta.insert(key, v);
             }
@@ -343,8 +390,15 @@ impl LogStore {
             let mut batch = LogBatch::default();
             let value = encode(&from)?;
             batch.put(GROUP, KEY_TRUNCATED_FROM.to_vec(), value.clone()).map_err(io_err)?;
-            engine.write(&mut batch, true).map_err(io_err)?;
             writer_meta.insert(KEY_TRUNCATED_FROM, value);
+            // The commit index never names an entry the log no longer holds.
+            if mem.committed.is_some_and(|c| c.index() >= from) {
+                mem.committed = mem.last;
+                let value = encode(&mem.committed)?;
+                batch.put(GROUP, KEY_COMMITTED.to_vec(), value.clone()).map_err(io_err)?;
+                writer_meta.insert(KEY_COMMITTED, value);
+            }
+            engine.write(&mut batch, true).map_err(io_err)?;
         }
         let (tx, rx) = mpsc::channel();
         let fsync_delay = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -408,6 +462,20 @@ impl LogStore {
     /// Entries `[from, to)` that the log holds: older ones from raft-engine, the rest from the
     /// cache.
     fn read(&self, from: u64, to: u64) -> io::Result<Vec<Entry>> {
+        // A truncation (then an append over it) may reach raft-engine while entries are read
+        // from it outside the lock: the read is then done again on the new log.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let generation = self.mem.lock().unwrap().generation;
+            let read = self.read_once(from, to);
+            if self.mem.lock().unwrap().generation == generation || attempts == 5 {
+                return read;
+            }
+        }
+    }
+
+    fn read_once(&self, from: u64, to: u64) -> io::Result<Vec<Entry>> {
         let (disk_to, mut cached) = {
             let mem = self.mem.lock().unwrap();
             let first = mem.last_purged.map_or(0, |p| p.index() + 1);
@@ -423,7 +491,8 @@ impl LogStore {
             ((from, cache_first), cached)
         };
         // Entries below the cache were written before they were evicted, and the engine holds
-        // them until a purge, which openraft does not run over entries it is reading.
+        // them until a purge, which openraft does not run over entries it is reading, or until
+        // a truncation, which `read` watches for.
         let mut entries = read_engine(&self.engine, disk_to.0, disk_to.1)?;
         entries.append(&mut cached);
         Ok(entries)
@@ -475,6 +544,7 @@ impl LogStore {
     }
 
     fn send(&self, op: Op) -> io::Result<()> {
+        self.committed.queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.tx.send(op).map_err(|_| io_err("log writer thread has stopped"))
     }
 
@@ -499,6 +569,8 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>, mut last: u64) {
+        // Ops received so far, against `PendingCommitted::queued`.
+        let mut handled = 0u64;
         // The commit index rides along with a durable batch at most every
         // `COMMITTED_WRITE_INTERVAL`, or is written on its own when the log is idle: after a
         // crash a lower commit index only means re-applying more of the log once a leader
@@ -518,17 +590,18 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            handled += ops.len() as u64;
             let batch_last = last_index_after(last, &ops);
             let due = ops.is_empty() || committed_written.elapsed() >= COMMITTED_WRITE_INTERVAL;
-            let pending = self.committed.lock().unwrap().take();
+            let pending = self.committed.value.lock().unwrap().take();
             match pending {
-                Some((index, value)) if due && index <= batch_last => {
+                Some((index, value, queued)) if due && commit_is_covered(index, queued, batch_last, handled) => {
                     ops.insert(0, Op::Meta { key: KEY_COMMITTED, value, done: None });
                     committed_written = std::time::Instant::now();
                 }
                 // Not yet: hand it back unless a newer one has arrived meanwhile.
                 Some(held) => {
-                    self.committed.lock().unwrap().get_or_insert(held);
+                    self.committed.value.lock().unwrap().get_or_insert(held);
                 }
                 None => {}
             }
@@ -536,7 +609,9 @@ impl Writer {
                 continue;
             }
             let purged = ops.iter().any(|op| matches!(op, Op::Purge { .. }));
-            let result = self.write_batch(&ops);
+            // raft-engine panics where a write or sync fails: that must stop the member too.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch(&ops)))
+                .unwrap_or_else(|_| Err("raft-engine panicked while writing".into()));
             last = batch_last;
             if result.is_ok() {
                 use std::sync::atomic::Ordering::Relaxed;
@@ -562,8 +637,14 @@ impl Writer {
                 std::process::abort();
             }
             if purged {
-                if let Err(e) = self.engine.purge_expired_files() {
-                    tracing::warn!(error = %e, "deleting raft log files below the snapshot failed");
+                let engine = &self.engine;
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.purge_expired_files())) {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "deleting raft log files below the snapshot failed"),
+                    Err(_) => {
+                        tracing::error!("raft-engine panicked while deleting files; stopping the member");
+                        std::process::abort();
+                    }
                 }
             }
         }
@@ -649,9 +730,8 @@ impl Writer {
 type Tail = (Vec<(Entry, usize)>, Option<u64>);
 
 /// Read the log's tail back on open: every entry after the commit index `committed`, and older
-/// ones while they fit the cache. A payload that fails its checksum after the commit index is a
-/// corrupt tail: the log is cut before it (returned as the cut), as raft-engine cuts a torn
-/// batch. Before the commit index it is an error: those entries were acknowledged.
+/// ones while they fit the cache. A payload that fails its checksum is a corrupt tail: the log
+/// is cut before the lowest one (returned as the cut), as raft-engine cuts a torn batch.
 fn load_tail(engine: &Engine, committed: u64, void_from: Option<u64>) -> io::Result<Tail> {
     const STEP: u64 = 256;
     let (Some(first), Some(last)) = (engine.first_index(GROUP), engine.last_index(GROUP)) else {
@@ -686,13 +766,15 @@ fn load_tail(engine: &Engine, committed: u64, void_from: Option<u64>) -> io::Res
                             bytes += size;
                             tail.push((entry, size));
                         }
-                        Err(e) if i >= verify_from => {
+                        // Below the commit index too: a lagging follower's last batch often
+                        // carries the commit index that covers it. Such an entry is on a
+                        // majority; the leader replicates it again (`allow_log_reversion`).
+                        Err(e) => {
                             tracing::warn!(index = i, error = %e, "the raft log's tail is corrupt; cutting it there");
                             cut = Some(i);
                             tail.clear();
                             bytes = 0;
                         }
-                        Err(e) => return Err(io_err(format!("raft log entry {i}, committed, is unreadable: {e}"))),
                     }
                 }
             }
@@ -715,19 +797,39 @@ fn migrate(data_dir: &Path) -> io::Result<()> {
     if !legacy.exists() {
         return Ok(());
     }
+    // One migration at a time (a member starting while `ctl recover` opens the directory).
+    let lock = std::fs::File::open(data_dir)?;
+    lock.try_lock().map_err(|_| io_err(format!("{} is in use by another process", data_dir.display())))?;
     if target.exists() {
-        // The rename happened and the removal did not.
-        return std::fs::remove_file(&legacy);
+        // The rename happened and the removal did not, if this is the file that was copied. A
+        // raft.redb written since (an older quorate started on the migrated directory) holds
+        // votes and entries the new log lacks: neither may be dropped silently.
+        let copied = open_engine(&target)?.get(GROUP, KEY_MIGRATED_FROM);
+        if copied.as_deref() == Some(legacy_fingerprint(&legacy)?.as_slice()) {
+            return std::fs::remove_file(&legacy);
+        }
+        return Err(io_err(format!(
+            "{} holds both {LEGACY_FILE} and {ENGINE_DIR}/, and {LEGACY_FILE} is not the log that was migrated \
+             (was an older quorate started on this directory after the upgrade?); \
+             keep the one to use: move {} away to go on with the migrated log",
+            data_dir.display(),
+            legacy.display()
+        )));
     }
     let staging: PathBuf = data_dir.join(MIGRATING_DIR);
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
     tracing::info!(from = %legacy.display(), to = %target.display(), "migrating the raft log to raft-engine (ADR 0011)");
-    let db = redb::Database::open(&legacy).map_err(|e| io_err(format!("open {}: {e}", legacy.display())))?;
+    // Opened for writing once, to repair an unclean shutdown, then read-only: the file is not
+    // touched after its fingerprint is taken.
+    drop(redb::Database::open(&legacy).map_err(|e| io_err(format!("open {}: {e}", legacy.display())))?);
+    let fingerprint = legacy_fingerprint(&legacy)?;
+    let db = redb::ReadOnlyDatabase::open(&legacy).map_err(|e| io_err(format!("open {}: {e}", legacy.display())))?;
     let r = db.begin_read().map_err(io_err)?;
     let engine = open_engine(&staging)?;
     let mut batch = LogBatch::default();
+    batch.put(GROUP, KEY_MIGRATED_FROM.to_vec(), fingerprint).map_err(io_err)?;
     let mut entries = 0u64;
     match r.open_table(META) {
         Ok(meta) => {
@@ -771,8 +873,9 @@ fn migrate(data_dir: &Path) -> io::Result<()> {
     }
     engine.write(&mut batch, true).map_err(io_err)?;
     drop(engine);
+    sync_dir(&staging)?;
     std::fs::rename(&staging, &target)?;
-    std::fs::File::open(data_dir)?.sync_all()?;
+    sync_dir(data_dir)?;
     drop(r);
     drop(db);
     std::fs::remove_file(&legacy)?;
@@ -824,9 +927,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         // Not awaited for durability: after a crash, a lower committed index only means some
         // entries are re-applied from the log, which is always safe.
-        let pending = (committed.map_or(0, |l| l.index()), encode(&committed)?);
+        let queued = self.committed.queued.load(std::sync::atomic::Ordering::SeqCst);
+        let pending = (committed.map_or(0, |l| l.index()), encode(&committed)?, queued);
         self.mem.lock().unwrap().committed = committed;
-        *self.committed.lock().unwrap() = Some(pending);
+        *self.committed.value.lock().unwrap() = Some(pending);
         Ok(())
     }
 
@@ -857,6 +961,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut mem = self.mem.lock().unwrap();
             mem.drop_from(from);
+            mem.generation += 1;
             mem.last = last_log_id.or(mem.last_purged);
         }
         self.send(Op::TruncateFrom(from))
@@ -868,6 +973,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut mem = self.mem.lock().unwrap();
             mem.drop_upto(upto);
+            mem.generation += 1;
             mem.last_purged = Some(log_id);
             if mem.last.is_none_or(|l| l.index() <= upto) {
                 mem.last = Some(log_id);
@@ -888,13 +994,15 @@ mod tests {
 
     /// Reopen a log once the previous handle's writer thread has let go of the directory.
     fn reopen(path: &Path) -> LogStore {
+        let mut last = None;
         for _ in 0..100 {
-            if let Ok(log) = LogStore::open(path) {
-                return log;
+            match LogStore::open(path) {
+                Ok(log) => return log,
+                Err(e) => last = Some(e),
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        panic!("the log stayed locked");
+        panic!("the log stayed locked: {last:?}");
     }
 
     #[tokio::test]
@@ -968,6 +1076,16 @@ mod tests {
         assert_eq!(last_index_after(5, &[Op::TruncateFrom(3), append(3, 4)]), 4);
         assert_eq!(last_index_after(5, &[purge(5)]), 5, "a purged log keeps its purge point");
         assert_eq!(last_index_after(0, &[purge(7)]), 7, "a restored log starts at its snapshot");
+    }
+
+    #[test]
+    fn a_commit_index_waits_for_every_op_queued_before_it() {
+        // Entries 1-10 of term 1 on disk; truncate_after(6) and append(7-10, term 2) queued but
+        // not yet drained when commit (term 2, 8) is set: index 8 is on disk, but not the entry
+        // the commit names.
+        assert!(!commit_is_covered(8, 12, 10, 10), "written with the term-1 entry 8 still on disk");
+        assert!(commit_is_covered(8, 12, 10, 12), "written with the batch that replaces it");
+        assert!(!commit_is_covered(11, 12, 10, 12), "its entry is not on disk");
     }
 
     #[tokio::test]
@@ -1148,6 +1266,9 @@ mod tests {
         let (file, len) = (last_file(dir), written_len(&last_file(dir)));
         let mut log = LogStore::open(dir).unwrap();
         append_durably(&mut log, (11..=20).map(|i| entry(i, 1, "second")).collect()).await;
+        // A lagging follower's last batch often comes with a commit index covering it.
+        log.save_committed(Some(log_id(20))).await.unwrap();
+        std::thread::sleep(COMMITTED_WRITE_INTERVAL * 3);
         close(log);
         // raft-engine may have started a new file on reopening.
         if last_file(dir) == file {
@@ -1185,6 +1306,8 @@ mod tests {
             assert_eq!(*e, entry(i, 1, if i <= 10 { "first" } else { "second" }), "{what}: entry {i}");
         }
         assert_eq!(last(&mut log).await.map(|l| l.index()), Some(n));
+        let committed = log.read_committed().await.unwrap().map_or(0, |c| c.index());
+        assert!(committed <= n, "{what}: the commit index {committed} names an entry the log lost");
         // And it takes new entries after what survived.
         append_durably(&mut log, vec![entry(n + 1, 2, "after")]).await;
         close(log);
@@ -1258,6 +1381,10 @@ mod tests {
             }
             w.commit().unwrap();
         }
+        // Kept as the migration will fingerprint it: after a clean open and close.
+        drop(redb::Database::open(dir.path().join(LEGACY_FILE)).unwrap());
+        let backup = tempfile::NamedTempFile::new().unwrap();
+        std::fs::copy(dir.path().join(LEGACY_FILE), backup.path()).unwrap();
         let mut log = LogStore::open(dir.path()).unwrap();
         assert!(!dir.path().join(LEGACY_FILE).exists(), "raft.redb is removed once migrated");
         assert!(!dir.path().join(MIGRATING_DIR).exists());
@@ -1269,10 +1396,29 @@ mod tests {
         let entries = all(&mut log).await;
         assert_eq!(entries.len(), 297);
         assert!(entries.iter().zip(4..).all(|(e, i)| *e == entry(i, 2, "migrated")));
-        drop(log);
+        let fingerprint: (u64, u64) = decode(&log.engine.get(GROUP, KEY_MIGRATED_FROM).unwrap()).unwrap();
+        close(log);
         // Opened again: nothing to migrate, the same log.
         let mut log = reopen(dir.path());
         assert_eq!(all(&mut log).await.len(), 297);
+        close(log);
+
+        // A crash between the rename and the removal leaves the copied raft.redb beside the new
+        // log: it is removed on the next open.
+        std::fs::copy(backup.path(), dir.path().join(LEGACY_FILE)).unwrap();
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(fingerprint.1);
+        std::fs::File::options().write(true).open(dir.path().join(LEGACY_FILE)).unwrap().set_modified(mtime).unwrap();
+        let mut log = reopen(dir.path());
+        assert!(!dir.path().join(LEGACY_FILE).exists());
+        assert_eq!(all(&mut log).await.len(), 297);
+        close(log);
+
+        // A raft.redb written since (an older binary started on the migrated directory) is
+        // neither migrated over the new log nor deleted: the member refuses to start.
+        redb::Database::create(dir.path().join(LEGACY_FILE)).unwrap();
+        let refused = LogStore::open(dir.path()).err().expect("opened with two different logs");
+        assert!(refused.to_string().contains("is not the log that was migrated"), "{refused}");
+        assert!(dir.path().join(LEGACY_FILE).exists(), "the newer raft.redb was deleted");
     }
 
     #[tokio::test]
