@@ -191,10 +191,13 @@ enum Op {
 /// The newest commit index not yet written, handed to the writer without waking it: it is
 /// advisory and written at most every `COMMITTED_WRITE_INTERVAL`, so a queue message per commit
 /// would wake the writer thread once per write for nothing (ADR 0007).
+/// A commit index to write: (log index, encoded value, how many ops had been queued when it was
+/// set).
+type Pending = (u64, Vec<u8>, u64);
+
 #[derive(Clone, Default)]
 struct PendingCommitted {
-    /// (log index, encoded value, how many ops had been queued when it was set).
-    value: Arc<Mutex<Option<(u64, Vec<u8>, u64)>>>,
+    value: Arc<Mutex<Option<Pending>>>,
     /// Ops queued to the writer so far. The index is written only with a batch that includes
     /// every op queued before it was set: those ops put its entry on disk, and a truncation
     /// among them may have replaced what the same index held before (a commit index written
