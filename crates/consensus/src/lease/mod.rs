@@ -124,9 +124,7 @@ impl LeaseClock {
         if m.membership_config.membership().voter_ids().count() == 1 {
             return true;
         }
-        // Four fifths of the followers' loyalty (openraft's leader lease, one election timeout):
-        // no answer can leave this leader once a quorum may have voted for another (ADR 0008).
-        m.last_quorum_acked.as_ref().is_some_and(|acked| acked.elapsed() <= self.grace * 4 / 5)
+        m.last_quorum_acked.as_ref().is_some_and(|acked| acked.elapsed() <= self.grace)
     }
 
     /// Renew a lease at the leader; `None` when it does not exist or its expiry is proposed.
