@@ -271,17 +271,11 @@ impl Member {
         let raft_cfg = openraft::Config {
             cluster_name: "quorate".into(),
             heartbeat_interval: cfg.heartbeat_interval_ms,
+            election_timeout_min: cfg.election_timeout_ms,
             // openraft keeps a follower loyal to its leader for `election_timeout_max` after the
-            // last heartbeat (leader stickiness: the election timeout, as etcd's check-quorum
-            // lease), and a candidate's first pre-vote, at a random moment below that, is
-            // always refused when the leader died for everyone at once; the candidate asks
-            // again one timeout later. Timeouts in [T/2, T) put that second round in [T, 2T)
-            // after the leader's last heartbeat: etcd's randomized election timeout. With
-            // [T, 5T/4) it came after 2T to 2.5T (issue 15: writes resumed 2.5 s after a
-            // leader kill against etcd's 1.2 s). The loyalty itself, which keeps a partitioned
-            // leader's return from raising the term, still lasts the whole timeout T.
-            election_timeout_min: (cfg.election_timeout_ms / 2).max(1),
-            election_timeout_max: cfg.election_timeout_ms.max(2),
+            // last heartbeat (leader stickiness), and a refused candidate waits a whole new
+            // timeout. A narrow randomisation band keeps failover near two election timeouts.
+            election_timeout_max: cfg.election_timeout_ms * 5 / 4,
             enable_pre_vote: Some(true),
             // The state machine is rebuilt from snapshot + log on start, and the commit index
             // is persisted lazily: a restarted leader must win a fresh election, never resume.
