@@ -168,7 +168,8 @@ impl Mem {
 }
 
 enum Op {
-    Append(Vec<(LogId, BytesValue)>, IOFlushed<TypeConfig>),
+    /// Entries' ids (to mark them written in the cache) and their stored form, in order.
+    Append(Vec<LogId>, Vec<BytesValue>, IOFlushed<TypeConfig>),
     TruncateFrom(u64),
     Purge {
         upto: u64,
@@ -210,7 +211,7 @@ struct PendingCommitted {
 fn last_index_after(mut last: u64, ops: &[Op]) -> u64 {
     for op in ops {
         match op {
-            Op::Append(entries, _) => last = entries.last().map_or(last, |(id, _)| id.index()),
+            Op::Append(ids, ..) => last = ids.last().map_or(last, |id| id.index()),
             Op::TruncateFrom(from) => last = last.min(from.saturating_sub(1)),
             Op::Purge { upto, .. } => last = last.max(*upto),
             Op::Meta { .. } => {}
@@ -619,14 +620,15 @@ impl Writer {
             if result.is_ok() {
                 use std::sync::atomic::Ordering::Relaxed;
                 self.stats.durable_commits.fetch_add(1, Relaxed);
-                let entries: usize = ops.iter().map(|op| if let Op::Append(e, _) = op { e.len() } else { 0 }).sum();
+                let entries: usize =
+                    ops.iter().map(|op| if let Op::Append(ids, ..) = op { ids.len() } else { 0 }).sum();
                 self.stats.entries.fetch_add(entries as u64, Relaxed);
                 self.written(&ops);
             }
             for op in ops {
                 let r = result.as_ref().map(|_| ()).map_err(io_err);
                 match op {
-                    Op::Append(_, cb) => cb.io_completed(r),
+                    Op::Append(_, _, cb) => cb.io_completed(r),
                     Op::Meta { done: Some(done), .. } | Op::Recovery { done, .. } => {
                         let _ = done.send(r);
                     }
@@ -665,13 +667,13 @@ impl Writer {
             meta.get(KEY_TRUNCATED_FROM).and_then(|v| decode(v).ok())
         };
         for op in ops {
-            let appended = match op {
-                Op::Append(entries, _) => entries.iter().map(|(_, v)| v.clone()).collect(),
-                Op::Recovery { entry: Some(e), .. } => vec![e.clone()],
-                _ => Vec::new(),
+            let appended: &[BytesValue] = match op {
+                Op::Append(_, stored, _) => stored,
+                Op::Recovery { entry: Some(e), .. } => std::slice::from_ref(e),
+                _ => &[],
             };
             if let Some(first) = appended.first().map(Stored::index) {
-                batch.add_entries::<Stored>(GROUP, &appended).map_err(|e| e.to_string())?;
+                batch.add_entries::<Stored>(GROUP, appended).map_err(|e| e.to_string())?;
                 // An append starts where a truncation left the log: raft-engine overwrites the
                 // void tail, and the mark goes.
                 if truncated_from(&self.meta).is_some_and(|from| first <= from) {
@@ -719,8 +721,8 @@ impl Writer {
     fn written(&self, ops: &[Op]) {
         let mut mem = self.mem.lock().unwrap();
         for op in ops {
-            if let Op::Append(entries, _) = op {
-                for (id, _) in entries {
+            if let Op::Append(ids, ..) = op {
+                for id in ids {
                     mem.mark_written(id);
                 }
             }
@@ -946,17 +948,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
+        // Encoded before taking the lock that replication reads wait on.
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let encoded = entries.iter().map(stored).collect::<io::Result<Vec<_>>>()?;
+        let ids = entries.iter().map(|e| e.log_id()).collect();
         {
             let mut mem = self.mem.lock().unwrap();
-            for e in entries {
-                let v = stored(&e)?;
-                let size = v.value.len();
-                encoded.push((e.log_id(), v));
-                mem.insert(e, size, false);
+            for (e, v) in entries.into_iter().zip(&encoded) {
+                mem.insert(e, v.value.len(), false);
             }
         }
-        self.send(Op::Append(encoded, callback))
+        self.send(Op::Append(ids, encoded, callback))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -1068,9 +1070,7 @@ mod tests {
 
     #[test]
     fn the_last_index_on_disk_follows_appends_truncations_and_purges() {
-        let append = |from: u64, to: u64| {
-            Op::Append((from..=to).map(|i| (log_id(i), BytesValue::default())).collect(), IOFlushed::noop())
-        };
+        let append = |from: u64, to: u64| Op::Append((from..=to).map(log_id).collect(), Vec::new(), IOFlushed::noop());
         let purge = |upto: u64| Op::Purge { upto, log_id: Vec::new() };
         assert_eq!(last_index_after(0, &[]), 0);
         assert_eq!(last_index_after(0, &[append(1, 3)]), 3);
