@@ -11,6 +11,7 @@ mod diagnostics;
 mod error;
 pub mod failpoint;
 pub mod flight;
+mod forward_stream;
 pub mod incarnation;
 pub mod isolation;
 mod lease;
@@ -199,7 +200,9 @@ struct Inner {
     shared: Arc<Shared>,
     log: LogStore,
     clock: Arc<LeaseClock>,
-    peers: Mutex<HashMap<String, pb::peer_client::PeerClient<tonic::transport::Channel>>>,
+    /// One forwarding stream per peer URL, opened on first use and replaced once spent
+    /// (`forward_stream`).
+    forwards: Mutex<HashMap<String, Arc<forward_stream::ForwardStream>>>,
     /// Set once the cluster has removed this member.
     removed: tokio::sync::watch::Sender<bool>,
     /// When a follower last got an answer from the leader (lease-table sync, once a second).
@@ -315,7 +318,7 @@ impl Member {
                 shared: shared.clone(),
                 log,
                 clock: clock.clone(),
-                peers: Mutex::new(HashMap::new()),
+                forwards: Mutex::new(HashMap::new()),
                 removed: tokio::sync::watch::channel(false).0,
                 last_leader_contact: Mutex::new(None),
                 app_handler: Mutex::new(None),
@@ -648,29 +651,32 @@ impl Member {
         req: &ForwardReq,
         timeout: Duration,
     ) -> Result<ForwardResp, ConsensusError> {
-        let mut client = {
-            let mut peers = self.inner.peers.lock().unwrap();
-            match peers.get(&leader.peer_url) {
-                Some(c) => c.clone(),
-                None => {
+        let stream = {
+            let mut forwards = self.inner.forwards.lock().unwrap();
+            match forwards.get(&leader.peer_url) {
+                Some(s) if !s.is_spent() => s.clone(),
+                _ => {
                     let ch = network::channel_to(&leader.peer_url).map_err(ConsensusError::Unavailable)?;
-                    let c = network::new_client(ch);
-                    peers.insert(leader.peer_url.clone(), c.clone());
-                    c
+                    let s = forward_stream::ForwardStream::open(ch);
+                    forwards.insert(leader.peer_url.clone(), s.clone());
+                    s
                 }
             }
         };
-        let mut request = tonic::Request::new(pb::Frame { data: encode(req) });
-        request.set_timeout(timeout);
-        incarnation::stamp(&mut request);
-        let reply = client.forward(request).await.inspect_err(incarnation::note).map_err(|s| match s.code() {
-            tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
-            // The leader this member knows of cannot be reached: as far as clients here can
+        match stream.call(&encode(req), timeout).await {
+            Ok(reply) => decode(&reply).map_err(ConsensusError::Unavailable),
+            Err(forward_stream::Failure::Timeout) => Err(ConsensusError::Timeout),
+            // The member this one forwards to cannot be reached: as far as clients here can
             // tell, there is no leader.
-            tonic::Code::Unavailable => ConsensusError::NoLeader,
-            _ => ConsensusError::Unavailable(s.message().to_string()),
-        })?;
-        decode(&reply.into_inner().data).map_err(ConsensusError::Unavailable)
+            Err(forward_stream::Failure::Closed) => Err(ConsensusError::NoLeader),
+            Err(forward_stream::Failure::Refused(status)) => {
+                incarnation::note(&status);
+                Err(match status.code() {
+                    tonic::Code::Unavailable => ConsensusError::NoLeader,
+                    _ => ConsensusError::Unavailable(status.message().to_string()),
+                })
+            }
+        }
     }
 
     /// Forward an idempotent request to whoever leads now, retrying across leader changes

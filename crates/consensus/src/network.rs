@@ -645,35 +645,11 @@ impl PeerService {
     /// (`joining_ok`); a vote, a leadership transfer or a forwarded request from a stranger is
     /// refused everywhere. Returns the sender, when the check is on.
     fn check_sender<T>(&self, req: &tonic::Request<T>, joining_ok: bool) -> Result<Option<NodeId>, tonic::Status> {
-        use openraft::rt::WatchReceiver as _;
         if !PEER_TLS.get().is_some_and(|t| t.check_identity) {
             return Ok(None);
         }
         let identity = req.extensions().get::<quorate_tls::ConnInfo>().and_then(|c| c.identity.clone());
-        let Some(identity) = identity else {
-            return Err(tonic::Status::unauthenticated("peer messages need a client certificate of the peer CA"));
-        };
-        let Some(from) = crate::incarnation::sender(req.metadata()) else {
-            return Err(tonic::Status::unauthenticated("a peer message must say which member sent it"));
-        };
-        // Decided under the metrics' read guard: no copy of them per message.
-        let metrics = self.raft.metrics();
-        let metrics = metrics.borrow_watched();
-        let membership = metrics.membership_config.membership();
-        match membership.get_node(&from) {
-            Some(node) if identity.names_member(&node.name, &node.peer_url) => Ok(Some(from)),
-            Some(node) => Err(tonic::Status::permission_denied(format!(
-                "the certificate (CN {:?}) does not name member {} ({from:x}, {})",
-                identity.common_name.as_deref().unwrap_or(""),
-                node.name,
-                node.peer_url
-            ))),
-            None if joining_ok && membership.nodes().next().is_none() => Ok(Some(from)),
-            None => Err(tonic::Status::permission_denied(format!(
-                "member {from:x} is not a member of this cluster as member {:x} knows it",
-                self.id
-            ))),
-        }
+        sender_is_member(&self.raft, self.id, identity.as_deref(), crate::incarnation::sender(req.metadata()), joining_ok)
     }
 
     /// A Raft message is for this member, from the member its certificate names (the member the
@@ -703,6 +679,41 @@ impl PeerService {
                 to.unwrap_or("nobody")
             ))),
         }
+    }
+}
+
+/// `check_sender`'s rule, for a sender whose connection's certificate is `identity` and whose
+/// message says it is `from` (a forwarding stream checks it again for every request).
+fn sender_is_member(
+    raft: &crate::types::Raft,
+    me: NodeId,
+    identity: Option<&quorate_tls::Identity>,
+    from: Option<NodeId>,
+    joining_ok: bool,
+) -> Result<Option<NodeId>, tonic::Status> {
+    use openraft::rt::WatchReceiver as _;
+    let Some(identity) = identity else {
+        return Err(tonic::Status::unauthenticated("peer messages need a client certificate of the peer CA"));
+    };
+    let Some(from) = from else {
+        return Err(tonic::Status::unauthenticated("a peer message must say which member sent it"));
+    };
+    // Decided under the metrics' read guard: no copy of them per message.
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow_watched();
+    let membership = metrics.membership_config.membership();
+    match membership.get_node(&from) {
+        Some(node) if identity.names_member(&node.name, &node.peer_url) => Ok(Some(from)),
+        Some(node) => Err(tonic::Status::permission_denied(format!(
+            "the certificate (CN {:?}) does not name member {} ({from:x}, {})",
+            identity.common_name.as_deref().unwrap_or(""),
+            node.name,
+            node.peer_url
+        ))),
+        None if joining_ok && membership.nodes().next().is_none() => Ok(Some(from)),
+        None => Err(tonic::Status::permission_denied(format!(
+            "member {from:x} is not a member of this cluster as member {me:x} knows it"
+        ))),
     }
 }
 
@@ -784,6 +795,50 @@ impl crate::pb::peer_server::Peer for PeerService {
         let refused = self.check_sender(&req, false).err().or_else(|| crate::incarnation::check(req.metadata()).err());
         let data = self.forward.handle(req.into_inner().data, refused).await?;
         let mut resp = tonic::Response::new(Frame { data });
+        crate::incarnation::stamp_response(&mut resp);
+        Ok(resp)
+    }
+
+    type ForwardStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame, tonic::Status>> + Send>>;
+
+    /// Forwarded requests on one long-lived stream (`forward_stream`): each is checked as a
+    /// `Forward` call is (the sender against the membership as it is now; the incarnation is
+    /// the process's, fixed while the stream lives), served concurrently, at most
+    /// `IN_FLIGHT_MAX` at once, and answered as it finishes. The answers end once the caller has
+    /// closed its side and every request has been answered.
+    async fn forward_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<Frame>>,
+    ) -> Result<tonic::Response<Self::ForwardStreamStream>, tonic::Status> {
+        use crate::forward_stream::{reply_frame, split_request, IN_FLIGHT_MAX};
+        let checking = PEER_TLS.get().is_some_and(|t| t.check_identity);
+        let identity = req.extensions().get::<quorate_tls::ConnInfo>().and_then(|c| c.identity.clone());
+        let from = crate::incarnation::sender(req.metadata());
+        let stale = crate::incarnation::check(req.metadata()).err();
+        let (raft, me, handler) = (self.raft.clone(), self.id, self.forward.clone());
+        let mut requests = req.into_inner();
+        let (replies, out) = tokio::sync::mpsc::unbounded_channel();
+        let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let Ok(Some(frame)) = requests.message().await else { break };
+                let Some((id, body)) = split_request(frame.data) else { break };
+                let refused = match checking {
+                    true => sender_is_member(&raft, me, identity.as_deref(), from, false).err(),
+                    false => None,
+                }
+                .or_else(|| stale.clone());
+                let (handler, replies) = (handler.clone(), replies.clone());
+                tokio::spawn(async move {
+                    let answer = handler.handle(body, refused).await;
+                    let _ = replies.send(Ok(Frame { data: reply_frame(id, &answer) }));
+                    drop(permit);
+                });
+            }
+        });
+        let mut resp =
+            tonic::Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(out)) as Self::ForwardStreamStream);
         crate::incarnation::stamp_response(&mut resp);
         Ok(resp)
     }
