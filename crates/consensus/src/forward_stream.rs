@@ -224,4 +224,159 @@ mod tests {
         assert_eq!(status.message(), "this member belongs to incarnation 1; …");
         assert!(split_reply(vec![0; 8]).is_none(), "a reply without its status byte is refused");
     }
+
+    /// A peer that answers forwarded requests whose body is `fast` at once and holds every
+    /// other one forever, on a real gRPC server on loopback.
+    struct HoldingPeer;
+
+    type Reply = Result<tonic::Response<Frame>, tonic::Status>;
+    type Frames = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl crate::pb::peer_server::Peer for HoldingPeer {
+        async fn append(&self, _: tonic::Request<Frame>) -> Reply {
+            Err(tonic::Status::unimplemented(""))
+        }
+        type AppendStreamStream = Frames;
+        async fn append_stream(
+            &self,
+            _: tonic::Request<tonic::Streaming<Frame>>,
+        ) -> Result<tonic::Response<Frames>, tonic::Status> {
+            Err(tonic::Status::unimplemented(""))
+        }
+        async fn vote(&self, _: tonic::Request<Frame>) -> Reply {
+            Err(tonic::Status::unimplemented(""))
+        }
+        async fn pre_vote(&self, _: tonic::Request<Frame>) -> Reply {
+            Err(tonic::Status::unimplemented(""))
+        }
+        async fn snapshot_stream(&self, _: tonic::Request<tonic::Streaming<Frame>>) -> Reply {
+            Err(tonic::Status::unimplemented(""))
+        }
+        async fn transfer_leader(&self, _: tonic::Request<Frame>) -> Reply {
+            Err(tonic::Status::unimplemented(""))
+        }
+        async fn forward(&self, _: tonic::Request<Frame>) -> Reply {
+            Err(tonic::Status::unimplemented(""))
+        }
+        type ForwardStreamStream = Frames;
+        async fn forward_stream(
+            &self,
+            req: tonic::Request<tonic::Streaming<Frame>>,
+        ) -> Result<tonic::Response<Frames>, tonic::Status> {
+            let mut requests = req.into_inner();
+            let (replies, out) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok(Some(frame)) = requests.message().await {
+                    let (id, body) = split_request(frame.data).unwrap();
+                    match body.as_slice() {
+                        b"fast" => drop(replies.send(Ok(Frame { data: reply_frame(id, &Ok(body)) }))),
+                        _ => held.push(id),
+                    }
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(out))))
+        }
+    }
+
+    async fn serve(peer: HoldingPeer) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(crate::pb::peer_server::PeerServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        url
+    }
+
+    fn open(url: &str) -> Arc<ForwardStream> {
+        ForwardStream::open(crate::network::channel_to(url).unwrap())
+    }
+
+    #[tokio::test]
+    async fn answers_come_back_to_their_callers_in_any_order() {
+        let stream = open(&serve(HoldingPeer).await);
+        let calls = (0..50).map(|_| stream.call(b"fast", Duration::from_secs(5)));
+        for answer in futures::future::join_all(calls).await {
+            assert_eq!(answer.unwrap(), b"fast");
+        }
+        assert!(!stream.is_spent());
+    }
+
+    /// A peer whose connection opens but never speaks HTTP/2 (a hung process): the setup is
+    /// bounded, the request fails as unsent, and the stream is spent (the next one is new).
+    #[tokio::test]
+    async fn a_setup_that_hangs_fails_the_request_within_the_setup_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let _held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            loop {
+                conns.push(listener.accept().await.unwrap());
+            }
+        });
+        let stream = open(&url);
+        let began = std::time::Instant::now();
+        let answer = stream.call(b"fast", Duration::from_secs(30)).await;
+        assert!(matches!(answer, Err(Failure::Closed)), "{answer:?}");
+        assert!(began.elapsed() < SETUP_TIMEOUT + Duration::from_secs(1), "{:?}", began.elapsed());
+        assert!(stream.is_spent());
+    }
+
+    /// A request that times out while the stream carries nothing at all marks it spent; one
+    /// that is merely slow while others are answered leaves it in use.
+    #[tokio::test]
+    async fn a_silent_stream_is_spent_by_a_timeout_and_a_slow_request_is_not() {
+        let url = serve(HoldingPeer).await;
+        let silent = open(&url);
+        assert_eq!(silent.call(b"fast", Duration::from_secs(5)).await.unwrap(), b"fast");
+        let answer = silent.call(b"held", Duration::from_millis(300)).await;
+        assert!(matches!(answer, Err(Failure::Timeout)), "{answer:?}");
+        assert!(silent.is_spent(), "nothing was heard while the request waited");
+
+        let busy = open(&url);
+        let slow = busy.call(b"held", Duration::from_millis(500));
+        let others = async {
+            for _ in 0..10 {
+                assert_eq!(busy.call(b"fast", Duration::from_secs(5)).await.unwrap(), b"fast");
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        };
+        let (answer, ()) = tokio::join!(slow, others);
+        assert!(matches!(answer, Err(Failure::Timeout)), "{answer:?}");
+        assert!(!busy.is_spent(), "the stream answered others while the slow request waited");
+    }
+
+    /// A peer that goes away (its process ends: the connection is reset) fails what waits on
+    /// the stream at once, as unanswered, rather than at each caller's timeout.
+    #[tokio::test]
+    async fn a_peer_that_goes_away_fails_the_waiting_requests_at_once() {
+        // The peer runs on a runtime of its own; dropping the runtime closes its sockets, as the
+        // end of its process would.
+        let peer = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        peer.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(crate::pb::peer_server::PeerServer::new(HoldingPeer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        let stream = open(&url);
+        assert_eq!(stream.call(b"fast", Duration::from_secs(5)).await.unwrap(), b"fast");
+        let waiting = stream.call(b"held", Duration::from_secs(30));
+        let began = std::time::Instant::now();
+        let (answer, _) = tokio::join!(waiting, async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            peer.shutdown_background();
+        });
+        assert!(matches!(answer, Err(Failure::Closed)), "{answer:?}");
+        assert!(began.elapsed() < Duration::from_secs(5), "{:?}", began.elapsed());
+        assert!(stream.is_spent());
+    }
 }
+
