@@ -7,6 +7,7 @@
 //! quorum-connected leader decide a side effect.
 
 pub mod backup;
+mod campaign;
 mod diagnostics;
 mod error;
 pub mod failpoint;
@@ -203,6 +204,8 @@ struct Inner {
     /// One forwarding stream per peer URL, opened on first use and replaced once spent
     /// (`forward_stream`).
     forwards: Mutex<HashMap<String, Arc<forward_stream::ForwardStream>>>,
+    /// When a leader was last heard, and pre-votes sent (`campaign`).
+    campaign: Arc<campaign::Signals>,
     /// Set once the cluster has removed this member.
     removed: tokio::sync::watch::Sender<bool>,
     /// When a follower last got an answer from the leader (lease-table sync, once a second).
@@ -299,8 +302,13 @@ impl Member {
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().map_err(|e| format!("raft config: {e}"))?);
-        let network =
-            NetworkFactory { stall_timeout: Duration::from_millis(cfg.election_timeout_ms), metrics: metrics.clone() };
+        let leader_lease = Duration::from_millis(raft_cfg.election_timeout_max);
+        let campaign = Arc::new(campaign::Signals::default());
+        let network = NetworkFactory {
+            stall_timeout: Duration::from_millis(cfg.election_timeout_ms),
+            metrics: metrics.clone(),
+            campaign: campaign.clone(),
+        };
         let raft =
             Raft::new(cfg.id, raft_cfg, network, log.clone(), sm).await.map_err(|e| format!("start raft: {e}"))?;
         if cfg.new_cluster && !raft.is_initialized().await.map_err(|e| e.to_string())? {
@@ -319,6 +327,7 @@ impl Member {
                 log,
                 clock: clock.clone(),
                 forwards: Mutex::new(HashMap::new()),
+                campaign: campaign.clone(),
                 removed: tokio::sync::watch::channel(false).0,
                 last_leader_contact: Mutex::new(None),
                 app_handler: Mutex::new(None),
@@ -336,8 +345,14 @@ impl Member {
         tokio::spawn(member.clone().probe_peers());
         tokio::spawn(member.clone().track_freshness());
         tokio::spawn(member.clone().stop_campaigning_when_fenced());
-        let service =
-            PeerService { id: member.id(), raft, forward: Arc::new(member.clone()), metrics: member.metrics().clone() };
+        tokio::spawn(member.clone().campaign_promptly(leader_lease));
+        let service = PeerService {
+            id: member.id(),
+            raft,
+            forward: Arc::new(member.clone()),
+            metrics: member.metrics().clone(),
+            campaign,
+        };
         Ok((member, service))
     }
 

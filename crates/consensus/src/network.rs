@@ -144,6 +144,8 @@ pub struct NetworkFactory {
     pub stall_timeout: Duration,
     /// Send failures are counted here, by peer.
     pub metrics: crate::metrics::ConsensusMetrics,
+    /// Pre-votes sent are counted here (`campaign`).
+    pub(crate) campaign: Arc<crate::campaign::Signals>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -160,6 +162,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             stall_timeout: self.stall_timeout,
             sent_failures: self.metrics.peer_sent_failures.get_or_create(&crate::metrics::to_peer(target)).clone(),
             metrics: self.metrics.clone(),
+            campaign: self.campaign.clone(),
         }
     }
 }
@@ -179,6 +182,7 @@ pub struct PeerNetwork {
     sent_failures: prometheus_client::metrics::counter::Counter,
     /// Where (pre-)votes sent and their answers are recorded (`crate::votes`).
     metrics: crate::metrics::ConsensusMetrics,
+    campaign: Arc<crate::campaign::Signals>,
 }
 
 #[derive(Clone, Copy)]
@@ -344,6 +348,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.campaign.pre_vote_sent();
         let result = self.call(Rpc::PreVote, &rpc, option.soft_ttl()).await;
         crate::votes::record_sent(&self.metrics, self.target, true, &rpc, &result);
         result
@@ -598,6 +603,8 @@ pub struct PeerService {
     pub forward: Arc<dyn ForwardHandler>,
     /// Where answered (pre-)votes are recorded and refused pre-votes counted.
     pub metrics: crate::metrics::ConsensusMetrics,
+    /// Told when a leader's AppendEntries arrives (`campaign`).
+    pub(crate) campaign: Arc<crate::campaign::Signals>,
 }
 
 type Reply = Result<tonic::Response<Frame>, tonic::Status>;
@@ -722,6 +729,9 @@ impl crate::pb::peer_server::Peer for PeerService {
     async fn append(&self, req: tonic::Request<Frame>) -> Reply {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().data).map_err(bad_frame)?;
         self.check_addressee(&req, Some(rpc.vote.leader_id.node_id), true)?;
+        if rpc.vote.is_committed() {
+            self.campaign.heard();
+        }
         reply(self.raft.append_entries(rpc).await)
     }
 
@@ -733,6 +743,7 @@ impl crate::pb::peer_server::Peer for PeerService {
     ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
         use futures::StreamExt;
         let from = self.check_addressee(&req, None, true)?;
+        let heard = self.campaign.clone();
         // The stream ends at the first frame that cannot be read, or that speaks for a leader
         // other than the member its certificate names: skipping one would misalign requests
         // and results.
@@ -740,6 +751,11 @@ impl crate::pb::peer_server::Peer for PeerService {
             .into_inner()
             .map(|f| f.ok().and_then(|f| decode::<AppendEntriesRequest<TypeConfig>>(&f.data).ok()))
             .map(move |r| r.filter(|r| from.is_none_or(|from| r.vote.leader_id.node_id == from)))
+            .inspect(move |r| {
+                if r.as_ref().is_some_and(|r| r.vote.is_committed()) {
+                    heard.heard();
+                }
+            })
             .take_while(|r| futures::future::ready(r.is_some()))
             .map(|r| r.expect("take_while keeps only Some"));
         let results =
