@@ -311,6 +311,9 @@ impl Member {
         };
         let raft =
             Raft::new(cfg.id, raft_cfg, network, log.clone(), sm).await.map_err(|e| format!("start raft: {e}"))?;
+        // Watched from before the bootstrap: `initialize` may elect this member at once, and a
+        // watcher started after that would take the won election for history.
+        tokio::spawn(observe::watch(raft.clone(), cfg.id, metrics.clone()));
         if cfg.new_cluster && !raft.is_initialized().await.map_err(|e| e.to_string())? {
             info!(members = cfg.initial_members.len(), "bootstrapping a new cluster");
             if let Err(e) = raft.initialize(cfg.initial_members.clone()).await {
@@ -341,7 +344,6 @@ impl Member {
         tokio::spawn(member.clone().sync_lease_table());
         tokio::spawn(member.clone().tighten_leases_on_election());
         tokio::spawn(member.clone().promote_caught_up());
-        tokio::spawn(observe::watch(raft.clone(), member.id(), member.metrics().clone()));
         tokio::spawn(member.clone().probe_peers());
         tokio::spawn(member.clone().track_freshness());
         tokio::spawn(member.clone().stop_campaigning_when_fenced());
