@@ -354,6 +354,7 @@ impl Member {
             forward: Arc::new(member.clone()),
             metrics: member.metrics().clone(),
             campaign,
+            stall_warning: Duration::from_millis(member.inner.cfg.election_timeout_ms / 2),
         };
         Ok((member, service))
     }

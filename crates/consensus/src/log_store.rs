@@ -559,6 +559,9 @@ impl LogStore {
     }
 }
 
+/// A write (and its sync) at least this slow is logged.
+const SLOW_WRITE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// The writer thread: the only code that writes to raft-engine once the log is open.
 struct Writer {
     engine: Arc<Engine>,
@@ -614,8 +617,13 @@ impl Writer {
             }
             let purged = ops.iter().any(|op| matches!(op, Op::Purge { .. }));
             // raft-engine panics where a write or sync fails: that must stop the member too.
+            let began = std::time::Instant::now();
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch(&ops)))
                 .unwrap_or_else(|_| Err("raft-engine panicked while writing".into()));
+            if began.elapsed() >= SLOW_WRITE {
+                let ms = began.elapsed().as_millis() as u64;
+                tracing::warn!(ms, ops = ops.len(), "a raft log write and its sync took this long");
+            }
             last = batch_last;
             if result.is_ok() {
                 use std::sync::atomic::Ordering::Relaxed;

@@ -605,6 +605,8 @@ pub struct PeerService {
     pub metrics: crate::metrics::ConsensusMetrics,
     /// Told when a leader's AppendEntries arrives (`campaign`).
     pub(crate) campaign: Arc<crate::campaign::Signals>,
+    /// An append answered this long after it arrived is logged (half the leader's patience).
+    pub(crate) stall_warning: Duration,
 }
 
 type Reply = Result<tonic::Response<Frame>, tonic::Status>;
@@ -744,6 +746,11 @@ impl crate::pb::peer_server::Peer for PeerService {
         use futures::StreamExt;
         let from = self.check_addressee(&req, None, true)?;
         let heard = self.campaign.clone();
+        // When each request still unanswered arrived, to report a slow answer: the leader gives
+        // up on a stream that answers nothing for an election timeout.
+        let arrivals = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let arrived = arrivals.clone();
+        let slow = self.stall_warning;
         // The stream ends at the first frame that cannot be read, or that speaks for a leader
         // other than the member its certificate names: skipping one would misalign requests
         // and results.
@@ -752,14 +759,23 @@ impl crate::pb::peer_server::Peer for PeerService {
             .map(|f| f.ok().and_then(|f| decode::<AppendEntriesRequest<TypeConfig>>(&f.data).ok()))
             .map(move |r| r.filter(|r| from.is_none_or(|from| r.vote.leader_id.node_id == from)))
             .inspect(move |r| {
-                if r.as_ref().is_some_and(|r| r.vote.is_committed()) {
-                    heard.heard();
+                if let Some(r) = r {
+                    if r.vote.is_committed() {
+                        heard.heard();
+                    }
+                    arrived.lock().unwrap().push_back((Instant::now(), r.entries.len()));
                 }
             })
             .take_while(|r| futures::future::ready(r.is_some()))
             .map(|r| r.expect("take_while keeps only Some"));
-        let results =
-            self.raft.stream_append(requests).map(|r| Ok(Frame { data: encode(&r.map_err(|e| e.to_string())) }));
+        let results = self.raft.stream_append(requests).map(move |r| {
+            let answered = arrivals.lock().unwrap().pop_front();
+            if let Some((at, entries)) = answered.filter(|(at, _)| at.elapsed() >= slow) {
+                let ms = at.elapsed().as_millis() as u64;
+                tracing::warn!(ms, entries, "an append from the leader took this long to be made durable and answered");
+            }
+            Ok(Frame { data: encode(&r.map_err(|e| e.to_string())) })
+        });
         Ok(tonic::Response::new(Box::pin(results)))
     }
 
