@@ -98,11 +98,20 @@ impl crate::Member {
                 continue;
             }
             asked_for = Some(heard);
+            // The term of the silent leader: once the term moves (this member granted a
+            // candidate its vote, or heard of a newer term), or its vote is no longer one for an
+            // established leader, the silence asked for is over: a candidate this member voted
+            // for may be about to win, and a pre-vote for term + 2 would depose it. openraft's
+            // own timer then stays as it always was.
+            let term = self.inner.raft.metrics().borrow_watched().current_term;
             for _ in 0..ASKS {
                 let follower = {
                     let metrics = self.inner.raft.metrics();
                     let m = metrics.borrow_watched();
-                    m.running_state.is_ok() && m.state == ServerState::Follower
+                    m.running_state.is_ok()
+                        && m.state == ServerState::Follower
+                        && m.current_term == term
+                        && m.vote.is_committed()
                 };
                 if !follower || crate::incarnation::fenced().is_some() || signals.last_heard() != Some(heard) {
                     break;

@@ -46,20 +46,34 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why a forwarded request got no answer.
 #[derive(Debug)]
 pub(crate) enum Failure {
-    /// No answer within the caller's timeout.
+    /// No answer within the caller's timeout: the request may or may not have been served.
     Timeout,
-    /// The stream could not be opened, or ended (peer gone, connection lost) before the answer.
-    Closed,
-    /// The receiver refused the request (another incarnation, an unknown sender).
+    /// The request never reached the peer (the stream could not be opened, or had ended).
+    Unsent,
+    /// The stream ended after the request may have reached the peer: it may have been served.
+    Lost,
+    /// The peer refused the request (another incarnation, an unknown sender).
     Refused(tonic::Status),
+    /// The peer runs a build without forwarding streams (a rolling upgrade): the request was
+    /// not served; send it as a call of its own.
+    Unsupported,
 }
 
 type Answer = Result<Vec<u8>, tonic::Status>;
 
+/// How a stream ended, for the requests still waiting on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The peer refused to open it: nothing sent on it was served.
+    Refused { unsupported: bool },
+    /// Its setup timed out, or it ended once open: what was sent may have been served.
+    Lost,
+}
+
 #[derive(Default)]
 struct Waiters {
-    closed: bool,
-    waiting: HashMap<u64, oneshot::Sender<Answer>>,
+    ended: Option<End>,
+    waiting: HashMap<u64, oneshot::Sender<Result<Answer, End>>>,
 }
 
 /// Requests forwarded to one peer over one stream.
@@ -73,63 +87,98 @@ pub(crate) struct ForwardStream {
     stale: AtomicBool,
 }
 
+/// Removes a waiter whose caller gave up (timed out, or its future was dropped): its frame is
+/// then not sent if it has not gone yet, and a late answer is dropped.
+struct Waiting<'a> {
+    waiters: &'a Mutex<Waiters>,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.waiters.lock().unwrap().waiting.remove(&self.id);
+    }
+}
+
 impl ForwardStream {
     /// Opens a stream to the peer behind `ch` (a channel of its own: a new connection) in the
     /// background; requests sent before it is up wait in its queue, bounded by the setup
     /// timeout.
     pub(crate) fn open(ch: Channel) -> Arc<Self> {
-        let (requests, queued) = mpsc::unbounded_channel();
+        use futures::StreamExt;
+        let (requests, queued) = mpsc::unbounded_channel::<Frame>();
         let waiters = Arc::new(Mutex::new(Waiters::default()));
         let heard = Arc::new(AtomicU64::new(0));
-        let (replies_to, heard_at) = (waiters.clone(), heard.clone());
+        let (replies_to, heard_at, still_wanted) = (waiters.clone(), heard.clone(), Arc::downgrade(&waiters));
         let mut client = crate::network::new_client(ch);
         tokio::spawn(async move {
-            let mut request = tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(queued));
+            // A frame whose caller has given up by the time it would go out is not sent.
+            let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(queued).filter(move |frame| {
+                let wanted = frame_id(&frame.data).is_some_and(|id| {
+                    still_wanted.upgrade().is_some_and(|w| w.lock().unwrap().waiting.contains_key(&id))
+                });
+                futures::future::ready(wanted)
+            });
+            let mut request = tonic::Request::new(outbound);
             crate::incarnation::stamp(&mut request);
             let opened = tokio::time::timeout(SETUP_TIMEOUT, client.forward_stream(request)).await;
-            match opened {
-                Ok(Ok(response)) => receive(response.into_inner(), &replies_to, &heard_at).await,
+            let end = match opened {
+                Ok(Ok(response)) => {
+                    receive(response.into_inner(), &replies_to, &heard_at).await;
+                    End::Lost
+                }
                 Ok(Err(status)) => {
                     crate::incarnation::note(&status);
                     tracing::debug!(error = %status.message(), "forwarding stream refused");
+                    End::Refused { unsupported: status.code() == tonic::Code::Unimplemented }
                 }
-                Err(_) => tracing::debug!("forwarding stream setup timed out"),
-            }
-            // Whoever still waits learns the stream is gone (their senders drop here).
+                Err(_) => {
+                    tracing::debug!("forwarding stream setup timed out");
+                    End::Lost
+                }
+            };
+            // Whoever still waits learns how the stream ended.
             let mut w = replies_to.lock().unwrap();
-            w.closed = true;
-            w.waiting.clear();
+            w.ended = Some(end);
+            for (_, waiter) in w.waiting.drain() {
+                let _ = waiter.send(Err(end));
+            }
         });
         Arc::new(ForwardStream { requests, waiters, next_id: AtomicU64::new(0), heard, stale: AtomicBool::new(false) })
     }
 
     /// Whether the next request should go on a new stream.
     pub(crate) fn is_spent(&self) -> bool {
-        self.stale.load(Ordering::Acquire) || self.waiters.lock().unwrap().closed
+        self.stale.load(Ordering::Acquire) || self.waiters.lock().unwrap().ended.is_some()
     }
 
+    /// Sends `body` and waits up to `timeout` for its answer. The peer gives up serving it at
+    /// the same timeout, counted from when it arrives.
     pub(crate) async fn call(&self, body: &[u8], timeout: Duration) -> Result<Vec<u8>, Failure> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
             // Registered under the lock the stream's end takes, so no waiter is left behind.
             let mut w = self.waiters.lock().unwrap();
-            if w.closed {
-                return Err(Failure::Closed);
+            match w.ended {
+                Some(End::Refused { unsupported: true }) => return Err(Failure::Unsupported),
+                Some(_) => return Err(Failure::Unsent),
+                None => {}
             }
             w.waiting.insert(id, tx);
         }
+        let _waiting = Waiting { waiters: &self.waiters, id };
         let heard_before = self.heard.load(Ordering::Acquire);
-        if self.requests.send(Frame { data: request_frame(id, body) }).is_err() {
-            self.waiters.lock().unwrap().waiting.remove(&id);
-            return Err(Failure::Closed);
+        if self.requests.send(Frame { data: request_frame(id, timeout, body) }).is_err() {
+            return Err(Failure::Unsent);
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(status))) => Err(Failure::Refused(status)),
-            Ok(Err(_)) => Err(Failure::Closed),
+            Ok(Ok(Ok(Ok(reply)))) => Ok(reply),
+            Ok(Ok(Ok(Err(status)))) => Err(Failure::Refused(status)),
+            Ok(Ok(Err(End::Refused { unsupported: true }))) => Err(Failure::Unsupported),
+            Ok(Ok(Err(End::Refused { .. }))) => Err(Failure::Unsent),
+            Ok(Ok(Err(End::Lost))) | Ok(Err(_)) => Err(Failure::Lost),
             Err(_) => {
-                self.waiters.lock().unwrap().waiting.remove(&id);
                 if self.heard.load(Ordering::Acquire) == heard_before {
                     self.stale.store(true, Ordering::Release);
                 }
@@ -161,22 +210,30 @@ async fn receive(mut replies: tonic::Streaming<Frame>, waiters: &Arc<Mutex<Waite
         };
         let waiter = waiters.lock().unwrap().waiting.remove(&id);
         if let Some(waiter) = waiter {
-            let _ = waiter.send(answer);
+            let _ = waiter.send(Ok(answer));
         }
     }
 }
 
-pub(crate) fn request_frame(id: u64, body: &[u8]) -> Vec<u8> {
-    let mut data = Vec::with_capacity(8 + body.len());
+/// A request frame: the id, how long the caller waits for it (ms, little-endian u32), the body.
+pub(crate) fn request_frame(id: u64, timeout: Duration, body: &[u8]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(12 + body.len());
     data.extend_from_slice(&id.to_le_bytes());
+    data.extend_from_slice(&(timeout.as_millis().min(u32::MAX as u128) as u32).to_le_bytes());
     data.extend_from_slice(body);
     data
 }
 
-pub(crate) fn split_request(mut data: Vec<u8>) -> Option<(u64, Vec<u8>)> {
-    let id = u64::from_le_bytes(data.get(..8)?.try_into().ok()?);
-    data.drain(..8);
-    Some((id, data))
+fn frame_id(data: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(data.get(..8)?.try_into().ok()?))
+}
+
+/// A request frame's id, timeout and body; `None` for a frame shorter than its header.
+pub(crate) fn split_request(mut data: Vec<u8>) -> Option<(u64, Duration, Vec<u8>)> {
+    let id = frame_id(&data)?;
+    let ms = u32::from_le_bytes(data.get(8..12)?.try_into().ok()?);
+    data.drain(..12);
+    Some((id, Duration::from_millis(ms as u64), data))
 }
 
 pub(crate) fn reply_frame(id: u64, answer: &Answer) -> Vec<u8> {
@@ -209,11 +266,15 @@ mod tests {
 
     #[test]
     fn frames_carry_their_request_id_and_a_refusal_its_code() {
-        let frame = request_frame(0x0102_0304_0506_0708, b"body");
-        assert_eq!(frame.len(), 12);
-        assert_eq!(split_request(frame), Some((0x0102_0304_0506_0708, b"body".to_vec())));
-        assert_eq!(split_request(request_frame(7, b"")), Some((7, Vec::new())));
+        let second = Duration::from_secs(1);
+        let frame = request_frame(0x0102_0304_0506_0708, second, b"body");
+        assert_eq!(frame.len(), 16);
+        assert_eq!(split_request(frame), Some((0x0102_0304_0506_0708, second, b"body".to_vec())));
+        assert_eq!(split_request(request_frame(7, second, b"")), Some((7, second, Vec::new())));
+        let huge = split_request(request_frame(7, Duration::from_secs(u64::MAX / 4), b"")).unwrap();
+        assert_eq!(huge.1, Duration::from_millis(u32::MAX as u64), "an absurd timeout is capped");
         assert_eq!(split_request(vec![1, 2, 3]), None, "a frame shorter than an id is refused");
+        assert_eq!(split_request(vec![0; 11]), None, "a frame shorter than its header is refused");
 
         let (id, answer) = split_reply(reply_frame(9, &Ok(b"yes".to_vec()))).unwrap();
         assert_eq!((id, answer.unwrap()), (9, b"yes".to_vec()));
@@ -269,7 +330,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut held = Vec::new();
                 while let Ok(Some(frame)) = requests.message().await {
-                    let (id, body) = split_request(frame.data).unwrap();
+                    let (id, _, body) = split_request(frame.data).unwrap();
                     match body.as_slice() {
                         b"fast" => drop(replies.send(Ok(Frame { data: reply_frame(id, &Ok(body)) }))),
                         _ => held.push(id),
@@ -320,7 +381,7 @@ mod tests {
         let stream = open(&url);
         let began = std::time::Instant::now();
         let answer = stream.call(b"fast", Duration::from_secs(30)).await;
-        assert!(matches!(answer, Err(Failure::Closed)), "{answer:?}");
+        assert!(matches!(answer, Err(Failure::Lost)), "a setup that hung may have delivered it: {answer:?}");
         assert!(began.elapsed() < SETUP_TIMEOUT + Duration::from_secs(1), "{:?}", began.elapsed());
         assert!(stream.is_spent());
     }
@@ -374,9 +435,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             peer.shutdown_background();
         });
-        assert!(matches!(answer, Err(Failure::Closed)), "{answer:?}");
+        assert!(matches!(answer, Err(Failure::Lost)), "it reached the peer: {answer:?}");
         assert!(began.elapsed() < Duration::from_secs(5), "{:?}", began.elapsed());
         assert!(stream.is_spent());
     }
 }
-

@@ -204,6 +204,9 @@ struct Inner {
     /// One forwarding stream per peer URL, opened on first use and replaced once spent
     /// (`forward_stream`).
     forwards: Mutex<HashMap<String, Arc<forward_stream::ForwardStream>>>,
+    /// Peers (by URL) whose build has no forwarding streams (a rolling upgrade), and until when
+    /// requests to them go as calls of their own before a stream is tried again.
+    unary_until: Mutex<HashMap<String, (std::time::Instant, pb::peer_client::PeerClient<tonic::transport::Channel>)>>,
     /// When a leader was last heard, and pre-votes sent (`campaign`).
     campaign: Arc<campaign::Signals>,
     /// Set once the cluster has removed this member.
@@ -233,6 +236,29 @@ fn wall_clock_us() -> i64 {
 /// How often each member times a round trip to every other member (etcd probes every few
 /// seconds too).
 const PEER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long requests to a peer without forwarding streams (an older build, in a rolling
+/// upgrade) go as calls of their own before a stream is tried again.
+const UNARY_FORWARD_RETRY: Duration = Duration::from_secs(60);
+
+/// Forwards `req` as a call of its own, to a peer whose build has no forwarding streams.
+async fn send_forward_unary(
+    mut client: pb::peer_client::PeerClient<tonic::transport::Channel>,
+    req: &ForwardReq,
+    timeout: Duration,
+) -> Result<ForwardResp, ConsensusError> {
+    let mut request = tonic::Request::new(pb::Frame { data: encode(req) });
+    request.set_timeout(timeout);
+    incarnation::stamp(&mut request);
+    let reply = client.forward(request).await.inspect_err(incarnation::note).map_err(|s| match s.code() {
+        tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
+        // The leader this member knows of cannot be reached: as far as clients here can tell,
+        // there is no leader.
+        tonic::Code::Unavailable => ConsensusError::NoLeader,
+        _ => ConsensusError::Unavailable(s.message().to_string()),
+    })?;
+    decode(&reply.into_inner().data).map_err(ConsensusError::Unavailable)
+}
 
 /// A running member. Cheap to clone.
 #[derive(Clone)]
@@ -330,6 +356,7 @@ impl Member {
                 log,
                 clock: clock.clone(),
                 forwards: Mutex::new(HashMap::new()),
+                unary_until: Mutex::new(HashMap::new()),
                 campaign: campaign.clone(),
                 removed: tokio::sync::watch::channel(false).0,
                 last_leader_contact: Mutex::new(None),
@@ -669,30 +696,54 @@ impl Member {
         req: &ForwardReq,
         timeout: Duration,
     ) -> Result<ForwardResp, ConsensusError> {
+        let url = &leader.peer_url;
+        let unary = self
+            .inner
+            .unary_until
+            .lock()
+            .unwrap()
+            .get(url)
+            .and_then(|(until, client)| (std::time::Instant::now() < *until).then(|| client.clone()));
+        if let Some(client) = unary {
+            return send_forward_unary(client, req, timeout).await;
+        }
         let stream = {
             let mut forwards = self.inner.forwards.lock().unwrap();
-            match forwards.get(&leader.peer_url) {
+            match forwards.get(url) {
                 Some(s) if !s.is_spent() => s.clone(),
                 _ => {
-                    let ch = network::channel_to(&leader.peer_url).map_err(ConsensusError::Unavailable)?;
+                    let ch = network::channel_to(url).map_err(ConsensusError::Unavailable)?;
                     let s = forward_stream::ForwardStream::open(ch);
-                    forwards.insert(leader.peer_url.clone(), s.clone());
+                    forwards.insert(url.clone(), s.clone());
                     s
                 }
             }
         };
+        use forward_stream::Failure;
         match stream.call(&encode(req), timeout).await {
             Ok(reply) => decode(&reply).map_err(ConsensusError::Unavailable),
-            Err(forward_stream::Failure::Timeout) => Err(ConsensusError::Timeout),
+            // Not answered in time, or the stream ended after the request may have reached the
+            // leader: it may have been served, so the caller must not take it as refused.
+            Err(Failure::Timeout | Failure::Lost) => Err(ConsensusError::Timeout),
             // The member this one forwards to cannot be reached: as far as clients here can
             // tell, there is no leader.
-            Err(forward_stream::Failure::Closed) => Err(ConsensusError::NoLeader),
-            Err(forward_stream::Failure::Refused(status)) => {
+            Err(Failure::Unsent) => Err(ConsensusError::NoLeader),
+            Err(Failure::Refused(status)) => {
                 incarnation::note(&status);
                 Err(match status.code() {
                     tonic::Code::Unavailable => ConsensusError::NoLeader,
+                    tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
                     _ => ConsensusError::Unavailable(status.message().to_string()),
                 })
+            }
+            // A peer of an older build (a rolling upgrade): nothing was served; send it as a
+            // call of its own, and keep doing so for a while.
+            Err(Failure::Unsupported) => {
+                tracing::info!(peer = %url, "the peer does not take forwarding streams; forwarding with one call per request");
+                let client = network::new_client(network::channel_to(url).map_err(ConsensusError::Unavailable)?);
+                let until = std::time::Instant::now() + UNARY_FORWARD_RETRY;
+                self.inner.unary_until.lock().unwrap().insert(url.clone(), (until, client.clone()));
+                send_forward_unary(client, req, timeout).await
             }
         }
     }

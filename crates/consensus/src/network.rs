@@ -658,7 +658,13 @@ impl PeerService {
             return Ok(None);
         }
         let identity = req.extensions().get::<quorate_tls::ConnInfo>().and_then(|c| c.identity.clone());
-        sender_is_member(&self.raft, self.id, identity.as_deref(), crate::incarnation::sender(req.metadata()), joining_ok)
+        sender_is_member(
+            &self.raft,
+            self.id,
+            identity.as_deref(),
+            crate::incarnation::sender(req.metadata()),
+            joining_ok,
+        )
     }
 
     /// A Raft message is for this member, from the member its certificate names (the member the
@@ -849,13 +855,18 @@ impl crate::pb::peer_server::Peer for PeerService {
         let stale = crate::incarnation::check(req.metadata()).err();
         let (raft, me, handler) = (self.raft.clone(), self.id, self.forward.clone());
         let mut requests = req.into_inner();
-        let (replies, out) = tokio::sync::mpsc::unbounded_channel();
+        // Bounded like the requests served: a caller that stops reading its answers stops
+        // having requests read, rather than having answers pile up here.
+        let (replies, out) = tokio::sync::mpsc::channel(IN_FLIGHT_MAX);
         let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
         tokio::spawn(async move {
             loop {
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
                 let Ok(Some(frame)) = requests.message().await else { break };
-                let Some((id, body)) = split_request(frame.data) else { break };
+                let Some((id, timeout, body)) = split_request(frame.data) else {
+                    tracing::warn!("forwarding stream: a request frame shorter than its header; stream dropped");
+                    break;
+                };
                 let refused = match checking {
                     true => sender_is_member(&raft, me, identity.as_deref(), from, false).err(),
                     false => None,
@@ -863,14 +874,18 @@ impl crate::pb::peer_server::Peer for PeerService {
                 .or_else(|| stale.clone());
                 let (handler, replies) = (handler.clone(), replies.clone());
                 tokio::spawn(async move {
-                    let answer = handler.handle(body, refused).await;
-                    let _ = replies.send(Ok(Frame { data: reply_frame(id, &answer) }));
+                    // Served no longer than its caller waits for it, as a call's deadline is.
+                    let answer = tokio::time::timeout(timeout, handler.handle(body, refused))
+                        .await
+                        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the forwarded request timed out")));
+                    let _ = replies.send(Ok(Frame { data: reply_frame(id, &answer) })).await;
                     drop(permit);
                 });
             }
         });
-        let mut resp =
-            tonic::Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(out)) as Self::ForwardStreamStream);
+        let mut resp = tonic::Response::new(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)) as Self::ForwardStreamStream
+        );
         crate::incarnation::stamp_response(&mut resp);
         Ok(resp)
     }
