@@ -39,7 +39,9 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $((t / $#)); }
+# Mean over the members of a /proc status field: VmRSS now, VmHWM the most it ever was.
+status_kb() { local f=$1 t=0; shift; for p in "$@"; do t=$((t + $(awk -v f="$f:" '$1 == f {print $2}' /proc/$p/status))); done; echo $((t / $#)); }
+rss_kb() { status_kb VmRSS "$@"; }
 
 # Ports: quorate on 4{1,2,3}379/380, etcd on 5{1,2,3}379/380.
 declare -A PORT=([quorate]=4 [etcd]=5) MEMBER_PIDS=() EPS=() SCHEME=([quorate]=http [etcd]=http)
@@ -122,6 +124,13 @@ for flavor in quorate etcd; do
   "$BIN" bench --endpoints "${EPS[$flavor]}" ${CLIENT_TLS[$flavor]} --ops put --clients 64 --keys 100000 --seconds 1 --preload >/dev/null
   # shellcheck disable=SC2086
   echo "rss_after_100k_puts_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee -a "$OUT/$flavor.rss"
+  # The 100k puts cross the default snapshot count (100 000), so a snapshot may be under way
+  # when they end: the peak says what it cost, and the RSS a few seconds later what stays.
+  # shellcheck disable=SC2086
+  echo "rss_peak_kb=$(status_kb VmHWM ${MEMBER_PIDS[$flavor]})" | tee -a "$OUT/$flavor.rss"
+  sleep 15
+  # shellcheck disable=SC2086
+  echo "rss_settled_kb=$(rss_kb ${MEMBER_PIDS[$flavor]})" | tee -a "$OUT/$flavor.rss"
 done
 
 run() { # flavor op clients round

@@ -471,10 +471,19 @@ impl Store {
             }
         }
         self.bytes += (p.key.len() + kv.value.len()) as u64 + VERSION_OVERHEAD_BYTES;
-        self.keys.entry(p.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: Some(kv.clone()) });
+        self.history_mut(&p.key).push(Rec { rev, sub: w.sub, kv: Some(kv.clone()) });
         w.sub += 1;
         w.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev.clone() });
         PutResponse { prev_kv: prev.filter(|_| p.prev_kv).map(|kv| (*kv).clone()) }
+    }
+
+    /// The versions of `key`, a new key's with room for exactly one: most keys are written
+    /// once, and a `Vec`'s first push reserves four (72 bytes more a key).
+    fn history_mut(&mut self, key: &[u8]) -> &mut Vec<Rec> {
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.to_vec(), Vec::with_capacity(1));
+        }
+        self.keys.get_mut(key).expect("inserted above")
     }
 
     fn delete_range(&mut self, d: &DeleteRangeRequest, w: &mut WriteCtx) -> DeleteRangeResponse {
@@ -499,7 +508,7 @@ impl Store {
             }
         }
         self.bytes += kv.key.len() as u64 + VERSION_OVERHEAD_BYTES;
-        self.keys.entry(kv.key.clone()).or_default().push(Rec { rev, sub: w.sub, kv: None });
+        self.history_mut(&kv.key).push(Rec { rev, sub: w.sub, kv: None });
         w.sub += 1;
         let tomb = Arc::new(tombstone(&kv.key, rev));
         w.events.push(Event { kind: EventKind::Delete, kv: tomb, prev_kv: Some(kv) });
@@ -557,6 +566,11 @@ impl Store {
             recs.drain(..keep_from);
             if recs.first().is_some_and(|r| r.rev <= rev && r.kv.is_none()) {
                 recs.remove(0);
+            }
+            // Give back the room of the versions compacted away (a key's history grows by
+            // doubling and would otherwise keep its largest size for good).
+            if recs.capacity() > 2 * recs.len() {
+                recs.shrink_to_fit();
             }
             !recs.is_empty()
         });

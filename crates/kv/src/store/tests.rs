@@ -116,6 +116,23 @@ fn compaction_drops_deleted_keys_entirely() {
     assert!(get(&s, "a").is_none());
 }
 
+#[test]
+fn a_key_holds_room_for_the_versions_it_has_not_more() {
+    let mut s = Store::new();
+    put(&mut s, "once", "1");
+    assert_eq!(s.keys[b"once".as_slice()].capacity(), 1, "a key written once");
+    for i in 0..100 {
+        put(&mut s, "often", &i.to_string());
+    }
+    assert!(s.keys[b"often".as_slice()].capacity() >= 100);
+    let rev = s.revision();
+    s.apply(&Command::Compact { revision: rev, physical: true }, POS);
+    let often = &s.keys[b"often".as_slice()];
+    assert_eq!(often.len(), 1);
+    assert!(often.capacity() <= 2, "compaction kept room for {} versions", often.capacity());
+    assert_eq!(get(&s, "often").unwrap().value, b"99");
+}
+
 fn txn_cas(key: &str, create_rev: i64, value: &str) -> Command {
     Command::Txn(TxnRequest {
         compare: vec![Compare {
