@@ -82,6 +82,18 @@ const KEEPALIVE_LATE_RETRIES_MAX: usize = 3;
 /// How far behind the leader's log a member may be and still be handed leadership.
 pub const TRANSFER_LAG_ENTRIES_MAX: u64 = 128;
 
+/// A write's cost, admitted under the quota until it is applied (dropped).
+struct QuotaAdmitted {
+    admitted: Arc<std::sync::atomic::AtomicU64>,
+    cost: u64,
+}
+
+impl Drop for QuotaAdmitted {
+    fn drop(&mut self) {
+        self.admitted.fetch_sub(self.cost, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Everything a member needs to start.
 #[derive(Clone, Debug)]
 pub struct MemberConfig {
@@ -97,6 +109,9 @@ pub struct MemberConfig {
     pub election_timeout_ms: u64,
     /// Entries between snapshots; the log before a snapshot is purged.
     pub snapshot_entries: u64,
+    /// `--quota-backend-bytes`: a write that would grow the keyspace past it is refused here,
+    /// before it reaches the log (0: no quota).
+    pub quota_bytes: u64,
     /// The cluster's id, as every response header carries it.
     pub cluster_id: u64,
     /// A member joining an existing cluster starts at the incarnation its peers told it.
@@ -207,6 +222,10 @@ struct Inner {
     /// Peers (by URL) whose build has no forwarding streams (a rolling upgrade), and until when
     /// requests to them go as calls of their own before a stream is tried again.
     unary_until: Mutex<HashMap<String, (std::time::Instant, pb::peer_client::PeerClient<tonic::transport::Channel>)>>,
+    /// A NOSPACE alarm is being proposed (`raise_no_space`).
+    raising_no_space: std::sync::atomic::AtomicBool,
+    /// Bytes of writes admitted under the quota and not yet applied (`admit_to_quota`).
+    quota_admitted: Arc<std::sync::atomic::AtomicU64>,
     /// When a leader was last heard, and pre-votes sent (`campaign`).
     campaign: Arc<campaign::Signals>,
     /// Set once the cluster has removed this member.
@@ -357,6 +376,8 @@ impl Member {
                 clock: clock.clone(),
                 forwards: Mutex::new(HashMap::new()),
                 unary_until: Mutex::new(HashMap::new()),
+                raising_no_space: Default::default(),
+                quota_admitted: Default::default(),
                 campaign: campaign.clone(),
                 removed: tokio::sync::watch::channel(false).0,
                 last_leader_contact: Mutex::new(None),
@@ -588,6 +609,59 @@ impl Member {
         self.propose(Request::Kv(cmd)).await
     }
 
+    /// etcd's quota check, on the leader: a command that may add data is refused with NOSPACE
+    /// when the keyspace, with what is admitted but not yet applied, would outgrow
+    /// `--quota-backend-bytes`, and the leader's NOSPACE alarm is raised (through Raft, once),
+    /// after which every member refuses such writes until it is disarmed. The keyspace then
+    /// holds at most the quota (plus, after a change of leader, what the old one had admitted).
+    /// The guard keeps the command's cost admitted until it is applied here.
+    fn admit_to_quota(&self, req: &Request) -> Result<Option<QuotaAdmitted>, Response> {
+        use std::sync::atomic::Ordering;
+        let quota = self.inner.cfg.quota_bytes;
+        let cost = match req {
+            Request::Kv(cmd) if quota > 0 => quorate_kv::quota_cost(cmd),
+            _ => None,
+        };
+        let Some(cost) = cost else { return Ok(None) };
+        let me = self.id();
+        let admitted = self.inner.quota_admitted.clone();
+        let before = admitted.fetch_add(cost, Ordering::AcqRel);
+        let guard = QuotaAdmitted { admitted, cost };
+        let (in_use, revision, raised) = self.read(|s| {
+            let raised = s.alarms().contains(&(me, quorate_kv::AlarmType::NoSpace));
+            (s.bytes_in_use(), s.revision(), raised)
+        });
+        let after = in_use.saturating_add(before).saturating_add(cost);
+        if after <= quota {
+            return Ok(Some(guard));
+        }
+        drop(guard);
+        if !raised {
+            self.raise_no_space(format!(
+                "{in_use} bytes in use, {before} admitted and a write of {cost} more, over the quota of {quota}"
+            ));
+        }
+        Err(Response { revision, result: Some(Err(quorate_kv::KvError::NoSpace)) })
+    }
+
+    /// Raise this member's NOSPACE alarm through Raft, in the background; one attempt at a time.
+    pub fn raise_no_space(&self, detail: String) {
+        use std::sync::atomic::Ordering;
+        if self.inner.raising_no_space.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(detail = %detail, "database space exceeded: raising NOSPACE alarm");
+        self.flight().record(flight::Event::Alarm { alarm: "NOSPACE".into(), raised: true, detail });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let alarm = Command::Alarm { activate: true, member: me.id(), alarm: quorate_kv::AlarmType::NoSpace };
+            if let Err(e) = me.propose(Request::Kv(alarm)).await {
+                tracing::warn!(error = %e, "could not raise NOSPACE alarm");
+            }
+            me.inner.raising_no_space.store(false, Ordering::Release);
+        });
+    }
+
     async fn propose(&self, req: Request) -> Result<Response, ConsensusError> {
         let _pending = metrics::PendingGuard::new(&self.inner.metrics.proposals_pending);
         let result = self.propose_counted(req).await;
@@ -600,6 +674,10 @@ impl Member {
     async fn propose_counted(&self, req: Request) -> Result<Response, ConsensusError> {
         // Decide where the request goes before handing it over, so it is never copied.
         if self.is_leader() {
+            let _admitted = match self.admit_to_quota(&req) {
+                Ok(admitted) => admitted,
+                Err(refused) => return Ok(refused),
+            };
             return match self.inner.raft.client_write(req).await {
                 Ok(r) => Ok(r.data),
                 // Leadership moved between the check and the append; nothing was appended.
@@ -902,10 +980,13 @@ impl Member {
     async fn serve_forward(&self, req: ForwardReq) -> ForwardResp {
         let raft = &self.inner.raft;
         match req {
-            ForwardReq::Write(r) => match raft.client_write(r).await {
-                Ok(resp) => ForwardResp::Written(resp.data),
-                Err(e) if e.forward_to_leader().is_some() => ForwardResp::Err(ConsensusError::NotLeader),
-                Err(e) => ForwardResp::Err(raft_err(e)),
+            ForwardReq::Write(r) => match self.admit_to_quota(&r) {
+                Err(refused) => ForwardResp::Written(refused),
+                Ok(_admitted) => match raft.client_write(r).await {
+                    Ok(resp) => ForwardResp::Written(resp.data),
+                    Err(e) if e.forward_to_leader().is_some() => ForwardResp::Err(ConsensusError::NotLeader),
+                    Err(e) => ForwardResp::Err(raft_err(e)),
+                },
             },
             ForwardReq::ReadIndex => match raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
                 Ok(read) => ForwardResp::ReadIndex(read.index()),

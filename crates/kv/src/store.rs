@@ -51,8 +51,23 @@ pub struct Store {
     auth: AuthStore,
 }
 
-/// Bytes counted for one stored version beyond its key and value.
-const VERSION_OVERHEAD_BYTES: u64 = 64;
+/// What `bytes_in_use` (the quota's measure, etcdctl's DB size) counts is what the store holds
+/// on the heap (tests/memory_accounting.rs compares the two): for a key, its own copy and its
+/// slot in the map (the key's and the history's headers, in nodes about half full); for each
+/// version, its `Rec` and, unless it is a tombstone, its shared `KeyValue` with a copy of the key
+/// and the value.
+const KEY_SLOT_BYTES: u64 = 116;
+const REC_BYTES: u64 = std::mem::size_of::<Rec>() as u64;
+const KEY_VALUE_BYTES: u64 = 16 + std::mem::size_of::<KeyValue>() as u64;
+
+fn key_bytes(key: &[u8]) -> u64 {
+    key.len() as u64 + KEY_SLOT_BYTES
+}
+
+/// A version's bytes beyond its `Rec` (counted by the history's capacity).
+fn version_bytes(kv: Option<&KeyValue>) -> u64 {
+    kv.map_or(0, |kv| KEY_VALUE_BYTES + (kv.key.len() + kv.value.len()) as u64)
+}
 
 /// Write state of the command being applied: all its changes share `revision + 1`.
 struct WriteCtx {
@@ -470,20 +485,25 @@ impl Store {
                 l.keys.insert(p.key.clone());
             }
         }
-        self.bytes += (p.key.len() + kv.value.len()) as u64 + VERSION_OVERHEAD_BYTES;
-        self.history_mut(&p.key).push(Rec { rev, sub: w.sub, kv: Some(kv.clone()) });
+        self.push_version(&p.key, Rec { rev, sub: w.sub, kv: Some(kv.clone()) });
         w.sub += 1;
         w.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev.clone() });
         PutResponse { prev_kv: prev.filter(|_| p.prev_kv).map(|kv| (*kv).clone()) }
     }
 
-    /// The versions of `key`, a new key's with room for exactly one: most keys are written
-    /// once, and a `Vec`'s first push reserves four (72 bytes more a key).
-    fn history_mut(&mut self, key: &[u8]) -> &mut Vec<Rec> {
+    /// Add a version to `key`'s history, and its bytes to `bytes_in_use`. A new key's history
+    /// has room for exactly one: most keys are written once, and a `Vec`'s first push reserves
+    /// four (72 bytes more a key).
+    fn push_version(&mut self, key: &[u8], rec: Rec) {
         if !self.keys.contains_key(key) {
             self.keys.insert(key.to_vec(), Vec::with_capacity(1));
+            self.bytes += key_bytes(key);
         }
-        self.keys.get_mut(key).expect("inserted above")
+        self.bytes += version_bytes(rec.kv.as_deref());
+        let recs = self.keys.get_mut(key).expect("inserted above");
+        let room = recs.capacity();
+        recs.push(rec);
+        self.bytes += (recs.capacity() - room) as u64 * REC_BYTES;
     }
 
     fn delete_range(&mut self, d: &DeleteRangeRequest, w: &mut WriteCtx) -> DeleteRangeResponse {
@@ -507,8 +527,7 @@ impl Store {
                 l.keys.remove(&kv.key);
             }
         }
-        self.bytes += kv.key.len() as u64 + VERSION_OVERHEAD_BYTES;
-        self.history_mut(&kv.key).push(Rec { rev, sub: w.sub, kv: None });
+        self.push_version(&kv.key, Rec { rev, sub: w.sub, kv: None });
         w.sub += 1;
         let tomb = Arc::new(tombstone(&kv.key, rev));
         w.events.push(Event { kind: EventKind::Delete, kv: tomb, prev_kv: Some(kv) });
@@ -643,7 +662,10 @@ impl Store {
                 .keys
                 .into_iter()
                 .map(|(k, recs)| {
-                    (k, recs.into_iter().map(|(rev, sub, kv)| Rec { rev, sub, kv: kv.map(Arc::new) }).collect())
+                    // Not `collect`: it would reuse the decoded versions' larger buffer in place.
+                    let mut history = Vec::with_capacity(recs.len());
+                    history.extend(recs.into_iter().map(|(rev, sub, kv)| Rec { rev, sub, kv: kv.map(Arc::new) }));
+                    (k, history)
                 })
                 .collect(),
             leases: s.leases.into_iter().map(|l| (l.id, l)).collect(),
@@ -696,9 +718,8 @@ impl Serialize for LeasesView<'_> {
 fn count_bytes(keys: &BTreeMap<Key, Vec<Rec>>) -> u64 {
     keys.iter()
         .map(|(k, recs)| {
-            recs.iter()
-                .map(|r| (k.len() + r.kv.as_ref().map_or(0, |kv| kv.value.len())) as u64 + VERSION_OVERHEAD_BYTES)
-                .sum::<u64>()
+            let versions: u64 = recs.iter().map(|r| version_bytes(r.kv.as_deref())).sum();
+            key_bytes(k) + recs.capacity() as u64 * REC_BYTES + versions
         })
         .sum()
 }
@@ -725,6 +746,37 @@ pub fn txn_writes(t: &TxnRequest) -> bool {
         RequestOp::Txn(inner) => txn_writes(inner),
         RequestOp::Range(_) => false,
     })
+}
+
+/// What a command may add to `bytes_in_use` at most (a new key, a new version), if it may add
+/// anything: etcd's quota check refuses such a command on the member that receives it when the
+/// keyspace would outgrow the quota, before it reaches the log. `None` for commands that only
+/// read, delete or free (they stay allowed, so space can be reclaimed).
+pub fn quota_cost(cmd: &Command) -> Option<u64> {
+    fn put_cost(p: &PutRequest) -> u64 {
+        key_bytes(&p.key) + REC_BYTES + KEY_VALUE_BYTES + (p.key.len() + p.value.len()) as u64
+    }
+    fn txn_cost(t: &TxnRequest) -> u64 {
+        t.success
+            .iter()
+            .chain(&t.failure)
+            .map(|op| match op {
+                RequestOp::Put(p) => put_cost(p),
+                RequestOp::Txn(inner) => txn_cost(inner),
+                _ => 0,
+            })
+            .sum()
+    }
+    match cmd {
+        Command::Authorized { cmd, .. } | Command::Fenced { cmd, .. } | Command::TermFenced { cmd, .. } => {
+            quota_cost(cmd)
+        }
+        Command::Put(p) => Some(put_cost(p)),
+        Command::Txn(t) if txn_has_put(t) => Some(txn_cost(t)),
+        // A lease is not counted in the keyspace, but it is what NOSPACE refuses besides puts.
+        Command::LeaseGrant { .. } => Some(KEY_VALUE_BYTES),
+        _ => None,
+    }
 }
 
 fn txn_has_put(t: &TxnRequest) -> bool {

@@ -206,6 +206,7 @@ impl ServerConfig {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             election_timeout_ms: self.election_timeout_ms,
             snapshot_entries: self.snapshot_count,
+            quota_bytes: self.quota_backend_bytes,
             join_incarnation: None,
             cluster_id: self.cluster_id(),
         })

@@ -372,23 +372,18 @@ async fn resolve_ids(cfg: &ServerConfig, member: u64, cluster: u64) -> anyhow::R
 const QUOTA_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Raise this member's NOSPACE alarm (through Raft) once the keyspace outgrows the quota, as
-/// etcd does; writes that add data are then refused cluster-wide until it is disarmed.
+/// etcd does; writes that add data are then refused cluster-wide until it is disarmed. (A write
+/// that would pass the quota is refused before it is logged, `Member::write`; this catches what
+/// grew the keyspace otherwise, e.g. a quota lowered across a restart.)
 async fn watch_quota(member: quorate_consensus::Member, quota_bytes: u64) {
-    use quorate_kv::{AlarmType, Command};
+    use quorate_kv::AlarmType;
     let me = member.id();
     let mut tick = tokio::time::interval(QUOTA_CHECK_INTERVAL);
     loop {
         tick.tick().await;
         let (in_use, raised) = member.read(|s| (s.bytes_in_use(), s.alarms().contains(&(me, AlarmType::NoSpace))));
         if in_use > quota_bytes && !raised {
-            tracing::warn!(in_use_bytes = in_use, quota_bytes, "database space exceeded: raising NOSPACE alarm");
-            let detail = format!("{in_use} bytes in use, over the quota of {quota_bytes}");
-            let raised = quorate_consensus::FlightEvent::Alarm { alarm: "NOSPACE".into(), raised: true, detail };
-            member.flight().record(raised);
-            if let Err(e) = member.write(Command::Alarm { activate: true, member: me, alarm: AlarmType::NoSpace }).await
-            {
-                tracing::warn!(error = %e, "could not raise NOSPACE alarm");
-            }
+            member.raise_no_space(format!("{in_use} bytes in use, over the quota of {quota_bytes}"));
         }
     }
 }
