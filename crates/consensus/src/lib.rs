@@ -618,25 +618,26 @@ impl Member {
     fn admit_to_quota(&self, req: &Request) -> Result<Option<QuotaAdmitted>, Response> {
         use std::sync::atomic::Ordering;
         let quota = self.inner.cfg.quota_bytes;
-        let cost = match req {
-            Request::Kv(cmd) if quota > 0 => quorate_kv::quota_cost(cmd),
-            _ => None,
-        };
-        let Some(cost) = cost else { return Ok(None) };
+        let Request::Kv(cmd) = req else { return Ok(None) };
+        if quota == 0 {
+            return Ok(None);
+        }
         let me = self.id();
+        let (cost, in_use, revision, raised) = self.read(|s| {
+            let raised = s.alarms().contains(&(me, quorate_kv::AlarmType::NoSpace));
+            (s.quota_cost(cmd), s.bytes_in_use(), s.revision(), raised)
+        });
+        let Some(cost) = cost else { return Ok(None) };
         let admitted = self.inner.quota_admitted.clone();
         let before = admitted.fetch_add(cost, Ordering::AcqRel);
         let guard = QuotaAdmitted { admitted, cost };
-        let (in_use, revision, raised) = self.read(|s| {
-            let raised = s.alarms().contains(&(me, quorate_kv::AlarmType::NoSpace));
-            (s.bytes_in_use(), s.revision(), raised)
-        });
-        let after = in_use.saturating_add(before).saturating_add(cost);
-        if after <= quota {
+        if in_use.saturating_add(before).saturating_add(cost) <= quota {
             return Ok(Some(guard));
         }
         drop(guard);
-        if !raised {
+        // Refused on what is admitted too, but alarmed only on what is applied: admitted writes
+        // may yet fail (a compare, a fence), and the alarm stays until an operator disarms it.
+        if !raised && in_use.saturating_add(cost) > quota {
             self.raise_no_space(format!(
                 "{in_use} bytes in use, {before} admitted and a write of {cost} more, over the quota of {quota}"
             ));
@@ -980,6 +981,9 @@ impl Member {
     async fn serve_forward(&self, req: ForwardReq) -> ForwardResp {
         let raft = &self.inner.raft;
         match req {
+            // Checked before the quota, so a member that just stepped down says so instead of
+            // refusing (or alarming) on its own view.
+            ForwardReq::Write(_) if !self.is_leader() => ForwardResp::Err(ConsensusError::NotLeader),
             ForwardReq::Write(r) => match self.admit_to_quota(&r) {
                 Err(refused) => ForwardResp::Written(refused),
                 Ok(_admitted) => match raft.client_write(r).await {

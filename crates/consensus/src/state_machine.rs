@@ -240,11 +240,24 @@ impl Shared {
 /// again or exits, so on a blocking-pool thread, idle afterwards, they stayed resident until
 /// tokio retired it (or for good, if it kept being reused): with 100k keys, 118 MB more on every
 /// member for seconds after each snapshot.
+/// (A thread that cannot be started falls back to the blocking pool rather than fail the build
+/// or install, which openraft would take for a storage failure. The thread is not joined at
+/// shutdown: a save cut short is a redb transaction never committed.)
 async fn on_own_thread<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name(name.into()).spawn(move || {
-        let _ = tx.send(f());
-    })?;
+    let job = std::sync::Arc::new(std::sync::Mutex::new(Some((f, tx))));
+    let run = {
+        let job = job.clone();
+        move || {
+            if let Some((f, tx)) = job.lock().unwrap().take() {
+                let _ = tx.send(f());
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(run.clone()) {
+        tracing::warn!(error = %e, thread = name, "could not start a thread: running on the blocking pool");
+        tokio::task::spawn_blocking(run);
+    }
     rx.await.map_err(|_| io_err(format!("the {name} thread panicked")))
 }
 

@@ -17,8 +17,8 @@ mod types;
 pub use error::KvError;
 pub use lease::{Lease, LeaseCheckpoint, LEASE_MAX_TTL_S};
 pub use store::{
-    quota_cost, read_only_txn_ranges, read_only_txn_response, txn_writes, Applied, EventScan, HashScan, RangeScan,
-    SnapshotScan, Store, StoreSnapshot, READ_PAGE_KEYS,
+    read_only_txn_ranges, read_only_txn_response, txn_writes, Applied, EventScan, HashScan, RangeScan, SnapshotScan,
+    Store, StoreSnapshot, READ_PAGE_KEYS,
 };
 pub use txn_check::{check_txn_request, check_txn_writes, TXN_DEPTH_MAX};
 pub use types::*;

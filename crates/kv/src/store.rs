@@ -55,8 +55,9 @@ pub struct Store {
 /// on the heap (tests/memory_accounting.rs compares the two): for a key, its own copy and its
 /// slot in the map (the key's and the history's headers, in nodes about half full); for each
 /// version, its `Rec` and, unless it is a tombstone, its shared `KeyValue` with a copy of the key
-/// and the value.
-const KEY_SLOT_BYTES: u64 = 116;
+/// and the value. Versions, not a history's capacity: the count must be the same on every
+/// member that applied the same log, however each grew or restored its histories.
+const KEY_SLOT_BYTES: u64 = 92;
 const REC_BYTES: u64 = std::mem::size_of::<Rec>() as u64;
 const KEY_VALUE_BYTES: u64 = 16 + std::mem::size_of::<KeyValue>() as u64;
 
@@ -64,9 +65,8 @@ fn key_bytes(key: &[u8]) -> u64 {
     key.len() as u64 + KEY_SLOT_BYTES
 }
 
-/// A version's bytes beyond its `Rec` (counted by the history's capacity).
 fn version_bytes(kv: Option<&KeyValue>) -> u64 {
-    kv.map_or(0, |kv| KEY_VALUE_BYTES + (kv.key.len() + kv.value.len()) as u64)
+    REC_BYTES + kv.map_or(0, |kv| KEY_VALUE_BYTES + (kv.key.len() + kv.value.len()) as u64)
 }
 
 /// Write state of the command being applied: all its changes share `revision + 1`.
@@ -500,10 +500,7 @@ impl Store {
             self.bytes += key_bytes(key);
         }
         self.bytes += version_bytes(rec.kv.as_deref());
-        let recs = self.keys.get_mut(key).expect("inserted above");
-        let room = recs.capacity();
-        recs.push(rec);
-        self.bytes += (recs.capacity() - room) as u64 * REC_BYTES;
+        self.keys.get_mut(key).expect("inserted above").push(rec);
     }
 
     fn delete_range(&mut self, d: &DeleteRangeRequest, w: &mut WriteCtx) -> DeleteRangeResponse {
@@ -716,12 +713,7 @@ impl Serialize for LeasesView<'_> {
 }
 
 fn count_bytes(keys: &BTreeMap<Key, Vec<Rec>>) -> u64 {
-    keys.iter()
-        .map(|(k, recs)| {
-            let versions: u64 = recs.iter().map(|r| version_bytes(r.kv.as_deref())).sum();
-            key_bytes(k) + recs.capacity() as u64 * REC_BYTES + versions
-        })
-        .sum()
+    keys.iter().map(|(k, recs)| key_bytes(k) + recs.iter().map(|r| version_bytes(r.kv.as_deref())).sum::<u64>()).sum()
 }
 
 /// Write on the keys, and read too when the previous values are asked for.
@@ -748,34 +740,40 @@ pub fn txn_writes(t: &TxnRequest) -> bool {
     })
 }
 
-/// What a command may add to `bytes_in_use` at most (a new key, a new version), if it may add
-/// anything: etcd's quota check refuses such a command on the member that receives it when the
-/// keyspace would outgrow the quota, before it reaches the log. `None` for commands that only
-/// read, delete or free (they stay allowed, so space can be reclaimed).
-pub fn quota_cost(cmd: &Command) -> Option<u64> {
-    fn put_cost(p: &PutRequest) -> u64 {
-        key_bytes(&p.key) + REC_BYTES + KEY_VALUE_BYTES + (p.key.len() + p.value.len()) as u64
-    }
-    fn txn_cost(t: &TxnRequest) -> u64 {
-        t.success
-            .iter()
-            .chain(&t.failure)
-            .map(|op| match op {
-                RequestOp::Put(p) => put_cost(p),
-                RequestOp::Txn(inner) => txn_cost(inner),
-                _ => 0,
-            })
-            .sum()
-    }
-    match cmd {
-        Command::Authorized { cmd, .. } | Command::Fenced { cmd, .. } | Command::TermFenced { cmd, .. } => {
-            quota_cost(cmd)
+impl Store {
+    /// What a command may add to `bytes_in_use` at most (a new key, a new version), if it may
+    /// add anything: etcd's quota check refuses such a command before it reaches the log when
+    /// the keyspace would outgrow the quota. `None` for commands that only read, delete or free
+    /// (they stay allowed, so space can be reclaimed). A Txn costs its dearer branch; a put that
+    /// keeps the previous value (`ignore_value`) costs that value.
+    pub fn quota_cost(&self, cmd: &Command) -> Option<u64> {
+        let put_cost = |p: &PutRequest| {
+            let value =
+                if p.ignore_value { self.current(&p.key).map_or(0, |kv| kv.value.len()) } else { p.value.len() };
+            key_bytes(&p.key) + REC_BYTES + KEY_VALUE_BYTES + (p.key.len() + value) as u64
+        };
+        fn txn_cost(t: &TxnRequest, put_cost: &dyn Fn(&PutRequest) -> u64) -> u64 {
+            let branch = |ops: &[RequestOp]| -> u64 {
+                ops.iter()
+                    .map(|op| match op {
+                        RequestOp::Put(p) => put_cost(p),
+                        RequestOp::Txn(inner) => txn_cost(inner, put_cost),
+                        _ => 0,
+                    })
+                    .sum()
+            };
+            branch(&t.success).max(branch(&t.failure))
         }
-        Command::Put(p) => Some(put_cost(p)),
-        Command::Txn(t) if txn_has_put(t) => Some(txn_cost(t)),
-        // A lease is not counted in the keyspace, but it is what NOSPACE refuses besides puts.
-        Command::LeaseGrant { .. } => Some(KEY_VALUE_BYTES),
-        _ => None,
+        match cmd {
+            Command::Authorized { cmd, .. } | Command::Fenced { cmd, .. } | Command::TermFenced { cmd, .. } => {
+                self.quota_cost(cmd)
+            }
+            Command::Put(p) => Some(put_cost(p)),
+            Command::Txn(t) if txn_has_put(t) => Some(txn_cost(t, &put_cost)),
+            // A lease is not counted in the keyspace, but it is what NOSPACE refuses besides puts.
+            Command::LeaseGrant { .. } => Some(KEY_VALUE_BYTES),
+            _ => None,
+        }
     }
 }
 
