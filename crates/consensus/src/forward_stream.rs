@@ -18,7 +18,8 @@
 //! - a stream that is replaced is half-closed once its last caller is done; the peer answers
 //!   what it holds and ends it.
 //!
-//! Frames: a request is its id (8 bytes, little-endian) then the request; a reply is the id,
+//! Frames (`ForwardFrames` in peer.proto): a request is its id (8 bytes) and how long its caller
+//! waits (4 bytes, milliseconds; both little-endian) then the request; a reply is the id,
 //! one status byte (0 for an answer, else the gRPC code of a refusal) then the answer or the
 //! refusal's message.
 
@@ -121,16 +122,23 @@ impl ForwardStream {
             });
             let mut request = tonic::Request::new(outbound);
             crate::incarnation::stamp(&mut request);
-            let opened = tokio::time::timeout(SETUP_TIMEOUT, client.forward_stream(request)).await;
+            let opened = tokio::time::timeout(SETUP_TIMEOUT, client.forward_frames(request)).await;
             let end = match opened {
                 Ok(Ok(response)) => {
                     receive(response.into_inner(), &replies_to, &heard_at).await;
                     End::Lost
                 }
+                // A build without these streams refuses before reading a frame. Any other error
+                // (a reset, a GOAWAY) may come after frames went out and were served: the peer
+                // refuses nothing when a stream opens, only frame by frame.
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::debug!(error = %status.message(), "forwarding stream unsupported by the peer");
+                    End::Refused { unsupported: true }
+                }
                 Ok(Err(status)) => {
                     crate::incarnation::note(&status);
-                    tracing::debug!(error = %status.message(), "forwarding stream refused");
-                    End::Refused { unsupported: status.code() == tonic::Code::Unimplemented }
+                    tracing::debug!(error = %status.message(), "forwarding stream failed to open");
+                    End::Lost
                 }
                 Err(_) => {
                     tracing::debug!("forwarding stream setup timed out");
@@ -288,7 +296,16 @@ mod tests {
 
     /// A peer that answers forwarded requests whose body is `fast` at once and holds every
     /// other one forever, on a real gRPC server on loopback.
-    struct HoldingPeer;
+    #[derive(Clone, Copy)]
+    struct HoldingPeer {
+        /// Answers streams as a build without them does (a rolling upgrade).
+        old_build: bool,
+    }
+
+    const HOLDING: HoldingPeer = HoldingPeer { old_build: false };
+
+    /// Frames with the body "abandoned" that reached a `HoldingPeer` (only one test sends them).
+    static ABANDONED_SEEN: AtomicU64 = AtomicU64::new(0);
 
     type Reply = Result<tonic::Response<Frame>, tonic::Status>;
     type Frames = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame, tonic::Status>> + Send>>;
@@ -320,11 +337,14 @@ mod tests {
         async fn forward(&self, _: tonic::Request<Frame>) -> Reply {
             Err(tonic::Status::unimplemented(""))
         }
-        type ForwardStreamStream = Frames;
-        async fn forward_stream(
+        type ForwardFramesStream = Frames;
+        async fn forward_frames(
             &self,
             req: tonic::Request<tonic::Streaming<Frame>>,
         ) -> Result<tonic::Response<Frames>, tonic::Status> {
+            if self.old_build {
+                return Err(tonic::Status::unimplemented("no forwarding streams in this build"));
+            }
             let mut requests = req.into_inner();
             let (replies, out) = mpsc::unbounded_channel();
             tokio::spawn(async move {
@@ -333,6 +353,7 @@ mod tests {
                     let (id, _, body) = split_request(frame.data).unwrap();
                     match body.as_slice() {
                         b"fast" => drop(replies.send(Ok(Frame { data: reply_frame(id, &Ok(body)) }))),
+                        b"abandoned" => drop(ABANDONED_SEEN.fetch_add(1, Ordering::SeqCst)),
                         _ => held.push(id),
                     }
                 }
@@ -358,7 +379,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_come_back_to_their_callers_in_any_order() {
-        let stream = open(&serve(HoldingPeer).await);
+        let stream = open(&serve(HOLDING).await);
         let calls = (0..50).map(|_| stream.call(b"fast", Duration::from_secs(5)));
         for answer in futures::future::join_all(calls).await {
             assert_eq!(answer.unwrap(), b"fast");
@@ -390,7 +411,7 @@ mod tests {
     /// that is merely slow while others are answered leaves it in use.
     #[tokio::test]
     async fn a_silent_stream_is_spent_by_a_timeout_and_a_slow_request_is_not() {
-        let url = serve(HoldingPeer).await;
+        let url = serve(HOLDING).await;
         let silent = open(&url);
         assert_eq!(silent.call(b"fast", Duration::from_secs(5)).await.unwrap(), b"fast");
         let answer = silent.call(b"held", Duration::from_millis(300)).await;
@@ -423,7 +444,7 @@ mod tests {
         peer.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             tonic::transport::Server::builder()
-                .add_service(crate::pb::peer_server::PeerServer::new(HoldingPeer))
+                .add_service(crate::pb::peer_server::PeerServer::new(HOLDING))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
         });
@@ -438,5 +459,33 @@ mod tests {
         assert!(matches!(answer, Err(Failure::Lost)), "it reached the peer: {answer:?}");
         assert!(began.elapsed() < Duration::from_secs(5), "{:?}", began.elapsed());
         assert!(stream.is_spent());
+    }
+
+    /// A peer of an older build refuses the stream as unimplemented: its callers are told so
+    /// (they then send each request as a call of its own), not that there is no leader.
+    #[tokio::test]
+    async fn a_peer_without_streams_is_told_apart_from_a_peer_gone() {
+        let stream = open(&serve(HoldingPeer { old_build: true }).await);
+        let first = stream.call(b"fast", Duration::from_secs(5)).await;
+        assert!(matches!(first, Err(Failure::Unsupported)), "{first:?}");
+        assert!(stream.is_spent());
+        let next = stream.call(b"fast", Duration::from_secs(5)).await;
+        assert!(matches!(next, Err(Failure::Unsupported)), "{next:?}");
+    }
+
+    /// A request whose caller gave up before it went out is not sent: the peer never serves a
+    /// write nobody waits for.
+    #[tokio::test]
+    async fn a_request_given_up_before_it_went_out_is_never_sent() {
+        let stream = open(&serve(HOLDING).await);
+        // Sent and given up (dropped) within one poll, before this single-threaded runtime
+        // lets the stream's task run: the frame is still queued when its caller is gone.
+        use futures::FutureExt;
+        assert!(stream.call(b"abandoned", Duration::from_secs(5)).now_or_never().is_none());
+        // Frames go out in order: once a later one is answered, the given-up one would have
+        // reached the peer before it.
+        let answer = stream.call(b"fast", Duration::from_secs(5)).await;
+        assert_eq!(answer.unwrap(), b"fast");
+        assert_eq!(ABANDONED_SEEN.load(Ordering::SeqCst), 0, "the given-up request reached the peer");
     }
 }

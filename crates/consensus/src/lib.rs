@@ -269,14 +269,28 @@ async fn send_forward_unary(
     let mut request = tonic::Request::new(pb::Frame { data: encode(req) });
     request.set_timeout(timeout);
     incarnation::stamp(&mut request);
-    let reply = client.forward(request).await.inspect_err(incarnation::note).map_err(|s| match s.code() {
+    let reply = client.forward(request).await.map_err(|s| match s.code() {
+        // A call's transport failing after it was sent: it may have been served.
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            incarnation::note(&s);
+            ConsensusError::Timeout
+        }
+        _ => forward_refused(&s),
+    })?;
+    decode(&reply.into_inner().data).map_err(ConsensusError::Unavailable)
+}
+
+/// What a forwarded request's error status means here, by call or by stream alike.
+fn forward_refused(status: &tonic::Status) -> ConsensusError {
+    incarnation::note(status);
+    match status.code() {
+        // Past its deadline it may still have been served: not a refusal.
         tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
         // The leader this member knows of cannot be reached: as far as clients here can tell,
         // there is no leader.
         tonic::Code::Unavailable => ConsensusError::NoLeader,
-        _ => ConsensusError::Unavailable(s.message().to_string()),
-    })?;
-    decode(&reply.into_inner().data).map_err(ConsensusError::Unavailable)
+        _ => ConsensusError::Unavailable(status.message().to_string()),
+    }
 }
 
 /// A running member. Cheap to clone.
@@ -807,14 +821,7 @@ impl Member {
             // The member this one forwards to cannot be reached: as far as clients here can
             // tell, there is no leader.
             Err(Failure::Unsent) => Err(ConsensusError::NoLeader),
-            Err(Failure::Refused(status)) => {
-                incarnation::note(&status);
-                Err(match status.code() {
-                    tonic::Code::Unavailable => ConsensusError::NoLeader,
-                    tonic::Code::DeadlineExceeded => ConsensusError::Timeout,
-                    _ => ConsensusError::Unavailable(status.message().to_string()),
-                })
-            }
+            Err(Failure::Refused(status)) => Err(forward_refused(&status)),
             // A peer of an older build (a rolling upgrade): nothing was served; send it as a
             // call of its own, and keep doing so for a while.
             Err(Failure::Unsupported) => {

@@ -837,17 +837,17 @@ impl crate::pb::peer_server::Peer for PeerService {
         Ok(resp)
     }
 
-    type ForwardStreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame, tonic::Status>> + Send>>;
+    type ForwardFramesStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame, tonic::Status>> + Send>>;
 
-    /// Forwarded requests on one long-lived stream (`forward_stream`): each is checked as a
+    /// Forwarded requests on one long-lived stream (`crate::forward_stream`): each is checked as a
     /// `Forward` call is (the sender against the membership as it is now; the incarnation is
     /// the process's, fixed while the stream lives), served concurrently, at most
     /// `IN_FLIGHT_MAX` at once, and answered as it finishes. The answers end once the caller has
     /// closed its side and every request has been answered.
-    async fn forward_stream(
+    async fn forward_frames(
         &self,
         req: tonic::Request<tonic::Streaming<Frame>>,
-    ) -> Result<tonic::Response<Self::ForwardStreamStream>, tonic::Status> {
+    ) -> Result<tonic::Response<Self::ForwardFramesStream>, tonic::Status> {
         use crate::forward_stream::{reply_frame, split_request, IN_FLIGHT_MAX};
         let checking = PEER_TLS.get().is_some_and(|t| t.check_identity);
         let identity = req.extensions().get::<quorate_tls::ConnInfo>().and_then(|c| c.identity.clone());
@@ -874,17 +874,22 @@ impl crate::pb::peer_server::Peer for PeerService {
                 .or_else(|| stale.clone());
                 let (handler, replies) = (handler.clone(), replies.clone());
                 tokio::spawn(async move {
-                    // Served no longer than its caller waits for it, as a call's deadline is.
-                    let answer = tokio::time::timeout(timeout, handler.handle(body, refused))
-                        .await
-                        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the forwarded request timed out")));
+                    // Answered no later than its caller waits for it. The work itself runs to its
+                    // end: some of it must not stop half way (a membership change is two steps
+                    // driven from here), and the caller was told it may have been served.
+                    let work = tokio::spawn(async move { handler.handle(body, refused).await });
+                    let answer = match tokio::time::timeout(timeout, work).await {
+                        Ok(Ok(answer)) => answer,
+                        Ok(Err(e)) => Err(tonic::Status::internal(format!("the forwarded request failed: {e}"))),
+                        Err(_) => Err(tonic::Status::deadline_exceeded("the forwarded request timed out")),
+                    };
                     let _ = replies.send(Ok(Frame { data: reply_frame(id, &answer) })).await;
                     drop(permit);
                 });
             }
         });
         let mut resp = tonic::Response::new(
-            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)) as Self::ForwardStreamStream
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)) as Self::ForwardFramesStream
         );
         crate::incarnation::stamp_response(&mut resp);
         Ok(resp)
