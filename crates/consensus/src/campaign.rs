@@ -76,6 +76,27 @@ pub(crate) fn first_ask(heard: Instant, lease: Duration, election_timeout: Durat
     heard + lease + election_timeout.div_f64(SPREAD_DIVISOR as f64).mul_f64(jitter.clamp(0.0, 1.0))
 }
 
+/// Where this member stands, as the campaign reads it before each ask.
+#[derive(Clone, Copy)]
+struct Standing {
+    running: bool,
+    follower: bool,
+    term: u64,
+    /// Its vote is for a leader a quorum granted (not one it gave a candidate).
+    vote_committed: bool,
+}
+
+impl Standing {
+    /// Whether to ask for a pre-vote for the silence that began in `silent_term`. Once the term
+    /// moves (this member granted a candidate its vote, or heard of a newer term), or its vote
+    /// is no longer one for an established leader, that silence is over: a candidate this
+    /// member voted for may be about to win, and a pre-vote for the term after would depose it.
+    /// openraft's own timer then stays as it always was.
+    fn may_ask(self, silent_term: u64) -> bool {
+        self.running && self.follower && self.term == silent_term && self.vote_committed
+    }
+}
+
 impl crate::Member {
     /// Runs for the member's life; see the module's text.
     pub(crate) async fn campaign_promptly(self, lease: Duration) {
@@ -98,20 +119,18 @@ impl crate::Member {
                 continue;
             }
             asked_for = Some(heard);
-            // The term of the silent leader: once the term moves (this member granted a
-            // candidate its vote, or heard of a newer term), or its vote is no longer one for an
-            // established leader, the silence asked for is over: a candidate this member voted
-            // for may be about to win, and a pre-vote for term + 2 would depose it. openraft's
-            // own timer then stays as it always was.
-            let term = self.inner.raft.metrics().borrow_watched().current_term;
+            let silent_term = self.inner.raft.metrics().borrow_watched().current_term;
             for _ in 0..ASKS {
                 let follower = {
                     let metrics = self.inner.raft.metrics();
                     let m = metrics.borrow_watched();
-                    m.running_state.is_ok()
-                        && m.state == ServerState::Follower
-                        && m.current_term == term
-                        && m.vote.is_committed()
+                    let now = Standing {
+                        running: m.running_state.is_ok(),
+                        follower: m.state == ServerState::Follower,
+                        term: m.current_term,
+                        vote_committed: m.vote.is_committed(),
+                    };
+                    now.may_ask(silent_term)
                 };
                 if !follower || crate::incarnation::fenced().is_some() || signals.last_heard() != Some(heard) {
                     break;
@@ -145,6 +164,22 @@ mod tests {
         assert!(first_ask(heard, lease, t, 0.999_999) < heard + lease + Duration::from_millis(250));
         assert_eq!(first_ask(heard, lease, t, -3.0), heard + lease, "never before the loyalty ends");
         assert_eq!(first_ask(heard, lease, t, 7.0), heard + lease + Duration::from_millis(250));
+    }
+
+    #[test]
+    fn only_a_follower_still_loyal_to_the_silent_leaders_term_asks() {
+        let loyal = Standing { running: true, follower: true, term: 5, vote_committed: true };
+        assert!(loyal.may_ask(5));
+        // (standing, why it must not ask)
+        let table = [
+            (Standing { term: 6, ..loyal }, "the term moved: it voted for a candidate, or heard of a newer term"),
+            (Standing { vote_committed: false, ..loyal }, "its vote is one it gave a candidate, not a leader"),
+            (Standing { follower: false, ..loyal }, "it is a candidate or leader already, or a learner"),
+            (Standing { running: false, ..loyal }, "its Raft core stopped"),
+        ];
+        for (standing, why) in table {
+            assert!(!standing.may_ask(5), "asked although {why}");
+        }
     }
 
     #[test]

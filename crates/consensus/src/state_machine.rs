@@ -504,9 +504,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     ) -> Result<openraft::alias::SnapshotOf<TypeConfig, Self::SnapshotData>, io::Error> {
         let sm = self.clone();
         // All of it runs off the runtime's threads (with one worker per member, a copy of a large
-        // state there would hold up heartbeats), on a thread of its own (`on_own_thread`). The state is copied under the store lock, so
-        // the image and the applied position agree; only the copy holds the lock (values are
-        // shared, not copied). Encoding under the lock stalled every apply, and so every write,
+        // state there would hold up heartbeats), on a thread of its own (`on_own_thread`). The
+        // state is copied under the store lock, so the image and the applied position agree;
+        // only the copy holds the lock (values are shared, not copied). Encoding under the lock stalled every apply, and so every write,
         // for as long as encoding took (the p99 of a put load was twice what it is without).
         let (meta, data) = on_own_thread("snapshot-build", move || {
             let (meta, data) = sm.copy_for_snapshot()?;
