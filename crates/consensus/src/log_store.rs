@@ -1275,7 +1275,8 @@ mod tests {
         }
         close(log);
         let (file, len) = (last_file(dir), written_len(&last_file(dir)));
-        let mut log = LogStore::open(dir).unwrap();
+        // The engine's lock goes a moment after its last handle (`reopen`).
+        let mut log = reopen(dir);
         append_durably(&mut log, (11..=20).map(|i| entry(i, 1, "second")).collect()).await;
         // A lagging follower's last batch often comes with a commit index covering it.
         log.save_committed(Some(log_id(20))).await.unwrap();
@@ -1295,8 +1296,9 @@ mod tests {
         std::fs::read(file).unwrap().iter().rposition(|b| *b != 0).map_or(0, |i| i as u64 + 1)
     }
 
-    /// Drop the log and wait until raft-engine has closed its files (the writer thread lets go
-    /// of it once it sees the queue closed).
+    /// Drop the log and wait until raft-engine's last handle is gone (the writer thread lets go
+    /// of it once it sees the queue closed). Its drop, which releases the directory's lock, may
+    /// still be running when this returns: open the log again with `reopen`.
     fn close(log: LogStore) {
         let engine = Arc::downgrade(&log.engine);
         drop(log);
