@@ -135,6 +135,8 @@ impl ForwardStream {
                     tracing::debug!(error = %status.message(), "forwarding stream unsupported by the peer");
                     End::Refused { unsupported: true }
                 }
+                // The connection was never made (the peer is down): nothing went out.
+                Ok(Err(status)) if never_connected(&status) => End::Refused { unsupported: false },
                 Ok(Err(status)) => {
                     crate::incarnation::note(&status);
                     tracing::debug!(error = %status.message(), "forwarding stream failed to open");
@@ -221,6 +223,22 @@ async fn receive(mut replies: tonic::Streaming<Frame>, waiters: &Arc<Mutex<Waite
             let _ = waiter.send(Ok(answer));
         }
     }
+}
+
+/// Whether a call failed because its connection could not be made at all (refused, no route):
+/// then nothing of it reached the peer. Read from the error's causes, down to the socket's.
+pub(crate) fn never_connected(status: &tonic::Status) -> bool {
+    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable};
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), ConnectionRefused | HostUnreachable | NetworkUnreachable) {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// A request frame: the id, how long the caller waits for it (ms, little-endian u32), the body.

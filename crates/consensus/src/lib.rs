@@ -270,6 +270,9 @@ async fn send_forward_unary(
     request.set_timeout(timeout);
     incarnation::stamp(&mut request);
     let reply = client.forward(request).await.map_err(|s| match s.code() {
+        // The leader this member knows of cannot be reached: as far as clients here can tell,
+        // there is no leader.
+        tonic::Code::Unavailable if forward_stream::never_connected(&s) => ConsensusError::NoLeader,
         // A call's transport failing after it was sent: it may have been served.
         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
             incarnation::note(&s);
