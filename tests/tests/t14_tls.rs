@@ -178,16 +178,18 @@ fn etcdctl_over_tls_and_mutual_tls_a_client_without_a_valid_certificate_refused_
         assert!(!out.status.success(), "{args:?} started");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let e = refused(&["--listen-client-urls", &format!("https://127.0.0.1:{}", free_port())]);
+    // Port 0 (any free one): a port picked free and released could be taken by another test
+    // before this member binds it, and the refusal would be about the port.
+    let e = refused(&["--listen-client-urls", "https://127.0.0.1:0"]);
     assert!(e.contains("needs --cert-file and --key-file"), "{e}");
     let missing = d.join("missing.pem");
     let e = refused(&[
         "--listen-client-urls",
-        &format!("https://127.0.0.1:{}", free_port()),
+        "https://127.0.0.1:0",
         "--listen-peer-urls",
-        &format!("http://127.0.0.1:{}", free_port()),
+        "http://127.0.0.1:0",
         "--listen-http",
-        &format!("127.0.0.1:{}", free_port()),
+        "127.0.0.1:0",
         "--cert-file",
         missing.to_str().unwrap(),
         "--key-file",
