@@ -154,6 +154,37 @@ async fn exceeding_the_quota_raises_nospace_and_refuses_writes_until_disarmed() 
     c.put("after", "ok", None).await.expect("writes accepted after disarm");
 }
 
+/// Leases are held too, so the quota bounds them (issue 15): a client granting leases in a loop
+/// is refused with NOSPACE once they fill the quota (they were not counted, and a member grew
+/// without bound), and revoking them gives the space back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granting_leases_in_a_loop_is_bounded_by_the_quota() {
+    const QUOTA: u64 = 100_000;
+    let quota = QUOTA.to_string();
+    let cluster = Cluster::start_with(Flavor::Quorate, 1, &["--quota-backend-bytes", &quota]).expect("cluster");
+    let ep = cluster.endpoints();
+    let mut c = Client::connect(cluster.all_endpoints(), None).await.unwrap();
+    let mut granted = Vec::new();
+    let refused = loop {
+        match c.lease_grant(600, None).await {
+            Ok(l) => granted.push(l.id()),
+            Err(e) => break status(e),
+        }
+        assert!(granted.len() < 10_000, "10,000 leases granted under a quota of {QUOTA} bytes");
+    };
+    assert_eq!(refused, (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded".to_string()));
+    let in_use = c.status().await.unwrap().raft_used_db_size() as u64;
+    assert!(in_use > QUOTA / 2 && in_use <= QUOTA, "{in_use} bytes in use after {} leases", granted.len());
+    assert!(quorate_tests::etcdctl(&ep, &["alarm", "list"]).stdout.contains("alarm:NOSPACE"));
+    for id in &granted {
+        c.lease_revoke(*id).await.expect("revoke under NOSPACE");
+    }
+    let freed = c.status().await.unwrap().raft_used_db_size() as u64;
+    assert!(freed < QUOTA / 10, "{freed} bytes in use after every lease was revoked");
+    assert!(quorate_tests::etcdctl(&ep, &["alarm", "disarm"]).ok);
+    c.lease_grant(600, None).await.expect("a grant after the space was given back and the alarm disarmed");
+}
+
 /// The quota bounds what a member holds (issue 15): with writers racing past it through every
 /// member, the keyspace ends within one write per client of the quota on each member, because a
 /// write that would pass it is refused where it arrives, before it is logged. (Checked once a

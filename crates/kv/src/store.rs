@@ -69,6 +69,21 @@ fn version_bytes(kv: Option<&KeyValue>) -> u64 {
     REC_BYTES + kv.map_or(0, |kv| KEY_VALUE_BYTES + (kv.key.len() + kv.value.len()) as u64)
 }
 
+/// Leases are held too, and counted the same way: a lease's slot in the table (its `Lease` and
+/// id, in nodes about two-thirds full), and for each key bound to it, its entry in the lease's
+/// key set (a header and a copy of the key). Without them a client granting leases in a loop
+/// grew a member without bound under any quota.
+const LEASE_SLOT_BYTES: u64 = 112;
+const LEASE_KEY_SLOT_BYTES: u64 = 40;
+
+fn lease_key_bytes(key: &[u8]) -> u64 {
+    key.len() as u64 + LEASE_KEY_SLOT_BYTES
+}
+
+fn lease_bytes(lease: &Lease) -> u64 {
+    LEASE_SLOT_BYTES + lease.keys.iter().map(|k| lease_key_bytes(k)).sum::<u64>()
+}
+
 /// Write state of the command being applied: all its changes share `revision + 1`.
 struct WriteCtx {
     sub: u32,
@@ -476,13 +491,13 @@ impl Store {
         };
         let kv = Arc::new(KeyValue { key: p.key.clone(), create_revision, mod_revision: rev, version, value, lease });
         if let Some(old) = prev.as_ref().map(|kv| kv.lease).filter(|l| *l != 0 && *l != lease) {
-            if let Some(l) = self.leases.get_mut(&old) {
-                l.keys.remove(&p.key);
-            }
+            self.unbind(old, &p.key);
         }
         if lease != 0 {
             if let Some(l) = self.leases.get_mut(&lease) {
-                l.keys.insert(p.key.clone());
+                if l.keys.insert(p.key.clone()) {
+                    self.bytes += lease_key_bytes(&p.key);
+                }
             }
         }
         self.push_version(&p.key, Rec { rev, sub: w.sub, kv: Some(kv.clone()) });
@@ -518,11 +533,23 @@ impl Store {
         DeleteRangeResponse { deleted, prev_kvs }
     }
 
+    /// Take `key` out of lease `id`'s key set, and its bytes out of `bytes_in_use`.
+    fn unbind(&mut self, id: i64, key: &[u8]) {
+        if let Some(l) = self.leases.get_mut(&id) {
+            if l.keys.remove(key) {
+                self.free(lease_key_bytes(key));
+            }
+        }
+    }
+
+    fn free(&mut self, bytes: u64) {
+        debug_assert!(self.bytes >= bytes, "freeing {bytes} of {} counted", self.bytes);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+
     fn delete_key(&mut self, kv: Arc<KeyValue>, rev: i64, w: &mut WriteCtx) {
         if kv.lease != 0 {
-            if let Some(l) = self.leases.get_mut(&kv.lease) {
-                l.keys.remove(&kv.key);
-            }
+            self.unbind(kv.lease, &kv.key);
         }
         self.push_version(&kv.key, Rec { rev, sub: w.sub, kv: None });
         w.sub += 1;
@@ -590,7 +617,7 @@ impl Store {
             }
             !recs.is_empty()
         });
-        self.bytes = count_bytes(&self.keys);
+        self.bytes = count_bytes(&self.keys, &self.leases);
         Ok(())
     }
 
@@ -603,6 +630,7 @@ impl Store {
             return Err(KvError::LeaseExists { id });
         }
         self.leases.insert(id, Lease { id, ttl_s, remaining_ms: None, set_at: pos.index, keys: BTreeSet::new() });
+        self.bytes += LEASE_SLOT_BYTES;
         Ok(CommandResponse::LeaseGrant { id, ttl_s })
     }
 
@@ -620,6 +648,7 @@ impl Store {
 
     fn revoke(&mut self, id: i64, w: &mut WriteCtx) {
         let Some(lease) = self.leases.remove(&id) else { return };
+        self.free(lease_bytes(&lease));
         let rev = self.revision() + 1;
         for key in &lease.keys {
             if let Some(kv) = self.current_shared(key) {
@@ -670,7 +699,7 @@ impl Store {
             bytes: 0,
             auth: AuthStore::default(),
         };
-        store.bytes = count_bytes(&store.keys);
+        store.bytes = count_bytes(&store.keys, &store.leases);
         store
     }
 }
@@ -712,8 +741,12 @@ impl Serialize for LeasesView<'_> {
     }
 }
 
-fn count_bytes(keys: &BTreeMap<Key, Vec<Rec>>) -> u64 {
-    keys.iter().map(|(k, recs)| key_bytes(k) + recs.iter().map(|r| version_bytes(r.kv.as_deref())).sum::<u64>()).sum()
+fn count_bytes(keys: &BTreeMap<Key, Vec<Rec>>, leases: &BTreeMap<i64, Lease>) -> u64 {
+    let keys: u64 = keys
+        .iter()
+        .map(|(k, recs)| key_bytes(k) + recs.iter().map(|r| version_bytes(r.kv.as_deref())).sum::<u64>())
+        .sum();
+    keys + leases.values().map(lease_bytes).sum::<u64>()
 }
 
 /// Write on the keys, and read too when the previous values are asked for.
@@ -750,7 +783,8 @@ impl Store {
         let put_cost = |p: &PutRequest| {
             let value =
                 if p.ignore_value { self.current(&p.key).map_or(0, |kv| kv.value.len()) } else { p.value.len() };
-            key_bytes(&p.key) + REC_BYTES + KEY_VALUE_BYTES + (p.key.len() + value) as u64
+            let bound = if p.lease != 0 && !p.ignore_lease { lease_key_bytes(&p.key) } else { 0 };
+            key_bytes(&p.key) + REC_BYTES + KEY_VALUE_BYTES + (p.key.len() + value) as u64 + bound
         };
         fn txn_cost(t: &TxnRequest, put_cost: &dyn Fn(&PutRequest) -> u64) -> u64 {
             let branch = |ops: &[RequestOp]| -> u64 {
@@ -770,8 +804,7 @@ impl Store {
             }
             Command::Put(p) => Some(put_cost(p)),
             Command::Txn(t) if txn_has_put(t) => Some(txn_cost(t, &put_cost)),
-            // A lease is not counted in the keyspace, but it is what NOSPACE refuses besides puts.
-            Command::LeaseGrant { .. } => Some(KEY_VALUE_BYTES),
+            Command::LeaseGrant { .. } => Some(LEASE_SLOT_BYTES),
             _ => None,
         }
     }

@@ -45,6 +45,13 @@ fn measure(fill: impl FnOnce(&mut Store)) -> (u64, u64) {
     (live, counted)
 }
 
+/// Lease `n`, under an id spread as the state machine's are (a hash of the log position).
+fn grant(s: &mut Store, n: u64) -> i64 {
+    let id = (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 1) as i64;
+    assert!(s.apply(&Command::LeaseGrant { id, ttl_s: 60 }, POS).result.is_ok());
+    id
+}
+
 type Fill = Box<dyn FnOnce(&mut Store)>;
 
 fn key(i: u64) -> Vec<u8> {
@@ -73,6 +80,24 @@ fn the_quota_counts_what_the_store_holds() {
             }),
         ),
     ];
+    cases.push(("20k leases", Box::new(|s| (1..=20_000).for_each(|n| _ = grant(s, n)))));
+    cases.push((
+        "2k leases of 8 keys, 256-byte values, half of them revoked",
+        Box::new(|s| {
+            let ids: Vec<i64> = (1..=2_000).map(|n| grant(s, n)).collect();
+            for i in 0..16_000u64 {
+                let lease = ids[(i % 2_000) as usize];
+                let applied = s.apply(
+                    &Command::Put(PutRequest { key: key(i), value: vec![7; 256], lease, ..Default::default() }),
+                    POS,
+                );
+                assert!(applied.result.is_ok());
+            }
+            for &id in ids.iter().step_by(2) {
+                s.apply(&Command::LeaseRevoke { id }, POS);
+            }
+        }),
+    ));
     cases.push((
         "5k keys of 4 versions, restored from a snapshot",
         Box::new(move |s| {

@@ -425,7 +425,7 @@ impl SnapshotScan {
             }
         }
         let keys: std::collections::BTreeMap<Key, Vec<Rec>> = self.keys.into_iter().collect();
-        let bytes = super::count_bytes(&keys);
+        let bytes = super::count_bytes(&keys, &leases);
         Store {
             keys,
             revision: self.rev,

@@ -138,8 +138,22 @@ fn bytes_in_use_is_the_same_counted_as_it_goes_or_afresh() {
     // Every member must reach the same count from the same log, whether it applied each entry,
     // compacted, or restored from a snapshot.
     let mut s = Store::new();
+    for id in 1..=5 {
+        s.apply(&Command::LeaseGrant { id, ttl_s: 60 }, POS);
+    }
     for i in 0..300 {
-        put(&mut s, &format!("k{}", i % 37), &"v".repeat(i % 50));
+        // Keys move between leases, leave them, and are deleted while bound.
+        let lease = [0, 1, 2, 3, 4, 5][i % 6];
+        let key = format!("k{}", i % 37);
+        s.apply(
+            &Command::Put(PutRequest {
+                key: key.into(),
+                value: "v".repeat(i % 50).into(),
+                lease,
+                ..Default::default()
+            }),
+            POS,
+        );
         if i % 7 == 0 {
             s.apply(
                 &Command::DeleteRange(DeleteRangeRequest { key: format!("k{}", i % 11).into(), ..Default::default() }),
@@ -148,6 +162,10 @@ fn bytes_in_use_is_the_same_counted_as_it_goes_or_afresh() {
         }
     }
     let restored = |s: &Store| Store::from_snapshot(s.to_snapshot()).bytes_in_use();
+    assert_eq!(s.bytes_in_use(), restored(&s));
+    let bound = s.bytes_in_use();
+    s.apply(&Command::LeaseRevoke { id: 2 }, POS);
+    assert!(s.bytes_in_use() < bound, "a revoked lease and its keys are freed");
     assert_eq!(s.bytes_in_use(), restored(&s));
     let running = s.bytes_in_use();
     s.apply(&Command::Compact { revision: s.revision() - 50, physical: true }, POS);
