@@ -17,6 +17,20 @@ async fn fingerprint(c: &mut Client) -> (i64, u32) {
     (st.header().unwrap().revision(), h.hash())
 }
 
+/// The leader raises NOSPACE through Raft after it refused a write, in the background: the
+/// alarm is listed within a few seconds of the refusal.
+async fn assert_nospace_raised(endpoints: &str) {
+    let mut listed = String::new();
+    for _ in 0..50 {
+        listed = quorate_tests::etcdctl(endpoints, &["alarm", "list"]).stdout;
+        if listed.contains("alarm:NOSPACE") {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no NOSPACE alarm 5 s after a write was refused for space: {listed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_request_gets_etcds_error_and_changes_nothing() {
     let cluster = Cluster::start(Flavor::Quorate, 3).expect("cluster");
@@ -142,8 +156,7 @@ async fn exceeding_the_quota_raises_nospace_and_refuses_writes_until_disarmed() 
         Some((Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded".to_string())),
         "writes past the quota must be refused"
     );
-    let alarms = quorate_tests::etcdctl(&ep, &["alarm", "list"]);
-    assert!(alarms.stdout.contains("alarm:NOSPACE"), "{}", alarms.stdout);
+    assert_nospace_raised(&ep).await;
     // Deletes and compaction still work; after them, disarming lets writes through again.
     c.delete("big/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.expect("delete under NOSPACE");
     let rev = c.get("x", None).await.unwrap().header().unwrap().revision();
@@ -175,7 +188,7 @@ async fn granting_leases_in_a_loop_is_bounded_by_the_quota() {
     assert_eq!(refused, (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded".to_string()));
     let in_use = c.status().await.unwrap().raft_used_db_size() as u64;
     assert!(in_use > QUOTA / 2 && in_use <= QUOTA, "{in_use} bytes in use after {} leases", granted.len());
-    assert!(quorate_tests::etcdctl(&ep, &["alarm", "list"]).stdout.contains("alarm:NOSPACE"));
+    assert_nospace_raised(&ep).await;
     for id in &granted {
         c.lease_revoke(*id).await.expect("revoke under NOSPACE");
     }
@@ -239,6 +252,5 @@ async fn writers_racing_past_the_quota_leave_every_member_within_it() {
         assert!(in_use > QUOTA / 2, "{ep}: {in_use} bytes in use; the writers filled less than half the quota");
         assert!(in_use <= limit, "{ep}: {in_use} bytes in use, over the quota of {QUOTA} plus one write per client");
     }
-    let alarms = quorate_tests::etcdctl(&cluster.endpoints(), &["alarm", "list"]);
-    assert!(alarms.stdout.contains("alarm:NOSPACE"), "{}", alarms.stdout);
+    assert_nospace_raised(&cluster.endpoints()).await;
 }

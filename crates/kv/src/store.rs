@@ -44,7 +44,8 @@ pub struct Store {
     compact_revision: i64,
     leases: BTreeMap<i64, Lease>,
     alarms: BTreeSet<(u64, AlarmType)>,
-    /// Approximate bytes held by every version of every key (what the quota measures).
+    /// Approximate bytes held by every version of every key and by the lease table (what the
+    /// quota measures).
     bytes: u64,
     /// Users, roles and whether auth is on (ADR 0010). Not part of `StoreSnapshot` (snapshots
     /// carry it beside the image) nor of `hash_kv` (etcd hashes the keyspace only).
@@ -124,7 +125,7 @@ impl Store {
         self.keys.len()
     }
 
-    /// Approximate bytes of the keyspace and its history: etcd's "db size in use".
+    /// Approximate bytes of the keyspace, its history and the leases: etcd's "db size in use".
     pub fn bytes_in_use(&self) -> u64 {
         self.bytes
     }
@@ -774,7 +775,8 @@ pub fn txn_writes(t: &TxnRequest) -> bool {
 }
 
 impl Store {
-    /// What a command may add to `bytes_in_use` at most (a new key, a new version), if it may
+    /// What a command may add to `bytes_in_use` at most (a new key, a new version, a lease or a
+    /// key bound to one), if it may
     /// add anything: etcd's quota check refuses such a command before it reaches the log when
     /// the keyspace would outgrow the quota. `None` for commands that only read, delete or free
     /// (they stay allowed, so space can be reclaimed). A Txn costs its dearer branch; a put that
