@@ -1,5 +1,6 @@
 //! A data directory written by the version before ADR 0011 (its Raft log in `raft.redb`) is
-//! migrated to raft-engine on first start and keeps every key.
+//! migrated to raft-engine on first start and keeps every key; one whose snapshot image is a
+//! value in `state.redb` (before images moved to files) starts from it and moves it to a file.
 //!
 //! `tests/fixtures/pre-0011-member.tar.gz` is a single member's data directory made by that
 //! binary (commit 8eb2476): `quorate server --name m1 --data-dir m1` with its peer on
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use quorate_tests::{etcdctl, free_port, quorate_bin};
 
 const PEER: &str = "http://127.0.0.1:47380";
+const IMAGE_PEER: &str = "http://127.0.0.1:47390";
 
 /// A member process, stopped when dropped (a failed assertion included).
 struct Member(Child);
@@ -24,15 +26,22 @@ impl Drop for Member {
 }
 
 fn start(dir: &Path, client: u16, log: &Path) -> Member {
+    start_with(dir, PEER, client, log, &[])
+}
+
+/// `peer` is the one the fixture was made with (it is in its membership); each fixture has its
+/// own, so the tests can run at once.
+fn start_with(dir: &Path, peer: &str, client: u16, log: &Path, extra: &[&str]) -> Member {
     let client_url = format!("http://127.0.0.1:{client}");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(quorate_bin())
         .arg("server")
         .args(["--name", "m1", "--data-dir", dir.to_str().unwrap()])
         .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", PEER, "--initial-advertise-peer-urls", PEER])
-        .args(["--initial-cluster", &format!("m1={PEER}")])
+        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+        .args(["--initial-cluster", &format!("m1={peer}")])
         .args(["--listen-http", &format!("127.0.0.1:{}", free_port())])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -84,5 +93,49 @@ fn a_data_directory_of_the_redb_log_version_is_migrated_and_keeps_every_key() {
     let member = start(&dir, client, &log);
     assert_eq!(get(&endpoint, &["post/k", "--print-value-only"]).trim(), "after the migration");
     assert_eq!(get(&endpoint, &["pre/k200", "--print-value-only"]).trim(), "v200");
+    drop(member);
+}
+
+/// `tests/fixtures/pre-image-files-member.tar.gz` is a single member's data directory made by
+/// the binary of commit 117957f, which kept snapshot images in `state.redb`: `quorate server
+/// --name m1 --data-dir m1 --snapshot-count 100` with its peer on 127.0.0.1:47390, then 300 puts
+/// `snap/k1..snap/k300` = `v1..v300` and `snap/last` = `done`, then SIGTERM. Its log was purged
+/// up to its last snapshot (all but 20 entries), so the early keys are only in the image.
+#[test]
+fn a_snapshot_image_stored_in_the_state_file_loads_and_moves_to_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pre-image-files-member.tar.gz");
+    let untar = Command::new("tar").arg("xzf").arg(&fixture).arg("-C").arg(tmp.path()).status().unwrap();
+    assert!(untar.success(), "untar {}", fixture.display());
+    let dir = tmp.path().join("m1");
+    let images = dir.join("snapshots");
+    assert!(!images.exists(), "the fixture was made before image files");
+    let log = tmp.path().join("m1.log");
+    let client = free_port();
+    let endpoint = format!("127.0.0.1:{client}");
+    let image_files = || std::fs::read_dir(&images).map_or(0, |d| d.count());
+
+    let member = start_with(&dir, IMAGE_PEER, client, &log, &["--snapshot-count", "100"]);
+    assert_eq!(get(&endpoint, &["snap/last", "--print-value-only"]).trim(), "done");
+    let keys = get(&endpoint, &["snap/k", "--prefix", "--keys-only"]);
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 300, "{keys}");
+    assert_eq!(get(&endpoint, &["snap/k1", "--print-value-only"]).trim(), "v1");
+    assert_eq!(image_files(), 0, "nothing moves before the next snapshot");
+    // Writes past the snapshot count make a new snapshot, stored as a file.
+    for i in 0..150 {
+        let put = etcdctl(&endpoint, &["put", &format!("post/k{i}"), "after"]);
+        assert!(put.ok, "{}", put.stderr);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while image_files() == 0 {
+        assert!(Instant::now() < deadline, "no image file 30 s after 150 writes past a snapshot count of 100");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(member);
+    let member = start_with(&dir, IMAGE_PEER, client, &log, &["--snapshot-count", "100"]);
+    assert_eq!(get(&endpoint, &["snap/k1", "--print-value-only"]).trim(), "v1");
+    assert_eq!(get(&endpoint, &["snap/k300", "--print-value-only"]).trim(), "v300");
+    assert_eq!(get(&endpoint, &["post/k149", "--print-value-only"]).trim(), "after");
+    assert_eq!(image_files(), 1);
     drop(member);
 }

@@ -51,10 +51,13 @@ pub fn has_raft_log(data_dir: &std::path::Path) -> bool {
     log_store::exists(data_dir)
 }
 
-/// Bytes a data directory's database files take on disk (the Raft log and the state file), as
-/// etcd's `db` file size.
+/// Bytes a data directory's database files take on disk (the Raft log, the state file and the
+/// snapshot image), as etcd's `db` file size.
 pub fn data_files_bytes(data_dir: &std::path::Path) -> u64 {
-    log_store::disk_bytes(data_dir) + std::fs::metadata(data_dir.join("state.redb")).map_or(0, |m| m.len())
+    let images = std::fs::read_dir(data_dir.join(state_machine::IMAGES_DIR)).into_iter().flatten().flatten();
+    log_store::disk_bytes(data_dir)
+        + std::fs::metadata(data_dir.join("state.redb")).map_or(0, |m| m.len())
+        + images.map(|f| f.metadata().map_or(0, |m| m.len())).sum::<u64>()
 }
 pub use flight::{Event as FlightEvent, Record as FlightRecord, Recorder as FlightRecorder};
 pub use isolation::Isolation;

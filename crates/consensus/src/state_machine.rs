@@ -24,6 +24,23 @@ use crate::types::{LogId, Request, Response, SnapshotMeta, StoredMembership, Typ
 
 const SNAP: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
+/// Snapshot images live in files in this directory beside `state.redb`; the SNAP table names the
+/// current one (`IMAGE_KEY`) with the snapshot's meta, in one commit. Images were once a redb
+/// value (`LEGACY_IMAGE_KEY`): writing 40 MB into redb held two more copies of it in memory,
+/// about 60 MB at the peak of a build with 100k keys. Such a directory is read as it is, and its
+/// next snapshot moves to a file.
+pub(crate) const IMAGES_DIR: &str = "snapshots";
+const IMAGE_KEY: &str = "image-file";
+const LEGACY_IMAGE_KEY: &str = "data";
+
+/// Which file holds the current image, and what it must read as.
+#[derive(Debug, Serialize, Deserialize)]
+struct ImageFile {
+    name: String,
+    len: u64,
+    crc32: u32,
+}
+
 /// redb's page cache for the snapshot file, which is written and read whole and rarely.
 const SNAPSHOT_CACHE_BYTES: usize = 8 << 20;
 
@@ -169,12 +186,22 @@ pub trait ApplyObserver: Send + Sync + 'static {
 pub struct StateMachine {
     pub shared: Arc<Shared>,
     db: Arc<Database>,
+    /// Where the snapshot images are (`IMAGES_DIR`).
+    images: Arc<std::path::PathBuf>,
     /// Commits of the state file (snapshots stored), as etcd's backend commit.
     pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Applied entries that fencing turned into no-ops, by kind (`crate::metrics`).
     pub fencing_refusals: crate::metrics::KindCounters,
     /// Snapshots built and installed are recorded here (`crate::flight`).
     pub flight: crate::flight::Recorder,
+}
+
+/// A save's decision, taken inside its write transaction.
+enum Decided {
+    /// Nothing to write: the answer is this.
+    Keep(Saved),
+    /// The new image is written to this file; commit the table that names it.
+    Commit { image: String },
 }
 
 /// What becomes of a snapshot offered for storage, given the stored one.
@@ -200,6 +227,7 @@ fn snapshot_write(stored: Option<Option<LogId>>, offered: Option<LogId>) -> Snap
 }
 
 /// The outcome of `StateMachine::save_snapshot`.
+#[derive(Debug, PartialEq, Eq)]
 enum Saved {
     Stored,
     AlreadyStored,
@@ -283,23 +311,93 @@ impl StateMachine {
             events,
             observer: std::sync::OnceLock::new(),
         };
-        Ok(StateMachine {
+        let images = path.with_file_name(IMAGES_DIR);
+        std::fs::create_dir_all(&images)?;
+        let sm = StateMachine {
             shared: Arc::new(shared),
             db: Arc::new(db),
+            images: Arc::new(images),
             commit_seconds: crate::metrics::disk_histogram(),
             fencing_refusals: Default::default(),
             flight: Default::default(),
-        })
+        };
+        // Files a crash left between writing an image and committing the table that names it.
+        sm.remove_other_images(sm.current_image()?.as_deref());
+        Ok(sm)
+    }
+
+    /// The name of the current image file, if the current snapshot has one.
+    fn current_image(&self) -> io::Result<Option<String>> {
+        let r = self.db.begin_read().map_err(io_err)?;
+        let t = r.open_table(SNAP).map_err(io_err)?;
+        let Some(file) = t.get(IMAGE_KEY).map_err(io_err)? else { return Ok(None) };
+        Ok(Some(bincode::deserialize::<ImageFile>(file.value()).map_err(io_err)?.name))
     }
 
     fn load_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
         let r = self.db.begin_read().map_err(io_err)?;
         let t = r.open_table(SNAP).map_err(io_err)?;
-        let (Some(meta), Some(data)) = (t.get("meta").map_err(io_err)?, t.get("data").map_err(io_err)?) else {
-            return Ok(None);
-        };
+        let Some(meta) = t.get("meta").map_err(io_err)? else { return Ok(None) };
         let meta: SnapshotMeta = bincode::deserialize(meta.value()).map_err(io_err)?;
-        Ok(Some((meta, data.value().to_vec())))
+        match self.stored_image(&t)? {
+            Some(data) => Ok(Some((meta, data))),
+            None => Ok(None),
+        }
+    }
+
+    /// The current image: the file the table names, checked against its length and CRC, or an
+    /// image stored in the table by an older version.
+    fn stored_image(&self, t: &impl ReadableTable<&'static str, &'static [u8]>) -> io::Result<Option<Vec<u8>>> {
+        if let Some(file) = t.get(IMAGE_KEY).map_err(io_err)? {
+            let file: ImageFile = bincode::deserialize(file.value()).map_err(io_err)?;
+            let path = self.images.join(&file.name);
+            let data = std::fs::read(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("read snapshot image {}: {e}", path.display())))?;
+            if data.len() as u64 != file.len || crc32fast::hash(&data) != file.crc32 {
+                return Err(io_err(format!(
+                    "snapshot image {} is damaged: {} bytes with CRC {:08x}, expected {} bytes with CRC {:08x}",
+                    path.display(),
+                    data.len(),
+                    crc32fast::hash(&data),
+                    file.len,
+                    file.crc32
+                )));
+            }
+            return Ok(Some(data));
+        }
+        Ok(t.get(LEGACY_IMAGE_KEY).map_err(io_err)?.map(|d| d.value().to_vec()))
+    }
+
+    /// Write `data` as a new image file (synced, and its directory too), named uniquely so it
+    /// never replaces the file of the snapshot that is current until the table says otherwise.
+    fn write_image(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<ImageFile> {
+        use std::io::Write;
+        let (index, term) = meta.last_log_id.map_or((0, 0), |l| (l.index, l.leader_id.term));
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let name = format!("snapshot-{term:016x}-{index:016x}-{nanos:x}.image");
+        let tmp = self.images.join(format!("{name}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, self.images.join(&name))?;
+        std::fs::File::open(&*self.images)?.sync_all()?;
+        Ok(ImageFile { name, len: data.len() as u64, crc32: crc32fast::hash(data) })
+    }
+
+    /// Remove every file in the images directory but the current image's (older images, and
+    /// files of writes that a crash or a refused save left behind). Best effort.
+    fn remove_other_images(&self, keep: Option<&str>) {
+        let Ok(entries) = std::fs::read_dir(&*self.images) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if keep.is_some_and(|k| name.to_str() == Some(k)) {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(error = %e, file = %entry.path().display(), "could not remove an old snapshot image");
+            }
+        }
     }
 
     /// The membership the stored snapshot holds (a stopped member's, for `ctl recover`).
@@ -323,9 +421,12 @@ impl StateMachine {
     /// (openraft spawns builds beside its state machine worker) are decided one after the other.
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<Saved> {
         let encoded_meta = bincode::serialize(meta).map_err(io_err)?;
+        // One write transaction at a time: a build and an install that race are decided, and
+        // their image files written, one after the other.
         let mut w = self.db.begin_write().map_err(io_err)?;
         w.set_two_phase_commit(true);
-        let kept = {
+        let started = std::time::Instant::now();
+        let decided = {
             let mut t = w.open_table(SNAP).map_err(io_err)?;
             let stored: Option<SnapshotMeta> = match t.get("meta").map_err(io_err)? {
                 Some(m) => Some(bincode::deserialize(m.value()).map_err(io_err)?),
@@ -333,28 +434,33 @@ impl StateMachine {
             };
             match snapshot_write(stored.as_ref().map(|m| m.last_log_id), meta.last_log_id) {
                 SnapshotWrite::Replace => {
-                    t.insert("data", data).map_err(io_err)?;
+                    // The file first, synced; then the table names it, in one commit with the meta.
+                    // A crash between the two leaves the old snapshot current and a stray file.
+                    let file = self.write_image(meta, data)?;
+                    let name = file.name.clone();
+                    t.insert(IMAGE_KEY, bincode::serialize(&file).map_err(io_err)?.as_slice()).map_err(io_err)?;
                     t.insert("meta", encoded_meta.as_slice()).map_err(io_err)?;
-                    None
+                    t.remove(LEGACY_IMAGE_KEY).map_err(io_err)?;
+                    Decided::Commit { image: name }
                 }
-                SnapshotWrite::AlreadyStored => Some(Saved::AlreadyStored),
+                SnapshotWrite::AlreadyStored => Decided::Keep(Saved::AlreadyStored),
                 SnapshotWrite::KeepNewer => {
                     let stored = stored.expect("only a stored snapshot can be newer");
-                    let data = t.get("data").map_err(io_err)?.map(|d| d.value().to_vec());
-                    let data = data.ok_or_else(|| io_err("stored snapshot has a meta but no data"))?;
-                    Some(Saved::KeptNewer { meta: stored, data })
+                    let data = self.stored_image(&t)?;
+                    let data = data.ok_or_else(|| io_err("stored snapshot has a meta but no image"))?;
+                    Decided::Keep(Saved::KeptNewer { meta: stored, data })
                 }
             }
         };
-        match kept {
-            Some(kept) => {
+        match decided {
+            Decided::Keep(kept) => {
                 w.abort().map_err(io_err)?;
                 Ok(kept)
             }
-            None => {
-                let started = std::time::Instant::now();
+            Decided::Commit { image: current } => {
                 w.commit().map_err(io_err)?;
                 self.commit_seconds.observe(started.elapsed().as_secs_f64());
+                self.remove_other_images(Some(&current));
                 Ok(Saved::Stored)
             }
         }
@@ -724,6 +830,97 @@ mod tests {
         let (meta, data) = reopened.load_snapshot().unwrap().expect("the snapshot survives a restart");
         assert_eq!(meta.last_log_id, Some(new));
         assert_eq!(data, image(3));
+    }
+
+    fn images_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(IMAGES_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A directory whose snapshot image is a redb value (written before images moved to files)
+    /// loads as it is; its next snapshot goes to a file and the value is dropped.
+    #[test]
+    fn an_image_stored_in_the_table_by_an_older_version_still_loads_and_moves_to_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
+            let w = sm.db.begin_write().unwrap();
+            {
+                let mut t = w.open_table(SNAP).unwrap();
+                t.insert("meta", bincode::serialize(&meta_at(log_id(1, 5))).unwrap().as_slice()).unwrap();
+                t.insert(LEGACY_IMAGE_KEY, image(2).as_slice()).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
+        let (meta, data) = sm.load_snapshot().unwrap().expect("the old snapshot loads");
+        assert_eq!((meta.last_log_id, data), (Some(log_id(1, 5)), image(2)));
+        assert!(images_in(dir.path()).is_empty());
+
+        assert_eq!(sm.save_snapshot(&meta_at(log_id(1, 9)), &image(4)).unwrap(), Saved::Stored);
+        assert_eq!(images_in(dir.path()).len(), 1);
+        let r = sm.db.begin_read().unwrap();
+        assert!(r.open_table(SNAP).unwrap().get(LEGACY_IMAGE_KEY).unwrap().is_none(), "the old value is dropped");
+        drop(r);
+        drop(sm);
+        let (meta, data) = StateMachine::open(&path, Duration::ZERO).unwrap().load_snapshot().unwrap().unwrap();
+        assert_eq!((meta.last_log_id, data), (Some(log_id(1, 9)), image(4)));
+    }
+
+    /// One image file stays: the current one. Older images go when a newer snapshot is stored,
+    /// and files a crash left (written, never named by a commit) go when the state is opened.
+    #[test]
+    fn only_the_current_image_file_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
+        for (i, index) in [5, 9, 12].into_iter().enumerate() {
+            assert_eq!(sm.save_snapshot(&meta_at(log_id(1, index)), &image(i as u64 + 1)).unwrap(), Saved::Stored);
+            assert_eq!(images_in(dir.path()).len(), 1, "after the snapshot at {index}");
+        }
+        let current = images_in(dir.path());
+        assert_eq!(
+            sm.save_snapshot(&meta_at(log_id(1, 7)), &image(9)).unwrap(),
+            Saved::KeptNewer { meta: meta_at(log_id(1, 12)), data: image(3) }
+        );
+        assert_eq!(images_in(dir.path()), current, "a refused save writes nothing");
+        drop(sm);
+        std::fs::write(dir.path().join(IMAGES_DIR).join("snapshot-crashed.image.tmp"), b"half").unwrap();
+        std::fs::write(dir.path().join(IMAGES_DIR).join("snapshot-uncommitted.image"), image(1)).unwrap();
+        let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
+        assert_eq!(images_in(dir.path()), current);
+        assert_eq!(sm.load_snapshot().unwrap().unwrap().1, image(3));
+    }
+
+    /// A damaged image (a flipped byte, a truncated file, a missing file) is an error that names
+    /// the file, never an image decoded from whatever is there.
+    #[test]
+    fn a_damaged_image_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
+        sm.save_snapshot(&meta_at(log_id(1, 5)), &image(3)).unwrap();
+        drop(sm);
+        let file = dir.path().join(IMAGES_DIR).join(&images_in(dir.path())[0]);
+        let good = std::fs::read(&file).unwrap();
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 0x01;
+        for (what, bytes) in
+            [("flipped", Some(flipped)), ("truncated", Some(good[..good.len() - 1].to_vec())), ("missing", None)]
+        {
+            match bytes {
+                Some(b) => std::fs::write(&file, b).unwrap(),
+                None => std::fs::remove_file(&file).unwrap(),
+            }
+            let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
+            let e = sm.load_snapshot().expect_err(what).to_string();
+            assert!(e.contains(&file.display().to_string()), "{what}: {e}");
+        }
     }
 
     #[tokio::test]
