@@ -188,6 +188,10 @@ pub struct StateMachine {
     db: Arc<Database>,
     /// Where the snapshot images are (`IMAGES_DIR`).
     images: Arc<std::path::PathBuf>,
+    /// Held by a save from its decision to the removal of the images it replaced, and by a load
+    /// from reading the name to reading the file: redb's transactions order the table, not the
+    /// files (a build and an install run at once; a load must not find its file removed).
+    images_lock: Arc<Mutex<()>>,
     /// Commits of the state file (snapshots stored), as etcd's backend commit.
     pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Applied entries that fencing turned into no-ops, by kind (`crate::metrics`).
@@ -312,11 +316,17 @@ impl StateMachine {
             observer: std::sync::OnceLock::new(),
         };
         let images = path.with_file_name(IMAGES_DIR);
-        std::fs::create_dir_all(&images)?;
+        if !images.is_dir() {
+            std::fs::create_dir_all(&images)?;
+            if let Some(parent) = images.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+        }
         let sm = StateMachine {
             shared: Arc::new(shared),
             db: Arc::new(db),
             images: Arc::new(images),
+            images_lock: Default::default(),
             commit_seconds: crate::metrics::disk_histogram(),
             fencing_refusals: Default::default(),
             flight: Default::default(),
@@ -335,6 +345,7 @@ impl StateMachine {
     }
 
     fn load_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
+        let _images = self.images_lock.lock().unwrap();
         let r = self.db.begin_read().map_err(io_err)?;
         let t = r.open_table(SNAP).map_err(io_err)?;
         let Some(meta) = t.get("meta").map_err(io_err)? else { return Ok(None) };
@@ -401,8 +412,13 @@ impl StateMachine {
     }
 
     /// The membership the stored snapshot holds (a stopped member's, for `ctl recover`).
+    /// Read from the meta alone: a recovery does not need the image intact.
     pub(crate) fn stored_membership(&self) -> io::Result<Option<StoredMembership>> {
-        Ok(self.load_snapshot()?.map(|(meta, _)| meta.last_membership))
+        let r = self.db.begin_read().map_err(io_err)?;
+        let t = r.open_table(SNAP).map_err(io_err)?;
+        let Some(meta) = t.get("meta").map_err(io_err)? else { return Ok(None) };
+        let meta: SnapshotMeta = bincode::deserialize(meta.value()).map_err(io_err)?;
+        Ok(Some(meta.last_membership))
     }
 
     /// Store `store` as this state machine's snapshot at `meta` (a restored data directory).
@@ -421,8 +437,9 @@ impl StateMachine {
     /// (openraft spawns builds beside its state machine worker) are decided one after the other.
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<Saved> {
         let encoded_meta = bincode::serialize(meta).map_err(io_err)?;
-        // One write transaction at a time: a build and an install that race are decided, and
-        // their image files written, one after the other.
+        // A build and an install that race are decided, their image files written and the
+        // replaced ones removed, one after the other.
+        let _images = self.images_lock.lock().unwrap();
         let mut w = self.db.begin_write().map_err(io_err)?;
         w.set_two_phase_commit(true);
         let started = std::time::Instant::now();
@@ -895,6 +912,47 @@ mod tests {
         let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
         assert_eq!(images_in(dir.path()), current);
         assert_eq!(sm.load_snapshot().unwrap().unwrap().1, image(3));
+    }
+
+    /// Saves racing each other (openraft's build beside an install) and loads racing them (a
+    /// snapshot sent to a follower) never fail: no save removes a file another save is writing or
+    /// has just committed, and no load finds the file it was told of gone.
+    #[test]
+    fn racing_saves_and_loads_never_lose_the_current_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("state.redb"), Duration::ZERO).unwrap();
+        let img = image(1);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let savers: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (sm, img) = (sm.clone(), img.clone());
+                std::thread::spawn(move || {
+                    for i in 1..=150u64 {
+                        sm.save_snapshot(&meta_at(log_id(1, i * 3 + t)), &img).expect("a save");
+                    }
+                })
+            })
+            .collect();
+        let loader = {
+            let (sm, done, img) = (sm.clone(), done.clone(), img.clone());
+            std::thread::spawn(move || {
+                let mut loads = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some((_, data)) = sm.load_snapshot().expect("a load") {
+                        assert_eq!(data, img);
+                        loads += 1;
+                    }
+                }
+                loads
+            })
+        };
+        for s in savers {
+            s.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(loader.join().unwrap() > 0);
+        assert_eq!(sm.load_snapshot().unwrap().unwrap().0.last_log_id, Some(log_id(1, 452)));
+        assert_eq!(images_in(dir.path()).len(), 1);
     }
 
     /// A damaged image (a flipped byte, a truncated file, a missing file) is an error that names

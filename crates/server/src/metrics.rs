@@ -413,8 +413,8 @@ impl Metrics {
         Ok(body)
     }
 
-    /// Bytes the two database files take on disk (the Raft log and the state file), as etcd's
-    /// `db` file size.
+    /// Bytes the database files take on disk (the Raft log, the state file and the snapshot
+    /// image), as etcd's `db` file size.
     fn db_files_bytes(&self) -> u64 {
         quorate_consensus::data_files_bytes(&self.data_dir)
     }
