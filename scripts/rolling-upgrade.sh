@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Usage: scripts/rolling-upgrade.sh OLD_BINARY NEW_BINARY (needs etcdctl; ports 46179-46381).
+# Env: ROLL_ARGS, more server flags for every member (e.g. "--snapshot-count 200", so that
+# snapshots are stored and sent by both versions during the upgrade).
 # Exits non-zero if an acknowledged write is missing.
 # Rolling upgrade: 3 members on OLD_BINARY, a writer putting keys throughout,
 # each member stopped (SIGTERM) and restarted on NEW_BINARY in turn; then every key
@@ -9,7 +11,7 @@ OLD=${1:?usage: scripts/rolling-upgrade.sh OLD_BINARY NEW_BINARY}; NEW=${2:?usag
 trap 'rm -rf "$D"' EXIT; touch $D/acked
 IC="m1=http://127.0.0.1:46180,m2=http://127.0.0.1:46280,m3=http://127.0.0.1:46380"
 declare -A PID
-start() { local n=$1 bin=$2; $bin server --name m$n --data-dir $D/m$n --listen-client-urls http://127.0.0.1:46${n}79 --advertise-client-urls http://127.0.0.1:46${n}79 --listen-peer-urls http://127.0.0.1:46${n}80 --initial-advertise-peer-urls http://127.0.0.1:46${n}80 --initial-cluster $IC --listen-http 127.0.0.1:46${n}81 >> $D/m$n.log 2>&1 & PID[$n]=$!; }
+start() { local n=$1 bin=$2; $bin server --name m$n --data-dir $D/m$n --listen-client-urls http://127.0.0.1:46${n}79 --advertise-client-urls http://127.0.0.1:46${n}79 --listen-peer-urls http://127.0.0.1:46${n}80 --initial-advertise-peer-urls http://127.0.0.1:46${n}80 --initial-cluster $IC --listen-http 127.0.0.1:46${n}81 ${ROLL_ARGS:-} >> $D/m$n.log 2>&1 & PID[$n]=$!; }
 for n in 1 2 3; do start $n $OLD; done
 sleep 4
 EPS=127.0.0.1:46179,127.0.0.1:46279,127.0.0.1:46379
