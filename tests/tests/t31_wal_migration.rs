@@ -29,16 +29,18 @@ fn start(dir: &Path, client: u16, log: &Path) -> Member {
     start_with(dir, PEER, client, log, &[])
 }
 
-/// `peer` is the one the fixture was made with (it is in its membership); each fixture has its
-/// own, so the tests can run at once.
+/// `peer` is the address the fixture was made with (it is in its membership): the member
+/// advertises it, but listens on a free port, since a one-member cluster never dials itself and
+/// a fixed port may be taken by another test's connection (it is in the ephemeral range).
 fn start_with(dir: &Path, peer: &str, client: u16, log: &Path, extra: &[&str]) -> Member {
+    let listen_peer = format!("http://127.0.0.1:{}", free_port());
     let client_url = format!("http://127.0.0.1:{client}");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(quorate_bin())
         .arg("server")
         .args(["--name", "m1", "--data-dir", dir.to_str().unwrap()])
         .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+        .args(["--listen-peer-urls", &listen_peer, "--initial-advertise-peer-urls", peer])
         .args(["--initial-cluster", &format!("m1={peer}")])
         .args(["--listen-http", &format!("127.0.0.1:{}", free_port())])
         .args(extra)
@@ -50,15 +52,16 @@ fn start_with(dir: &Path, peer: &str, client: u16, log: &Path, extra: &[&str]) -
         .expect("spawn quorate")
 }
 
-/// `etcdctl get` until the member answers.
-fn get(endpoint: &str, args: &[&str]) -> String {
+/// `etcdctl get` until the member answers; the member's log (`log`) is shown if it never does.
+fn get(endpoint: &str, log: &Path, args: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = etcdctl(endpoint, &[&["get"], args].concat());
         if out.ok {
             return out.stdout;
         }
-        assert!(Instant::now() < deadline, "get {args:?}: {}", out.stderr);
+        let member_log = || std::fs::read_to_string(log).unwrap_or_default();
+        assert!(Instant::now() < deadline, "get {args:?}: {}\nmember log:\n{}", out.stderr, member_log());
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -76,12 +79,12 @@ fn a_data_directory_of_the_redb_log_version_is_migrated_and_keeps_every_key() {
     let endpoint = format!("127.0.0.1:{client}");
 
     let member = start(&dir, client, &log);
-    let last = get(&endpoint, &["pre/last", "--print-value-only"]);
+    let last = get(&endpoint, &log, &["pre/last", "--print-value-only"]);
     let member_log = std::fs::read_to_string(&log).unwrap();
     assert_eq!(last.trim(), "written by the redb-log binary", "{member_log}");
-    let keys = get(&endpoint, &["pre/k", "--prefix", "--keys-only"]);
+    let keys = get(&endpoint, &log, &["pre/k", "--prefix", "--keys-only"]);
     assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 200, "{keys}");
-    assert_eq!(get(&endpoint, &["pre/k137", "--print-value-only"]).trim(), "v137");
+    assert_eq!(get(&endpoint, &log, &["pre/k137", "--print-value-only"]).trim(), "v137");
     assert!(member_log.contains("raft log migrated"), "{member_log}");
     assert!(!dir.join("raft.redb").exists(), "raft.redb stays after the migration");
     assert!(dir.join("raft-engine").is_dir());
@@ -91,8 +94,8 @@ fn a_data_directory_of_the_redb_log_version_is_migrated_and_keeps_every_key() {
     assert!(put.ok, "{}", put.stderr);
     drop(member);
     let member = start(&dir, client, &log);
-    assert_eq!(get(&endpoint, &["post/k", "--print-value-only"]).trim(), "after the migration");
-    assert_eq!(get(&endpoint, &["pre/k200", "--print-value-only"]).trim(), "v200");
+    assert_eq!(get(&endpoint, &log, &["post/k", "--print-value-only"]).trim(), "after the migration");
+    assert_eq!(get(&endpoint, &log, &["pre/k200", "--print-value-only"]).trim(), "v200");
     drop(member);
 }
 
@@ -116,10 +119,10 @@ fn a_snapshot_image_stored_in_the_state_file_loads_and_moves_to_a_file() {
     let image_files = || std::fs::read_dir(&images).map_or(0, |d| d.count());
 
     let member = start_with(&dir, IMAGE_PEER, client, &log, &["--snapshot-count", "100"]);
-    assert_eq!(get(&endpoint, &["snap/last", "--print-value-only"]).trim(), "done");
-    let keys = get(&endpoint, &["snap/k", "--prefix", "--keys-only"]);
+    assert_eq!(get(&endpoint, &log, &["snap/last", "--print-value-only"]).trim(), "done");
+    let keys = get(&endpoint, &log, &["snap/k", "--prefix", "--keys-only"]);
     assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 300, "{keys}");
-    assert_eq!(get(&endpoint, &["snap/k1", "--print-value-only"]).trim(), "v1");
+    assert_eq!(get(&endpoint, &log, &["snap/k1", "--print-value-only"]).trim(), "v1");
     assert_eq!(image_files(), 0, "nothing moves before the next snapshot");
     // Writes past the snapshot count make a new snapshot, stored as a file.
     for i in 0..150 {
@@ -133,9 +136,9 @@ fn a_snapshot_image_stored_in_the_state_file_loads_and_moves_to_a_file() {
     }
     drop(member);
     let member = start_with(&dir, IMAGE_PEER, client, &log, &["--snapshot-count", "100"]);
-    assert_eq!(get(&endpoint, &["snap/k1", "--print-value-only"]).trim(), "v1");
-    assert_eq!(get(&endpoint, &["snap/k300", "--print-value-only"]).trim(), "v300");
-    assert_eq!(get(&endpoint, &["post/k149", "--print-value-only"]).trim(), "after");
+    assert_eq!(get(&endpoint, &log, &["snap/k1", "--print-value-only"]).trim(), "v1");
+    assert_eq!(get(&endpoint, &log, &["snap/k300", "--print-value-only"]).trim(), "v300");
+    assert_eq!(get(&endpoint, &log, &["post/k149", "--print-value-only"]).trim(), "after");
     assert_eq!(image_files(), 1);
     drop(member);
 }
