@@ -33,6 +33,12 @@ pub(crate) const IMAGES_DIR: &str = "snapshots";
 const IMAGE_KEY: &str = "image-file";
 const LEGACY_IMAGE_KEY: &str = "data";
 
+/// Written in the old image's place when the image is a file. A binary from before image files
+/// reads this as its snapshot, cannot decode it and stops, instead of seeing no snapshot and
+/// starting empty over a log purged up to it.
+const DOWNGRADE_MARKER: &[u8] =
+    b"quorate: this snapshot's image is a file in snapshots/; a binary older than that cannot read it";
+
 /// Which file holds the current image, and what it must read as.
 #[derive(Debug, Serialize, Deserialize)]
 struct ImageFile {
@@ -457,7 +463,7 @@ impl StateMachine {
                     let name = file.name.clone();
                     t.insert(IMAGE_KEY, bincode::serialize(&file).map_err(io_err)?.as_slice()).map_err(io_err)?;
                     t.insert("meta", encoded_meta.as_slice()).map_err(io_err)?;
-                    t.remove(LEGACY_IMAGE_KEY).map_err(io_err)?;
+                    t.insert(LEGACY_IMAGE_KEY, DOWNGRADE_MARKER).map_err(io_err)?;
                     Decided::Commit { image: name }
                 }
                 SnapshotWrite::AlreadyStored => Decided::Keep(Saved::AlreadyStored),
@@ -882,8 +888,12 @@ mod tests {
         assert_eq!(sm.save_snapshot(&meta_at(log_id(1, 9)), &image(4)).unwrap(), Saved::Stored);
         assert_eq!(images_in(dir.path()).len(), 1);
         let r = sm.db.begin_read().unwrap();
-        assert!(r.open_table(SNAP).unwrap().get(LEGACY_IMAGE_KEY).unwrap().is_none(), "the old value is dropped");
+        let legacy = r.open_table(SNAP).unwrap().get(LEGACY_IMAGE_KEY).unwrap().unwrap().value().to_vec();
+        assert_eq!(legacy, DOWNGRADE_MARKER, "the old image gives way to the marker");
         drop(r);
+        // What an older binary would do with it: decode it as the image, and fail.
+        assert!(decode_snapshot(&legacy).is_err());
+        assert!(bincode::deserialize::<SmSnapshot>(&legacy).is_err());
         drop(sm);
         let (meta, data) = StateMachine::open(&path, Duration::ZERO).unwrap().load_snapshot().unwrap().unwrap();
         assert_eq!((meta.last_log_id, data), (Some(log_id(1, 9)), image(4)));
