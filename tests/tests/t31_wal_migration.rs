@@ -52,6 +52,15 @@ fn start_with(dir: &Path, peer: &str, client: u16, log: &Path, extra: &[&str]) -
         .expect("spawn quorate")
 }
 
+/// A fresh directory holding `tests/fixtures/<name>` unpacked (a member's data directory, `m1`).
+fn untar_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+    let untar = Command::new("tar").arg("xzf").arg(&fixture).arg("-C").arg(tmp.path()).status().unwrap();
+    assert!(untar.success(), "untar {}", fixture.display());
+    tmp
+}
+
 /// `etcdctl get` until the member answers; the member's log (`log`) is shown if it never does.
 fn get(endpoint: &str, log: &Path, args: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -68,10 +77,7 @@ fn get(endpoint: &str, log: &Path, args: &[&str]) -> String {
 
 #[test]
 fn a_data_directory_of_the_redb_log_version_is_migrated_and_keeps_every_key() {
-    let tmp = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pre-0011-member.tar.gz");
-    let untar = Command::new("tar").arg("xzf").arg(&fixture).arg("-C").arg(tmp.path()).status().unwrap();
-    assert!(untar.success(), "untar {}", fixture.display());
+    let tmp = untar_fixture("pre-0011-member.tar.gz");
     let dir = tmp.path().join("m1");
     assert!(dir.join("raft.redb").exists(), "the fixture holds a redb log");
     let log = tmp.path().join("m1.log");
@@ -106,10 +112,7 @@ fn a_data_directory_of_the_redb_log_version_is_migrated_and_keeps_every_key() {
 /// up to its last snapshot (all but 20 entries), so the early keys are only in the image.
 #[test]
 fn a_snapshot_image_stored_in_the_state_file_loads_and_moves_to_a_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pre-image-files-member.tar.gz");
-    let untar = Command::new("tar").arg("xzf").arg(&fixture).arg("-C").arg(tmp.path()).status().unwrap();
-    assert!(untar.success(), "untar {}", fixture.display());
+    let tmp = untar_fixture("pre-image-files-member.tar.gz");
     let dir = tmp.path().join("m1");
     let images = dir.join("snapshots");
     assert!(!images.exists(), "the fixture was made before image files");

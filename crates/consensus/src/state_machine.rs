@@ -299,6 +299,18 @@ async fn on_own_thread<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Se
     rx.await.map_err(|_| io_err(format!("the {name} thread panicked")))
 }
 
+/// The stored snapshot's position and membership, if a snapshot is stored.
+fn stored_meta(t: &impl ReadableTable<&'static str, &'static [u8]>) -> io::Result<Option<SnapshotMeta>> {
+    let Some(meta) = t.get("meta").map_err(io_err)? else { return Ok(None) };
+    Ok(Some(bincode::deserialize(meta.value()).map_err(io_err)?))
+}
+
+/// Which file holds the stored image, if it is in a file.
+fn image_file(t: &impl ReadableTable<&'static str, &'static [u8]>) -> io::Result<Option<ImageFile>> {
+    let Some(file) = t.get(IMAGE_KEY).map_err(io_err)? else { return Ok(None) };
+    Ok(Some(bincode::deserialize(file.value()).map_err(io_err)?))
+}
+
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -345,17 +357,14 @@ impl StateMachine {
     /// The name of the current image file, if the current snapshot has one.
     fn current_image(&self) -> io::Result<Option<String>> {
         let r = self.db.begin_read().map_err(io_err)?;
-        let t = r.open_table(SNAP).map_err(io_err)?;
-        let Some(file) = t.get(IMAGE_KEY).map_err(io_err)? else { return Ok(None) };
-        Ok(Some(bincode::deserialize::<ImageFile>(file.value()).map_err(io_err)?.name))
+        Ok(image_file(&r.open_table(SNAP).map_err(io_err)?)?.map(|f| f.name))
     }
 
     fn load_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
         let _images = self.images_lock.lock().unwrap();
         let r = self.db.begin_read().map_err(io_err)?;
         let t = r.open_table(SNAP).map_err(io_err)?;
-        let Some(meta) = t.get("meta").map_err(io_err)? else { return Ok(None) };
-        let meta: SnapshotMeta = bincode::deserialize(meta.value()).map_err(io_err)?;
+        let Some(meta) = stored_meta(&t)? else { return Ok(None) };
         match self.stored_image(&t)? {
             Some(data) => Ok(Some((meta, data))),
             None => Ok(None),
@@ -365,17 +374,16 @@ impl StateMachine {
     /// The current image: the file the table names, checked against its length and CRC, or an
     /// image stored in the table by an older version.
     fn stored_image(&self, t: &impl ReadableTable<&'static str, &'static [u8]>) -> io::Result<Option<Vec<u8>>> {
-        if let Some(file) = t.get(IMAGE_KEY).map_err(io_err)? {
-            let file: ImageFile = bincode::deserialize(file.value()).map_err(io_err)?;
+        if let Some(file) = image_file(t)? {
             let path = self.images.join(&file.name);
             let data = std::fs::read(&path)
                 .map_err(|e| io::Error::new(e.kind(), format!("read snapshot image {}: {e}", path.display())))?;
-            if data.len() as u64 != file.len || crc32fast::hash(&data) != file.crc32 {
+            let crc32 = crc32fast::hash(&data);
+            if data.len() as u64 != file.len || crc32 != file.crc32 {
                 return Err(io_err(format!(
-                    "snapshot image {} is damaged: {} bytes with CRC {:08x}, expected {} bytes with CRC {:08x}",
+                    "snapshot image {} is damaged: {} bytes with CRC {crc32:08x}, expected {} bytes with CRC {:08x}",
                     path.display(),
                     data.len(),
-                    crc32fast::hash(&data),
                     file.len,
                     file.crc32
                 )));
@@ -421,10 +429,7 @@ impl StateMachine {
     /// Read from the meta alone: a recovery does not need the image intact.
     pub(crate) fn stored_membership(&self) -> io::Result<Option<StoredMembership>> {
         let r = self.db.begin_read().map_err(io_err)?;
-        let t = r.open_table(SNAP).map_err(io_err)?;
-        let Some(meta) = t.get("meta").map_err(io_err)? else { return Ok(None) };
-        let meta: SnapshotMeta = bincode::deserialize(meta.value()).map_err(io_err)?;
-        Ok(Some(meta.last_membership))
+        Ok(stored_meta(&r.open_table(SNAP).map_err(io_err)?)?.map(|meta| meta.last_membership))
     }
 
     /// Store `store` as this state machine's snapshot at `meta` (a restored data directory).
@@ -451,10 +456,7 @@ impl StateMachine {
         let started = std::time::Instant::now();
         let decided = {
             let mut t = w.open_table(SNAP).map_err(io_err)?;
-            let stored: Option<SnapshotMeta> = match t.get("meta").map_err(io_err)? {
-                Some(m) => Some(bincode::deserialize(m.value()).map_err(io_err)?),
-                None => None,
-            };
+            let stored = stored_meta(&t)?;
             match snapshot_write(stored.as_ref().map(|m| m.last_log_id), meta.last_log_id) {
                 SnapshotWrite::Replace => {
                     // The file first, synced; then the table names it, in one commit with the meta.

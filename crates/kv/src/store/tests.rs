@@ -176,6 +176,11 @@ fn bytes_in_use_is_the_same_counted_as_it_goes_or_afresh() {
     let before = s.bytes_in_use();
     s.apply(&Command::Put(ignore), POS);
     assert!(s.bytes_in_use() - before <= cost, "a put keeping its value costs it");
+    let leased = PutRequest { key: "new".into(), value: "v".into(), lease: 1, ..Default::default() };
+    let cost = s.quota_cost(&Command::Put(leased.clone())).unwrap();
+    let before = s.bytes_in_use();
+    s.apply(&Command::Put(leased), POS);
+    assert!(s.bytes_in_use() - before <= cost, "a put binding a new key to a lease costs its entry in the lease too");
 }
 
 fn txn_cas(key: &str, create_rev: i64, value: &str) -> Command {
