@@ -308,7 +308,7 @@ fn open_engine(dir: &Path) -> io::Result<Engine> {
     Ok(engine)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 

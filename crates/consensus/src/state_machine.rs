@@ -39,6 +39,12 @@ const LEGACY_IMAGE_KEY: &str = "data";
 const DOWNGRADE_MARKER: &[u8] =
     b"quorate: this snapshot's image is a file in snapshots/; a binary older than that cannot read it";
 
+/// The current image, opened: its file, or (written by an older version) its bytes.
+enum StoredImage {
+    File { file: ImageFile, path: std::path::PathBuf, open: std::fs::File },
+    InTable(Vec<u8>),
+}
+
 /// Which file holds the current image, and what it must read as.
 #[derive(Debug, Serialize, Deserialize)]
 struct ImageFile {
@@ -337,7 +343,7 @@ impl StateMachine {
         if !images.is_dir() {
             std::fs::create_dir_all(&images)?;
             if let Some(parent) = images.parent() {
-                std::fs::File::open(parent)?.sync_all()?;
+                crate::log_store::sync_dir(parent)?;
             }
         }
         let sm = StateMachine {
@@ -349,8 +355,13 @@ impl StateMachine {
             fencing_refusals: Default::default(),
             flight: Default::default(),
         };
-        // Files a crash left between writing an image and committing the table that names it.
-        sm.remove_other_images(sm.current_image()?.as_deref());
+        // Files a crash left between writing an image and committing the table that names it. Not
+        // when the named file is missing (a directory copied while it changed): then what is
+        // left is kept for whoever repairs it, and loading the snapshot reports the missing file.
+        let current = sm.current_image()?;
+        if current.as_ref().is_none_or(|name| sm.images.join(name).exists()) {
+            sm.remove_other_images(current.as_deref());
+        }
         Ok(sm)
     }
 
@@ -361,36 +372,55 @@ impl StateMachine {
     }
 
     fn load_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
-        let _images = self.images_lock.lock().unwrap();
-        let r = self.db.begin_read().map_err(io_err)?;
-        let t = r.open_table(SNAP).map_err(io_err)?;
-        let Some(meta) = stored_meta(&t)? else { return Ok(None) };
-        match self.stored_image(&t)? {
-            Some(data) => Ok(Some((meta, data))),
-            None => Ok(None),
-        }
+        // The lock only from reading the name to opening the file (an open file outlives its
+        // removal): a save holds it while it writes and syncs, and openraft asks for the current
+        // snapshot in turn with applying entries.
+        let (meta, image) = {
+            let _images = self.images_lock.lock().unwrap();
+            let r = self.db.begin_read().map_err(io_err)?;
+            let t = r.open_table(SNAP).map_err(io_err)?;
+            let Some(meta) = stored_meta(&t)? else { return Ok(None) };
+            (meta, self.open_image(&t)?)
+        };
+        Ok(image.map(|image| self.read_image(image)).transpose()?.map(|data| (meta, data)))
     }
 
     /// The current image: the file the table names, checked against its length and CRC, or an
     /// image stored in the table by an older version.
     fn stored_image(&self, t: &impl ReadableTable<&'static str, &'static [u8]>) -> io::Result<Option<Vec<u8>>> {
+        self.open_image(t)?.map(|image| self.read_image(image)).transpose()
+    }
+
+    fn open_image(&self, t: &impl ReadableTable<&'static str, &'static [u8]>) -> io::Result<Option<StoredImage>> {
         if let Some(file) = image_file(t)? {
             let path = self.images.join(&file.name);
-            let data = std::fs::read(&path)
+            let open = std::fs::File::open(&path)
                 .map_err(|e| io::Error::new(e.kind(), format!("read snapshot image {}: {e}", path.display())))?;
-            let crc32 = crc32fast::hash(&data);
-            if data.len() as u64 != file.len || crc32 != file.crc32 {
-                return Err(io_err(format!(
-                    "snapshot image {} is damaged: {} bytes with CRC {crc32:08x}, expected {} bytes with CRC {:08x}",
-                    path.display(),
-                    data.len(),
-                    file.len,
-                    file.crc32
-                )));
-            }
-            return Ok(Some(data));
+            return Ok(Some(StoredImage::File { file, path, open }));
         }
-        Ok(t.get(LEGACY_IMAGE_KEY).map_err(io_err)?.map(|d| d.value().to_vec()))
+        Ok(t.get(LEGACY_IMAGE_KEY).map_err(io_err)?.map(|d| StoredImage::InTable(d.value().to_vec())))
+    }
+
+    fn read_image(&self, image: StoredImage) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let (file, path, mut open) = match image {
+            StoredImage::InTable(data) => return Ok(data),
+            StoredImage::File { file, path, open } => (file, path, open),
+        };
+        let mut data = Vec::with_capacity(open.metadata().map_or(0, |m| m.len()) as usize);
+        open.read_to_end(&mut data)
+            .map_err(|e| io::Error::new(e.kind(), format!("read snapshot image {}: {e}", path.display())))?;
+        let crc32 = crc32fast::hash(&data);
+        if data.len() as u64 != file.len || crc32 != file.crc32 {
+            return Err(io_err(format!(
+                "snapshot image {} is damaged: {} bytes with CRC {crc32:08x}, expected {} bytes with CRC {:08x}",
+                path.display(),
+                data.len(),
+                file.len,
+                file.crc32
+            )));
+        }
+        Ok(data)
     }
 
     /// Write `data` as a new image file (synced, and its directory too), named uniquely so it
@@ -406,7 +436,7 @@ impl StateMachine {
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, self.images.join(&name))?;
-        std::fs::File::open(&*self.images)?.sync_all()?;
+        crate::log_store::sync_dir(&self.images)?;
         Ok(ImageFile { name, len: data.len() as u64, crc32: crc32fast::hash(data) })
     }
 
@@ -924,6 +954,17 @@ mod tests {
         let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
         assert_eq!(images_in(dir.path()), current);
         assert_eq!(sm.load_snapshot().unwrap().unwrap().1, image(3));
+        drop(sm);
+        // The named file missing (a directory copied while it changed): nothing is removed, and
+        // the load says which file is missing.
+        std::fs::rename(
+            dir.path().join(IMAGES_DIR).join(&current[0]),
+            dir.path().join(IMAGES_DIR).join("copied.image"),
+        )
+        .unwrap();
+        let sm = StateMachine::open(&path, Duration::ZERO).unwrap();
+        assert_eq!(images_in(dir.path()), ["copied.image"]);
+        assert!(sm.load_snapshot().unwrap_err().to_string().contains(&current[0]));
     }
 
     /// Saves racing each other (openraft's build beside an install) and loads racing them (a
